@@ -1,0 +1,436 @@
+//! Types shared by the XDP program (`enforcer-ebpf`) and the daemon (`enforcer`).
+//!
+//! Every map key and value is defined here once, `#[repr(C)]` with explicit padding and a
+//! size assertion beside it, so the kernel side and user space cannot drift apart.
+//!
+//! # Policy slots
+//! Policy maps hold two complete policies, *slot 0* and *slot 1*; the slot number is part of
+//! every key. The XDP program reads the active slot once per packet from [`State`] and uses
+//! it for every lookup, so a packet sees exactly one policy. The daemon writes a new policy
+//! into the inactive slot, then flips [`State::active_slot`] (see `ARCHITECTURE.md`).
+#![no_std]
+
+use core::mem::size_of;
+
+/// Number of policy slots (double buffering).
+pub const SLOTS: u32 = 2;
+
+/// Agent index used for traffic that no agent matched. Real agents have ids `1..`.
+pub const UNKNOWN_AGENT: u32 = 0;
+
+/// Largest agent id the key layout can carry (the slot takes the top bit of an owner word).
+pub const MAX_AGENT_ID: u32 = (1 << 24) - 1;
+
+/// Egress rules one destination prefix can carry after the compile step merged in the rules
+/// of every covering prefix. Bounded so the kernel loop over them has a fixed trip count.
+pub const MAX_RULES_PER_PREFIX: usize = 16;
+
+/// Fixed-point scale of rate-limiter time: one unit is 1/16 ns. A u64 of such units spans
+/// 36 years of `bpf_ktime_get_ns`, and per-byte costs at 1 GB/s are still 16 units, so
+/// integer rounding stays far below the 1% level.
+pub const TIME_SHIFT: u32 = 4;
+
+/// One second in rate-limiter time units.
+pub const UNITS_PER_SEC: u64 = 1_000_000_000 << TIME_SHIFT;
+
+/// IPv6 extension headers the parser walks before it calls the chain undecidable.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// VLAN tags (802.1Q or 802.1ad) the parser strips before it calls the frame undecidable.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+/// Why the XDP program passed or dropped a packet. The numbers are stable: they index the
+/// counters map and appear in metrics and audit records.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Passed: a known agent, within its rate, to an allowed destination.
+    Allowed = 0,
+    /// Passed: no agent matched and the default for unknown traffic is pass.
+    UnknownPass = 1,
+    /// Dropped: no agent matched and the default for unknown traffic is drop.
+    UnknownDrop = 2,
+    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+    NonIp = 3,
+    /// Dropped: over the agent's packets-per-second limit.
+    RateLimitedPackets = 4,
+    /// Dropped: over the agent's bytes-per-second limit.
+    RateLimitedBytes = 5,
+    /// Dropped: destination, protocol or port not allowed for the agent.
+    EgressDenied = 6,
+    /// Dropped: a non-first IP fragment (no ports) whose verdict depends on ports.
+    Fragment = 7,
+    /// Dropped: truncated headers, too many VLAN tags or an IPv6 extension chain longer than
+    /// the parser walks, from an agent with egress restrictions.
+    Malformed = 8,
+    /// Passed in monitor mode; enforce mode would have dropped it as `RateLimitedPackets`.
+    MonitorRateLimitedPackets = 9,
+    /// Passed in monitor mode; enforce mode would have dropped it as `RateLimitedBytes`.
+    MonitorRateLimitedBytes = 10,
+    /// Passed in monitor mode; enforce mode would have dropped it as `EgressDenied`.
+    MonitorEgressDenied = 11,
+    /// Passed in monitor mode; enforce mode would have dropped it as `Fragment`.
+    MonitorFragment = 12,
+    /// Passed in monitor mode; enforce mode would have dropped it as `Malformed`.
+    MonitorMalformed = 13,
+}
+
+impl Reason {
+    /// Number of reasons; the counters map has this many slots per agent.
+    pub const COUNT: u32 = 14;
+
+    /// All reasons, in numeric order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Allowed,
+        Reason::UnknownPass,
+        Reason::UnknownDrop,
+        Reason::NonIp,
+        Reason::RateLimitedPackets,
+        Reason::RateLimitedBytes,
+        Reason::EgressDenied,
+        Reason::Fragment,
+        Reason::Malformed,
+        Reason::MonitorRateLimitedPackets,
+        Reason::MonitorRateLimitedBytes,
+        Reason::MonitorEgressDenied,
+        Reason::MonitorFragment,
+        Reason::MonitorMalformed,
+    ];
+
+    /// Whether the packet was dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::UnknownDrop
+                | Reason::RateLimitedPackets
+                | Reason::RateLimitedBytes
+                | Reason::EgressDenied
+                | Reason::Fragment
+                | Reason::Malformed
+        )
+    }
+
+    /// The reason a monitor-mode agent's packet is counted under instead of this drop.
+    pub const fn monitored(self) -> Reason {
+        match self {
+            Reason::RateLimitedPackets => Reason::MonitorRateLimitedPackets,
+            Reason::RateLimitedBytes => Reason::MonitorRateLimitedBytes,
+            Reason::EgressDenied => Reason::MonitorEgressDenied,
+            Reason::Fragment => Reason::MonitorFragment,
+            Reason::Malformed => Reason::MonitorMalformed,
+            other => other,
+        }
+    }
+
+    /// Stable snake_case name, used in metrics labels and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::UnknownPass => "unknown_pass",
+            Reason::UnknownDrop => "unknown_drop",
+            Reason::NonIp => "non_ip",
+            Reason::RateLimitedPackets => "rate_limited_packets",
+            Reason::RateLimitedBytes => "rate_limited_bytes",
+            Reason::EgressDenied => "egress_denied",
+            Reason::Fragment => "fragment",
+            Reason::Malformed => "malformed",
+            Reason::MonitorRateLimitedPackets => "monitor_rate_limited_packets",
+            Reason::MonitorRateLimitedBytes => "monitor_rate_limited_bytes",
+            Reason::MonitorEgressDenied => "monitor_egress_denied",
+            Reason::MonitorFragment => "monitor_fragment",
+            Reason::MonitorMalformed => "monitor_malformed",
+        }
+    }
+
+    /// The reason with number `n`, if there is one.
+    pub const fn from_u32(n: u32) -> Option<Reason> {
+        if n < Self::COUNT {
+            Some(Self::ALL[n as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Index of the (agent, reason) counter in the per-CPU counters map.
+pub const fn counter_index(agent: u32, reason: Reason) -> u32 {
+    agent * Reason::COUNT + reason as u32
+}
+
+/// Global enforcement state: map `STATE`, one element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// The policy slot packets use (0 or 1).
+    pub active_slot: u32,
+    /// Entries per slot in `AGENTS` (`max_agents + 1`, index 0 being the unknown agent).
+    pub agent_stride: u32,
+    /// Generation of the active policy, increased by one at every apply.
+    pub generation: u64,
+}
+const _: () = assert!(size_of::<State>() == 16);
+
+/// [`SlotConfig::flags`]: traffic from no known agent is dropped (else passed).
+pub const SLOT_UNKNOWN_DROP: u32 = 1 << 0;
+/// [`SlotConfig::flags`]: the slot holds source prefixes that are not host routes, so the
+/// source LPM tries must be consulted after the exact-address maps miss.
+pub const SLOT_SRC_LPM_V4: u32 = 1 << 1;
+/// Same as [`SLOT_SRC_LPM_V4`] for IPv6.
+pub const SLOT_SRC_LPM_V6: u32 = 1 << 2;
+/// [`SlotConfig::flags`]: the slot maps at least one interface to an agent.
+pub const SLOT_HAS_IFACES: u32 = 1 << 3;
+
+/// Per-slot settings: map `SLOTS`, indexed by slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// `SLOT_*` flags.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SlotConfig>() == 8);
+
+/// [`AgentPolicy::flags`]: the entry is in use.
+pub const AGENT_ACTIVE: u32 = 1 << 0;
+/// [`AgentPolicy::flags`]: monitor mode: would-drops are counted and the packet passes.
+pub const AGENT_MONITOR: u32 = 1 << 1;
+/// [`AgentPolicy::flags`]: some destination may be denied, so the destination maps must be
+/// consulted and undecidable packets (malformed, port-less fragments) are denied.
+pub const AGENT_RESTRICTED: u32 = 1 << 2;
+/// [`AgentPolicy::flags`]: a destination that matches no rule is allowed (else denied).
+pub const AGENT_DEFAULT_ALLOW: u32 = 1 << 3;
+
+/// An agent's policy: map `AGENTS`, indexed by `slot * agent_stride + agent id`.
+///
+/// Rate limits are GCRA parameters in time units of `1 >> TIME_SHIFT` ns: a packet costs
+/// `packet_cost`, a byte costs `UNITS_PER_SEC / byte_rate`, and a packet is admitted while
+/// the theoretical arrival time stays within `*_tolerance` of now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentPolicy {
+    /// `AGENT_*` flags.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Cost of one packet in time units; 0 means no packets-per-second limit.
+    pub packet_cost: u64,
+    /// Packet burst in time units (`burst * packet_cost`).
+    pub packet_tolerance: u64,
+    /// Bytes per second; 0 means no bytes-per-second limit.
+    pub byte_rate: u64,
+    /// Byte burst in time units (`burst_bytes * UNITS_PER_SEC / byte_rate`).
+    pub byte_tolerance: u64,
+}
+const _: () = assert!(size_of::<AgentPolicy>() == 40);
+
+/// Rate-limiter state of one agent: map `BUCKETS`, indexed by agent id. Not per slot: an
+/// agent keeps its bucket across policy changes.
+///
+/// Each field is a GCRA theoretical arrival time in time units, updated by the XDP program
+/// with a 64-bit compare-and-swap, so the limit holds for the agent as a whole on any
+/// number of CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Theoretical arrival time of the packets limiter.
+    pub packet_tat: u64,
+    /// Theoretical arrival time of the bytes limiter.
+    pub byte_tat: u64,
+}
+const _: () = assert!(size_of::<Bucket>() == 16);
+
+/// A packets-and-bytes counter: map `COUNTERS` (per CPU), indexed by [`counter_index`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted (whole frames, as XDP sees them).
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+/// Key of map `IFACES`: which agent owns an interface, in a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceKey {
+    /// Policy slot.
+    pub slot: u32,
+    /// Interface index.
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<IfaceKey>() == 8);
+
+/// Key of map `SRC_HOST_V4` (exact source address to agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostV4Key {
+    /// Policy slot.
+    pub slot: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<HostV4Key>() == 8);
+
+/// Key of map `SRC_HOST_V6` (exact source address to agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostV6Key {
+    /// Policy slot.
+    pub slot: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<HostV6Key>() == 20);
+
+/// Data of an LPM key over IPv4: a 32-bit owner word, then the address. The prefix length
+/// of the key is `32 + address prefix length`, so the owner always matches exactly.
+///
+/// The owner word is big-endian so it forms the leading bits the trie compares: for the
+/// source maps it is the slot; for the destination maps it is [`owner`]`(slot, agent)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmV4 {
+    /// Owner word, big-endian.
+    pub owner: [u8; 4],
+    /// Address in network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<LpmV4>() == 8);
+
+/// IPv6 form of [`LpmV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmV6 {
+    /// Owner word, big-endian.
+    pub owner: [u8; 4],
+    /// Address in network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<LpmV6>() == 20);
+
+/// Bits of an LPM key's owner word.
+pub const OWNER_BITS: u32 = 32;
+
+/// Owner word of a destination-map key: the slot in the top bit, the agent id below.
+pub const fn owner(slot: u32, agent: u32) -> [u8; 4] {
+    ((slot << 31) | agent).to_be_bytes()
+}
+
+/// Protocol value in [`PortRule::proto`] that matches any protocol.
+pub const PROTO_ANY: u8 = 0;
+/// [`PortRule::action`]: deny.
+pub const ACTION_DENY: u8 = 0;
+/// [`PortRule::action`]: allow.
+pub const ACTION_ALLOW: u8 = 1;
+
+/// One egress rule inside a [`RuleSet`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6) or [`PROTO_ANY`].
+    pub proto: u8,
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub action: u8,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Lowest destination port, inclusive.
+    pub port_lo: u16,
+    /// Highest destination port, inclusive. `0..=65535` means any port, and is the only
+    /// range that matches packets without ports (ICMP, non-first fragments).
+    pub port_hi: u16,
+}
+const _: () = assert!(size_of::<PortRule>() == 8);
+
+impl PortRule {
+    /// Whether the rule covers every port.
+    pub const fn any_port(&self) -> bool {
+        self.port_lo == 0 && self.port_hi == u16::MAX
+    }
+}
+
+/// Value of the destination maps `DST_V4` / `DST_V6`: the ordered rules that apply to a
+/// destination prefix. The first rule whose protocol and ports match decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Rules in use, at most [`MAX_RULES_PER_PREFIX`].
+    pub len: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The rules, most specific prefix first, deny before allow within one prefix length.
+    pub rules: [PortRule; MAX_RULES_PER_PREFIX],
+}
+const _: () = assert!(size_of::<RuleSet>() == 8 + 8 * MAX_RULES_PER_PREFIX);
+
+/// Names of the maps in the eBPF object, shared so user space never spells one twice.
+pub mod maps {
+    /// [`super::State`], one element.
+    pub const STATE: &str = "STATE";
+    /// [`super::SlotConfig`], one per slot.
+    pub const SLOTS: &str = "SLOTS";
+    /// [`super::AgentPolicy`], `SLOTS * agent_stride` elements.
+    pub const AGENTS: &str = "AGENTS";
+    /// [`super::Bucket`], one per agent id.
+    pub const BUCKETS: &str = "BUCKETS";
+    /// Per-CPU [`super::Counter`], `agent_stride * Reason::COUNT` elements.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// [`super::IfaceKey`] to agent id.
+    pub const IFACES: &str = "IFACES";
+    /// [`super::HostV4Key`] to agent id.
+    pub const SRC_HOST_V4: &str = "SRC_HOST_V4";
+    /// [`super::HostV6Key`] to agent id.
+    pub const SRC_HOST_V6: &str = "SRC_HOST_V6";
+    /// LPM [`super::LpmV4`] (owner = slot) to agent id.
+    pub const SRC_V4: &str = "SRC_V4";
+    /// LPM [`super::LpmV6`] (owner = slot) to agent id.
+    pub const SRC_V6: &str = "SRC_V6";
+    /// LPM [`super::LpmV4`] (owner = slot and agent) to [`super::RuleSet`].
+    pub const DST_V4: &str = "DST_V4";
+    /// LPM [`super::LpmV6`] (owner = slot and agent) to [`super::RuleSet`].
+    pub const DST_V6: &str = "DST_V6";
+    /// Every map, for pinning and clean-up.
+    pub const ALL: [&str; 12] = [
+        STATE,
+        SLOTS,
+        AGENTS,
+        BUCKETS,
+        COUNTERS,
+        IFACES,
+        SRC_HOST_V4,
+        SRC_HOST_V6,
+        SRC_V4,
+        SRC_V6,
+        DST_V4,
+        DST_V6,
+    ];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// The enforcer.
+    pub const ENFORCE: &str = "enforce";
+    /// A trivial XDP_PASS program: the floor benchmarks compare against.
+    pub const PASS_FLOOR: &str = "pass_floor";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all these types are #[repr(C)], made only of integers and arrays of integers,
+    // with explicit padding fields, so every bit pattern is valid and there are no holes.
+    unsafe impl aya::Pod for State {}
+    unsafe impl aya::Pod for SlotConfig {}
+    unsafe impl aya::Pod for AgentPolicy {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for IfaceKey {}
+    unsafe impl aya::Pod for HostV4Key {}
+    unsafe impl aya::Pod for HostV6Key {}
+    unsafe impl aya::Pod for LpmV4 {}
+    unsafe impl aya::Pod for LpmV6 {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleSet {}
+}

@@ -1,0 +1,1056 @@
+//! The compile step: a validated [`Policy`] becomes the exact set of map entries the XDP
+//! program reads. Pure and deterministic (same policy, same entries, in the same order), so
+//! it is unit-tested without a kernel; writing the entries into maps is the thin layer in
+//! [`crate::dataplane`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_DEFAULT_ALLOW, AGENT_MONITOR, AGENT_RESTRICTED,
+    AgentPolicy, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet, UNITS_PER_SEC,
+};
+
+use crate::policy::{Action, Agent, EgressDefault, IpNet, Mode, Policy, Proto, UnknownTraffic};
+
+/// Capacities of the loaded maps, which a policy must fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Highest agent id (agent ids are `1..=max_agents`).
+    pub max_agents: u32,
+    /// Interface-to-agent entries per slot.
+    pub max_interfaces: u32,
+    /// Source prefixes per slot and family (host routes and LPM prefixes counted apart).
+    pub max_source_prefixes: u32,
+    /// Destination prefixes per slot and family, over all agents.
+    pub max_destination_prefixes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_agents: 4096,
+            max_interfaces: 1024,
+            max_source_prefixes: 65_536,
+            max_destination_prefixes: 65_536,
+        }
+    }
+}
+
+/// An IPv4 or IPv6 prefix in network byte order, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix<const N: usize> {
+    /// Address bytes, host bits cleared.
+    pub addr: [u8; N],
+    /// Prefix length in bits, `0..=N*8`.
+    pub len: u8,
+}
+
+/// The map entries of one policy, without slot numbers (the apply layer adds the slot).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Traffic from no known agent is dropped.
+    pub unknown_drop: bool,
+    /// `(agent id, policy)`, sorted by id.
+    pub agents: Vec<(u32, AgentPolicy)>,
+    /// `(ifindex, agent id)`, sorted by ifindex.
+    pub interfaces: Vec<(u32, u32)>,
+    /// Exact IPv4 source addresses (/32) to agent id, sorted.
+    pub source_hosts_v4: Vec<([u8; 4], u32)>,
+    /// Exact IPv6 source addresses (/128) to agent id, sorted.
+    pub source_hosts_v6: Vec<([u8; 16], u32)>,
+    /// Shorter IPv4 source prefixes to agent id, sorted.
+    pub source_prefixes_v4: Vec<(Prefix<4>, u32)>,
+    /// Shorter IPv6 source prefixes to agent id, sorted.
+    pub source_prefixes_v6: Vec<(Prefix<16>, u32)>,
+    /// `(agent id, destination prefix, rules)` for IPv4, sorted by agent then prefix.
+    pub destinations_v4: Vec<(u32, Prefix<4>, RuleSet)>,
+    /// Same for IPv6.
+    pub destinations_v6: Vec<(u32, Prefix<16>, RuleSet)>,
+}
+
+/// Why a policy does not fit the maps or the host.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// An agent id is beyond the agent maps.
+    #[error(
+        "agent \"{agent}\" has id {id}, but the maps hold agent ids up to {max_agents} \
+         (max_agents)"
+    )]
+    AgentIdTooLarge {
+        /// The agent's name.
+        agent: String,
+        /// Its id.
+        id: u32,
+        /// The limit.
+        max_agents: u32,
+    },
+    /// An interface named in the policy does not exist on this host.
+    #[error("agent \"{agent}\": interface \"{interface}\" does not exist")]
+    UnknownInterface {
+        /// The agent's name.
+        agent: String,
+        /// The interface name.
+        interface: String,
+    },
+    /// Two interface names of the policy resolved to the same interface.
+    #[error(
+        "interface \"{interface}\" of agent \"{agent}\" and interface \"{other_interface}\" of \
+         agent \"{other_agent}\" are the same interface (ifindex {ifindex})"
+    )]
+    SameInterface {
+        /// The interface index both names resolved to.
+        ifindex: u32,
+        /// The agent that named it first.
+        agent: String,
+        /// The name it used.
+        interface: String,
+        /// The agent that named it second.
+        other_agent: String,
+        /// The name it used.
+        other_interface: String,
+    },
+    /// A destination prefix collects more rules than a map entry holds.
+    #[error(
+        "agent \"{agent}\": destination {prefix} has {rules} rules once the rules of every \
+         prefix containing it are merged in, more than the {max} a destination entry holds"
+    )]
+    TooManyRules {
+        /// The agent's name.
+        agent: String,
+        /// The destination prefix.
+        prefix: IpNet,
+        /// Rules the prefix would need.
+        rules: usize,
+        /// [`MAX_RULES_PER_PREFIX`].
+        max: usize,
+    },
+    /// A rate or burst cannot be expressed in the rate limiter's 64-bit time units.
+    #[error(
+        "agent \"{agent}\": rate.{field} = {value} cannot be expressed in the rate limiter's \
+         64-bit time units (the burst would span more than 36 years)"
+    )]
+    RateOutOfRange {
+        /// The agent's name.
+        agent: String,
+        /// The field of the `rate` table.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The policy needs more entries of some map than it holds.
+    #[error("policy needs {needed} {limit}, but the maps hold {max} ({})", limit.setting())]
+    LimitExceeded {
+        /// Which map capacity.
+        limit: LimitKind,
+        /// Entries the policy needs.
+        needed: usize,
+        /// Entries the maps hold.
+        max: u32,
+    },
+}
+
+/// A map capacity from [`Limits`] that a policy can exceed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// Interface entries.
+    Interfaces,
+    /// IPv4 source host (/32) entries.
+    SourceHostsV4,
+    /// IPv6 source host (/128) entries.
+    SourceHostsV6,
+    /// IPv4 source prefix entries (shorter than /32).
+    SourcePrefixesV4,
+    /// IPv6 source prefix entries (shorter than /128).
+    SourcePrefixesV6,
+    /// IPv4 destination entries, over all agents.
+    DestinationsV4,
+    /// IPv6 destination entries, over all agents.
+    DestinationsV6,
+}
+
+impl LimitKind {
+    /// The [`Limits`] field that sets this capacity.
+    pub const fn setting(self) -> &'static str {
+        match self {
+            LimitKind::Interfaces => "max_interfaces",
+            LimitKind::SourceHostsV4
+            | LimitKind::SourceHostsV6
+            | LimitKind::SourcePrefixesV4
+            | LimitKind::SourcePrefixesV6 => "max_source_prefixes",
+            LimitKind::DestinationsV4 | LimitKind::DestinationsV6 => "max_destination_prefixes",
+        }
+    }
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LimitKind::Interfaces => "interface entries",
+            LimitKind::SourceHostsV4 => "IPv4 source host entries",
+            LimitKind::SourceHostsV6 => "IPv6 source host entries",
+            LimitKind::SourcePrefixesV4 => "IPv4 source prefix entries",
+            LimitKind::SourcePrefixesV6 => "IPv6 source prefix entries",
+            LimitKind::DestinationsV4 => "IPv4 destination entries",
+            LimitKind::DestinationsV6 => "IPv6 destination entries",
+        })
+    }
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Compiles `policy` into map entries, checking that it fits `limits`. `ifindex` resolves an
+/// interface name on this host (a parameter so tests need no network namespace).
+///
+/// Destinations follow the kernel's lookup: the longest destination prefix of the agent that
+/// contains the address is found, and the first rule in its list whose protocol and port
+/// match decides. So each prefix an agent names gets the rules of every prefix of that agent
+/// containing it, most specific first and deny before allow within one prefix: the most
+/// specific prefix with a rule matching the packet decides, and on one prefix deny wins.
+pub fn compile(
+    policy: &Policy,
+    limits: &Limits,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Compiled, CompileError> {
+    let mut out = Compiled {
+        unknown_drop: policy.unknown() == UnknownTraffic::Drop,
+        ..Compiled::default()
+    };
+    // ifindex -> (agent, interface name), to name both sides if two names share an index.
+    let mut iface_owner: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
+
+    for agent in policy.agents() {
+        if agent.id > limits.max_agents {
+            return Err(CompileError::AgentIdTooLarge {
+                agent: agent.name.clone(),
+                id: agent.id,
+                max_agents: limits.max_agents,
+            });
+        }
+        out.agents.push((agent.id, agent_policy(agent)?));
+
+        for name in &agent.interfaces {
+            let index = ifindex(name).ok_or_else(|| CompileError::UnknownInterface {
+                agent: agent.name.clone(),
+                interface: name.clone(),
+            })?;
+            if let Some((other_agent, other_name)) = iface_owner.insert(index, (&agent.name, name))
+            {
+                return Err(CompileError::SameInterface {
+                    ifindex: index,
+                    agent: other_agent.to_owned(),
+                    interface: other_name.to_owned(),
+                    other_agent: agent.name.clone(),
+                    other_interface: name.clone(),
+                });
+            }
+            out.interfaces.push((index, agent.id));
+        }
+
+        for net in &agent.sources {
+            match net.addr() {
+                IpAddr::V4(a) if net.is_host() => out.source_hosts_v4.push((a.octets(), agent.id)),
+                IpAddr::V6(a) if net.is_host() => out.source_hosts_v6.push((a.octets(), agent.id)),
+                IpAddr::V4(_) => out
+                    .source_prefixes_v4
+                    .extend(prefix_v4(net).map(|p| (p, agent.id))),
+                IpAddr::V6(_) => out
+                    .source_prefixes_v6
+                    .extend(prefix_v6(net).map(|p| (p, agent.id))),
+            }
+        }
+
+        // The kernel never looks up destinations for an unrestricted agent, so its entries
+        // would only take map space.
+        if restricted(agent) {
+            destinations(agent, IPPROTO_ICMP, prefix_v4, &mut out.destinations_v4)?;
+            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut out.destinations_v6)?;
+        }
+    }
+
+    out.agents.sort_by_key(|&(id, _)| id);
+    out.interfaces.sort();
+    out.source_hosts_v4.sort();
+    out.source_hosts_v6.sort();
+    out.source_prefixes_v4.sort();
+    out.source_prefixes_v6.sort();
+    out.destinations_v4
+        .sort_by_key(|&(id, prefix, _)| (id, prefix));
+    out.destinations_v6
+        .sort_by_key(|&(id, prefix, _)| (id, prefix));
+
+    let source = limits.max_source_prefixes;
+    let destination = limits.max_destination_prefixes;
+    for (limit, needed, max) in [
+        (
+            LimitKind::Interfaces,
+            out.interfaces.len(),
+            limits.max_interfaces,
+        ),
+        (LimitKind::SourceHostsV4, out.source_hosts_v4.len(), source),
+        (LimitKind::SourceHostsV6, out.source_hosts_v6.len(), source),
+        (
+            LimitKind::SourcePrefixesV4,
+            out.source_prefixes_v4.len(),
+            source,
+        ),
+        (
+            LimitKind::SourcePrefixesV6,
+            out.source_prefixes_v6.len(),
+            source,
+        ),
+        (
+            LimitKind::DestinationsV4,
+            out.destinations_v4.len(),
+            destination,
+        ),
+        (
+            LimitKind::DestinationsV6,
+            out.destinations_v6.len(),
+            destination,
+        ),
+    ] {
+        // usize -> u64 is lossless on every target Rust supports.
+        if needed as u64 > u64::from(max) {
+            return Err(CompileError::LimitExceeded { limit, needed, max });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether some destination may be denied. An agent whose default is allow and that has no
+/// deny rule allows everything, so the kernel can skip the destination lookup.
+fn restricted(agent: &Agent) -> bool {
+    agent.egress_default == EgressDefault::Deny
+        || agent.egress.iter().any(|r| r.action == Action::Deny)
+}
+
+/// Flags and GCRA parameters of one agent.
+fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
+    let out_of_range = |field, value| CompileError::RateOutOfRange {
+        agent: agent.name.clone(),
+        field,
+        value,
+    };
+
+    let mut flags = AGENT_ACTIVE;
+    if agent.mode == Mode::Monitor {
+        flags |= AGENT_MONITOR;
+    }
+    if agent.egress_default == EgressDefault::Allow {
+        flags |= AGENT_DEFAULT_ALLOW;
+    }
+    if restricted(agent) {
+        flags |= AGENT_RESTRICTED;
+    }
+
+    let (packet_cost, packet_tolerance) = match agent.rate.packets {
+        None => (0, 0),
+        Some(limit) => {
+            // A cost of 0 would read as "no limit" in the kernel, so it is out of range too.
+            let cost = UNITS_PER_SEC
+                .checked_div(limit.per_sec)
+                .filter(|&cost| cost > 0)
+                .ok_or_else(|| out_of_range("packets_per_sec", limit.per_sec))?;
+            let tolerance = u64::try_from(u128::from(limit.burst) * u128::from(cost))
+                .map_err(|_| out_of_range("packets_burst", limit.burst))?;
+            (cost, tolerance)
+        }
+    };
+
+    let (byte_rate, byte_tolerance) = match agent.rate.bytes {
+        None => (0, 0),
+        Some(limit) => {
+            let tolerance = (u128::from(limit.burst) * u128::from(UNITS_PER_SEC))
+                .checked_div(u128::from(limit.per_sec))
+                .ok_or_else(|| out_of_range("bytes_per_sec", limit.per_sec))?;
+            let tolerance =
+                u64::try_from(tolerance).map_err(|_| out_of_range("bytes_burst", limit.burst))?;
+            (limit.per_sec, tolerance)
+        }
+    };
+
+    Ok(AgentPolicy {
+        flags,
+        _pad: 0,
+        packet_cost,
+        packet_tolerance,
+        byte_rate,
+        byte_tolerance,
+    })
+}
+
+fn prefix_v4(net: &IpNet) -> Option<Prefix<4>> {
+    match net.addr() {
+        IpAddr::V4(a) => Some(Prefix {
+            addr: a.octets(),
+            len: net.prefix_len(),
+        }),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn prefix_v6(net: &IpNet) -> Option<Prefix<16>> {
+    match net.addr() {
+        IpAddr::V6(a) => Some(Prefix {
+            addr: a.octets(),
+            len: net.prefix_len(),
+        }),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// `addr` with every bit after the first `len` cleared.
+fn mask<const N: usize>(mut addr: [u8; N], len: u8) -> [u8; N] {
+    for (i, byte) in addr.iter_mut().enumerate() {
+        let kept = usize::from(len).saturating_sub(i * 8).min(8);
+        // checked_shl: shifting a u8 by 8 overflows, and means "keep no bits".
+        *byte &= 0xffu8.checked_shl(8 - kept as u32).unwrap_or(0);
+    }
+    addr
+}
+
+/// Whether `earlier` decides every packet `later` would match, making `later` dead. This
+/// holds for packets without ports and port-less fragments too: a rule covering all ports
+/// of its protocol decides them the same way, and one that does not is skipped (or stops a
+/// fragment) before `later` is reached.
+fn shadows(earlier: &PortRule, later: &PortRule) -> bool {
+    (earlier.proto == PROTO_ANY || earlier.proto == later.proto)
+        && earlier.port_lo <= later.port_lo
+        && later.port_hi <= earlier.port_hi
+}
+
+/// The destination entries of one agent in one address family. `prefix` picks and converts
+/// the family's prefixes; `icmp` is the family's ICMP protocol number.
+fn destinations<const N: usize>(
+    agent: &Agent,
+    icmp: u8,
+    prefix: fn(&IpNet) -> Option<Prefix<N>>,
+    out: &mut Vec<(u32, Prefix<N>, RuleSet)>,
+) -> Result<(), CompileError> {
+    // Each prefix named (kept as written too, for messages) with its rules, keyed for
+    // ordering: deny (0) before allow (1), then document order.
+    type Named<const N: usize> = BTreeMap<Prefix<N>, (IpNet, Vec<(u8, usize, PortRule)>)>;
+    let mut named: Named<N> = BTreeMap::new();
+    for (index, rule) in agent.egress.iter().enumerate() {
+        let (action, rank) = match rule.action {
+            Action::Deny => (ACTION_DENY, 0),
+            Action::Allow => (ACTION_ALLOW, 1),
+        };
+        let port_rule = PortRule {
+            proto: match rule.proto {
+                Proto::Any => PROTO_ANY,
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+                Proto::Icmp => icmp,
+            },
+            action,
+            _pad: 0,
+            port_lo: rule.ports.lo,
+            port_hi: rule.ports.hi,
+        };
+        for net in rule.to.iter().flat_map(|d| d.nets()) {
+            if let Some(p) = prefix(net) {
+                let (_, rules) = named.entry(p).or_insert_with(|| (*net, Vec::new()));
+                rules.push((rank, index, port_rule));
+            }
+        }
+    }
+    for (_, rules) in named.values_mut() {
+        rules.sort_by_key(|&(rank, index, _)| (rank, index));
+    }
+
+    // The prefixes containing P are P masked to each shorter length the agent uses that
+    // are themselves named; probing those lengths is linear in the prefix count, where
+    // comparing every pair would be quadratic.
+    let lengths: BTreeSet<u8> = named.keys().map(|p| p.len).collect();
+    for (p, (net, _)) in &named {
+        let mut merged: Vec<PortRule> = Vec::new();
+        for &len in lengths.iter().rev().filter(|&&len| len <= p.len) {
+            let covering = Prefix {
+                addr: mask(p.addr, len),
+                len,
+            };
+            for &(_, _, rule) in named.get(&covering).into_iter().flat_map(|(_, r)| r) {
+                // Dropping dead rules (identical ones included) keeps entries within
+                // MAX_RULES_PER_PREFIX without changing any verdict.
+                if !merged.iter().any(|earlier| shadows(earlier, &rule)) {
+                    merged.push(rule);
+                }
+            }
+        }
+        if merged.len() > MAX_RULES_PER_PREFIX {
+            return Err(CompileError::TooManyRules {
+                agent: agent.name.clone(),
+                prefix: *net,
+                rules: merged.len(),
+                max: MAX_RULES_PER_PREFIX,
+            });
+        }
+        let mut set = RuleSet {
+            len: merged.len() as u32,
+            ..RuleSet::default()
+        };
+        set.rules[..merged.len()].copy_from_slice(&merged);
+        out.push((agent.id, *p, set));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::{TIME_SHIFT, UNITS_PER_SEC};
+
+    use super::*;
+    use crate::policy::parse;
+
+    /// Interfaces `ifN` exist with index N.
+    fn ifindex(name: &str) -> Option<u32> {
+        name.strip_prefix("if")?.parse().ok()
+    }
+
+    fn compile_text(text: &str) -> Result<Compiled, CompileError> {
+        let policy = parse("p.toml", text).unwrap_or_else(|e| panic!("{e}"));
+        compile(&policy, &Limits::default(), &ifindex)
+    }
+
+    fn ok(text: &str) -> Compiled {
+        compile_text(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn rule(proto: u8, action: u8, port_lo: u16, port_hi: u16) -> PortRule {
+        PortRule {
+            proto,
+            action,
+            _pad: 0,
+            port_lo,
+            port_hi,
+        }
+    }
+
+    fn allow(proto: u8, ports: (u16, u16)) -> PortRule {
+        rule(proto, ACTION_ALLOW, ports.0, ports.1)
+    }
+
+    fn deny(proto: u8, ports: (u16, u16)) -> PortRule {
+        rule(proto, ACTION_DENY, ports.0, ports.1)
+    }
+
+    const ALL: (u16, u16) = (0, u16::MAX);
+
+    fn set(rules: &[PortRule]) -> RuleSet {
+        let mut s = RuleSet {
+            len: rules.len() as u32,
+            ..RuleSet::default()
+        };
+        s.rules[..rules.len()].copy_from_slice(rules);
+        s
+    }
+
+    fn v4(s: &str) -> Prefix<4> {
+        let (a, l) = s.split_once('/').unwrap();
+        Prefix {
+            addr: a.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+            len: l.parse().unwrap(),
+        }
+    }
+
+    fn v6(s: &str) -> Prefix<16> {
+        let (a, l) = s.split_once('/').unwrap();
+        Prefix {
+            addr: a.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            len: l.parse().unwrap(),
+        }
+    }
+
+    /// An agent `name` with id `id` on interface `if<id>`, then `extra` lines.
+    fn agent(id: u32, extra: &str) -> String {
+        format!("[[agents]]\nid = {id}\nname = \"a{id}\"\ninterfaces = [\"if{id}\"]\n{extra}")
+    }
+
+    #[test]
+    fn documented_example() {
+        let text = r#"
+[defaults]
+unknown = "pass"
+
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["if7"]
+prefixes = ["10.77.1.2/32", "fd77:1::2/128"]
+mode = "enforce"
+egress_default = "deny"
+rate = { packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 1_000_000, bytes_burst = 100_000 }
+
+[[agents.egress]]
+action = "allow"
+to = ["10.77.2.0/24", "@metadata"]
+proto = "tcp"
+ports = "443"
+"#;
+        let c = ok(text);
+        let https = set(&[allow(IPPROTO_TCP, (443, 443))]);
+        assert_eq!(
+            c,
+            Compiled {
+                unknown_drop: false,
+                agents: vec![(
+                    1,
+                    AgentPolicy {
+                        flags: AGENT_ACTIVE | AGENT_RESTRICTED,
+                        _pad: 0,
+                        packet_cost: 16_000_000,
+                        packet_tolerance: 1_600_000_000,
+                        byte_rate: 1_000_000,
+                        byte_tolerance: 1_600_000_000,
+                    }
+                )],
+                interfaces: vec![(7, 1)],
+                source_hosts_v4: vec![([10, 77, 1, 2], 1)],
+                source_hosts_v6: vec![(v6("fd77:1::2/128").addr, 1)],
+                source_prefixes_v4: vec![],
+                source_prefixes_v6: vec![],
+                destinations_v4: vec![
+                    (1, v4("10.77.2.0/24"), https),
+                    (1, v4("100.100.100.200/32"), https),
+                    (1, v4("169.254.169.254/32"), https),
+                    (1, v4("169.254.170.2/32"), https),
+                ],
+                destinations_v6: vec![(1, v6("fd00:ec2::254/128"), https)],
+            }
+        );
+    }
+
+    #[test]
+    fn nested_prefixes_merge_most_specific_first() {
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"10.1.0.0/16\"]\nproto = \"tcp\"\nports = 22\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nproto = \"udp\"\nports = 53\n",
+        ));
+        let dns = allow(IPPROTO_UDP, (53, 53));
+        assert_eq!(
+            c.destinations_v4,
+            vec![
+                (1, v4("0.0.0.0/0"), set(&[dns])),
+                (1, v4("10.0.0.0/8"), set(&[allow(IPPROTO_TCP, ALL), dns])),
+                (
+                    1,
+                    v4("10.1.0.0/16"),
+                    set(&[deny(IPPROTO_TCP, (22, 22)), allow(IPPROTO_TCP, ALL), dns])
+                ),
+            ]
+        );
+        assert_eq!(c.destinations_v6, vec![(1, v6("::/0"), set(&[dns]))]);
+    }
+
+    #[test]
+    fn deny_first_then_document_order_on_one_prefix() {
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = 80\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = \"0-1023\"\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"10.0.0.0/8\"]\nproto = \"udp\"\n",
+        ));
+        // The allows on 443 and 80 are dead under the deny of 0-1023, and dropped.
+        assert_eq!(
+            c.destinations_v4,
+            vec![(
+                1,
+                v4("10.0.0.0/8"),
+                set(&[deny(IPPROTO_TCP, (0, 1023)), deny(IPPROTO_UDP, ALL)])
+            )]
+        );
+
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = 80\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = \"1000-2000\"\n",
+        ));
+        assert_eq!(
+            c.destinations_v4,
+            vec![(
+                1,
+                v4("10.0.0.0/8"),
+                set(&[
+                    deny(IPPROTO_TCP, (1000, 2000)),
+                    allow(IPPROTO_TCP, (443, 443)),
+                    allow(IPPROTO_TCP, (80, 80)),
+                ])
+            )]
+        );
+    }
+
+    #[test]
+    fn identical_and_shadowed_rules_are_dropped() {
+        // The same prefix twice in one rule (directly and through a preset), the same rule
+        // on a covering prefix, and a rule behind an any-protocol, any-port rule.
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\", \"@rfc1918\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\nproto = \"udp\"\nports = 53\n",
+        ));
+        let https = allow(IPPROTO_TCP, (443, 443));
+        assert_eq!(
+            c.destinations_v4,
+            vec![
+                (1, v4("10.0.0.0/8"), set(&[https])),
+                (1, v4("10.1.0.0/16"), set(&[https, allow(PROTO_ANY, ALL)])),
+                (1, v4("172.16.0.0/12"), set(&[https])),
+                (1, v4("192.168.0.0/16"), set(&[https])),
+            ]
+        );
+        assert!(c.destinations_v6.is_empty());
+    }
+
+    #[test]
+    fn icmp_number_follows_family() {
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"@loopback\"]\nproto = \"icmp\"\n",
+        ));
+        assert_eq!(
+            c.destinations_v4,
+            vec![(1, v4("127.0.0.0/8"), set(&[allow(IPPROTO_ICMP, ALL)]))]
+        );
+        assert_eq!(
+            c.destinations_v6,
+            vec![(1, v6("::1/128"), set(&[allow(IPPROTO_ICMPV6, ALL)]))]
+        );
+    }
+
+    #[test]
+    fn presets_expand_per_family() {
+        let c = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"deny\"\nto = [\"@private\"]\n",
+        ));
+        let d = set(&[deny(PROTO_ANY, ALL)]);
+        assert_eq!(
+            c.destinations_v4,
+            vec![
+                (1, v4("10.0.0.0/8"), d),
+                (1, v4("169.254.0.0/16"), d),
+                (1, v4("172.16.0.0/12"), d),
+                (1, v4("192.168.0.0/16"), d),
+            ]
+        );
+        assert_eq!(
+            c.destinations_v6,
+            vec![(1, v6("fc00::/7"), d), (1, v6("fe80::/10"), d)]
+        );
+    }
+
+    #[test]
+    fn sources_split_hosts_from_prefixes() {
+        let c = ok(
+            "[[agents]]\nid = 2\nname = \"b\"\nprefixes = [\"10.0.1.0/24\", \"10.0.0.9\", \"fd00:1::/64\", \"fd00::1\", \"10.0.0.0/31\"]\n\
+                    [[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.0.0.5/32\", \"0.0.0.0/0\"]\n",
+        );
+        assert_eq!(
+            c.source_hosts_v4,
+            vec![([10, 0, 0, 5], 1), ([10, 0, 0, 9], 2)]
+        );
+        assert_eq!(c.source_hosts_v6, vec![(v6("fd00::1/128").addr, 2)]);
+        assert_eq!(
+            c.source_prefixes_v4,
+            vec![
+                (v4("0.0.0.0/0"), 1),
+                (v4("10.0.0.0/31"), 2),
+                (v4("10.0.1.0/24"), 2)
+            ]
+        );
+        assert_eq!(c.source_prefixes_v6, vec![(v6("fd00:1::/64"), 2)]);
+        assert!(c.interfaces.is_empty());
+        assert_eq!(c.agents.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn rate_math() {
+        assert_eq!(TIME_SHIFT, 4, "the expectations below assume 1/16 ns units");
+        let policy = |rate: &str| ok(&agent(1, &format!("rate = {rate}\n"))).agents[0].1;
+
+        let p = policy("{ packets_per_sec = 1000 }");
+        assert_eq!(p.packet_cost, 16_000_000);
+        // Default burst: a tenth of the rate.
+        assert_eq!(p.packet_tolerance, 100 * 16_000_000);
+        assert_eq!((p.byte_rate, p.byte_tolerance), (0, 0));
+
+        let p = policy("{ packets_per_sec = 3, packets_burst = 7 }");
+        // Integer division: 16e9 / 3 rounds down.
+        assert_eq!(p.packet_cost, 5_333_333_333);
+        assert_eq!(p.packet_tolerance, 7 * 5_333_333_333);
+
+        let p = policy("{ packets_per_sec = 1_000_000_000 }");
+        assert_eq!(p.packet_cost, 16);
+
+        let p = policy("{ bytes_per_sec = 125_000_000 }");
+        assert_eq!((p.packet_cost, p.packet_tolerance), (0, 0));
+        assert_eq!(p.byte_rate, 125_000_000);
+        // Default burst 12.5 MB, a tenth of a second.
+        assert_eq!(p.byte_tolerance, UNITS_PER_SEC / 10);
+
+        let p = policy("{ bytes_per_sec = 3, bytes_burst = 1518 }");
+        assert_eq!(p.byte_tolerance, 1518 * 16_000_000_000 / 3);
+
+        let p = policy("{}");
+        assert_eq!(
+            (
+                p.packet_cost,
+                p.packet_tolerance,
+                p.byte_rate,
+                p.byte_tolerance
+            ),
+            (0, 0, 0, 0)
+        );
+
+        assert_eq!(
+            compile_text(&agent(
+                1,
+                "rate = { packets_per_sec = 1, packets_burst = 9_000_000_000 }\n"
+            )),
+            Err(CompileError::RateOutOfRange {
+                agent: "a1".into(),
+                field: "packets_burst",
+                value: 9_000_000_000,
+            })
+        );
+        let err = compile_text(&agent(
+            1,
+            "rate = { bytes_per_sec = 1, bytes_burst = 2_000_000_000 }\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent \"a1\": rate.bytes_burst = 2000000000 cannot be expressed in the rate \
+             limiter's 64-bit time units (the burst would span more than 36 years)"
+        );
+    }
+
+    #[test]
+    fn flags() {
+        let flags = |extra: &str| ok(&agent(1, extra)).agents[0].1.flags;
+        let deny_rule = "[[agents.egress]]\naction = \"deny\"\nto = [\"@metadata\"]\n";
+        let allow_rule = "[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\n";
+
+        assert_eq!(flags(""), AGENT_ACTIVE | AGENT_RESTRICTED);
+        assert_eq!(
+            flags("mode = \"monitor\"\n"),
+            AGENT_ACTIVE | AGENT_MONITOR | AGENT_RESTRICTED
+        );
+        // Default allow without deny rules allows everything: no destination lookup.
+        assert_eq!(
+            flags("egress_default = \"allow\"\n"),
+            AGENT_ACTIVE | AGENT_DEFAULT_ALLOW
+        );
+        let c = ok(&agent(
+            1,
+            &format!("egress_default = \"allow\"\n{allow_rule}"),
+        ));
+        assert_eq!(c.agents[0].1.flags, AGENT_ACTIVE | AGENT_DEFAULT_ALLOW);
+        assert!(c.destinations_v4.is_empty() && c.destinations_v6.is_empty());
+        // One deny rule makes it restricted, and its entries are emitted.
+        let c = ok(&agent(
+            1,
+            &format!("egress_default = \"allow\"\n{deny_rule}"),
+        ));
+        assert_eq!(
+            c.agents[0].1.flags,
+            AGENT_ACTIVE | AGENT_DEFAULT_ALLOW | AGENT_RESTRICTED
+        );
+        assert_eq!(c.destinations_v4.len(), 3);
+        assert_eq!(c.destinations_v6.len(), 1);
+        assert_eq!(
+            flags(&format!("mode = \"monitor\"\n{allow_rule}")),
+            AGENT_ACTIVE | AGENT_MONITOR | AGENT_RESTRICTED
+        );
+    }
+
+    #[test]
+    fn unknown_drop() {
+        assert!(ok("[defaults]\nunknown = \"drop\"\n").unknown_drop);
+        assert!(!ok("").unknown_drop);
+    }
+
+    #[test]
+    fn interfaces_resolve() {
+        let c = ok(&format!(
+            "{}{}",
+            agent(9, ""),
+            "[[agents]]\nid = 3\nname = \"x\"\ninterfaces = [\"if4\", \"if2\"]\n"
+        ));
+        assert_eq!(c.interfaces, vec![(2, 3), (4, 3), (9, 9)]);
+
+        let err = compile_text("[[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"eth0\"]\n")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent \"a\": interface \"eth0\" does not exist"
+        );
+
+        // Two spellings of one interface index on two agents.
+        let err = compile_text(&format!(
+            "{}[[agents]]\nid = 2\nname = \"b\"\ninterfaces = [\"if01\"]\n",
+            agent(1, "")
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err,
+            CompileError::SameInterface {
+                ifindex: 1,
+                agent: "a1".into(),
+                interface: "if1".into(),
+                other_agent: "b".into(),
+                other_interface: "if01".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn too_many_rules() {
+        let mut text = agent(1, "");
+        for port in 0..MAX_RULES_PER_PREFIX {
+            text.push_str(&format!(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = {port}\n"
+            ));
+        }
+        assert!(compile_text(&text).is_ok());
+        // The 17th rule sits on a covering prefix: the /8 entry collects it.
+        text.push_str(
+            "[[agents.egress]]\naction = \"deny\"\nto = [\"0.0.0.0/0\"]\nproto = \"udp\"\n",
+        );
+        let err = compile_text(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent \"a1\": destination 10.0.0.0/8 has 17 rules once the rules of every prefix \
+             containing it are merged in, more than the 16 a destination entry holds"
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let policy = parse(
+            "p.toml",
+            &format!(
+                "{}{}",
+                agent(
+                    5,
+                    "prefixes = [\"10.0.0.1\", \"10.0.0.2\", \"fd00::/64\", \"fd01::/64\"]\n\
+                     [[agents.egress]]\naction = \"allow\"\nto = [\"@rfc1918\", \"@ula\"]\n"
+                ),
+                "[[agents]]\nid = 2\nname = \"b\"\ninterfaces = [\"if3\"]\nprefixes = [\"10.9.0.0/16\"]\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"@link-local\"]\n"
+            ),
+        )
+        .unwrap();
+        // Exactly at every limit compiles: 2 interfaces, 2 v4 hosts, 2 v6 prefixes, 4 v4
+        // and 2 v6 destinations.
+        let fits = Limits {
+            max_agents: 5,
+            max_interfaces: 2,
+            max_source_prefixes: 2,
+            max_destination_prefixes: 4,
+        };
+        assert!(compile(&policy, &fits, &ifindex).is_ok());
+
+        let fail = |limits: Limits| compile(&policy, &limits, &ifindex).unwrap_err();
+        assert_eq!(
+            fail(Limits {
+                max_agents: 4,
+                ..fits
+            }),
+            CompileError::AgentIdTooLarge {
+                agent: "a5".into(),
+                id: 5,
+                max_agents: 4
+            }
+        );
+        assert_eq!(
+            fail(Limits {
+                max_interfaces: 1,
+                ..fits
+            })
+            .to_string(),
+            "policy needs 2 interface entries, but the maps hold 1 (max_interfaces)"
+        );
+        assert_eq!(
+            fail(Limits {
+                max_source_prefixes: 1,
+                ..fits
+            }),
+            CompileError::LimitExceeded {
+                limit: LimitKind::SourceHostsV4,
+                needed: 2,
+                max: 1
+            }
+        );
+        assert_eq!(
+            fail(Limits {
+                max_destination_prefixes: 3,
+                ..fits
+            })
+            .to_string(),
+            "policy needs 4 IPv4 destination entries, but the maps hold 3 \
+             (max_destination_prefixes)"
+        );
+        // v6 source prefixes and destinations are counted apart from v4.
+        let v6_policy = parse("p.toml", &agent(1, "prefixes = [\"fd00::/64\", \"fd01::/64\"]\n[[agents.egress]]\naction = \"allow\"\nto = [\"@private\"]\n")).unwrap();
+        let err = compile(
+            &v6_policy,
+            &Limits {
+                max_source_prefixes: 1,
+                ..Limits::default()
+            },
+            &ifindex,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            CompileError::LimitExceeded {
+                limit: LimitKind::SourcePrefixesV6,
+                needed: 2,
+                max: 1
+            }
+        );
+        let err = compile(
+            &v6_policy,
+            &Limits {
+                max_destination_prefixes: 4,
+                ..Limits::default()
+            },
+            &ifindex,
+        );
+        assert!(err.is_ok(), "4 v4 and 2 v6 destinations fit 4 per family");
+    }
+
+    #[test]
+    fn deterministic() {
+        let a = agent(
+            1,
+            "prefixes = [\"10.0.0.0/24\", \"fd00::1\"]\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"@private\", \"1.1.1.1\"]\nproto = \"udp\"\nports = 53\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"@metadata\", \"10.0.0.0/8\"]\n",
+        );
+        let b = agent(
+            2,
+            "prefixes = [\"10.0.1.0/24\"]\nmode = \"monitor\"\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nproto = \"tcp\"\nports = \"1-1024\"\n",
+        );
+        let first = ok(&format!("{a}{b}"));
+        assert_eq!(first, ok(&format!("{a}{b}")));
+        // Agent order in the document does not matter either.
+        assert_eq!(first, ok(&format!("{b}{a}")));
+    }
+}

@@ -1,0 +1,269 @@
+//! The daemon's configuration file (TOML): where the policy is, where to attach, where to
+//! pin, and how large the maps are.
+//!
+//! ```toml
+//! policy = "/etc/enforcer/policy.toml"   # relative paths are relative to this file
+//! interfaces = ["eth0"]                  # attach points besides the agents' own interfaces
+//! bpffs = "/sys/fs/bpf/enforcer"         # pins: maps/ and links/
+//! state_dir = "/run/enforcer"            # pid file and status.json
+//! xdp_mode = "auto"                      # auto (native, else generic) | native | generic
+//!
+//! [limits]
+//! max_agents = 4096
+//! max_interfaces = 1024
+//! max_source_prefixes = 65536
+//! max_destination_prefixes = 65536
+//! ```
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{compile::Limits, dataplane::AttachMode};
+
+/// Errors reading the configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading configuration {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong fields.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What was wrong.
+        message: String,
+    },
+    /// A field has an impossible value.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// What was expected.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    policy: PathBuf,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    #[serde(default = "default_bpffs")]
+    bpffs: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    xdp_mode: AttachMode,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "d_agents")]
+    max_agents: u32,
+    #[serde(default = "d_ifaces")]
+    max_interfaces: u32,
+    #[serde(default = "d_prefixes")]
+    max_source_prefixes: u32,
+    #[serde(default = "d_prefixes")]
+    max_destination_prefixes: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_agents: d_agents(),
+            max_interfaces: d_ifaces(),
+            max_source_prefixes: d_prefixes(),
+            max_destination_prefixes: d_prefixes(),
+        }
+    }
+}
+
+fn d_agents() -> u32 {
+    Limits::default().max_agents
+}
+fn d_ifaces() -> u32 {
+    Limits::default().max_interfaces
+}
+fn d_prefixes() -> u32 {
+    Limits::default().max_source_prefixes
+}
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/enforcer")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/enforcer")
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file this came from.
+    pub path: PathBuf,
+    /// The policy file (made absolute relative to the config file).
+    pub policy: PathBuf,
+    /// Interfaces to attach to besides those the policy names.
+    pub interfaces: Vec<String>,
+    /// bpffs directory for pins.
+    pub bpffs: PathBuf,
+    /// Directory for the pid file and status.
+    pub state_dir: PathBuf,
+    /// XDP attach mode.
+    pub xdp_mode: AttachMode,
+    /// Map capacities.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses configuration text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        let l = &raw.limits;
+        if l.max_agents == 0 || l.max_agents > enforcer_common::MAX_AGENT_ID {
+            return Err(invalid(
+                "limits.max_agents",
+                format!(
+                    "expected 1..={}, got {}",
+                    enforcer_common::MAX_AGENT_ID,
+                    l.max_agents
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("limits.max_interfaces", l.max_interfaces),
+            ("limits.max_source_prefixes", l.max_source_prefixes),
+            (
+                "limits.max_destination_prefixes",
+                l.max_destination_prefixes,
+            ),
+        ] {
+            if v == 0 || v > (1 << 24) {
+                return Err(invalid(field, format!("expected 1..={}, got {v}", 1 << 24)));
+            }
+        }
+        for name in &raw.interfaces {
+            if name.is_empty() || name.len() > 15 {
+                return Err(invalid(
+                    "interfaces",
+                    format!("{name:?} is not an interface name (1 to 15 bytes)"),
+                ));
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(Config {
+            path: path.to_path_buf(),
+            policy: base.join(&raw.policy),
+            interfaces: raw.interfaces,
+            bpffs: base.join(&raw.bpffs),
+            state_dir: base.join(&raw.state_dir),
+            xdp_mode: raw.xdp_mode,
+            limits: Limits {
+                max_agents: l.max_agents,
+                max_interfaces: l.max_interfaces,
+                max_source_prefixes: l.max_source_prefixes,
+                max_destination_prefixes: l.max_destination_prefixes,
+            },
+        })
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(
+            Path::new("/etc/enforcer/enforcer.toml"),
+            "policy = \"policy.toml\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy, PathBuf::from("/etc/enforcer/policy.toml"));
+        assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/enforcer"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.xdp_mode, AttachMode::Auto);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_column() {
+        let err =
+            Config::parse(Path::new("e.toml"), "policy = \"p\"\nxdp_mod = \"auto\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("e.toml:2:1: "), "{msg}");
+        assert!(msg.contains("xdp_mod"), "{msg}");
+    }
+
+    #[test]
+    fn bad_mode_and_limits_are_rejected() {
+        let err = Config::parse(Path::new("e.toml"), "policy = \"p\"\nxdp_mode = \"fast\"\n")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("e.toml:2:12: "), "{err}");
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[limits]\nmax_agents = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "e.toml: limits.max_agents: expected 1..=16777215, got 0"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,849 @@
+//! Loading the XDP program, pinning its maps and links, and writing compiled policies into
+//! the maps: the thin layer under [`crate::compile`].
+//!
+//! # Atomic apply
+//! Policy maps hold two slots (see `enforcer_common`). [`apply`] clears the inactive slot,
+//! writes the whole new policy there, and only then flips `STATE.active_slot`. The XDP
+//! program reads the active slot once per packet and uses it for every lookup, so each
+//! packet sees either the old policy or the new one, never a mix. A failed write leaves
+//! the active slot, and so the running policy, untouched. Before the next apply reuses the
+//! old slot, [`apply`] waits [`GRACE`] so packets still in flight on the old slot (XDP runs
+//! to completion in microseconds, under RCU) have finished.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpMode},
+    },
+};
+use enforcer_common::{
+    AGENT_ACTIVE, AgentPolicy, Bucket, Counter, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6,
+    OWNER_BITS, Reason, RuleSet, SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6,
+    SLOT_UNKNOWN_DROP, SlotConfig, State, UNKNOWN_AGENT, counter_index, maps, owner, programs,
+};
+use thiserror::Error;
+
+use crate::compile::{Compiled, Limits};
+
+/// The XDP object built by `build.rs`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
+
+/// How long [`apply`] waits after a flip before the old slot may be rewritten.
+pub const GRACE: Duration = Duration::from_millis(20);
+
+/// Errors reading or writing the policy maps.
+#[derive(Debug, Error)]
+pub enum MapsError {
+    /// A map operation failed.
+    #[error("{op} map {map}")]
+    Map {
+        /// What was being done ("writing", "clearing", ...).
+        op: &'static str,
+        /// The map's name.
+        map: &'static str,
+        /// The underlying error.
+        #[source]
+        source: MapError,
+    },
+    /// A fake map refused a write (tests).
+    #[error("injected failure writing {map}")]
+    Injected {
+        /// The map the fake pretended to fail on.
+        map: &'static str,
+    },
+}
+
+/// Errors applying a compiled policy.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// Reading the enforcement state failed.
+    #[error("reading the enforcement state")]
+    State(#[source] MapsError),
+    /// Writing the new policy into the inactive slot failed; the running policy is intact.
+    #[error("writing the new policy into slot {slot} (the running policy is unchanged)")]
+    Write {
+        /// The inactive slot being written.
+        slot: u32,
+        /// The underlying error.
+        #[source]
+        source: MapsError,
+    },
+    /// Flipping the active slot failed; the running policy is intact.
+    #[error("activating slot {slot} (the running policy is unchanged)")]
+    Flip {
+        /// The slot that should have become active.
+        slot: u32,
+        /// The underlying error.
+        #[source]
+        source: MapsError,
+    },
+}
+
+/// The policy maps as [`apply`] needs them. Implemented by the kernel maps and by an
+/// in-memory fake, so the apply protocol is tested without root.
+pub trait PolicyMaps {
+    /// Reads `STATE`.
+    fn state(&self) -> Result<State, MapsError>;
+    /// Writes `STATE`: the single write that switches every packet to another slot.
+    fn set_state(&mut self, state: State) -> Result<(), MapsError>;
+    /// Removes every entry of `slot`.
+    fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError>;
+    /// Writes every entry of `compiled` into `slot`.
+    fn write_slot(&mut self, slot: u32, compiled: &Compiled) -> Result<(), MapsError>;
+}
+
+/// Applies `compiled` atomically (see the module docs) and returns the new generation.
+pub fn apply(maps: &mut impl PolicyMaps, compiled: &Compiled) -> Result<u64, ApplyError> {
+    let state = maps.state().map_err(ApplyError::State)?;
+    let target = (state.active_slot ^ 1) & 1;
+    let written = maps
+        .clear_slot(target)
+        .and_then(|()| maps.write_slot(target, compiled));
+    if let Err(source) = written {
+        // Best effort: leave no half-written slot behind. The active slot is untouched
+        // either way.
+        let _ = maps.clear_slot(target);
+        return Err(ApplyError::Write {
+            slot: target,
+            source,
+        });
+    }
+    let next = State {
+        active_slot: target,
+        agent_stride: state.agent_stride,
+        generation: state.generation + 1,
+    };
+    maps.set_state(next).map_err(|source| ApplyError::Flip {
+        slot: target,
+        source,
+    })?;
+    thread::sleep(GRACE);
+    Ok(next.generation)
+}
+
+/// Errors loading the program or attaching it.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    /// The pin directory could not be created.
+    #[error("creating pin directory {path}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The object failed to load (verifier, missing bpffs, ...).
+    #[error("loading the XDP object with maps pinned under {path}")]
+    Load {
+        /// The map pin directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A program was missing or failed to load.
+    #[error("loading program {name}")]
+    Program {
+        /// The program's name.
+        name: &'static str,
+        /// The underlying error.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map was missing from the object or had the wrong shape.
+    #[error("opening map {name}")]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// The underlying error.
+        #[source]
+        source: MapError,
+    },
+    /// A map named in `enforcer_common::maps` is not in the object.
+    #[error("map {name} is missing from the XDP object")]
+    MissingMap {
+        /// The map's name.
+        name: &'static str,
+    },
+    /// Pinned maps were created for other limits than the configuration's.
+    #[error(
+        "pinned maps under {path} were created for max_agents = {pinned}, the configuration says {configured}; \
+         run `enforcer stop --detach` (or remove the pins) to resize"
+    )]
+    LimitsMismatch {
+        /// The map pin directory.
+        path: PathBuf,
+        /// max_agents the pins were created with.
+        pinned: u32,
+        /// max_agents from the configuration.
+        configured: u32,
+    },
+    /// Reading or writing a map failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Attaching to an interface failed in every mode tried.
+    #[error("attaching XDP to {interface}")]
+    Attach {
+        /// The interface.
+        interface: String,
+        /// The underlying error.
+        #[source]
+        source: ProgramError,
+    },
+    /// Pinning or replacing a link failed.
+    #[error("{op} the XDP link of {interface} at {path}")]
+    Link {
+        /// What was being done.
+        op: &'static str,
+        /// The interface.
+        interface: String,
+        /// The pin path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// XDP attach mode requested by the configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    #[default]
+    Auto,
+    /// Native mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Generic,
+}
+
+/// How an interface ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A pinned link from an earlier run now runs this program (atomic replace, no gap).
+    Replaced,
+    /// Newly attached in native mode.
+    Native,
+    /// Newly attached in generic mode.
+    Generic,
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    limits: Limits,
+    kernel: KernelMaps,
+}
+
+impl Dataplane {
+    /// Loads the XDP object with its maps pinned under `bpffs/maps` (reusing pins left by
+    /// an earlier run, so policy, buckets and counters survive restarts).
+    pub fn load(bpffs: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
+        let maps_dir = bpffs.join("maps");
+        for dir in [&maps_dir, &bpffs.join("links")] {
+            fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let stride = limits.max_agents + 1;
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(maps::AGENTS, 2 * stride)
+            .map_max_entries(maps::BUCKETS, stride)
+            .map_max_entries(maps::COUNTERS, stride * Reason::COUNT)
+            .map_max_entries(maps::IFACES, 2 * limits.max_interfaces)
+            .map_max_entries(maps::SRC_HOST_V4, 2 * limits.max_source_prefixes)
+            .map_max_entries(maps::SRC_HOST_V6, 2 * limits.max_source_prefixes)
+            .map_max_entries(maps::SRC_V4, 2 * limits.max_source_prefixes)
+            .map_max_entries(maps::SRC_V6, 2 * limits.max_source_prefixes)
+            .map_max_entries(maps::DST_V4, 2 * limits.max_destination_prefixes)
+            .map_max_entries(maps::DST_V6, 2 * limits.max_destination_prefixes);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load {
+                path: maps_dir.clone(),
+                source: Box::new(source),
+            })?;
+        for name in [programs::ENFORCE, programs::PASS_FLOOR] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let mut kernel = KernelMaps::take(&mut ebpf, limits)?;
+        let state = kernel.state()?;
+        if state.agent_stride == 0 {
+            // Fresh pins: record the stride the program indexes AGENTS with.
+            kernel.set_state(State {
+                agent_stride: stride,
+                ..state
+            })?;
+        } else if state.agent_stride != stride {
+            return Err(DataplaneError::LimitsMismatch {
+                path: maps_dir,
+                pinned: state.agent_stride - 1,
+                configured: limits.max_agents,
+            });
+        }
+        Ok(Dataplane {
+            ebpf,
+            bpffs: bpffs.to_path_buf(),
+            limits: *limits,
+            kernel,
+        })
+    }
+
+    /// The limits the maps were sized for.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The policy maps, for [`apply`] and for reading state.
+    pub fn maps(&mut self) -> &mut KernelMaps {
+        &mut self.kernel
+    }
+
+    /// Applies a compiled policy atomically; returns the new generation.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<u64, ApplyError> {
+        apply(&mut self.kernel, compiled)
+    }
+
+    /// A loaded program by name (see `enforcer_common::programs`), e.g. for test runs.
+    pub fn program(&self, name: &str) -> Option<&Xdp> {
+        self.ebpf.program(name)?.try_into().ok()
+    }
+
+    fn link_pin(&self, interface: &str) -> PathBuf {
+        self.bpffs.join("links").join(interface)
+    }
+
+    /// Attaches the enforcer to `interface`. If an earlier run left a pinned link there, the
+    /// link is switched to this program in one atomic `BPF_LINK_UPDATE`, so enforcement has
+    /// no gap across restarts; otherwise a new link is created (native mode first, generic
+    /// as a fallback for [`AttachMode::Auto`]) and pinned so it outlives the daemon.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<Attached, DataplaneError> {
+        let pin = self.link_pin(interface);
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::ENFORCE)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::Program {
+                name: programs::ENFORCE,
+                source: ProgramError::NotLoaded,
+            })?;
+        let link_err =
+            |op, source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
+                op,
+                interface: interface.to_string(),
+                path: pin.clone(),
+                source,
+            };
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("opening", e.into()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| link_err("opening", e.into()))?;
+            program
+                .attach_to_link(link)
+                .map_err(|e| link_err("replacing the program of", e.into()))?;
+            return Ok(Attached::Replaced);
+        }
+        let tries: &[(XdpMode, Attached)] = match mode {
+            AttachMode::Auto => &[
+                (XdpMode::Driver, Attached::Native),
+                (XdpMode::Skb, Attached::Generic),
+            ],
+            AttachMode::Native => &[(XdpMode::Driver, Attached::Native)],
+            AttachMode::Generic => &[(XdpMode::Skb, Attached::Generic)],
+        };
+        let mut last = None;
+        for &(xdp_mode, outcome) in tries {
+            match program.attach(interface, xdp_mode) {
+                Ok(id) => {
+                    if outcome == Attached::Generic && mode == AttachMode::Auto {
+                        tracing::warn!(
+                            interface,
+                            error = %last.as_ref().map(|e: &ProgramError| e.to_string()).unwrap_or_default(),
+                            "native XDP unavailable; attached in generic mode, which runs later in the stack and is slower"
+                        );
+                    }
+                    let link = program
+                        .take_link(id)
+                        .map_err(|e| link_err("taking", e.into()))?;
+                    let fd_link =
+                        FdLink::try_from(link).map_err(|e| link_err("converting", e.into()))?;
+                    fd_link
+                        .pin(&pin)
+                        .map_err(|e| link_err("pinning", e.into()))?;
+                    return Ok(outcome);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(DataplaneError::Attach {
+            interface: interface.to_string(),
+            source: last.unwrap_or(ProgramError::NotLoaded),
+        })
+    }
+
+    /// Interfaces that have a pinned link.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        attached_interfaces(&self.bpffs)
+    }
+
+    /// Removes the pinned link of `interface`, detaching the enforcer from it.
+    pub fn detach(&mut self, interface: &str) -> io::Result<()> {
+        fs::remove_file(self.link_pin(interface))
+    }
+}
+
+/// Interfaces with a pinned enforcer link under `bpffs`.
+pub fn attached_interfaces(bpffs: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(bpffs.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Removes every pin under `bpffs` (links first, which detaches the program), leaving
+/// nothing enforcing. Used by `enforcer stop --detach` and test clean-up.
+pub fn remove_pins(bpffs: &Path) -> io::Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = bpffs.join(sub);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// The policy maps in the kernel, typed.
+pub struct KernelMaps {
+    stride: u32,
+    state: Array<MapData, State>,
+    slots: Array<MapData, SlotConfig>,
+    agents: Array<MapData, AgentPolicy>,
+    buckets: Array<MapData, Bucket>,
+    counters: PerCpuArray<MapData, Counter>,
+    ifaces: HashMap<MapData, IfaceKey, u32>,
+    src_host_v4: HashMap<MapData, HostV4Key, u32>,
+    src_host_v6: HashMap<MapData, HostV6Key, u32>,
+    src_v4: LpmTrie<MapData, LpmV4, u32>,
+    src_v6: LpmTrie<MapData, LpmV6, u32>,
+    dst_v4: LpmTrie<MapData, LpmV4, RuleSet>,
+    dst_v6: LpmTrie<MapData, LpmV6, RuleSet>,
+}
+
+/// Where [`KernelMaps`] gets its maps from: a freshly loaded object or the pins.
+type MapSource<'a> = dyn FnMut(&'static str) -> Result<Map, DataplaneError> + 'a;
+
+fn typed<M: TryFrom<Map, Error = MapError>>(
+    source: &mut MapSource<'_>,
+    name: &'static str,
+) -> Result<M, DataplaneError> {
+    M::try_from(source(name)?).map_err(|source| DataplaneError::Map { name, source })
+}
+
+fn err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { op, map, source }
+}
+
+/// Deletes every key of `map` that `stale` selects. Keys are collected first: deleting
+/// while walking `get_next_key` would restart the walk.
+macro_rules! remove_where {
+    ($map:expr, $name:expr, $stale:expr) => {{
+        let keys: Vec<_> = $map
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err("listing", $name))?;
+        for key in keys.into_iter().filter($stale) {
+            match $map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(err("clearing", $name)(e)),
+            }
+        }
+    }};
+}
+
+impl KernelMaps {
+    fn build(source: &mut MapSource<'_>, stride: u32) -> Result<Self, DataplaneError> {
+        Ok(KernelMaps {
+            stride,
+            state: typed(source, maps::STATE)?,
+            slots: typed(source, maps::SLOTS)?,
+            agents: typed(source, maps::AGENTS)?,
+            buckets: typed(source, maps::BUCKETS)?,
+            counters: typed(source, maps::COUNTERS)?,
+            ifaces: typed(source, maps::IFACES)?,
+            src_host_v4: typed(source, maps::SRC_HOST_V4)?,
+            src_host_v6: typed(source, maps::SRC_HOST_V6)?,
+            src_v4: typed(source, maps::SRC_V4)?,
+            src_v6: typed(source, maps::SRC_V6)?,
+            dst_v4: typed(source, maps::DST_V4)?,
+            dst_v6: typed(source, maps::DST_V6)?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf, limits: &Limits) -> Result<Self, DataplaneError> {
+        Self::build(
+            &mut |name| {
+                ebpf.take_map(name)
+                    .ok_or(DataplaneError::MissingMap { name })
+            },
+            limits.max_agents + 1,
+        )
+    }
+
+    /// Opens the maps pinned under `bpffs/maps` by a running (or exited) daemon, without
+    /// loading a program: what `enforcer stats` and `policy apply` use.
+    pub fn from_pins(bpffs: &Path) -> Result<Self, DataplaneError> {
+        let dir = bpffs.join("maps");
+        let mut maps = Self::build(
+            &mut |name| {
+                let data = MapData::from_pin(dir.join(name))
+                    .map_err(|source| DataplaneError::Map { name, source })?;
+                Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source })
+            },
+            0,
+        )?;
+        maps.stride = maps.state()?.agent_stride;
+        Ok(maps)
+    }
+
+    /// The enforcement state (active slot, generation).
+    pub fn current_state(&self) -> Result<State, MapsError> {
+        self.state()
+    }
+
+    /// Agent ids with an active policy in the active slot.
+    pub fn active_agents(&self) -> Result<Vec<u32>, MapsError> {
+        let state = self.state()?;
+        let base = state.active_slot * self.stride;
+        let mut ids = Vec::new();
+        for id in 1..self.stride {
+            let policy = self
+                .agents
+                .get(&(base + id), 0)
+                .map_err(err("reading", maps::AGENTS))?;
+            if policy.flags & AGENT_ACTIVE != 0 {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The agent's policy in the active slot.
+    pub fn agent_policy(&self, id: u32) -> Result<AgentPolicy, MapsError> {
+        let state = self.state()?;
+        self.agents
+            .get(&(state.active_slot * self.stride + id), 0)
+            .map_err(err("reading", maps::AGENTS))
+    }
+
+    /// The (agent, reason) counter summed over CPUs.
+    pub fn counter(&self, agent: u32, reason: Reason) -> Result<Counter, MapsError> {
+        let values = self
+            .counters
+            .get(&counter_index(agent, reason), 0)
+            .map_err(err("reading", maps::COUNTERS))?;
+        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+
+    /// Every reason's counter of one agent (index = reason number).
+    pub fn agent_counters(
+        &self,
+        agent: u32,
+    ) -> Result<[Counter; Reason::COUNT as usize], MapsError> {
+        let mut out = [Counter::default(); Reason::COUNT as usize];
+        for reason in Reason::ALL {
+            out[reason as usize] = self.counter(agent, reason)?;
+        }
+        Ok(out)
+    }
+
+    /// Resets an agent's rate-limiter state (used by tests and benchmarks).
+    pub fn reset_bucket(&mut self, agent: u32) -> Result<(), MapsError> {
+        self.buckets
+            .set(agent, Bucket::default(), 0)
+            .map_err(err("writing", maps::BUCKETS))
+    }
+
+    /// Unknown-agent counters and every active agent's, keyed by agent id.
+    pub fn all_counters(&self) -> Result<Vec<(u32, [Counter; Reason::COUNT as usize])>, MapsError> {
+        let mut ids = vec![UNKNOWN_AGENT];
+        ids.extend(self.active_agents()?);
+        ids.into_iter()
+            .map(|id| Ok((id, self.agent_counters(id)?)))
+            .collect()
+    }
+}
+
+impl PolicyMaps for KernelMaps {
+    fn state(&self) -> Result<State, MapsError> {
+        self.state.get(&0, 0).map_err(err("reading", maps::STATE))
+    }
+
+    fn set_state(&mut self, state: State) -> Result<(), MapsError> {
+        self.state
+            .set(0, state, 0)
+            .map_err(err("writing", maps::STATE))
+    }
+
+    fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.slots
+            .set(slot, SlotConfig::default(), 0)
+            .map_err(err("clearing", maps::SLOTS))?;
+        let base = slot * self.stride;
+        for id in 0..self.stride {
+            let policy = self
+                .agents
+                .get(&(base + id), 0)
+                .map_err(err("reading", maps::AGENTS))?;
+            if policy != AgentPolicy::default() {
+                self.agents
+                    .set(base + id, AgentPolicy::default(), 0)
+                    .map_err(err("clearing", maps::AGENTS))?;
+            }
+        }
+        let slot_owner = slot.to_be_bytes();
+        remove_where!(self.ifaces, maps::IFACES, |k: &IfaceKey| k.slot == slot);
+        remove_where!(self.src_host_v4, maps::SRC_HOST_V4, |k: &HostV4Key| k.slot
+            == slot);
+        remove_where!(self.src_host_v6, maps::SRC_HOST_V6, |k: &HostV6Key| k.slot
+            == slot);
+        remove_where!(self.src_v4, maps::SRC_V4, |k: &Key<LpmV4>| k.data().owner
+            == slot_owner);
+        remove_where!(self.src_v6, maps::SRC_V6, |k: &Key<LpmV6>| k.data().owner
+            == slot_owner);
+        // Destination owners carry the slot in their top bit.
+        remove_where!(self.dst_v4, maps::DST_V4, |k: &Key<LpmV4>| u32::from(
+            k.data().owner[0] >> 7
+        ) == slot);
+        remove_where!(self.dst_v6, maps::DST_V6, |k: &Key<LpmV6>| u32::from(
+            k.data().owner[0] >> 7
+        ) == slot);
+        Ok(())
+    }
+
+    fn write_slot(&mut self, slot: u32, c: &Compiled) -> Result<(), MapsError> {
+        let base = slot * self.stride;
+        for (id, policy) in &c.agents {
+            self.agents
+                .set(base + id, policy, 0)
+                .map_err(err("writing", maps::AGENTS))?;
+        }
+        for &(ifindex, agent) in &c.interfaces {
+            self.ifaces
+                .insert(IfaceKey { slot, ifindex }, agent, 0)
+                .map_err(err("writing", maps::IFACES))?;
+        }
+        for &(addr, agent) in &c.source_hosts_v4 {
+            self.src_host_v4
+                .insert(HostV4Key { slot, addr }, agent, 0)
+                .map_err(err("writing", maps::SRC_HOST_V4))?;
+        }
+        for &(addr, agent) in &c.source_hosts_v6 {
+            self.src_host_v6
+                .insert(HostV6Key { slot, addr }, agent, 0)
+                .map_err(err("writing", maps::SRC_HOST_V6))?;
+        }
+        let slot_owner = slot.to_be_bytes();
+        for &(p, agent) in &c.source_prefixes_v4 {
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV4 {
+                    owner: slot_owner,
+                    addr: p.addr,
+                },
+            );
+            self.src_v4
+                .insert(&key, agent, 0)
+                .map_err(err("writing", maps::SRC_V4))?;
+        }
+        for &(p, agent) in &c.source_prefixes_v6 {
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV6 {
+                    owner: slot_owner,
+                    addr: p.addr,
+                },
+            );
+            self.src_v6
+                .insert(&key, agent, 0)
+                .map_err(err("writing", maps::SRC_V6))?;
+        }
+        for (agent, p, rules) in &c.destinations_v4 {
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV4 {
+                    owner: owner(slot, *agent),
+                    addr: p.addr,
+                },
+            );
+            self.dst_v4
+                .insert(&key, rules, 0)
+                .map_err(err("writing", maps::DST_V4))?;
+        }
+        for (agent, p, rules) in &c.destinations_v6 {
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV6 {
+                    owner: owner(slot, *agent),
+                    addr: p.addr,
+                },
+            );
+            self.dst_v6
+                .insert(&key, rules, 0)
+                .map_err(err("writing", maps::DST_V6))?;
+        }
+        self.slots
+            .set(slot, slot_config(c), 0)
+            .map_err(err("writing", maps::SLOTS))
+    }
+}
+
+/// The per-slot flags of a compiled policy.
+pub fn slot_config(c: &Compiled) -> SlotConfig {
+    let mut flags = 0;
+    if c.unknown_drop {
+        flags |= SLOT_UNKNOWN_DROP;
+    }
+    if !c.source_prefixes_v4.is_empty() {
+        flags |= SLOT_SRC_LPM_V4;
+    }
+    if !c.source_prefixes_v6.is_empty() {
+        flags |= SLOT_SRC_LPM_V6;
+    }
+    if !c.interfaces.is_empty() {
+        flags |= SLOT_HAS_IFACES;
+    }
+    SlotConfig { flags, _pad: 0 }
+}
+
+/// In-memory [`PolicyMaps`] for tests of the apply protocol.
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    /// The state map.
+    pub state: State,
+    /// What each slot holds.
+    pub slots: [Option<Compiled>; 2],
+    /// When set, `write_slot` fails (after clearing) to simulate a full map.
+    pub fail_writes: bool,
+    /// Every slot written, in order.
+    pub writes: Vec<u32>,
+}
+
+impl PolicyMaps for FakeMaps {
+    fn state(&self) -> Result<State, MapsError> {
+        Ok(self.state)
+    }
+
+    fn set_state(&mut self, state: State) -> Result<(), MapsError> {
+        self.state = state;
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.slots[slot as usize] = None;
+        Ok(())
+    }
+
+    fn write_slot(&mut self, slot: u32, compiled: &Compiled) -> Result<(), MapsError> {
+        self.writes.push(slot);
+        if self.fail_writes {
+            return Err(MapsError::Injected { map: maps::DST_V4 });
+        }
+        self.slots[slot as usize] = Some(compiled.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(unknown_drop: bool) -> Compiled {
+        Compiled {
+            unknown_drop,
+            ..Compiled::default()
+        }
+    }
+
+    #[test]
+    fn apply_writes_the_inactive_slot_then_flips() {
+        let mut maps = FakeMaps::default();
+        assert_eq!(apply(&mut maps, &policy(true)).unwrap(), 1);
+        assert_eq!(maps.state.active_slot, 1);
+        assert_eq!(maps.slots[1], Some(policy(true)));
+        assert_eq!(apply(&mut maps, &policy(false)).unwrap(), 2);
+        assert_eq!(maps.state.active_slot, 0);
+        assert_eq!(maps.slots[0], Some(policy(false)));
+        // The previous policy stays intact in the other slot until the next apply.
+        assert_eq!(maps.slots[1], Some(policy(true)));
+        assert_eq!(maps.writes, vec![1, 0]);
+    }
+
+    #[test]
+    fn failed_write_keeps_the_running_policy() {
+        let mut maps = FakeMaps::default();
+        apply(&mut maps, &policy(true)).unwrap();
+        maps.fail_writes = true;
+        let err = apply(&mut maps, &policy(false)).unwrap_err();
+        assert!(matches!(err, ApplyError::Write { slot: 0, .. }), "{err:?}");
+        assert_eq!(maps.state.active_slot, 1);
+        assert_eq!(maps.state.generation, 1);
+        assert_eq!(maps.slots[1], Some(policy(true)));
+        assert_eq!(maps.slots[0], None, "a half-written slot is cleared");
+    }
+
+    #[test]
+    fn slot_flags_follow_the_policy() {
+        let mut c = policy(true);
+        assert_eq!(slot_config(&c).flags, SLOT_UNKNOWN_DROP);
+        c.interfaces.push((3, 1));
+        c.source_prefixes_v6.push((
+            crate::compile::Prefix {
+                addr: [0; 16],
+                len: 64,
+            },
+            1,
+        ));
+        assert_eq!(
+            slot_config(&c).flags,
+            SLOT_UNKNOWN_DROP | SLOT_HAS_IFACES | SLOT_SRC_LPM_V6
+        );
+    }
+}

@@ -1,0 +1,1608 @@
+//! The policy document: a human-first TOML file that says which agents exist, how they are
+//! recognised, how fast they may send and where they may send to.
+//!
+//! ```toml
+//! [defaults]
+//! unknown = "pass"          # traffic from no known agent: "pass" (default) or "drop"
+//!
+//! [[agents]]
+//! id = 1                    # 1..=max_agents, unique; it is the agent's index in the maps
+//! name = "coder"            # unique, [A-Za-z0-9_.-]{1,64}
+//! interfaces = ["veth-coder"]         # host-side interfaces that identify the agent (optional)
+//! prefixes = ["10.77.1.2/32", "fd77:1::2/128"]  # source prefixes that identify it (optional; a bare address means /32 or /128)
+//! mode = "enforce"          # or "monitor" (would-drops counted, packets pass); default enforce
+//! egress_default = "deny"   # destination matching no rule: "deny" (default) or "allow"
+//! rate = { packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 1_000_000, bytes_burst = 100_000 }  # optional table, each limit optional; bursts default to max(rate/10, 1 packet) and max(bytes/10, 9000 bytes)
+//!
+//! [[agents.egress]]
+//! action = "allow"          # or "deny"
+//! to = ["10.77.2.0/24", "@metadata"]   # CIDRs, bare addresses, or @presets
+//! proto = "tcp"             # "tcp" | "udp" | "icmp" | "any" (default any)
+//! ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
+//! ```
+//!
+//! An agent needs at least one interface or source prefix. Destination presets are listed in
+//! [`PRESETS`].
+//!
+//! Parsing happens in two passes. Serde reads the document into raw types that keep every
+//! field's byte span ([`toml::Spanned`]) and reject unknown fields, so a typo is an error
+//! rather than a silently ignored rule. Then a validation pass checks everything serde cannot
+//! (ranges, CIDR syntax, uniqueness across agents) and collects *all* problems, each with
+//! `file:line:column: field: message`, so an operator fixes a file in one round trip. The
+//! result is a [`Policy`], which only this module can construct: whoever holds one holds a
+//! validated policy.
+
+use std::{
+    collections::HashMap,
+    fmt, fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use enforcer_common::MAX_AGENT_ID;
+use serde::{Deserialize, Deserializer, de};
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+/// Destination presets usable in `to` lists: name (with its `@`) and the prefixes it stands
+/// for. Public so the CLI can list them.
+pub const PRESETS: &[(&str, &[&str])] = &[
+    (
+        "@rfc1918",
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+    ),
+    ("@ula", &["fc00::/7"]),
+    ("@link-local", &["169.254.0.0/16", "fe80::/10"]),
+    (
+        "@private",
+        &[
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "fc00::/7",
+            "169.254.0.0/16",
+            "fe80::/10",
+        ],
+    ),
+    (
+        "@metadata",
+        &[
+            // AWS/GCP/Azure IMDS, AWS ECS task metadata, Alibaba Cloud, AWS IMDS over IPv6.
+            "169.254.169.254/32",
+            "169.254.170.2/32",
+            "100.100.100.200/32",
+            "fd00:ec2::254/128",
+        ],
+    ),
+    ("@loopback", &["127.0.0.0/8", "::1/128"]),
+    ("@any", &["0.0.0.0/0", "::/0"]),
+];
+
+/// Highest `packets_per_sec`: the per-packet cost in rate-limiter time units must stay
+/// well above 1 for the integer division to be accurate.
+pub const MAX_PACKETS_PER_SEC: u64 = 1_000_000_000;
+
+/// Highest `bytes_per_sec` (8 Tbit/s, beyond any NIC).
+pub const MAX_BYTES_PER_SEC: u64 = 1_000_000_000_000;
+
+/// Smallest `bytes_burst`: one full-size Ethernet frame (1500 bytes of payload, 14 of
+/// header, 4 of VLAN tag). With less, the bytes limiter could never admit such a frame.
+pub const MIN_BYTES_BURST: u64 = 1518;
+
+/// Floor of the default `bytes_burst`: room for a jumbo frame, so a low byte rate alone does
+/// not make large packets impossible.
+pub const DEFAULT_MIN_BYTES_BURST: u64 = 9000;
+
+/// Longest interface name Linux accepts (`IFNAMSIZ` minus the terminating NUL).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// Longest agent name.
+const MAX_NAME_LEN: usize = 64;
+
+/// A validated policy. Only [`parse`] and [`load`] make one, so its invariants hold: agent
+/// ids and names are unique and in range, no interface or source prefix belongs to two
+/// agents, every agent has an identity, and rates are in range with bursts resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    unknown: UnknownTraffic,
+    agents: Vec<Agent>,
+}
+
+impl Policy {
+    /// What happens to traffic from no known agent.
+    pub fn unknown(&self) -> UnknownTraffic {
+        self.unknown
+    }
+
+    /// The agents, in document order.
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+}
+
+/// One agent of a [`Policy`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    /// Agent id, `1..=MAX_AGENT_ID`; its index in the agent maps.
+    pub id: u32,
+    /// Unique name, for messages, metrics and the CLI.
+    pub name: String,
+    /// Host-side interfaces whose traffic is this agent's.
+    pub interfaces: Vec<String>,
+    /// Source prefixes whose traffic is this agent's.
+    pub sources: Vec<IpNet>,
+    /// Enforce or only count.
+    pub mode: Mode,
+    /// Verdict for destinations that no rule matches.
+    pub egress_default: EgressDefault,
+    /// Rate limits, with bursts resolved.
+    pub rate: Rate,
+    /// Egress rules, in document order.
+    pub egress: Vec<EgressRule>,
+}
+
+/// What happens to traffic from no known agent (`defaults.unknown`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTraffic {
+    /// Let it through (the default: the enforcer only constrains the agents it knows).
+    #[default]
+    Pass,
+    /// Drop it.
+    Drop,
+}
+
+/// An agent's enforcement mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drops are carried out.
+    #[default]
+    Enforce,
+    /// Would-drops are counted and the packet passes, to try a policy before enforcing it.
+    Monitor,
+}
+
+/// Verdict for a destination that matches no rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressDefault {
+    /// Deny (the default: an allow-list).
+    #[default]
+    Deny,
+    /// Allow (a deny-list).
+    Allow,
+}
+
+/// What an egress rule does to the traffic it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Let it through.
+    Allow,
+    /// Drop it.
+    Deny,
+}
+
+/// Transport protocol an egress rule matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// Every protocol.
+    #[default]
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP for IPv4 destinations, ICMPv6 for IPv6 ones.
+    Icmp,
+}
+
+impl Proto {
+    /// The name used in the policy document.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Any => "any",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        }
+    }
+}
+
+/// An agent's rate limits. `None` means no limit of that kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rate {
+    /// Packets per second and burst in packets.
+    pub packets: Option<Limit>,
+    /// Bytes per second and burst in bytes.
+    pub bytes: Option<Limit>,
+}
+
+/// One rate limit: a sustained rate and the burst allowed above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    /// Sustained rate per second, at least 1.
+    pub per_sec: u64,
+    /// Burst, in the same unit (packets or bytes).
+    pub burst: u64,
+}
+
+/// One egress rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EgressRule {
+    /// Allow or deny.
+    pub action: Action,
+    /// Destinations the rule covers, in document order.
+    pub to: Vec<Destination>,
+    /// Protocol the rule matches.
+    pub proto: Proto,
+    /// Destination ports the rule matches; [`PortRange::ALL`] when the document omits them.
+    pub ports: PortRange,
+}
+
+/// One entry of a rule's `to` list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// A CIDR or bare address.
+    Net(IpNet),
+    /// A preset from [`PRESETS`], already expanded.
+    Preset {
+        /// The preset's name, with its `@`.
+        name: &'static str,
+        /// The prefixes it stands for.
+        nets: Vec<IpNet>,
+    },
+}
+
+impl Destination {
+    /// The prefixes this destination stands for.
+    pub fn nets(&self) -> &[IpNet] {
+        match self {
+            Destination::Net(net) => std::slice::from_ref(net),
+            Destination::Preset { nets, .. } => nets,
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Net(net) => net.fmt(f),
+            Destination::Preset { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+/// An inclusive range of destination ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// Lowest port.
+    pub lo: u16,
+    /// Highest port, at least `lo`.
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Every port; also matches packets that have no ports (ICMP, non-first fragments).
+    pub const ALL: PortRange = PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    };
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// An IPv4 or IPv6 prefix with its host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpNet {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpNet {
+    /// The prefix `addr/len`; an error if `len` is longer than the address or `addr` has
+    /// bits set beyond `len`.
+    pub fn new(addr: IpAddr, len: u8) -> Result<IpNet, NetError> {
+        let max = max_len(addr);
+        if len > max {
+            return Err(NetError::TooLong { len, max });
+        }
+        let net = IpNet {
+            addr: mask(addr, len),
+            len,
+        };
+        if net.addr != addr {
+            return Err(NetError::HostBits {
+                given: format!("{addr}/{len}"),
+                network: net,
+            });
+        }
+        Ok(net)
+    }
+
+    /// The host route for `addr` (/32 or /128).
+    pub fn host(addr: IpAddr) -> IpNet {
+        IpNet {
+            addr,
+            len: max_len(addr),
+        }
+    }
+
+    /// Network address, host bits zero.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// Prefix length in bits.
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// Whether this is a single address (/32 or /128).
+    pub fn is_host(&self) -> bool {
+        self.len == max_len(self.addr)
+    }
+
+    /// Whether every address of `other` is in this prefix (same family only).
+    pub fn contains(&self, other: &IpNet) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && self.len <= other.len
+            && mask(other.addr, self.len) == self.addr
+    }
+}
+
+fn max_len(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// `addr` with every bit after the first `len` cleared. `len` is at most the address width.
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            // checked_shl: a shift by the full width (len 0) is an overflow, and means "no bits".
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = NetError;
+
+    /// `addr/len`, or a bare address meaning a host route.
+    fn from_str(s: &str) -> Result<IpNet, NetError> {
+        let syntax = || NetError::Syntax {
+            given: s.to_owned(),
+        };
+        match s.split_once('/') {
+            None => s.parse().map(IpNet::host).map_err(|_| syntax()),
+            Some((addr, len)) => {
+                let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+                // u8::from_str accepts a leading '+'; a prefix length is plain digits.
+                if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(syntax());
+                }
+                let len: u8 = len.parse().map_err(|_| NetError::TooLong {
+                    len: u8::MAX,
+                    max: max_len(addr),
+                })?;
+                IpNet::new(addr, len)
+            }
+        }
+    }
+}
+
+/// Why a string is not a valid [`IpNet`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetError {
+    /// Not an address or `address/length` at all.
+    #[error("expected an IP address or CIDR like \"10.0.0.0/8\" or \"fd00::/8\", got \"{given}\"")]
+    Syntax {
+        /// The text given.
+        given: String,
+    },
+    /// The prefix length is longer than the address.
+    #[error("prefix length {len} is longer than the {max} bits of the address")]
+    TooLong {
+        /// The length given (255 if it did not even fit a byte).
+        len: u8,
+        /// Bits in the address.
+        max: u8,
+    },
+    /// Bits are set after the prefix length, which usually means a mistyped prefix.
+    #[error("{given} has host bits set; did you mean {network}?")]
+    HostBits {
+        /// The prefix given.
+        given: String,
+        /// The prefix with its host bits cleared.
+        network: IpNet,
+    },
+}
+
+/// Where in a policy file something is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// The file (or other origin) the policy came from.
+    pub origin: String,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in characters, from 1.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.origin, self.line, self.column)
+    }
+}
+
+/// One problem in a policy document.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Issue {
+    /// Where it is.
+    pub location: Location,
+    /// Path of the field, like `agents[1].egress[0].ports`; empty for the document itself.
+    pub field: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.location, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.location, self.field, self.message)
+        }
+    }
+}
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("reading policy file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML.
+    #[error("{location}: {message}")]
+    Syntax {
+        /// Where the parser gave up.
+        location: Location,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// The TOML does not describe a valid policy. One issue per line when displayed.
+    #[error("{}", lines(issues))]
+    Invalid {
+        /// Every problem found, in document order. Serde stops at the first wrong type or
+        /// unknown field, so a document with such a problem reports just that one.
+        issues: Vec<Issue>,
+    },
+}
+
+fn lines(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(Issue::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads and validates the policy file at `path`.
+pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// Parses and validates a policy document. `origin` names it in messages (a file path).
+pub fn parse(origin: &str, text: &str) -> Result<Policy, PolicyError> {
+    let lines = Lines::new(origin, text);
+    // Parse to a spanned tree once: it feeds serde, and it maps the byte span of a serde
+    // error back to the field path, which toml's error does not expose.
+    let tree = DeTable::parse(text).map_err(|e| PolicyError::Syntax {
+        location: lines.locate(e.span().map_or(0, |s| s.start)),
+        message: e.message().trim_end().to_owned(),
+    })?;
+    let raw = RawPolicy::deserialize(toml::de::Deserializer::from(tree.clone())).map_err(|e| {
+        let at = e.span().unwrap_or(0..0);
+        PolicyError::Invalid {
+            issues: vec![Issue {
+                location: lines.locate(at.start),
+                field: field_at(tree.get_ref(), &at),
+                message: e.message().trim_end().to_owned(),
+            }],
+        }
+    })?;
+    let mut checker = Checker {
+        lines,
+        issues: Vec::new(),
+    };
+    let policy = checker.policy(raw);
+    if checker.issues.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyError::Invalid {
+            issues: checker.issues,
+        })
+    }
+}
+
+/// Turns byte offsets into `origin:line:column`.
+struct Lines<'a> {
+    origin: &'a str,
+    text: &'a str,
+    /// Byte offset where each line starts.
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(origin: &'a str, text: &'a str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Lines {
+            origin,
+            text,
+            starts,
+        }
+    }
+
+    fn locate(&self, offset: usize) -> Location {
+        let line = self.starts.partition_point(|&s| s <= offset).max(1) - 1;
+        let start = self.starts[line];
+        // Columns count characters, as editors do; fall back to bytes if the offset is not on
+        // a character boundary (it always is for spans toml reports).
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(offset.saturating_sub(start), |s| s.chars().count());
+        Location {
+            origin: self.origin.to_owned(),
+            line: line + 1,
+            column: column + 1,
+        }
+    }
+}
+
+/// The path (`agents[1].egress[0].ports`) of the innermost key or value whose span holds
+/// the start of `at`. A full walk rather than a descent: the span toml gives a `[[table]]`
+/// is only its header, which does not contain the table's keys.
+fn field_at(root: &DeTable<'_>, at: &Range<usize>) -> String {
+    #[derive(Clone)]
+    enum Seg {
+        Key(String),
+        Index(usize),
+    }
+    struct Best {
+        width: usize,
+        depth: usize,
+        path: Vec<Seg>,
+    }
+    fn consider(span: Range<usize>, pos: usize, path: &[Seg], best: &mut Option<Best>) {
+        let holds = span.contains(&pos) || (span.is_empty() && span.start == pos);
+        if !holds {
+            return;
+        }
+        let width = span.len();
+        let better = match best {
+            None => true,
+            Some(b) => width < b.width || (width == b.width && path.len() > b.depth),
+        };
+        if better {
+            *best = Some(Best {
+                width,
+                depth: path.len(),
+                path: path.to_vec(),
+            });
+        }
+    }
+    fn walk_table(table: &DeTable<'_>, pos: usize, path: &mut Vec<Seg>, best: &mut Option<Best>) {
+        for (key, value) in table.iter() {
+            path.push(Seg::Key(key.get_ref().to_string()));
+            consider(key.span(), pos, path, best);
+            walk_value(value, pos, path, best);
+            path.pop();
+        }
+    }
+    fn walk_value(
+        value: &Spanned<DeValue<'_>>,
+        pos: usize,
+        path: &mut Vec<Seg>,
+        best: &mut Option<Best>,
+    ) {
+        consider(value.span(), pos, path, best);
+        match value.get_ref() {
+            DeValue::Table(t) => walk_table(t, pos, path, best),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Seg::Index(i));
+                    walk_value(item, pos, path, best);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut best = None;
+    walk_table(root, at.start, &mut Vec::new(), &mut best);
+    let mut out = String::new();
+    for seg in best.map(|b| b.path).unwrap_or_default() {
+        match seg {
+            Seg::Key(k) if out.is_empty() => out.push_str(&k),
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(&k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+// The raw document, as serde sees it. Fields that need checks serde cannot do keep their
+// span, so the checker can point at them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    agents: Vec<Spanned<RawAgent>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default)]
+    unknown: UnknownTraffic,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    // Integers are read as i64, the TOML integer type, so that out-of-range values get this
+    // module's message rather than serde's "invalid value".
+    id: Spanned<i64>,
+    name: Spanned<String>,
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    egress_default: EgressDefault,
+    #[serde(default)]
+    rate: Option<RawRate>,
+    #[serde(default)]
+    egress: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    packets_per_sec: Option<Spanned<i64>>,
+    packets_burst: Option<Spanned<i64>>,
+    bytes_per_sec: Option<Spanned<i64>>,
+    bytes_burst: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    action: Action,
+    to: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    proto: Proto,
+    ports: Option<Spanned<RawPorts>>,
+}
+
+/// `ports` as written: an integer or a string, checked later.
+enum RawPorts {
+    Int(i64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for RawPorts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawPorts, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = RawPorts;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port like 443 or a string like \"443\" or \"8000-8100\"")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Int(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPorts, E> {
+                Ok(RawPorts::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The validation pass: builds the [`Policy`] and records every problem on the way.
+struct Checker<'a> {
+    lines: Lines<'a>,
+    issues: Vec<Issue>,
+}
+
+/// Who claimed something first, for messages about duplicates.
+#[derive(Clone, Copy)]
+struct Claim<'r> {
+    index: usize,
+    name: &'r str,
+}
+
+impl fmt::Display for Claim<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "agent \"{}\" (agents[{}])", self.name, self.index)
+    }
+}
+
+impl Checker<'_> {
+    fn issue(&mut self, span: Range<usize>, field: String, message: String) {
+        self.issues.push(Issue {
+            location: self.lines.locate(span.start),
+            field,
+            message,
+        });
+    }
+
+    fn policy(&mut self, raw: RawPolicy) -> Policy {
+        let mut ids: HashMap<u32, Claim<'_>> = HashMap::new();
+        let mut names: HashMap<&str, Claim<'_>> = HashMap::new();
+        let mut interfaces: HashMap<&str, Claim<'_>> = HashMap::new();
+        let mut sources: HashMap<IpNet, Claim<'_>> = HashMap::new();
+        let mut agents = Vec::with_capacity(raw.agents.len());
+
+        for (i, raw_agent) in raw.agents.iter().enumerate() {
+            let a = raw_agent.get_ref();
+            let at = |field: &str| format!("agents[{i}].{field}");
+            let me = Claim {
+                index: i,
+                name: a.name.get_ref(),
+            };
+
+            let id = self.agent_id(&a.id, at("id"));
+            if let Some(id) = id {
+                if let Some(first) = ids.get(&id) {
+                    let msg = format!("{me} reuses id {id} of {first}; ids must be unique");
+                    self.issue(a.id.span(), at("id"), msg);
+                } else {
+                    ids.insert(id, me);
+                }
+            }
+
+            self.agent_name(&a.name, at("name"));
+            if let Some(first) = names.get(a.name.get_ref().as_str()) {
+                let msg = format!("name \"{}\" is already used by {first}", a.name.get_ref());
+                self.issue(a.name.span(), at("name"), msg);
+            } else {
+                names.insert(a.name.get_ref(), me);
+            }
+
+            let mut agent_ifaces = Vec::with_capacity(a.interfaces.len());
+            for (j, iface) in a.interfaces.iter().enumerate() {
+                let field = at(&format!("interfaces[{j}]"));
+                let name = iface.get_ref().as_str();
+                if !valid_ifname(name) {
+                    let msg = format!(
+                        "expected an interface name of 1 to {MAX_IFNAME_LEN} bytes without '/', \
+                         ':' or whitespace, got \"{name}\""
+                    );
+                    self.issue(iface.span(), field, msg);
+                    continue;
+                }
+                match interfaces.get(name) {
+                    Some(first) if first.index == i => {
+                        let msg = format!("interface \"{name}\" is listed twice");
+                        self.issue(iface.span(), field, msg);
+                    }
+                    Some(first) => {
+                        let msg = format!(
+                            "interface \"{name}\" of {me} already identifies {first}; an \
+                             interface can identify only one agent"
+                        );
+                        self.issue(iface.span(), field, msg);
+                    }
+                    None => {
+                        interfaces.insert(name, me);
+                        agent_ifaces.push(name.to_owned());
+                    }
+                }
+            }
+
+            let mut agent_sources = Vec::with_capacity(a.prefixes.len());
+            for (j, prefix) in a.prefixes.iter().enumerate() {
+                let field = at(&format!("prefixes[{j}]"));
+                let net = match prefix.get_ref().parse::<IpNet>() {
+                    Ok(net) => net,
+                    Err(e) => {
+                        self.issue(prefix.span(), field, e.to_string());
+                        continue;
+                    }
+                };
+                match sources.get(&net) {
+                    Some(first) if first.index == i => {
+                        let msg = format!("source prefix {net} is listed twice");
+                        self.issue(prefix.span(), field, msg);
+                    }
+                    Some(first) => {
+                        let msg = format!(
+                            "source prefix {net} of {me} already identifies {first}; a source \
+                             prefix can identify only one agent"
+                        );
+                        self.issue(prefix.span(), field, msg);
+                    }
+                    None => {
+                        sources.insert(net, me);
+                        agent_sources.push(net);
+                    }
+                }
+            }
+
+            if a.interfaces.is_empty() && a.prefixes.is_empty() {
+                let msg = format!(
+                    "{me} has neither interfaces nor prefixes, so no traffic could be \
+                     attributed to it; give it at least one"
+                );
+                self.issue(raw_agent.span(), format!("agents[{i}]"), msg);
+            }
+
+            let rate = match &a.rate {
+                Some(r) => self.rate(r, &at("rate")),
+                None => Rate::default(),
+            };
+
+            let egress = a
+                .egress
+                .iter()
+                .enumerate()
+                .filter_map(|(j, rule)| self.rule(rule, &at(&format!("egress[{j}]"))))
+                .collect();
+
+            agents.push(Agent {
+                id: id.unwrap_or(0),
+                name: a.name.get_ref().clone(),
+                interfaces: agent_ifaces,
+                sources: agent_sources,
+                mode: a.mode,
+                egress_default: a.egress_default,
+                rate,
+                egress,
+            });
+        }
+
+        Policy {
+            unknown: raw.defaults.unknown,
+            agents,
+        }
+    }
+
+    fn agent_id(&mut self, id: &Spanned<i64>, field: String) -> Option<u32> {
+        let v = *id.get_ref();
+        let msg = if v == 0 {
+            "agent ids start at 1 (0 stands for traffic from no known agent)".to_owned()
+        } else {
+            match u32::try_from(v) {
+                Ok(v) if v <= MAX_AGENT_ID => return Some(v),
+                _ => format!("expected an agent id in 1..={MAX_AGENT_ID}, got {v}"),
+            }
+        };
+        self.issue(id.span(), field, msg);
+        None
+    }
+
+    fn agent_name(&mut self, name: &Spanned<String>, field: String) {
+        let n = name.get_ref();
+        let ok = (1..=MAX_NAME_LEN).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !ok {
+            let msg = format!(
+                "expected 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got \"{n}\""
+            );
+            self.issue(name.span(), field, msg);
+        }
+    }
+
+    fn rate(&mut self, r: &RawRate, at: &str) -> Rate {
+        let packets = self.limit(
+            (&r.packets_per_sec, "packets_per_sec"),
+            (&r.packets_burst, "packets_burst"),
+            at,
+            MAX_PACKETS_PER_SEC,
+            |rate| (rate / 10).max(1),
+            |burst| {
+                (burst < 1).then(|| format!("expected a burst of at least 1 packet, got {burst}"))
+            },
+        );
+        let bytes = self.limit(
+            (&r.bytes_per_sec, "bytes_per_sec"),
+            (&r.bytes_burst, "bytes_burst"),
+            at,
+            MAX_BYTES_PER_SEC,
+            |rate| (rate / 10).max(DEFAULT_MIN_BYTES_BURST),
+            |burst| {
+                (burst < MIN_BYTES_BURST as i64).then(|| {
+                    format!(
+                        "expected at least {MIN_BYTES_BURST} bytes, got {burst}: a smaller burst \
+                         could never pass a full-size Ethernet frame"
+                    )
+                })
+            },
+        );
+        Rate { packets, bytes }
+    }
+
+    /// One limit of a `rate` table: the rate in `1..=max`, and the burst checked by
+    /// `bad_burst` or defaulted by `default_burst`.
+    fn limit(
+        &mut self,
+        (rate, rate_name): (&Option<Spanned<i64>>, &str),
+        (burst, burst_name): (&Option<Spanned<i64>>, &str),
+        at: &str,
+        max: u64,
+        default_burst: impl Fn(u64) -> u64,
+        bad_burst: impl Fn(i64) -> Option<String>,
+    ) -> Option<Limit> {
+        let burst = match burst {
+            Some(b) => match bad_burst(*b.get_ref()) {
+                Some(msg) => {
+                    self.issue(b.span(), format!("{at}.{burst_name}"), msg);
+                    None
+                }
+                None if rate.is_none() => {
+                    let msg = format!(
+                        "{burst_name} has no effect without {rate_name}; set {rate_name} or \
+                         remove {burst_name}"
+                    );
+                    self.issue(b.span(), format!("{at}.{burst_name}"), msg);
+                    None
+                }
+                // bad_burst rejected everything below 1, so the value is positive.
+                None => Some(b.get_ref().unsigned_abs()),
+            },
+            None => None,
+        };
+        let rate = rate.as_ref()?;
+        let per_sec = match u64::try_from(*rate.get_ref()) {
+            Ok(v) if (1..=max).contains(&v) => v,
+            _ => {
+                let msg = format!(
+                    "expected 1 to {max} (omit the field for no limit), got {}",
+                    rate.get_ref()
+                );
+                self.issue(rate.span(), format!("{at}.{rate_name}"), msg);
+                return None;
+            }
+        };
+        Some(Limit {
+            per_sec,
+            burst: burst.unwrap_or_else(|| default_burst(per_sec)),
+        })
+    }
+
+    fn rule(&mut self, rule: &Spanned<RawRule>, at: &str) -> Option<EgressRule> {
+        let r = rule.get_ref();
+        let before = self.issues.len();
+
+        if r.to.get_ref().is_empty() {
+            let msg = "expected at least one destination (a CIDR, an address or a preset like \
+                       \"@any\")"
+                .to_owned();
+            self.issue(r.to.span(), format!("{at}.to"), msg);
+        }
+        let mut to = Vec::with_capacity(r.to.get_ref().len());
+        for (k, dest) in r.to.get_ref().iter().enumerate() {
+            match destination(dest.get_ref()) {
+                Ok(d) => to.push(d),
+                Err(msg) => self.issue(dest.span(), format!("{at}.to[{k}]"), msg),
+            }
+        }
+
+        let ports = match &r.ports {
+            None => PortRange::ALL,
+            Some(p) if r.proto == Proto::Icmp => {
+                let msg = "ports do not apply to proto \"icmp\"; remove ports, or use proto \
+                           \"tcp\", \"udp\" or \"any\""
+                    .to_owned();
+                self.issue(p.span(), format!("{at}.ports"), msg);
+                PortRange::ALL
+            }
+            Some(p) => match ports(p.get_ref()) {
+                Ok(range) => range,
+                Err(msg) => {
+                    self.issue(p.span(), format!("{at}.ports"), msg);
+                    PortRange::ALL
+                }
+            },
+        };
+
+        (self.issues.len() == before).then_some(EgressRule {
+            action: r.action,
+            to,
+            proto: r.proto,
+            ports,
+        })
+    }
+}
+
+/// Linux's `dev_valid_name`: not empty, shorter than `IFNAMSIZ`, not `.` or `..`, and no
+/// `/`, `:` or whitespace.
+fn valid_ifname(name: &str) -> bool {
+    (1..=MAX_IFNAME_LEN).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
+/// One `to` entry: a preset or a prefix.
+fn destination(text: &str) -> Result<Destination, String> {
+    if text.starts_with('@') {
+        let Some((name, nets)) = PRESETS.iter().find(|(name, _)| *name == text) else {
+            let known: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
+            return Err(format!(
+                "unknown preset \"{text}\"; known presets: {}",
+                known.join(", ")
+            ));
+        };
+        let nets = nets
+            .iter()
+            .map(|n| {
+                n.parse()
+                    .expect("PRESETS holds valid prefixes (unit-tested)")
+            })
+            .collect();
+        return Ok(Destination::Preset { name, nets });
+    }
+    text.parse()
+        .map(Destination::Net)
+        .map_err(|e: NetError| e.to_string())
+}
+
+/// A `ports` value: `443`, `"443"` or `"8000-8100"`.
+fn ports(raw: &RawPorts) -> Result<PortRange, String> {
+    let port = |v: i64| u16::try_from(v).map_err(|_| format!("port {v} is outside 0-65535"));
+    match raw {
+        RawPorts::Int(v) => port(*v).map(|p| PortRange { lo: p, hi: p }),
+        RawPorts::Str(s) => {
+            let expected =
+                || format!("expected a port or range like \"443\" or \"8000-8100\", got \"{s}\"");
+            let number = |t: &str| -> Result<u16, String> {
+                if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(expected());
+                }
+                // Digits only, so the only failure left is size; saturate to report it.
+                port(t.parse::<i64>().unwrap_or(i64::MAX))
+            };
+            let (lo, hi) = match s.split_once('-') {
+                None => {
+                    let p = number(s)?;
+                    (p, p)
+                }
+                Some((lo, hi)) => (number(lo)?, number(hi)?),
+            };
+            if lo > hi {
+                return Err(format!(
+                    "range \"{s}\" runs backwards; did you mean \"{hi}-{lo}\"?"
+                ));
+            }
+            Ok(PortRange { lo, hi })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example from the module documentation, verbatim.
+    const EXAMPLE: &str = r#"[defaults]
+unknown = "pass"          # traffic from no known agent: "pass" (default) or "drop"
+
+[[agents]]
+id = 1                    # 1..=max_agents, unique; it is the agent's index in the maps
+name = "coder"            # unique, [A-Za-z0-9_.-]{1,64}
+interfaces = ["veth-coder"]         # host-side interfaces that identify the agent (optional)
+prefixes = ["10.77.1.2/32", "fd77:1::2/128"]  # source prefixes that identify it (optional; a bare address means /32 or /128)
+mode = "enforce"          # or "monitor" (would-drops counted, packets pass); default enforce
+egress_default = "deny"   # destination matching no rule: "deny" (default) or "allow"
+rate = { packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 1_000_000, bytes_burst = 100_000 }  # optional table, each limit optional; bursts default to max(rate/10, 1 packet) and max(bytes/10, 9000 bytes)
+
+[[agents.egress]]
+action = "allow"          # or "deny"
+to = ["10.77.2.0/24", "@metadata"]   # CIDRs, bare addresses, or @presets
+proto = "tcp"             # "tcp" | "udp" | "icmp" | "any" (default any)
+ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
+"#;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// The issues of a policy that must fail validation, as displayed.
+    fn issues(text: &str) -> Vec<String> {
+        match parse("p.toml", text) {
+            Ok(p) => panic!("expected an error, got {p:#?}"),
+            Err(PolicyError::Invalid { issues }) => issues.iter().map(Issue::to_string).collect(),
+            Err(e) => panic!("expected validation issues, got {e}"),
+        }
+    }
+
+    /// The single issue of a policy that must fail validation.
+    fn issue(text: &str) -> String {
+        let all = issues(text);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        all.into_iter().next().unwrap()
+    }
+
+    /// One agent with an identity, then `extra` lines in its table.
+    fn agent(extra: &str) -> String {
+        format!("[[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"veth-a\"]\n{extra}")
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let p = parse("policy.toml", EXAMPLE).unwrap();
+        assert_eq!(p.unknown(), UnknownTraffic::Pass);
+        let expected = Agent {
+            id: 1,
+            name: "coder".into(),
+            interfaces: vec!["veth-coder".into()],
+            sources: vec![net("10.77.1.2/32"), net("fd77:1::2/128")],
+            mode: Mode::Enforce,
+            egress_default: EgressDefault::Deny,
+            rate: Rate {
+                packets: Some(Limit {
+                    per_sec: 1000,
+                    burst: 100,
+                }),
+                bytes: Some(Limit {
+                    per_sec: 1_000_000,
+                    burst: 100_000,
+                }),
+            },
+            egress: vec![EgressRule {
+                action: Action::Allow,
+                to: vec![
+                    Destination::Net(net("10.77.2.0/24")),
+                    Destination::Preset {
+                        name: "@metadata",
+                        nets: vec![
+                            net("169.254.169.254/32"),
+                            net("169.254.170.2/32"),
+                            net("100.100.100.200/32"),
+                            net("fd00:ec2::254/128"),
+                        ],
+                    },
+                ],
+                proto: Proto::Tcp,
+                ports: PortRange { lo: 443, hi: 443 },
+            }],
+        };
+        assert_eq!(p.agents(), &[expected]);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let p = parse(
+            "p.toml",
+            &agent("prefixes = [\"10.0.0.1\", \"fd00::/8\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(p.unknown(), UnknownTraffic::Pass);
+        let a = &p.agents()[0];
+        assert_eq!(a.mode, Mode::Enforce);
+        assert_eq!(a.egress_default, EgressDefault::Deny);
+        assert_eq!(a.rate, Rate::default());
+        assert!(a.egress.is_empty());
+        // A bare address is a host route.
+        assert_eq!(a.sources, vec![net("10.0.0.1/32"), net("fd00::/8")]);
+
+        let p = parse("p.toml", "").unwrap();
+        assert!(p.agents().is_empty());
+    }
+
+    #[test]
+    fn rule_defaults_and_port_forms() {
+        let p = parse(
+            "p.toml",
+            &agent(
+                "[[agents.egress]]\naction = \"deny\"\nto = [\"::1\"]\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nproto = \"udp\"\nports = 53\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nproto = \"tcp\"\nports = \"8000-8100\"\n",
+            ),
+        )
+        .unwrap();
+        let e = &p.agents()[0].egress;
+        assert_eq!(e[0].proto, Proto::Any);
+        assert_eq!(e[0].ports, PortRange::ALL);
+        assert_eq!(e[0].to, vec![Destination::Net(net("::1/128"))]);
+        assert_eq!(e[1].ports, PortRange { lo: 53, hi: 53 });
+        assert_eq!(e[2].ports, PortRange { lo: 8000, hi: 8100 });
+    }
+
+    #[test]
+    fn burst_defaults() {
+        let p = parse(
+            "p.toml",
+            &agent("rate = { packets_per_sec = 5, bytes_per_sec = 1_000_000 }\n"),
+        )
+        .unwrap();
+        let r = p.agents()[0].rate;
+        assert_eq!(
+            r.packets,
+            Some(Limit {
+                per_sec: 5,
+                burst: 1
+            })
+        );
+        assert_eq!(
+            r.bytes,
+            Some(Limit {
+                per_sec: 1_000_000,
+                burst: 100_000
+            })
+        );
+        let p = parse(
+            "p.toml",
+            &agent("rate = { packets_per_sec = 1000, bytes_per_sec = 1000 }\n"),
+        )
+        .unwrap();
+        let r = p.agents()[0].rate;
+        assert_eq!(r.packets.unwrap().burst, 100);
+        assert_eq!(r.bytes.unwrap().burst, 9000);
+    }
+
+    #[test]
+    fn presets_expand_and_parse() {
+        for (name, nets) in PRESETS {
+            let Ok(Destination::Preset {
+                name: n,
+                nets: parsed,
+            }) = destination(name)
+            else {
+                panic!("{name} did not expand");
+            };
+            assert_eq!(n, *name);
+            assert_eq!(parsed.len(), nets.len());
+            for (text, parsed) in nets.iter().zip(&parsed) {
+                assert_eq!(text.parse::<IpNet>().as_ref(), Ok(parsed));
+            }
+        }
+        // @private is exactly the union of the three private presets.
+        let union: Vec<&str> = ["@rfc1918", "@ula", "@link-local"]
+            .iter()
+            .flat_map(|p| {
+                PRESETS
+                    .iter()
+                    .find(|(n, _)| n == p)
+                    .unwrap()
+                    .1
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let mut private = PRESETS
+            .iter()
+            .find(|(n, _)| *n == "@private")
+            .unwrap()
+            .1
+            .to_vec();
+        let mut union = union;
+        union.sort();
+        private.sort();
+        assert_eq!(private, union);
+    }
+
+    #[test]
+    fn ipnet_parsing() {
+        assert_eq!(net("10.1.2.3"), IpNet::host("10.1.2.3".parse().unwrap()));
+        assert_eq!(net("0.0.0.0/0").prefix_len(), 0);
+        assert!(net("10.0.0.0/8").contains(&net("10.1.0.0/16")));
+        assert!(!net("10.1.0.0/16").contains(&net("10.0.0.0/8")));
+        assert!(!net("0.0.0.0/0").contains(&net("::/128")));
+        assert!(net("::/0").contains(&net("fd00::1")));
+        assert_eq!(
+            "10.0.0.1/24".parse::<IpNet>().unwrap_err().to_string(),
+            "10.0.0.1/24 has host bits set; did you mean 10.0.0.0/24?"
+        );
+        assert_eq!(
+            "fd00::1/8".parse::<IpNet>().unwrap_err().to_string(),
+            "fd00::1/8 has host bits set; did you mean fd00::/8?"
+        );
+        assert_eq!(
+            "10.0.0.0/33".parse::<IpNet>().unwrap_err().to_string(),
+            "prefix length 33 is longer than the 32 bits of the address"
+        );
+        for bad in [
+            "",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0/8",
+            "host",
+            "fe80::1%eth0",
+            "1.2.3.4/8/8",
+        ] {
+            assert!(
+                matches!(bad.parse::<IpNet>(), Err(NetError::Syntax { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            "10.0.0.0/999".parse::<IpNet>(),
+            Err(NetError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn syntax_error_has_location() {
+        let err = parse("p.toml", "[[agents]]\nid = = 1\n").unwrap_err();
+        let PolicyError::Syntax { location, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!((location.line, location.column), (2, 6), "{err}");
+        assert!(err.to_string().starts_with("p.toml:2:6: "), "{err}");
+
+        let err = parse("p.toml", "a = 1\na = 2\n").unwrap_err();
+        assert!(err.to_string().starts_with("p.toml:2:1: "), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_names_path() {
+        let text = agent("[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nport = 443\n");
+        assert_eq!(
+            issue(&text),
+            "p.toml:8:1: agents[0].egress[0].port: unknown field `port`, expected one of \
+             `action`, `to`, `proto`, `ports`"
+        );
+        assert_eq!(
+            issue("[default]\nunknown = \"drop\"\n"),
+            "p.toml:1:2: default: unknown field `default`, expected `defaults` or `agents`"
+        );
+        assert_eq!(
+            issue(&agent("rate = { packets_per_second = 5 }\n")),
+            "p.toml:5:10: agents[0].rate.packets_per_second: unknown field \
+             `packets_per_second`, expected one of `packets_per_sec`, `packets_burst`, \
+             `bytes_per_sec`, `bytes_burst`"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_path() {
+        assert_eq!(
+            issue("[defaults]\nunknown = \"dorp\"\n"),
+            "p.toml:2:11: defaults.unknown: unknown variant `dorp`, expected `pass` or `drop`"
+        );
+        assert_eq!(
+            issue(&agent("mode = \"audit\"\n")),
+            "p.toml:5:8: agents[0].mode: unknown variant `audit`, expected `enforce` or `monitor`"
+        );
+        assert_eq!(
+            issue("[[agents]]\nid = \"1\"\nname = \"a\"\n"),
+            "p.toml:2:6: agents[0].id: invalid type: string \"1\", expected i64"
+        );
+        assert_eq!(
+            issue(&agent(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nports = true\n"
+            )),
+            "p.toml:8:9: agents[0].egress[0].ports: invalid type: boolean `true`, expected a \
+             port like 443 or a string like \"443\" or \"8000-8100\""
+        );
+        assert_eq!(
+            issue("[[agents]]\nid = 1\n"),
+            "p.toml:1:1: agents[0]: missing field `name`"
+        );
+        assert_eq!(
+            issue(&agent("[[agents.egress]]\nto = [\"@any\"]\n")),
+            "p.toml:5:1: agents[0].egress[0]: missing field `action`"
+        );
+    }
+
+    #[test]
+    fn bad_ports() {
+        let rule = |ports: &str, proto: &str| {
+            agent(&format!(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nproto = \"{proto}\"\n    ports = {ports}\n"
+            ))
+        };
+        assert_eq!(
+            issue(&rule("\"80-\"", "tcp")),
+            "p.toml:9:13: agents[0].egress[0].ports: expected a port or range like \"443\" or \
+             \"8000-8100\", got \"80-\""
+        );
+        assert_eq!(
+            issue(&rule("\"http\"", "tcp")),
+            "p.toml:9:13: agents[0].egress[0].ports: expected a port or range like \"443\" or \
+             \"8000-8100\", got \"http\""
+        );
+        assert_eq!(
+            issue(&rule("70000", "udp")),
+            "p.toml:9:13: agents[0].egress[0].ports: port 70000 is outside 0-65535"
+        );
+        assert_eq!(
+            issue(&rule("\"1-70000\"", "udp")),
+            "p.toml:9:13: agents[0].egress[0].ports: port 70000 is outside 0-65535"
+        );
+        assert_eq!(
+            issue(&rule("\"8100-8000\"", "udp")),
+            "p.toml:9:13: agents[0].egress[0].ports: range \"8100-8000\" runs backwards; did \
+             you mean \"8000-8100\"?"
+        );
+        assert_eq!(
+            issue(&rule("\"1\"", "icmp")),
+            "p.toml:9:13: agents[0].egress[0].ports: ports do not apply to proto \"icmp\"; \
+             remove ports, or use proto \"tcp\", \"udp\" or \"any\""
+        );
+    }
+
+    #[test]
+    fn bad_destinations() {
+        let text = agent(
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.1/24\", \"@nope\", \"::/0\", \"x\"]\n\
+             [[agents.egress]]\naction = \"deny\"\nto = []\n",
+        );
+        assert_eq!(
+            issues(&text),
+            vec![
+                "p.toml:7:7: agents[0].egress[0].to[0]: 10.0.0.1/24 has host bits set; did you \
+                 mean 10.0.0.0/24?",
+                "p.toml:7:22: agents[0].egress[0].to[1]: unknown preset \"@nope\"; known \
+                 presets: @rfc1918, @ula, @link-local, @private, @metadata, @loopback, @any",
+                "p.toml:7:39: agents[0].egress[0].to[3]: expected an IP address or CIDR like \
+                 \"10.0.0.0/8\" or \"fd00::/8\", got \"x\"",
+                "p.toml:10:6: agents[0].egress[1].to: expected at least one destination (a \
+                 CIDR, an address or a preset like \"@any\")",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_agent_fields() {
+        let text = "[[agents]]\nid = 0\nname = \"bad name\"\ninterfaces = [\"a/b\", \"waytoolonginterface\"]\nprefixes = [\"10.0.0.0/33\"]\n\
+                    [[agents]]\nid = 16777216\nname = \"b\"\nprefixes = [\"fd00::\"]\n\
+                    [[agents]]\nid = -1\nname = \"\"\n";
+        assert_eq!(
+            issues(text),
+            vec![
+                "p.toml:2:6: agents[0].id: agent ids start at 1 (0 stands for traffic from no \
+                 known agent)",
+                "p.toml:3:8: agents[0].name: expected 1 to 64 characters from A-Z a-z 0-9 _ . \
+                 -, got \"bad name\"",
+                "p.toml:4:15: agents[0].interfaces[0]: expected an interface name of 1 to 15 \
+                 bytes without '/', ':' or whitespace, got \"a/b\"",
+                "p.toml:4:22: agents[0].interfaces[1]: expected an interface name of 1 to 15 \
+                 bytes without '/', ':' or whitespace, got \"waytoolonginterface\"",
+                "p.toml:5:13: agents[0].prefixes[0]: prefix length 33 is longer than the 32 bits \
+                 of the address",
+                "p.toml:7:6: agents[1].id: expected an agent id in 1..=16777215, got 16777216",
+                "p.toml:11:6: agents[2].id: expected an agent id in 1..=16777215, got -1",
+                "p.toml:12:8: agents[2].name: expected 1 to 64 characters from A-Z a-z 0-9 _ . \
+                 -, got \"\"",
+                "p.toml:10:1: agents[2]: agent \"\" (agents[2]) has neither interfaces nor \
+                 prefixes, so no traffic could be attributed to it; give it at least one",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicates_name_both_agents() {
+        let text = "[[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"veth0\", \"veth0\"]\nprefixes = [\"10.0.0.1\", \"10.0.0.1/32\"]\n\
+                    [[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"veth0\"]\nprefixes = [\"10.0.0.1/32\", \"10.0.0.0/31\"]\n";
+        assert_eq!(
+            issues(text),
+            vec![
+                "p.toml:4:24: agents[0].interfaces[1]: interface \"veth0\" is listed twice",
+                "p.toml:5:25: agents[0].prefixes[1]: source prefix 10.0.0.1/32 is listed twice",
+                "p.toml:7:6: agents[1].id: agent \"a\" (agents[1]) reuses id 1 of agent \"a\" \
+                 (agents[0]); ids must be unique",
+                "p.toml:8:8: agents[1].name: name \"a\" is already used by agent \"a\" \
+                 (agents[0])",
+                "p.toml:9:15: agents[1].interfaces[0]: interface \"veth0\" of agent \"a\" \
+                 (agents[1]) already identifies agent \"a\" (agents[0]); an interface can \
+                 identify only one agent",
+                "p.toml:10:13: agents[1].prefixes[0]: source prefix 10.0.0.1/32 of agent \"a\" \
+                 (agents[1]) already identifies agent \"a\" (agents[0]); a source prefix can \
+                 identify only one agent",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_rates() {
+        let text = agent(
+            "rate = { packets_per_sec = 0, packets_burst = 0, bytes_per_sec = 1_000_000_000_001, bytes_burst = 1000 }\n",
+        );
+        assert_eq!(
+            issues(&text),
+            vec![
+                "p.toml:5:47: agents[0].rate.packets_burst: expected a burst of at least 1 \
+                 packet, got 0",
+                "p.toml:5:28: agents[0].rate.packets_per_sec: expected 1 to 1000000000 (omit \
+                 the field for no limit), got 0",
+                "p.toml:5:99: agents[0].rate.bytes_burst: expected at least 1518 bytes, got \
+                 1000: a smaller burst could never pass a full-size Ethernet frame",
+                "p.toml:5:66: agents[0].rate.bytes_per_sec: expected 1 to 1000000000000 (omit \
+                 the field for no limit), got 1000000000001",
+            ]
+        );
+        assert_eq!(
+            issue(&agent("rate = { bytes_burst = 10_000 }\n")),
+            "p.toml:5:24: agents[0].rate.bytes_burst: bytes_burst has no effect without \
+             bytes_per_sec; set bytes_per_sec or remove bytes_burst"
+        );
+        assert_eq!(
+            issue(&agent("rate = { packets_per_sec = -5 }\n")),
+            "p.toml:5:28: agents[0].rate.packets_per_sec: expected 1 to 1000000000 (omit the \
+             field for no limit), got -5"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        // The name holds a two-byte character; the column after it counts it once.
+        let text = "[[agents]]\nid = 1\nname = \"é\" ; x\n";
+        let err = parse("p.toml", text).unwrap_err();
+        assert!(err.to_string().starts_with("p.toml:3:12: "), "{err}");
+    }
+
+    #[test]
+    fn load_names_missing_file() {
+        let err = load(Path::new("/nonexistent/policy.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading policy file /nonexistent/policy.toml"
+        );
+        assert!(matches!(err, PolicyError::Read { .. }));
+    }
+}

@@ -1,0 +1,140 @@
+//! Per-agent counters read from the pinned maps, as a table for people or JSON for scripts.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use enforcer_common::{Counter, Reason, UNKNOWN_AGENT};
+use serde::Serialize;
+
+use crate::dataplane::{KernelMaps, MapsError};
+
+/// One agent's counters.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Agent id (0 = traffic from no known agent).
+    pub id: u32,
+    /// Agent name from the applied policy, if known.
+    pub name: String,
+    /// Packets and bytes per reason, by reason name; reasons never seen are omitted.
+    pub reasons: BTreeMap<&'static str, ReasonCount>,
+    /// Packets passed (all pass reasons, including monitor-mode would-drops).
+    pub passed_packets: u64,
+    /// Packets dropped.
+    pub dropped_packets: u64,
+}
+
+/// Packets and bytes for one reason.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct ReasonCount {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (whole frames).
+    pub bytes: u64,
+}
+
+/// Collects every active agent's counters (and the unknown agent's); `names` maps ids to
+/// names from the applied policy.
+pub fn collect(
+    maps: &KernelMaps,
+    names: &BTreeMap<u32, String>,
+) -> Result<Vec<AgentStats>, MapsError> {
+    Ok(maps
+        .all_counters()?
+        .into_iter()
+        .map(|(id, counters)| summarize(id, names, &counters))
+        .collect())
+}
+
+fn summarize(id: u32, names: &BTreeMap<u32, String>, counters: &[Counter]) -> AgentStats {
+    let name = if id == UNKNOWN_AGENT {
+        "(unknown)".to_string()
+    } else {
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("agent-{id}"))
+    };
+    let mut stats = AgentStats {
+        id,
+        name,
+        reasons: BTreeMap::new(),
+        passed_packets: 0,
+        dropped_packets: 0,
+    };
+    for reason in Reason::ALL {
+        let c = counters[reason as usize];
+        if c.packets == 0 {
+            continue;
+        }
+        if reason.is_drop() {
+            stats.dropped_packets += c.packets;
+        } else {
+            stats.passed_packets += c.packets;
+        }
+        stats.reasons.insert(
+            reason.name(),
+            ReasonCount {
+                packets: c.packets,
+                bytes: c.bytes,
+            },
+        );
+    }
+    stats
+}
+
+/// Renders the stats as an aligned table, one line per agent, then one indented line per
+/// reason seen.
+pub fn table(stats: &[AgentStats]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<20} {:>14} {:>14}",
+        "AGENT", "NAME", "PASSED", "DROPPED"
+    );
+    for a in stats {
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<20} {:>14} {:>14}",
+            a.id, a.name, a.passed_packets, a.dropped_packets
+        );
+        for (reason, c) in &a.reasons {
+            let _ = writeln!(
+                out,
+                "{:>8}{:<28} {:>12} pkts {:>14} bytes",
+                "", reason, c.packets, c.bytes
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_splits_pass_and_drop_and_names_agents() {
+        let mut counters = [Counter::default(); Reason::COUNT as usize];
+        counters[Reason::Allowed as usize] = Counter {
+            packets: 5,
+            bytes: 500,
+        };
+        counters[Reason::MonitorEgressDenied as usize] = Counter {
+            packets: 2,
+            bytes: 120,
+        };
+        counters[Reason::RateLimitedBytes as usize] = Counter {
+            packets: 3,
+            bytes: 4500,
+        };
+        let names = BTreeMap::from([(7, "coder".to_string())]);
+        let s = summarize(7, &names, &counters);
+        assert_eq!(s.name, "coder");
+        assert_eq!(s.passed_packets, 7);
+        assert_eq!(s.dropped_packets, 3);
+        assert_eq!(s.reasons.len(), 3);
+        let t = table(&[s]);
+        assert!(t.contains("rate_limited_bytes"), "{t}");
+        assert_eq!(summarize(0, &names, &counters).name, "(unknown)");
+        assert_eq!(summarize(9, &names, &counters).name, "agent-9");
+    }
+}

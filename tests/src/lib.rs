@@ -1,0 +1,260 @@
+//! Support for the integration tests: a lab of network namespaces with agents behind a
+//! gateway that runs the real `enforcer` daemon, torn down on drop even when a test panics.
+//!
+//! ```text
+//!   agent i (10.200.i.2, fd20:i::2) --veth-- gwa<i> [XDP] gateway gws --veth-- server
+//!                                                                 (10.200.100.2, fd20:100::2,
+//!                                                                  169.254.169.254, 198.18.0.2)
+//! ```
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Output,
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    daemon::Status,
+    dataplane::KernelMaps,
+    lab::{self, BpffsMount, ChildGuard, Netns},
+};
+
+/// Address of agent `i` (1-based).
+pub fn agent_v4(i: usize) -> IpAddr {
+    format!("10.200.{i}.2").parse().unwrap()
+}
+
+/// IPv6 address of agent `i`.
+pub fn agent_v6(i: usize) -> IpAddr {
+    format!("fd20:{i}::2").parse().unwrap()
+}
+
+/// The server's main IPv4 address.
+pub const SERVER_V4: &str = "10.200.100.2";
+/// The server's IPv6 address.
+pub const SERVER_V6: &str = "fd20:100::2";
+/// A cloud-metadata address the server also answers on.
+pub const METADATA: &str = "169.254.169.254";
+/// A non-private address the server also answers on (RFC 2544 benchmarking range).
+pub const PUBLIC: &str = "198.18.0.2";
+
+/// `ip:port` as a socket address (IPv6 without brackets is accepted).
+pub fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The `enforcer` binary cargo built next to this test binary.
+pub fn enforcer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/enforcer
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("enforcer");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo xtask test` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// Agents, a gateway running the enforcer, and a server, in fresh namespaces.
+pub struct Lab {
+    /// The gateway: where the XDP program is attached and the daemon runs.
+    pub gw: Netns,
+    /// The agents, index 0 being agent 1.
+    pub agents: Vec<Netns>,
+    /// The server namespace.
+    pub server: Netns,
+    /// Working directory holding the config, the policy and the state directory.
+    pub dir: PathBuf,
+    daemon: Option<ChildGuard>,
+    // Dropped after the daemon (field order): removing the pins detaches the program.
+    bpffs: BpffsMount,
+}
+
+impl Lab {
+    /// Builds the topology with `agents` agents. Nothing is attached yet.
+    pub fn new(agents: usize) -> Lab {
+        let gw = Netns::create(&lab::unique_name("gw")).unwrap();
+        let server = Netns::create(&lab::unique_name("srv")).unwrap();
+        lab::set_forwarding(&gw).unwrap();
+        lab::veth_pair(
+            &gw,
+            "gws",
+            &["10.200.100.1/24", "fd20:100::1/64"],
+            &server,
+            "eth0",
+            &["10.200.100.2/24", "fd20:100::2/64"],
+        )
+        .unwrap();
+        for extra in [METADATA, PUBLIC] {
+            lab::add_address(&server, "lo", &format!("{extra}/32")).unwrap();
+            lab::add_route(&gw, &format!("{extra}/32"), SERVER_V4).unwrap();
+        }
+        lab::add_route(&server, "default", "10.200.100.1").unwrap();
+        lab::add_route(&server, "default", "fd20:100::1").unwrap();
+        let mut agent_ns = Vec::new();
+        for i in 1..=agents {
+            let ns = Netns::create(&lab::unique_name(&format!("ag{i}"))).unwrap();
+            lab::veth_pair(
+                &gw,
+                &format!("gwa{i}"),
+                &[&format!("10.200.{i}.1/24"), &format!("fd20:{i}::1/64")],
+                &ns,
+                "eth0",
+                &[&format!("10.200.{i}.2/24"), &format!("fd20:{i}::2/64")],
+            )
+            .unwrap();
+            lab::add_route(&ns, "default", &format!("10.200.{i}.1")).unwrap();
+            lab::add_route(&ns, "default", &format!("fd20:{i}::1")).unwrap();
+            agent_ns.push(ns);
+        }
+        let dir = std::env::temp_dir().join(lab::unique_name("enf-lab"));
+        fs::create_dir_all(dir.join("state")).unwrap();
+        let bpffs = BpffsMount::new().unwrap();
+        let lab = Lab {
+            gw,
+            agents: agent_ns,
+            server,
+            dir,
+            daemon: None,
+            bpffs,
+        };
+        fs::write(
+            lab.config_path(),
+            format!(
+                "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\n\n[limits]\nmax_agents = 64\n",
+                lab.bpffs.path().display()
+            ),
+        )
+        .unwrap();
+        lab
+    }
+
+    /// Agent `i`'s namespace (1-based).
+    pub fn agent(&self, i: usize) -> &Netns {
+        &self.agents[i - 1]
+    }
+
+    /// The daemon configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("enforcer.toml")
+    }
+
+    /// The bpffs directory holding the pins.
+    pub fn bpffs(&self) -> &Path {
+        self.bpffs.path()
+    }
+
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Writes the daemon's policy file.
+    pub fn write_policy(&self, text: &str) {
+        fs::write(self.dir.join("policy.toml"), text).unwrap();
+    }
+
+    /// Writes `text` as another file in the lab directory and returns its path.
+    pub fn write_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `enforcer run` in the gateway and waits until it reports its first policy.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let child = self
+            .gw
+            .command(enforcer_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .spawn()
+            .unwrap();
+        let mut guard = ChildGuard::new(child);
+        let pid = guard.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = Status::read(&self.state_dir())
+                && status.pid == pid
+            {
+                break;
+            }
+            if let Ok(Some(exit)) = guard.wait_timeout(Duration::from_millis(20)) {
+                panic!("enforcer run exited during start-up: {exit}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "enforcer run did not report ready in 30 s"
+            );
+        }
+        self.daemon = Some(guard);
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit; the pins stay.
+    pub fn stop_daemon(&mut self, signal: libc::c_int) {
+        let mut guard = self.daemon.take().expect("daemon running");
+        guard.signal(signal).unwrap();
+        let exit = guard.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert!(exit.is_some(), "daemon did not exit after signal {signal}");
+    }
+
+    /// Sends `signal` to the running daemon.
+    pub fn signal_daemon(&self, signal: libc::c_int) {
+        let pid = self.daemon.as_ref().expect("daemon running").id();
+        // SAFETY: kill(2) on the pid of a child this lab started and has not reaped.
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, signal) },
+            0,
+            "signalling the daemon"
+        );
+    }
+
+    /// The daemon's published status.
+    pub fn status(&self) -> Status {
+        Status::read(&self.state_dir()).expect("status.json")
+    }
+
+    /// Waits until the daemon has made more than `attempts` policy attempts.
+    pub fn wait_attempts(&self, attempts: u64) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = Status::read(&self.state_dir())
+                && s.attempts > attempts
+            {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no reload reported in 30 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the `enforcer` CLI in the gateway namespace.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.gw.command(enforcer_bin()).args(args).output().unwrap()
+    }
+
+    /// The pinned maps, opened the way `enforcer stats` does.
+    pub fn maps(&self) -> KernelMaps {
+        KernelMaps::from_pins(self.bpffs()).unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = daemon.terminate(Duration::from_secs(5));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        // bpffs (pins, hence the XDP links) and the namespaces go with their own Drops.
+    }
+}

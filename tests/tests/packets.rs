@@ -1,0 +1,1039 @@
+//! Packet table: every row is a packet built with etherparse (then, for the evasive rows,
+//! cut or spliced by hand), run once through the real XDP program with BPF_PROG_TEST_RUN
+//! against a real compiled policy in real maps; the row asserts the verdict and that exactly
+//! the expected (agent, reason) counter moved by one packet of the packet's length.
+
+use enforcer::{
+    compile::{self, Limits},
+    daemon::if_index,
+    dataplane::Dataplane,
+    lab::{self, BpffsMount, Netns, in_netns, require_root},
+    policy,
+    testrun::run_xdp,
+};
+use enforcer_common::{Counter, Reason, UNKNOWN_AGENT, programs};
+use etherparse::{PacketBuilder, VlanId};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+const POLICY: &str = r#"
+[defaults]
+unknown = "pass"
+
+[[agents]]
+id = 1
+name = "restricted"
+prefixes = ["10.1.0.2", "fd01::2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16", "fd09::/32"]
+proto = "tcp"
+ports = "443"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16", "fd09::/32"]
+proto = "udp"
+ports = "5000-5100"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.9.9", "fd09::9"]
+[[agents.egress]]
+action = "deny"
+to = ["10.9.1.0/24"]
+proto = "tcp"
+ports = "443"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16", "fd09::/32"]
+proto = "icmp"
+
+[[agents]]
+id = 2
+name = "open"
+prefixes = ["10.2.0.0/24", "fd02::/64"]
+egress_default = "allow"
+
+[[agents]]
+id = 3
+name = "no-private"
+prefixes = ["10.3.0.2", "fd03::2"]
+egress_default = "allow"
+[[agents.egress]]
+action = "deny"
+to = ["@private", "@metadata"]
+
+[[agents]]
+id = 4
+name = "watched"
+prefixes = ["10.4.0.2"]
+mode = "monitor"
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16"]
+proto = "tcp"
+ports = "443"
+
+[[agents]]
+id = 5
+name = "sandbox"
+interfaces = ["sbx0"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16"]
+
+[[agents]]
+id = 6
+name = "pps-limited"
+prefixes = ["10.6.0.2"]
+egress_default = "allow"
+rate = { packets_per_sec = 1, packets_burst = 3 }
+
+[[agents]]
+id = 7
+name = "bps-limited"
+prefixes = ["10.7.0.2"]
+egress_default = "allow"
+rate = { bytes_per_sec = 100, bytes_burst = 2000 }
+
+[[agents]]
+id = 8
+name = "watched-limited"
+prefixes = ["10.8.0.2"]
+mode = "monitor"
+egress_default = "allow"
+rate = { packets_per_sec = 1, packets_burst = 1 }
+"#;
+
+/// The same agents, but traffic from unknown sources is dropped.
+fn policy_unknown_drop() -> String {
+    POLICY.replace("unknown = \"pass\"", "unknown = \"drop\"")
+}
+
+fn v4(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}
+
+fn vlan(id: u16) -> VlanId {
+    VlanId::try_new(id).unwrap()
+}
+
+fn tcp4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .write(&mut out, b"hello")
+        .unwrap();
+    out
+}
+
+fn udp4(src: &str, dst: &str, dport: u16, payload: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .udp(40000, dport)
+        .write(&mut out, &vec![0xab; payload])
+        .unwrap();
+    out
+}
+
+fn icmp4(src: &str, dst: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+fn tcp6(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .write(&mut out, b"hello")
+        .unwrap();
+    out
+}
+
+fn udp6(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), 64)
+        .udp(40000, dport)
+        .write(&mut out, b"hello")
+        .unwrap();
+    out
+}
+
+fn icmp6(src: &str, dst: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+fn tcp4_vlan(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .single_vlan(vlan(10))
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .write(&mut out, b"hello")
+        .unwrap();
+    out
+}
+
+fn tcp4_qinq(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .double_vlan(vlan(100), vlan(10))
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .write(&mut out, b"hello")
+        .unwrap();
+    // etherparse writes 0x8100 for the outer tag; real QinQ uses 802.1ad (0x88a8).
+    out[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
+    out
+}
+
+/// A third VLAN tag in front of a QinQ frame: deeper than the parser looks.
+fn tcp4_triple_tag(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let inner = tcp4_qinq(src, dst, dport);
+    let mut out = inner[..12].to_vec();
+    out.extend_from_slice(&0x88a8u16.to_be_bytes());
+    out.extend_from_slice(&[0x00, 0x05]);
+    out.extend_from_slice(&inner[12..]);
+    out
+}
+
+/// Inserts `options` (a multiple of 4 bytes) after the IPv4 header and fixes IHL and the
+/// total length, so the transport header moves behind them.
+fn with_ipv4_options(mut packet: Vec<u8>, options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let ip = 14;
+    let ihl = (packet[ip] & 0x0f) as usize + options.len() / 4;
+    packet[ip] = 0x40 | ihl as u8;
+    let total = u16::from_be_bytes([packet[ip + 2], packet[ip + 3]]) + options.len() as u16;
+    packet[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    packet.splice(ip + 20..ip + 20, options.iter().copied());
+    packet
+}
+
+/// Sets the IPv4 fragment field: `more` fragments flag and offset in 8-byte units.
+fn fragment4(mut packet: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
+    let field = (u16::from(more) << 13) | offset;
+    packet[20..22].copy_from_slice(&field.to_be_bytes());
+    if offset != 0 {
+        // A non-first fragment carries payload only: drop the transport header bytes so
+        // nothing port-like is there to read.
+        packet.truncate(34);
+        packet.extend_from_slice(&[0xee; 16]);
+    }
+    packet
+}
+
+/// Splices IPv6 extension headers between the IPv6 header and its payload. Each entry is
+/// (header type, bytes of the header without the next-header byte); the chain's next-header
+/// bytes and the payload length are fixed up.
+fn with_ipv6_exts(mut packet: Vec<u8>, exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let ip = 14;
+    let upper = packet[ip + 6];
+    let mut chain = Vec::new();
+    for (i, (_, body)) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(upper, |(t, _)| *t);
+        chain.push(next);
+        chain.extend_from_slice(body);
+    }
+    if let Some((first, _)) = exts.first() {
+        packet[ip + 6] = *first;
+    }
+    let len = u16::from_be_bytes([packet[ip + 4], packet[ip + 5]]) + chain.len() as u16;
+    packet[ip + 4..ip + 6].copy_from_slice(&len.to_be_bytes());
+    packet.splice(ip + 40..ip + 40, chain);
+    packet
+}
+
+/// An 8-byte options header (hop-by-hop or destination options) with PadN.
+fn opts_ext(kind: u8) -> (u8, Vec<u8>) {
+    (kind, vec![0, 1, 4, 0, 0, 0, 0])
+}
+
+fn routing_ext(segments_left: u8) -> (u8, Vec<u8>) {
+    // Routing header type 4 (segment routing) with one 16-byte segment.
+    let mut body = vec![2, 4, segments_left, 0, 0, 0, 0];
+    body.extend_from_slice(&[0; 16]);
+    (43, body)
+}
+
+fn fragment_ext(offset: u16, more: bool) -> (u8, Vec<u8>) {
+    let field = (offset << 3) | u16::from(more);
+    let mut body = vec![0];
+    body.extend_from_slice(&field.to_be_bytes());
+    body.extend_from_slice(&[0, 0, 0, 7]);
+    (44, body)
+}
+
+fn ah_ext() -> (u8, Vec<u8>) {
+    // Payload length 4 => (4 + 2) * 4 = 24 bytes in all.
+    let mut body = vec![4, 0, 0];
+    body.extend_from_slice(&[0; 20]);
+    (51, body)
+}
+
+fn arp() -> Vec<u8> {
+    let mut out = etherparse::Ethernet2Header {
+        source: MAC_A,
+        destination: [0xff; 6],
+        ether_type: etherparse::EtherType::ARP,
+    }
+    .to_bytes()
+    .to_vec();
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&[0; 20]);
+    out
+}
+
+/// One table row.
+struct Row {
+    description: &'static str,
+    packet: Vec<u8>,
+    /// Ingress interface index, for rows that identify the agent by interface.
+    ifindex: Option<u32>,
+    verdict: u32,
+    agent: u32,
+    reason: Reason,
+}
+
+fn row(
+    description: &'static str,
+    packet: Vec<u8>,
+    verdict: u32,
+    agent: u32,
+    reason: Reason,
+) -> Row {
+    Row {
+        description,
+        packet,
+        ifindex: None,
+        verdict,
+        agent,
+        reason,
+    }
+}
+
+/// The row arrives on the sandbox interface `sbx0` (agent 5). Rows without an interface
+/// arrive on `lo`, which BPF_PROG_TEST_RUN uses by default.
+fn on_sbx(mut r: Row) -> Row {
+    r.ifindex = Some(if_index("sbx0").expect("sbx0 exists in the test namespace"));
+    r
+}
+
+use Reason::*;
+
+fn table() -> Vec<Row> {
+    let a1 = "10.1.0.2";
+    let a1v6 = "fd01::2";
+    vec![
+        // Egress allow-list, IPv4.
+        row(
+            "tcp to allowed port",
+            tcp4(a1, "10.9.0.5", 443),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "tcp to other port",
+            tcp4(a1, "10.9.0.5", 80),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "udp inside port range",
+            udp4(a1, "10.9.0.5", 5050, 32),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "udp at range end",
+            udp4(a1, "10.9.0.5", 5100, 32),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "udp past range end",
+            udp4(a1, "10.9.0.5", 5101, 32),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "more specific deny wins",
+            tcp4(a1, "10.9.1.7", 443),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "host rule allows any port",
+            tcp4(a1, "10.9.9.9", 22),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "no rule: default deny",
+            tcp4(a1, "8.8.8.8", 443),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "icmp allowed by proto rule",
+            icmp4(a1, "10.9.0.5"),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "icmp where only ports are allowed",
+            icmp4(a1, "8.8.4.4"),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        // IPv6.
+        row(
+            "v6 tcp to allowed port",
+            tcp6(a1v6, "fd09::5", 443),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 tcp to other port",
+            tcp6(a1v6, "fd09::5", 80),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "v6 icmpv6 allowed",
+            icmp6(a1v6, "fd09::5"),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 udp outside allow-list",
+            udp6(a1v6, "2001:db8::1", 5050),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "v6 host rule any port",
+            tcp6(a1v6, "fd09::9", 9),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        // VLANs.
+        row(
+            "802.1Q allowed",
+            tcp4_vlan(a1, "10.9.0.5", 443),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "802.1Q denied",
+            tcp4_vlan(a1, "10.9.0.5", 80),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "QinQ allowed",
+            tcp4_qinq(a1, "10.9.0.5", 443),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "QinQ denied",
+            tcp4_qinq(a1, "10.9.0.5", 80),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        on_sbx(row(
+            "three tags on agent iface",
+            tcp4_triple_tag(a1, "10.9.0.5", 443),
+            XDP_DROP,
+            5,
+            Malformed,
+        )),
+        row(
+            "three tags, no iface agent: unknown",
+            tcp4_triple_tag(a1, "10.9.0.5", 443),
+            XDP_PASS,
+            UNKNOWN_AGENT,
+            UnknownPass,
+        ),
+        // IPv4 options and malformed headers.
+        row(
+            "ipv4 options skipped, allowed port",
+            with_ipv4_options(tcp4(a1, "10.9.0.5", 443), &[1, 1, 1, 0]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "ipv4 options skipped, denied port",
+            with_ipv4_options(tcp4(a1, "10.9.0.5", 80), &[1; 12]),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "ipv4 options cut short",
+            with_ipv4_options(tcp4(a1, "10.9.0.5", 443), &[1; 40])[..60].to_vec(),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        on_sbx(row(
+            "ihl below 5 on agent iface",
+            {
+                let mut p = tcp4(a1, "10.9.0.5", 443);
+                p[14] = 0x44;
+                p
+            },
+            XDP_DROP,
+            5,
+            Malformed,
+        )),
+        row(
+            "ihl below 5, unknown sender",
+            {
+                let mut p = tcp4(a1, "10.9.0.5", 443);
+                p[14] = 0x44;
+                p
+            },
+            XDP_PASS,
+            UNKNOWN_AGENT,
+            UnknownPass,
+        ),
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, so the shortest
+        // cut starts inside the VLAN tag.
+        on_sbx(row(
+            "vlan tag cut",
+            tcp4_vlan(a1, "10.9.0.5", 443)[..16].to_vec(),
+            XDP_DROP,
+            5,
+            Malformed,
+        )),
+        on_sbx(row(
+            "ipv4 header cut",
+            tcp4(a1, "10.9.0.5", 443)[..24].to_vec(),
+            XDP_DROP,
+            5,
+            Malformed,
+        )),
+        row(
+            "tcp ports cut",
+            tcp4(a1, "10.9.0.5", 443)[..36].to_vec(),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        row(
+            "cut udp from unrestricted agent",
+            udp4("10.2.0.9", "10.9.0.5", 53, 8)[..36].to_vec(),
+            XDP_PASS,
+            2,
+            Allowed,
+        ),
+        // IPv4 fragments.
+        row(
+            "first fragment, allowed port",
+            fragment4(tcp4(a1, "10.9.0.5", 443), true, 0),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "non-first fragment, port-dependent",
+            fragment4(tcp4(a1, "10.9.0.5", 443), false, 100),
+            XDP_DROP,
+            1,
+            Fragment,
+        ),
+        row(
+            "non-first fragment, host allows any",
+            fragment4(tcp4(a1, "10.9.9.9", 443), false, 100),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "non-first fragment, no rule",
+            fragment4(udp4(a1, "8.8.8.8", 53, 64), false, 100),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "tiny first fragment hides ports",
+            fragment4(tcp4(a1, "10.9.0.5", 443), true, 0)[..36].to_vec(),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        row(
+            "tcp fragment at offset 8 bytes",
+            fragment4(tcp4(a1, "10.9.0.5", 443), false, 1),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        // IPv6 extension headers.
+        row(
+            "v6 non-first fragment",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[fragment_ext(100, false)]),
+            XDP_DROP,
+            1,
+            Fragment,
+        ),
+        row(
+            "v6 first fragment",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[fragment_ext(0, true)]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 hop-by-hop + dest opts, allowed",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[opts_ext(0), opts_ext(60)]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 hop-by-hop + dest opts, denied",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 80), &[opts_ext(0), opts_ext(60)]),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "v6 nine extension headers",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &vec![opts_ext(60); 9]),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        row(
+            "v6 eight extension headers then tcp",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &vec![opts_ext(60); 8]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 routing header with segments left",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[routing_ext(1)]),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        row(
+            "v6 routing header, no segments left",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[routing_ext(0)]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 authentication header",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[ah_ext()]),
+            XDP_PASS,
+            1,
+            Allowed,
+        ),
+        row(
+            "v6 extension header cut",
+            with_ipv6_exts(tcp6(a1v6, "fd09::5", 443), &[opts_ext(60)])[..58].to_vec(),
+            XDP_DROP,
+            1,
+            Malformed,
+        ),
+        // Non-IP and unknown senders.
+        row("arp from unknown", arp(), XDP_PASS, UNKNOWN_AGENT, NonIp),
+        on_sbx(row("arp on agent iface", arp(), XDP_PASS, 5, NonIp)),
+        row(
+            "unknown v4 sender, default pass",
+            tcp4("192.0.2.1", "10.9.0.5", 80),
+            XDP_PASS,
+            UNKNOWN_AGENT,
+            UnknownPass,
+        ),
+        row(
+            "unknown v6 sender, default pass",
+            tcp6("2001:db8::7", "fd09::5", 80),
+            XDP_PASS,
+            UNKNOWN_AGENT,
+            UnknownPass,
+        ),
+        // Source prefixes (LPM) and unrestricted agents.
+        row(
+            "v4 prefix identifies agent",
+            tcp4("10.2.0.77", "1.1.1.1", 22),
+            XDP_PASS,
+            2,
+            Allowed,
+        ),
+        row(
+            "v6 prefix identifies agent",
+            tcp6("fd02::99", "2001:db8::1", 22),
+            XDP_PASS,
+            2,
+            Allowed,
+        ),
+        // Presets.
+        row(
+            "preset blocks rfc1918",
+            tcp4("10.3.0.2", "192.168.1.1", 80),
+            XDP_DROP,
+            3,
+            EgressDenied,
+        ),
+        row(
+            "preset blocks metadata",
+            tcp4("10.3.0.2", "169.254.169.254", 80),
+            XDP_DROP,
+            3,
+            EgressDenied,
+        ),
+        row(
+            "preset blocks link-local",
+            udp4("10.3.0.2", "169.254.3.3", 53, 8),
+            XDP_DROP,
+            3,
+            EgressDenied,
+        ),
+        row(
+            "preset leaves public",
+            tcp4("10.3.0.2", "93.184.216.34", 443),
+            XDP_PASS,
+            3,
+            Allowed,
+        ),
+        row(
+            "preset blocks v6 metadata",
+            tcp6("fd03::2", "fd00:ec2::254", 80),
+            XDP_DROP,
+            3,
+            EgressDenied,
+        ),
+        row(
+            "preset blocks v6 link-local",
+            tcp6("fd03::2", "fe80::1", 80),
+            XDP_DROP,
+            3,
+            EgressDenied,
+        ),
+        // Monitor mode.
+        row(
+            "monitor: would-deny passes",
+            tcp4("10.4.0.2", "10.9.0.5", 80),
+            XDP_PASS,
+            4,
+            MonitorEgressDenied,
+        ),
+        row(
+            "monitor: allowed",
+            tcp4("10.4.0.2", "10.9.0.5", 443),
+            XDP_PASS,
+            4,
+            Allowed,
+        ),
+        // Interface identity.
+        on_sbx(row(
+            "iface agent, allowed dst",
+            tcp4("203.0.113.5", "10.9.0.1", 22),
+            XDP_PASS,
+            5,
+            Allowed,
+        )),
+        on_sbx(row(
+            "iface agent, denied dst",
+            tcp4("203.0.113.5", "8.8.8.8", 22),
+            XDP_DROP,
+            5,
+            EgressDenied,
+        )),
+        on_sbx(row(
+            "iface beats a claimed source address",
+            tcp4(a1, "10.9.0.5", 22),
+            XDP_PASS,
+            5,
+            Allowed,
+        )),
+        // Rate limits (1 pps, burst 3; 100 B/s, burst 2000 B): the rows run in order.
+        row(
+            "pps burst 1/3",
+            udp4("10.6.0.2", "1.1.1.1", 53, 32),
+            XDP_PASS,
+            6,
+            Allowed,
+        ),
+        row(
+            "pps burst 2/3",
+            udp4("10.6.0.2", "1.1.1.1", 53, 32),
+            XDP_PASS,
+            6,
+            Allowed,
+        ),
+        row(
+            "pps burst 3/3",
+            udp4("10.6.0.2", "1.1.1.1", 53, 32),
+            XDP_PASS,
+            6,
+            Allowed,
+        ),
+        row(
+            "pps over burst",
+            udp4("10.6.0.2", "1.1.1.1", 53, 32),
+            XDP_DROP,
+            6,
+            RateLimitedPackets,
+        ),
+        row(
+            "bytes: 1500 fits 2000",
+            udp4("10.7.0.2", "1.1.1.1", 53, 1458),
+            XDP_PASS,
+            7,
+            Allowed,
+        ),
+        row(
+            "bytes: next 1500 does not",
+            udp4("10.7.0.2", "1.1.1.1", 53, 1458),
+            XDP_DROP,
+            7,
+            RateLimitedBytes,
+        ),
+        row(
+            "bytes: 400 still fits",
+            udp4("10.7.0.2", "1.1.1.1", 53, 358),
+            XDP_PASS,
+            7,
+            Allowed,
+        ),
+        row(
+            "monitor rate: first",
+            udp4("10.8.0.2", "1.1.1.1", 53, 32),
+            XDP_PASS,
+            8,
+            Allowed,
+        ),
+        row(
+            "monitor rate: over passes, counted",
+            udp4("10.8.0.2", "1.1.1.1", 53, 32),
+            XDP_PASS,
+            8,
+            MonitorRateLimitedPackets,
+        ),
+    ]
+}
+
+fn counter(dp: &mut Dataplane, agent: u32, reason: Reason) -> Counter {
+    dp.maps().counter(agent, reason).unwrap()
+}
+
+/// Runs `f` in a fresh network namespace that has an interface `sbx0` standing in for
+/// an agent sandbox's veth; the namespace is deleted afterwards, also on panic.
+fn in_test_netns(f: impl FnOnce() + Send + 'static) {
+    let ns = Netns::create(&lab::unique_name("pkt")).unwrap();
+    // A veth pair (this kernel has no dummy driver); only its index matters.
+    ns.ip(&[
+        "link", "add", "sbx0", "type", "veth", "peer", "name", "sbx0p",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "sbx0", "up"]).unwrap();
+    in_netns(&ns, f);
+}
+
+fn load(bpffs: &BpffsMount, text: &str, dp: Option<Dataplane>) -> Dataplane {
+    let limits = Limits {
+        max_agents: 64,
+        ..Limits::default()
+    };
+    let policy = policy::parse("packets.toml", text).unwrap();
+    let compiled = compile::compile(&policy, &limits, &if_index).unwrap();
+    let mut dp = dp.unwrap_or_else(|| Dataplane::load(bpffs.path(), &limits).unwrap());
+    dp.apply(&compiled).unwrap();
+    dp
+}
+
+/// Every (agent, reason) counter of the agents the policies use.
+fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
+    let mut all = Vec::new();
+    for agent in 0..=9 {
+        for reason in Reason::ALL {
+            all.push((agent, reason, counter(dp, agent, reason)));
+        }
+    }
+    all
+}
+
+fn run_rows(dp: &mut Dataplane, rows: &[Row]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for r in rows {
+        let before = snapshot(dp);
+        let program = dp.program(programs::ENFORCE).unwrap();
+        let result = run_xdp(program, &r.packet, r.ifindex, 1).unwrap();
+        let after = snapshot(dp);
+        // Exactly one counter may move: the expected one, by one packet of this length.
+        let moved: Vec<(u32, Reason, u64, u64)> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b.2 != a.2)
+            .map(|(b, a)| (b.0, b.1, a.2.packets - b.2.packets, a.2.bytes - b.2.bytes))
+            .collect();
+        let want = vec![(r.agent, r.reason, 1, r.packet.len() as u64)];
+        if result.return_value != r.verdict || moved != want {
+            failures.push(format!(
+                "{}: verdict {} (want {}), counters moved {:?} (want {:?})",
+                r.description, result.return_value, r.verdict, moved, want
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn packet_table() {
+    if !require_root("packet_table") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, POLICY, None);
+        let rows = table();
+        assert!(rows.len() >= 40, "the table must cover at least 40 rows");
+        let failures = run_rows(&mut dp, &rows);
+        assert!(
+            failures.is_empty(),
+            "{} of {} rows failed:\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n")
+        );
+    });
+}
+
+#[test]
+fn unknown_default_drop() {
+    if !require_root("unknown_default_drop") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, &policy_unknown_drop(), None);
+        let rows = vec![
+            row(
+                "unknown v4 sender dropped",
+                tcp4("192.0.2.1", "10.9.0.5", 80),
+                XDP_DROP,
+                UNKNOWN_AGENT,
+                UnknownDrop,
+            ),
+            row(
+                "unknown v6 sender dropped",
+                tcp6("2001:db8::7", "fd09::5", 80),
+                XDP_DROP,
+                UNKNOWN_AGENT,
+                UnknownDrop,
+            ),
+            row("arp still passes", arp(), XDP_PASS, UNKNOWN_AGENT, NonIp),
+            row(
+                "known agent unaffected",
+                tcp4("10.1.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                1,
+                Allowed,
+            ),
+        ];
+        let failures = run_rows(&mut dp, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+        // Re-applying the permissive policy flips the default without reloading anything.
+        let mut dp = load(&bpffs, POLICY, Some(dp));
+        let rows = vec![row(
+            "unknown passes after re-apply",
+            tcp4("192.0.2.1", "10.9.0.5", 80),
+            XDP_PASS,
+            UNKNOWN_AGENT,
+            UnknownPass,
+        )];
+        let failures = run_rows(&mut dp, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+#[test]
+fn removed_agent_becomes_unknown() {
+    if !require_root("removed_agent_becomes_unknown") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let dp = load(&bpffs, POLICY, None);
+        // Agent 1 removed: its address is nobody's now, and its old slot entries are gone.
+        let without_agent_1 = POLICY.replacen(
+            "id = 1\nname = \"restricted\"\nprefixes = [\"10.1.0.2\", \"fd01::2\"]",
+            "id = 9\nname = \"renamed\"\nprefixes = [\"10.99.0.2\"]",
+            1,
+        );
+        let mut dp = load(&bpffs, &without_agent_1, Some(dp));
+        let rows = vec![
+            row(
+                "old agent address is unknown",
+                tcp4("10.1.0.2", "10.9.0.5", 80),
+                XDP_PASS,
+                UNKNOWN_AGENT,
+                UnknownPass,
+            ),
+            row(
+                "new agent takes the rules",
+                tcp4("10.99.0.2", "10.9.0.5", 80),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+        ];
+        let failures = run_rows(&mut dp, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}

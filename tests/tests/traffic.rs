@@ -1,0 +1,451 @@
+//! Real traffic: agents in their own network namespaces send TCP and UDP through veths into a
+//! gateway where the `enforcer` daemon has attached the XDP program; servers in another
+//! namespace count what arrives.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::lab::{TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send};
+use enforcer_common::Reason;
+use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4, SERVER_V6, sa};
+
+const DENIED_WAIT: Duration = Duration::from_millis(800);
+
+fn policy_two_agents() -> String {
+    r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2", "fd20:100::2"]
+proto = "tcp"
+ports = "8080"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+
+[[agents]]
+id = 2
+name = "browser"
+interfaces = ["gwa2"]
+egress_default = "allow"
+[[agents.egress]]
+action = "deny"
+to = ["@private", "@metadata"]
+"#
+    .to_string()
+}
+
+#[test]
+fn allowed_traffic_flows_and_denied_does_not() {
+    if !require_root("allowed_traffic_flows_and_denied_does_not") {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    lab.write_policy(&policy_two_agents());
+    lab.start_daemon();
+    let echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", 8080)).unwrap();
+    let echo_other = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", 8081)).unwrap();
+    let echo_v6 = TcpEchoServer::spawn(&lab.server, sa("::", 8080)).unwrap();
+    let udp_ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let udp_no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+
+    let a1 = lab.agent(1);
+    assert!(
+        tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
+        "allowed tcp/8080"
+    );
+    assert!(
+        tcp_probe(a1, sa(SERVER_V6, 8080), Duration::from_secs(3)),
+        "allowed v6 tcp/8080"
+    );
+    assert!(
+        !tcp_probe(a1, sa(SERVER_V4, 8081), DENIED_WAIT),
+        "tcp/8081 must be dropped"
+    );
+    assert!(
+        !tcp_probe(a1, sa(METADATA, 8080), DENIED_WAIT),
+        "metadata is not allowed"
+    );
+    udp_send(
+        a1,
+        sa(SERVER_V4, 9000),
+        None,
+        b"ok",
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    udp_send(
+        a1,
+        sa(SERVER_V4, 9001),
+        None,
+        b"no",
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(udp_ok.stop().0, 20, "every allowed datagram arrives");
+    assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
+
+    // Agent 2: everything but private ranges and metadata.
+    let a2 = lab.agent(2);
+    assert!(
+        tcp_probe(a2, sa(PUBLIC, 8080), Duration::from_secs(3)),
+        "public address allowed"
+    );
+    assert!(
+        !tcp_probe(a2, sa(SERVER_V4, 8080), DENIED_WAIT),
+        "@private blocks 10/8"
+    );
+    assert!(
+        !tcp_probe(a2, sa(METADATA, 8080), DENIED_WAIT),
+        "@metadata blocked"
+    );
+
+    let maps = lab.maps();
+    assert!(maps.counter(1, Reason::Allowed).unwrap().packets > 0);
+    assert!(maps.counter(1, Reason::EgressDenied).unwrap().packets >= 20 + 2);
+    assert!(maps.counter(2, Reason::EgressDenied).unwrap().packets >= 2);
+    assert!(maps.counter(2, Reason::Allowed).unwrap().packets > 0);
+    assert!(echo.accepted() >= 2 && echo_v6.accepted() >= 1);
+    assert_eq!(echo_other.accepted(), 0);
+
+    // The CLI reads the same counters from the pins.
+    let out = lab.cli(&[
+        "stats",
+        "--json",
+        "--config",
+        lab.config_path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let coder = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 1)
+        .unwrap();
+    assert_eq!(coder["name"], "coder");
+    assert!(
+        coder["reasons"]["egress_denied"]["packets"]
+            .as_u64()
+            .unwrap()
+            >= 22
+    );
+}
+
+#[test]
+fn monitor_mode_passes_and_counts() {
+    if !require_root("monitor_mode_passes_and_counts") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(
+        r#"
+[[agents]]
+id = 1
+name = "watched"
+prefixes = ["10.200.1.2"]
+mode = "monitor"
+egress_default = "deny"
+"#,
+    );
+    lab.start_daemon();
+    let _echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", 8080)).unwrap();
+    let a1 = lab.agent(1);
+    assert!(
+        tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
+        "monitor mode passes"
+    );
+    let maps = lab.maps();
+    let would = maps.counter(1, Reason::MonitorEgressDenied).unwrap();
+    assert!(
+        would.packets >= 3,
+        "handshake and data counted as would-deny: {would:?}"
+    );
+    assert_eq!(maps.counter(1, Reason::EgressDenied).unwrap().packets, 0);
+}
+
+/// Floods from two CPUs at several times the limit and checks the admitted rate over the
+/// steady state (burst excluded) is within 5% of the configured rate.
+fn flood_accuracy(
+    policy: &str,
+    payload: usize,
+    expected_per_sec: f64,
+    unit: fn(enforcer_common::Counter) -> u64,
+) {
+    let mut lab = Lab::new(1);
+    lab.write_policy(policy);
+    lab.start_daemon();
+    let sink = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let agent = lab.agent(1).name().to_owned();
+    let flood_ns = lab.agent(1);
+    let bpffs = lab.bpffs().to_owned();
+    let duration = Duration::from_secs(7);
+    let sampler = thread::spawn(move || {
+        let maps = enforcer::dataplane::KernelMaps::from_pins(&bpffs).unwrap();
+        let read = |maps: &enforcer::dataplane::KernelMaps| {
+            let allowed = unit(maps.counter(1, Reason::Allowed).unwrap());
+            let limited = unit(maps.counter(1, Reason::RateLimitedPackets).unwrap())
+                + unit(maps.counter(1, Reason::RateLimitedBytes).unwrap());
+            (Instant::now(), allowed, limited)
+        };
+        // Skip the first second: the burst and the senders' ramp-up.
+        thread::sleep(Duration::from_millis(1500));
+        let start = read(&maps);
+        thread::sleep(Duration::from_secs(5));
+        let end = read(&maps);
+        (start, end)
+    });
+    let sent = enforcer::lab::udp_flood(
+        flood_ns,
+        sa(SERVER_V4, 9000),
+        payload,
+        duration,
+        &[0, 1],
+        None,
+    )
+    .unwrap();
+    let ((t0, a0, l0), (t1, a1, l1)) = sampler.join().unwrap();
+    let received = sink.stop();
+    let secs = (t1 - t0).as_secs_f64();
+    let admitted = (a1 - a0) as f64 / secs;
+    let offered = admitted + (l1 - l0) as f64 / secs;
+    let ratio = admitted / expected_per_sec;
+    eprintln!(
+        "{agent}: sent {sent} datagrams; admitted {admitted:.0}/s, offered {offered:.0}/s, \
+         limit {expected_per_sec:.0}/s, ratio {ratio:.4}; server received {received:?}"
+    );
+    assert!(
+        offered >= 2.0 * expected_per_sec,
+        "flood too weak to test the limit: {offered:.0}/s"
+    );
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "admitted/limit = {ratio:.4}, outside 0.95..=1.05"
+    );
+}
+
+#[test]
+fn udp_flood_from_two_cpus_is_held_to_the_packet_rate() {
+    if !require_root("udp_flood_from_two_cpus_is_held_to_the_packet_rate") {
+        return;
+    }
+    flood_accuracy(
+        r#"
+[[agents]]
+id = 1
+name = "flooder"
+interfaces = ["gwa1"]
+egress_default = "allow"
+rate = { packets_per_sec = 20000, packets_burst = 2000 }
+"#,
+        64,
+        20_000.0,
+        |c| c.packets,
+    );
+}
+
+#[test]
+fn udp_flood_from_two_cpus_is_held_to_the_byte_rate() {
+    if !require_root("udp_flood_from_two_cpus_is_held_to_the_byte_rate") {
+        return;
+    }
+    // 1000-byte payloads make 1042-byte frames; 20 MB/s admits about 19,200 of them a second.
+    flood_accuracy(
+        r#"
+[[agents]]
+id = 1
+name = "flooder"
+interfaces = ["gwa1"]
+egress_default = "allow"
+rate = { bytes_per_sec = 20000000, bytes_burst = 2000000 }
+"#,
+        1000,
+        20_000_000.0,
+        |c| c.bytes,
+    );
+}
+
+#[test]
+fn restart_keeps_enforcing_throughout() {
+    if !require_root("restart_keeps_enforcing_throughout") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(
+        &policy_two_agents()
+            .split("[[agents]]\nid = 2")
+            .next()
+            .unwrap()
+            .to_string(),
+    );
+    lab.start_daemon();
+    let allowed = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let denied = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a1 = lab.agent(1);
+    // Probe continuously on both ports while the daemon goes away and comes back.
+    let prober = {
+        let stop = stop.clone();
+        let ns_path = a1.path();
+        thread::spawn(move || {
+            let file = std::fs::File::open(ns_path).unwrap();
+            // SAFETY: setns on this thread only, with an fd we own.
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
+                0
+            );
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let (mut sent_allowed, mut sent_denied) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if socket.send_to(b"a", sa(SERVER_V4, 9000)).is_ok() {
+                    sent_allowed += 1;
+                }
+                if socket.send_to(b"d", sa(SERVER_V4, 9001)).is_ok() {
+                    sent_denied += 1;
+                }
+                thread::sleep(Duration::from_micros(500));
+            }
+            (sent_allowed, sent_denied)
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    // SIGTERM: the daemon exits, the pinned program keeps enforcing.
+    lab.stop_daemon(libc::SIGTERM);
+    let during_gap = allowed.counts().0;
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        allowed.counts().0 > during_gap,
+        "allowed traffic keeps flowing with no daemon"
+    );
+    // Restart: the pinned link is switched to the new program atomically.
+    lab.start_daemon();
+    thread::sleep(Duration::from_millis(300));
+    // SIGKILL: no clean-up at all, still enforcing.
+    lab.stop_daemon(libc::SIGKILL);
+    thread::sleep(Duration::from_millis(300));
+    lab.start_daemon();
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent_allowed, sent_denied) = prober.join().unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let (ok, _) = allowed.stop();
+    let (leaked, _) = denied.stop();
+    eprintln!(
+        "sent {sent_allowed} allowed, {sent_denied} denied; received {ok} allowed, {leaked} denied"
+    );
+    assert_eq!(leaked, 0, "a denied datagram got through during a restart");
+    assert_eq!(ok, sent_allowed, "allowed traffic was interrupted");
+    assert_eq!(
+        lab.maps().counter(1, Reason::EgressDenied).unwrap().packets,
+        sent_denied
+    );
+}
+
+#[test]
+fn reload_applies_and_rejects_atomically() {
+    if !require_root("reload_applies_and_rejects_atomically") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    let deny_all = "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
+    lab.write_policy(deny_all);
+    lab.start_daemon();
+    let _echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", 8080)).unwrap();
+    let a1 = lab.agent(1);
+    assert!(!tcp_probe(a1, sa(SERVER_V4, 8080), DENIED_WAIT));
+    let generation = lab.status().generation;
+
+    // `policy apply` with a policy that allows the server: the daemon reloads.
+    let allow = lab.write_file(
+        "allow.toml",
+        &format!("{deny_all}[[agents.egress]]\naction = \"allow\"\nto = [\"10.200.100.0/24\"]\nproto = \"tcp\"\nports = \"8080\"\n"),
+    );
+    let config = lab.config_path();
+    let out = lab.cli(&[
+        "policy",
+        "apply",
+        allow.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.status().generation, generation + 1);
+    assert!(
+        tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
+        "allowed after apply"
+    );
+
+    // A bad policy is refused by the CLI with file, line and field, exit code 2; the running
+    // policy keeps enforcing.
+    let bad = lab.write_file(
+        "bad.toml",
+        &format!("{deny_all}[[agents.egress]]\naction = \"allow\"\nto = [\"10.200.100.0/33\"]\n"),
+    );
+    let out = lab.cli(&[
+        "policy",
+        "apply",
+        bad.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:8:"),
+        "error names file and line: {stderr}"
+    );
+    assert_eq!(lab.status().generation, generation + 1);
+    assert!(
+        tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
+        "still enforcing the last good policy"
+    );
+
+    // A policy file that breaks behind the daemon's back is rejected on SIGHUP, the same way.
+    let attempts = lab.status().attempts;
+    lab.write_policy("[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"no-such-if\"]\n");
+    lab.signal_daemon(libc::SIGHUP);
+    let status = lab.wait_attempts(attempts);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no-such-if"),
+        "{status:?}"
+    );
+    assert_eq!(status.generation, generation + 1);
+    assert!(
+        tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
+        "last good policy still enforcing"
+    );
+
+    // SIGHUP with a good file applies it.
+    lab.write_policy(deny_all);
+    lab.signal_daemon(libc::SIGHUP);
+    let status = lab.wait_attempts(attempts + 1);
+    assert_eq!(status.last_error, None);
+    assert_eq!(status.generation, generation + 2);
+    assert!(
+        !tcp_probe(a1, sa(SERVER_V4, 8080), DENIED_WAIT),
+        "denied again after reload"
+    );
+}

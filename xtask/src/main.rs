@@ -1,0 +1,126 @@
+//! Project tasks: `cargo xtask setup | test | demo | bench | fmt`.
+//!
+//! xtask does not depend on the `enforcer` crate: it has to build on a fresh machine, before
+//! `setup` has installed bpf-linker, which building `enforcer` needs.
+
+mod setup;
+
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+
+/// Project tasks.
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about)]
+enum Task {
+    /// Install what building and testing need: apt packages, the nightly toolchain with
+    /// rust-src, bpf-linker, and bpffs on /sys/fs/bpf. Idempotent.
+    Setup,
+    /// Run setup, then every test in release mode, one at a time (rate tests need quiet CPUs).
+    Test {
+        /// Passed to the test binaries, after `--test-threads=1`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run setup, build the enforcer and run its demo.
+    Demo {
+        /// Passed to `enforcer demo`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run setup, then the data-plane benchmarks.
+    Bench {
+        /// Fewer samples: a quick check that the numbers are in the right range.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Format the workspace with nightly rustfmt (rustfmt.toml uses unstable options).
+    Fmt {
+        /// Only check; fail if a file would change.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    let root = workspace_root();
+    match Task::parse() {
+        Task::Setup => setup::run()?,
+        Task::Test { args } => {
+            setup::run()?;
+            // The default members: every crate but the eBPF one, which only builds for the
+            // BPF target (enforcer/build.rs builds it, so its code is still under test).
+            let status = cargo(&root)
+                .args(["test", "--release", "--", "--test-threads=1"])
+                .args(args)
+                .status()
+                .context("starting cargo test")?;
+            // Hand back cargo's own status so CI sees exactly what the tests did.
+            return Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ));
+        }
+        Task::Demo { args } => {
+            setup::run()?;
+            setup::run_step(cargo(&root).args(["build", "--release", "-p", "enforcer"]))?;
+            let binary = target_dir(&root).join("release/enforcer");
+            // exec: the demo owns the terminal, and Ctrl-C reaches it directly.
+            let err = Command::new(&binary).arg("demo").args(args).exec();
+            return Err(err).with_context(|| format!("running {} demo", binary.display()));
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            let mut bench = cargo(&root);
+            bench.args(["bench", "-p", "enforcer", "--bench", "dataplane", "--"]);
+            if quick {
+                bench.arg("--quick");
+            }
+            setup::run_step(&mut bench)?;
+        }
+        Task::Fmt { check } => {
+            setup::ensure_nightly()?;
+            setup::ensure_nightly_component("rustfmt")?;
+            // `+nightly` is understood by rustup's `cargo` proxy, not by the toolchain's
+            // cargo binary in $CARGO, so this one goes through PATH.
+            let mut fmt = Command::new("cargo");
+            fmt.current_dir(&root).args(["+nightly", "fmt", "--all"]);
+            if check {
+                fmt.arg("--check");
+            }
+            let status = fmt.status().context("starting cargo +nightly fmt")?;
+            if !status.success() {
+                bail!(if check {
+                    "formatting differs: run `cargo xtask fmt`"
+                } else {
+                    "cargo +nightly fmt failed"
+                });
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace root: xtask's manifest lives one directory below it.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// The cargo that runs xtask (so the same toolchain builds the project), in the root.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}

@@ -1,0 +1,249 @@
+//! `cargo xtask setup`: brings a Debian 12 machine with rustup to where the project builds
+//! and its tests run. Every step checks first and says whether it acted or skipped.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// Debian packages: LLVM 22 and the libraries its link line names (Debian ships Polly apart
+/// from llvm-22-dev) to build bpf-linker against, and iproute2 for the namespace tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Runs every setup step in order.
+pub fn run() -> Result<()> {
+    if is_root()? {
+        println!("ok: running as root");
+    } else {
+        println!("note: not root; steps that need to install or mount will fail");
+    }
+    apt_packages()?;
+    ensure_nightly()?;
+    ensure_nightly_component("rust-src")?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for package in APT_PACKAGES {
+        if dpkg_installed(package)? {
+            println!("ok: {package} installed");
+        } else {
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root(&format!("installing {}", missing.join(" ")))?;
+    run_step(Command::new("apt-get").arg("update")).context("updating apt package lists")?;
+    run_step(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))
+}
+
+fn dpkg_installed(package: &str) -> Result<bool> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .context("running dpkg-query (setup expects Debian 12)")?;
+    // dpkg-query fails for a package it has never heard of: that is "missing" too.
+    Ok(output.status.success() && output.stdout == b"install ok installed")
+}
+
+/// Installs the `nightly` toolchain if rustup does not have it (the eBPF crate needs it).
+pub fn ensure_nightly() -> Result<()> {
+    let list = probe(Command::new("rustup").args(["toolchain", "list"]))
+        .context("listing rustup toolchains (is rustup installed?)")?;
+    // "nightly-x86_64-unknown-linux-gnu", not a dated "nightly-2026-01-01-...".
+    let has_nightly = list.lines().any(|line| {
+        line.split_whitespace()
+            .next()
+            .and_then(|name| name.strip_prefix("nightly-"))
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    });
+    if has_nightly {
+        println!("ok: nightly toolchain present");
+        return Ok(());
+    }
+    run_step(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))
+    .context("installing the nightly toolchain")
+}
+
+/// Adds `component` to the nightly toolchain if it is missing; call [`ensure_nightly`] first.
+pub fn ensure_nightly_component(component: &str) -> Result<()> {
+    let installed = probe(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("listing nightly components")?;
+    // Installed components are listed with their target triple, except rust-src.
+    if installed
+        .lines()
+        .any(|l| l == component || l.starts_with(&format!("{component}-")))
+    {
+        println!("ok: {component} present on nightly");
+        return Ok(());
+    }
+    run_step(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))
+        .with_context(|| format!("adding {component} to the nightly toolchain"))
+}
+
+fn bpf_linker_version() -> Option<String> {
+    probe(Command::new("bpf-linker").arg("--version"))
+        .ok()
+        .map(|out| {
+            out.trim()
+                .trim_start_matches("bpf-linker")
+                .trim()
+                .to_owned()
+        })
+}
+
+fn bpf_linker() -> Result<()> {
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => {
+            println!("ok: bpf-linker {v} present");
+            return Ok(());
+        }
+        Some(v) => println!("note: bpf-linker {v} found, {BPF_LINKER_VERSION} wanted"),
+        None => println!("note: bpf-linker not found"),
+    }
+    let install = |locked: bool| {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.env("LLVM_PREFIX", LLVM_PREFIX).args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]);
+        if locked {
+            cmd.arg("--locked");
+        }
+        run_step(&mut cmd)
+    };
+    // --locked builds what upstream tested; without it, if a pinned dependency was yanked.
+    if let Err(e) = install(true) {
+        println!("note: {e:#}; retrying without --locked");
+        install(false).context("installing bpf-linker")?;
+    }
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => {
+            println!("ok: bpf-linker {v} installed");
+            Ok(())
+        }
+        found => bail!(
+            "bpf-linker {BPF_LINKER_VERSION} was installed but `bpf-linker --version` finds \
+             {found:?}: put cargo's bin directory (usually ~/.cargo/bin) first on PATH"
+        ),
+    }
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        println!("ok: bpffs mounted on {BPFFS}");
+        return Ok(());
+    }
+    require_root(&format!("mounting bpffs on {BPFFS}"))?;
+    run_step(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .with_context(|| format!("mounting bpffs on {BPFFS}"))
+}
+
+/// Whether the effective user is root, from the `Uid:` line of /proc/self/status (real,
+/// effective, saved, fs), which saves a libc dependency.
+fn is_root() -> Result<bool> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .context("no Uid line in /proc/self/status")?;
+    Ok(euid == "0")
+}
+
+fn require_root(what: &str) -> Result<()> {
+    ensure!(
+        is_root()?,
+        "{what} needs root: run `cargo xtask setup` as root (e.g. `sudo -E env \"PATH=$PATH\" \
+         cargo xtask setup`), or do that step by hand"
+    );
+    Ok(())
+}
+
+/// Prints and runs a command, failing with its command line if it does not succeed.
+pub fn run_step(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    println!("run: {line}");
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("starting `{line}`"))?;
+    ensure!(status.success(), "`{line}` failed ({status})");
+    Ok(())
+}
+
+/// Runs a command quietly and returns its stdout, failing if it cannot run or fails.
+fn probe(cmd: &mut Command) -> Result<String> {
+    let line = describe(cmd);
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting `{line}`"))?;
+    ensure!(
+        output.status.success(),
+        "`{line}` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut line = String::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            line.push_str(&format!(
+                "{}={} ",
+                key.to_string_lossy(),
+                value.to_string_lossy()
+            ));
+        }
+    }
+    line.push_str(&cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
