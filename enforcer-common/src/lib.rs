@@ -73,11 +73,14 @@ pub enum Reason {
     MonitorFragment = 12,
     /// Passed in monitor mode; enforce mode would have dropped it as `Malformed`.
     MonitorMalformed = 13,
+    /// Passed: link-local control traffic that cannot leave the link, like ARP for IPv4:
+    /// IPv6 neighbour discovery (hop limit 255), MLD and IGMP (hop limit / TTL 1).
+    LinkControl = 14,
 }
 
 impl Reason {
     /// Number of reasons; the counters map has this many slots per agent.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// All reasons, in numeric order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -95,6 +98,7 @@ impl Reason {
         Reason::MonitorEgressDenied,
         Reason::MonitorFragment,
         Reason::MonitorMalformed,
+        Reason::LinkControl,
     ];
 
     /// Whether the packet was dropped.
@@ -139,6 +143,7 @@ impl Reason {
             Reason::MonitorEgressDenied => "monitor_egress_denied",
             Reason::MonitorFragment => "monitor_fragment",
             Reason::MonitorMalformed => "monitor_malformed",
+            Reason::LinkControl => "link_control",
         }
     }
 

@@ -70,6 +70,8 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_IGMP: u8 = 2;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ROUTING: u8 = 43;
@@ -117,6 +119,9 @@ enum L4 {
     Fragment,
     /// Headers cut short or a chain the parser will not follow: nothing can be decided.
     Undecidable,
+    /// Link-local control traffic (IPv6 neighbour discovery, MLD, IGMP) that the hop
+    /// limit keeps on the link: passed like ARP, or agents could not use IP at all.
+    LinkControl,
 }
 
 /// The IP-layer facts a decision needs, for either family.
@@ -186,6 +191,9 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 }
 
 /// Reads `N` bytes at `off`, or `None` if they are not all before `data_end`.
+///
+/// Keep `N >= 2`: for `N == 1` LLVM folds `start + 1 > end` into `start >= end`, a form
+/// the verifier does not turn into a readable range.
 #[inline(always)]
 fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
     // The explicit bound keeps the offset's range small for the verifier.
@@ -228,6 +236,21 @@ fn transport(ctx: &XdpContext, proto: u8, off: usize) -> L4 {
     }
 }
 
+/// Classifies an ICMPv6 message at `off`. Neighbour discovery (RFC 4861: router and
+/// neighbour solicitation and advertisement, redirect) is only valid with hop limit 255 and
+/// MLD (RFC 2710, 3810) is sent with hop limit 1; either way it never leaves the link.
+#[inline(always)]
+fn icmpv6(ctx: &XdpContext, off: usize, hop_limit: u8) -> L4 {
+    // Type, code and checksum: the fixed start of every ICMPv6 message.
+    let Some([kind, ..]) = read::<4>(ctx, off) else {
+        return L4::Undecidable;
+    };
+    match (kind, hop_limit) {
+        (133..=137, 255) | (130..=132 | 143, 1) => L4::LinkControl,
+        _ => L4::NoPorts,
+    }
+}
+
 /// Parses an IPv4 header at `off`. `None` when the header is truncated or invalid, so the
 /// source address cannot be trusted.
 #[inline(always)]
@@ -239,10 +262,14 @@ fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
         return None;
     }
     let proto = h[9];
+    let ttl = h[8];
     let src = [h[12], h[13], h[14], h[15]];
     let dst = [h[16], h[17], h[18], h[19]];
     let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-    let l4 = if frag_offset == 1 && proto == IPPROTO_TCP {
+    let l4 = if proto == IPPROTO_IGMP && ttl == 1 && frag_offset == 0 {
+        // IGMP is link-scoped with TTL 1 (RFC 2236, 3376): no router forwards it.
+        L4::LinkControl
+    } else if frag_offset == 1 && proto == IPPROTO_TCP {
         // An 8-byte offset can only serve to overwrite the TCP ports of the first fragment
         // (RFC 1858, section 3.2): never legitimate.
         L4::Undecidable
@@ -253,7 +280,7 @@ fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
         } else {
             L4::NoPorts
         }
-    } else if read::<1>(ctx, off + ihl - 1).is_none() {
+    } else if read::<4>(ctx, off + ihl - 4).is_none() {
         // Options announced by IHL but cut off.
         L4::Undecidable
     } else {
@@ -281,6 +308,7 @@ fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
     src.copy_from_slice(&h[8..24]);
     dst.copy_from_slice(&h[24..40]);
     let mut next = h[6];
+    let hop_limit = h[7];
     let mut off = off + 40;
     // Stays Undecidable if the bound runs out inside the chain.
     let mut l4 = L4::Undecidable;
@@ -321,6 +349,10 @@ fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
                     };
                     break;
                 }
+            }
+            IPPROTO_ICMPV6 => {
+                l4 = icmpv6(ctx, off, hop_limit);
+                break;
             }
             _ => {
                 l4 = transport(ctx, next, off);
@@ -365,6 +397,10 @@ fn decide_v4(
                 agent = *a;
             }
         }
+    }
+    if flow.l4 == L4::LinkControl {
+        count(agent, Reason::LinkControl, len);
+        return Ok(xdp_action::XDP_PASS);
     }
     let Some(policy) = agent_policy(slot, stride, agent) else {
         return unknown(slot_cfg, len);
@@ -413,6 +449,10 @@ fn decide_v6(
                 agent = *a;
             }
         }
+    }
+    if flow.l4 == L4::LinkControl {
+        count(agent, Reason::LinkControl, len);
+        return Ok(xdp_action::XDP_PASS);
     }
     let Some(policy) = agent_policy(slot, stride, agent) else {
         return unknown(slot_cfg, len);
@@ -514,6 +554,7 @@ fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
                     }
                 }
                 L4::Undecidable => return Reason::Malformed,
+                L4::LinkControl => return Reason::LinkControl,
             }
             return if r.action == ACTION_ALLOW {
                 Reason::Allowed

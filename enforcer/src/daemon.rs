@@ -55,7 +55,7 @@ pub enum LoadError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The policy does not fit the maps or names unknown interfaces.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Compile {
         /// The policy file.
         path: PathBuf,

@@ -57,7 +57,7 @@ pub fn enforcer_bin() -> PathBuf {
         .join("enforcer");
     assert!(
         bin.exists(),
-        "{} not found: run the tests with `cargo xtask test` (cargo test --workspace builds it)",
+        "{} not found: run the tests with `cargo xtask test`, or `cargo build --release --bins` first",
         bin.display()
     );
     bin
@@ -79,7 +79,9 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the topology with `agents` agents. Nothing is attached yet.
+    /// Builds the topology with `agents` agents. Nothing is attached yet; the daemon's
+    /// configuration names every agent-facing gateway interface as an attach point, so
+    /// agents matched by source prefix are enforced too.
     pub fn new(agents: usize) -> Lab {
         let gw = Netns::create(&lab::unique_name("gw")).unwrap();
         let server = Netns::create(&lab::unique_name("srv")).unwrap();
@@ -129,7 +131,8 @@ impl Lab {
         fs::write(
             lab.config_path(),
             format!(
-                "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\n\n[limits]\nmax_agents = 64\n",
+                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\n\n[limits]\nmax_agents = 64\n",
+                (1..=agents).map(|i| format!("gwa{i}")).collect::<Vec<_>>(),
                 lab.bpffs.path().display()
             ),
         )

@@ -188,6 +188,29 @@ fn icmp6(src: &str, dst: &str) -> Vec<u8> {
     out
 }
 
+fn icmp6_type(src: &str, dst: &str, kind: u8, hop_limit: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), hop_limit)
+        .icmpv6_raw(kind, 0, [0; 4])
+        .write(&mut out, &[0; 16])
+        .unwrap();
+    out
+}
+
+fn igmp(src: &str, ttl: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4("224.0.0.22"), ttl)
+        .write(
+            &mut out,
+            etherparse::IpNumber::IGMP,
+            &[0x22, 0, 0, 0, 0, 0, 0, 0],
+        )
+        .unwrap();
+    out
+}
+
 fn tcp4_vlan(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -688,6 +711,52 @@ fn table() -> Vec<Row> {
             1,
             Malformed,
         ),
+        // Link-local control traffic passes like ARP, but only when the hop limit keeps it
+        // on the link.
+        row(
+            "v6 neighbour solicitation",
+            icmp6_type(a1v6, "fe80::1", 135, 255),
+            XDP_PASS,
+            1,
+            LinkControl,
+        ),
+        row(
+            "v6 neighbour advertisement",
+            icmp6_type(a1v6, "fe80::1", 136, 255),
+            XDP_PASS,
+            1,
+            LinkControl,
+        ),
+        row(
+            "v6 router solicitation",
+            icmp6_type(a1v6, "ff02::2", 133, 255),
+            XDP_PASS,
+            1,
+            LinkControl,
+        ),
+        row(
+            "v6 solicitation that could be routed",
+            icmp6_type(a1v6, "2001:db8::1", 135, 64),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row(
+            "v6 MLDv2 report",
+            icmp6_type(a1v6, "ff02::16", 143, 1),
+            XDP_PASS,
+            1,
+            LinkControl,
+        ),
+        row(
+            "v6 MLD report with hop limit 2",
+            icmp6_type(a1v6, "ff02::16", 143, 2),
+            XDP_DROP,
+            1,
+            EgressDenied,
+        ),
+        row("IGMP report, TTL 1", igmp(a1, 1), XDP_PASS, 1, LinkControl),
+        row("IGMP with TTL 64", igmp(a1, 64), XDP_DROP, 1, EgressDenied),
         // Non-IP and unknown senders.
         row("arp from unknown", arp(), XDP_PASS, UNKNOWN_AGENT, NonIp),
         on_sbx(row("arp on agent iface", arp(), XDP_PASS, 5, NonIp)),
@@ -899,7 +968,7 @@ fn load(bpffs: &BpffsMount, text: &str, dp: Option<Dataplane>) -> Dataplane {
 /// Every (agent, reason) counter of the agents the policies use.
 fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
     let mut all = Vec::new();
-    for agent in 0..=9 {
+    for agent in 0..=9u32 {
         for reason in Reason::ALL {
             all.push((agent, reason, counter(dp, agent, reason)));
         }

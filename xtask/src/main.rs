@@ -54,6 +54,15 @@ fn main() -> Result<ExitCode> {
         Task::Setup => setup::run()?,
         Task::Test { args } => {
             setup::run()?;
+            // The traffic tests run the real `enforcer` binary, which `cargo test` does not
+            // build for another package's tests.
+            let built = cargo(&root)
+                .args(["build", "--release", "--bins"])
+                .status()
+                .context("starting cargo build")?;
+            if !built.success() {
+                return Ok(ExitCode::from(built.code().unwrap_or(1).clamp(1, 255) as u8));
+            }
             // The default members: every crate but the eBPF one, which only builds for the
             // BPF target (enforcer/build.rs builds it, so its code is still under test).
             let status = cargo(&root)
