@@ -291,7 +291,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         }
         PolicyCommand::Presets => {
             for (name, prefixes) in policy::PRESETS {
-                println!("@{name:<12} {}", prefixes.join(", "));
+                println!("{name:<13} {}", prefixes.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }
