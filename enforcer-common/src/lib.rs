@@ -205,19 +205,45 @@ pub const AGENT_MONITOR: u32 = 1 << 1;
 pub const AGENT_RESTRICTED: u32 = 1 << 2;
 /// [`AgentPolicy::flags`]: a destination that matches no rule is allowed (else denied).
 pub const AGENT_DEFAULT_ALLOW: u32 = 1 << 3;
+/// [`AgentPolicy::flags`]: the agent's IPv4 destinations use more than
+/// [`MAX_DST_PROBES`] prefix lengths, so they live in the LPM trie `DST_V4` instead of the
+/// per-length hash `DST_HASH_V4`.
+pub const AGENT_DST_LPM_V4: u32 = 1 << 4;
+/// Same as [`AGENT_DST_LPM_V4`] for IPv6.
+pub const AGENT_DST_LPM_V6: u32 = 1 << 5;
+/// [`AgentPolicy::flags`]: every burst of the agent spans at least [`COARSE_CLOCK_MIN_NS`],
+/// so the rate limiter may read the cheaper jiffy-resolution clock without admitting less
+/// than the rate (a tick's worth of tokens always fits in the burst).
+pub const AGENT_COARSE_CLOCK: u32 = 1 << 6;
+
+/// Destination prefix lengths per family that the XDP program probes in the hash maps,
+/// longest first; an agent with more distinct lengths falls back to the LPM trie.
+pub const MAX_DST_PROBES: usize = 8;
+
+/// The smallest burst duration (burst / rate) for which the coarse clock is exact enough:
+/// four ticks of the slowest kernel clock (HZ=100, 10 ms).
+pub const COARSE_CLOCK_MIN_NS: u64 = 40_000_000;
 
 /// An agent's policy: map `AGENTS`, indexed by `slot * agent_stride + agent id`.
 ///
 /// Rate limits are GCRA parameters in time units of `1 >> TIME_SHIFT` ns: a packet costs
 /// `packet_cost`, a byte costs `UNITS_PER_SEC / byte_rate`, and a packet is admitted while
 /// the theoretical arrival time stays within `*_tolerance` of now.
+///
+/// Destination lookups: unless `AGENT_DST_LPM_*` is set, the program masks the destination
+/// with each of the `dst_lens_*` prefix lengths (longest first) and looks the result up in
+/// `DST_HASH_*`; the first hit is the longest matching prefix, as an LPM lookup would find.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentPolicy {
     /// `AGENT_*` flags.
     pub flags: u32,
+    /// Prefix lengths in use in `dst_lens_v4`.
+    pub dst_lens_v4_count: u8,
+    /// Prefix lengths in use in `dst_lens_v6`.
+    pub dst_lens_v6_count: u8,
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: u16,
     /// Cost of one packet in time units; 0 means no packets-per-second limit.
     pub packet_cost: u64,
     /// Packet burst in time units (`burst * packet_cost`).
@@ -226,8 +252,12 @@ pub struct AgentPolicy {
     pub byte_rate: u64,
     /// Byte burst in time units (`burst_bytes * UNITS_PER_SEC / byte_rate`).
     pub byte_tolerance: u64,
+    /// Distinct IPv4 destination prefix lengths, longest first.
+    pub dst_lens_v4: [u8; MAX_DST_PROBES],
+    /// Distinct IPv6 destination prefix lengths, longest first.
+    pub dst_lens_v6: [u8; MAX_DST_PROBES],
 }
-const _: () = assert!(size_of::<AgentPolicy>() == 40);
+const _: () = assert!(size_of::<AgentPolicy>() == 56);
 
 /// Rate-limiter state of one agent: map `BUCKETS`, indexed by agent id. Not per slot: an
 /// agent keeps its bucket across policy changes.
@@ -320,7 +350,38 @@ pub const OWNER_BITS: u32 = 32;
 
 /// Owner word of a destination-map key: the slot in the top bit, the agent id below.
 pub const fn owner(slot: u32, agent: u32) -> [u8; 4] {
-    ((slot << 31) | agent).to_be_bytes()
+    owner_word(slot, agent).to_be_bytes()
+}
+
+/// Key of map `DST_HASH_V4`: one destination prefix of one agent, in a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DstV4Key {
+    /// [`owner_word`]`(slot, agent)`.
+    pub owner: u32,
+    /// Prefix length.
+    pub len: u32,
+    /// The prefix, host bits zero, network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<DstV4Key>() == 12);
+
+/// Key of map `DST_HASH_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DstV6Key {
+    /// [`owner_word`]`(slot, agent)`.
+    pub owner: u32,
+    /// Prefix length.
+    pub len: u32,
+    /// The prefix, host bits zero, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<DstV6Key>() == 24);
+
+/// The owner of a destination entry as a native integer: slot in the top bit, agent below.
+pub const fn owner_word(slot: u32, agent: u32) -> u32 {
+    (slot << 31) | agent
 }
 
 /// Protocol value in [`PortRule::proto`] that matches any protocol.
@@ -395,8 +456,12 @@ pub mod maps {
     pub const DST_V4: &str = "DST_V4";
     /// LPM [`super::LpmV6`] (owner = slot and agent) to [`super::RuleSet`].
     pub const DST_V6: &str = "DST_V6";
+    /// [`super::DstV4Key`] to [`super::RuleSet`].
+    pub const DST_HASH_V4: &str = "DST_HASH_V4";
+    /// [`super::DstV6Key`] to [`super::RuleSet`].
+    pub const DST_HASH_V6: &str = "DST_HASH_V6";
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -409,6 +474,8 @@ pub mod maps {
         SRC_V6,
         DST_V4,
         DST_V6,
+        DST_HASH_V4,
+        DST_HASH_V6,
     ];
 }
 
@@ -438,4 +505,6 @@ mod pod {
     unsafe impl aya::Pod for LpmV6 {}
     unsafe impl aya::Pod for PortRule {}
     unsafe impl aya::Pod for RuleSet {}
+    unsafe impl aya::Pod for DstV4Key {}
+    unsafe impl aya::Pod for DstV6Key {}
 }

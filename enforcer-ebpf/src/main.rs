@@ -19,17 +19,18 @@ use core::{intrinsics::AtomicOrdering, ptr};
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use enforcer_common::{
-    ACTION_ALLOW, AGENT_ACTIVE, AGENT_DEFAULT_ALLOW, AGENT_MONITOR, AGENT_RESTRICTED, AgentPolicy,
-    Bucket, Counter, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, MAX_IPV6_EXT_HEADERS,
+    ACTION_ALLOW, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4,
+    AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_RESTRICTED, AgentPolicy, Bucket, Counter, DstV4Key,
+    DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, MAX_DST_PROBES, MAX_IPV6_EXT_HEADERS,
     MAX_RULES_PER_PREFIX, MAX_VLAN_TAGS, OWNER_BITS, PROTO_ANY, Reason, RuleSet, SLOT_HAS_IFACES,
     SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, State, TIME_SHIFT,
-    UNITS_PER_SEC, UNKNOWN_AGENT, counter_index, owner,
+    UNITS_PER_SEC, UNKNOWN_AGENT, counter_index, owner, owner_word,
 };
 
 // Map sizes here are placeholders: the daemon sets the real ones at load time
@@ -62,6 +63,10 @@ static SRC_V6: LpmTrie<LpmV6, u32> = LpmTrie::pinned(1024, 0);
 static DST_V4: LpmTrie<LpmV4, RuleSet> = LpmTrie::pinned(1024, 0);
 #[map]
 static DST_V6: LpmTrie<LpmV6, RuleSet> = LpmTrie::pinned(1024, 0);
+#[map]
+static DST_HASH_V4: HashMap<DstV4Key, RuleSet> = HashMap::pinned(1024, 0);
+#[map]
+static DST_HASH_V6: HashMap<DstV6Key, RuleSet> = HashMap::pinned(1024, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -406,14 +411,12 @@ fn decide_v4(
         return unknown(slot_cfg, len);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
-        let key = Key::new(
-            OWNER_BITS + 32,
-            LpmV4 {
-                owner: owner(slot, agent),
-                addr: flow.dst,
-            },
-        );
-        egress(DST_V4.get(&key), flow.proto, flow.l4, policy.flags)
+        egress(
+            dst_v4(slot, agent, policy, flow.dst),
+            flow.proto,
+            flow.l4,
+            policy.flags,
+        )
     } else {
         Reason::Allowed
     };
@@ -458,18 +461,112 @@ fn decide_v6(
         return unknown(slot_cfg, len);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
-        let key = Key::new(
-            OWNER_BITS + 128,
-            LpmV6 {
-                owner: owner(slot, agent),
-                addr: flow.dst,
-            },
-        );
-        egress(DST_V6.get(&key), flow.proto, flow.l4, policy.flags)
+        egress(
+            dst_v6(slot, agent, policy, flow.dst),
+            flow.proto,
+            flow.l4,
+            policy.flags,
+        )
     } else {
         Reason::Allowed
     };
     finish(agent, policy, verdict, len)
+}
+
+/// The rules of the longest of the agent's IPv4 destination prefixes that contains `dst`.
+/// A few hash probes (one per prefix length the agent uses, longest first) cost less than
+/// an LPM walk whose depth grows with every agent's entries; agents with many lengths use
+/// the LPM trie.
+#[inline(always)]
+fn dst_v4(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 4]) -> Option<&'static RuleSet> {
+    if policy.flags & AGENT_DST_LPM_V4 != 0 {
+        let key = Key::new(
+            OWNER_BITS + 32,
+            LpmV4 {
+                owner: owner(slot, agent),
+                addr: dst,
+            },
+        );
+        return DST_V4.get(&key);
+    }
+    let addr = u32::from_be_bytes(dst);
+    let mut key = DstV4Key {
+        owner: owner_word(slot, agent),
+        len: 0,
+        addr: [0; 4],
+    };
+    let n = policy.dst_lens_v4_count as usize;
+    for i in 0..MAX_DST_PROBES {
+        if i >= n {
+            break;
+        }
+        let len = u32::from(policy.dst_lens_v4[i]);
+        // len is 0..=32 (compile checks); shifting a u32 by 32 is not defined, so /0 is
+        // handled apart.
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << ((32 - len) & 31)
+        };
+        key.len = len;
+        key.addr = (addr & mask).to_be_bytes();
+        // SAFETY: the value is only read, during this program run.
+        if let Some(rules) = unsafe { DST_HASH_V4.get(&key) } {
+            return Some(rules);
+        }
+    }
+    None
+}
+
+/// IPv6 form of [`dst_v4`].
+#[inline(always)]
+fn dst_v6(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 16]) -> Option<&'static RuleSet> {
+    if policy.flags & AGENT_DST_LPM_V6 != 0 {
+        let key = Key::new(
+            OWNER_BITS + 128,
+            LpmV6 {
+                owner: owner(slot, agent),
+                addr: dst,
+            },
+        );
+        return DST_V6.get(&key);
+    }
+    let hi = u64::from_be_bytes([
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+    ]);
+    let mut key = DstV6Key {
+        owner: owner_word(slot, agent),
+        len: 0,
+        addr: [0; 16],
+    };
+    let n = policy.dst_lens_v6_count as usize;
+    for i in 0..MAX_DST_PROBES {
+        if i >= n {
+            break;
+        }
+        let len = u32::from(policy.dst_lens_v6[i]);
+        let (mask_hi, mask_lo) = if len == 0 {
+            (0, 0)
+        } else if len <= 64 {
+            (u64::MAX << ((64 - len) & 63), 0)
+        } else {
+            (u64::MAX, u64::MAX << ((128 - len) & 63))
+        };
+        key.len = len;
+        let (h, l) = ((hi & mask_hi).to_be_bytes(), (lo & mask_lo).to_be_bytes());
+        key.addr = [
+            h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5],
+            l[6], l[7],
+        ];
+        // SAFETY: the value is only read, during this program run.
+        if let Some(rules) = unsafe { DST_HASH_V6.get(&key) } {
+            return Some(rules);
+        }
+    }
+    None
 }
 
 /// The agent's policy in this slot, if `agent` is a configured agent.
@@ -597,8 +694,16 @@ fn rate_limit(agent: u32, policy: &AgentPolicy, len: u64) -> Result<Reason, ()> 
         return Ok(Reason::Allowed);
     }
     let bucket = BUCKETS.get_ptr_mut(agent).ok_or(())?;
-    // SAFETY: helper without preconditions. 5.x+: monotonic clock in ns.
-    let now = unsafe { bpf_ktime_get_ns() } << TIME_SHIFT;
+    // Both clocks are CLOCK_MONOTONIC; the coarse one (Linux 5.11) lags by up to a tick and
+    // costs a fraction of the precise one. The compile step allows it only when every burst
+    // of the agent spans several ticks, so the lag never costs admitted packets.
+    // SAFETY: helpers without preconditions.
+    let ns = if policy.flags & AGENT_COARSE_CLOCK != 0 {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
+    let now = ns << TIME_SHIFT;
     // SAFETY: `bucket` points into an array map value, valid for the program's run; the
     // fields are only accessed atomically (or with a racy read that the CAS validates).
     let packet_tat = unsafe { ptr::addr_of_mut!((*bucket).packet_tat) };

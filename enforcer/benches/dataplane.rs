@@ -137,8 +137,19 @@ fn main() {
         if o.quick { ", quick" } else { "" }
     );
     let mut rows = Vec::new();
+    // `--only AGENTS:PREFIXES` measures one size (for quick experiments).
+    let only: Option<(u32, u32)> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .and_then(|v| {
+            v.split_once(':')
+                .map(|(a, p)| (a.parse().unwrap(), p.parse().unwrap()))
+        });
     for &agents in &AGENTS {
         for &prefixes in &PREFIXES {
+            if only.is_some_and(|o| o != (agents, prefixes)) {
+                continue;
+            }
             let started = Instant::now();
             let open =
                 policy::parse("bench.toml", &policy_text(agents, prefixes, 1_000_000_000)).unwrap();

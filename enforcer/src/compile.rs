@@ -10,8 +10,10 @@ use std::{
 };
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_DEFAULT_ALLOW, AGENT_MONITOR, AGENT_RESTRICTED,
-    AgentPolicy, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet, UNITS_PER_SEC,
+    ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW,
+    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_RESTRICTED, AgentPolicy,
+    COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet,
+    TIME_SHIFT, UNITS_PER_SEC,
 };
 
 use crate::policy::{Action, Agent, EgressDefault, IpNet, Mode, Policy, Proto, UnknownTraffic};
@@ -274,6 +276,7 @@ pub fn compile(
         }
     }
 
+    destination_lookup(&mut out);
     out.agents.sort_by_key(|&(id, _)| id);
     out.interfaces.sort();
     out.source_hosts_v4.sort();
@@ -332,6 +335,40 @@ fn restricted(agent: &Agent) -> bool {
 }
 
 /// Flags and GCRA parameters of one agent.
+/// Chooses, per agent and family, how the kernel finds a destination's rules: probing the
+/// hash map once per distinct prefix length (longest first), or, with more than
+/// `MAX_DST_PROBES` lengths, the LPM trie.
+fn destination_lookup(out: &mut Compiled) {
+    let mut lens: BTreeMap<u32, (BTreeSet<u8>, BTreeSet<u8>)> = BTreeMap::new();
+    for (id, prefix, _) in &out.destinations_v4 {
+        lens.entry(*id).or_default().0.insert(prefix.len);
+    }
+    for (id, prefix, _) in &out.destinations_v6 {
+        lens.entry(*id).or_default().1.insert(prefix.len);
+    }
+    for (id, policy) in &mut out.agents {
+        let Some((v4, v6)) = lens.get(id) else {
+            continue;
+        };
+        let fill = |set: &BTreeSet<u8>, lens: &mut [u8; MAX_DST_PROBES], count: &mut u8| {
+            if set.len() > MAX_DST_PROBES {
+                return false;
+            }
+            for (slot, len) in lens.iter_mut().zip(set.iter().rev()) {
+                *slot = *len;
+            }
+            *count = set.len() as u8;
+            true
+        };
+        if !fill(v4, &mut policy.dst_lens_v4, &mut policy.dst_lens_v4_count) {
+            policy.flags |= AGENT_DST_LPM_V4;
+        }
+        if !fill(v6, &mut policy.dst_lens_v6, &mut policy.dst_lens_v6_count) {
+            policy.flags |= AGENT_DST_LPM_V6;
+        }
+    }
+}
+
 fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
     let out_of_range = |field, value| CompileError::RateOutOfRange {
         agent: agent.name.clone(),
@@ -376,13 +413,23 @@ fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
         }
     };
 
+    // The coarse clock lags by up to a tick: safe when every burst spans several ticks.
+    let spans_ticks = |tolerance: u64| tolerance >> TIME_SHIFT >= COARSE_CLOCK_MIN_NS;
+    if (packet_cost != 0 || byte_rate != 0)
+        && (packet_cost == 0 || spans_ticks(packet_tolerance))
+        && (byte_rate == 0 || spans_ticks(byte_tolerance))
+    {
+        flags |= AGENT_COARSE_CLOCK;
+    }
+
     Ok(AgentPolicy {
         flags,
-        _pad: 0,
         packet_cost,
         packet_tolerance,
         byte_rate,
         byte_tolerance,
+        // Filled in by `destination_lookup` once the destinations are known.
+        ..AgentPolicy::default()
     })
 }
 
@@ -604,12 +651,17 @@ ports = "443"
                 agents: vec![(
                     1,
                     AgentPolicy {
-                        flags: AGENT_ACTIVE | AGENT_RESTRICTED,
-                        _pad: 0,
+                        // Both bursts span 100 ms, enough for the coarse clock.
+                        flags: AGENT_ACTIVE | AGENT_RESTRICTED | AGENT_COARSE_CLOCK,
                         packet_cost: 16_000_000,
                         packet_tolerance: 1_600_000_000,
                         byte_rate: 1_000_000,
                         byte_tolerance: 1_600_000_000,
+                        dst_lens_v4_count: 2,
+                        dst_lens_v4: [32, 24, 0, 0, 0, 0, 0, 0],
+                        dst_lens_v6_count: 1,
+                        dst_lens_v6: [128, 0, 0, 0, 0, 0, 0, 0],
+                        _pad: 0,
                     }
                 )],
                 interfaces: vec![(7, 1)],
@@ -1052,5 +1104,64 @@ ports = "443"
         assert_eq!(first, ok(&format!("{a}{b}")));
         // Agent order in the document does not matter either.
         assert_eq!(first, ok(&format!("{b}{a}")));
+    }
+
+    #[test]
+    fn many_prefix_lengths_fall_back_to_the_lpm_trie() {
+        // Nine IPv4 lengths (/16../24): one more than the kernel probes.
+        let to: Vec<String> = (16..=24).map(|len| format!("\"10.0.0.0/{len}\"")).collect();
+        let few: Vec<String> = (16..=23).map(|len| format!("\"10.0.0.0/{len}\"")).collect();
+        let text = |to: &[String]| {
+            format!(
+                "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.1.0.2\"]\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [{}, \"fd00::/8\"]\n",
+                to.join(", ")
+            )
+        };
+        let many = ok(&text(&to)).agents[0].1;
+        assert_eq!(many.flags & AGENT_DST_LPM_V4, AGENT_DST_LPM_V4);
+        assert_eq!(many.flags & AGENT_DST_LPM_V6, 0);
+        assert_eq!((many.dst_lens_v6_count, many.dst_lens_v6[0]), (1, 8));
+        let eight = ok(&text(&few)).agents[0].1;
+        assert_eq!(eight.flags & AGENT_DST_LPM_V4, 0);
+        assert_eq!(eight.dst_lens_v4_count, 8);
+        assert_eq!(
+            eight.dst_lens_v4,
+            [23, 22, 21, 20, 19, 18, 17, 16],
+            "longest first"
+        );
+    }
+
+    #[test]
+    fn coarse_clock_only_when_every_burst_spans_ticks() {
+        let flags = |rate: &str| {
+            ok(&format!(
+                "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.1.0.2\"]\nrate = {{ {rate} }}\n"
+            ))
+            .agents[0]
+                .1
+                .flags
+        };
+        // 100 packets at 1000/s = 100 ms: coarse. 10 at 1000/s = 10 ms: precise.
+        assert_ne!(
+            flags("packets_per_sec = 1000, packets_burst = 100") & AGENT_COARSE_CLOCK,
+            0
+        );
+        assert_eq!(
+            flags("packets_per_sec = 1000, packets_burst = 10") & AGENT_COARSE_CLOCK,
+            0
+        );
+        // Both limits must qualify: 2000 bytes at 100 kB/s is 20 ms.
+        assert_eq!(
+            flags(
+                "packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 100000, bytes_burst = 2000"
+            ) & AGENT_COARSE_CLOCK,
+            0
+        );
+        assert_ne!(
+            flags("bytes_per_sec = 100000, bytes_burst = 9000") & AGENT_COARSE_CLOCK,
+            0,
+            "90 ms of bytes"
+        );
     }
 }

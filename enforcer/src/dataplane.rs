@@ -27,9 +27,10 @@ use aya::{
     },
 };
 use enforcer_common::{
-    AGENT_ACTIVE, AgentPolicy, Bucket, Counter, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6,
-    OWNER_BITS, Reason, RuleSet, SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6,
-    SLOT_UNKNOWN_DROP, SlotConfig, State, UNKNOWN_AGENT, counter_index, maps, owner, programs,
+    AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, Bucket, Counter, DstV4Key,
+    DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, OWNER_BITS, Reason, RuleSet,
+    SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, State,
+    UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
 };
 use thiserror::Error;
 
@@ -273,7 +274,9 @@ impl Dataplane {
             .map_max_entries(maps::SRC_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_V6, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::DST_V4, 2 * limits.max_destination_prefixes)
-            .map_max_entries(maps::DST_V6, 2 * limits.max_destination_prefixes);
+            .map_max_entries(maps::DST_V6, 2 * limits.max_destination_prefixes)
+            .map_max_entries(maps::DST_HASH_V4, 2 * limits.max_destination_prefixes)
+            .map_max_entries(maps::DST_HASH_V6, 2 * limits.max_destination_prefixes);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
@@ -462,6 +465,8 @@ pub struct KernelMaps {
     src_v6: LpmTrie<MapData, LpmV6, u32>,
     dst_v4: LpmTrie<MapData, LpmV4, RuleSet>,
     dst_v6: LpmTrie<MapData, LpmV6, RuleSet>,
+    dst_hash_v4: HashMap<MapData, DstV4Key, RuleSet>,
+    dst_hash_v6: HashMap<MapData, DstV6Key, RuleSet>,
 }
 
 /// Where [`KernelMaps`] gets its maps from: a freshly loaded object or the pins.
@@ -511,6 +516,8 @@ impl KernelMaps {
             src_v6: typed(source, maps::SRC_V6)?,
             dst_v4: typed(source, maps::DST_V4)?,
             dst_v6: typed(source, maps::DST_V6)?,
+            dst_hash_v4: typed(source, maps::DST_HASH_V4)?,
+            dst_hash_v6: typed(source, maps::DST_HASH_V6)?,
         })
     }
 
@@ -655,6 +662,12 @@ impl PolicyMaps for KernelMaps {
         remove_where!(self.dst_v6, maps::DST_V6, |k: &Key<LpmV6>| u32::from(
             k.data().owner[0] >> 7
         ) == slot);
+        remove_where!(self.dst_hash_v4, maps::DST_HASH_V4, |k: &DstV4Key| k.owner
+            >> 31
+            == slot);
+        remove_where!(self.dst_hash_v6, maps::DST_HASH_V6, |k: &DstV6Key| k.owner
+            >> 31
+            == slot);
         Ok(())
     }
 
@@ -705,29 +718,55 @@ impl PolicyMaps for KernelMaps {
                 .insert(&key, agent, 0)
                 .map_err(err("writing", maps::SRC_V6))?;
         }
+        // Each agent's destinations go where its flags tell the program to look.
+        let flags: std::collections::HashMap<u32, u32> =
+            c.agents.iter().map(|(id, p)| (*id, p.flags)).collect();
+        let uses = |agent: &u32, flag| flags.get(agent).is_some_and(|f| f & flag != 0);
         for (agent, p, rules) in &c.destinations_v4 {
-            let key = Key::new(
-                OWNER_BITS + u32::from(p.len),
-                LpmV4 {
-                    owner: owner(slot, *agent),
+            if uses(agent, AGENT_DST_LPM_V4) {
+                let key = Key::new(
+                    OWNER_BITS + u32::from(p.len),
+                    LpmV4 {
+                        owner: owner(slot, *agent),
+                        addr: p.addr,
+                    },
+                );
+                self.dst_v4
+                    .insert(&key, rules, 0)
+                    .map_err(err("writing", maps::DST_V4))?;
+            } else {
+                let key = DstV4Key {
+                    owner: owner_word(slot, *agent),
+                    len: u32::from(p.len),
                     addr: p.addr,
-                },
-            );
-            self.dst_v4
-                .insert(&key, rules, 0)
-                .map_err(err("writing", maps::DST_V4))?;
+                };
+                self.dst_hash_v4
+                    .insert(key, rules, 0)
+                    .map_err(err("writing", maps::DST_HASH_V4))?;
+            }
         }
         for (agent, p, rules) in &c.destinations_v6 {
-            let key = Key::new(
-                OWNER_BITS + u32::from(p.len),
-                LpmV6 {
-                    owner: owner(slot, *agent),
+            if uses(agent, AGENT_DST_LPM_V6) {
+                let key = Key::new(
+                    OWNER_BITS + u32::from(p.len),
+                    LpmV6 {
+                        owner: owner(slot, *agent),
+                        addr: p.addr,
+                    },
+                );
+                self.dst_v6
+                    .insert(&key, rules, 0)
+                    .map_err(err("writing", maps::DST_V6))?;
+            } else {
+                let key = DstV6Key {
+                    owner: owner_word(slot, *agent),
+                    len: u32::from(p.len),
                     addr: p.addr,
-                },
-            );
-            self.dst_v6
-                .insert(&key, rules, 0)
-                .map_err(err("writing", maps::DST_V6))?;
+                };
+                self.dst_hash_v6
+                    .insert(key, rules, 0)
+                    .map_err(err("writing", maps::DST_HASH_V6))?;
+            }
         }
         self.slots
             .set(slot, slot_config(c), 0)

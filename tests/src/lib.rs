@@ -181,6 +181,8 @@ impl Lab {
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
+            // Warnings and errors only: the daemon's stderr is not captured by the harness.
+            .env("ENFORCER_LOG", "warn")
             .spawn()
             .unwrap();
         let mut guard = ChildGuard::new(child);

@@ -109,6 +109,25 @@ prefixes = ["10.8.0.2"]
 mode = "monitor"
 egress_default = "allow"
 rate = { packets_per_sec = 1, packets_burst = 1 }
+
+# Nine prefix lengths per family: more than the hash probes, so the LPM tries serve it.
+[[agents]]
+id = 10
+name = "many-lengths"
+prefixes = ["10.10.0.2", "fd10::2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16", "10.9.0.0/17", "10.9.0.0/18", "10.9.0.0/19", "10.9.0.0/20",
+      "10.9.0.0/21", "10.9.0.0/22", "10.9.0.0/23", "fd09::/32", "fd09::/33", "fd09::/34",
+      "fd09::/35", "fd09::/36", "fd09::/37", "fd09::/38", "fd09::/39", "fd09::/40"]
+proto = "tcp"
+ports = "443"
+[[agents.egress]]
+action = "deny"
+to = ["10.9.0.0/24", "fd09::/48"]
+proto = "tcp"
+ports = "443"
 "#;
 
 /// The same agents, but traffic from unknown sources is dropped.
@@ -869,6 +888,49 @@ fn table() -> Vec<Row> {
             5,
             Allowed,
         )),
+        // The LPM fallback for agents with many prefix lengths decides the same way.
+        row(
+            "lpm path: allowed",
+            tcp4("10.10.0.2", "10.9.1.5", 443),
+            XDP_PASS,
+            10,
+            Allowed,
+        ),
+        row(
+            "lpm path: other port",
+            tcp4("10.10.0.2", "10.9.1.5", 80),
+            XDP_DROP,
+            10,
+            EgressDenied,
+        ),
+        row(
+            "lpm path: more specific deny",
+            tcp4("10.10.0.2", "10.9.0.5", 443),
+            XDP_DROP,
+            10,
+            EgressDenied,
+        ),
+        row(
+            "lpm path: outside",
+            tcp4("10.10.0.2", "10.8.0.5", 443),
+            XDP_DROP,
+            10,
+            EgressDenied,
+        ),
+        row(
+            "lpm path v6: allowed",
+            tcp6("fd10::2", "fd09:0:ff::1", 443),
+            XDP_PASS,
+            10,
+            Allowed,
+        ),
+        row(
+            "lpm path v6: more specific deny",
+            tcp6("fd10::2", "fd09::1", 443),
+            XDP_DROP,
+            10,
+            EgressDenied,
+        ),
         // Rate limits (1 pps, burst 3; 100 B/s, burst 2000 B): the rows run in order.
         row(
             "pps burst 1/3",
@@ -968,7 +1030,7 @@ fn load(bpffs: &BpffsMount, text: &str, dp: Option<Dataplane>) -> Dataplane {
 /// Every (agent, reason) counter of the agents the policies use.
 fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
     let mut all = Vec::new();
-    for agent in 0..=9u32 {
+    for agent in 0..=10u32 {
         for reason in Reason::ALL {
             all.push((agent, reason, counter(dp, agent, reason)));
         }

@@ -183,16 +183,24 @@ egress_default = "deny"
 }
 
 /// Floods from two CPUs at several times the limit and checks the admitted rate over the
-/// steady state (burst excluded) is within 5% of the configured rate.
+/// steady state (burst excluded) is within 5% of the configured rate. `coarse` is whether
+/// the compile step let the agent use the coarse clock (bursts of 40 ms or more).
 fn flood_accuracy(
     policy: &str,
     payload: usize,
     expected_per_sec: f64,
     unit: fn(enforcer_common::Counter) -> u64,
+    coarse: bool,
 ) {
     let mut lab = Lab::new(1);
     lab.write_policy(policy);
     lab.start_daemon();
+    let flags = lab.maps().agent_policy(1).unwrap().flags;
+    assert_eq!(
+        flags & enforcer_common::AGENT_COARSE_CLOCK != 0,
+        coarse,
+        "clock choice"
+    );
     let sink = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
     let agent = lab.agent(1).name().to_owned();
     let flood_ns = lab.agent(1);
@@ -259,6 +267,29 @@ rate = { packets_per_sec = 20000, packets_burst = 2000 }
         64,
         20_000.0,
         |c| c.packets,
+        true,
+    );
+}
+
+#[test]
+fn udp_flood_with_a_small_burst_is_held_to_the_rate_on_the_precise_clock() {
+    if !require_root("udp_flood_with_a_small_burst_is_held_to_the_rate_on_the_precise_clock") {
+        return;
+    }
+    // A 5 ms burst: shorter than a few ticks, so the limiter reads the precise clock.
+    flood_accuracy(
+        r#"
+[[agents]]
+id = 1
+name = "flooder"
+interfaces = ["gwa1"]
+egress_default = "allow"
+rate = { packets_per_sec = 20000, packets_burst = 100 }
+"#,
+        64,
+        20_000.0,
+        |c| c.packets,
+        false,
     );
 }
 
@@ -280,6 +311,7 @@ rate = { bytes_per_sec = 20000000, bytes_burst = 2000000 }
         1000,
         20_000_000.0,
         |c| c.bytes,
+        true,
     );
 }
 
