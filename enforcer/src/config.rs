@@ -7,6 +7,9 @@
 //! bpffs = "/sys/fs/bpf/enforcer"         # pins: maps/ and links/
 //! state_dir = "/run/enforcer"            # pid file and status.json
 //! xdp_mode = "auto"                      # auto (native, else generic) | native | generic
+//! socket = "/run/enforcer/enforcer.sock" # local API (default: <state_dir>/enforcer.sock)
+//! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
+//! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
 //!
 //! [limits]
 //! max_agents = 4096
@@ -73,8 +76,16 @@ struct RawConfig {
     state_dir: PathBuf,
     #[serde(default)]
     xdp_mode: AttachMode,
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    #[serde(default = "default_metrics")]
+    metrics_listen: String,
     #[serde(default)]
     limits: RawLimits,
+}
+
+fn default_metrics() -> String {
+    "127.0.0.1:9464".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +143,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// XDP attach mode.
     pub xdp_mode: AttachMode,
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// Group that may use the socket besides root.
+    pub socket_group: Option<String>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Map capacities.
     pub limits: Limits,
 }
@@ -193,13 +210,29 @@ impl Config {
                 ));
             }
         }
+        let metrics_listen = match raw.metrics_listen.trim() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|e| {
+                invalid(
+                    "metrics_listen",
+                    format!("expected an address like 127.0.0.1:9464, got {addr:?}: {e}"),
+                )
+            })?),
+        };
         let base = path.parent().unwrap_or(Path::new("."));
+        let state_dir = base.join(&raw.state_dir);
         Ok(Config {
+            socket: raw
+                .socket
+                .map(|s| base.join(s))
+                .unwrap_or_else(|| state_dir.join("enforcer.sock")),
+            socket_group: raw.socket_group,
+            metrics_listen,
             path: path.to_path_buf(),
             policy: base.join(&raw.policy),
             interfaces: raw.interfaces,
             bpffs: base.join(&raw.bpffs),
-            state_dir: base.join(&raw.state_dir),
+            state_dir,
             xdp_mode: raw.xdp_mode,
             limits: Limits {
                 max_agents: l.max_agents,

@@ -1,24 +1,36 @@
 //! `enforcer run`: load and pin the program, apply the policy, attach, then serve reloads
-//! (SIGHUP) until SIGTERM/SIGINT. Exiting leaves the pinned program enforcing the last
-//! good policy; the next start picks the pins up without a gap.
+//! (SIGHUP, the local API) until SIGTERM/SIGINT. Exiting leaves the pinned program
+//! enforcing the last good policy; the next start picks the pins up without a gap.
+//!
+//! One task owns the [`Dataplane`] and every policy change goes through it
+//! ([`Daemon::apply_text`]): the file on SIGHUP, `policy apply` and `mode` from the API.
+//! Parse, validate and compile happen before any map is touched, so a rejected policy
+//! leaves the running one intact.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs, io,
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use thiserror::Error;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
 
 use crate::{
+    api::{self, Call, Request, Response},
     compile::{self, CompileError, Compiled, Limits},
     config::Config,
     dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
-    policy::{self, Policy, PolicyError},
+    metrics::{self, DaemonInfo},
+    policy::{self, Mode, Policy, PolicyError},
+    stats,
 };
 
 /// Errors that stop the daemon.
@@ -43,22 +55,34 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// The local API socket could not be set up.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// The metrics listener could not be bound.
+    #[error("binding the metrics endpoint on {addr}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// Signal handlers or the runtime could not be set up.
     #[error("setting up the runtime")]
     Runtime(#[source] io::Error),
 }
 
-/// Errors loading and compiling a policy file.
+/// Errors loading and compiling a policy.
 #[derive(Debug, Error)]
 pub enum LoadError {
     /// The document is invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The policy does not fit the maps or names unknown interfaces.
-    #[error("{path}")]
+    #[error("{origin}")]
     Compile {
-        /// The policy file.
-        path: PathBuf,
+        /// Where the policy came from.
+        origin: String,
         /// The underlying error.
         #[source]
         source: CompileError,
@@ -76,24 +100,39 @@ pub fn if_index(name: &str) -> Option<u32> {
 /// Reads, validates and compiles a policy file.
 pub fn load_policy(path: &Path, limits: &Limits) -> Result<(Policy, Compiled), LoadError> {
     let policy = policy::load(path)?;
-    let compiled =
-        compile::compile(&policy, limits, &if_index).map_err(|source| LoadError::Compile {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let compiled = compile_policy(&policy, &path.display().to_string(), limits)?;
     Ok((policy, compiled))
 }
 
-/// What the daemon publishes in `state_dir/status.json` for the CLI.
+fn compile_policy(policy: &Policy, origin: &str, limits: &Limits) -> Result<Compiled, LoadError> {
+    compile::compile(policy, limits, &if_index).map_err(|source| LoadError::Compile {
+        origin: origin.to_string(),
+        source,
+    })
+}
+
+/// Hex SHA-256 of a policy text: the digest status, metrics and audit records name.
+pub fn digest(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the daemon publishes in `state_dir/status.json`, for tools that cannot use the
+/// socket (and for tests waiting on start-up).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
-    /// The daemon's pid.
+    /// The daemon's pid (0 once it exited).
     pub pid: u32,
     /// Policy generation enforcing now.
     pub generation: u64,
     /// The policy file.
     pub policy: PathBuf,
-    /// Reload attempts so far (start-up counts as the first).
+    /// SHA-256 of the enforcing policy text.
+    pub digest: String,
+    /// Policy attempts so far (start-up counts as the first).
     pub attempts: u64,
     /// Why the last attempt failed, if it did; the previous policy is still enforcing.
     pub last_error: Option<String>,
@@ -103,6 +142,8 @@ pub struct Status {
     pub interfaces: Vec<String>,
     /// Time the last successful apply took, in microseconds.
     pub apply_micros: u64,
+    /// Runtime mode overrides by agent id.
+    pub overrides: BTreeMap<u32, Mode>,
 }
 
 impl Status {
@@ -113,12 +154,12 @@ impl Status {
     }
 
     fn write(&self, state_dir: &Path) -> Result<(), DaemonError> {
-        let path = state_dir.join("status.json");
-        let tmp = state_dir.join("status.json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("status serializes");
-        fs::write(&tmp, text)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|source| DaemonError::State { path, source })
+        write_atomic(
+            &state_dir.join("status.json"),
+            serde_json::to_string_pretty(self)
+                .expect("status serializes")
+                .as_bytes(),
+        )
     }
 
     /// Whether the daemon that wrote this is still running.
@@ -126,6 +167,16 @@ impl Status {
         // SAFETY: signal 0 only checks that the process exists.
         self.pid != 0 && unsafe { libc::kill(self.pid as i32, 0) } == 0
     }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| DaemonError::State {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Names of the agents in a policy, by id, for status and stats.
@@ -137,29 +188,43 @@ pub fn agent_names(policy: &Policy) -> BTreeMap<u32, String> {
         .collect()
 }
 
+/// The enforcing policy.
+struct Enforcing {
+    text: String,
+    origin: String,
+    policy: Policy,
+    compiled: Compiled,
+    applied_at: SystemTime,
+}
+
 struct Daemon {
     config: Config,
     dataplane: Dataplane,
     status: Status,
+    current: Option<Enforcing>,
+    info: watch::Sender<DaemonInfo>,
+    reloads_ok: u64,
+    reloads_rejected: u64,
 }
 
 impl Daemon {
     /// Interfaces to attach to: the configuration's plus every agent interface.
-    fn wanted_interfaces(&self, policy: Option<&Policy>) -> BTreeSet<String> {
+    fn wanted_interfaces(&self) -> BTreeSet<String> {
         let mut wanted: BTreeSet<String> = self.config.interfaces.iter().cloned().collect();
-        if let Some(policy) = policy {
-            for agent in policy.agents() {
-                wanted.extend(agent.interfaces.iter().cloned());
+        match &self.current {
+            Some(current) => {
+                for agent in current.policy.agents() {
+                    wanted.extend(agent.interfaces.iter().cloned());
+                }
             }
-        } else {
-            // No new policy: keep what is attached.
-            wanted.extend(self.dataplane.attached_interfaces());
+            // No policy of ours yet (pinned one enforcing): keep what is attached.
+            None => wanted.extend(self.dataplane.attached_interfaces()),
         }
         wanted
     }
 
-    fn attach(&mut self, policy: Option<&Policy>) -> Result<(), DaemonError> {
-        let wanted = self.wanted_interfaces(policy);
+    fn attach(&mut self) -> Result<(), DataplaneError> {
+        let wanted = self.wanted_interfaces();
         for interface in &wanted {
             let how = self.dataplane.attach(interface, self.config.xdp_mode)?;
             tracing::info!(interface, ?how, "attached");
@@ -178,43 +243,367 @@ impl Daemon {
         Ok(())
     }
 
-    /// Loads the policy file and applies it; on any error the running policy stays.
-    fn reload(&mut self) -> Result<(), DaemonError> {
+    /// Validates, compiles (with the runtime mode overrides) and applies a policy text.
+    /// Any error leaves the running policy enforcing and is returned as a message.
+    fn apply_text(&mut self, origin: &str, text: &str) -> Result<u64, String> {
         self.status.attempts += 1;
         let started = Instant::now();
-        let outcome = load_policy(&self.config.policy, &self.config.limits)
-            .map_err(|e| error_chain(&e))
-            .and_then(|(policy, compiled)| {
-                let generation = self
-                    .dataplane
-                    .apply(&compiled)
-                    .map_err(|e| error_chain(&e))?;
-                Ok((policy, generation))
-            });
-        match outcome {
-            Ok((policy, generation)) => {
+        let outcome = (|| -> Result<(Policy, Compiled, u64), String> {
+            let mut policy = policy::parse(origin, text).map_err(|e| error_chain(&e))?;
+            for (id, mode) in &self.status.overrides {
+                policy.set_mode(*id, *mode);
+            }
+            let compiled = compile_policy(&policy, origin, &self.config.limits)
+                .map_err(|e| error_chain(&e))?;
+            let generation = self
+                .dataplane
+                .apply(&compiled)
+                .map_err(|e| error_chain(&e))?;
+            Ok((policy, compiled, generation))
+        })();
+        let result = match outcome {
+            Ok((policy, compiled, generation)) => {
                 self.status.generation = generation;
                 self.status.agents = agent_names(&policy);
+                self.status.digest = digest(text);
                 self.status.apply_micros = started.elapsed().as_micros() as u64;
                 self.status.last_error = None;
+                self.reloads_ok += 1;
                 tracing::info!(
                     generation,
+                    origin,
                     agents = policy.agents().len(),
                     micros = self.status.apply_micros,
                     "policy applied"
                 );
-                if let Err(e) = self.attach(Some(&policy)) {
-                    tracing::error!(error = %error_chain(&e), "attaching after reload");
-                    self.status.last_error = Some(error_chain(&e));
+                self.current = Some(Enforcing {
+                    text: text.to_string(),
+                    origin: origin.to_string(),
+                    policy,
+                    compiled,
+                    applied_at: SystemTime::now(),
+                });
+                if let Err(e) = self.attach() {
+                    let message = error_chain(&e);
+                    tracing::error!(error = %message, "attaching after apply");
+                    self.status.last_error = Some(message);
                 }
+                Ok(generation)
             }
             Err(message) => {
-                tracing::error!(error = %message, "policy rejected; the previous policy keeps enforcing");
-                self.status.last_error = Some(message);
+                tracing::error!(origin, error = %message, "policy rejected; the previous policy keeps enforcing");
+                self.status.last_error = Some(message.clone());
+                self.reloads_rejected += 1;
+                Err(message)
+            }
+        };
+        if let Err(e) = self.status.write(&self.config.state_dir) {
+            tracing::warn!(error = %error_chain(&e), "writing status.json");
+        }
+        self.publish();
+        result
+    }
+
+    /// Reloads the configured policy file.
+    fn reload_file(&mut self) -> Result<u64, String> {
+        let path = self.config.policy.clone();
+        match fs::read_to_string(&path) {
+            Ok(text) => self.apply_text(&path.display().to_string(), &text),
+            Err(e) => {
+                let message = format!("reading policy file {}: {e}", path.display());
+                self.status.attempts += 1;
+                self.status.last_error = Some(message.clone());
+                self.reloads_rejected += 1;
+                let _ = self.status.write(&self.config.state_dir);
+                self.publish();
+                Err(message)
             }
         }
-        self.status.write(&self.config.state_dir)
     }
+
+    /// Updates what the metrics endpoint reports.
+    fn publish(&self) {
+        let limits = &self.config.limits;
+        let map_fill = match &self.current {
+            Some(c) => {
+                let k = &c.compiled;
+                vec![
+                    (
+                        "agents",
+                        k.agents.len() as u64,
+                        u64::from(limits.max_agents),
+                    ),
+                    (
+                        "interfaces",
+                        k.interfaces.len() as u64,
+                        u64::from(limits.max_interfaces),
+                    ),
+                    (
+                        "sources_v4",
+                        (k.source_hosts_v4.len() + k.source_prefixes_v4.len()) as u64,
+                        u64::from(limits.max_source_prefixes),
+                    ),
+                    (
+                        "sources_v6",
+                        (k.source_hosts_v6.len() + k.source_prefixes_v6.len()) as u64,
+                        u64::from(limits.max_source_prefixes),
+                    ),
+                    (
+                        "destinations_v4",
+                        k.destinations_v4.len() as u64,
+                        u64::from(limits.max_destination_prefixes),
+                    ),
+                    (
+                        "destinations_v6",
+                        k.destinations_v6.len() as u64,
+                        u64::from(limits.max_destination_prefixes),
+                    ),
+                ]
+            }
+            None => Vec::new(),
+        };
+        let applied_at = self
+            .current
+            .as_ref()
+            .and_then(|c| c.applied_at.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.info.send_modify(|info| {
+            info.agents = self.status.agents.clone();
+            info.generation = self.status.generation;
+            info.applied_at = applied_at;
+            info.apply_seconds = self.status.apply_micros as f64 / 1e6;
+            info.reloads_ok = self.reloads_ok;
+            info.reloads_rejected = self.reloads_rejected;
+            info.map_fill = map_fill;
+        });
+    }
+
+    /// Finds an agent of the enforcing policy by id or name.
+    fn find_agent(&self, key: &str) -> Result<&policy::Agent, String> {
+        let current = self
+            .current
+            .as_ref()
+            .ok_or("no policy of this daemon is enforcing yet")?;
+        current
+            .policy
+            .agents()
+            .iter()
+            .find(|a| a.name == key || key.parse::<u32>().ok() == Some(a.id))
+            .ok_or_else(|| format!("no agent {key:?} in the enforcing policy"))
+    }
+
+    fn persist_overrides(&self) -> Result<(), String> {
+        write_atomic(
+            &self.config.state_dir.join("overrides.json"),
+            serde_json::to_string_pretty(&self.status.overrides)
+                .expect("overrides serialize")
+                .as_bytes(),
+        )
+        .map_err(|e| error_chain(&e))
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match self.answer(request) {
+            Ok(value) => Response::Ok(value),
+            Err(message) => Response::Error(message),
+        }
+    }
+
+    fn answer(&mut self, request: Request) -> Result<Value, String> {
+        match request {
+            Request::Status => Ok(json!({
+                "pid": std::process::id(),
+                "generation": self.status.generation,
+                "policy_file": self.config.policy,
+                "policy_origin": self.current.as_ref().map(|c| c.origin.clone()),
+                "policy_digest": self.status.digest,
+                "applied_at_unix": self.current.as_ref()
+                    .and_then(|c| c.applied_at.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+                "apply_micros": self.status.apply_micros,
+                "attempts": self.status.attempts,
+                "last_error": self.status.last_error,
+                "agents": self.status.agents.len(),
+                "interfaces": self.status.interfaces,
+                "overrides": self.status.overrides,
+                "bpffs": self.config.bpffs,
+            })),
+            Request::Agents => {
+                let counters = self
+                    .dataplane
+                    .maps()
+                    .counters_batch()
+                    .map_err(|e| error_chain(&e))?;
+                let current = self
+                    .current
+                    .as_ref()
+                    .ok_or("no policy of this daemon is enforcing yet")?;
+                Ok(Value::Array(
+                    current
+                        .policy
+                        .agents()
+                        .iter()
+                        .map(|a| {
+                            let c = counters.get(a.id as usize).copied().unwrap_or_default();
+                            let (passed, dropped) = Reason::ALL.iter().fold((0, 0), |(p, d), r| {
+                                if r.is_drop() {
+                                    (p, d + c[*r as usize].packets)
+                                } else {
+                                    (p + c[*r as usize].packets, d)
+                                }
+                            });
+                            json!({
+                                "id": a.id,
+                                "name": a.name,
+                                "mode": a.mode,
+                                "override": self.status.overrides.get(&a.id),
+                                "interfaces": a.interfaces,
+                                "prefixes": a.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                                "egress_rules": a.egress.len(),
+                                "passed_packets": passed,
+                                "dropped_packets": dropped,
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Agent { agent } => {
+                let a = self.find_agent(&agent)?.clone();
+                let counters = self
+                    .dataplane
+                    .maps()
+                    .agent_counters(a.id)
+                    .map_err(|e| error_chain(&e))?;
+                let reasons: BTreeMap<&str, Value> = Reason::ALL
+                    .iter()
+                    .filter(|r| counters[**r as usize].packets > 0)
+                    .map(|r| {
+                        let c = counters[*r as usize];
+                        (r.name(), json!({"packets": c.packets, "bytes": c.bytes}))
+                    })
+                    .collect();
+                Ok(json!({
+                    "id": a.id,
+                    "name": a.name,
+                    "mode": a.mode,
+                    "override": self.status.overrides.get(&a.id),
+                    "interfaces": a.interfaces,
+                    "prefixes": a.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "egress_default": format!("{:?}", a.egress_default).to_lowercase(),
+                    "rate": {
+                        "packets_per_sec": a.rate.packets.map(|l| l.per_sec),
+                        "packets_burst": a.rate.packets.map(|l| l.burst),
+                        "bytes_per_sec": a.rate.bytes.map(|l| l.per_sec),
+                        "bytes_burst": a.rate.bytes.map(|l| l.burst),
+                    },
+                    "egress": a.egress.iter().map(|r| json!({
+                        "action": format!("{:?}", r.action).to_lowercase(),
+                        "to": r.to.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "proto": r.proto.name(),
+                        "ports": r.ports.to_string(),
+                    })).collect::<Vec<_>>(),
+                    "counters": reasons,
+                }))
+            }
+            Request::Stats => {
+                let maps = self.dataplane.maps();
+                let agents =
+                    stats::collect(maps, &self.status.agents).map_err(|e| error_chain(&e))?;
+                Ok(json!({"generation": self.status.generation, "agents": agents}))
+            }
+            Request::PolicyShow => {
+                let current = self
+                    .current
+                    .as_ref()
+                    .ok_or("no policy of this daemon is enforcing yet")?;
+                Ok(json!({
+                    "origin": current.origin,
+                    "generation": self.status.generation,
+                    "digest": self.status.digest,
+                    "overrides": self.status.overrides,
+                    "text": current.text,
+                }))
+            }
+            Request::PolicyDiff { text, origin } => {
+                let candidate = policy::parse(&origin, &text).map_err(|e| error_chain(&e))?;
+                let current = self
+                    .current
+                    .as_ref()
+                    .ok_or("no policy of this daemon is enforcing yet")?;
+                Ok(policy_diff(
+                    &current.policy,
+                    &current.text,
+                    &candidate,
+                    &text,
+                ))
+            }
+            Request::PolicyApply { text, origin } => {
+                let generation = self.apply_text(&origin, &text)?;
+                // Make it the policy file too, so SIGHUP and restarts keep it.
+                write_atomic(&self.config.policy, text.as_bytes()).map_err(|e| error_chain(&e))?;
+                Ok(json!({"generation": generation}))
+            }
+            Request::Mode { agent, mode } => {
+                let id = self.find_agent(&agent)?.id;
+                let previous = self.status.overrides.insert(id, mode);
+                let text = self
+                    .current
+                    .as_ref()
+                    .map(|c| (c.origin.clone(), c.text.clone()));
+                let (origin, text) = text.ok_or("no policy of this daemon is enforcing yet")?;
+                match self.apply_text(&origin, &text) {
+                    Ok(generation) => {
+                        self.persist_overrides()?;
+                        Ok(json!({"agent": id, "mode": mode, "generation": generation}))
+                    }
+                    Err(e) => {
+                        match previous {
+                            Some(p) => self.status.overrides.insert(id, p),
+                            None => self.status.overrides.remove(&id),
+                        };
+                        Err(e)
+                    }
+                }
+            }
+            Request::AuditTail { .. } => Err("the audit trail is not enabled in this build".into()),
+        }
+    }
+}
+
+use enforcer_common::Reason;
+
+/// What changed between two policies: agents added, removed and changed, and a line diff.
+pub fn policy_diff(old: &Policy, old_text: &str, new: &Policy, new_text: &str) -> Value {
+    let by_id = |p: &Policy| -> BTreeMap<u32, policy::Agent> {
+        p.agents().iter().map(|a| (a.id, a.clone())).collect()
+    };
+    let (a, b) = (by_id(old), by_id(new));
+    let added: Vec<_> = b
+        .keys()
+        .filter(|id| !a.contains_key(id))
+        .map(|id| json!({"id": id, "name": b[id].name}))
+        .collect();
+    let removed: Vec<_> = a
+        .keys()
+        .filter(|id| !b.contains_key(id))
+        .map(|id| json!({"id": id, "name": a[id].name}))
+        .collect();
+    let changed: Vec<_> = a
+        .keys()
+        .filter(|id| b.get(id).is_some_and(|n| *n != a[id]))
+        .map(|id| json!({"id": id, "name": b[id].name}))
+        .collect();
+    let unified = similar::TextDiff::from_lines(old_text, new_text)
+        .unified_diff()
+        .header("enforcing", "candidate")
+        .to_string();
+    json!({
+        "agents_added": added,
+        "agents_removed": removed,
+        "agents_changed": changed,
+        "unknown_traffic_changed": old.unknown() != new.unknown(),
+        "diff": unified,
+    })
 }
 
 /// Renders an error and its sources on one line, as the CLI and logs show them.
@@ -235,15 +624,34 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         path: config.state_dir.clone(),
         source,
     })?;
-    let started = Instant::now();
+    let overrides: BTreeMap<u32, Mode> =
+        fs::read_to_string(config.state_dir.join("overrides.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
     // Validate before touching the kernel: a bad policy with nothing pinned is fatal, a
     // bad policy over a pinned one keeps the pinned one.
-    let first = load_policy(&config.policy, &config.limits);
+    let first = fs::read_to_string(&config.policy)
+        .map_err(|source| {
+            LoadError::Policy(PolicyError::Read {
+                path: config.policy.clone(),
+                source,
+            })
+        })
+        .and_then(|text| {
+            let origin = config.policy.display().to_string();
+            let mut policy = policy::parse(&origin, &text)?;
+            for (id, mode) in &overrides {
+                policy.set_mode(*id, *mode);
+            }
+            compile_policy(&policy, &origin, &config.limits)?;
+            Ok(text)
+        });
     let pinned_generation = KernelMaps::from_pins(&config.bpffs)
         .and_then(|m| Ok(m.current_state()?.generation))
         .unwrap_or(0);
     let first = match first {
-        Ok(loaded) => Some(loaded),
+        Ok(text) => Some(text),
         Err(e) if pinned_generation > 0 => {
             tracing::error!(
                 error = %error_chain(&e),
@@ -256,53 +664,78 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     };
 
     let dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
+    let (info, info_rx) = watch::channel(DaemonInfo::default());
     let mut daemon = Daemon {
         status: Status {
             pid: std::process::id(),
             policy: config.policy.clone(),
             generation: pinned_generation,
-            attempts: 1,
+            overrides,
             ..Status::default()
         },
         config,
         dataplane,
+        current: None,
+        info,
+        reloads_ok: 0,
+        reloads_rejected: 0,
     };
-    match &first {
-        Some((policy, compiled)) => {
-            let generation = daemon.dataplane.apply(compiled)?;
-            daemon.status.generation = generation;
-            daemon.status.agents = agent_names(policy);
-            daemon.status.apply_micros = started.elapsed().as_micros() as u64;
-            tracing::info!(generation, agents = policy.agents().len(), "policy applied");
+    match first {
+        Some(text) => {
+            let origin = daemon.config.policy.display().to_string();
+            daemon.apply_text(&origin, &text).map_err(|message| {
+                // Validated above, so only the kernel can refuse now.
+                DaemonError::State {
+                    path: daemon.config.bpffs.clone(),
+                    source: io::Error::other(message),
+                }
+            })?;
         }
         None => {
+            daemon.status.attempts = 1;
             daemon.status.last_error =
                 Some("policy rejected at start-up; pinned policy enforcing".into());
             if let Some(previous) = Status::read(&daemon.config.state_dir) {
                 daemon.status.agents = previous.agents;
+                daemon.status.digest = previous.digest;
             }
+            daemon.attach()?;
+            daemon.status.write(&daemon.config.state_dir)?;
+            daemon.publish();
         }
     }
-    daemon.attach(first.as_ref().map(|(p, _)| p))?;
-    daemon.status.write(&daemon.config.state_dir)?;
-    tracing::info!(
-        interfaces = ?daemon.status.interfaces,
-        "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
-    );
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
+        let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+        let listener = api::bind(&daemon.config.socket, daemon.config.socket_group.as_deref())?;
+        tokio::spawn(api::serve(listener, calls_tx));
+        if let Some(addr) = daemon.config.metrics_listen {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            tokio::spawn(metrics::serve(listener, daemon.config.bpffs.clone(), info_rx));
+        }
         let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+        tracing::info!(
+            interfaces = ?daemon.status.interfaces,
+            socket = %daemon.config.socket.display(),
+            "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
+        );
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the policy");
-                    daemon.reload()?;
+                    let _ = daemon.reload_file();
+                }
+                Some(call) = calls.recv() => {
+                    let response = daemon.handle(call.request);
+                    let _ = call.reply.send(response);
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -311,6 +744,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         Ok::<(), DaemonError>(())
     })?;
     tracing::info!("exiting; the pinned program keeps enforcing the last good policy");
+    let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;
     daemon.status.write(&daemon.config.state_dir)
 }

@@ -1,12 +1,14 @@
 //! The agent traffic enforcer: policy model and compile step, the XDP data plane's loader
 //! and map writer, the daemon and its CLI.
 
+pub mod api;
 pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod lab;
+pub mod metrics;
 pub mod policy;
 pub mod stats;
 pub mod testrun;

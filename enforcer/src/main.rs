@@ -1,6 +1,9 @@
-//! `enforcer`: the daemon (`run`) and the local CLI.
+//! `enforcer`: the daemon (`run`) and the local CLI, which talks to a running daemon over
+//! its Unix socket (and, for `stats` and `policy apply` with no daemon, to the pinned maps).
 
 use std::{
+    fmt::Write as _,
+    io::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
     thread,
@@ -8,13 +11,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use enforcer::{
+    api::{ApiError, Client, Request, Response},
     config::Config,
     daemon::{self, Status, error_chain},
     dataplane::{self, Dataplane, KernelMaps},
-    policy, stats,
+    policy::{self, Mode},
+    stats,
 };
+use serde_json::Value;
 
 /// Exit code for a bad configuration or policy (distinct from runtime failures).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -26,6 +32,15 @@ const EXIT_BAD_INPUT: u8 = 2;
     about = "XDP rate limiting and egress allow-listing for AI agents"
 )]
 struct Cli {
+    /// Daemon configuration file (for the socket, pin and state paths).
+    #[arg(long, global = true, default_value = "/etc/enforcer/enforcer.toml")]
+    config: PathBuf,
+    /// The daemon's socket (default: from the configuration, else /run/enforcer/enforcer.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,30 +48,41 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: load, pin and attach the XDP program and enforce the policy.
-    Run {
-        /// Daemon configuration file.
-        #[arg(long, default_value = "/etc/enforcer/enforcer.toml")]
-        config: PathBuf,
+    Run,
+    /// Daemon, policy and attachment state.
+    Status,
+    /// The agents of the enforcing policy with packet totals.
+    Agents,
+    /// One agent, by id or name: identity, rules, limits, counters by reason.
+    Agent {
+        /// Agent id or name.
+        agent: String,
     },
-    /// Check, apply or inspect policies.
+    /// Per-agent counters by reason (from the pinned maps if no daemon runs).
+    Stats,
+    /// Live per-agent packet and byte rates, refreshing in place.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Check, apply, show or diff policies.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Print per-agent counters from the pinned maps.
-    Stats {
-        /// Daemon configuration file (for the pin directory and state directory).
-        #[arg(long, default_value = "/etc/enforcer/enforcer.toml")]
-        config: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+    /// Switch an agent between monitor and enforce mode (kept across reloads and restarts).
+    Mode {
+        /// Agent id or name.
+        agent: String,
+        /// The mode.
+        mode: ModeArg,
     },
     /// Stop the daemon; with --detach also remove the pinned program and maps.
     Stop {
-        /// Daemon configuration file.
-        #[arg(long, default_value = "/etc/enforcer/enforcer.toml")]
-        config: PathBuf,
         /// Detach from every interface and remove all pins: nothing enforces afterwards.
         #[arg(long)]
         detach: bool,
@@ -69,24 +95,31 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Monitor,
+    Enforce,
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy file and report every error with file, line and field.
     Check {
         /// The policy file.
         file: PathBuf,
-        /// Configuration whose limits the policy must fit (defaults otherwise).
-        #[arg(long)]
-        config: Option<PathBuf>,
     },
-    /// Install a policy: validate it, make it the daemon's policy file and reload the
-    /// daemon (or, with no daemon running, write it into the pinned maps directly).
+    /// Validate a policy and make it the daemon's policy (or, with no daemon running,
+    /// write it into the pinned maps directly).
     Apply {
         /// The policy file.
         file: PathBuf,
-        /// Daemon configuration file.
-        #[arg(long, default_value = "/etc/enforcer/enforcer.toml")]
-        config: PathBuf,
+    },
+    /// Print the enforcing policy.
+    Show,
+    /// Show what applying a policy file would change.
+    Diff {
+        /// The candidate policy file.
+        file: PathBuf,
     },
     /// List the destination presets a policy can name with `@`.
     Presets,
@@ -109,62 +142,238 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("error: {}", error_chain(&e));
-        ExitCode::from(EXIT_BAD_INPUT)
-    })
+/// Bad input: a message naming the place, reported with the distinct exit code.
+fn bad(message: String) -> anyhow::Error {
+    BadInputError(message).into()
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| bad(format!("error: {}", error_chain(&e))))
+}
+
+impl Cli {
+    fn socket(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| {
+            Config::load(&self.config)
+                .map(|c| c.socket)
+                .unwrap_or_else(|_| PathBuf::from("/run/enforcer/enforcer.sock"))
+        })
+    }
+
+    /// Sends one request to the daemon; an error answer becomes an error.
+    fn call(&self, request: Request) -> anyhow::Result<Value> {
+        let mut client = Client::connect(&self.socket())?;
+        match client.call(&request)? {
+            Response::Ok(value) => Ok(value),
+            Response::Error(message) => bail!("{message}"),
+        }
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Run { config } => {
-            let config = match load_config(&config) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
-            };
+    let result = dispatch(&cli);
+    match result {
+        Err(e) if e.downcast_ref::<BadInputError>().is_some() => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(EXIT_BAD_INPUT))
+        }
+        other => other,
+    }
+}
+
+/// Marks an error as bad input (exit code 2).
+#[derive(Debug)]
+struct BadInputError(String);
+
+impl std::fmt::Display for BadInputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInputError {}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("json values serialize")
+    );
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Run => {
+            let config = load_config(&cli.config)?;
             match daemon::run(config) {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(daemon::DaemonError::Policy(e)) => {
-                    eprintln!("error: {}", error_chain(&e));
-                    Ok(ExitCode::from(EXIT_BAD_INPUT))
+                    Err(bad(format!("error: {}", error_chain(&e))))
                 }
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Policy { command } => policy_command(command),
-        Command::Stats { config, json } => {
-            let config = match load_config(&config) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
-            };
-            let maps = KernelMaps::from_pins(&config.bpffs).with_context(|| {
-                format!(
-                    "opening the pinned maps under {} (is the enforcer running?)",
-                    config.bpffs.display()
-                )
-            })?;
-            let names = Status::read(&config.state_dir)
-                .map(|s| s.agents)
-                .unwrap_or_default();
-            let agents = stats::collect(&maps, &names).context("reading counters")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&agents)?);
+        Command::Status => {
+            let v = cli.call(Request::Status)?;
+            if cli.json {
+                print_json(&v);
             } else {
-                let state = maps.current_state()?;
                 println!(
-                    "policy generation {} (slot {})",
-                    state.generation, state.active_slot
+                    "daemon pid {}, policy generation {}",
+                    v["pid"], v["generation"]
                 );
+                println!(
+                    "policy      {} (sha256 {})",
+                    v["policy_origin"].as_str().unwrap_or("-"),
+                    v["policy_digest"].as_str().unwrap_or("-")
+                );
+                println!("agents      {}", v["agents"]);
+                println!("attached    {}", join(&v["interfaces"]));
+                println!("last apply  {} us", v["apply_micros"]);
+                if let Some(e) = v["last_error"].as_str() {
+                    println!("last error  {e} (the previous policy keeps enforcing)");
+                }
+                if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
+                    println!(
+                        "overrides   {}",
+                        o.iter()
+                            .map(|(k, m)| format!("agent {k}: {}", m.as_str().unwrap_or("?")))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents => {
+            let v = cli.call(Request::Agents)?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:>6}  {:<20} {:<8} {:<24} {:>12} {:>12}",
+                    "ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"
+                );
+                for a in v.as_array().into_iter().flatten() {
+                    let mut matched = join(&a["interfaces"]);
+                    let prefixes = join(&a["prefixes"]);
+                    if !prefixes.is_empty() {
+                        if !matched.is_empty() {
+                            matched.push_str(", ");
+                        }
+                        matched.push_str(&prefixes);
+                    }
+                    println!(
+                        "{:>6}  {:<20} {:<8} {:<24} {:>12} {:>12}",
+                        a["id"],
+                        a["name"].as_str().unwrap_or(""),
+                        a["mode"].as_str().unwrap_or(""),
+                        matched,
+                        a["passed_packets"],
+                        a["dropped_packets"]
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent { agent } => {
+            let v = cli.call(Request::Agent {
+                agent: agent.clone(),
+            })?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "agent {} {:?} ({})",
+                    v["id"],
+                    v["name"].as_str().unwrap_or(""),
+                    v["mode"].as_str().unwrap_or("")
+                );
+                println!("  interfaces  {}", join(&v["interfaces"]));
+                println!("  prefixes    {}", join(&v["prefixes"]));
+                println!("  rate        {}", v["rate"]);
+                println!(
+                    "  egress      default {}",
+                    v["egress_default"].as_str().unwrap_or("")
+                );
+                for r in v["egress"].as_array().into_iter().flatten() {
+                    println!(
+                        "    {:<5} {:<5} ports {:<11} to {}",
+                        r["action"].as_str().unwrap_or(""),
+                        r["proto"].as_str().unwrap_or(""),
+                        r["ports"].as_str().unwrap_or(""),
+                        join(&r["to"])
+                    );
+                }
+                println!("  counters");
+                for (reason, c) in v["counters"].as_object().into_iter().flatten() {
+                    println!(
+                        "    {reason:<28} {:>12} pkts {:>14} bytes",
+                        c["packets"], c["bytes"]
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats => {
+            let (generation, agents) = match cli.call(Request::Stats) {
+                Ok(v) => (
+                    v["generation"].as_u64().unwrap_or(0),
+                    serde_json::from_value::<Vec<stats::AgentStats>>(v["agents"].clone())?,
+                ),
+                Err(e) if is_not_running(&e) => {
+                    // The pinned program keeps enforcing without a daemon: read its maps.
+                    let config = load_config(&cli.config)?;
+                    let maps = KernelMaps::from_pins(&config.bpffs).with_context(|| {
+                        format!(
+                            "no daemon, and no pinned maps under {}",
+                            config.bpffs.display()
+                        )
+                    })?;
+                    let names = Status::read(&config.state_dir)
+                        .map(|s| s.agents)
+                        .unwrap_or_default();
+                    (
+                        maps.current_state()?.generation,
+                        stats::collect(&maps, &names)?,
+                    )
+                }
+                Err(e) => return Err(e),
+            };
+            if cli.json {
+                print_json(&serde_json::to_value(&agents)?);
+            } else {
+                println!("policy generation {generation}");
                 print!("{}", stats::table(&agents));
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Stop { config, detach } => {
-            let config = match load_config(&config) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
+        Command::Top { interval, count } => {
+            top(cli, Duration::from_secs_f64(interval.max(0.1)), *count)
+        }
+        Command::Policy { command } => policy_command(cli, command),
+        Command::Mode { agent, mode } => {
+            let mode = match mode {
+                ModeArg::Monitor => Mode::Monitor,
+                ModeArg::Enforce => Mode::Enforce,
             };
+            let v = cli.call(Request::Mode {
+                agent: agent.clone(),
+                mode,
+            })?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "agent {} now in {} mode (generation {})",
+                    v["agent"],
+                    v["mode"].as_str().unwrap_or(""),
+                    v["generation"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stop { detach } => {
+            let config = load_config(&cli.config)?;
             if let Some(status) = Status::read(&config.state_dir).filter(Status::daemon_alive) {
                 // SAFETY: plain kill(2) on a pid we read from our own status file.
                 unsafe { libc::kill(status.pid as i32, libc::SIGTERM) };
@@ -180,7 +389,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     status.pid
                 );
             }
-            if detach {
+            if *detach {
                 dataplane::remove_pins(&config.bpffs)
                     .with_context(|| format!("removing pins under {}", config.bpffs.display()))?;
                 println!(
@@ -191,36 +400,117 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { seconds } => {
-            enforcer::demo::run(Duration::from_secs(seconds))?;
+            enforcer::demo::run(Duration::from_secs(*seconds))?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+fn join(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn is_not_running(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ApiError>(),
+        Some(ApiError::NotRunning { .. })
+    )
+}
+
+/// Refreshes per-agent rates in place: counters are sampled each interval and the
+/// difference divided by the time between samples.
+fn top(cli: &Cli, interval: Duration, count: Option<u64>) -> anyhow::Result<ExitCode> {
+    let sample = || -> anyhow::Result<(Instant, Vec<stats::AgentStats>)> {
+        let v = cli.call(Request::Stats)?;
+        Ok((Instant::now(), serde_json::from_value(v["agents"].clone())?))
+    };
+    let totals = |a: &stats::AgentStats| -> (u64, u64, u64) {
+        a.reasons.iter().fold((0, 0, 0), |(p, d, b), (reason, c)| {
+            let drop = enforcer_common::Reason::ALL
+                .iter()
+                .any(|r| r.name() == *reason && r.is_drop());
+            if drop {
+                (p, d + c.packets, b)
+            } else {
+                (p + c.packets, d, b + c.bytes)
+            }
+        })
+    };
+    let (mut t0, mut before) = sample()?;
+    let mut n = 0;
+    loop {
+        thread::sleep(interval);
+        let (t1, after) = sample()?;
+        let secs = (t1 - t0).as_secs_f64();
+        let mut rows = Vec::new();
+        for a in &after {
+            let (p1, d1, b1) = totals(a);
+            let (p0, d0, b0) = before
+                .iter()
+                .find(|b| b.id == a.id)
+                .map_or((0, 0, 0), totals);
+            rows.push((
+                a.id,
+                a.name.clone(),
+                (p1 - p0) as f64 / secs,
+                (d1 - d0) as f64 / secs,
+                (b1 - b0) as f64 * 8.0 / secs,
+            ));
+        }
+        rows.sort_by(|a, b| (b.2 + b.3).total_cmp(&(a.2 + a.3)));
+        if cli.json {
+            let v: Vec<Value> = rows.iter().map(|r| serde_json::json!({"id": r.0, "name": r.1, "passed_pps": r.2, "dropped_pps": r.3, "passed_bps": r.4})).collect();
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            let mut screen = String::from("\x1b[H\x1b[2J");
+            let _ = writeln!(
+                screen,
+                "enforcer top - every {:.1}s, Ctrl-C to quit",
+                interval.as_secs_f64()
+            );
+            let _ = writeln!(
+                screen,
+                "{:>6}  {:<20} {:>14} {:>14} {:>14}",
+                "ID", "NAME", "PASSED pkt/s", "DROPPED pkt/s", "PASSED bit/s"
+            );
+            for r in &rows {
+                let _ = writeln!(
+                    screen,
+                    "{:>6}  {:<20} {:>14.0} {:>14.0} {:>14.0}",
+                    r.0, r.1, r.2, r.3, r.4
+                );
+            }
+            print!("{screen}");
+            let _ = std::io::stdout().flush();
+        }
+        (t0, before) = (t1, after);
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+fn policy_command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::Check { file, config } => {
-            let limits = match config.map(|c| load_config(&c)) {
-                Some(Ok(c)) => c.limits,
-                Some(Err(code)) => return Ok(code),
-                None => Default::default(),
+        PolicyCommand::Check { file } => {
+            let limits = if cli.config.exists() {
+                load_config(&cli.config)?.limits
+            } else {
+                Default::default()
             };
-            let policy = match policy::load(&file) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("{}", error_chain(&e));
-                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
-                }
-            };
+            let policy = policy::load(file).map_err(|e| bad(error_chain(&e)))?;
             // Interfaces may live in another network namespace than the checker's; their
             // existence is checked when the daemon applies the policy.
-            let compiled = match enforcer::compile::compile(&policy, &limits, &|_| Some(1)) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {}", file.display(), error_chain(&e));
-                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
-                }
-            };
+            let compiled = enforcer::compile::compile(&policy, &limits, &|_| Some(1))
+                .map_err(|e| bad(format!("{}: {}", file.display(), error_chain(&e))))?;
             println!(
                 "{}: ok: {} agents, {} source entries, {} destination entries",
                 file.display(),
@@ -233,47 +523,30 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Apply { file, config } => {
-            let config = match load_config(&config) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
-            };
-            let (policy, compiled) = match daemon::load_policy(&file, &config.limits) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    eprintln!("{}", error_chain(&e));
-                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
-                }
-            };
-            install(&file, &config.policy)?;
-            match Status::read(&config.state_dir).filter(Status::daemon_alive) {
-                Some(status) => {
-                    // SAFETY: plain kill(2) on the pid from our own status file.
-                    unsafe { libc::kill(status.pid as i32, libc::SIGHUP) };
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    loop {
-                        let now = Status::read(&config.state_dir).unwrap_or_default();
-                        if now.attempts > status.attempts {
-                            if let Some(error) = now.last_error {
-                                eprintln!("daemon rejected the policy: {error}");
-                                return Ok(ExitCode::FAILURE);
-                            }
-                            println!("applied: generation {}", now.generation);
-                            return Ok(ExitCode::SUCCESS);
-                        }
-                        if Instant::now() > deadline {
-                            bail!(
-                                "daemon {} did not report the reload within 30 s",
-                                status.pid
-                            );
-                        }
-                        thread::sleep(Duration::from_millis(20));
+        PolicyCommand::Apply { file } => {
+            let config = load_config(&cli.config)?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Validate here first, so errors name the file as the operator wrote it.
+            let (policy, compiled) =
+                daemon::load_policy(file, &config.limits).map_err(|e| bad(error_chain(&e)))?;
+            let origin = file.display().to_string();
+            match cli.call(Request::PolicyApply { text, origin }) {
+                Ok(v) => {
+                    if cli.json {
+                        print_json(&v);
+                    } else {
+                        println!("applied: generation {}", v["generation"]);
                     }
+                    Ok(ExitCode::SUCCESS)
                 }
-                None => {
-                    // No daemon: the pinned program still enforces; update its maps directly.
+                Err(e) if is_not_running(&e) => {
+                    // No daemon: the pinned program still enforces; update its maps directly
+                    // and install the file for the next daemon start.
                     let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
                     let generation = dataplane.apply(&compiled)?;
+                    std::fs::copy(file, &config.policy)
+                        .with_context(|| format!("installing {}", config.policy.display()))?;
                     let mut status = Status::read(&config.state_dir).unwrap_or_default();
                     status.generation = generation;
                     status.agents = daemon::agent_names(&policy);
@@ -287,7 +560,50 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                     );
                     Ok(ExitCode::SUCCESS)
                 }
+                Err(e) => Err(e),
             }
+        }
+        PolicyCommand::Show => {
+            let v = cli.call(Request::PolicyShow)?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "# {} (generation {}, sha256 {})",
+                    v["origin"].as_str().unwrap_or(""),
+                    v["generation"],
+                    v["digest"].as_str().unwrap_or("")
+                );
+                if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
+                    println!("# runtime mode overrides: {}", Value::Object(o.clone()));
+                }
+                print!("{}", v["text"].as_str().unwrap_or(""));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Diff { file } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            policy::parse(&file.display().to_string(), &text).map_err(|e| bad(error_chain(&e)))?;
+            let v = cli.call(Request::PolicyDiff {
+                text,
+                origin: file.display().to_string(),
+            })?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                for (key, label) in [
+                    ("agents_added", "added"),
+                    ("agents_removed", "removed"),
+                    ("agents_changed", "changed"),
+                ] {
+                    for a in v[key].as_array().into_iter().flatten() {
+                        println!("{label:<8} agent {} {}", a["id"], a["name"]);
+                    }
+                }
+                print!("{}", v["diff"].as_str().unwrap_or(""));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Presets => {
             for (name, prefixes) in policy::PRESETS {
@@ -296,16 +612,4 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Makes `file` the daemon's policy file, atomically (write beside it, then rename).
-fn install(file: &Path, target: &Path) -> anyhow::Result<()> {
-    if file.canonicalize().ok() == target.canonicalize().ok() {
-        return Ok(());
-    }
-    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let tmp = target.with_extension("toml.new");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, target).with_context(|| format!("installing {}", target.display()))?;
-    Ok(())
 }

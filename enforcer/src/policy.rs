@@ -122,6 +122,18 @@ impl Policy {
     pub fn agents(&self) -> &[Agent] {
         &self.agents
     }
+
+    /// Sets the mode of agent `id` (an operator's runtime override); false if there is no
+    /// such agent. The mode is not part of any invariant, so the policy stays valid.
+    pub fn set_mode(&mut self, id: u32, mode: Mode) -> bool {
+        match self.agents.iter_mut().find(|a| a.id == id) {
+            Some(agent) => {
+                agent.mode = mode;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// One agent of a [`Policy`].
@@ -157,7 +169,7 @@ pub enum UnknownTraffic {
 }
 
 /// An agent's enforcement mode.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Drops are carried out.

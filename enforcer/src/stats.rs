@@ -3,19 +3,19 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use enforcer_common::{Counter, Reason, UNKNOWN_AGENT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{KernelMaps, MapsError};
 
 /// One agent's counters.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentStats {
     /// Agent id (0 = traffic from no known agent).
     pub id: u32,
     /// Agent name from the applied policy, if known.
     pub name: String,
     /// Packets and bytes per reason, by reason name; reasons never seen are omitted.
-    pub reasons: BTreeMap<&'static str, ReasonCount>,
+    pub reasons: BTreeMap<String, ReasonCount>,
     /// Packets passed (all pass reasons, including monitor-mode would-drops).
     pub passed_packets: u64,
     /// Packets dropped.
@@ -23,7 +23,7 @@ pub struct AgentStats {
 }
 
 /// Packets and bytes for one reason.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReasonCount {
     /// Packets.
     pub packets: u64,
@@ -71,7 +71,7 @@ fn summarize(id: u32, names: &BTreeMap<u32, String>, counters: &[Counter]) -> Ag
             stats.passed_packets += c.packets;
         }
         stats.reasons.insert(
-            reason.name(),
+            reason.name().to_string(),
             ReasonCount {
                 packets: c.packets,
                 bytes: c.bytes,

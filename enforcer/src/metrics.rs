@@ -1,0 +1,259 @@
+//! The Prometheus endpoint (default `127.0.0.1:9464/metrics`). Each scrape reads the
+//! pinned counters in batches (a few syscalls whatever the number of agents) and encodes
+//! typed families with `prometheus-client`; series of reasons an agent never hit are
+//! omitted, so the output grows with the traffic seen, not with agents x reasons.
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf};
+
+use enforcer_common::Reason;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::dataplane::KernelMaps;
+
+/// What the daemon tells the metrics endpoint besides the counters in the maps.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonInfo {
+    /// Agent names by id.
+    pub agents: BTreeMap<u32, String>,
+    /// Policy generation enforcing now.
+    pub generation: u64,
+    /// Unix time of the last successful apply, seconds.
+    pub applied_at: f64,
+    /// Duration of the last successful apply, seconds.
+    pub apply_seconds: f64,
+    /// Applies that succeeded.
+    pub reloads_ok: u64,
+    /// Policies rejected (the previous one kept enforcing).
+    pub reloads_rejected: u64,
+    /// Entries in use and capacity per map, per slot.
+    pub map_fill: Vec<(&'static str, u64, u64)>,
+    /// Control-plane connection: 1 connected, 0 not (absent when not configured).
+    pub control_plane_connected: Option<bool>,
+    /// Audit events suppressed by the per-agent limit and lost to a full ring, by agent.
+    pub audit: BTreeMap<u32, (u64, u64)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentReason {
+    agent: String,
+    agent_id: u32,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabel {
+    agent: String,
+    agent_id: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+/// Renders one scrape in the Prometheus text format.
+pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dataplane::MapsError> {
+    let mut registry = Registry::with_prefix("enforcer");
+    let packets = Family::<AgentReason, Counter>::default();
+    let bytes = Family::<AgentReason, Counter>::default();
+    registry.register(
+        "packets",
+        "Packets seen by the XDP program, by agent and verdict reason",
+        packets.clone(),
+    );
+    registry.register(
+        "bytes",
+        "Bytes (whole frames) seen by the XDP program, by agent and verdict reason",
+        bytes.clone(),
+    );
+    let counters = maps.counters_batch()?;
+    for (id, per_reason) in counters.iter().enumerate() {
+        let id = id as u32;
+        let name = if id == 0 {
+            Some("(unknown)".to_string())
+        } else {
+            info.agents.get(&id).cloned()
+        };
+        for reason in Reason::ALL {
+            let c = per_reason[reason as usize];
+            // Unknown ids with counts are agents removed from the policy: still reported.
+            if c.packets == 0 {
+                continue;
+            }
+            let labels = AgentReason {
+                agent: name.clone().unwrap_or_else(|| format!("agent-{id}")),
+                agent_id: id,
+                reason: reason.name().to_string(),
+            };
+            packets.get_or_create(&labels).inc_by(c.packets);
+            bytes.get_or_create(&labels).inc_by(c.bytes);
+        }
+    }
+
+    let generation = Gauge::<i64>::default();
+    generation.set(info.generation as i64);
+    registry.register(
+        "policy_generation",
+        "Generation of the enforcing policy",
+        generation,
+    );
+    let applied = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    applied.set(info.applied_at);
+    registry.register(
+        "policy_applied_timestamp_seconds",
+        "Unix time of the last successful policy apply",
+        applied,
+    );
+    let apply = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    apply.set(info.apply_seconds);
+    registry.register(
+        "policy_apply_duration_seconds",
+        "Time the last successful apply took",
+        apply,
+    );
+    let reloads = Family::<ResultLabel, Counter>::default();
+    registry.register(
+        "policy_reloads",
+        "Policy applies by result (rejected ones left the previous policy enforcing)",
+        reloads.clone(),
+    );
+    reloads
+        .get_or_create(&ResultLabel {
+            result: "ok".into(),
+        })
+        .inc_by(info.reloads_ok);
+    reloads
+        .get_or_create(&ResultLabel {
+            result: "rejected".into(),
+        })
+        .inc_by(info.reloads_rejected);
+
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    registry.register(
+        "map_entries",
+        "Entries of the enforcing policy per map (one slot)",
+        entries.clone(),
+    );
+    registry.register(
+        "map_capacity",
+        "Capacity per map and slot",
+        capacity.clone(),
+    );
+    for (map, used, cap) in &info.map_fill {
+        let label = MapLabel {
+            map: (*map).to_string(),
+        };
+        entries.get_or_create(&label).set(*used as i64);
+        capacity.get_or_create(&label).set(*cap as i64);
+    }
+
+    if let Some(connected) = info.control_plane_connected {
+        let g = Gauge::<i64>::default();
+        g.set(i64::from(connected));
+        registry.register(
+            "control_plane_connected",
+            "1 while the policy stream from the control plane is up",
+            g,
+        );
+    }
+
+    let suppressed = Family::<AgentLabel, Counter>::default();
+    let lost = Family::<AgentLabel, Counter>::default();
+    registry.register(
+        "audit_events_suppressed",
+        "Audit events not emitted because of the per-agent event limit",
+        suppressed.clone(),
+    );
+    registry.register(
+        "audit_events_lost",
+        "Audit events lost because the ring buffer was full",
+        lost.clone(),
+    );
+    for (id, (s, l)) in &info.audit {
+        let label = AgentLabel {
+            agent: info
+                .agents
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("agent-{id}")),
+            agent_id: *id,
+        };
+        suppressed.get_or_create(&label).inc_by(*s);
+        lost.get_or_create(&label).inc_by(*l);
+    }
+
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    Ok(out)
+}
+
+/// Serves `GET /metrics` on `listen` until the task is dropped, reading the maps pinned
+/// under `bpffs` and the daemon's `info`.
+pub async fn serve(listener: TcpListener, bpffs: PathBuf, info: watch::Receiver<DaemonInfo>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let bpffs = bpffs.clone();
+        let info = info.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let bpffs = bpffs.clone();
+                let info = info.borrow().clone();
+                async move {
+                    if request.uri().path() != "/metrics" {
+                        return Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                                .expect("static response"),
+                        );
+                    }
+                    // Map reads are syscalls: keep them off the async threads.
+                    let rendered = tokio::task::spawn_blocking(move || {
+                        let maps = KernelMaps::from_pins(&bpffs)
+                            .map_err(|e| crate::daemon::error_chain(&e))?;
+                        render(&maps, &info).map_err(|e| crate::daemon::error_chain(&e))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    Ok(match rendered {
+                        Ok(text) => Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(text)))
+                            .expect("valid response"),
+                        Err(e) => Response::builder()
+                            .status(StatusCode::INTERNAL_SERVER_ERROR)
+                            .body(Full::new(Bytes::from(format!("reading the maps: {e}\n"))))
+                            .expect("valid response"),
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,249 @@
+//! The local CLI against a running daemon (over its Unix socket), and the Prometheus
+//! endpoint, with real traffic behind them.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use enforcer::lab::{UdpSink, in_netns, require_root, udp_send};
+use integration_tests::{Lab, SERVER_V4, enforcer_bin, sa};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "deny"
+rate = { packets_per_sec = 100000 }
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+"#;
+
+fn cli_json(lab: &Lab, args: &[&str]) -> Value {
+    let config = lab.config_path();
+    let mut all = vec!["--json", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = lab.cli(&all);
+    assert!(
+        out.status.success(),
+        "enforcer {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "enforcer {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Parses the Prometheus text format into `series -> value` (the series key is the metric
+/// name with its labels exactly as printed).
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            (
+                series.to_string(),
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+fn scrape(lab: &Lab) -> BTreeMap<String, f64> {
+    let text = in_netns(&lab.gw, || {
+        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    parse_prometheus(body)
+}
+
+#[test]
+fn cli_reports_and_controls_a_running_daemon() {
+    if !require_root("cli_reports_and_controls_a_running_daemon") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(POLICY);
+    lab.start_daemon();
+    let allowed = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let denied = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+    let a1 = lab.agent(1);
+    assert_eq!(
+        udp_send(a1, sa(SERVER_V4, 9000), None, b"ok", 30, Duration::ZERO).unwrap(),
+        30
+    );
+    assert_eq!(
+        udp_send(a1, sa(SERVER_V4, 9001), None, b"no", 40, Duration::ZERO).unwrap(),
+        40
+    );
+
+    let status = cli_json(&lab, &["status"]);
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["agents"], 1);
+    assert_eq!(status["interfaces"], serde_json::json!(["gwa1"]));
+    assert_eq!(status["policy_digest"].as_str().unwrap().len(), 64);
+
+    let agents = cli_json(&lab, &["agents"]);
+    assert_eq!(agents[0]["name"], "coder");
+    assert_eq!(agents[0]["mode"], "enforce");
+    assert!(agents[0]["dropped_packets"].as_u64().unwrap() >= 40);
+
+    let agent = cli_json(&lab, &["agent", "coder"]);
+    assert_eq!(agent["egress"][0]["ports"], "9000");
+    assert_eq!(agent["counters"]["egress_denied"]["packets"], 40);
+    assert!(agent["counters"]["allowed"]["packets"].as_u64().unwrap() >= 30);
+
+    let stats = cli_json(&lab, &["stats"]);
+    let coder = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 1)
+        .unwrap();
+    assert_eq!(coder["reasons"]["egress_denied"]["packets"], 40);
+
+    // The same numbers through /metrics.
+    let metrics = scrape(&lab);
+    assert_eq!(
+        metrics[r#"enforcer_packets_total{agent="coder",agent_id="1",reason="egress_denied"}"#],
+        40.0
+    );
+    assert_eq!(metrics["enforcer_policy_generation"], 1.0);
+    assert_eq!(metrics[r#"enforcer_map_entries{map="agents"}"#], 1.0);
+    assert_eq!(
+        metrics[r#"enforcer_policy_reloads_total{result="ok"}"#],
+        1.0
+    );
+
+    // Monitor mode at run time: the denied port now passes, counted as would-deny.
+    let mode = cli_json(&lab, &["mode", "coder", "monitor"]);
+    assert_eq!(mode["generation"], 2);
+    assert_eq!(
+        udp_send(a1, sa(SERVER_V4, 9001), None, b"m", 10, Duration::ZERO).unwrap(),
+        10
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        denied.counts().0,
+        10,
+        "monitor mode lets the would-denied datagrams through"
+    );
+    let agent = cli_json(&lab, &["agent", "1"]);
+    assert_eq!(agent["mode"], "monitor");
+    assert_eq!(agent["counters"]["monitor_egress_denied"]["packets"], 10);
+    assert_eq!(cli_json(&lab, &["status"])["overrides"]["1"], "monitor");
+    cli_json(&lab, &["mode", "coder", "enforce"]);
+    assert_eq!(
+        udp_send(a1, sa(SERVER_V4, 9001), None, b"e", 5, Duration::ZERO).unwrap(),
+        5
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(denied.counts().0, 10, "enforcing again");
+
+    // policy show / diff.
+    let shown = cli_json(&lab, &["policy", "show"]);
+    assert_eq!(shown["text"], POLICY);
+    let candidate = lab.write_file(
+        "candidate.toml",
+        &POLICY.replace("ports = \"9000\"", "ports = \"9000-9001\""),
+    );
+    let diff = cli_json(&lab, &["policy", "diff", candidate.to_str().unwrap()]);
+    assert_eq!(diff["agents_changed"][0]["name"], "coder");
+    assert!(
+        diff["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+ports = \"9000-9001\""),
+        "{diff}"
+    );
+
+    // top samples twice and prints one JSON line of rates.
+    let config = lab.config_path();
+    let out = lab.cli(&[
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+        "top",
+        "--count",
+        "1",
+        "--interval",
+        "0.2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rates: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let coder = rates
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == 1)
+        .unwrap();
+    assert_eq!(coder["name"], "coder");
+    assert!(coder["passed_pps"].as_f64().unwrap() >= 0.0);
+
+    assert_eq!(allowed.stop().0, 30);
+    drop(denied);
+}
+
+#[test]
+fn the_socket_refuses_users_outside_its_group() {
+    if !require_root("the_socket_refuses_users_outside_its_group") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(POLICY);
+    lab.start_daemon();
+    let socket = lab.state_dir().join("enforcer.sock");
+    // The lab directory must be traversable for the refusal to come from the socket itself.
+    for dir in [lab.dir.clone(), lab.state_dir()] {
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    // A copy nobody can execute wherever the checkout lives.
+    let cli = lab.dir.join("enforcer-cli");
+    std::fs::copy(enforcer_bin(), &cli).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&cli)
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("setpriv (util-linux) runs the CLI as nobody");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("permission denied connecting to") && stderr.contains("socket's group"),
+        "{stderr}"
+    );
+    // Root is let in.
+    let out = lab.cli(&["status", "--socket", socket.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
