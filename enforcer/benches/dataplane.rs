@@ -202,7 +202,73 @@ fn main() {
             rows.push(row);
         }
     }
-    write_results(&rows, &o);
+    let scrapes = if only.is_none() {
+        scrape_cost(&mut dp, &limits, &o)
+    } else {
+        Vec::new()
+    };
+    write_results(&rows, &scrapes, &o);
+}
+
+/// One metrics-scrape measurement.
+struct Scrape {
+    agents: u32,
+    millis: f64,
+    bytes: usize,
+    series: usize,
+}
+
+/// Time to render `/metrics` with 100, 1,000 and 10,000 agents that each have traffic
+/// under two reasons (one allowed and one denied packet per agent, run through the
+/// program), median of several renders.
+fn scrape_cost(dp: &mut Dataplane, limits: &Limits, o: &Options) -> Vec<Scrape> {
+    let mut out = Vec::new();
+    for agents in [100u32, 1_000, 10_000] {
+        let policy = policy::parse("bench.toml", &policy_text(agents, 10, 1_000_000_000)).unwrap();
+        let compiled = compile::compile(&policy, limits, &|_| None).unwrap();
+        dp.apply(&compiled).unwrap();
+        let names = enforcer::daemon::agent_names(&policy);
+        let program = dp.program(programs::ENFORCE).unwrap();
+        for id in 1..=agents {
+            let allowed_dst = if id == 1 {
+                Ipv4Addr::from(u32::from(prefix(0)) + 7)
+            } else {
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + id)
+            };
+            run_xdp(program, &tcp(agent_addr(id), allowed_dst), None, 1).unwrap();
+            run_xdp(
+                program,
+                &tcp(agent_addr(id), Ipv4Addr::new(192, 0, 2, 99)),
+                None,
+                1,
+            )
+            .unwrap();
+        }
+        let info = enforcer::metrics::DaemonInfo {
+            agents: names,
+            ..Default::default()
+        };
+        let mut text = String::new();
+        let times: Vec<f64> = (0..o.runs)
+            .map(|_| {
+                let started = Instant::now();
+                text = enforcer::metrics::render(dp.maps(), &info).unwrap();
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let scrape = Scrape {
+            agents,
+            millis: median(times),
+            bytes: text.len(),
+            series: text.lines().filter(|l| !l.starts_with('#')).count(),
+        };
+        println!(
+            "metrics scrape with {:>6} agents: {:.1} ms, {} series, {} bytes",
+            scrape.agents, scrape.millis, scrape.series, scrape.bytes
+        );
+        out.push(scrape);
+    }
+    out
 }
 
 fn geteuid() -> u32 {
@@ -230,7 +296,7 @@ fn machine() -> (String, String, String) {
     (host, kernel, cpu)
 }
 
-fn write_results(rows: &[Row], o: &Options) {
+fn write_results(rows: &[Row], scrapes: &[Scrape], o: &Options) {
     let (host, kernel, cpu) = machine();
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -255,6 +321,9 @@ fn write_results(rows: &[Row], o: &Options) {
                 "case": c, "ns": ns, "ratio": ns / r.floor_ns,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "metrics_scrape": scrapes.iter().map(|s| serde_json::json!({
+            "agents": s.agents, "millis": s.millis, "series": s.series, "bytes": s.bytes,
+        })).collect::<Vec<_>>(),
     });
     let mut md = format!(
         "# Dataplane benchmark, {date}\n\n{host}, Linux {kernel}, {cpu}.\n\
@@ -271,6 +340,20 @@ fn write_results(rows: &[Row], o: &Options) {
             let _ = write!(md, " {:.0} ns ({:.2}x) |", ns, ns / r.floor_ns);
         }
         let _ = writeln!(md, " {:.0} |", r.apply_ms);
+    }
+    if !scrapes.is_empty() {
+        let _ = write!(
+            md,
+            "\n## Metrics scrape\n\nRendering `/metrics` (counters read with BPF_MAP_LOOKUP_BATCH over maps sized for {} agents), every agent with traffic under two reasons; median of {} renders.\n\n| agents | ms per scrape | series | bytes |\n|---:|---:|---:|---:|\n",
+            AGENTS[2], o.runs
+        );
+        for s in scrapes {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {} | {} |",
+                s.agents, s.millis, s.series, s.bytes
+            );
+        }
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     fs::create_dir_all(&dir).unwrap();

@@ -613,9 +613,9 @@ impl KernelMaps {
 
     /// Unknown-agent counters and every active agent's, keyed by agent id.
     pub fn all_counters(&self) -> Result<Vec<(u32, [Counter; Reason::COUNT as usize])>, MapsError> {
-        let counters = self.counters_batch()?;
         let mut ids = vec![UNKNOWN_AGENT];
         ids.extend(self.active_agents()?);
+        let counters = self.counters_upto(ids.iter().copied().max().unwrap_or(0))?;
         Ok(ids
             .into_iter()
             .filter_map(|id| counters.get(id as usize).map(|c| (id, *c)))
@@ -968,6 +968,16 @@ impl KernelMaps {
     /// Every agent's counters summed over CPUs, indexed by agent id then reason, in a few
     /// batch syscalls.
     pub fn counters_batch(&self) -> Result<Vec<[Counter; Reason::COUNT as usize]>, MapsError> {
+        self.counters_upto(self.stride - 1)
+    }
+
+    /// Counters of agents `0..=last` (ids are dense from 1 in practice, so this reads only
+    /// the part of the map in use), summed over CPUs.
+    pub fn counters_upto(
+        &self,
+        last: u32,
+    ) -> Result<Vec<[Counter; Reason::COUNT as usize]>, MapsError> {
+        let agents = last.min(self.stride - 1) + 1;
         use aya::maps::IterableMap as _;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
             map: maps::COUNTERS,
@@ -975,11 +985,11 @@ impl KernelMaps {
         })?;
         let raw: Vec<Counter> = lookup_batch(
             self.counters.map(),
-            self.stride * Reason::COUNT,
+            agents * Reason::COUNT,
             cpus,
             maps::COUNTERS,
         )?;
-        let mut out = vec![[Counter::default(); Reason::COUNT as usize]; self.stride as usize];
+        let mut out = vec![[Counter::default(); Reason::COUNT as usize]; agents as usize];
         for (index, per_cpu) in raw.chunks(cpus).enumerate() {
             let (agent, reason) = (
                 index / Reason::COUNT as usize,

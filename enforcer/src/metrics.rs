@@ -79,7 +79,9 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         "Bytes (whole frames) seen by the XDP program, by agent and verdict reason",
         bytes.clone(),
     );
-    let counters = maps.counters_batch()?;
+    // Ids are dense from 1: read up to the highest agent the policy names (agents removed
+    // from the policy keep their counters in the map but are no longer reported).
+    let counters = maps.counters_upto(info.agents.keys().copied().max().unwrap_or(0))?;
     for (id, per_reason) in counters.iter().enumerate() {
         let id = id as u32;
         let name = if id == 0 {
@@ -89,7 +91,6 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         };
         for reason in Reason::ALL {
             let c = per_reason[reason as usize];
-            // Unknown ids with counts are agents removed from the policy: still reported.
             if c.packets == 0 {
                 continue;
             }
