@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod lab;
+pub mod notify;
 pub mod policy;
 pub mod stats;
 pub mod testrun;
