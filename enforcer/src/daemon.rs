@@ -29,6 +29,7 @@ use crate::{
     config::Config,
     dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
     metrics::{self, DaemonInfo},
+    notify,
     policy::{self, Mode, Policy, PolicyError},
     stats,
 };
@@ -618,12 +619,54 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     out
 }
 
+/// Logs a failed sd_notify: systemd would then time the start out, which the log explains.
+fn warn_notify(result: Result<bool, notify::NotifyError>) {
+    if let Err(error) = result {
+        tracing::warn!(error = %error_chain(&error), "notifying systemd");
+    }
+}
+
+impl Status {
+    /// One line for systemd's STATUS=.
+    fn summary(&self) -> String {
+        let mut line = format!(
+            "enforcing policy generation {} ({} agents) on {} interfaces",
+            self.generation,
+            self.agents.len(),
+            self.interfaces.len()
+        );
+        if let Some(error) = &self.last_error {
+            line.push_str(&format!("; last policy rejected: {error}"));
+        }
+        line
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
+///
+/// Order matters: signal handlers first (a SIGHUP that arrives during start-up is queued,
+/// not fatal), then the API socket (a client that connects early waits in the backlog),
+/// then the policy and the attachments, and only then READY=1 for systemd.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     fs::create_dir_all(&config.state_dir).map_err(|source| DaemonError::State {
         path: config.state_dir.clone(),
         source,
     })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), DaemonError> {
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let listener = api::bind(&config.socket, config.socket_group.as_deref())?;
+    tokio::spawn(api::serve(listener, calls_tx));
+
     let overrides: BTreeMap<u32, Mode> =
         fs::read_to_string(config.state_dir.join("overrides.json"))
             .ok()
@@ -660,7 +703,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             );
             None
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            let _ = fs::remove_file(&config.socket);
+            return Err(e.into());
+        }
     };
 
     let dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
@@ -704,45 +750,39 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             daemon.publish();
         }
     }
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)?;
-    runtime.block_on(async {
-        let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
-        let listener = api::bind(&daemon.config.socket, daemon.config.socket_group.as_deref())?;
-        tokio::spawn(api::serve(listener, calls_tx));
-        if let Some(addr) = daemon.config.metrics_listen {
-            let listener = metrics::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?;
-            tokio::spawn(metrics::serve(listener, daemon.config.bpffs.clone(), info_rx));
-        }
-        let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
-        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
-        tracing::info!(
-            interfaces = ?daemon.status.interfaces,
-            socket = %daemon.config.socket.display(),
-            "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
-        );
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the policy");
-                    let _ = daemon.reload_file();
-                }
-                Some(call) = calls.recv() => {
-                    let response = daemon.handle(call.request);
-                    let _ = call.reply.send(response);
-                }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+    if let Some(addr) = daemon.config.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        tokio::spawn(metrics::serve(
+            listener,
+            daemon.config.bpffs.clone(),
+            info_rx,
+        ));
+    }
+    warn_notify(notify::ready(&daemon.status.summary()));
+    tracing::info!(
+        interfaces = ?daemon.status.interfaces,
+        socket = %daemon.config.socket.display(),
+        "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
+    );
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                warn_notify(notify::reloading());
+                let _ = daemon.reload_file();
+                warn_notify(notify::ready(&daemon.status.summary()));
             }
+            Some(call) = calls.recv() => {
+                let response = daemon.handle(call.request);
+                let _ = call.reply.send(response);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         }
-        Ok::<(), DaemonError>(())
-    })?;
+    }
+    warn_notify(notify::stopping());
     tracing::info!("exiting; the pinned program keeps enforcing the last good policy");
     let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod lab;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod stats;
 pub mod testrun;

@@ -8,6 +8,7 @@
 //! ```
 
 use std::{
+    ffi::OsStr,
     fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -174,6 +175,16 @@ impl Lab {
 
     /// Starts `enforcer run` in the gateway and waits until it reports its first policy.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with_env(std::iter::empty::<(&str, &str)>());
+    }
+
+    /// [`Lab::start_daemon`] with extra environment variables for the daemon (such as
+    /// `NOTIFY_SOCKET`).
+    pub fn start_daemon_with_env<K, V>(&mut self, env: impl IntoIterator<Item = (K, V)>)
+    where
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
         assert!(self.daemon.is_none(), "daemon already running");
         let child = self
             .gw
@@ -183,6 +194,7 @@ impl Lab {
             .arg(self.config_path())
             // Warnings and errors only: the daemon's stderr is not captured by the harness.
             .env("ENFORCER_LOG", "warn")
+            .envs(env)
             .spawn()
             .unwrap();
         let mut guard = ChildGuard::new(child);

@@ -1,9 +1,5 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | fmt`.
-//!
-//! xtask does not depend on the `enforcer` crate: it has to build on a fresh machine, before
-//! `setup` has installed bpf-linker, which building `enforcer` needs.
-
-mod setup;
+//! Project tasks: `cargo xtask setup | test | demo | bench | fmt | install`; the tasks
+//! themselves live in the library (`src/lib.rs`).
 
 use std::{
     ffi::OsString,
@@ -14,6 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
+use xtask::{install, setup};
 
 /// Project tasks.
 #[derive(Parser)]
@@ -45,6 +42,15 @@ enum Task {
         /// Only check; fail if a file would change.
         #[arg(long)]
         check: bool,
+    },
+    /// Build the release binary and install it as a systemd service: the binary, the unit,
+    /// and (never overwriting existing ones) the default configuration and policy.
+    /// Idempotent. Reloads systemd when installing to / on a machine that runs it.
+    Install {
+        /// Install under this directory instead of the live system (for images, packages
+        /// and tests); systemd is then left alone.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
     },
 }
 
@@ -110,6 +116,17 @@ fn main() -> Result<ExitCode> {
                     "cargo +nightly fmt failed"
                 });
             }
+        }
+        Task::Install { root: dest } => {
+            setup::run_step(cargo(&root).args(["build", "--release", "-p", "enforcer"])).context(
+                "building the enforcer (on a fresh machine, run `cargo xtask setup` first)",
+            )?;
+            install::install_files(&install::Install {
+                root: dest.clone(),
+                binary: target_dir(&root).join("release/enforcer"),
+                packaging: root.join("packaging"),
+            })?;
+            install::activate(&dest)?;
         }
     }
     Ok(ExitCode::SUCCESS)
