@@ -389,6 +389,11 @@ fn monitor_mode_would_deny_yields_one_event() {
     });
 }
 
+/// A packet agent 1 is denied.
+fn p1() -> Vec<u8> {
+    tcp4("10.1.0.2", 40000, "10.9.1.5", 80)
+}
+
 #[test]
 fn flood_is_limited_per_agent_and_every_suppression_counted() {
     if !require_root("flood_is_limited_per_agent_and_every_suppression_counted") {
@@ -434,9 +439,12 @@ fn flood_is_limited_per_agent_and_every_suppression_counted() {
         assert_eq!(e.agent, 2);
         assert_eq!(s.stats(2), AuditStats::default());
         // And the flooder stays limited.
-        s.run(&tcp4("10.1.0.2", 40000, "10.9.1.5", 80), None, 1, XDP_DROP);
+        s.run(&p1(), None, 1, XDP_DROP);
         let late = s.events().len() as u64;
         assert_eq!(late + s.stats(1).suppressed, stats.suppressed + 1);
+        // Until its budget is back (here by a reset, as the sustained rate would in a second).
+        s.dp.maps().reset_audit_limiter(1).unwrap();
+        assert_eq!(s.one_event(&p1(), None, XDP_DROP).agent, 1);
     });
 }
 
