@@ -114,6 +114,25 @@ impl Reason {
         )
     }
 
+    /// Whether the packet is a monitor-mode would-drop (passed, but enforce mode would have
+    /// dropped it).
+    pub const fn is_monitored(self) -> bool {
+        matches!(
+            self,
+            Reason::MonitorRateLimitedPackets
+                | Reason::MonitorRateLimitedBytes
+                | Reason::MonitorEgressDenied
+                | Reason::MonitorFragment
+                | Reason::MonitorMalformed
+        )
+    }
+
+    /// Whether the packet is reported to the audit trail: every drop and every monitor-mode
+    /// would-drop. Passed packets never are.
+    pub const fn is_audited(self) -> bool {
+        self.is_drop() || self.is_monitored()
+    }
+
     /// The reason a monitor-mode agent's packet is counted under instead of this drop.
     pub const fn monitored(self) -> Reason {
         match self {
@@ -285,6 +304,85 @@ pub struct Counter {
     pub bytes: u64,
 }
 const _: () = assert!(size_of::<Counter>() == 16);
+
+/// [`AuditEvent::family`]: the frame's IP header could not be read; addresses, protocol and
+/// ports are zero.
+pub const AUDIT_FAMILY_NONE: u8 = 0;
+/// [`AuditEvent::family`]: IPv4.
+pub const AUDIT_FAMILY_V4: u8 = 4;
+/// [`AuditEvent::family`]: IPv6.
+pub const AUDIT_FAMILY_V6: u8 = 6;
+
+/// One denial (or monitor-mode would-denial) reported by the XDP program: a record of the
+/// ring buffer `AUDIT`. Written only on the drop path, after the per-agent audit limiter
+/// admitted it (see [`AuditConfig`]).
+///
+/// Addresses are in network byte order. An IPv4 address fills the first 4 bytes and the
+/// other 12 are zero (not the IPv4-mapped form): [`AuditEvent::family`] says which, and the
+/// kernel side copies 4 bytes instead of building a mapped address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was built.
+    pub time_ns: u64,
+    /// [`State::generation`] the program saw while building the event. A packet in flight
+    /// across a policy flip (microseconds) may carry the next generation.
+    pub generation: u64,
+    /// Agent id ([`UNKNOWN_AGENT`] for unknown traffic under `unknown = "drop"`).
+    pub agent: u32,
+    /// [`Reason`] number: a drop, or a monitor-mode would-drop.
+    pub reason: u32,
+    /// Interface the frame arrived on (`ingress_ifindex`).
+    pub ifindex: u32,
+    /// Frame length in bytes, as XDP sees it.
+    pub len: u32,
+    /// Source address; see the type's docs for IPv4.
+    pub src: [u8; 16],
+    /// Destination address; see the type's docs for IPv4.
+    pub dst: [u8; 16],
+    /// Source port, host byte order; 0 when the protocol has none or it was not read
+    /// (non-first fragment, cut header).
+    pub src_port: u16,
+    /// Destination port, host byte order; 0 as for `src_port`.
+    pub dst_port: u16,
+    /// `AUDIT_FAMILY_*`.
+    pub family: u8,
+    /// IP protocol number (the upper-layer protocol for IPv6, after extension headers).
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<AuditEvent>() == 72);
+
+/// Settings of the audit limiter: map `AUDIT_CONFIG`, one element, written by the daemon.
+///
+/// Every agent (and the unknown agent) has its own GCRA limiter in `AUDIT_LIMITS`, with
+/// these shared parameters in the rate limiter's time units (`1 >> TIME_SHIFT` ns): an
+/// event costs `event_cost` and is admitted while the agent's theoretical arrival time stays
+/// within `event_tolerance` of now. Events over the limit are counted as
+/// [`AuditStats::suppressed`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Cost of one event (`UNITS_PER_SEC / events_per_sec`). 0 turns events off: every
+    /// audited packet is counted as suppressed, so an unconfigured map is never silent.
+    pub event_cost: u64,
+    /// Burst in time units (`burst * event_cost`).
+    pub event_tolerance: u64,
+}
+const _: () = assert!(size_of::<AuditConfig>() == 16);
+
+/// What happened to audit events that did not reach the ring: map `AUDIT_STATS` (per CPU),
+/// indexed by agent id. User space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Events the per-agent audit limiter refused.
+    pub suppressed: u64,
+    /// Events admitted by the limiter that found the ring buffer full (reserve failed).
+    pub lost: u64,
+}
+const _: () = assert!(size_of::<AuditStats>() == 16);
 
 /// Key of map `IFACES`: which agent owns an interface, in a slot.
 #[repr(C)]
@@ -460,8 +558,16 @@ pub mod maps {
     pub const DST_HASH_V4: &str = "DST_HASH_V4";
     /// [`super::DstV6Key`] to [`super::RuleSet`].
     pub const DST_HASH_V6: &str = "DST_HASH_V6";
+    /// Ring buffer of [`super::AuditEvent`]s; its size in bytes is its max_entries.
+    pub const AUDIT: &str = "AUDIT";
+    /// [`super::AuditConfig`], one element.
+    pub const AUDIT_CONFIG: &str = "AUDIT_CONFIG";
+    /// Audit limiter theoretical arrival time (u64), one per agent id.
+    pub const AUDIT_LIMITS: &str = "AUDIT_LIMITS";
+    /// Per-CPU [`super::AuditStats`], one per agent id.
+    pub const AUDIT_STATS: &str = "AUDIT_STATS";
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 18] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -476,6 +582,10 @@ pub mod maps {
         DST_V6,
         DST_HASH_V4,
         DST_HASH_V6,
+        AUDIT,
+        AUDIT_CONFIG,
+        AUDIT_LIMITS,
+        AUDIT_STATS,
     ];
 }
 
@@ -507,4 +617,7 @@ mod pod {
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for DstV4Key {}
     unsafe impl aya::Pod for DstV6Key {}
+    unsafe impl aya::Pod for AuditEvent {}
+    unsafe impl aya::Pod for AuditConfig {}
+    unsafe impl aya::Pod for AuditStats {}
 }

@@ -1,8 +1,10 @@
 //! The enforcer's XDP program: identifies the agent that sent a packet, checks the
 //! destination against the agent's egress rules, applies the agent's token buckets and
-//! counts the decision by reason.
+//! counts the decision by reason. Drops and monitor-mode would-drops are also reported to
+//! user space through the `AUDIT` ring buffer, within a per-agent event budget.
 //!
-//! Minimum kernel: 5.12 (64-bit BPF_CMPXCHG for the rate limiter, bounded loops, LPM tries).
+//! Minimum kernel: 5.12 (64-bit BPF_CMPXCHG for the rate limiter, bounded loops, LPM tries;
+//! the ring buffer needs 5.8 and the coarse clock 5.11).
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -21,12 +23,13 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use enforcer_common::{
     ACTION_ALLOW, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4,
-    AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_RESTRICTED, AgentPolicy, Bucket, Counter, DstV4Key,
+    AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_RESTRICTED, AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4,
+    AUDIT_FAMILY_V6, AgentPolicy, AuditConfig, AuditEvent, AuditStats, Bucket, Counter, DstV4Key,
     DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, MAX_DST_PROBES, MAX_IPV6_EXT_HEADERS,
     MAX_RULES_PER_PREFIX, MAX_VLAN_TAGS, OWNER_BITS, PROTO_ANY, Reason, RuleSet, SLOT_HAS_IFACES,
     SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, State, TIME_SHIFT,
@@ -67,6 +70,19 @@ static DST_V6: LpmTrie<LpmV6, RuleSet> = LpmTrie::pinned(1024, 0);
 static DST_HASH_V4: HashMap<DstV4Key, RuleSet> = HashMap::pinned(1024, 0);
 #[map]
 static DST_HASH_V6: HashMap<DstV6Key, RuleSet> = HashMap::pinned(1024, 0);
+/// Audit events. Pinned like the rest, so events the program writes while no daemon reads
+/// them wait for the next one (until the ring fills; then they are counted as lost).
+#[map]
+static AUDIT: RingBuf = RingBuf::pinned(1 << 20, 0);
+#[map]
+static AUDIT_CONFIG: Array<AuditConfig> = Array::pinned(1, 0);
+/// Audit limiter state: one GCRA theoretical arrival time per agent id. A map of its own
+/// (not a third field of `Bucket`) so the layouts of the maps earlier versions pinned stay
+/// as they were and an upgraded daemon can take over running pins without detaching.
+#[map]
+static AUDIT_LIMITS: Array<u64> = Array::pinned(DEFAULT_AGENTS + 1, 0);
+#[map]
+static AUDIT_STATS: PerCpuArray<AuditStats> = PerCpuArray::pinned(DEFAULT_AGENTS + 1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -100,6 +116,9 @@ const CAS_ATTEMPTS: usize = 8;
 /// can cause (no packet content reaches the `Err` arm): a broken deploy must not cut a
 /// server off its network, and the daemon refuses to start in that state anyway.
 #[xdp]
+// `#[xdp]` wraps this in the exported entry point; without the hint LLVM may keep it a
+// separate function once the program is large, putting a BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn enforce(ctx: XdpContext) -> u32 {
     match try_enforce(&ctx) {
         Ok(action) => action,
@@ -116,8 +135,9 @@ pub fn pass_floor(_ctx: XdpContext) -> u32 {
 /// What the parser found about the transport layer.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum L4 {
-    /// A protocol with ports (TCP, UDP, SCTP, UDP-Lite) and its destination port.
-    Port(u16),
+    /// A protocol with ports (TCP, UDP, SCTP, UDP-Lite) and its ports. Decisions use only
+    /// `dst`; `src` is kept for audit events (it comes from the same 4-byte read).
+    Port { src: u16, dst: u16 },
     /// A protocol without ports (ICMP, GRE, ESP, ...): only any-port rules apply.
     NoPorts,
     /// A non-first fragment of a protocol with ports: the port is unknowable.
@@ -161,7 +181,7 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 
     let mut off = ETH_HLEN;
     let Some(mut ethertype) = read_be16(ctx, 12) else {
-        return undecidable(slot, stride, slot_cfg, agent, len);
+        return undecidable(ctx, slot, stride, slot_cfg, agent, len);
     };
     // Strip up to MAX_VLAN_TAGS 802.1Q / 802.1ad tags; the loop has a constant trip count
     // so the verifier sees it bounded.
@@ -171,7 +191,7 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
         }
         // The inner ethertype sits in the last two bytes of the 4-byte tag.
         let Some(inner) = read_be16(ctx, off + 2) else {
-            return undecidable(slot, stride, slot_cfg, agent, len);
+            return undecidable(ctx, slot, stride, slot_cfg, agent, len);
         };
         ethertype = inner;
         off += 4;
@@ -179,15 +199,15 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 
     match ethertype {
         ETH_P_IP => match parse_v4(ctx, off) {
-            Some(flow) => decide_v4(slot, stride, slot_cfg, agent, &flow, len),
-            None => undecidable(slot, stride, slot_cfg, agent, len),
+            Some(flow) => decide_v4(ctx, slot, stride, slot_cfg, agent, &flow, len),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
         },
         ETH_P_IPV6 => match parse_v6(ctx, off) {
-            Some(flow) => decide_v6(slot, stride, slot_cfg, agent, &flow, len),
-            None => undecidable(slot, stride, slot_cfg, agent, len),
+            Some(flow) => decide_v6(ctx, slot, stride, slot_cfg, agent, &flow, len),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
         },
         // A third tag: the frame hides its payload deeper than the parser looks.
-        ETH_P_8021Q | ETH_P_8021AD => undecidable(slot, stride, slot_cfg, agent, len),
+        ETH_P_8021Q | ETH_P_8021AD => undecidable(ctx, slot, stride, slot_cfg, agent, len),
         _ => {
             count(agent, Reason::NonIp, len);
             Ok(xdp_action::XDP_PASS)
@@ -228,15 +248,20 @@ fn has_ports(proto: u8) -> bool {
     )
 }
 
-/// Reads the destination port of a first (or unfragmented) packet at `off`.
+/// Reads the ports of a first (or unfragmented) packet at `off`.
 #[inline(always)]
 fn transport(ctx: &XdpContext, proto: u8, off: usize) -> L4 {
     if !has_ports(proto) {
         return L4::NoPorts;
     }
-    // Source port at +0, destination port at +2 in all four protocols.
-    match read_be16(ctx, off + 2) {
-        Some(port) => L4::Port(port),
+    // Source port at +0, destination port at +2 in all four protocols: one 4-byte read with
+    // the same bounds check the destination port alone needed, so keeping the source port
+    // costs passed packets nothing.
+    match read::<4>(ctx, off) {
+        Some(p) => L4::Port {
+            src: u16::from_be_bytes([p[0], p[1]]),
+            dst: u16::from_be_bytes([p[2], p[3]]),
+        },
         None => L4::Undecidable,
     }
 }
@@ -375,6 +400,7 @@ fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
 
 #[inline(always)]
 fn decide_v4(
+    ctx: &XdpContext,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
@@ -408,7 +434,7 @@ fn decide_v4(
         return Ok(xdp_action::XDP_PASS);
     }
     let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(slot_cfg, len);
+        return unknown(ctx, slot_cfg, len, flow);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
         egress(
@@ -420,11 +446,12 @@ fn decide_v4(
     } else {
         Reason::Allowed
     };
-    finish(agent, policy, verdict, len)
+    finish(ctx, agent, policy, verdict, len, flow)
 }
 
 #[inline(always)]
 fn decide_v6(
+    ctx: &XdpContext,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
@@ -458,7 +485,7 @@ fn decide_v6(
         return Ok(xdp_action::XDP_PASS);
     }
     let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(slot_cfg, len);
+        return unknown(ctx, slot_cfg, len, flow);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
         egress(
@@ -470,7 +497,7 @@ fn decide_v6(
     } else {
         Reason::Allowed
     };
-    finish(agent, policy, verdict, len)
+    finish(ctx, agent, policy, verdict, len, flow)
 }
 
 /// The rules of the longest of the agent's IPv4 destination prefixes that contains `dst`.
@@ -584,9 +611,15 @@ fn agent_policy(slot: u32, stride: u32, agent: u32) -> Option<&'static AgentPoli
 
 /// Traffic from no known agent follows the slot's default.
 #[inline(always)]
-fn unknown(slot_cfg: &SlotConfig, len: u64) -> Result<u32, ()> {
+fn unknown<F: AuditTuple>(
+    ctx: &XdpContext,
+    slot_cfg: &SlotConfig,
+    len: u64,
+    flow: &F,
+) -> Result<u32, ()> {
     if slot_cfg.flags & SLOT_UNKNOWN_DROP != 0 {
         count(UNKNOWN_AGENT, Reason::UnknownDrop, len);
+        audit(ctx, UNKNOWN_AGENT, Reason::UnknownDrop, len, flow);
         Ok(xdp_action::XDP_DROP)
     } else {
         count(UNKNOWN_AGENT, Reason::UnknownPass, len);
@@ -598,6 +631,7 @@ fn unknown(slot_cfg: &SlotConfig, len: u64) -> Result<u32, ()> {
 /// a restricted agent gets no benefit of the doubt.
 #[inline(always)]
 fn undecidable(
+    ctx: &XdpContext,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
@@ -605,14 +639,14 @@ fn undecidable(
     len: u64,
 ) -> Result<u32, ()> {
     let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(slot_cfg, len);
+        return unknown(ctx, slot_cfg, len, &NoTuple);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
         Reason::Malformed
     } else {
         Reason::Allowed
     };
-    finish(agent, policy, verdict, len)
+    finish(ctx, agent, policy, verdict, len, &NoTuple)
 }
 
 /// Walks a destination's rules: the first rule whose protocol and ports match decides; no
@@ -633,7 +667,7 @@ fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
                 continue;
             }
             match l4 {
-                L4::Port(port) => {
+                L4::Port { dst: port, .. } => {
                     if port < r.port_lo || port > r.port_hi {
                         continue;
                     }
@@ -668,9 +702,17 @@ fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
 }
 
 /// Applies the rate limit to packets the egress check allowed, turns would-drops into
-/// passes for monitor-mode agents, counts, and returns the XDP action.
+/// passes for monitor-mode agents, counts, reports drops and would-drops to the audit
+/// trail, and returns the XDP action.
 #[inline(always)]
-fn finish(agent: u32, policy: &AgentPolicy, verdict: Reason, len: u64) -> Result<u32, ()> {
+fn finish<F: AuditTuple>(
+    ctx: &XdpContext,
+    agent: u32,
+    policy: &AgentPolicy,
+    verdict: Reason,
+    len: u64,
+    flow: &F,
+) -> Result<u32, ()> {
     let mut reason = verdict;
     if reason == Reason::Allowed {
         reason = rate_limit(agent, policy, len)?;
@@ -679,6 +721,11 @@ fn finish(agent: u32, policy: &AgentPolicy, verdict: Reason, len: u64) -> Result
         reason = reason.monitored();
     }
     count(agent, reason, len);
+    // A passed packet pays this one test of the reason and nothing else: no lookup, no
+    // clock read, no ring access.
+    if reason.is_audited() {
+        audit(ctx, agent, reason, len, flow);
+    }
     Ok(if reason.is_drop() {
         xdp_action::XDP_DROP
     } else {
@@ -759,6 +806,146 @@ fn gcra(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
         }
     }
     false
+}
+
+/// The addresses and ports an audit event records: implemented by both families' flows and
+/// by [`NoTuple`] for frames whose IP header could not be read. Monomorphised and inlined,
+/// so each call site copies exactly its family's bytes.
+trait AuditTuple {
+    /// Fills `family`, `proto`, the addresses and the ports of `event`.
+    fn fill(&self, event: &mut AuditEvent);
+}
+
+/// Ports of a flow for an audit event: 0 when the protocol has none or they were not read.
+#[inline(always)]
+fn ports(l4: L4) -> (u16, u16) {
+    match l4 {
+        L4::Port { src, dst } => (src, dst),
+        _ => (0, 0),
+    }
+}
+
+impl AuditTuple for Flow<[u8; 4]> {
+    #[inline(always)]
+    fn fill(&self, event: &mut AuditEvent) {
+        event.family = AUDIT_FAMILY_V4;
+        event.proto = self.proto;
+        // IPv4 fills the first 4 bytes; the rest stays zero (see AuditEvent).
+        event.src[..4].copy_from_slice(&self.src);
+        event.dst[..4].copy_from_slice(&self.dst);
+        (event.src_port, event.dst_port) = ports(self.l4);
+    }
+}
+
+impl AuditTuple for Flow<[u8; 16]> {
+    #[inline(always)]
+    fn fill(&self, event: &mut AuditEvent) {
+        event.family = AUDIT_FAMILY_V6;
+        event.proto = self.proto;
+        event.src = self.src;
+        event.dst = self.dst;
+        (event.src_port, event.dst_port) = ports(self.l4);
+    }
+}
+
+/// No IP header could be read: the event carries agent, reason, interface and length only.
+struct NoTuple;
+
+impl AuditTuple for NoTuple {
+    #[inline(always)]
+    fn fill(&self, event: &mut AuditEvent) {
+        event.family = AUDIT_FAMILY_NONE;
+    }
+}
+
+/// Reports a drop or monitor-mode would-drop to the `AUDIT` ring buffer, if the agent's
+/// audit limiter admits it. Never silent: a refused event counts as `suppressed`, an
+/// admitted one that finds the ring full as `lost`, both per agent in `AUDIT_STATS`.
+///
+/// Runs only for audited reasons, so none of its work touches the path of a passed packet.
+/// This inlined half copies the packet's facts into an event on the stack; the shared
+/// half, [`emit`], does the rest.
+#[inline(always)]
+fn audit<F: AuditTuple>(ctx: &XdpContext, agent: u32, reason: Reason, len: u64, flow: &F) {
+    // Every byte is set, padding included: ring memory is reused, and a field left
+    // unwritten would show user space an older record's bytes.
+    let mut event = AuditEvent {
+        time_ns: 0,
+        generation: 0,
+        agent,
+        reason: reason as u32,
+        ifindex: ctx.ingress_ifindex() as u32,
+        len: len as u32,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        family: AUDIT_FAMILY_NONE,
+        proto: 0,
+        _pad: [0; 2],
+    };
+    flow.fill(&mut event);
+    emit(&event);
+}
+
+/// Limiter, ring reservation and submission, shared by every call site. Not inlined, on
+/// purpose: six call sites (two decisions times three packet shapes) each inlining the
+/// limiter's unrolled CAS loop doubled the program, and the larger body stopped LLVM from
+/// inlining the program into its entry point, which put a BPF-to-BPF call on the path of
+/// every packet. As a subprogram it exists once and costs its call only on the audit path;
+/// `event` points into the caller's stack frame, which the verifier follows across the call.
+#[inline(never)]
+fn emit(event: &AuditEvent) {
+    let agent = event.agent;
+    // The verifier requires the lookup's NULL check before any access; it only fails for an
+    // agent id beyond the map (which the loader sizes like BUCKETS), so nothing is counted.
+    let Some(stats) = AUDIT_STATS.get_ptr_mut(agent) else {
+        return;
+    };
+    if !audit_admit(agent) {
+        // SAFETY: per-CPU map value, written only by this CPU while the program runs.
+        unsafe { (*stats).suppressed += 1 };
+        return;
+    }
+    // The typed reserve asks for a constant size (size_of::<AuditEvent>()), the only form
+    // the verifier accepts for bpf_ringbuf_reserve (Linux 5.8). From here to `submit` there
+    // is no early return: the verifier rejects a path that leaks a reservation.
+    let Some(mut entry) = AUDIT.reserve::<AuditEvent>(0) else {
+        // SAFETY: as above.
+        unsafe { (*stats).lost += 1 };
+        return;
+    };
+    let mut out = *event;
+    // The precise clock for the timestamp: only admitted events (at most the audit rate
+    // per agent) pay for it; the limiter itself used the coarse clock.
+    // SAFETY: helper without preconditions.
+    out.time_ns = unsafe { bpf_ktime_get_ns() };
+    // Read here rather than carried from the top of `try_enforce`, so passed packets pay
+    // nothing for it.
+    out.generation = STATE.get(0).map_or(0, |s| s.generation);
+    entry.write(out);
+    entry.submit(0);
+}
+
+/// The agent's audit limiter: GCRA on its `AUDIT_LIMITS` arrival time with the shared
+/// `AUDIT_CONFIG` parameters, on the coarse clock (Linux 5.11). The coarse clock lags by up
+/// to a tick; with the default budget (100 events/s, burst 100, a one-second burst) that is
+/// far inside the burst, and the audit budget is a flood guard, not a contract.
+#[inline(always)]
+fn audit_admit(agent: u32) -> bool {
+    // Missing config or limiter entry: refuse (the caller counts it as suppressed).
+    let Some(cfg) = AUDIT_CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.event_cost == 0 {
+        return false;
+    }
+    let Some(tat) = AUDIT_LIMITS.get_ptr_mut(agent) else {
+        return false;
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() } << TIME_SHIFT;
+    gcra(tat, now, cfg.event_cost, cfg.event_tolerance)
 }
 
 /// Adds one packet of `len` bytes to the (agent, reason) counter, in place.

@@ -127,6 +127,7 @@ fn main() {
         max_interfaces: 16,
         max_source_prefixes: 131_072,
         max_destination_prefixes: 262_144,
+        ..Limits::default()
     };
     let bpffs = BpffsMount::new().expect("mounting a private bpffs");
     let mut dp = Dataplane::load(bpffs.path(), &limits).expect("loading the XDP object");

@@ -29,7 +29,13 @@ pub struct Limits {
     pub max_source_prefixes: u32,
     /// Destination prefixes per slot and family, over all agents.
     pub max_destination_prefixes: u32,
+    /// Bytes of the audit ring buffer: a power of two and a multiple of the page size (a
+    /// kernel requirement). Each event takes 80 bytes (72 plus the ring's 8-byte header).
+    pub audit_ring_bytes: u32,
 }
+
+/// Default [`Limits::audit_ring_bytes`]: 1 MiB, about 13,000 events.
+pub const DEFAULT_AUDIT_RING_BYTES: u32 = 1 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -38,6 +44,7 @@ impl Default for Limits {
             max_interfaces: 1024,
             max_source_prefixes: 65_536,
             max_destination_prefixes: 65_536,
+            audit_ring_bytes: DEFAULT_AUDIT_RING_BYTES,
         }
     }
 }
@@ -1014,6 +1021,7 @@ ports = "443"
             max_interfaces: 2,
             max_source_prefixes: 2,
             max_destination_prefixes: 4,
+            ..Limits::default()
         };
         assert!(compile(&policy, &fits, &ifindex).is_ok());
 

@@ -16,6 +16,7 @@
 //! max_interfaces = 1024
 //! max_source_prefixes = 65536
 //! max_destination_prefixes = 65536
+//! audit_ring_bytes = 1048576             # audit ring buffer: a power of two, >= page size
 //! ```
 
 use std::{
@@ -99,6 +100,8 @@ struct RawLimits {
     max_source_prefixes: u32,
     #[serde(default = "d_prefixes")]
     max_destination_prefixes: u32,
+    #[serde(default = "d_audit_ring")]
+    audit_ring_bytes: u32,
 }
 
 impl Default for RawLimits {
@@ -108,6 +111,7 @@ impl Default for RawLimits {
             max_interfaces: d_ifaces(),
             max_source_prefixes: d_prefixes(),
             max_destination_prefixes: d_prefixes(),
+            audit_ring_bytes: d_audit_ring(),
         }
     }
 }
@@ -120,6 +124,9 @@ fn d_ifaces() -> u32 {
 }
 fn d_prefixes() -> u32 {
     Limits::default().max_source_prefixes
+}
+fn d_audit_ring() -> u32 {
+    Limits::default().audit_ring_bytes
 }
 fn default_bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/enforcer")
@@ -202,6 +209,17 @@ impl Config {
                 return Err(invalid(field, format!("expected 1..={}, got {v}", 1 << 24)));
             }
         }
+        // The kernel's rule for BPF_MAP_TYPE_RINGBUF sizes.
+        let page = page_size();
+        if !l.audit_ring_bytes.is_power_of_two() || l.audit_ring_bytes < page {
+            return Err(invalid(
+                "limits.audit_ring_bytes",
+                format!(
+                    "expected a power of two of at least the page size ({page}), got {}",
+                    l.audit_ring_bytes
+                ),
+            ));
+        }
         for name in &raw.interfaces {
             if name.is_empty() || name.len() > 15 {
                 return Err(invalid(
@@ -239,9 +257,17 @@ impl Config {
                 max_interfaces: l.max_interfaces,
                 max_source_prefixes: l.max_source_prefixes,
                 max_destination_prefixes: l.max_destination_prefixes,
+                audit_ring_bytes: l.audit_ring_bytes,
             },
         })
     }
+}
+
+/// The system's page size (4096 when it cannot be read).
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -291,6 +317,16 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "e.toml: limits.max_agents: expected 1..=16777215, got 0"
+        );
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[limits]\naudit_ring_bytes = 5000\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("e.toml: limits.audit_ring_bytes: expected a power of two"),
+            "{err}"
         );
     }
 

@@ -9,6 +9,12 @@
 //! the active slot, and so the running policy, untouched. Before the next apply reuses the
 //! old slot, [`apply`] waits [`GRACE`] so packets still in flight on the old slot (XDP runs
 //! to completion in microseconds, under RCU) have finished.
+//!
+//! # Audit maps
+//! The program also reports denials through the ring buffer `AUDIT`, which the daemon's
+//! reader ([`crate::audit::run`]) takes with [`Dataplane::take_audit_ring`]; the per-agent
+//! suppressed and lost counts in `AUDIT_STATS` are read through [`KernelMaps`], and the
+//! audit limiter's parameters set with [`KernelMaps::set_audit_config`].
 
 use std::{
     fs, io,
@@ -19,7 +25,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         ProgramError, Xdp,
         links::{FdLink, PinnedLink},
@@ -27,14 +36,17 @@ use aya::{
     },
 };
 use enforcer_common::{
-    AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, Bucket, Counter, DstV4Key,
-    DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, OWNER_BITS, Reason, RuleSet,
-    SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, State,
-    UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
+    AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
+    Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, OWNER_BITS, Reason,
+    RuleSet, SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig,
+    State, UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
 };
 use thiserror::Error;
 
-use crate::compile::{Compiled, Limits};
+use crate::{
+    audit::AuditRate,
+    compile::{Compiled, Limits},
+};
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] =
@@ -271,6 +283,26 @@ impl Dataplane {
             })?;
         }
         let stride = limits.max_agents + 1;
+        // A pinned ring keeps its size: aya maps the ring with the size the loader was
+        // given, not the pinned map's, so the two must agree. Resizing needs the pins gone.
+        let mut limits = *limits;
+        let ring_pin = maps_dir.join(maps::AUDIT);
+        if ring_pin.exists() {
+            let pinned = MapInfo::from_pin(&ring_pin)
+                .map_err(|source| DataplaneError::Map {
+                    name: maps::AUDIT,
+                    source,
+                })?
+                .max_entries();
+            if pinned != limits.audit_ring_bytes {
+                tracing::warn!(
+                    pinned,
+                    configured = limits.audit_ring_bytes,
+                    "the pinned audit ring keeps its size; run `enforcer stop --detach` (or remove the pins) to resize"
+                );
+                limits.audit_ring_bytes = pinned;
+            }
+        }
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&maps_dir)
@@ -285,7 +317,10 @@ impl Dataplane {
             .map_max_entries(maps::DST_V4, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::DST_V6, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::DST_HASH_V4, 2 * limits.max_destination_prefixes)
-            .map_max_entries(maps::DST_HASH_V6, 2 * limits.max_destination_prefixes);
+            .map_max_entries(maps::DST_HASH_V6, 2 * limits.max_destination_prefixes)
+            .map_max_entries(maps::AUDIT, limits.audit_ring_bytes)
+            .map_max_entries(maps::AUDIT_LIMITS, stride)
+            .map_max_entries(maps::AUDIT_STATS, stride);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
@@ -305,7 +340,7 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let mut kernel = KernelMaps::take(&mut ebpf, limits)?;
+        let mut kernel = KernelMaps::take(&mut ebpf, &limits)?;
         let state = kernel.state()?;
         if state.agent_stride == 0 {
             // Fresh pins: record the stride the program indexes AGENTS with.
@@ -320,15 +355,31 @@ impl Dataplane {
                 configured: limits.max_agents,
             });
         }
+        if kernel.audit_config()? == AuditConfig::default() {
+            // Fresh pins: the default audit budget until the daemon sets its own.
+            kernel.set_audit_config(AuditRate::default().config())?;
+        }
         Ok(Dataplane {
             ebpf,
             bpffs: bpffs.to_path_buf(),
-            limits: *limits,
+            limits,
             kernel,
         })
     }
 
-    /// The limits the maps were sized for.
+    /// Takes the audit ring buffer out of the loaded object, for [`crate::audit::run`]. A
+    /// ring has one reader: a second call fails with [`DataplaneError::MissingMap`].
+    pub fn take_audit_ring(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
+        let name = maps::AUDIT;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        RingBuf::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// The limits the maps were sized for (`audit_ring_bytes` is the pinned ring's size
+    /// when one was reused).
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -476,6 +527,9 @@ pub struct KernelMaps {
     dst_v6: LpmTrie<MapData, LpmV6, RuleSet>,
     dst_hash_v4: HashMap<MapData, DstV4Key, RuleSet>,
     dst_hash_v6: HashMap<MapData, DstV6Key, RuleSet>,
+    audit_config: Array<MapData, AuditConfig>,
+    audit_limits: Array<MapData, u64>,
+    audit_stats: PerCpuArray<MapData, AuditStats>,
 }
 
 /// Where [`KernelMaps`] gets its maps from: a freshly loaded object or the pins.
@@ -527,6 +581,9 @@ impl KernelMaps {
             dst_v6: typed(source, maps::DST_V6)?,
             dst_hash_v4: typed(source, maps::DST_HASH_V4)?,
             dst_hash_v6: typed(source, maps::DST_HASH_V6)?,
+            audit_config: typed(source, maps::AUDIT_CONFIG)?,
+            audit_limits: typed(source, maps::AUDIT_LIMITS)?,
+            audit_stats: typed(source, maps::AUDIT_STATS)?,
         })
     }
 
@@ -609,6 +666,42 @@ impl KernelMaps {
         self.buckets
             .set(agent, Bucket::default(), 0)
             .map_err(err("writing", maps::BUCKETS))
+    }
+
+    /// The audit limiter's parameters.
+    pub fn audit_config(&self) -> Result<AuditConfig, MapsError> {
+        self.audit_config
+            .get(&0, 0)
+            .map_err(err("reading", maps::AUDIT_CONFIG))
+    }
+
+    /// Sets the audit limiter's parameters (see [`AuditRate::config`]); takes effect for the
+    /// next packet.
+    pub fn set_audit_config(&mut self, config: AuditConfig) -> Result<(), MapsError> {
+        self.audit_config
+            .set(0, config, 0)
+            .map_err(err("writing", maps::AUDIT_CONFIG))
+    }
+
+    /// An agent's suppressed and lost audit events, summed over CPUs.
+    pub fn audit_stats(&self, agent: u32) -> Result<AuditStats, MapsError> {
+        let values = self
+            .audit_stats
+            .get(&agent, 0)
+            .map_err(err("reading", maps::AUDIT_STATS))?;
+        Ok(values
+            .iter()
+            .fold(AuditStats::default(), |acc, s| AuditStats {
+                suppressed: acc.suppressed + s.suppressed,
+                lost: acc.lost + s.lost,
+            }))
+    }
+
+    /// Resets an agent's audit limiter to a full burst (used by tests).
+    pub fn reset_audit_limiter(&mut self, agent: u32) -> Result<(), MapsError> {
+        self.audit_limits
+            .set(agent, 0, 0)
+            .map_err(err("writing", maps::AUDIT_LIMITS))
     }
 
     /// Unknown-agent counters and every active agent's, keyed by agent id.

@@ -1,9 +1,13 @@
 //! Packet table: every row is a packet built with etherparse (then, for the evasive rows,
 //! cut or spliced by hand), run once through the real XDP program with BPF_PROG_TEST_RUN
 //! against a real compiled policy in real maps; the row asserts the verdict and that exactly
-//! the expected (agent, reason) counter moved by one packet of the packet's length.
+//! the expected (agent, reason) counter moved by one packet of the packet's length, and that
+//! the audit ring received exactly one event for it if the reason is a drop or a
+//! monitor-mode would-drop, and none otherwise (tests/audit.rs checks the events' fields).
 
+use aya::maps::{MapData, RingBuf};
 use enforcer::{
+    audit,
     compile::{self, Limits},
     daemon::if_index,
     dataplane::Dataplane,
@@ -11,7 +15,7 @@ use enforcer::{
     policy,
     testrun::run_xdp,
 };
-use enforcer_common::{Counter, Reason, UNKNOWN_AGENT, programs};
+use enforcer_common::{AuditEvent, AuditStats, Counter, Reason, UNKNOWN_AGENT, programs};
 use etherparse::{PacketBuilder, VlanId};
 
 const XDP_DROP: u32 = 1;
@@ -1027,6 +1031,15 @@ fn load(bpffs: &BpffsMount, text: &str, dp: Option<Dataplane>) -> Dataplane {
     dp
 }
 
+/// Every event waiting in the audit ring.
+fn audit_events(ring: &mut RingBuf<MapData>) -> Vec<AuditEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.push(audit::decode(&item).expect("a ring record the size of an AuditEvent"));
+    }
+    events
+}
+
 /// Every (agent, reason) counter of the agents the policies use.
 fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
     let mut all = Vec::new();
@@ -1038,8 +1051,12 @@ fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
     all
 }
 
-fn run_rows(dp: &mut Dataplane, rows: &[Row]) -> Vec<String> {
+fn run_rows(dp: &mut Dataplane, ring: &mut RingBuf<MapData>, rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
+    let stale = audit_events(ring);
+    if !stale.is_empty() {
+        failures.push(format!("{} audit events before the first row", stale.len()));
+    }
     for r in rows {
         let before = snapshot(dp);
         let program = dp.program(programs::ENFORCE).unwrap();
@@ -1059,6 +1076,37 @@ fn run_rows(dp: &mut Dataplane, rows: &[Row]) -> Vec<String> {
                 r.description, result.return_value, r.verdict, moved, want
             ));
         }
+        // Drops and would-drops: exactly one event, of this agent, reason, length and
+        // interface (`lo`, index 1 in the test namespace, unless the row names one).
+        // Everything else: none. No table row comes near the default per-agent burst.
+        let events: Vec<(u32, u32, u32, u32)> = audit_events(ring)
+            .iter()
+            .map(|e| (e.agent, e.reason, e.len, e.ifindex))
+            .collect();
+        let want: Vec<(u32, u32, u32, u32)> = if r.reason.is_audited() {
+            vec![(
+                r.agent,
+                r.reason as u32,
+                r.packet.len() as u32,
+                r.ifindex.unwrap_or(1),
+            )]
+        } else {
+            Vec::new()
+        };
+        if events != want {
+            failures.push(format!(
+                "{}: audit events (agent, reason, len, ifindex) {:?} (want {:?})",
+                r.description, events, want
+            ));
+        }
+    }
+    for agent in 0..=10 {
+        let stats = dp.maps().audit_stats(agent).unwrap();
+        if stats != AuditStats::default() {
+            failures.push(format!(
+                "agent {agent}: audit events suppressed or lost: {stats:?}"
+            ));
+        }
     }
     failures
 }
@@ -1071,9 +1119,10 @@ fn packet_table() {
     in_test_netns(|| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, POLICY, None);
+        let mut ring = dp.take_audit_ring().unwrap();
         let rows = table();
         assert!(rows.len() >= 40, "the table must cover at least 40 rows");
-        let failures = run_rows(&mut dp, &rows);
+        let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(
             failures.is_empty(),
             "{} of {} rows failed:\n{}",
@@ -1092,6 +1141,7 @@ fn unknown_default_drop() {
     in_test_netns(|| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, &policy_unknown_drop(), None);
+        let mut ring = dp.take_audit_ring().unwrap();
         let rows = vec![
             row(
                 "unknown v4 sender dropped",
@@ -1116,7 +1166,7 @@ fn unknown_default_drop() {
                 Allowed,
             ),
         ];
-        let failures = run_rows(&mut dp, &rows);
+        let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
 
         // Re-applying the permissive policy flips the default without reloading anything.
@@ -1128,7 +1178,7 @@ fn unknown_default_drop() {
             UNKNOWN_AGENT,
             UnknownPass,
         )];
-        let failures = run_rows(&mut dp, &rows);
+        let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
@@ -1140,7 +1190,8 @@ fn removed_agent_becomes_unknown() {
     }
     in_test_netns(|| {
         let bpffs = BpffsMount::new().unwrap();
-        let dp = load(&bpffs, POLICY, None);
+        let mut dp = load(&bpffs, POLICY, None);
+        let mut ring = dp.take_audit_ring().unwrap();
         // Agent 1 removed: its address is nobody's now, and its old slot entries are gone.
         let without_agent_1 = POLICY.replacen(
             "id = 1\nname = \"restricted\"\nprefixes = [\"10.1.0.2\", \"fd01::2\"]",
@@ -1164,7 +1215,7 @@ fn removed_agent_becomes_unknown() {
                 EgressDenied,
             ),
         ];
-        let failures = run_rows(&mut dp, &rows);
+        let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }

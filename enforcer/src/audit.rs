@@ -1,0 +1,1420 @@
+//! The audit trail of denials: events from the XDP program's `AUDIT` ring buffer become JSON
+//! lines in a hash-chained, append-only file that [`verify`] can prove intact.
+//!
+//! # Flow
+//! The XDP program reports every drop and every monitor-mode would-drop, within a per-agent
+//! budget ([`AuditRate`], default 100 events/s with a burst of 100), as an
+//! [`AuditEvent`]. Events over the budget are counted as *suppressed*, events that find the
+//! ring full as *lost*, per agent, in `AUDIT_STATS` ([`collect_stats`]): a gap in the log is
+//! always visible in the counters. [`run`] reads the ring, names agents and the policy from
+//! the [`AuditContext`] the daemon publishes on each apply, and appends through
+//! [`AuditLog`].
+//!
+//! # Line format
+//! One JSON object per line, compact, keys in this fixed order:
+//!
+//! ```text
+//! {"seq":1,"time":"2026-11-28T10:00:00.123456789Z","ktime_ns":8123456789,"agent":1,
+//!  "agent_name":"coder","reason":"egress_denied","verdict":"drop","proto":"tcp",
+//!  "src":"10.1.0.2:40000","dst":"10.9.1.5:443","ifindex":3,"len":60,
+//!  "policy_generation":4,"policy_digest":"9f86…","prev":"5e2b…"}
+//! ```
+//! (one line in the file). `seq` counts records from 1 in a file. `time` is RFC 3339 UTC;
+//! `ktime_ns` the kernel's CLOCK_MONOTONIC reading it was converted from (see
+//! [`WallClock`]). `agent_name` is null for unknown traffic (agent 0) and when the policy the
+//! event was decided under is not known to the reader. `proto`, `src` and `dst` are null when
+//! the frame's IP header could not be read; IPv6 endpoints are written `[addr]:port`, and the
+//! port is 0 when the protocol has none. `verdict` is `pass` for monitor-mode would-drops.
+//! `policy_generation` is the generation the program saw; `policy_digest` is the hex SHA-256
+//! of that generation's policy text, null when the reader does not know it (events left in
+//! the pinned ring from before the daemon started).
+//!
+//! # Hash chain
+//! `prev` is the hex SHA-256 of the previous line's exact bytes, without its newline; the
+//! first line of a file has 64 zeros. The verifier hashes the raw bytes it read and never
+//! re-serializes, so there is no canonical-form question: whatever bytes the writer wrote
+//! are what is chained. Changing, inserting or deleting any line but the last breaks the
+//! chain at a line [`verify`] names. What a chain alone cannot show: removal of lines at the
+//! end, or a whole file rewritten from scratch; anchor [`VerifyReport::head`] somewhere the
+//! host cannot rewrite (remote log, ticket) to cover those.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fs::{File, OpenOptions},
+    future::Future,
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use enforcer_common::{
+    AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditConfig, AuditEvent, Reason, UNITS_PER_SEC, UNKNOWN_AGENT,
+};
+use ring::digest;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
+
+use crate::dataplane::{KernelMaps, MapsError};
+
+/// `prev` of the first line of a file.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Mode of a newly created log file (before the umask): owner writes, group reads.
+pub const LOG_MODE: u32 = 0o640;
+
+/// How long [`run`] holds events of a policy generation it has no [`AuditContext`] for yet,
+/// waiting for the daemon to publish it (it publishes after `apply` returns, which includes
+/// a 20 ms grace period, so a fresh policy's first denials usually arrive first).
+pub const CONTEXT_WAIT: Duration = Duration::from_secs(1);
+
+/// Contexts of past generations [`run`] keeps, so events still in the ring from before a
+/// reload are attributed to the policy that decided them.
+const CONTEXT_HISTORY: usize = 16;
+
+/// Events [`run`] writes between two yields to the runtime, so a large backlog does not
+/// starve the daemon's other tasks (signals, reloads) on its single thread.
+const WRITE_CHUNK: usize = 256;
+
+/// Errors of the audit trail.
+#[derive(Debug, Error)]
+pub enum AuditError {
+    /// A file operation on the log failed.
+    #[error("{op} audit log {path}")]
+    Io {
+        /// What was being done ("opening", "reading", ...).
+        op: &'static str,
+        /// The log file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the log's write lock: two writers would fork the chain.
+    #[error("audit log {path} is locked by another writer (is another daemon running?)")]
+    Locked {
+        /// The log file.
+        path: PathBuf,
+    },
+    /// The log is not intact: the first bad line and why.
+    #[error("{path}:{line}: {problem}")]
+    Corrupt {
+        /// The log file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong with it.
+        problem: Problem,
+    },
+    /// Appending a record failed; the file was cut back to its last whole record.
+    #[error("appending to audit log {path} ({unwritten} events of the batch not written)")]
+    Write {
+        /// The log file.
+        path: PathBuf,
+        /// Events read from the ring that this call could not write.
+        unwritten: usize,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A record could not be serialized as a JSON object.
+    #[error("serializing an audit record")]
+    Serialize {
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Registering or polling the ring buffer's file descriptor failed.
+    #[error("polling the audit ring buffer (BPF_MAP_TYPE_RINGBUF, Linux 5.8)")]
+    Ring {
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a line of the log is bad.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum Problem {
+    /// The line's bytes changed: its hash is not the `prev` the next line records.
+    #[error(
+        "line was altered: it hashes to {actual}, but line {next_line} records prev {recorded}"
+    )]
+    Altered {
+        /// The line after it, which holds the recorded hash.
+        next_line: u64,
+        /// SHA-256 of the line as it is now.
+        actual: String,
+        /// `prev` of the next line.
+        recorded: String,
+    },
+    /// The line's own `prev` does not match the line before it, though the next line
+    /// confirms this line's bytes are as written: its `prev` field was changed.
+    #[error("prev is {recorded}, but the line before hashes to {expected}")]
+    PrevMismatch {
+        /// SHA-256 of the previous line (or [`GENESIS`]).
+        expected: String,
+        /// `prev` as the line holds it.
+        recorded: String,
+    },
+    /// `seq` jumps: lines before this one were deleted (or lines inserted).
+    #[error("seq is {found} where {expected} was due: records are missing before this line")]
+    Missing {
+        /// The seq the chain expected.
+        expected: u64,
+        /// The seq the line holds.
+        found: u64,
+    },
+    /// The line is not a JSON object with `seq` and `prev`.
+    #[error("not an audit record: {message}")]
+    Unparsable {
+        /// The parser's message.
+        message: String,
+    },
+    /// The last line has no newline: a write was cut short (crash, full disk) or the file was
+    /// truncated.
+    #[error("the last line is truncated (no newline at its end)")]
+    Truncated,
+}
+
+/// The audit limiter's budget per agent, as operators write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AuditRate {
+    /// Sustained events per second per agent; 0 turns events off (all are counted as
+    /// suppressed).
+    pub events_per_sec: u32,
+    /// Events an idle agent may produce back to back; 0 also turns events off.
+    pub burst: u32,
+}
+
+impl Default for AuditRate {
+    fn default() -> Self {
+        AuditRate {
+            events_per_sec: 100,
+            burst: 100,
+        }
+    }
+}
+
+/// Largest [`AuditConfig::event_tolerance`]: 146 years, far beyond any useful burst, and
+/// low enough that `now + tolerance + cost` never overflows the kernel's 64-bit arithmetic.
+const MAX_TOLERANCE: u64 = 1 << 62;
+
+impl AuditRate {
+    /// The map value the kernel reads (GCRA in `1 >> TIME_SHIFT` ns units, like the packet
+    /// limiters). A burst too long to express saturates at 146 years.
+    pub fn config(&self) -> AuditConfig {
+        if self.events_per_sec == 0 {
+            return AuditConfig::default();
+        }
+        let cost = UNITS_PER_SEC / u64::from(self.events_per_sec);
+        AuditConfig {
+            event_cost: cost,
+            event_tolerance: u64::from(self.burst)
+                .saturating_mul(cost)
+                .min(MAX_TOLERANCE),
+        }
+    }
+}
+
+/// What the reader needs to know about the applied policy, published by the daemon on a
+/// `watch` channel after every successful apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditContext {
+    /// Policy generation `apply` returned.
+    pub generation: u64,
+    /// Hex SHA-256 of the policy file's text ([`sha256_hex`]).
+    pub digest: String,
+    /// Agent names by id.
+    pub agents: BTreeMap<u32, String>,
+}
+
+impl AuditContext {
+    /// The context of generation `generation`, applied from `policy_text`.
+    pub fn new(generation: u64, policy_text: &str, agents: BTreeMap<u32, String>) -> Self {
+        AuditContext {
+            generation,
+            digest: sha256_hex(policy_text.as_bytes()),
+            agents,
+        }
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(digest::digest(&digest::SHA256, bytes).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+/// Converts the kernel's `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
+///
+/// The offset between CLOCK_REALTIME and CLOCK_MONOTONIC is sampled by reading the
+/// monotonic clock on both sides of a realtime reading (the midpoint bounds the error by
+/// half the sampling window, well under a microsecond). [`run`] samples again before every
+/// batch, so a step of the wall clock (settimeofday, an NTP step) or a suspend (which stops
+/// CLOCK_MONOTONIC) shows in the next batch; an event that waited in the ring across such a
+/// step is converted with the new offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WallClock {
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// Samples both clocks now.
+    pub fn sample() -> Self {
+        let before = clock_ns(libc::CLOCK_MONOTONIC);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        let after = clock_ns(libc::CLOCK_MONOTONIC);
+        WallClock {
+            offset_ns: real - (before + after) / 2,
+        }
+    }
+
+    /// A clock with a fixed offset (realtime minus monotonic), for tests.
+    pub fn with_offset(offset_ns: i128) -> Self {
+        WallClock { offset_ns }
+    }
+
+    /// Nanoseconds since the Unix epoch of the monotonic reading `ktime_ns`.
+    pub fn unix_ns(&self, ktime_ns: u64) -> i128 {
+        i128::from(ktime_ns) + self.offset_ns
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; both clocks exist on every Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-28T10:00:00.123456789Z`.
+pub fn rfc3339(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000);
+    let nanos = unix_ns.rem_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400) as i64;
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian; H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Name of an IP protocol number, or the number itself.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        2 => "igmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        41 => "ipv6".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Decodes one ring buffer record; `None` if it is not the size of an [`AuditEvent`] (an
+/// object and a daemon from different builds).
+pub fn decode(bytes: &[u8]) -> Option<AuditEvent> {
+    if bytes.len() != size_of::<AuditEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked; AuditEvent is plain integers (any bit pattern is
+    // valid) and the read is unaligned-safe.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<AuditEvent>()) })
+}
+
+/// The body of one log line (the writer adds `seq` in front and `prev` at the end). Field
+/// order is the line's key order; see the module docs for each field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// RFC 3339 UTC wall-clock time of the event.
+    pub time: String,
+    /// The kernel's CLOCK_MONOTONIC reading, nanoseconds.
+    pub ktime_ns: u64,
+    /// Agent id (0: traffic from no known agent).
+    pub agent: u32,
+    /// Agent name under the event's policy, if known.
+    pub agent_name: Option<String>,
+    /// Reason name ([`Reason::name`]), or `reason-N` for a number this build does not know.
+    pub reason: String,
+    /// `drop`, or `pass` for a monitor-mode would-drop (`unknown` with an unknown reason).
+    pub verdict: String,
+    /// IP protocol name ([`proto_name`]); null without an IP header.
+    pub proto: Option<String>,
+    /// Source `ip:port`; null without an IP header.
+    pub src: Option<String>,
+    /// Destination `ip:port`; null without an IP header.
+    pub dst: Option<String>,
+    /// Interface the frame arrived on.
+    pub ifindex: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+    /// Policy generation the program saw.
+    pub policy_generation: u64,
+    /// Hex SHA-256 of that generation's policy text, if known.
+    pub policy_digest: Option<String>,
+}
+
+impl Record {
+    /// The record of `event`, with names from `context` when it is the context of the
+    /// event's generation.
+    pub fn new(event: &AuditEvent, context: Option<&AuditContext>, clock: &WallClock) -> Self {
+        let context = context.filter(|c| c.generation == event.generation);
+        let reason = Reason::from_u32(event.reason);
+        let endpoint = |addr: &[u8; 16], port: u16| match event.family {
+            AUDIT_FAMILY_V4 => Some(
+                SocketAddr::new(
+                    Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).into(),
+                    port,
+                )
+                .to_string(),
+            ),
+            AUDIT_FAMILY_V6 => {
+                Some(SocketAddr::new(Ipv6Addr::from(*addr).into(), port).to_string())
+            }
+            _ => None,
+        };
+        let has_ip = matches!(event.family, AUDIT_FAMILY_V4 | AUDIT_FAMILY_V6);
+        Record {
+            time: rfc3339(clock.unix_ns(event.time_ns)),
+            ktime_ns: event.time_ns,
+            agent: event.agent,
+            agent_name: if event.agent == UNKNOWN_AGENT {
+                None
+            } else {
+                context.and_then(|c| c.agents.get(&event.agent).cloned())
+            },
+            reason: reason.map_or_else(|| format!("reason-{}", event.reason), |r| r.name().into()),
+            verdict: match reason {
+                Some(r) if r.is_drop() => "drop",
+                Some(_) => "pass",
+                None => "unknown",
+            }
+            .into(),
+            proto: has_ip.then(|| proto_name(event.proto)),
+            src: endpoint(&event.src, event.src_port),
+            dst: endpoint(&event.dst, event.dst_port),
+            ifindex: event.ifindex,
+            len: event.len,
+            policy_generation: event.generation,
+            policy_digest: context.map(|c| c.digest.clone()),
+        }
+    }
+}
+
+/// A line as the writer serializes it: `seq`, the body's fields, then `prev`.
+#[derive(Serialize)]
+struct LineOut<'a, T: Serialize> {
+    seq: u64,
+    #[serde(flatten)]
+    body: &'a T,
+    prev: &'a str,
+}
+
+/// The two fields the chain needs, read from any line.
+#[derive(Deserialize)]
+struct ChainFields {
+    seq: u64,
+    prev: String,
+}
+
+/// The append-only, hash-chained log file. One writer per file, enforced with an exclusive
+/// `flock` held while the value lives.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    /// Bytes of whole records in the file: where a failed append cuts back to.
+    len: u64,
+    last_seq: u64,
+    head: String,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending, creating it with mode [`LOG_MODE`] (less the umask). An
+    /// existing file's chain continues from its last line, so a restarted daemon extends
+    /// the same chain. Only the last line is read (the whole file is [`verify`]'s job); a
+    /// last line without a newline is refused as [`Problem::Truncated`] rather than
+    /// extended, which would bury the damage in the middle of the chain.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let io_err = |op| {
+            move |source| AuditError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(LOG_MODE)
+            .open(path)
+            .map_err(io_err("opening"))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                AuditError::Locked {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err("locking")(e)
+            });
+        }
+        let len = file.metadata().map_err(io_err("reading"))?.len();
+        let mut log = AuditLog {
+            path: path.to_path_buf(),
+            file,
+            len,
+            last_seq: 0,
+            head: GENESIS.to_string(),
+        };
+        if len == 0 {
+            return Ok(log);
+        }
+        let corrupt = |line, problem| AuditError::Corrupt {
+            path: path.to_path_buf(),
+            line,
+            problem,
+        };
+        let mut last = [0u8];
+        log.file
+            .seek(SeekFrom::Start(len - 1))
+            .and_then(|_| log.file.read_exact(&mut last))
+            .map_err(io_err("reading"))?;
+        if last[0] != b'\n' {
+            let lines = count_lines(&mut log.file).map_err(io_err("reading"))?;
+            return Err(corrupt(lines + 1, Problem::Truncated));
+        }
+        let line = last_line(&mut log.file, len - 1).map_err(io_err("reading"))?;
+        let fields: ChainFields = serde_json::from_slice(&line).map_err(|e| {
+            let lines = count_lines(&mut log.file).unwrap_or(0);
+            corrupt(
+                lines,
+                Problem::Unparsable {
+                    message: e.to_string(),
+                },
+            )
+        })?;
+        log.last_seq = fields.seq;
+        log.head = sha256_hex(&line);
+        Ok(log)
+    }
+
+    /// Appends `body` (which must serialize to a JSON object, like [`Record`]) as the next
+    /// line, chained to the previous one; returns its `seq`. The line goes out in one
+    /// `write` on an `O_APPEND` descriptor; if that fails the file is cut back to its last
+    /// whole record, so a failed append leaves no torn line behind.
+    pub fn append<T: Serialize>(&mut self, body: &T) -> Result<u64, AuditError> {
+        let seq = self.last_seq + 1;
+        let mut line = serde_json::to_vec(&LineOut {
+            seq,
+            body,
+            prev: &self.head,
+        })
+        .map_err(|source| AuditError::Serialize { source })?;
+        // Compact serde_json output escapes control characters inside strings, so a line
+        // never holds a newline of its own.
+        let head = sha256_hex(&line);
+        line.push(b'\n');
+        if let Err(source) = self.file.write_all(&line) {
+            let _ = self.file.set_len(self.len);
+            return Err(AuditError::Write {
+                path: self.path.clone(),
+                unwritten: 1,
+                source,
+            });
+        }
+        self.len += line.len() as u64;
+        self.last_seq = seq;
+        self.head = head;
+        Ok(seq)
+    }
+
+    /// Flushes written records to the disk (`fdatasync`).
+    pub fn sync(&self) -> Result<(), AuditError> {
+        self.file.sync_data().map_err(|source| AuditError::Io {
+            op: "syncing",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Hex SHA-256 of the last line: the `prev` of the next one ([`GENESIS`] when empty).
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// `seq` of the last line (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Newlines in `file`.
+fn count_lines(file: &mut File) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::new(file);
+    let mut n = 0;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(n);
+        }
+        n += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        let used = buf.len();
+        reader.consume(used);
+    }
+}
+
+/// The line that ends at byte `end` (its newline), without the newline.
+fn last_line(file: &mut File, end: u64) -> io::Result<Vec<u8>> {
+    const STEP: u64 = 4096;
+    let mut start = end;
+    let mut line = Vec::new();
+    while start > 0 {
+        let from = start.saturating_sub(STEP);
+        let mut chunk = vec![0; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        if let Some(nl) = chunk.iter().rposition(|&b| b == b'\n') {
+            chunk.drain(..=nl);
+            chunk.extend_from_slice(&line);
+            return Ok(chunk);
+        }
+        chunk.extend_from_slice(&line);
+        line = chunk;
+        start = from;
+    }
+    Ok(line)
+}
+
+/// An intact log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Records checked.
+    pub lines: u64,
+    /// `seq` of the last record (0 for an empty file).
+    pub last_seq: u64,
+    /// Hex SHA-256 of the last line ([`GENESIS`] for an empty file): record it outside the
+    /// host to make later truncation of the log detectable.
+    pub head: String,
+}
+
+/// One line as [`verify`] reads it.
+struct Checked {
+    hash: String,
+    fields: Result<ChainFields, Problem>,
+}
+
+/// Checks every line of the log at `path`: each is a JSON object whose `seq` follows the
+/// previous one's and whose `prev` is the SHA-256 of the previous line's raw bytes, and the
+/// file ends with a newline. Returns the report of an intact log, or
+/// [`AuditError::Corrupt`] naming the first bad line:
+/// - a line whose bytes changed: that line ([`Problem::Altered`], found through the next
+///   line's `prev`; for the last line only its `prev` can be checked);
+/// - a line whose `prev` changed: that line ([`Problem::PrevMismatch`]);
+/// - deleted lines: the line after them ([`Problem::Missing`]);
+/// - a line that is not JSON: that line; a last line without newline: that line.
+///
+/// Reads the file once, keeping two lines in memory.
+pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    let file = File::open(path).map_err(|source| AuditError::Io {
+        op: "opening",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut reader = BufReader::new(file);
+    let corrupt = |line, problem| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        problem,
+    };
+    let mut read = |n: u64| -> Result<Option<Checked>, AuditError> {
+        let mut buf = Vec::new();
+        let got = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| AuditError::Io {
+                op: "reading",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if buf.pop() != Some(b'\n') {
+            return Err(corrupt(n, Problem::Truncated));
+        }
+        Ok(Some(Checked {
+            hash: sha256_hex(&buf),
+            fields: serde_json::from_slice::<ChainFields>(&buf).map_err(|e| Problem::Unparsable {
+                message: e.to_string(),
+            }),
+        }))
+    };
+
+    let mut prev_hash = GENESIS.to_string();
+    let mut prev_seq = 0;
+    let mut n = 0;
+    let mut next = read(1)?;
+    while let Some(line) = next {
+        n += 1;
+        let fields = line.fields.map_err(|p| corrupt(n, p))?;
+        // Read one line ahead: it tells a changed line from a changed `prev`.
+        next = read(n + 1)?;
+        if fields.seq != prev_seq + 1 {
+            return Err(corrupt(
+                n,
+                Problem::Missing {
+                    expected: prev_seq + 1,
+                    found: fields.seq,
+                },
+            ));
+        }
+        if fields.prev != prev_hash {
+            // If the next line vouches for this line's bytes, this line is as written and
+            // the line before changed. If it does not, this line changed too, and since
+            // its `prev` already disagrees, its `prev` is what was edited. Without a next
+            // line it cannot be told apart: the line before is named, whose change is the
+            // likelier edit. The first line has no line before it.
+            let next_vouches = next
+                .as_ref()
+                .and_then(|l| l.fields.as_ref().ok())
+                .is_some_and(|f| f.prev == line.hash);
+            let last = next.is_none();
+            return Err(if n == 1 || !(next_vouches || last) {
+                corrupt(
+                    n,
+                    Problem::PrevMismatch {
+                        expected: prev_hash,
+                        recorded: fields.prev,
+                    },
+                )
+            } else {
+                corrupt(
+                    n - 1,
+                    Problem::Altered {
+                        next_line: n,
+                        actual: prev_hash,
+                        recorded: fields.prev,
+                    },
+                )
+            });
+        }
+        prev_hash = line.hash;
+        prev_seq = fields.seq;
+    }
+    Ok(VerifyReport {
+        lines: n,
+        last_seq: prev_seq,
+        head: prev_hash,
+    })
+}
+
+/// The last `n` lines of the log at `path` (fewer if it has fewer), oldest first, without
+/// newlines; a truncated last line is included as it is. Reads backwards from the end, so
+/// the cost does not grow with the file.
+pub fn tail(path: &Path, n: usize) -> Result<Vec<String>, AuditError> {
+    let io_err = |op| {
+        move |source| AuditError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut file = File::open(path).map_err(io_err("opening"))?;
+    let len = file.metadata().map_err(io_err("reading"))?.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    const STEP: u64 = 64 * 1024;
+    let mut start = len;
+    let mut buf = Vec::new();
+    // n + 1 newlines (not counting one that ends the file) guarantee n whole lines.
+    let newlines = |buf: &[u8]| {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        body.iter().filter(|&&b| b == b'\n').count()
+    };
+    while start > 0 && newlines(&buf) < n + 1 {
+        let from = start.saturating_sub(STEP);
+        let mut chunk = vec![0; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))
+            .and_then(|_| file.read_exact(&mut chunk))
+            .map_err(io_err("reading"))?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        start = from;
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.split_terminator('\n').collect();
+    if start > 0 {
+        // The first piece starts mid-line.
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    Ok(lines[skip..].iter().map(|l| l.to_string()).collect())
+}
+
+/// One agent's audit events that never reached the ring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AgentAuditStats {
+    /// Agent id (0 = traffic from no known agent).
+    pub id: u32,
+    /// Agent name from the applied policy, if known.
+    pub name: Option<String>,
+    /// Events the per-agent audit limiter refused.
+    pub suppressed: u64,
+    /// Events admitted that found the ring full.
+    pub lost: u64,
+}
+
+/// Suppressed and lost events, summed over CPUs, of the unknown agent and of every agent
+/// active in the applied policy; `names` maps ids to names.
+pub fn collect_stats(
+    maps: &KernelMaps,
+    names: &BTreeMap<u32, String>,
+) -> Result<Vec<AgentAuditStats>, MapsError> {
+    let mut ids = vec![UNKNOWN_AGENT];
+    ids.extend(maps.active_agents()?);
+    ids.into_iter()
+        .map(|id| {
+            let s = maps.audit_stats(id)?;
+            Ok(AgentAuditStats {
+                id,
+                name: names.get(&id).cloned(),
+                suppressed: s.suppressed,
+                lost: s.lost,
+            })
+        })
+        .collect()
+}
+
+/// What [`run`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Records appended to the log.
+    pub records: u64,
+    /// Ring records of the wrong size, skipped (an object and a daemon from different
+    /// builds); each is also logged as a warning.
+    pub malformed: u64,
+}
+
+/// Recent contexts by generation.
+struct Contexts {
+    recent: VecDeque<AuditContext>,
+    /// The newest generation [`write_batch`] already waited [`CONTEXT_WAIT`] for: a
+    /// context that never comes must not stall every later batch too.
+    waited_for: u64,
+}
+
+impl Contexts {
+    fn push(&mut self, c: AuditContext) {
+        if self
+            .recent
+            .back()
+            .is_some_and(|b| b.generation == c.generation)
+        {
+            self.recent.pop_back();
+        }
+        if self.recent.len() == CONTEXT_HISTORY {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(c);
+    }
+
+    fn get(&self, generation: u64) -> Option<&AuditContext> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|c| c.generation == generation)
+    }
+
+    fn newest(&self) -> u64 {
+        self.recent.back().map_or(0, |c| c.generation)
+    }
+}
+
+/// The reader task: appends every event of the ring buffer to `log` until `shutdown`
+/// completes, then drains what the ring holds at that moment and returns.
+///
+/// Wakes on the ring's epoll readiness (tokio `AsyncFd`, no polling interval). Events are
+/// named from `context`: the daemon sends an [`AuditContext`] after each successful apply;
+/// events of a generation newer than any context seen are held up to [`CONTEXT_WAIT`] for
+/// it, then written without names. Each batch ends with an `fdatasync`.
+///
+/// Returns the first error writing the log (the events of the batch in hand are then not
+/// written, and the error says how many): the caller decides whether to restart. While no
+/// reader runs, the kernel keeps filling the pinned ring and then counts *lost* events, so
+/// nothing disappears unseen.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    mut log: AuditLog,
+    mut context: watch::Receiver<AuditContext>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, AuditError> {
+    // SAFETY: the ring owns its map's descriptor (MapData holds an OwnedFd), which stays
+    // open and unchanged until the AsyncFd, owning the ring, is dropped.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| AuditError::Ring { source: e.into() })?;
+    let mut contexts = Contexts {
+        recent: VecDeque::new(),
+        waited_for: 0,
+    };
+    contexts.push(context.borrow_and_update().clone());
+    let mut context_open = true;
+    let mut summary = RunSummary::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = context.changed(), if context_open => match changed {
+                Ok(()) => contexts.push(context.borrow_and_update().clone()),
+                // The daemon dropped the sender: keep the last context and stop asking.
+                Err(_) => context_open = false,
+            },
+            guard = fd.readable_mut() => {
+                let mut guard = guard.map_err(|source| AuditError::Ring { source })?;
+                // Clear, then drain: an event committed after the drain's last read raises
+                // a new wake-up that this clear cannot swallow. (Drain-then-clear could miss
+                // it, and the kernel wakes the reader only when it has caught up, so every
+                // later event would wait too.)
+                guard.clear_ready();
+                let batch = drain(guard.get_inner_mut(), &mut summary);
+                write_batch(&batch, &mut log, &mut context, &mut contexts, &mut context_open, &mut summary).await?;
+            }
+        }
+    }
+    let batch = drain(fd.get_mut(), &mut summary);
+    write_batch(
+        &batch,
+        &mut log,
+        &mut context,
+        &mut contexts,
+        &mut context_open,
+        &mut summary,
+    )
+    .await?;
+    Ok(summary)
+}
+
+/// Takes every event the ring holds now.
+fn drain(ring: &mut RingBuf<MapData>, summary: &mut RunSummary) -> Vec<AuditEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(event) => batch.push(event),
+            None => {
+                summary.malformed += 1;
+                tracing::warn!(
+                    bytes = item.len(),
+                    expected = size_of::<AuditEvent>(),
+                    "skipping an audit ring record of the wrong size"
+                );
+            }
+        }
+    }
+    batch
+}
+
+async fn write_batch(
+    batch: &[AuditEvent],
+    log: &mut AuditLog,
+    context: &mut watch::Receiver<AuditContext>,
+    contexts: &mut Contexts,
+    context_open: &mut bool,
+    summary: &mut RunSummary,
+) -> Result<(), AuditError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let newest_event = batch.iter().map(|e| e.generation).max().unwrap_or(0);
+    if newest_event > contexts.newest() && newest_event > contexts.waited_for && *context_open {
+        contexts.waited_for = newest_event;
+        let _ = tokio::time::timeout(CONTEXT_WAIT, async {
+            while contexts.newest() < newest_event {
+                if context.changed().await.is_err() {
+                    *context_open = false;
+                    break;
+                }
+                contexts.push(context.borrow_and_update().clone());
+            }
+        })
+        .await;
+    }
+    let clock = WallClock::sample();
+    for (i, chunk) in batch.chunks(WRITE_CHUNK).enumerate() {
+        if i > 0 {
+            tokio::task::yield_now().await;
+        }
+        for (j, event) in chunk.iter().enumerate() {
+            let record = Record::new(event, contexts.get(event.generation), &clock);
+            log.append(&record).map_err(|e| match e {
+                AuditError::Write { path, source, .. } => AuditError::Write {
+                    path,
+                    unwritten: batch.len() - i * WRITE_CHUNK - j,
+                    source,
+                },
+                other => other,
+            })?;
+            summary.records += 1;
+        }
+    }
+    log.sync()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::PermissionsExt as _};
+
+    use super::*;
+
+    /// A directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "enforcer-audit-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn event(i: u32) -> AuditEvent {
+        let mut e = AuditEvent {
+            time_ns: 1_000_000_000 + u64::from(i),
+            generation: 3,
+            agent: 1 + i % 3,
+            reason: Reason::EgressDenied as u32,
+            ifindex: 7,
+            len: 60 + i,
+            src_port: 40000,
+            dst_port: 443,
+            family: AUDIT_FAMILY_V4,
+            proto: 6,
+            ..AuditEvent::default()
+        };
+        e.src[..4].copy_from_slice(&[10, 1, 0, 2]);
+        e.dst[..4].copy_from_slice(&[10, 9, 1, 5]);
+        e
+    }
+
+    fn context() -> AuditContext {
+        AuditContext::new(
+            3,
+            "[defaults]\n",
+            BTreeMap::from([(1, "coder".into()), (2, "web".into())]),
+        )
+    }
+
+    /// Writes `n` records to a fresh log at `path`.
+    fn write(path: &Path, n: u32) {
+        let mut log = AuditLog::open(path).unwrap();
+        let ctx = context();
+        let clock = WallClock::with_offset(1_800_000_000_000_000_000);
+        for i in 0..n {
+            log.append(&Record::new(&event(i), Some(&ctx), &clock))
+                .unwrap();
+        }
+        log.sync().unwrap();
+    }
+
+    fn lines(path: &Path) -> Vec<Vec<u8>> {
+        fs::read(path)
+            .unwrap()
+            .split_inclusive(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    fn corrupt_at(path: &Path) -> (u64, Problem) {
+        match verify(path) {
+            Err(AuditError::Corrupt { line, problem, .. }) => (line, problem),
+            other => panic!("expected a corrupt log, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rate_config_matches_the_gcra_units() {
+        let c = AuditRate::default().config();
+        assert_eq!(c.event_cost, UNITS_PER_SEC / 100);
+        assert_eq!(c.event_tolerance, 100 * c.event_cost);
+        assert_eq!(
+            AuditRate {
+                events_per_sec: 0,
+                burst: 5
+            }
+            .config(),
+            AuditConfig::default(),
+            "rate 0: events off"
+        );
+        let huge = AuditRate {
+            events_per_sec: 1,
+            burst: u32::MAX,
+        }
+        .config();
+        assert_eq!(huge.event_tolerance, MAX_TOLERANCE);
+    }
+
+    #[test]
+    fn rfc3339_formats_utc_with_nanoseconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339(951_782_400_000_000_001),
+            "2000-02-29T00:00:00.000000001Z"
+        );
+        assert_eq!(
+            rfc3339(1_798_761_599_999_999_999),
+            "2026-12-31T23:59:59.999999999Z"
+        );
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+    }
+
+    #[test]
+    fn wall_clock_follows_the_realtime_clock() {
+        let clock = WallClock::sample();
+        let now = clock_ns(libc::CLOCK_REALTIME);
+        let mono = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        // Both readings were taken after the sample; they agree to well under a second.
+        assert!((clock.unix_ns(mono) - now).abs() < 1_000_000_000);
+    }
+
+    #[test]
+    fn records_name_agents_and_endpoints() {
+        let clock = WallClock::with_offset(1_800_000_000_000_000_000);
+        let ctx = context();
+        let r = Record::new(&event(0), Some(&ctx), &clock);
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "{{\"time\":\"2027-01-15T08:00:01.000000000Z\",\"ktime_ns\":1000000000,\"agent\":1,\
+                 \"agent_name\":\"coder\",\"reason\":\"egress_denied\",\"verdict\":\"drop\",\
+                 \"proto\":\"tcp\",\"src\":\"10.1.0.2:40000\",\"dst\":\"10.9.1.5:443\",\
+                 \"ifindex\":7,\"len\":60,\"policy_generation\":3,\"policy_digest\":\"{}\"}}",
+                sha256_hex(b"[defaults]\n")
+            )
+        );
+
+        // IPv6, monitor mode, a generation the reader has no context for.
+        let mut e = event(0);
+        e.family = AUDIT_FAMILY_V6;
+        e.src = "fd01::2".parse::<Ipv6Addr>().unwrap().octets();
+        e.dst = "fd09::9".parse::<Ipv6Addr>().unwrap().octets();
+        e.proto = 17;
+        e.reason = Reason::MonitorEgressDenied as u32;
+        e.generation = 4;
+        let r = Record::new(&e, Some(&ctx), &clock);
+        assert_eq!(r.src.as_deref(), Some("[fd01::2]:40000"));
+        assert_eq!(r.dst.as_deref(), Some("[fd09::9]:443"));
+        assert_eq!(r.proto.as_deref(), Some("udp"));
+        assert_eq!(r.verdict, "pass");
+        assert_eq!(r.reason, "monitor_egress_denied");
+        assert_eq!(r.agent_name, None);
+        assert_eq!(r.policy_digest, None);
+
+        // No IP header; unknown agent.
+        let e = AuditEvent {
+            agent: UNKNOWN_AGENT,
+            reason: Reason::UnknownDrop as u32,
+            generation: 3,
+            ..AuditEvent::default()
+        };
+        let r = Record::new(&e, Some(&ctx), &clock);
+        assert_eq!(
+            (r.proto, r.src, r.dst, r.agent_name),
+            (None, None, None, None)
+        );
+        assert_eq!(r.policy_digest, Some(ctx.digest.clone()));
+    }
+
+    #[test]
+    fn decode_checks_the_size() {
+        let e = event(5);
+        // SAFETY: AuditEvent is plain integers with explicit padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<AuditEvent>())
+        };
+        assert_eq!(decode(bytes), Some(e));
+        assert_eq!(decode(&bytes[..70]), None);
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let dir = TempDir::new("intact");
+        let path = dir.file("audit.log");
+        write(&path, 10);
+        let report = verify(&path).unwrap();
+        assert_eq!(report.lines, 10);
+        assert_eq!(report.last_seq, 10);
+        let all = lines(&path);
+        assert_eq!(report.head, sha256_hex(all[9].strip_suffix(b"\n").unwrap()));
+        // The first record links to the genesis hash, each next one to the line before.
+        let first: serde_json::Value = serde_json::from_slice(&all[0]).unwrap();
+        assert_eq!(first["prev"], GENESIS);
+        assert_eq!(first["seq"], 1);
+        let second: serde_json::Value = serde_json::from_slice(&all[1]).unwrap();
+        assert_eq!(
+            second["prev"],
+            sha256_hex(all[0].strip_suffix(b"\n").unwrap())
+        );
+        // Every line is `{"seq":..., <record>, "prev":...}` and parses back into a Record.
+        let line = std::str::from_utf8(&all[3]).unwrap();
+        assert!(line.starts_with("{\"seq\":4,\"time\":"), "{line}");
+        let record: Record = serde_json::from_str(line).unwrap();
+        assert_eq!(record.len, 63);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777 & !LOG_MODE,
+            0,
+            "created no more permissive than 0640"
+        );
+        let empty = dir.file("empty.log");
+        fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            verify(&empty).unwrap(),
+            VerifyReport {
+                lines: 0,
+                last_seq: 0,
+                head: GENESIS.into()
+            }
+        );
+    }
+
+    /// Rewrites line `k` (1-based) of the log with `f`.
+    fn edit_line(path: &Path, k: usize, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut all = lines(path);
+        f(&mut all[k - 1]);
+        fs::write(path, all.concat()).unwrap();
+    }
+
+    #[test]
+    fn changed_byte_names_its_line() {
+        let dir = TempDir::new("flip");
+        let path = dir.file("audit.log");
+        for k in [1usize, 4, 9] {
+            write(&path, 10);
+            // A digit of "len": still valid JSON, only the hash chain can tell.
+            edit_line(&path, k, |line| {
+                let at = line.windows(6).position(|w| w == b"\"len\":").unwrap() + 6;
+                line[at] = if line[at] == b'9' { b'8' } else { b'9' };
+            });
+            let (line, problem) = corrupt_at(&path);
+            assert_eq!(line, k as u64, "{problem}");
+            assert!(
+                matches!(problem, Problem::Altered { next_line, .. } if next_line == k as u64 + 1),
+                "{problem}"
+            );
+            fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn changed_prev_or_broken_json_names_its_line() {
+        let dir = TempDir::new("prev");
+        let path = dir.file("audit.log");
+        write(&path, 6);
+        edit_line(&path, 3, |line| {
+            let at = line.windows(8).position(|w| w == b"\"prev\":\"").unwrap() + 8;
+            line[at] = if line[at] == b'a' { b'b' } else { b'a' };
+        });
+        let (line, problem) = corrupt_at(&path);
+        assert_eq!(line, 3);
+        assert!(matches!(problem, Problem::PrevMismatch { .. }), "{problem}");
+        fs::remove_file(&path).unwrap();
+
+        write(&path, 6);
+        edit_line(&path, 5, |line| line[0] = b'[');
+        let (line, problem) = corrupt_at(&path);
+        assert_eq!(line, 5);
+        assert!(matches!(problem, Problem::Unparsable { .. }), "{problem}");
+    }
+
+    #[test]
+    fn changed_last_line_is_caught_through_its_prev_only() {
+        let dir = TempDir::new("last");
+        let path = dir.file("audit.log");
+        write(&path, 5);
+        // The last line's content is covered by no later hash (see the module docs), but
+        // its prev still is checked.
+        edit_line(&path, 5, |line| {
+            let at = line.windows(8).position(|w| w == b"\"prev\":\"").unwrap() + 8;
+            line[at] = if line[at] == b'a' { b'b' } else { b'a' };
+        });
+        let (line, problem) = corrupt_at(&path);
+        assert_eq!(
+            line, 4,
+            "no next line: reported as the line before changing"
+        );
+        assert!(
+            matches!(problem, Problem::Altered { next_line: 5, .. }),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn deleted_line_names_the_line_after() {
+        let dir = TempDir::new("delete");
+        let path = dir.file("audit.log");
+        for k in [1usize, 5] {
+            write(&path, 8);
+            let mut all = lines(&path);
+            all.remove(k - 1);
+            fs::write(&path, all.concat()).unwrap();
+            let (line, problem) = corrupt_at(&path);
+            assert_eq!(line, k as u64, "{problem}");
+            assert_eq!(
+                problem,
+                Problem::Missing {
+                    expected: k as u64,
+                    found: k as u64 + 1
+                }
+            );
+            fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn truncated_last_line_is_reported_and_not_extended() {
+        let dir = TempDir::new("trunc");
+        let path = dir.file("audit.log");
+        write(&path, 4);
+        let len = fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        assert_eq!(corrupt_at(&path), (4, Problem::Truncated));
+        match AuditLog::open(&path) {
+            Err(AuditError::Corrupt {
+                line: 4,
+                problem: Problem::Truncated,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reopening_continues_the_chain() {
+        let dir = TempDir::new("resume");
+        let path = dir.file("audit.log");
+        write(&path, 3);
+        let head = verify(&path).unwrap().head;
+        {
+            let log = AuditLog::open(&path).unwrap();
+            assert_eq!(log.last_seq(), 3);
+            assert_eq!(log.head(), head);
+        }
+        write(&path, 3);
+        let report = verify(&path).unwrap();
+        assert_eq!((report.lines, report.last_seq), (6, 6));
+    }
+
+    #[test]
+    fn one_writer_at_a_time() {
+        let dir = TempDir::new("lock");
+        let path = dir.file("audit.log");
+        let _first = AuditLog::open(&path).unwrap();
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_append_leaves_the_chain_intact() {
+        let dir = TempDir::new("serialize");
+        let path = dir.file("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&Record::new(&event(0), None, &WallClock::with_offset(0)))
+            .unwrap();
+        // Not an object: rejected before anything is written.
+        assert!(matches!(log.append(&42), Err(AuditError::Serialize { .. })));
+        assert_eq!(log.last_seq(), 1);
+        assert_eq!(verify(&path).unwrap().lines, 1);
+    }
+
+    #[test]
+    fn tail_returns_the_last_lines() {
+        let dir = TempDir::new("tail");
+        let path = dir.file("audit.log");
+        write(&path, 7);
+        let all: Vec<String> = fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_eq!(tail(&path, 3).unwrap(), all[4..]);
+        assert_eq!(tail(&path, 7).unwrap(), all);
+        assert_eq!(tail(&path, 100).unwrap(), all);
+        assert!(tail(&path, 0).unwrap().is_empty());
+        assert!(matches!(
+            tail(&dir.file("missing.log"), 3),
+            Err(AuditError::Io { op: "opening", .. })
+        ));
+    }
+}
