@@ -10,6 +10,9 @@
 //! socket = "/run/enforcer/enforcer.sock" # local API (default: <state_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
+//! audit_log = "/var/lib/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
+//! audit_events_per_sec = 100             # per-agent audit budget (0 turns events off)
+//! audit_burst = 100
 //!
 //! [limits]
 //! max_agents = 4096
@@ -81,8 +84,22 @@ struct RawConfig {
     socket_group: Option<String>,
     #[serde(default = "default_metrics")]
     metrics_listen: String,
+    #[serde(default = "default_audit_log")]
+    audit_log: PathBuf,
+    #[serde(default = "default_audit_rate")]
+    audit_events_per_sec: u32,
+    #[serde(default = "default_audit_rate")]
+    audit_burst: u32,
     #[serde(default)]
     limits: RawLimits,
+}
+
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("/var/lib/enforcer/audit.jsonl")
+}
+
+fn default_audit_rate() -> u32 {
+    100
 }
 
 fn default_metrics() -> String {
@@ -156,6 +173,10 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The hash-chained audit log.
+    pub audit_log: PathBuf,
+    /// Per-agent audit event budget.
+    pub audit_rate: crate::audit::AuditRate,
     /// Map capacities.
     pub limits: Limits,
 }
@@ -246,6 +267,11 @@ impl Config {
                 .unwrap_or_else(|| state_dir.join("enforcer.sock")),
             socket_group: raw.socket_group,
             metrics_listen,
+            audit_log: base.join(&raw.audit_log),
+            audit_rate: crate::audit::AuditRate {
+                events_per_sec: raw.audit_events_per_sec,
+                burst: raw.audit_burst,
+            },
             path: path.to_path_buf(),
             policy: base.join(&raw.policy),
             interfaces: raw.interfaces,

@@ -25,6 +25,7 @@ use tokio::{
 
 use crate::{
     api::{self, Call, Request, Response},
+    audit::{self, AuditContext, AuditLog},
     compile::{self, CompileError, Compiled, Limits},
     config::Config,
     dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
@@ -71,6 +72,18 @@ pub enum DaemonError {
     /// Signal handlers or the runtime could not be set up.
     #[error("setting up the runtime")]
     Runtime(#[source] io::Error),
+    /// The audit log could not be opened.
+    #[error("opening the audit log {path}")]
+    Audit {
+        /// The log file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: audit::AuditError,
+    },
+    /// A map operation failed at start-up.
+    #[error(transparent)]
+    Maps(#[from] crate::dataplane::MapsError),
 }
 
 /// Errors loading and compiling a policy.
@@ -204,6 +217,7 @@ struct Daemon {
     status: Status,
     current: Option<Enforcing>,
     info: watch::Sender<DaemonInfo>,
+    audit: watch::Sender<AuditContext>,
     reloads_ok: u64,
     reloads_rejected: u64,
 }
@@ -277,6 +291,12 @@ impl Daemon {
                     micros = self.status.apply_micros,
                     "policy applied"
                 );
+                // Records of packets decided by this generation name it and its digest.
+                self.audit.send_replace(AuditContext::new(
+                    generation,
+                    text,
+                    self.status.agents.clone(),
+                ));
                 self.current = Some(Enforcing {
                     text: text.to_string(),
                     origin: origin.to_string(),
@@ -566,7 +586,11 @@ impl Daemon {
                     }
                 }
             }
-            Request::AuditTail { .. } => Err("the audit trail is not enabled in this build".into()),
+            Request::AuditTail { lines } => {
+                let lines =
+                    audit::tail(&self.config.audit_log, lines).map_err(|e| error_chain(&e))?;
+                Ok(json!({"file": self.config.audit_log, "lines": lines}))
+            }
         }
     }
 }
@@ -709,8 +733,23 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     };
 
-    let dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
+    let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
     let (info, info_rx) = watch::channel(DaemonInfo::default());
+    // The audit trail: the kernel's budget, then the reader of the ring into the log.
+    dataplane
+        .maps()
+        .set_audit_config(config.audit_rate.config())?;
+    let ring = dataplane.take_audit_ring()?;
+    let log = AuditLog::open(&config.audit_log).map_err(|e| DaemonError::Audit {
+        path: config.audit_log.clone(),
+        source: e,
+    })?;
+    let (audit_ctx, audit_rx) =
+        watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
+    let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
+    let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, async move {
+        let _ = audit_stopped.await;
+    }));
     let mut daemon = Daemon {
         status: Status {
             pid: std::process::id(),
@@ -723,6 +762,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         dataplane,
         current: None,
         info,
+        audit: audit_ctx,
         reloads_ok: 0,
         reloads_rejected: 0,
     };
@@ -783,6 +823,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     warn_notify(notify::stopping());
+    // Let the audit reader drain what the ring holds and sync the log.
+    let _ = audit_stop.send(());
+    match audit_task.await {
+        Ok(Ok(summary)) => tracing::info!(records = summary.records, "audit log closed"),
+        Ok(Err(e)) => tracing::error!(error = %error_chain(&e), "audit reader failed"),
+        Err(e) => tracing::error!(error = %e, "audit reader panicked"),
+    }
     tracing::info!("exiting; the pinned program keeps enforcing the last good policy");
     let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;

@@ -91,7 +91,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     fs::write(
         &config,
         format!(
-            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\n",
+            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\naudit_log = \"audit.jsonl\"\n",
             bpffs.path().display()
         ),
     )?;

@@ -81,6 +81,11 @@ enum Command {
         /// The mode.
         mode: ModeArg,
     },
+    /// The audit trail of denials.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Stop the daemon; with --detach also remove the pinned program and maps.
     Stop {
         /// Detach from every interface and remove all pins: nothing enforces afterwards.
@@ -92,6 +97,21 @@ enum Command {
         /// How long to run traffic, in seconds.
         #[arg(long, default_value_t = 6)]
         seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The last records of the daemon's audit log.
+    Tail {
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Prove an audit log untampered, or name its first bad line.
+    Verify {
+        /// The log file.
+        file: PathBuf,
     },
 }
 
@@ -372,6 +392,42 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit {
+            command: AuditCommand::Tail { lines },
+        } => {
+            let v = cli.call(Request::AuditTail { lines: *lines })?;
+            for line in v["lines"].as_array().into_iter().flatten() {
+                println!("{}", line.as_str().unwrap_or(""));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match enforcer::audit::verify(file) {
+            Ok(report) => {
+                if cli.json {
+                    print_json(
+                        &serde_json::json!({"ok": true, "lines": report.lines, "head": report.head}),
+                    );
+                } else {
+                    println!(
+                        "{}: ok: {} records, chain head {}",
+                        file.display(),
+                        report.lines,
+                        report.head
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                if cli.json {
+                    print_json(&serde_json::json!({"ok": false, "error": error_chain(&e)}));
+                } else {
+                    eprintln!("{}", error_chain(&e));
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Stop { detach } => {
             let config = load_config(&cli.config)?;
             if let Some(status) = Status::read(&config.state_dir).filter(Status::daemon_alive) {

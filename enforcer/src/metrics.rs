@@ -37,8 +37,6 @@ pub struct DaemonInfo {
     pub map_fill: Vec<(&'static str, u64, u64)>,
     /// Control-plane connection: 1 connected, 0 not (absent when not configured).
     pub control_plane_connected: Option<bool>,
-    /// Audit events suppressed by the per-agent limit and lost to a full ring, by agent.
-    pub audit: BTreeMap<u32, (u64, u64)>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,17 +182,22 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         "Audit events lost because the ring buffer was full",
         lost.clone(),
     );
-    for (id, (s, l)) in &info.audit {
+    for a in crate::audit::collect_stats(maps, &info.agents)? {
+        if a.suppressed == 0 && a.lost == 0 {
+            continue;
+        }
         let label = AgentLabel {
-            agent: info
-                .agents
-                .get(id)
-                .cloned()
-                .unwrap_or_else(|| format!("agent-{id}")),
-            agent_id: *id,
+            agent: a.name.unwrap_or_else(|| {
+                if a.id == 0 {
+                    "(unknown)".into()
+                } else {
+                    format!("agent-{}", a.id)
+                }
+            }),
+            agent_id: a.id,
         };
-        suppressed.get_or_create(&label).inc_by(*s);
-        lost.get_or_create(&label).inc_by(*l);
+        suppressed.get_or_create(&label).inc_by(a.suppressed);
+        lost.get_or_create(&label).inc_by(a.lost);
     }
 
     let mut out = String::new();

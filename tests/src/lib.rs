@@ -132,7 +132,7 @@ impl Lab {
         fs::write(
             lab.config_path(),
             format!(
-                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\n\n[limits]\nmax_agents = 64\n",
+                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\naudit_log = \"audit.jsonl\"\n\n[limits]\nmax_agents = 64\n",
                 (1..=agents).map(|i| format!("gwa{i}")).collect::<Vec<_>>(),
                 lab.bpffs.path().display()
             ),

@@ -247,3 +247,124 @@ fn the_socket_refuses_users_outside_its_group() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Waits until the audit log has at least `n` records (the reader writes asynchronously).
+fn wait_records(lab: &Lab, n: usize) -> Vec<String> {
+    let path = lab.dir.join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} audit records after 20 s",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn audit_trail_records_denials_and_detects_tampering() {
+    if !require_root("audit_trail_records_denials_and_detects_tampering") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(POLICY);
+    lab.start_daemon();
+    let a1 = lab.agent(1);
+    assert_eq!(
+        udp_send(
+            a1,
+            sa(SERVER_V4, 9001),
+            None,
+            b"no",
+            5,
+            Duration::from_millis(1)
+        )
+        .unwrap(),
+        5
+    );
+    let lines = wait_records(&lab, 5);
+    assert_eq!(
+        lines.len(),
+        5,
+        "one record per denial, nothing else: {lines:#?}"
+    );
+    let digest = cli_json(&lab, &["status"])["policy_digest"].clone();
+    for line in &lines {
+        let r: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["reason"], "egress_denied");
+        assert_eq!(r["agent_name"], "coder");
+        assert_eq!(r["proto"], "udp");
+        assert_eq!(r["dst"], "10.200.100.2:9001");
+        assert_eq!(r["policy_digest"], digest);
+        assert_eq!(r["policy_generation"], 1);
+    }
+
+    // The CLI's tail goes through the daemon.
+    let config = lab.config_path();
+    let out = lab.cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "audit",
+        "tail",
+        "-n",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tail = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        tail.lines().collect::<Vec<_>>(),
+        lines[3..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+
+    // A restarted daemon continues the same chain.
+    lab.stop_daemon(libc::SIGTERM);
+    lab.start_daemon();
+    assert_eq!(
+        udp_send(
+            lab.agent(1),
+            sa(SERVER_V4, 9001),
+            None,
+            b"no",
+            3,
+            Duration::from_millis(1)
+        )
+        .unwrap(),
+        3
+    );
+    let lines = wait_records(&lab, 8);
+    let log = lab.dir.join("audit.jsonl");
+    let out = lab.cli(&["--json", "audit", "verify", log.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["lines"], 8);
+
+    // Tampering with the third record is found, and named.
+    let mut tampered = lines.clone();
+    tampered[2] = tampered[2].replace("10.200.100.2:9001", "10.200.100.2:9000");
+    assert_ne!(tampered[2], lines[2]);
+    let copy = lab.write_file("tampered.jsonl", &(tampered.join("\n") + "\n"));
+    let out = lab.cli(&["audit", "verify", copy.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tampered.jsonl:3: "),
+        "verify names the first bad line: {stderr}"
+    );
+}
