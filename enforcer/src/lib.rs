@@ -8,5 +8,6 @@ pub mod dataplane;
 pub mod demo;
 pub mod lab;
 pub mod policy;
+pub mod proto;
 pub mod stats;
 pub mod testrun;
