@@ -1,6 +1,7 @@
 //! The agent traffic enforcer: policy model and compile step, the XDP data plane's loader
 //! and map writer, the daemon and its CLI.
 
+pub mod bundle;
 pub mod compile;
 pub mod config;
 pub mod daemon;
