@@ -2,6 +2,7 @@
 //! and map writer, the daemon and its CLI.
 
 pub mod bundle;
+pub mod certs;
 pub mod compile;
 pub mod config;
 pub mod daemon;
