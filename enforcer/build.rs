@@ -40,6 +40,8 @@ fn compile_protos() -> anyhow::Result<()> {
             protoc_bin_vendored::protoc_bin_path().context("locating the vendored protoc")?,
         ),
     };
+    // Sorted maps: labels print and compare the same way every time.
+    config.btree_map(["."]);
     println!("cargo:rerun-if-env-changed=PROTOC");
     tonic_prost_build::configure()
         .build_client(true)

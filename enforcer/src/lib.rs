@@ -12,4 +12,5 @@ pub mod lab;
 pub mod policy;
 pub mod proto;
 pub mod stats;
+pub mod sync;
 pub mod testrun;
