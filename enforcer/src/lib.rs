@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod certs;
 pub mod compile;
 pub mod config;
+pub mod controlplane;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
