@@ -78,7 +78,6 @@ use tonic::{
 
 use crate::{
     bundle::{KeyError, VerifiedBundle, Verifier},
-    daemon::error_chain,
     proto::{
         Ack, Bundle, Hello, Nack, NodeMessage, node_message::Kind,
         policy_sync_client::PolicySyncClient,
@@ -483,7 +482,7 @@ impl fmt::Display for ConnectionState {
                 f,
                 "retrying in {} ms after {attempt} failure(s): {}",
                 retry_in.as_millis(),
-                error_chain(&**last_error)
+                error_text(&**last_error)
             ),
         }
     }
@@ -590,7 +589,7 @@ pub async fn run(
         failures = if was_connected { 1 } else { failures + 1 };
         let retry_in = backoff.delay(failures);
         tracing::warn!(
-            error = %error_chain(&error),
+            error = %error_text(&error),
             attempt = failures,
             retry_in_ms = retry_in.as_millis() as u64,
             "control plane unavailable; the current policy keeps enforcing"
@@ -727,6 +726,30 @@ impl Client {
     }
 }
 
+/// Renders an error and its sources on one line, like [`error_chain`](crate::daemon::error_chain), but readable for
+/// gRPC errors: a [`Status`] shows as `code: message` (its own `Display` embeds the `Debug`
+/// of its source), and a source whose text the line already ends with is not repeated
+/// (rustls errors reach us wrapped in I/O errors that display the same text).
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    fn one(error: &(dyn std::error::Error + 'static)) -> String {
+        match error.downcast_ref::<Status>() {
+            Some(status) => format!("{:?}: {}", status.code(), status.message()),
+            None => error.to_string(),
+        }
+    }
+    let mut out = one(error);
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = one(e);
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 fn message(kind: Kind) -> NodeMessage {
     NodeMessage { kind: Some(kind) }
 }
@@ -734,6 +757,7 @@ fn message(kind: Kind) -> NodeMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::error_chain;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
