@@ -258,7 +258,11 @@ pub enum ControlPlaneError {
     },
     /// Connecting to a control plane (for [`nodes`]) failed.
     #[error(transparent)]
-    Client(#[from] SyncError),
+    Client {
+        /// Why.
+        #[from]
+        source: SyncError,
+    },
     /// The control plane answered a query with an error.
     #[error("querying {url}")]
     Query {

@@ -14,8 +14,9 @@ use enforcer::{
     certs::{self, CertPaths},
     controlplane::{self, ControlPlaneConfig, ControlPlaneError, NodeStatus},
     proto::{
-        Bundle, NodeMessage, NodesRequest, NodesResponse,
+        Ack, Bundle, NodeMessage, NodesRequest, NodesResponse,
         node_message::Kind,
+        policy_sync_client::PolicySyncClient,
         policy_sync_server::{PolicySync, PolicySyncServer},
     },
     sync::{self, ClientEndpoint, ConnectionState, PolicyUpdate, SyncConfig, SyncError},
@@ -626,6 +627,44 @@ async fn client_reconnects_to_a_restarted_server_with_its_held_version() {
     .await;
 
     client.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_hello() {
+    let env = Env::new();
+    env.write_policy("default.toml", POLICY_A);
+    let server = RunningServer::start(env.server_config()).await;
+    let channel = env
+        .endpoint(server.addr)
+        .prepare()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = PolicySyncClient::new(channel);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(NodeMessage {
+        kind: Some(Kind::Ack(Ack { version: 1 })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .sync(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = within("the refusal", inbound.message()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "the first message must be a Hello with a node_id"
+    );
+    drop(tx);
+    let nodes = controlplane::nodes(&env.endpoint(server.addr))
+        .await
+        .unwrap();
+    assert!(nodes.is_empty(), "{nodes:?}");
     server.stop().await;
 }
 
