@@ -1,10 +1,13 @@
 //! Builds the XDP object (`enforcer-ebpf`) with aya-build so `include_bytes_aligned!` can
-//! embed it in the daemon.
+//! embed it in the daemon, and generates the policy-sync gRPC code from
+//! `proto/enforcer/v1/sync.proto` into `OUT_DIR` (never committed).
 
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
+
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -23,4 +26,26 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::default()).context("building the XDP program")
+}
+
+/// Generates the gRPC messages, client and server. `protoc` comes from the
+/// `protoc-bin-vendored` crate, so a fresh machine needs no system package; `PROTOC` in the
+/// environment still wins, for platforms that crate does not ship a binary for.
+fn compile_protos() -> anyhow::Result<()> {
+    const PROTO: &str = "proto/enforcer/v1/sync.proto";
+    let mut config = tonic_prost_build::Config::new();
+    match std::env::var_os("PROTOC") {
+        Some(protoc) => config.protoc_executable(protoc),
+        None => config.protoc_executable(
+            protoc_bin_vendored::protoc_bin_path().context("locating the vendored protoc")?,
+        ),
+    };
+    // Sorted maps: labels print and compare the same way every time.
+    config.btree_map(["."]);
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(config, &[PROTO], &["proto"])
+        .with_context(|| format!("compiling {PROTO}"))
 }

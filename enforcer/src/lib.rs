@@ -3,8 +3,11 @@
 
 pub mod api;
 pub mod audit;
+pub mod bundle;
+pub mod certs;
 pub mod compile;
 pub mod config;
+pub mod controlplane;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
@@ -12,5 +15,7 @@ pub mod lab;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod proto;
 pub mod stats;
+pub mod sync;
 pub mod testrun;

@@ -1,0 +1,925 @@
+//! The control plane: serves signed policy bundles to enforcer nodes over gRPC
+//! (`enforcer.v1.PolicySync`) and reports what each node holds.
+//!
+//! # Policy directory
+//!
+//! ```text
+//! <dir>/default.toml          every node without a file of its own
+//! <dir>/nodes/<node_id>.toml  that node only
+//! ```
+//!
+//! A node gets `nodes/<node_id>.toml` when that file exists (even while it is invalid:
+//! falling back to the default would silently hand the node a policy meant for others),
+//! else `default.toml`, else nothing. The directory is polled (every 300 ms by default);
+//! a file whose content hash changed is validated with [`policy::parse`] and, if valid,
+//! signed as a new bundle and pushed to every connected node it applies to. An invalid file
+//! is logged with `file:line:column` and not published: the previous version stays
+//! published. A deleted file stops being published; nodes keep what they enforce.
+//!
+//! # Versions
+//!
+//! One counter for everything this server publishes: each new bundle gets
+//! `max(previous + 1, now in Unix milliseconds)`, so versions also increase across restarts
+//! of the control plane (given a sane clock). A node whose `Hello` reports a version newer
+//! than the bundle it should get (it switched from `nodes/<id>.toml` back to
+//! `default.toml`, or the control plane restarted with a clock behind) would reject that
+//! bundle as a rollback, so the bundle is re-signed with a version above the node's.
+//!
+//! # Per node
+//!
+//! On each stream the server sends the node's bundle if it is newer than what the node
+//! holds and was not sent on this stream yet, and records every ACK and NACK. A NACKed
+//! version is not re-sent on the same stream; a reconnecting node gets it again. `Nodes`
+//! lists every node seen since the server started.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ring::digest;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
+
+use crate::{
+    bundle::{KeyError, SigningKey},
+    policy,
+    proto::{
+        self, Bundle, NodeMessage, NodesRequest, NodesResponse,
+        node_message::Kind,
+        policy_sync_client::PolicySyncClient,
+        policy_sync_server::{PolicySync, PolicySyncServer},
+    },
+    sync::{ClientEndpoint, SyncError},
+};
+
+/// Default interval between two scans of the policy directory.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 300;
+
+/// The policy every node without its own file gets.
+pub const DEFAULT_SOURCE: &str = "default.toml";
+
+/// How long a new stream may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 pings to each node, so a node that vanished without closing its connection is
+/// shown as disconnected.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// How long a ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Versions reported by nodes further than this ahead of the clock are not honoured: a
+/// buggy or hostile node must not be able to push every version towards `u64::MAX`.
+const MAX_FUTURE_VERSION_MS: u64 = 24 * 3600 * 1000;
+
+/// Deadline for the `Nodes` call of [`nodes`].
+const NODES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control plane's configuration.
+///
+/// ```toml
+/// dir = "/etc/enforcer-cp/policies"   # default.toml and nodes/<node_id>.toml
+/// signing_key = "/etc/enforcer-cp/signing.key"
+/// listen = "0.0.0.0:7443"
+/// tls_cert = "/etc/enforcer-cp/server.pem"
+/// tls_key = "/etc/enforcer-cp/server.key"
+/// client_ca = "/etc/enforcer-cp/ca.pem"  # optional: require client certificates (mTLS)
+/// # insecure = false                   # true: plaintext, only without tls_cert/tls_key
+/// poll_interval_ms = 300
+/// ```
+///
+/// The signing key and the TLS key are `signing_key` and `tls_key`: two fields both called
+/// `key` could not live in one table.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// The policy directory.
+    pub dir: PathBuf,
+    /// The Ed25519 signing key (`signing.key` from [`crate::bundle::keygen`]).
+    pub signing_key: PathBuf,
+    /// Address to listen on (only read by [`serve`]; [`serve_on`] takes a listener).
+    pub listen: SocketAddr,
+    /// PEM server certificate chain.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates must chain to; when set, every node needs one.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext HTTP/2 without TLS (tests, labs). Bundles stay signed.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Milliseconds between scans of `dir` (default 300).
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_poll_interval_ms() -> u64 {
+    DEFAULT_POLL_INTERVAL_MS
+}
+
+impl ControlPlaneConfig {
+    /// Makes relative paths relative to `base` (the configuration file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for path in [&mut self.dir, &mut self.signing_key] {
+            *path = base.join(&*path);
+        }
+        for path in [&mut self.tls_cert, &mut self.tls_key, &mut self.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            *path = base.join(&*path);
+        }
+    }
+
+    /// Checks the fields without reading files.
+    pub fn validate(&self) -> Result<(), ControlPlaneError> {
+        let invalid = |field, message: &str| {
+            Err(ControlPlaneError::Config {
+                field,
+                message: message.into(),
+            })
+        };
+        match (&self.tls_cert, &self.tls_key, self.insecure) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return invalid("tls_cert", "tls_cert and tls_key go together");
+            }
+            (None, None, false) => {
+                return invalid(
+                    "tls_cert",
+                    "expected tls_cert and tls_key (or insecure = true for plaintext)",
+                );
+            }
+            (Some(_), Some(_), true) => {
+                return invalid("insecure", "insecure = true cannot be used with tls_cert");
+            }
+        }
+        if self.client_ca.is_some() && self.insecure {
+            return invalid("client_ca", "client certificates need TLS");
+        }
+        if self.poll_interval_ms < 10 {
+            return invalid("poll_interval_ms", "expected at least 10");
+        }
+        Ok(())
+    }
+
+    fn server_tls(&self) -> Result<Option<ServerTlsConfig>, ControlPlaneError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |field, path: &Path| {
+            fs::read(path).map_err(|source| ControlPlaneError::ReadFile {
+                field,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            read("tls_cert", cert)?,
+            read("tls_key", key)?,
+        ));
+        if let Some(ca) = &self.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read("client_ca", ca)?));
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// Errors starting or running the control plane, or querying it.
+#[derive(Debug, Error)]
+pub enum ControlPlaneError {
+    /// A configuration field has an impossible value.
+    #[error("{field}: {message}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What was expected.
+        message: String,
+    },
+    /// A certificate or key file could not be read.
+    #[error("reading {field} {}", path.display())]
+    ReadFile {
+        /// The field naming the file.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The signing key could not be loaded.
+    #[error("loading the signing key")]
+    SigningKey {
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// The policy directory could not be read.
+    #[error("reading the policy directory {}", path.display())]
+    PolicyDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listening socket could not be bound.
+    #[error("listening on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS settings were refused, or the server failed.
+    #[error("serving gRPC")]
+    Serve {
+        /// The underlying error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting to a control plane (for [`nodes`]) failed.
+    #[error(transparent)]
+    Client {
+        /// Why.
+        #[from]
+        source: SyncError,
+    },
+    /// The control plane answered a query with an error.
+    #[error("querying {url}")]
+    Query {
+        /// The control plane.
+        url: String,
+        /// Its answer.
+        #[source]
+        source: Status,
+    },
+}
+
+/// What the control plane knows about one node ([`nodes`] and `enforcer control-plane
+/// nodes`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub node_id: String,
+    /// Labels from its latest `Hello`.
+    pub labels: BTreeMap<String, String>,
+    /// Whether it has a stream open now.
+    pub connected: bool,
+    /// The policy file it is assigned, if any.
+    pub source: Option<String>,
+    /// The version it reported holding in its latest `Hello`.
+    pub version_reported: u64,
+    /// Latest version sent to it (0: none).
+    pub version_sent: u64,
+    /// Latest version it applied (0: none).
+    pub version_acked: u64,
+    /// Latest version it rejected (0: none).
+    pub version_nacked: u64,
+    /// Why it rejected `version_nacked`.
+    pub last_nack_reason: Option<String>,
+    /// When the server last heard from it, Unix milliseconds.
+    pub last_seen_unix_ms: i64,
+    /// Remote address of its latest stream.
+    pub peer: Option<String>,
+}
+
+impl From<proto::NodeStatus> for NodeStatus {
+    fn from(p: proto::NodeStatus) -> Self {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        NodeStatus {
+            node_id: p.node_id,
+            labels: p.labels,
+            connected: p.connected,
+            source: some(p.source),
+            version_reported: p.version_reported,
+            version_sent: p.version_sent,
+            version_acked: p.version_acked,
+            version_nacked: p.version_nacked,
+            last_nack_reason: some(p.last_nack_reason),
+            last_seen_unix_ms: p.last_seen_unix_ms,
+            peer: some(p.peer),
+        }
+    }
+}
+
+impl From<NodeStatus> for proto::NodeStatus {
+    fn from(n: NodeStatus) -> Self {
+        proto::NodeStatus {
+            node_id: n.node_id,
+            labels: n.labels,
+            connected: n.connected,
+            version_sent: n.version_sent,
+            version_acked: n.version_acked,
+            last_nack_reason: n.last_nack_reason.unwrap_or_default(),
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            version_reported: n.version_reported,
+            version_nacked: n.version_nacked,
+            source: n.source.unwrap_or_default(),
+            peer: n.peer.unwrap_or_default(),
+        }
+    }
+}
+
+/// Asks the control plane at `endpoint` for every node it has seen, sorted by id.
+pub async fn nodes(endpoint: &ClientEndpoint) -> Result<Vec<NodeStatus>, ControlPlaneError> {
+    let url = endpoint.url.clone();
+    let channel = endpoint
+        .prepare()?
+        .timeout(NODES_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|source| SyncError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+    let response = PolicySyncClient::new(channel)
+        .nodes(NodesRequest {})
+        .await
+        .map_err(|source| ControlPlaneError::Query { url, source })?;
+    Ok(response
+        .into_inner()
+        .nodes
+        .into_iter()
+        .map(NodeStatus::from)
+        .collect())
+}
+
+/// Binds `cfg.listen` and runs [`serve_on`] until `shutdown` completes.
+pub async fn serve(
+    cfg: ControlPlaneConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlPlaneError> {
+    cfg.validate()?;
+    let listener =
+        TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ControlPlaneError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+    serve_on(cfg, listener, shutdown).await
+}
+
+/// Runs the control plane on an already bound listener (tests bind port 0 and read the
+/// address back) until `shutdown` completes. Configuration problems (files, keys, the
+/// policy directory) are reported before anything is served. On shutdown every open stream
+/// is ended with `UNAVAILABLE`, so nodes reconnect elsewhere at once, and the call returns
+/// when the connections have closed.
+pub async fn serve_on(
+    cfg: ControlPlaneConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlPlaneError> {
+    cfg.validate()?;
+    let key = SigningKey::load(&cfg.signing_key)
+        .map_err(|source| ControlPlaneError::SigningKey { source })?;
+    let tls = cfg.server_tls()?;
+    // Fail at start on a missing directory; later scan errors are logged and retried.
+    let first = scan(cfg.dir.clone()).await?;
+
+    let (stop_tx, stop) = watch::channel(false);
+    let (changed, _) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        dir: cfg.dir.clone(),
+        key,
+        state: Mutex::new(State::default()),
+        changed,
+        stop,
+    });
+    shared.apply_scan(first);
+    let local = listener.local_addr().ok();
+    tracing::info!(
+        listen = ?local,
+        dir = %cfg.dir.display(),
+        key_id = %shared.key.public_key().key_id(),
+        tls = tls.is_some(),
+        mtls = cfg.client_ca.is_some(),
+        "control plane serving"
+    );
+    let poller = tokio::spawn(poll(
+        Arc::clone(&shared),
+        Duration::from_millis(cfg.poll_interval_ms),
+    ));
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|source| ControlPlaneError::Serve { source })?;
+    }
+    let signal = {
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("control plane shutting down; ending every node stream");
+            stop_tx.send_replace(true);
+        }
+    };
+    let served = builder
+        .serve_with_incoming_shutdown(
+            PolicySyncServer::new(Service {
+                shared: Arc::clone(&shared),
+            }),
+            TcpListenerStream::new(listener),
+            signal,
+        )
+        .await;
+    stop_tx.send_replace(true);
+    let _ = poller.await;
+    served.map_err(|source| ControlPlaneError::Serve { source })
+}
+
+/// Polls the policy directory until shutdown.
+async fn poll(shared: Arc<Shared>, interval: Duration) {
+    let mut stop = shared.stop.clone();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stopped(&mut stop) => return,
+        }
+        match scan(shared.dir.clone()).await {
+            Ok(files) => shared.apply_scan(files),
+            Err(e) => tracing::warn!(
+                error = %crate::daemon::error_chain(&e),
+                "policy directory unreadable; published policies stay as they are"
+            ),
+        }
+    }
+}
+
+/// Completes once the server is shutting down. (`wait_for` yields a lock guard, which must
+/// not be held across the `select!` arms' awaits.)
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once serving is over.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// One scan: source name (`default.toml`, `nodes/<id>.toml`) to content. A file that
+/// exists but cannot be read is `Err`, so its published version is kept.
+type Scan = BTreeMap<String, Result<Vec<u8>, io::Error>>;
+
+async fn scan(dir: PathBuf) -> Result<Scan, ControlPlaneError> {
+    tokio::task::spawn_blocking(move || scan_blocking(&dir))
+        .await
+        .expect("the directory scan does not panic")
+}
+
+fn scan_blocking(dir: &Path) -> Result<Scan, ControlPlaneError> {
+    let dir_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ControlPlaneError::PolicyDir { path, source }
+    };
+    fs::read_dir(dir).map_err(dir_err(dir))?;
+    let mut files = Scan::new();
+    let mut read = |source: String, path: &Path| match fs::read(path) {
+        Ok(bytes) => {
+            files.insert(source, Ok(bytes));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            files.insert(source, Err(e));
+        }
+    };
+    read(DEFAULT_SOURCE.to_owned(), &dir.join(DEFAULT_SOURCE));
+    let nodes = dir.join("nodes");
+    match fs::read_dir(&nodes) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(dir_err(&nodes))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                // Editors' temporary files and anything else that is not `<id>.toml`.
+                if name.starts_with('.') || !name.ends_with(".toml") {
+                    continue;
+                }
+                read(format!("nodes/{name}"), &entry.path());
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(dir_err(&nodes)(e)),
+    }
+    Ok(files)
+}
+
+/// What the service tasks share.
+struct Shared {
+    dir: PathBuf,
+    key: SigningKey,
+    state: Mutex<State>,
+    /// Bumped whenever a bundle is published; every stream re-evaluates its node.
+    changed: watch::Sender<u64>,
+    /// Becomes `true` on shutdown.
+    stop: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The last version handed out.
+    last_version: u64,
+    /// Sources present in the last scan, valid or not.
+    present: BTreeSet<String>,
+    /// Valid policies, signed.
+    published: BTreeMap<String, Published>,
+    /// Hash of the content last rejected per source, so it is reported once.
+    rejected: BTreeMap<String, Vec<u8>>,
+    nodes: BTreeMap<String, NodeStatus>,
+    /// Which stream owns each node's `connected` flag (a node may reconnect before its
+    /// old stream is noticed dead).
+    streams: BTreeMap<String, u64>,
+    next_stream: u64,
+}
+
+struct Published {
+    hash: Vec<u8>,
+    bundle: Bundle,
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Shared {
+    /// Publishes what changed in a scan.
+    fn apply_scan(&self, files: Scan) {
+        let mut state = self.state.lock().unwrap();
+        let mut changed = false;
+        state.present = files.keys().cloned().collect();
+        for (source, content) in files {
+            let path = self.dir.join(&source);
+            let content = match content {
+                Ok(content) => content,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "reading a policy file; its published version stays");
+                    continue;
+                }
+            };
+            let hash = digest::digest(&digest::SHA256, &content).as_ref().to_vec();
+            if state.published.get(&source).is_some_and(|p| p.hash == hash)
+                || state.rejected.get(&source) == Some(&hash)
+            {
+                continue;
+            }
+            let valid = std::str::from_utf8(&content)
+                .map_err(|e| format!("{}: not UTF-8 ({e})", path.display()))
+                .and_then(|text| {
+                    policy::parse(&path.display().to_string(), text)
+                        .map_err(|e| e.to_string().replace('\n', "; "))
+                });
+            if let Err(error) = valid {
+                let kept = state.published.get(&source).map(|p| p.bundle.version);
+                tracing::error!(%error, kept_version = ?kept, "policy rejected; not publishing it");
+                state.rejected.insert(source, hash);
+                continue;
+            }
+            let version = state.next_version(0);
+            match self.key.sign(version, now_unix_ms(), &source, content) {
+                Ok(bundle) => {
+                    tracing::info!(file = %path.display(), version, "policy published");
+                    state.rejected.remove(&source);
+                    state.published.insert(source, Published { hash, bundle });
+                    changed = true;
+                }
+                Err(error) => {
+                    tracing::error!(file = %path.display(), %error, "signing the policy");
+                    state.rejected.insert(source, hash);
+                }
+            }
+        }
+        let gone: Vec<String> = state
+            .published
+            .keys()
+            .filter(|s| !state.present.contains(*s))
+            .cloned()
+            .collect();
+        for source in gone {
+            tracing::info!(file = %self.dir.join(&source).display(), "policy file removed; no longer published");
+            state.published.remove(&source);
+            changed = true;
+        }
+        let State {
+            rejected, present, ..
+        } = &mut *state;
+        rejected.retain(|s, _| present.contains(s));
+        drop(state);
+        if changed {
+            self.changed.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// Decides what to send a node that holds version `held` and was last sent version
+    /// `sent` on this stream; re-signs the node's bundle above `held` when it is older.
+    fn due(&self, node_id: &str, held: u64, sent: u64) -> Option<Bundle> {
+        let mut state = self.state.lock().unwrap();
+        let source = state.source_for(node_id);
+        if let Some(node) = state.nodes.get_mut(node_id) {
+            node.source.clone_from(&source);
+        }
+        let source = source?;
+        let current = state.published.get(&source)?.bundle.clone();
+        let version = current.version;
+        // Equality, not order, for `sent`: after a switch of source the node may be due a
+        // bundle older than the last one sent (which it may have rejected).
+        if version == sent || version == held {
+            return None;
+        }
+        if version > held {
+            return Some(current);
+        }
+        // The node holds a newer version than this bundle (it had another source, or this
+        // server restarted behind the clock): re-sign above it, or it would reject this
+        // bundle as a rollback. Every node on this source gets the new version.
+        let horizon = (now_unix_ms().max(0) as u64).saturating_add(MAX_FUTURE_VERSION_MS);
+        if held > horizon.max(state.last_version) {
+            tracing::warn!(
+                node_id,
+                held,
+                "node reports a version from the future; not re-signing above it"
+            );
+            return None;
+        }
+        let next = state.next_version(held);
+        let resigned = self.key.sign(next, now_unix_ms(), &source, current.policy);
+        match resigned {
+            Ok(bundle) => {
+                tracing::info!(node_id, held, version = next, %source, "re-signed above the node's version");
+                let entry = state.published.get_mut(&source).expect("looked up above");
+                entry.bundle = bundle.clone();
+                drop(state);
+                self.changed.send_modify(|generation| *generation += 1);
+                Some(bundle)
+            }
+            Err(error) => {
+                tracing::error!(%source, %error, "re-signing the policy");
+                None
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn record_sent(&self, node_id: &str, version: u64) {
+        if let Some(node) = self.state.lock().unwrap().nodes.get_mut(node_id) {
+            node.version_sent = version;
+        }
+    }
+}
+
+impl State {
+    /// A version above everything handed out so far, above `floor`, and at least the
+    /// current time in milliseconds.
+    fn next_version(&mut self, floor: u64) -> u64 {
+        let now = now_unix_ms().max(0) as u64;
+        let version = (self.last_version + 1).max(now).max(floor + 1);
+        self.last_version = version;
+        version
+    }
+
+    fn source_for(&self, node_id: &str) -> Option<String> {
+        let own = format!("nodes/{node_id}.toml");
+        if self.present.contains(&own) {
+            Some(own)
+        } else if self.present.contains(DEFAULT_SOURCE) {
+            Some(DEFAULT_SOURCE.to_owned())
+        } else {
+            None
+        }
+    }
+}
+
+/// The gRPC service.
+struct Service {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl PolicySync for Service {
+    type SyncStream = ReceiverStream<Result<Bundle, Status>>;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (outbound, rx) = mpsc::channel(4);
+        tokio::spawn(stream_task(
+            Arc::clone(&self.shared),
+            inbound,
+            outbound,
+            peer,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn nodes(&self, _: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let state = self.shared.state.lock().unwrap();
+        Ok(Response::new(NodesResponse {
+            nodes: state.nodes.values().cloned().map(Into::into).collect(),
+        }))
+    }
+}
+
+/// Serves one node's stream: waits for `Hello`, then sends bundles as they become due and
+/// records ACKs and NACKs, until either side ends it or the server shuts down.
+async fn stream_task(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<NodeMessage>,
+    outbound: mpsc::Sender<Result<Bundle, Status>>,
+    peer: Option<SocketAddr>,
+) {
+    let mut stop = shared.stop.clone();
+    let first = tokio::select! {
+        first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => first,
+        () = stopped(&mut stop) => return,
+    };
+    let hello = match first {
+        Ok(Ok(Some(NodeMessage {
+            kind: Some(Kind::Hello(hello)),
+        }))) if !hello.node_id.is_empty() => hello,
+        Ok(Ok(Some(_))) => {
+            let _ = outbound
+                .send(Err(Status::invalid_argument(
+                    "the first message must be a Hello with a node_id",
+                )))
+                .await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = outbound
+                .send(Err(Status::deadline_exceeded("no Hello received")))
+                .await;
+            return;
+        }
+    };
+    let node_id = hello.node_id.clone();
+    let stream_id = {
+        let mut state = shared.state.lock().unwrap();
+        state.next_stream += 1;
+        let id = state.next_stream;
+        state.streams.insert(node_id.clone(), id);
+        let node = state.nodes.entry(node_id.clone()).or_default();
+        node.node_id.clone_from(&node_id);
+        node.labels = hello.labels.clone();
+        node.connected = true;
+        node.version_reported = hello.version;
+        node.last_seen_unix_ms = now_unix_ms();
+        node.peer = peer.map(|p| p.to_string());
+        id
+    };
+    tracing::info!(node_id, held = hello.version, ?peer, "node connected");
+
+    let mut held = hello.version;
+    let mut sent = 0u64;
+    let mut changed = shared.changed.subscribe();
+    changed.mark_changed();
+    let ended = loop {
+        tokio::select! {
+            _ = changed.changed() => {
+                if let Some(bundle) = shared.due(&node_id, held, sent) {
+                    sent = bundle.version;
+                    tracing::info!(node_id, version = sent, source = %bundle.source, "sending bundle");
+                    shared.record_sent(&node_id, sent);
+                    if outbound.send(Ok(bundle)).await.is_err() {
+                        break "the response stream closed";
+                    }
+                }
+            }
+            message = inbound.message() => {
+                let kind = match message {
+                    Ok(Some(NodeMessage { kind: Some(kind) })) => kind,
+                    Ok(Some(NodeMessage { kind: None })) => continue,
+                    Ok(None) => break "the node closed the stream",
+                    Err(status) => {
+                        tracing::debug!(node_id, %status, "node stream failed");
+                        break "the node stream failed";
+                    }
+                };
+                let mut state = shared.state.lock().unwrap();
+                let Some(node) = state.nodes.get_mut(&node_id) else { continue };
+                node.last_seen_unix_ms = now_unix_ms();
+                match kind {
+                    Kind::Ack(ack) => {
+                        tracing::info!(node_id, version = ack.version, "node applied bundle");
+                        node.version_acked = ack.version;
+                        held = held.max(ack.version);
+                    }
+                    Kind::Nack(nack) => {
+                        tracing::warn!(node_id, version = nack.version, reason = %nack.reason, "node rejected bundle");
+                        node.version_nacked = nack.version;
+                        node.last_nack_reason = Some(nack.reason);
+                    }
+                    Kind::Hello(_) => {
+                        tracing::warn!(node_id, "ignoring a second Hello on one stream");
+                    }
+                }
+            }
+            () = stopped(&mut stop) => {
+                let _ = outbound
+                    .send(Err(Status::unavailable("the control plane is shutting down")))
+                    .await;
+                break "the control plane is shutting down";
+            }
+            () = outbound.closed() => break "the node went away",
+        }
+    };
+    let mut state = shared.state.lock().unwrap();
+    if state.streams.get(&node_id) == Some(&stream_id) {
+        state.streams.remove(&node_id);
+        if let Some(node) = state.nodes.get_mut(&node_id) {
+            node.connected = false;
+            node.last_seen_unix_ms = now_unix_ms();
+        }
+    }
+    tracing::info!(node_id, reason = ended, "node disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(dir: &Path) -> Shared {
+        let (changed, _) = watch::channel(0);
+        let (_, stop) = watch::channel(false);
+        Shared {
+            dir: dir.to_owned(),
+            key: SigningKey::generate().unwrap(),
+            state: Mutex::new(State::default()),
+            changed,
+            stop,
+        }
+    }
+
+    const GOOD: &str = "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.0.0.1\"]\n";
+
+    #[test]
+    fn selection_validation_and_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        fs::write(dir.path().join("default.toml"), GOOD).unwrap();
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        let first = shared.due("n1", 0, 0).unwrap();
+        assert_eq!(first.source, "default.toml");
+        assert!(first.version >= now_unix_ms() as u64 - 60_000);
+        // Held or already sent: nothing due.
+        assert!(shared.due("n1", first.version, 0).is_none());
+        assert!(shared.due("n1", 0, first.version).is_none());
+
+        // An invalid node file is not published, and the node does not fall back.
+        fs::create_dir(dir.path().join("nodes")).unwrap();
+        fs::write(dir.path().join("nodes/n1.toml"), "[[agents]]\nid = 0\n").unwrap();
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        assert!(shared.due("n1", 0, 0).is_none());
+        assert_eq!(shared.due("n2", 0, 0).unwrap().version, first.version);
+
+        // Fixed: published with a higher version.
+        fs::write(
+            dir.path().join("nodes/n1.toml"),
+            GOOD.replace("\"a\"", "\"b\""),
+        )
+        .unwrap();
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        let own = shared.due("n1", first.version, 0).unwrap();
+        assert_eq!(own.source, "nodes/n1.toml");
+        assert!(own.version > first.version);
+
+        // Removed again: back to the default, re-signed above what the node holds.
+        fs::remove_file(dir.path().join("nodes/n1.toml")).unwrap();
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        let back = shared.due("n1", own.version, own.version).unwrap();
+        assert_eq!(back.source, "default.toml");
+        assert!(back.version > own.version);
+        assert_eq!(back.policy, GOOD.as_bytes());
+        // Unchanged content is not re-published by a scan.
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        assert_eq!(shared.due("n2", 0, 0).unwrap().version, back.version);
+
+        // A version from the far future is not honoured.
+        assert!(shared.due("n3", u64::MAX, 0).is_none());
+    }
+}
