@@ -14,6 +14,12 @@
 //! audit_events_per_sec = 100             # per-agent audit budget (0 turns events off)
 //! audit_burst = 100
 //!
+//! [control_plane]                        # optional: policy pushed by `enforcer control-plane`
+//! url = "https://cp.example:7443"
+//! ca = "ca.pem"                          # the control plane's CA, pinned
+//! node_id = "edge-1"
+//! trusted_keys = ["<base64 Ed25519 public key>"]
+//!
 //! [limits]
 //! max_agents = 4096
 //! max_interfaces = 1024
@@ -92,6 +98,7 @@ struct RawConfig {
     audit_burst: u32,
     #[serde(default)]
     limits: RawLimits,
+    control_plane: Option<crate::sync::SyncConfig>,
 }
 
 fn default_audit_log() -> PathBuf {
@@ -177,6 +184,8 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Per-agent audit event budget.
     pub audit_rate: crate::audit::AuditRate,
+    /// Where policy comes from, when a control plane manages it (paths resolved).
+    pub control_plane: Option<crate::sync::SyncConfig>,
     /// Map capacities.
     pub limits: Limits,
 }
@@ -260,6 +269,18 @@ impl Config {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let state_dir = base.join(&raw.state_dir);
+        let control_plane = match raw.control_plane {
+            Some(mut cp) => {
+                cp.resolve_paths(base);
+                cp.validate().map_err(|e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "control_plane",
+                    message: crate::daemon::error_chain(&e),
+                })?;
+                Some(cp)
+            }
+            None => None,
+        };
         Ok(Config {
             socket: raw
                 .socket
@@ -268,6 +289,7 @@ impl Config {
             socket_group: raw.socket_group,
             metrics_listen,
             audit_log: base.join(&raw.audit_log),
+            control_plane,
             audit_rate: crate::audit::AuditRate {
                 events_per_sec: raw.audit_events_per_sec,
                 burst: raw.audit_burst,

@@ -26,6 +26,7 @@ use tokio::{
 use crate::{
     api::{self, Call, Request, Response},
     audit::{self, AuditContext, AuditLog},
+    bundle::BundleStore,
     compile::{self, CompileError, Compiled, Limits},
     config::Config,
     dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
@@ -33,6 +34,7 @@ use crate::{
     notify,
     policy::{self, Mode, Policy, PolicyError},
     stats,
+    sync::{self, ConnectionState, PolicyUpdate},
 };
 
 /// Errors that stop the daemon.
@@ -218,6 +220,10 @@ struct Daemon {
     current: Option<Enforcing>,
     info: watch::Sender<DaemonInfo>,
     audit: watch::Sender<AuditContext>,
+    /// The last applied control-plane bundle, persisted for fail-static restarts.
+    store: Option<BundleStore>,
+    /// The control-plane connection, when one is configured.
+    control_plane: Option<watch::Receiver<ConnectionState>>,
     reloads_ok: u64,
     reloads_rejected: u64,
 }
@@ -325,6 +331,24 @@ impl Daemon {
         result
     }
 
+    /// Applies a verified control-plane bundle; it is persisted before the answer, so an
+    /// ACK means both enforcing and surviving a restart.
+    fn apply_bundle(&mut self, update: PolicyUpdate) {
+        let bundle = update.bundle;
+        let origin = bundle.origin();
+        let result = std::str::from_utf8(bundle.policy())
+            .map_err(|e| format!("malformed policy: {origin}: not UTF-8: {e}"))
+            .and_then(|text| self.apply_text(&origin, text))
+            .and_then(|generation| match &self.store {
+                Some(store) => store
+                    .save(&bundle)
+                    .map(|()| generation)
+                    .map_err(|e| format!("applied, but persisting it failed: {}", error_chain(&e))),
+                None => Ok(generation),
+            });
+        let _ = update.reply.send(result);
+    }
+
     /// Reloads the configured policy file.
     fn reload_file(&mut self) -> Result<u64, String> {
         let path = self.config.policy.clone();
@@ -396,6 +420,10 @@ impl Daemon {
             info.reloads_ok = self.reloads_ok;
             info.reloads_rejected = self.reloads_rejected;
             info.map_fill = map_fill;
+            info.control_plane_connected = self
+                .control_plane
+                .as_ref()
+                .map(|s| matches!(*s.borrow(), ConnectionState::Connected { .. }));
         });
     }
 
@@ -448,6 +476,11 @@ impl Daemon {
                 "interfaces": self.status.interfaces,
                 "overrides": self.status.overrides,
                 "bpffs": self.config.bpffs,
+                "control_plane": self.control_plane.as_ref().map(|state| json!({
+                    "url": self.config.control_plane.as_ref().map(|c| c.url.clone()),
+                    "state": state.borrow().to_string(),
+                    "connected": matches!(*state.borrow(), ConnectionState::Connected { .. }),
+                })),
             })),
             Request::Agents => {
                 let counters = self
@@ -559,6 +592,12 @@ impl Daemon {
                 ))
             }
             Request::PolicyApply { text, origin } => {
+                if let Some(cp) = &self.config.control_plane {
+                    return Err(format!(
+                        "the policy of this node is managed by the control plane at {}: change it there",
+                        cp.url
+                    ));
+                }
                 let generation = self.apply_text(&origin, &text)?;
                 // Make it the policy file too, so SIGHUP and restarts keep it.
                 write_atomic(&self.config.policy, text.as_bytes()).map_err(|e| error_chain(&e))?;
@@ -696,29 +735,61 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+    // Fail-static: with a control plane, the last bundle this node applied (re-verified
+    // with the configured keys) enforces before any connection is attempted.
+    let mut held_version = 0;
+    let mut stored = None;
+    let store = config
+        .control_plane
+        .as_ref()
+        .map(|_| BundleStore::new(&config.state_dir));
+    if let (Some(cp), Some(store)) = (&config.control_plane, &store) {
+        match cp
+            .validate()
+            .map_err(|e| error_chain(&e))
+            .and_then(|verifier| store.load(&verifier).map_err(|e| error_chain(&e)))
+        {
+            Ok(Some(bundle)) => {
+                held_version = bundle.version();
+                match String::from_utf8(bundle.policy().to_vec()) {
+                    Ok(text) => stored = Some((bundle.origin(), text)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "stored bundle is not UTF-8; ignoring it")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "stored bundle rejected; starting from the policy file")
+            }
+        }
+    }
     // Validate before touching the kernel: a bad policy with nothing pinned is fatal, a
     // bad policy over a pinned one keeps the pinned one.
-    let first = fs::read_to_string(&config.policy)
-        .map_err(|source| {
-            LoadError::Policy(PolicyError::Read {
-                path: config.policy.clone(),
-                source,
-            })
-        })
-        .and_then(|text| {
-            let origin = config.policy.display().to_string();
-            let mut policy = policy::parse(&origin, &text)?;
-            for (id, mode) in &overrides {
-                policy.set_mode(*id, *mode);
-            }
-            compile_policy(&policy, &origin, &config.limits)?;
-            Ok(text)
-        });
+    let first = match stored {
+        Some((origin, text)) => Ok((origin, text)),
+        None => fs::read_to_string(&config.policy)
+            .map(|text| (config.policy.display().to_string(), text))
+            .map_err(|source| {
+                LoadError::Policy(PolicyError::Read {
+                    path: config.policy.clone(),
+                    source,
+                })
+            }),
+    }
+    .and_then(|(origin, text)| {
+        let mut policy = policy::parse(&origin, &text)?;
+        for (id, mode) in &overrides {
+            policy.set_mode(*id, *mode);
+        }
+        compile_policy(&policy, &origin, &config.limits)?;
+        Ok((origin, text))
+    });
     let pinned_generation = KernelMaps::from_pins(&config.bpffs)
         .and_then(|m| Ok(m.current_state()?.generation))
         .unwrap_or(0);
     let first = match first {
-        Ok(text) => Some(text),
+        Ok(loaded) => Some(loaded),
         Err(e) if pinned_generation > 0 => {
             tracing::error!(
                 error = %error_chain(&e),
@@ -763,12 +834,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         current: None,
         info,
         audit: audit_ctx,
+        store,
+        control_plane: None,
         reloads_ok: 0,
         reloads_rejected: 0,
     };
     match first {
-        Some(text) => {
-            let origin = daemon.config.policy.display().to_string();
+        Some((origin, text)) => {
             daemon.apply_text(&origin, &text).map_err(|message| {
                 // Validated above, so only the kernel can refuse now.
                 DaemonError::State {
@@ -800,19 +872,48 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             info_rx,
         ));
     }
+    // The policy stream: only now, after the last good policy enforces.
+    let (updates_tx, mut updates) = mpsc::channel::<PolicyUpdate>(4);
+    if let Some(cp) = daemon.config.control_plane.clone() {
+        let (state_tx, state_rx) = watch::channel(ConnectionState::default());
+        daemon.control_plane = Some(state_rx);
+        tokio::spawn(async move {
+            if let Err(e) = sync::run(cp, held_version, updates_tx, state_tx).await {
+                tracing::error!(error = %sync::error_text(&e), "the control-plane client stopped");
+            }
+        });
+    } else {
+        drop(updates_tx);
+    }
     warn_notify(notify::ready(&daemon.status.summary()));
     tracing::info!(
         interfaces = ?daemon.status.interfaces,
         socket = %daemon.config.socket.display(),
         "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
     );
+    let mut connection = daemon.control_plane.clone();
     loop {
         tokio::select! {
+            // Connection changes reach /metrics (and `status` reads the watch directly).
+            Some(Ok(())) = async {
+                match connection.as_mut() {
+                    Some(watch) => Some(watch.changed().await),
+                    None => std::future::pending().await,
+                }
+            } => daemon.publish(),
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy");
-                warn_notify(notify::reloading());
-                let _ = daemon.reload_file();
-                warn_notify(notify::ready(&daemon.status.summary()));
+                if daemon.config.control_plane.is_some() {
+                    tracing::info!("SIGHUP: the policy comes from the control plane; nothing to reload");
+                } else {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    warn_notify(notify::reloading());
+                    let _ = daemon.reload_file();
+                    warn_notify(notify::ready(&daemon.status.summary()));
+                }
+            }
+            Some(update) = updates.recv() => {
+                daemon.apply_bundle(update);
+                daemon.publish();
             }
             Some(call) = calls.recv() => {
                 let response = daemon.handle(call.request);

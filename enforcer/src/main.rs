@@ -92,12 +92,49 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Make an Ed25519 signing key pair for a control plane (signing.key, signing.pub).
+    Keygen {
+        /// Directory for the key files (created; existing keys are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Make a private CA, a server certificate and client certificates (PEM).
+    Certs {
+        /// Directory for the files (created; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names (DNS names or IPs) the server certificate is valid for.
+        #[arg(long = "server-name", required = true)]
+        server_names: Vec<String>,
+        /// A client certificate to make (for mutual TLS), by name; repeatable.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+    /// Serve signed policies to nodes, or show which node holds which version.
+    ControlPlane {
+        #[command(subcommand)]
+        command: ControlPlaneCommand,
+    },
     /// Run a demo: agents in network namespaces behind the enforcer, with live counters.
     Demo {
         /// How long to run traffic, in seconds.
         #[arg(long, default_value_t = 6)]
         seconds: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum ControlPlaneCommand {
+    /// Serve the policies in a directory (`default.toml`, `nodes/<node_id>.toml`), signed,
+    /// to every node that connects; pushes changes as the files change.
+    Serve {
+        /// Control-plane configuration (TOML: dir, signing_key, listen, tls_cert, tls_key,
+        /// optional client_ca for mutual TLS).
+        file: PathBuf,
+    },
+    /// Every node the control plane has seen, with the versions sent and acknowledged
+    /// (connects with the `[control_plane]` settings of `--config`).
+    Nodes,
 }
 
 #[derive(Subcommand)]
@@ -452,6 +489,98 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     "detached: removed every pin under {}",
                     config.bpffs.display()
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { dir } => {
+            let keys = enforcer::bundle::keygen(dir)?;
+            println!(
+                "private key {} (keep it on the control plane only)",
+                keys.private_key.display()
+            );
+            println!(
+                "public key  {} (key id {})",
+                keys.public_key.display(),
+                keys.key_id
+            );
+            println!(
+                "trust it on nodes: trusted_keys = [\"{}\"]",
+                std::fs::read_to_string(&keys.public_key)?.trim()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            dir,
+            server_names,
+            clients,
+        } => {
+            let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
+            let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+            let paths = enforcer::certs::generate(dir, &names, &clients)?;
+            println!("CA      {}", paths.ca.cert.display());
+            println!(
+                "server  {} ({})",
+                paths.server.cert.display(),
+                names.join(", ")
+            );
+            for (name, p) in &paths.clients {
+                println!("client  {} ({name})", p.cert.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ControlPlane {
+            command: ControlPlaneCommand::Serve { file },
+        } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut cfg: enforcer::controlplane::ControlPlaneConfig =
+                toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", file.display())))?;
+            cfg.resolve_paths(file.parent().unwrap_or(Path::new(".")));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(enforcer::controlplane::serve(cfg, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("signal handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ControlPlane {
+            command: ControlPlaneCommand::Nodes,
+        } => {
+            let config = load_config(&cli.config)?;
+            let cp = config.control_plane.ok_or_else(|| {
+                bad(format!(
+                    "{}: no [control_plane] table",
+                    cli.config.display()
+                ))
+            })?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let nodes = runtime.block_on(enforcer::controlplane::nodes(&cp.endpoint()))?;
+            if cli.json {
+                print_json(&serde_json::to_value(&nodes)?);
+            } else {
+                println!(
+                    "{:<20} {:<9} {:>15} {:>15}  {}",
+                    "NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"
+                );
+                for n in nodes {
+                    println!(
+                        "{:<20} {:<9} {:>15} {:>15}  {}",
+                        n.node_id,
+                        n.connected,
+                        n.version_sent,
+                        n.version_acked,
+                        n.last_nack_reason.unwrap_or_default()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

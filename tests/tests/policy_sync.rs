@@ -1,0 +1,402 @@
+//! The daemon and the control plane together: the real `enforcer control-plane serve`
+//! process and the real daemon in the gateway namespace, over TLS; policy pushed from a
+//! directory reaches the XDP maps and real traffic; the daemon keeps enforcing when the
+//! control plane dies and restarts fail-static from its persisted bundle; bundles a real
+//! control plane would never send (from a hand-written server) are NACKed and change nothing.
+
+use std::{
+    path::Path,
+    pin::Pin,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    bundle::{self, SigningKey},
+    certs,
+    lab::{ChildGuard, UdpSink, require_root, spawn_in_netns, udp_send},
+    proto::{
+        Bundle, NodeMessage, NodesRequest, NodesResponse,
+        node_message::Kind,
+        policy_sync_server::{PolicySync, PolicySyncServer},
+    },
+};
+use integration_tests::{Lab, SERVER_V4, enforcer_bin, sa};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+const DENY_ALL: &str =
+    "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
+
+fn allow_ports(ports: &str) -> String {
+    format!(
+        "{DENY_ALL}[[agents.egress]]\naction = \"allow\"\nto = [\"10.200.100.2\"]\nproto = \"udp\"\nports = \"{ports}\"\n"
+    )
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn status(lab: &Lab) -> Value {
+    let config = lab.config_path();
+    let out = lab.cli(&["--json", "--config", config.to_str().unwrap(), "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_status(lab: &Lab, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(lab);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "waiting for {what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `n` datagrams to each port and returns how many arrived per port.
+fn probe(lab: &Lab, ports: &[u16], n: u64) -> Vec<u64> {
+    let sinks: Vec<UdpSink> = ports
+        .iter()
+        .map(|p| UdpSink::spawn(&lab.server, sa("0.0.0.0", *p)).unwrap())
+        .collect();
+    for p in ports {
+        assert_eq!(
+            udp_send(
+                lab.agent(1),
+                sa(SERVER_V4, *p),
+                None,
+                b"x",
+                n,
+                Duration::from_millis(1)
+            )
+            .unwrap(),
+            n
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    sinks.into_iter().map(|s| s.stop().0).collect()
+}
+
+struct ControlPlane {
+    public_key: String,
+    policies: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+fn control_plane(lab: &Lab) -> ControlPlane {
+    let dir = lab.dir.join("cp");
+    let certs = certs::generate(&dir.join("tls"), &["127.0.0.1"], &[]).unwrap();
+    let keys = bundle::keygen(&dir.join("keys")).unwrap();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let config = dir.join("cp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dir = \"policies\"\nsigning_key = \"{}\"\nlisten = \"127.0.0.1:7443\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\npoll_interval_ms = 50\n",
+            keys.private_key.display(),
+            certs.server.cert.display(),
+            certs.server.key.display()
+        ),
+    )
+    .unwrap();
+    ControlPlane {
+        public_key: std::fs::read_to_string(&keys.public_key)
+            .unwrap()
+            .trim()
+            .to_string(),
+        policies,
+        ca: certs.ca.cert,
+        config,
+    }
+}
+
+fn start_control_plane(lab: &Lab, cp: &ControlPlane) -> ChildGuard {
+    ChildGuard::new(
+        lab.gw
+            .command(enforcer_bin())
+            .args(["control-plane", "serve"])
+            .arg(&cp.config)
+            .env("ENFORCER_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn add_control_plane_to_config(lab: &Lab, table: &str) {
+    let mut text = std::fs::read_to_string(lab.config_path()).unwrap();
+    text.push_str(table);
+    std::fs::write(lab.config_path(), text).unwrap();
+}
+
+#[test]
+fn pushed_policy_enforces_and_survives_control_plane_loss() {
+    if !require_root("pushed_policy_enforces_and_survives_control_plane_loss") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    // The local file denies everything: whatever passes came from the control plane.
+    lab.write_policy(DENY_ALL);
+    let cp = control_plane(&lab);
+    write_atomic(&cp.policies.join("default.toml"), &allow_ports("9000"));
+    let mut server = start_control_plane(&lab, &cp);
+    add_control_plane_to_config(
+        &lab,
+        &format!(
+            "\n[control_plane]\nurl = \"https://127.0.0.1:7443\"\nca = \"{}\"\nnode_id = \"edge-1\"\ntrusted_keys = [\"{}\"]\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n",
+            cp.ca.display(),
+            cp.public_key
+        ),
+    );
+    lab.start_daemon();
+    let first = wait_status(&lab, "the first bundle", |s| {
+        s["policy_origin"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("default.toml@v"))
+    });
+    assert_eq!(first["control_plane"]["connected"], true, "{first}");
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 0]);
+
+    // A change in the directory reaches the maps; the time from the write to enforcement
+    // is reported (a measurement, not a threshold).
+    let generation = first["generation"].as_u64().unwrap();
+    let written = Instant::now();
+    write_atomic(&cp.policies.join("default.toml"), &allow_ports("9000-9001"));
+    let second = wait_status(&lab, "the second bundle", |s| {
+        s["generation"].as_u64() > Some(generation)
+    });
+    eprintln!(
+        "policy file write to enforcement: {:.1} ms",
+        written.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+    let version: u64 = second["policy_origin"]
+        .as_str()
+        .unwrap()
+        .rsplit_once("@v")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+
+    // The control plane sees the node holding that version.
+    let config = lab.config_path();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = lab.cli(&[
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            "control-plane",
+            "nodes",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if nodes[0]["version_acked"].as_u64() == Some(version) {
+            assert_eq!(nodes[0]["node_id"], "edge-1");
+            assert_eq!(nodes[0]["connected"], true);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node never acked {version}: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Control plane killed: enforcement goes on, the connection state says so.
+    server.signal(libc::SIGKILL).unwrap();
+    let _ = server.wait_timeout(Duration::from_secs(10));
+    wait_status(&lab, "the disconnection", |s| {
+        s["control_plane"]["connected"] == false
+    });
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+
+    // Daemon restarted with the control plane down: the persisted bundle enforces at once
+    // (the local file would deny 9000 and 9001).
+    lab.stop_daemon(libc::SIGTERM);
+    lab.start_daemon();
+    let restarted = status(&lab);
+    assert_eq!(
+        restarted["policy_origin"], second["policy_origin"],
+        "{restarted}"
+    );
+    assert_eq!(restarted["control_plane"]["connected"], false);
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+}
+
+/// A control plane that sends a fixed list of bundles and reports what the node answers.
+#[derive(Clone)]
+struct Crafted {
+    bundles: Vec<Bundle>,
+    heard: mpsc::UnboundedSender<Kind>,
+}
+
+#[tonic::async_trait]
+impl PolicySync for Crafted {
+    type SyncStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<Bundle, Status>> + Send + 'static>>;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.bundles.len().max(1));
+        let bundles = self.bundles.clone();
+        let heard = self.heard.clone();
+        tokio::spawn(async move {
+            // The hello first; then one bundle at a time, the next once the node answered.
+            match inbound.message().await {
+                Ok(Some(NodeMessage { kind: Some(kind) })) => {
+                    let _ = heard.send(kind);
+                }
+                _ => return,
+            }
+            for bundle in bundles {
+                if tx.send(Ok(bundle)).await.is_err() {
+                    return;
+                }
+                match inbound.message().await {
+                    Ok(Some(NodeMessage { kind: Some(kind) })) => {
+                        let _ = heard.send(kind);
+                    }
+                    _ => return,
+                }
+            }
+            // Keep the stream open until the node goes away.
+            while let Ok(Some(_)) = inbound.message().await {}
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn nodes(&self, _: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+#[test]
+fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
+    if !require_root("bad_bundles_are_nacked_and_the_last_good_policy_enforces") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(DENY_ALL);
+    let keys = bundle::keygen(&lab.dir.join("keys")).unwrap();
+    let key = SigningKey::load(&keys.private_key).unwrap();
+    let stranger = SigningKey::generate().unwrap();
+    let sign = |key: &SigningKey, version: u64, policy: &str| {
+        key.sign(
+            version,
+            1_700_000_000_000,
+            "crafted.toml",
+            policy.as_bytes().to_vec(),
+        )
+        .unwrap()
+    };
+    let good = sign(&key, 10, &allow_ports("9000"));
+    let mut bad_signature = sign(&key, 11, &allow_ports("9000"));
+    bad_signature.policy = allow_ports("9000-9001").into_bytes();
+    let unknown_key = sign(&stranger, 12, &allow_ports("9000-9001"));
+    let old = sign(&key, 5, &allow_ports("9000-9001"));
+    let mut unsigned = sign(&key, 13, &allow_ports("9000-9001"));
+    unsigned.signature.clear();
+    let malformed = sign(
+        &key,
+        14,
+        "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"sometimes\"\n",
+    );
+    let (heard_tx, mut heard) = mpsc::unbounded_channel();
+    let crafted = Crafted {
+        bundles: vec![good, bad_signature, unknown_key, old, unsigned, malformed],
+        heard: heard_tx,
+    };
+    // The crafted control plane listens in the gateway namespace, where the daemon runs.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = spawn_in_netns(&lab.gw, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:7444")
+                .await
+                .unwrap();
+            let _ = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(
+                    PolicySyncServer::new(crafted),
+                    TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+        });
+    })
+    .unwrap();
+    add_control_plane_to_config(
+        &lab,
+        &format!(
+            "\n[control_plane]\nurl = \"http://127.0.0.1:7444\"\ninsecure = true\nnode_id = \"edge-1\"\ntrusted_keys = [\"{}\"]\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n",
+            std::fs::read_to_string(&keys.public_key).unwrap().trim()
+        ),
+    );
+    lab.start_daemon();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut answers = Vec::new();
+    runtime.block_on(async {
+        while answers.len() < 7 {
+            let kind = tokio::time::timeout(Duration::from_secs(30), heard.recv())
+                .await
+                .expect("the daemon answers every bundle")
+                .unwrap();
+            answers.push(kind);
+        }
+    });
+    let text: Vec<String> = answers
+        .iter()
+        .map(|k| match k {
+            Kind::Hello(h) => format!("hello {}", h.version),
+            Kind::Ack(a) => format!("ack {}", a.version),
+            Kind::Nack(n) => format!("nack {}: {}", n.version, n.reason),
+        })
+        .collect();
+    assert_eq!(text[0], "hello 0");
+    assert_eq!(text[1], "ack 10");
+    assert!(text[2].starts_with("nack 11: bad signature"), "{text:#?}");
+    assert!(text[3].starts_with("nack 12: unknown key id"), "{text:#?}");
+    assert!(text[4].starts_with("nack 5: rollback"), "{text:#?}");
+    assert!(text[5].starts_with("nack 13: unsigned bundle"), "{text:#?}");
+    assert!(
+        text[6].starts_with("nack 14: ") && text[6].contains("egress_default"),
+        "{text:#?}"
+    );
+
+    // The last good bundle (10: UDP 9000 only) still enforces on real traffic.
+    let s = status(&lab);
+    assert_eq!(s["policy_origin"], "crafted.toml@v10", "{s}");
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 0]);
+    drop(lab);
+    let _ = stop.send(());
+    let _ = server.join();
+}
