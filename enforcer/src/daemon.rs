@@ -99,9 +99,9 @@ pub enum LoadError {
     Compile {
         /// Where the policy came from.
         origin: String,
-        /// The underlying error.
+        /// The underlying error (boxed: it is large, and this is the cold path).
         #[source]
-        source: CompileError,
+        source: Box<CompileError>,
     },
 }
 
@@ -123,7 +123,7 @@ pub fn load_policy(path: &Path, limits: &Limits) -> Result<(Policy, Compiled), L
 fn compile_policy(policy: &Policy, origin: &str, limits: &Limits) -> Result<Compiled, LoadError> {
     compile::compile(policy, limits, &if_index).map_err(|source| LoadError::Compile {
         origin: origin.to_string(),
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -199,7 +199,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
 }
 
 /// The coder agent's (id 1) allowed counter.
-fn allowed(bpffs: &PathBuf) -> anyhow::Result<Counter> {
+fn allowed(bpffs: &std::path::Path) -> anyhow::Result<Counter> {
     Ok(KernelMaps::from_pins(bpffs)?.counter(1, Reason::Allowed)?)
 }
 

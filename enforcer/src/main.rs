@@ -568,8 +568,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::to_value(&nodes)?);
             } else {
                 println!(
-                    "{:<20} {:<9} {:>15} {:>15}  {}",
-                    "NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"
+                    "{:<20} {:<9} {:>15} {:>15}  LAST NACK",
+                    "NODE", "CONNECTED", "SENT", "ACKED"
                 );
                 for n in nodes {
                     println!(

@@ -322,11 +322,10 @@ fn restart_keeps_enforcing_throughout() {
     }
     let mut lab = Lab::new(1);
     lab.write_policy(
-        &policy_two_agents()
+        policy_two_agents()
             .split("[[agents]]\nid = 2")
             .next()
-            .unwrap()
-            .to_string(),
+            .unwrap(),
     );
     lab.start_daemon();
     let allowed = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
