@@ -189,6 +189,18 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
         "\n== stopping the daemon (SIGTERM leaves the pinned program enforcing) and cleaning up"
     );
     daemon.terminate(Duration::from_secs(5))?;
+
+    // The daemon drained the ring into the log on exit: show the trail and prove it.
+    let log = dir.join("audit.jsonl");
+    println!("\n== audit trail ({}), last 3 records", log.display());
+    for line in crate::audit::tail(&log, 3)? {
+        println!("  {line}");
+    }
+    let report = crate::audit::verify(&log)?;
+    println!(
+        "  `enforcer audit verify`: ok, {} records, hash chain intact\n",
+        report.lines
+    );
     drop(topo);
     drop(bpffs);
     if surprises > 0 {
