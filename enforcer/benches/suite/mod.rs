@@ -1,0 +1,7 @@
+//! The comparison benchmark's sections and what they share (see `bench/README.md`).
+
+pub mod bed;
+pub mod common;
+pub mod inkernel;
+pub mod live;
+pub mod xdpfilter;
