@@ -7,7 +7,7 @@ mod suite;
 
 use std::time::{Duration, Instant};
 
-use suite::{common::Machine, inkernel, live};
+use suite::{accuracy, common::Machine, inkernel, live};
 
 fn arg_value(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
@@ -44,6 +44,15 @@ fn main() {
         for r in &res {
             println!("{:?} {} processed {:.3} admitted {:.3} own {:.3}/{:.3}", r.mode, r.config, r.processed_pps.median/1e6, r.admitted_pps.median/1e6, r.own_processed_pps.median/1e6, r.own_admitted_pps.median/1e6);
         }
+    }
+    if want("accuracy") {
+        let timing = if quick {
+            live::Timing { warmup: Duration::from_millis(300), window: Duration::from_secs(1) }
+        } else {
+            live::Timing { warmup: Duration::from_millis(500), window: Duration::from_secs(3) }
+        };
+        let res = accuracy::run(timing, None);
+        println!("{} accuracy cases", res.len());
     }
     println!("done in {:.0} s", started.elapsed().as_secs_f64());
 }

@@ -1,5 +1,6 @@
 //! The comparison benchmark's sections and what they share (see `bench/README.md`).
 
+pub mod accuracy;
 pub mod bed;
 pub mod common;
 pub mod inkernel;
