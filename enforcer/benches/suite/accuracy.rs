@@ -85,6 +85,7 @@ pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
             dp.apply(&compile::compile(&p, &limits, &|_| None).expect("compiling"))
                 .expect("applying");
             for offered_x in [2u32, 10] {
+                super::common::check_interrupted();
                 for id in 1..=agents {
                     dp.maps().reset_bucket(id).expect("reset");
                 }

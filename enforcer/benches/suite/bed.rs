@@ -22,7 +22,6 @@
 
 use std::{
     fs::File,
-    io::Read as _,
     net::{Ipv4Addr, UdpSocket},
     os::{fd::AsRawFd as _, unix::fs::FileExt as _},
     sync::{Once, mpsc},
@@ -81,13 +80,12 @@ pub struct Snapshot {
 /// The test bed. Dropping it removes the namespaces (and so everything configured in
 /// them); fields drop in order, sockets and files first.
 pub struct Bed {
-    sink: UdpSocket,
+    /// Held open (never read): admitted packets end in its full receive buffer.
+    _sink: UdpSocket,
     dev_file: File,
     snmp_file: File,
     /// The benchmark object: `bench_tx` and `bench_drop`.
     pub bench: Ebpf,
-    /// The generator-side interface.
-    pub gen_if: String,
     /// The receiver-side interface, where programs and filters go.
     pub rcv_if: String,
     gen_ifindex: u32,
@@ -252,11 +250,10 @@ impl Bed {
         }
         install_stop_signal();
         let mut bed = Bed {
-            sink,
+            _sink: sink,
             dev_file,
             snmp_file,
             bench,
-            gen_if,
             rcv_if,
             gen_ifindex,
             frame,
@@ -266,11 +263,6 @@ impl Bed {
         };
         bed.set_mode(mode);
         bed
-    }
-
-    /// The CPU mode in force.
-    pub fn mode(&self) -> CpuMode {
-        self.mode
     }
 
     /// Switches the receiver between softirq NAPI (same CPU) and threaded NAPI pinned to
@@ -408,7 +400,7 @@ impl Bed {
         let result = thread::scope(|s| {
             let (tx, rx) = mpsc::channel();
             let mut handles = Vec::new();
-            for &cpu in cpus {
+            for (index, &cpu) in cpus.iter().enumerate() {
                 let tx = tx.clone();
                 let gen_path = gen_path.clone();
                 let frame = &bed.frame;
@@ -419,7 +411,7 @@ impl Bed {
                     assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
                     lab::pin_to_cpu(cpu).expect("pinning the generator");
                     // SAFETY: pthread_self has no preconditions.
-                    tx.send(unsafe { libc::pthread_self() }).expect("main waits");
+                    tx.send((index, unsafe { libc::pthread_self() })).expect("main waits");
                     let md = XdpMd {
                         data_end: frame.len() as u32,
                         ingress_ifindex: ifindex,
@@ -450,21 +442,32 @@ impl Bed {
                 }));
             }
             drop(tx);
-            let threads: Vec<libc::pthread_t> = rx.iter().take(cpus.len()).collect();
-            let out = during(bed);
+            // Threads report in any order; keep them in spawn order, beside their handles.
+            let mut threads: Vec<(usize, libc::pthread_t)> = rx.iter().take(cpus.len()).collect();
+            threads.sort_by_key(|&(index, _)| index);
+            // A panic in `during` must still stop the generators, or the scope would wait
+            // for calls that run for minutes.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| during(bed)));
             // Signal until every generator has returned: a signal that lands just before a
             // thread enters the syscall would otherwise be lost.
             let deadline = Instant::now() + Duration::from_secs(30);
             while handles.iter().any(|h| !h.is_finished()) {
-                for (t, h) in threads.iter().zip(&handles) {
+                for ((_, t), h) in threads.iter().zip(&handles) {
                     if !h.is_finished() {
-                        // SAFETY: the thread is alive (not finished) inside this scope.
+                        // SAFETY: the thread has not finished, and a scoped thread is only
+                        // joined at the end of the scope, so `t` names it.
                         unsafe { libc::pthread_kill(*t, libc::SIGUSR1) };
                     }
                 }
-                assert!(Instant::now() < deadline, "generators did not stop");
+                if Instant::now() > deadline {
+                    // Panicking here would leave the scope waiting for the generator for
+                    // minutes; the next run's start-up sweep removes what this leaves.
+                    eprintln!("generators did not stop after 30 s of signals; exiting");
+                    std::process::exit(3);
+                }
                 thread::sleep(Duration::from_millis(2));
             }
+            let out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             for h in handles {
                 if let Err(e) = h.join().expect("generator thread") {
                     panic!("generator failed: {e}");
@@ -517,11 +520,4 @@ struct XdpMd {
     ingress_ifindex: u32,
     rx_queue_index: u32,
     egress_ifindex: u32,
-}
-
-/// Reads a whole small file (for `/proc` values outside a namespace).
-pub fn read_file(path: &str) -> String {
-    let mut s = String::new();
-    let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut s));
-    s
 }

@@ -6,6 +6,8 @@ use std::{
     fs::{self, File},
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -186,11 +188,6 @@ impl Stat {
             n: v.len(),
         }
     }
-
-    /// Spread as a fraction of the median: (max - min) / median.
-    pub fn spread(&self) -> f64 {
-        (self.max - self.min) / self.median
-    }
 }
 
 /// Source address of agent `id`: 100.64.0.0/10 counted up (the generator writes the same).
@@ -328,4 +325,73 @@ pub fn in_ns<T: Send, F: FnOnce() -> T + Send>(ns: &Netns, f: F) -> T {
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Turns SIGINT and SIGTERM into a flag that [`check_interrupted`] turns into a panic at
+/// the next measurement boundary, so unwinding runs every clean-up guard (namespaces,
+/// pins, rules, the daemon) instead of the process dying with them in place.
+pub fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as *const () as usize;
+            libc::sigemptyset(&raw mut sa.sa_mask);
+            libc::sigaction(sig, &raw const sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Panics (and so cleans up) if SIGINT or SIGTERM arrived.
+pub fn check_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted: cleaning up and stopping"
+    );
+}
+
+/// The pid `lab::unique_name(prefix)` encoded after `prefix` (five base-36 digits).
+fn pid_of(name: &str, prefix: &str) -> Option<u32> {
+    let digits = name.strip_prefix(prefix)?.get(..5)?;
+    u32::from_str_radix(digits, 36).ok()
+}
+
+/// Removes what a run killed without unwinding (SIGKILL, a crash) left behind: namespaces
+/// (with their nftables tables, iptables rules, veths and programs) and bpffs mounts whose
+/// creating process is gone. Only names this benchmark makes are touched.
+pub fn sweep_stale() {
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        for prefix in ["bgen", "brcv", "bscale"] {
+            if let Some(pid) = pid_of(name, prefix)
+                && !alive(pid)
+            {
+                println!("cleaning up namespace {name} left by a dead run (pid {pid})");
+                let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    // Private bpffs instances of the lab (`/run/enforcer-lab/bpffs<pid>...`).
+    for entry in fs::read_dir("/run/enforcer-lab").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = pid_of(&name, "bpffs")
+            && !alive(pid)
+        {
+            println!("cleaning up bpffs {name} left by a dead run (pid {pid})");
+            let _ = std::process::Command::new("umount").arg(entry.path()).status();
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+    let _ = fs::remove_dir("/run/enforcer-lab");
 }

@@ -45,16 +45,6 @@ pub struct Row {
     pub apply_ms: f64,
 }
 
-impl Row {
-    /// The enforcer's median for `family` and `case`, over the floor.
-    pub fn ratio(&self, family: &str, case: usize) -> f64 {
-        self.enforcer_ns
-            .iter()
-            .find(|(f, _)| f == family)
-            .map_or(f64::NAN, |(_, v)| v[case].median / self.floor_ns.median)
-    }
-}
-
 /// Map sizes swept: full run, or the two corners in quick mode.
 pub fn sizes(quick: bool) -> Vec<(u32, u32)> {
     if quick {
@@ -92,6 +82,7 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
     }
     let mut rows = Vec::new();
     for (agents, prefixes) in sizes(quick) {
+        super::common::check_interrupted();
         if only.is_some_and(|o| o != (agents, prefixes)) {
             continue;
         }

@@ -373,6 +373,7 @@ pub fn run(agents: u32, repeats: usize, timing: Timing, only: Option<&str>) -> V
         let mut samples: Vec<[Vec<f64>; 5]> = vec![Default::default(); configs.len()];
         for rep in 0..repeats {
             for (ci, config) in configs.iter().enumerate() {
+                super::common::check_interrupted();
                 let active = setup(&mut bed, &mut fx, config);
                 let fxr = &fx;
                 let ((a, b, oa, ob, sa, sb), _) = bed.flood(&[0], agents, 0, |bed| {

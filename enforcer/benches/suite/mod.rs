@@ -5,4 +5,6 @@ pub mod bed;
 pub mod common;
 pub mod inkernel;
 pub mod live;
+pub mod report;
+pub mod scale;
 pub mod xdpfilter;
