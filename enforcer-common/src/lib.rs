@@ -495,6 +495,9 @@ pub mod bench {
     pub const PROG_TX: &str = "bench_tx";
     /// Program that counts every frame and drops it: the "bare XDP_DROP" configuration.
     pub const PROG_DROP: &str = "bench_drop";
+    /// Program that passes every frame: what any XDP program on a veth costs the frames
+    /// that go on into the stack.
+    pub const PROG_PASS: &str = "bench_pass";
     /// Array of one [`GenConfig`].
     pub const MAP_CONFIG: &str = "GEN_CONFIG";
     /// Per-CPU array of two u64: [`SEQ_SENT`] and [`SEQ_NEXT_NS`].

@@ -7,6 +7,7 @@
 //!   program under test runs in the real receive path. Frames are rewritten in place to come
 //!   from one of many source addresses (one per agent), round robin per CPU.
 //! - `bench_drop` counts and drops: the "bare XDP_DROP" configuration.
+//! - `bench_pass` passes: what having an XDP program at all costs allowed traffic.
 #![no_std]
 #![no_main]
 #![expect(
@@ -128,6 +129,12 @@ pub fn bench_drop(_ctx: XdpContext) -> u32 {
         unsafe { *c += 1 };
     }
     xdp_action::XDP_DROP
+}
+
+/// Passes every frame: on a veth, frames then take the XDP path into the stack.
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

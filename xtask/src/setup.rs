@@ -6,13 +6,18 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// Debian packages: LLVM 22 and the libraries its link line names (Debian ships Polly apart
-/// from llvm-22-dev) to build bpf-linker against, and iproute2 for the namespace tests.
+/// from llvm-22-dev) to build bpf-linker against, iproute2 for the namespace tests, and what
+/// `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects come with
+/// libxdp1), nftables and iptables.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "xdp-tools",
+    "nftables",
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

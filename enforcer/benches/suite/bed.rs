@@ -240,7 +240,7 @@ impl Bed {
         let mut bench = EbpfLoader::new()
             .load(BENCH_OBJECT)
             .expect("loading the bench object");
-        for name in [names::PROG_TX, names::PROG_DROP] {
+        for name in [names::PROG_TX, names::PROG_DROP, names::PROG_PASS] {
             let p: &mut Xdp = bench
                 .program_mut(name)
                 .expect("bench program")
@@ -305,11 +305,6 @@ impl Bed {
             }
         }
         assert!(pinned > 0, "no NAPI thread of {} found to pin", self.rcv_if);
-    }
-
-    /// The benchmark object (the counting drop program and its counter).
-    pub fn bench(&mut self) -> &mut Ebpf {
-        &mut self.bench
     }
 
     /// Frames `bench_drop` dropped so far, all CPUs.

@@ -28,8 +28,9 @@ use super::{
 pub const LIMIT_PPS: u64 = 100;
 
 /// The configurations, in report order.
-pub const CONFIGS: [&str; 7] = [
+pub const CONFIGS: [&str; 8] = [
     "no_filter",
+    "xdp_pass",
     "xdp_drop",
     "enforcer_over_limit",
     "enforcer_allowed",
@@ -42,6 +43,7 @@ pub const CONFIGS: [&str; 7] = [
 pub fn describe(config: &str) -> &'static str {
     match config {
         "no_filter" => "no XDP program, no rules: into the stack, to a UDP socket",
+        "xdp_pass" => "a trivial XDP_PASS program: what any XDP program costs traffic that goes on into the stack",
         "xdp_drop" => "an XDP program that counts and drops every frame",
         "enforcer_over_limit" => "the enforcer, every agent over its 100 packets/s limit",
         "enforcer_allowed" => "the enforcer, every packet allowed (limits far above the flood)",
@@ -208,7 +210,8 @@ fn iptables(bed: &Bed, args: &[&str]) {
 /// The configuration currently set up, so it can be torn down.
 enum Active {
     Nothing,
-    Drop(aya::programs::xdp::XdpLinkId),
+    /// A program of the bench object, by name.
+    Bench(&'static str, aya::programs::xdp::XdpLinkId),
     Enforcer,
     Nft,
     Iptables,
@@ -222,13 +225,14 @@ fn attach(rcv: &Netns, ifname: &str, prog: &mut Xdp) -> aya::programs::xdp::XdpL
 fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
     let active = match config {
         "no_filter" => Active::Nothing,
-        "xdp_drop" => {
+        "xdp_drop" | "xdp_pass" => {
+            let name = if config == "xdp_drop" { names::PROG_DROP } else { names::PROG_PASS };
             let prog: &mut Xdp = bed
                 .bench
-                .program_mut(names::PROG_DROP)
+                .program_mut(name)
                 .and_then(|p| p.try_into().ok())
-                .expect("bench_drop");
-            Active::Drop(attach(&bed.rcv, &bed.rcv_if, prog))
+                .expect("bench program");
+            Active::Bench(name, attach(&bed.rcv, &bed.rcv_if, prog))
         }
         "enforcer_over_limit" | "enforcer_allowed" => {
             let compiled = if config == "enforcer_over_limit" {
@@ -281,13 +285,13 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
 fn teardown(bed: &mut Bed, fx: &mut Fixtures, active: Active) {
     match active {
         Active::Nothing => {}
-        Active::Drop(id) => {
+        Active::Bench(name, id) => {
             let prog: &mut Xdp = bed
-                .bench()
-                .program_mut(names::PROG_DROP)
+                .bench
+                .program_mut(name)
                 .and_then(|p| p.try_into().ok())
-                .expect("bench_drop");
-            prog.detach(id).expect("detaching bench_drop");
+                .expect("bench program");
+            prog.detach(id).expect("detaching the bench program");
         }
         Active::Enforcer => fx.dp.detach(&bed.rcv_if).expect("detaching the enforcer"),
         Active::Nft => {

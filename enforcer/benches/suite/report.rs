@@ -427,7 +427,7 @@ fn plot_live(r: &Report, path: &Path) -> PlotResult {
     let ymax = r.live.iter().map(|l| l.processed_pps.max).fold(0.0, f64::max) / 1e6 * 1.15;
     let n = configs.len();
     let mut chart = ChartBuilder::on(&root)
-        .caption("packet path on veth: processed (full) and admitted (hatched) Mpps", ("sans-serif", 20))
+        .caption("packet path on veth: processed (bar) and admitted (dark) Mpps", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(50)
         .y_label_area_size(50)
