@@ -19,11 +19,11 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::bench::{GenConfig, SEQ_NEXT_NS, SEQ_SENT};
 
 #[map]

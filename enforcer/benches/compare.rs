@@ -59,7 +59,12 @@ fn main() {
             "\n1. in-kernel cost: BPF_PROG_TEST_RUN, repeat {} x {} interleaved rounds",
             settings.inkernel_repeat, settings.inkernel_runs
         );
-        inkernel_rows = inkernel::run(quick, settings.inkernel_repeat, settings.inkernel_runs, None);
+        inkernel_rows = inkernel::run(
+            quick,
+            settings.inkernel_repeat,
+            settings.inkernel_runs,
+            None,
+        );
     }
     let mut live_results = Vec::new();
     if want("live") {
@@ -82,7 +87,10 @@ fn main() {
     let mut accuracy_results = Vec::new();
     if want("accuracy") {
         common::check_interrupted();
-        println!("\n3. rate accuracy: {} ms windows", settings.accuracy_window_ms);
+        println!(
+            "\n3. rate accuracy: {} ms windows",
+            settings.accuracy_window_ms
+        );
         let timing = live::Timing {
             warmup: Duration::from_millis(if quick { 300 } else { 500 }),
             window: Duration::from_millis(settings.accuracy_window_ms),
@@ -93,7 +101,10 @@ fn main() {
     if want("scale") {
         common::check_interrupted();
         println!("\n4-5. policy scale and daemon overhead (the real daemon)");
-        scale_result = Some(scale::run(&[100, 10_000, 100_000], if quick { 2.0 } else { 10.0 }));
+        scale_result = Some(scale::run(
+            &[100, 10_000, 100_000],
+            if quick { 2.0 } else { 10.0 },
+        ));
     }
     machine.load_end = common::load_average();
     let mut r = Report {
@@ -123,6 +134,9 @@ fn main() {
         if complete { "" } else { "-partial" }
     );
     let md = report::write(&r, &dir, &stem);
-    println!("\n{md}\nwritten to {}/{stem}.{{json,md}} and {stem}-*.svg", dir.display());
+    println!(
+        "\n{md}\nwritten to {}/{stem}.{{json,md}} and {stem}-*.svg",
+        dir.display()
+    );
     println!("done in {:.0} s", r.runtime_s);
 }

@@ -360,7 +360,10 @@ fn write_results(rows: &[Row], scrapes: &[Scrape], o: &Options) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     fs::create_dir_all(&dir).unwrap();
     // `-dataplane`: `<date>-<host>.json` is the comparison benchmark's combined result.
-    let stem = format!("{date}-{host}-dataplane{}", if o.quick { "-quick" } else { "" });
+    let stem = format!(
+        "{date}-{host}-dataplane{}",
+        if o.quick { "-quick" } else { "" }
+    );
     fs::write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json).unwrap(),

@@ -44,9 +44,15 @@ fn policy_for(agents: u32, limit: &str, rate: u64) -> String {
     let mut s = String::new();
     for id in 1..=agents {
         let rate = if limit == "packets" {
-            format!("packets_per_sec = {rate}, packets_burst = {}", (rate / 10).max(1))
+            format!(
+                "packets_per_sec = {rate}, packets_burst = {}",
+                (rate / 10).max(1)
+            )
         } else {
-            format!("bytes_per_sec = {rate}, bytes_burst = {}", (rate / 10).max(3000))
+            format!(
+                "bytes_per_sec = {rate}, bytes_burst = {}",
+                (rate / 10).max(3000)
+            )
         };
         s.push_str(&format!(
             "[[agents]]\nid = {id}\nname = \"a{id}\"\nprefixes = [\"{}\"]\negress_default = \"deny\"\n\
@@ -80,8 +86,13 @@ pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
             continue;
         }
         for limit in ["packets", "bytes"] {
-            let rate = if limit == "packets" { pps } else { pps * FRAME_BYTES };
-            let p = policy::parse("accuracy.toml", &policy_for(agents, limit, rate)).expect("parsing");
+            let rate = if limit == "packets" {
+                pps
+            } else {
+                pps * FRAME_BYTES
+            };
+            let p =
+                policy::parse("accuracy.toml", &policy_for(agents, limit, rate)).expect("parsing");
             dp.apply(&compile::compile(&p, &limits, &|_| None).expect("compiling"))
                 .expect("applying");
             for offered_x in [2u32, 10] {
@@ -114,8 +125,7 @@ pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
                         admitted as f64 / dt / rate as f64
                     })
                     .collect();
-                let offered_ratio =
-                    (sb - sa) as f64 / dt / agents as f64 / pps as f64;
+                let offered_ratio = (sb - sa) as f64 / dt / agents as f64 / pps as f64;
                 let r = AccuracyResult {
                     agents,
                     limit,

@@ -41,7 +41,8 @@ use etherparse::PacketBuilder;
 use super::common::{agent_v4, in_ns};
 
 /// The benchmark helper object built next to the enforcer's (see `enforcer-ebpf/src/bench.rs`).
-static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-bench"));
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-bench"));
 
 /// The receiver's address, where every generated frame goes (UDP port [`PORT`]).
 pub const RCV_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
@@ -158,7 +159,10 @@ fn install_stop_signal() {
             sa.sa_sigaction = on_stop as *const () as usize;
             libc::sigemptyset(&raw mut sa.sa_mask);
             sa.sa_flags = 0;
-            assert_eq!(libc::sigaction(libc::SIGUSR1, &raw const sa, std::ptr::null_mut()), 0);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR1, &raw const sa, std::ptr::null_mut()),
+                0
+            );
         }
     });
 }
@@ -191,8 +195,12 @@ impl Bed {
         lab::add_route(&rcv, "100.64.0.0/10", &GEN_ADDR.to_string()).expect("route");
         rcv.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
             .expect("sysctl");
-        rcv.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{rcv_if}.rp_filter=0")])
-            .expect("sysctl");
+        rcv.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{rcv_if}.rp_filter=0"),
+        ])
+        .expect("sysctl");
         let (sink, dev_file, snmp_file, gen_ifindex) = {
             let rcv_name = rcv_if.clone();
             let (sink, dev, snmp) = in_ns(&rcv, move || {
@@ -342,14 +350,14 @@ impl Bed {
         }
         let snmp = read_proc(&self.snmp_file);
         let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
-        if let (Some(head), Some(vals)) = (ip.next(), ip.next()) {
-            if let Some(i) = head.split_whitespace().position(|h| h == "InDelivers") {
-                s.in_delivers = vals
-                    .split_whitespace()
-                    .nth(i)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            }
+        if let (Some(head), Some(vals)) = (ip.next(), ip.next())
+            && let Some(i) = head.split_whitespace().position(|h| h == "InDelivers")
+        {
+            s.in_delivers = vals
+                .split_whitespace()
+                .nth(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
         s
     }
@@ -403,10 +411,14 @@ impl Bed {
                 handles.push(s.spawn(move || {
                     let file = File::open(&gen_path).expect("generator netns");
                     // SAFETY: setns only reads the fd, which `file` keeps open.
-                    assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                    assert_eq!(
+                        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                        0
+                    );
                     lab::pin_to_cpu(cpu).expect("pinning the generator");
                     // SAFETY: pthread_self has no preconditions.
-                    tx.send((index, unsafe { libc::pthread_self() })).expect("main waits");
+                    tx.send((index, unsafe { libc::pthread_self() }))
+                        .expect("main waits");
                     let md = XdpMd {
                         data_end: frame.len() as u32,
                         ingress_ifindex: ifindex,
@@ -427,7 +439,10 @@ impl Bed {
                         Ok(_) => Ok(()),
                         Err(e) => {
                             let text = format!("{e:?}");
-                            if text.contains("Interrupted") || text.contains("EINTR") || text.contains("os error 4") {
+                            if text.contains("Interrupted")
+                                || text.contains("EINTR")
+                                || text.contains("os error 4")
+                            {
                                 Ok(())
                             } else {
                                 Err(text)
@@ -499,8 +514,12 @@ impl Bed {
             .try_into()
             .expect("per-cpu array");
         for i in [names::SEQ_SENT, names::SEQ_NEXT_NS] {
-            map.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).expect("values"), 0)
-                .expect("resetting GEN_SEQ");
+            map.set(
+                i,
+                aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).expect("values"),
+                0,
+            )
+            .expect("resetting GEN_SEQ");
         }
     }
 }

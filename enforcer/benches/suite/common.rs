@@ -42,7 +42,10 @@ pub struct Machine {
 }
 
 fn read_trim(path: &str) -> String {
-    fs::read_to_string(path).unwrap_or_default().trim().to_owned()
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// 1-minute load average.
@@ -378,18 +381,26 @@ pub fn sweep_stale() {
                 && !alive(pid)
             {
                 println!("cleaning up namespace {name} left by a dead run (pid {pid})");
-                let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", name])
+                    .status();
             }
         }
     }
     // Private bpffs instances of the lab (`/run/enforcer-lab/bpffs<pid>...`).
-    for entry in fs::read_dir("/run/enforcer-lab").into_iter().flatten().flatten() {
+    for entry in fs::read_dir("/run/enforcer-lab")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(pid) = pid_of(&name, "bpffs")
             && !alive(pid)
         {
             println!("cleaning up bpffs {name} left by a dead run (pid {pid})");
-            let _ = std::process::Command::new("umount").arg(entry.path()).status();
+            let _ = std::process::Command::new("umount")
+                .arg(entry.path())
+                .status();
             let _ = fs::remove_dir(entry.path());
         }
     }

@@ -2,7 +2,11 @@
 //! verdicts (IPv4 and IPv6), a trivial XDP_PASS program from the same object, and
 //! xdp-filter's program holding as many address rules, all in the same run, interleaved.
 
-use std::{collections::HashSet, net::IpAddr, net::Ipv4Addr, net::Ipv6Addr, time::Instant};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use enforcer::{
     compile::{self, Limits},
@@ -15,10 +19,7 @@ use enforcer_common::programs;
 use serde::Serialize;
 
 use super::{
-    common::{
-        Agent1, Stat, agent_v4, agent_v6, policy_text, prefix_v4,
-        prefix_v6, tcp_v4, tcp_v6,
-    },
+    common::{Agent1, Stat, agent_v4, agent_v6, policy_text, prefix_v4, prefix_v6, tcp_v4, tcp_v6},
     xdpfilter::{self, FLAG_DST, FLAG_SRC, XdpFilter},
 };
 
@@ -87,7 +88,16 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
             continue;
         }
         let started = Instant::now();
-        let text = policy_text(agents, prefixes, Agent1 { pps: 0, v6: true });
+        // Allowed packets go through the limiter (one CAS) like a real agent's: a limit far
+        // above what the test run sends.
+        let text = policy_text(
+            agents,
+            prefixes,
+            Agent1 {
+                pps: 1_000_000_000,
+                v6: true,
+            },
+        );
         let open = policy::parse("bench.toml", &text).expect("parsing the bench policy");
         let compiled = compile::compile(&open, &limits, &|_| None).expect("compiling");
         dp.apply(&compiled).expect("applying");
@@ -208,16 +218,17 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
                 CASES
                     .iter()
                     .zip(v)
-                    .map(|(c, s)| format!("{c} {:.0} ({:.2}x)", s.median, s.median / row.floor_ns.median))
+                    .map(|(c, s)| format!(
+                        "{c} {:.0} ({:.2}x)",
+                        s.median,
+                        s.median / row.floor_ns.median
+                    ))
                     .collect::<Vec<_>>()
                     .join(" "),
-                row.xdp_filter_ns
-                    .iter()
-                    .find(|(f, _)| f == fam)
-                    .map_or("-".into(), |(_, x)| format!(
-                        "pass {:.0} drop {:.0}",
-                        x[0].median, x[1].median
-                    ))
+                row.xdp_filter_ns.iter().find(|(f, _)| f == fam).map_or(
+                    "-".into(),
+                    |(_, x)| format!("pass {:.0} drop {:.0}", x[0].median, x[1].median)
+                )
             );
         }
         rows.push(row);

@@ -3,8 +3,7 @@
 //! packets per second are measured there, interleaved and repeated.
 
 use std::{
-    fs,
-    thread,
+    fs, thread,
     time::{Duration, Instant},
 };
 
@@ -43,7 +42,9 @@ pub const CONFIGS: [&str; 8] = [
 pub fn describe(config: &str) -> &'static str {
     match config {
         "no_filter" => "no XDP program, no rules: into the stack, to a UDP socket",
-        "xdp_pass" => "a trivial XDP_PASS program: what any XDP program costs traffic that goes on into the stack",
+        "xdp_pass" => {
+            "a trivial XDP_PASS program: what any XDP program costs traffic that goes on into the stack"
+        }
         "xdp_drop" => "an XDP program that counts and drops every frame",
         "enforcer_over_limit" => "the enforcer, every agent over its 100 packets/s limit",
         "enforcer_allowed" => "the enforcer, every packet allowed (limits far above the flood)",
@@ -53,7 +54,9 @@ pub fn describe(config: &str) -> &'static str {
         "iptables_hashlimit" => {
             "iptables INPUT: agents' source range, `hashlimit --hashlimit-above 100/sec --hashlimit-mode srcip`"
         }
-        "xdp_filter" => "xdp-filter's program (xdpfilt_alw_ip) dropping every agent's source address",
+        "xdp_filter" => {
+            "xdp-filter's program (xdpfilt_alw_ip) dropping every agent's source address"
+        }
         _ => "",
     }
 }
@@ -124,7 +127,8 @@ impl Fixtures {
             let mut f = XdpFilter::load_object(xdpf_pins.path(), "xdpfilt_alw_ip", agents)
                 .unwrap_or_else(|e| panic!("{e}"));
             for id in 1..=agents {
-                f.add(agent_v4(id).into(), FLAG_SRC).expect("xdp-filter rule");
+                f.add(agent_v4(id).into(), FLAG_SRC)
+                    .expect("xdp-filter rule");
             }
             f
         });
@@ -226,7 +230,11 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
     let active = match config {
         "no_filter" => Active::Nothing,
         "xdp_drop" | "xdp_pass" => {
-            let name = if config == "xdp_drop" { names::PROG_DROP } else { names::PROG_PASS };
+            let name = if config == "xdp_drop" {
+                names::PROG_DROP
+            } else {
+                names::PROG_PASS
+            };
             let prog: &mut Xdp = bed
                 .bench
                 .program_mut(name)
@@ -261,7 +269,20 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
             let range = format!("{}-{}", agent_v4(1), agent_v4(fx.agents));
             let above = format!("{LIMIT_PPS}/sec");
             let burst = (LIMIT_PPS / 10).max(1).to_string();
-            iptables(bed, &["-A", "INPUT", "-m", "iprange", "!", "--src-range", &range, "-j", "DROP"]);
+            iptables(
+                bed,
+                &[
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "iprange",
+                    "!",
+                    "--src-range",
+                    &range,
+                    "-j",
+                    "DROP",
+                ],
+            );
             #[rustfmt::skip]
             iptables(bed, &[
                 "-A", "INPUT", "-p", "udp", "-m", "hashlimit", "--hashlimit-above", &above,
@@ -323,7 +344,10 @@ fn own_counters(bed: &Bed, fx: &Fixtures, config: &str) -> Own {
             let c = iptables_counters(bed);
             (c.len() == 3).then(|| (c.iter().sum(), c[2]))
         }
-        "xdp_filter" => fx.xdpf.as_ref().map(|f| (f.action_count(1) + f.action_count(2), f.action_count(2))),
+        "xdp_filter" => fx
+            .xdpf
+            .as_ref()
+            .map(|f| (f.action_count(1) + f.action_count(2), f.action_count(2))),
         _ => None,
     }
 }
@@ -392,12 +416,17 @@ pub fn run(agents: u32, repeats: usize, timing: Timing, only: Option<&str>) -> V
                     (a, b, oa, ob, sa, sb)
                 });
                 teardown(&mut bed, &mut fx, active);
-                let dt = b.at.expect("taken").duration_since(a.at.expect("taken")).as_secs_f64();
+                let dt =
+                    b.at.expect("taken")
+                        .duration_since(a.at.expect("taken"))
+                        .as_secs_f64();
                 let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
                 let s = &mut samples[ci];
                 s[0].push(rate(a.rx_packets, b.rx_packets));
                 s[1].push(rate(a.in_delivers, b.in_delivers));
-                s[2].push((sb.1.saturating_sub(sa.1)) as f64 / sb.0.duration_since(sa.0).as_secs_f64());
+                s[2].push(
+                    (sb.1.saturating_sub(sa.1)) as f64 / sb.0.duration_since(sa.0).as_secs_f64(),
+                );
                 if let (Some(x), Some(y)) = (oa.1, ob.1) {
                     let odt = ob.0.duration_since(oa.0).as_secs_f64();
                     s[3].push(y.0.saturating_sub(x.0) as f64 / odt);

@@ -100,18 +100,39 @@ pub fn targets(r: &Report) -> Vec<Target> {
         let m = format!("{mode:?}").to_lowercase();
         let over = live_median(&r.live, "enforcer_over_limit", mode, false);
         let x = over / live_median(&r.live, "nftables_meter", mode, false);
-        push(format!("over-limit flood vs nftables meter ({m} CPU)"), ">= 3x the pps nftables processes", x, x >= 3.0);
+        push(
+            format!("over-limit flood vs nftables meter ({m} CPU)"),
+            ">= 3x the pps nftables processes",
+            x,
+            x >= 3.0,
+        );
         let x = over / live_median(&r.live, "xdp_drop", mode, false);
-        push(format!("over-limit flood vs bare XDP_DROP ({m} CPU)"), ">= 0.7x", x, x >= 0.7);
+        push(
+            format!("over-limit flood vs bare XDP_DROP ({m} CPU)"),
+            ">= 0.7x",
+            x,
+            x >= 0.7,
+        );
         let x = live_median(&r.live, "enforcer_allowed", mode, true)
             / live_median(&r.live, "no_filter", mode, true);
-        push(format!("allowed traffic vs no filter ({m} CPU)"), ">= 0.9x the admitted pps", x, x >= 0.9);
+        push(
+            format!("allowed traffic vs no filter ({m} CPU)"),
+            ">= 0.9x the admitted pps",
+            x,
+            x >= 0.9,
+        );
     }
-    if let Some(row) = r.inkernel.iter().find(|row| row.agents == 100_000 && row.prefixes == 100_000) {
+    if let Some(row) = r
+        .inkernel
+        .iter()
+        .find(|row| row.agents == 100_000 && row.prefixes == 100_000)
+    {
         for (fam, v) in &row.enforcer_ns {
             let worst = v[..3].iter().map(|s| s.median).fold(0.0, f64::max) / row.floor_ns.median;
             push(
-                format!("in-kernel, 100k agents x 100k prefixes, {fam}, slowest of allowed/over-limit/denied"),
+                format!(
+                    "in-kernel, 100k agents x 100k prefixes, {fam}, slowest of allowed/over-limit/denied"
+                ),
                 "<= 4x the XDP_PASS floor",
                 worst,
                 worst <= 4.0,
@@ -119,7 +140,9 @@ pub fn targets(r: &Report) -> Vec<Target> {
             if let Some((_, x)) = row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
                 let ratio = v[0].median / x[0].median;
                 push(
-                    format!("in-kernel, 100k x 100k, {fam}: enforcer allowed vs xdp-filter source-hit pass"),
+                    format!(
+                        "in-kernel, 100k x 100k, {fam}: enforcer allowed vs xdp-filter source-hit pass"
+                    ),
                     "<= 1x (not slower than xdp-filter with as many rules)",
                     ratio,
                     ratio <= 1.0,
@@ -128,10 +151,28 @@ pub fn targets(r: &Report) -> Vec<Target> {
         }
     }
     if !r.accuracy.is_empty() {
-        let lo = r.accuracy.iter().map(|a| a.admitted_ratio.min).fold(f64::INFINITY, f64::min);
-        let hi = r.accuracy.iter().map(|a| a.admitted_ratio.max).fold(0.0, f64::max);
-        push("accuracy, lowest admitted/R of any agent in any case".into(), ">= 0.95", lo, lo >= 0.95);
-        push("accuracy, highest admitted/R of any agent in any case".into(), "<= 1.05", hi, hi <= 1.05);
+        let lo = r
+            .accuracy
+            .iter()
+            .map(|a| a.admitted_ratio.min)
+            .fold(f64::INFINITY, f64::min);
+        let hi = r
+            .accuracy
+            .iter()
+            .map(|a| a.admitted_ratio.max)
+            .fold(0.0, f64::max);
+        push(
+            "accuracy, lowest admitted/R of any agent in any case".into(),
+            ">= 0.95",
+            lo,
+            lo >= 0.95,
+        );
+        push(
+            "accuracy, highest admitted/R of any agent in any case".into(),
+            "<= 1.05",
+            hi,
+            hi <= 1.05,
+        );
     }
     t
 }
@@ -140,7 +181,12 @@ fn stat_mpps(s: &Stat) -> String {
     if s.n == 0 {
         return "-".into();
     }
-    format!("{:.3} [{:.3}-{:.3}]", s.median / 1e6, s.min / 1e6, s.max / 1e6)
+    format!(
+        "{:.3} [{:.3}-{:.3}]",
+        s.median / 1e6,
+        s.min / 1e6,
+        s.max / 1e6
+    )
 }
 
 /// The Markdown summary.
@@ -196,9 +242,18 @@ pub fn markdown(r: &Report, stem: &str) -> String {
         );
         for row in &r.inkernel {
             for (fam, v) in &row.enforcer_ns {
-                let _ = write!(md, "| {} | {} | {fam} | {:.0} |", row.agents, row.prefixes, row.floor_ns.median);
+                let _ = write!(
+                    md,
+                    "| {} | {} | {fam} | {:.0} |",
+                    row.agents, row.prefixes, row.floor_ns.median
+                );
                 for s in v {
-                    let _ = write!(md, " {:.0} ({:.2}x) |", s.median, s.median / row.floor_ns.median);
+                    let _ = write!(
+                        md,
+                        " {:.0} ({:.2}x) |",
+                        s.median,
+                        s.median / row.floor_ns.median
+                    );
                 }
                 match row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
                     Some((_, x)) => {
@@ -277,7 +332,9 @@ pub fn markdown(r: &Report, stem: &str) -> String {
              one source address and one allow rule. Enforcement is the flip of the program's active slot, \
              watched on the pinned state map.\n\n\
              | agents | to enforcement ms | command ms | daemon apply ms | daemon RSS MiB |\n|---:|---:|---:|---:|---:|\n",
-            s.limits["max_agents"], s.limits["max_source_prefixes"], s.limits["max_destination_prefixes"]
+            s.limits["max_agents"],
+            s.limits["max_source_prefixes"],
+            s.limits["max_destination_prefixes"]
         );
         for a in &s.applies {
             let _ = writeln!(
@@ -300,7 +357,13 @@ pub fn markdown(r: &Report, stem: &str) -> String {
             s.maps.iter().map(|m| m.bytes).sum::<u64>() as f64 / 1048576.0
         );
         for m in &s.maps {
-            let _ = writeln!(md, "| {} | {} | {:.1} |", m.name, m.max_entries, m.bytes as f64 / 1048576.0);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} |",
+                m.name,
+                m.max_entries,
+                m.bytes as f64 / 1048576.0
+            );
         }
         let _ = writeln!(
             md,
@@ -321,19 +384,15 @@ pub fn markdown(r: &Report, stem: &str) -> String {
 
 /// Draws the three plots next to the summary; a plot that fails is reported, not fatal.
 pub fn plots(r: &Report, dir: &Path, stem: &str) {
-    if !r.inkernel.is_empty() {
-        if let Err(e) = plot_inkernel(r, &dir.join(format!("{stem}-inkernel.svg"))) {
-            eprintln!("warning: in-kernel plot: {e}");
-        }
-    }
-    if !r.live.is_empty() {
-        if let Err(e) = plot_live(r, &dir.join(format!("{stem}-live.svg"))) {
-            eprintln!("warning: packet-path plot: {e}");
-        }
-    }
-    if !r.accuracy.is_empty() {
-        if let Err(e) = plot_accuracy(r, &dir.join(format!("{stem}-accuracy.svg"))) {
-            eprintln!("warning: accuracy plot: {e}");
+    type Plot = fn(&Report, &Path) -> PlotResult;
+    let plots: [(&str, bool, Plot); 3] = [
+        ("inkernel", !r.inkernel.is_empty(), plot_inkernel),
+        ("live", !r.live.is_empty(), plot_live),
+        ("accuracy", !r.accuracy.is_empty(), plot_accuracy),
+    ];
+    for (name, has_data, plot) in plots {
+        if has_data && let Err(e) = plot(r, &dir.join(format!("{stem}-{name}.svg"))) {
+            eprintln!("warning: {name} plot: {e}");
         }
     }
 }
@@ -341,7 +400,13 @@ pub fn plots(r: &Report, dir: &Path, stem: &str) {
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 fn size_label(a: u32, p: u32) -> String {
-    let k = |n: u32| if n >= 1000 { format!("{}k", n / 1000) } else { n.to_string() };
+    let k = |n: u32| {
+        if n >= 1000 {
+            format!("{}k", n / 1000)
+        } else {
+            n.to_string()
+        }
+    };
     format!("{}/{}", k(a), k(p))
 }
 
@@ -355,14 +420,24 @@ fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
             row.enforcer_ns
                 .iter()
                 .flat_map(|(_, v)| v.iter().map(|s| s.median))
-                .chain(row.xdp_filter_ns.iter().flat_map(|(_, x)| x.iter().map(|s| s.median)))
+                .chain(
+                    row.xdp_filter_ns
+                        .iter()
+                        .flat_map(|(_, x)| x.iter().map(|s| s.median)),
+                )
         })
         .fold(0.0, f64::max)
         * 1.15;
-    let labels: Vec<String> = rows.iter().map(|row| size_label(row.agents, row.prefixes)).collect();
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|row| size_label(row.agents, row.prefixes))
+        .collect();
     let n = rows.len();
     let mut chart = ChartBuilder::on(&root)
-        .caption("ns per packet (BPF_PROG_TEST_RUN) vs agents/prefixes", ("sans-serif", 20))
+        .caption(
+            "ns per packet (BPF_PROG_TEST_RUN) vs agents/prefixes",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
@@ -372,18 +447,30 @@ fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
         .x_labels(n)
         .x_label_formatter(&|x| {
             let i = x.round() as usize;
-            if (x - x.round()).abs() < 0.01 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
+            if (x - x.round()).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .x_desc("agents / prefixes")
         .y_desc("ns per packet")
         .draw()?;
-    let mut series: Vec<(String, Vec<f64>)> = vec![("XDP_PASS floor".into(), rows.iter().map(|x| x.floor_ns.median).collect())];
+    let mut series: Vec<(String, Vec<f64>)> = vec![(
+        "XDP_PASS floor".into(),
+        rows.iter().map(|x| x.floor_ns.median).collect(),
+    )];
     for fam in ["ipv4", "ipv6"] {
         for (ci, case) in CASES.iter().enumerate() {
             series.push((
                 format!("enforcer {case} {fam}"),
                 rows.iter()
-                    .map(|row| row.enforcer_ns.iter().find(|(f, _)| f == fam).map_or(f64::NAN, |(_, v)| v[ci].median))
+                    .map(|row| {
+                        row.enforcer_ns
+                            .iter()
+                            .find(|(f, _)| f == fam)
+                            .map_or(f64::NAN, |(_, v)| v[ci].median)
+                    })
                     .collect(),
             ));
         }
@@ -392,7 +479,12 @@ fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
                 series.push((
                     format!("xdp-filter {what} {fam}"),
                     rows.iter()
-                        .map(|row| row.xdp_filter_ns.iter().find(|(f, _)| f == fam).map_or(f64::NAN, |(_, x)| x[xi].median))
+                        .map(|row| {
+                            row.xdp_filter_ns
+                                .iter()
+                                .find(|(f, _)| f == fam)
+                                .map_or(f64::NAN, |(_, x)| x[xi].median)
+                        })
                         .collect(),
                 ));
             }
@@ -401,8 +493,17 @@ fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
     for (i, (name, values)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let dashed = name.contains("ipv6");
-        let points: Vec<(f64, f64)> = values.iter().enumerate().map(|(x, y)| (x as f64, *y)).filter(|p| p.1.is_finite()).collect();
-        let style = ShapeStyle { color, filled: !dashed, stroke_width: if name.contains("floor") { 3 } else { 2 } };
+        let points: Vec<(f64, f64)> = values
+            .iter()
+            .enumerate()
+            .map(|(x, y)| (x as f64, *y))
+            .filter(|p| p.1.is_finite())
+            .collect();
+        let style = ShapeStyle {
+            color,
+            filled: !dashed,
+            stroke_width: if name.contains("floor") { 3 } else { 2 },
+        };
         chart
             .draw_series(LineSeries::new(points.clone(), style))?
             .label(name.clone())
@@ -421,13 +522,26 @@ fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
 }
 
 fn plot_live(r: &Report, path: &Path) -> PlotResult {
-    let configs: Vec<&str> = live::CONFIGS.iter().copied().filter(|c| r.live.iter().any(|l| l.config == *c)).collect();
+    let configs: Vec<&str> = live::CONFIGS
+        .iter()
+        .copied()
+        .filter(|c| r.live.iter().any(|l| l.config == *c))
+        .collect();
     let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let ymax = r.live.iter().map(|l| l.processed_pps.max).fold(0.0, f64::max) / 1e6 * 1.15;
+    let ymax = r
+        .live
+        .iter()
+        .map(|l| l.processed_pps.max)
+        .fold(0.0, f64::max)
+        / 1e6
+        * 1.15;
     let n = configs.len();
     let mut chart = ChartBuilder::on(&root)
-        .caption("packet path on veth: processed (bar) and admitted (dark) Mpps", ("sans-serif", 20))
+        .caption(
+            "packet path on veth: processed (bar) and admitted (dark) Mpps",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(50)
         .y_label_area_size(50)
@@ -438,7 +552,11 @@ fn plot_live(r: &Report, path: &Path) -> PlotResult {
         .x_labels(n)
         .x_label_formatter(&|x| {
             let i = x.round() as usize;
-            if (x - x.round()).abs() < 0.01 { configs.get(i).map(|c| c.to_string()).unwrap_or_default() } else { String::new() }
+            if (x - x.round()).abs() < 0.01 {
+                configs.get(i).map(|c| c.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .y_desc("Mpps")
         .label_style(("sans-serif", 11))
@@ -448,18 +566,31 @@ fn plot_live(r: &Report, path: &Path) -> PlotResult {
         let off = if mi == 0 { -0.2 } else { 0.2 };
         let mut first = true;
         for (i, c) in configs.iter().enumerate() {
-            let Some(l) = r.live.iter().find(|l| l.config == *c && l.mode == mode) else { continue };
+            let Some(l) = r.live.iter().find(|l| l.config == *c && l.mode == mode) else {
+                continue;
+            };
             let x = i as f64 + off;
             let p = l.processed_pps.median / 1e6;
             let a = l.admitted_pps.median / 1e6;
-            let bar = chart.draw_series(std::iter::once(Rectangle::new([(x - 0.17, 0.0), (x + 0.17, p)], color.filled())))?;
+            let bar = chart.draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.17, 0.0), (x + 0.17, p)],
+                color.filled(),
+            )))?;
             if first {
-                bar.label(format!("{mode:?} CPU")).legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+                bar.label(format!("{mode:?} CPU")).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
                 first = false;
             }
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.17, 0.0), (x + 0.17, a)], BLACK.mix(0.35).filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.17, 0.0), (x + 0.17, a)],
+                BLACK.mix(0.35).filled(),
+            )))?;
             chart.draw_series(std::iter::once(PathElement::new(
-                vec![(x, l.processed_pps.min / 1e6), (x, l.processed_pps.max / 1e6)],
+                vec![
+                    (x, l.processed_pps.min / 1e6),
+                    (x, l.processed_pps.max / 1e6),
+                ],
                 BLACK.stroke_width(2),
             )))?;
         }
@@ -483,10 +614,23 @@ fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
         .map(|a| format!("{} ag {} {}R", a.agents, &a.limit[..1], a.offered_x))
         .collect();
     let n = labels.len();
-    let lo = r.accuracy.iter().map(|a| a.admitted_ratio.min).fold(0.95, f64::min) - 0.02;
-    let hi = r.accuracy.iter().map(|a| a.admitted_ratio.max).fold(1.05, f64::max) + 0.02;
+    let lo = r
+        .accuracy
+        .iter()
+        .map(|a| a.admitted_ratio.min)
+        .fold(0.95, f64::min)
+        - 0.02;
+    let hi = r
+        .accuracy
+        .iter()
+        .map(|a| a.admitted_ratio.max)
+        .fold(1.05, f64::max)
+        + 0.02;
     let mut chart = ChartBuilder::on(&root)
-        .caption("admitted / R per agent (median, min-max), target 0.95-1.05", ("sans-serif", 20))
+        .caption(
+            "admitted / R per agent (median, min-max), target 0.95-1.05",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(55)
@@ -496,7 +640,11 @@ fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
         .x_labels(n)
         .x_label_formatter(&|x| {
             let i = x.round() as usize;
-            if (x - x.round()).abs() < 0.01 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
+            if (x - x.round()).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .label_style(("sans-serif", 11))
         .y_desc("admitted / R")
@@ -504,7 +652,11 @@ fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
     for y in [0.95, 1.0, 1.05] {
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(-0.5, y), (n as f64 - 0.5, y)],
-            if y == 1.0 { BLACK.mix(0.5).stroke_width(1) } else { RED.mix(0.6).stroke_width(1) },
+            if y == 1.0 {
+                BLACK.mix(0.5).stroke_width(1)
+            } else {
+                RED.mix(0.6).stroke_width(1)
+            },
         )))?;
     }
     for (i, a) in r.accuracy.iter().enumerate() {
@@ -513,7 +665,11 @@ fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
             vec![(x, a.admitted_ratio.min), (x, a.admitted_ratio.max)],
             BLUE.stroke_width(2),
         )))?;
-        chart.draw_series(std::iter::once(Circle::new((x, a.admitted_ratio.median), 4, BLUE.filled())))?;
+        chart.draw_series(std::iter::once(Circle::new(
+            (x, a.admitted_ratio.median),
+            4,
+            BLUE.filled(),
+        )))?;
     }
     root.present()?;
     Ok(())
@@ -522,8 +678,11 @@ fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
 /// Writes `<stem>.json`, `<stem>.md` and the plots under `dir`; returns the Markdown.
 pub fn write(r: &Report, dir: &Path, stem: &str) -> String {
     fs::create_dir_all(dir).expect("creating bench/results");
-    fs::write(dir.join(format!("{stem}.json")), serde_json::to_string_pretty(r).expect("json"))
-        .expect("writing the json");
+    fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(r).expect("json"),
+    )
+    .expect("writing the json");
     let md = markdown(r, stem);
     fs::write(dir.join(format!("{stem}.md")), &md).expect("writing the summary");
     plots(r, dir, stem);

@@ -93,9 +93,17 @@ pub struct ScaleResult {
 /// CPU time of every thread of `pid` (ns), from schedstat.
 fn cpu_ns(pid: u32) -> u64 {
     let mut total = 0;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     }
     total
 }
@@ -117,7 +125,11 @@ fn map_memory(pid: u32) -> Vec<MapMemory> {
         .collect();
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).into_iter().flatten().flatten() {
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let text = fs::read_to_string(fd.path()).unwrap_or_default();
         let field = |k: &str| -> Option<u64> {
             text.lines()
@@ -154,7 +166,8 @@ fn scrape(ns: &Netns) -> (f64, usize) {
     in_ns(ns, || {
         let started = Instant::now();
         let mut s = TcpStream::connect(METRICS).expect("connecting to /metrics");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
             .expect("sending the request");
         let mut body = Vec::new();
@@ -189,10 +202,18 @@ fn wait_ready(lab: &mut DaemonLab) {
         if Status::read(&lab.dir.join("state")).is_some_and(|s| s.pid == pid) {
             return;
         }
-        if let Ok(Some(exit)) = lab.daemon.as_mut().expect("started").wait_timeout(Duration::from_millis(20)) {
+        if let Ok(Some(exit)) = lab
+            .daemon
+            .as_mut()
+            .expect("started")
+            .wait_timeout(Duration::from_millis(20))
+        {
             panic!("enforcer run exited during start-up: {exit}");
         }
-        assert!(Instant::now() < deadline, "enforcer run did not report ready in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "enforcer run did not report ready in 60 s"
+        );
     }
 }
 
@@ -273,11 +294,11 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
             if enforced.is_none() && maps.current_state().expect("state").generation > before {
                 enforced = Some(started.elapsed());
             }
-            if exited.is_none() {
-                if let Ok(Some(status)) = cli.wait_timeout(Duration::ZERO) {
-                    assert!(status.success(), "enforcer policy apply failed: {status}");
-                    exited = Some(started.elapsed());
-                }
+            if exited.is_none()
+                && let Ok(Some(status)) = cli.wait_timeout(Duration::ZERO)
+            {
+                assert!(status.success(), "enforcer policy apply failed: {status}");
+                exited = Some(started.elapsed());
             }
             assert!(Instant::now() < deadline, "policy apply took over 120 s");
             thread::sleep(Duration::from_micros(500));
@@ -301,7 +322,12 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     }
     let memory = map_memory(pid);
     let stride = f64::from(limits.max_agents + 1);
-    let mem = |n: &str| memory.iter().find(|m| m.name == n).map_or(0.0, |m| m.bytes as f64);
+    let mem = |n: &str| {
+        memory
+            .iter()
+            .find(|m| m.name == n)
+            .map_or(0.0, |m| m.bytes as f64)
+    };
     let bytes_per_agent = (mem("AGENTS") + mem("BUCKETS") + mem("COUNTERS")) / stride
         + 2.0 * per_entry(&memory, "SRC_HOST_V4");
     let bytes_per_prefix = 2.0 * per_entry(&memory, "DST_HASH_V4");
@@ -319,7 +345,11 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
         .arg(&config)
         .output()
         .expect("policy apply");
-    assert!(out.status.success(), "policy apply: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "policy apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     {
         // Another loader on the daemon's pins: the same maps, so test runs count there.
         let dp = Dataplane::load(lab.pins.path(), &limits).expect("loading on the pins");
@@ -331,8 +361,13 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
                 other_dst_v4(id)
             };
             run_xdp(prog, &tcp_v4(agent_v4(id), dst), None, 1).expect("test run");
-            run_xdp(prog, &tcp_v4(agent_v4(id), Ipv4Addr::new(192, 0, 2, 99)), None, 1)
-                .expect("test run");
+            run_xdp(
+                prog,
+                &tcp_v4(agent_v4(id), Ipv4Addr::new(192, 0, 2, 99)),
+                None,
+                1,
+            )
+            .expect("test run");
         }
     }
     let period = Duration::from_secs_f64(seconds);

@@ -61,8 +61,13 @@ impl XdpFilter {
 
     /// Loads xdp-filter's object `name` (`xdpfilt_{alw,dny}_{ip,all,...}`; the program
     /// inside has the file's name).
-    pub fn load_object(pin_dir: &Path, name: &'static str, entries: u32) -> Result<XdpFilter, String> {
-        let path = object_file(name).ok_or_else(|| format!("{name}.o not found: install libxdp1"))?;
+    pub fn load_object(
+        pin_dir: &Path,
+        name: &'static str,
+        entries: u32,
+    ) -> Result<XdpFilter, String> {
+        let path =
+            object_file(name).ok_or_else(|| format!("{name}.o not found: install libxdp1"))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries("filter_ipv4", entries.max(16))
@@ -74,7 +79,8 @@ impl XdpFilter {
             .ok_or_else(|| format!("no {name} program in the object"))?
             .try_into()
             .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| format!("verifying xdp-filter: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("verifying xdp-filter: {e}"))?;
         Ok(XdpFilter { ebpf, name })
     }
 
