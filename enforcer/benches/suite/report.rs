@@ -275,18 +275,28 @@ pub fn markdown(r: &Report, stem: &str) -> String {
              (`Ip: InDelivers`); own: the configuration's own counters. Median [min-max] of {} interleaved \
              rounds of {} ms, Mpps. \"same\": generator and receive processing on one CPU; \"apart\": \
              generator on CPU 0, threaded NAPI on CPU 1.\n\n![pps per configuration](./{stem}-live.svg)\n\n\
-             | configuration | CPU | processed | admitted | own processed | own admitted | offered |\n\
-             |---|---|---:|---:|---:|---:|---:|\n",
+             | configuration | CPU | processed | admitted | processed / bare XDP_DROP | processed / nftables meter | own processed | own admitted | offered |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
             r.settings.live_agents, r.settings.live_repeats, r.settings.live_window_ms
         );
         for l in &r.live {
+            let ratio = |other: &str| {
+                let x = l.processed_pps.median / live_median(&r.live, other, l.mode, false);
+                if x.is_finite() {
+                    format!("{x:.2}")
+                } else {
+                    "-".into()
+                }
+            };
             let _ = writeln!(
                 md,
-                "| {} | {:?} | {} | {} | {} | {} | {} |",
+                "| {} | {:?} | {} | {} | {} | {} | {} | {} | {} |",
                 l.config,
                 l.mode,
                 stat_mpps(&l.processed_pps),
                 stat_mpps(&l.admitted_pps),
+                ratio("xdp_drop"),
+                ratio("nftables_meter"),
                 stat_mpps(&l.own_processed_pps),
                 stat_mpps(&l.own_admitted_pps),
                 stat_mpps(&l.offered_pps),
