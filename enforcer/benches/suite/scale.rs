@@ -272,6 +272,7 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
 
     let mut applies = Vec::new();
     for &agents in sizes {
+        super::common::check_interrupted();
         let file = lab.dir.join(format!("p{agents}.toml"));
         fs::write(&file, policy_text(agents, 10, no_v6)).expect("policy");
         let before = maps.current_state().expect("state").generation;
@@ -332,6 +333,7 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
         + 2.0 * per_entry(&memory, "SRC_HOST_V4");
     let bytes_per_prefix = 2.0 * per_entry(&memory, "DST_HASH_V4");
 
+    super::common::check_interrupted();
     // Section 5 with 10,000 agents, every one with traffic under two reasons.
     let scrape_agents = 10_000;
     let file = lab.dir.join("p10k.toml");
