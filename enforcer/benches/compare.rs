@@ -106,7 +106,7 @@ fn main() {
             if quick { 2.0 } else { 10.0 },
         ));
     }
-    machine.load_end = common::load_average();
+    machine.finish();
     let mut r = Report {
         benchmark: "compare",
         date: common::today(),

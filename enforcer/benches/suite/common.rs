@@ -37,8 +37,29 @@ pub struct Machine {
     pub load_start: f64,
     /// 1-minute load average at the end of the run.
     pub load_end: f64,
+    /// Time the hypervisor ran someone else on this VM's CPUs during the run (percent of
+    /// CPU time, from /proc/stat): a busy host makes every number noisy.
+    pub steal_percent: f64,
     /// Problems found by the hygiene check, empty when clean.
     pub warnings: Vec<String>,
+    #[serde(skip)]
+    cpu_start: (u64, u64),
+}
+
+/// (steal, total) jiffies of all CPUs so far.
+fn cpu_times() -> (u64, u64) {
+    let stat = read_trim("/proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guests are inside user.
+    let total = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
 }
 
 fn read_trim(path: &str) -> String {
@@ -92,7 +113,9 @@ impl Machine {
             raw_sockets,
             load_start: load_average(),
             load_end: f64::NAN,
+            steal_percent: f64::NAN,
             warnings: Vec::new(),
+            cpu_start: cpu_times(),
         };
         if m.bpf_jit_enable != "1" && m.bpf_jit_enable != "2" {
             m.warnings.push(format!(
@@ -119,6 +142,21 @@ impl Machine {
             ));
         }
         m
+    }
+
+    /// Records the end of the run: load average and the hypervisor's steal time.
+    pub fn finish(&mut self) {
+        self.load_end = load_average();
+        let (steal, total) = cpu_times();
+        let (steal0, total0) = self.cpu_start;
+        self.steal_percent =
+            (steal - steal0) as f64 / (total.saturating_sub(total0)).max(1) as f64 * 100.0;
+        if self.steal_percent > 2.0 {
+            self.warnings.push(format!(
+                "the hypervisor took {:.1}% of CPU time during the run (steal): expect noise",
+                self.steal_percent
+            ));
+        }
     }
 
     /// One line naming the machine.

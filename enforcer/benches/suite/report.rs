@@ -194,8 +194,8 @@ pub fn markdown(r: &Report, stem: &str) -> String {
     let m = &r.machine;
     let mut md = format!(
         "# Comparison benchmark, {}{}\n\n{}, Linux {}, {} ({} CPUs). JIT {}, clocksource {}, \
-         {} raw/packet sockets, load average {:.2} at the start and {:.2} at the end. \
-         Run time {:.0} s. Reproduce: `cargo xtask bench{}` (see [bench/README.md](../README.md)).\n\n",
+         {} raw/packet sockets, load average {:.2} at the start and {:.2} at the end (the run's own \
+         load included), hypervisor steal {:.1}%. Run time {:.0} s. Reproduce: `cargo xtask bench{}` (see [bench/README.md](../README.md)).\n\n",
         r.date,
         if r.quick { " (quick mode)" } else { "" },
         m.host,
@@ -207,6 +207,7 @@ pub fn markdown(r: &Report, stem: &str) -> String {
         m.raw_sockets,
         m.load_start,
         m.load_end,
+        m.steal_percent,
         r.runtime_s,
         if r.quick { " --quick" } else { "" },
     );
