@@ -597,6 +597,44 @@ pub mod programs {
     pub const PASS_FLOOR: &str = "pass_floor";
 }
 
+/// The benchmark helper object (`enforcer-bench`, a separate eBPF binary so nothing in it
+/// can change the enforcer's object): a traffic generator and a counting drop program.
+pub mod bench {
+    /// Program that rewrites each frame's IPv4 source address and returns XDP_TX; run with
+    /// `BPF_PROG_TEST_RUN` in live-frames mode it is the benchmarks' packet generator.
+    pub const PROG_TX: &str = "bench_tx";
+    /// Program that counts every frame and drops it: the "bare XDP_DROP" configuration.
+    pub const PROG_DROP: &str = "bench_drop";
+    /// Program that passes every frame: what any XDP program on a veth costs the frames
+    /// that go on into the stack.
+    pub const PROG_PASS: &str = "bench_pass";
+    /// Array of one [`GenConfig`].
+    pub const MAP_CONFIG: &str = "GEN_CONFIG";
+    /// Per-CPU array of two u64: [`SEQ_SENT`] and [`SEQ_NEXT_NS`].
+    pub const MAP_SEQ: &str = "GEN_SEQ";
+    /// Index in [`MAP_SEQ`]: frames sent on that CPU (also the next agent index).
+    pub const SEQ_SENT: u32 = 0;
+    /// Index in [`MAP_SEQ`]: when that CPU may send its next paced frame (ktime ns).
+    pub const SEQ_NEXT_NS: u32 = 1;
+    /// Per-CPU array of one u64: frames `bench_drop` dropped on that CPU.
+    pub const MAP_DROPS: &str = "DROPS";
+
+    /// What the generator sends: frame `n` on a CPU gets source address
+    /// `base + n % count`, so every agent gets the same share of every CPU's frames.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct GenConfig {
+        /// First source address, host byte order.
+        pub base: u32,
+        /// Number of consecutive source addresses (at least 1).
+        pub count: u32,
+        /// Pacing: at least this many ns between two frames sent by one CPU; frames that
+        /// come too early are dropped unsent. 0 sends every frame (a flood).
+        pub interval_ns: u64,
+    }
+    const _: () = assert!(size_of::<GenConfig>() == 16);
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -620,4 +658,5 @@ mod pod {
     unsafe impl aya::Pod for AuditEvent {}
     unsafe impl aya::Pod for AuditConfig {}
     unsafe impl aya::Pod for AuditStats {}
+    unsafe impl aya::Pod for bench::GenConfig {}
 }

@@ -1,8 +1,10 @@
 //! In-kernel cost of the enforcer: ns per packet through BPF_PROG_TEST_RUN for allowed,
 //! rate-limited, denied and unknown-agent packets, at 1 / 1,000 / 100,000 agents and
 //! 10 / 1,000 / 100,000 allow-list prefixes, as ratios to a trivial XDP_PASS program from
-//! the same object measured in the same run. Writes JSON and Markdown under
-//! `bench/results/`. Needs root. `--quick` is the short variant CI runs.
+//! the same object measured in the same run. Writes `bench/results/<date>-<host>-dataplane`
+//! JSON and Markdown. Needs root. `--quick` is the short variant; `--only AGENTS:PREFIXES`
+//! measures one size. `cargo xtask bench` runs the comparison benchmark (`compare.rs`),
+//! which measures all of this and more; this one stays for focused in-kernel work.
 
 use std::{
     collections::HashSet,
@@ -358,7 +360,11 @@ fn write_results(rows: &[Row], scrapes: &[Scrape], o: &Options) {
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     fs::create_dir_all(&dir).unwrap();
-    let stem = format!("{date}-{host}{}", if o.quick { "-quick" } else { "" });
+    // `-dataplane`: `<date>-<host>.json` is the comparison benchmark's combined result.
+    let stem = format!(
+        "{date}-{host}-dataplane{}",
+        if o.quick { "-quick" } else { "" }
+    );
     fs::write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json).unwrap(),

@@ -31,11 +31,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Run setup, then the data-plane benchmarks.
+    /// Run setup, then the comparison benchmark (in-kernel cost, packet path against
+    /// nftables, iptables and xdp-filter, rate accuracy, policy scale, daemon overhead):
+    /// bench/results/<date>-<host>[-quick].{json,md} and SVG plots.
     Bench {
-        /// Fewer samples: a quick check that the numbers are in the right range.
+        /// Fewer sizes, rounds and shorter windows (under 2 minutes): what CI runs so the
+        /// harness cannot rot. The full run is for people, on a quiet machine.
         #[arg(long)]
         quick: bool,
+        /// Passed to the benchmark (e.g. `--sections live,accuracy`, `--out DIR`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
     /// Format the workspace with nightly rustfmt (rustfmt.toml uses unstable options).
     Fmt {
@@ -89,13 +95,17 @@ fn main() -> Result<ExitCode> {
             let err = Command::new(&binary).arg("demo").args(args).exec();
             return Err(err).with_context(|| format!("running {} demo", binary.display()));
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, args } => {
             setup::run()?;
+            // One target measures everything and writes one combined result; the older
+            // `dataplane` bench (in-kernel cost only) stays for focused work:
+            // `cargo bench -p enforcer --bench dataplane -- --only AGENTS:PREFIXES`.
             let mut bench = cargo(&root);
-            bench.args(["bench", "-p", "enforcer", "--bench", "dataplane", "--"]);
+            bench.args(["bench", "-p", "enforcer", "--bench", "compare", "--"]);
             if quick {
                 bench.arg("--quick");
             }
+            bench.args(args);
             setup::run_step(&mut bench)?;
         }
         Task::Fmt { check } => {

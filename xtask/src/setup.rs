@@ -8,7 +8,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// Debian packages: LLVM 22 and the libraries its link line names (Debian ships Polly apart
 /// from llvm-22-dev) to build bpf-linker against, iproute2 for the namespace tests, and
 /// systemd for `systemd-analyze verify` of the service unit (container images and CI
-/// runners often lack it; the tests only verify the unit and need no running systemd).
+/// runners often lack it; the tests only verify the unit and need no running systemd),
+/// and what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
+/// come with libxdp1), nftables and iptables.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +18,9 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "systemd",
+    "xdp-tools",
+    "nftables",
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

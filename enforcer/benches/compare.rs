@@ -1,0 +1,142 @@
+//! The enforcer side by side with what users would pick instead: in-kernel cost, the packet
+//! path on a veth, rate accuracy, policy scale and daemon overhead, in one run, written to
+//! `bench/results/<date>-<host>[-quick].{json,md}` with SVG plots. Needs root. `--quick` is
+//! the short variant CI runs; `--sections inkernel,live,accuracy,scale` runs a subset
+//! (nothing is written then unless every section ran, so a partial run never replaces a
+//! summary). See `bench/README.md`.
+
+mod suite;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use suite::{
+    accuracy,
+    common::{self, Machine},
+    inkernel, live,
+    report::{self, Report, Settings},
+    scale,
+};
+
+fn arg_value(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
+const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale";
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "the comparison benchmark loads XDP programs and makes network namespaces: run it as root"
+        );
+        std::process::exit(1);
+    }
+    let sections = arg_value("--sections").unwrap_or_else(|| ALL_SECTIONS.into());
+    let want = |s: &str| sections.split(',').any(|x| x == s);
+    common::install_interrupt_handler();
+    common::sweep_stale();
+    let mut machine = Machine::probe();
+    println!("machine: {}", machine.describe());
+    for w in &machine.warnings {
+        println!("warning: {w}");
+    }
+    let started = Instant::now();
+    let settings = Settings {
+        inkernel_repeat: if quick { 100_000 } else { 1_000_000 },
+        inkernel_runs: if quick { 3 } else { 5 },
+        live_agents: 1_000,
+        live_repeats: if quick { 1 } else { 5 },
+        live_window_ms: if quick { 400 } else { 1_000 },
+        accuracy_window_ms: if quick { 1_000 } else { 3_000 },
+    };
+    let mut inkernel_rows = Vec::new();
+    if want("inkernel") {
+        println!(
+            "\n1. in-kernel cost: BPF_PROG_TEST_RUN, repeat {} x {} interleaved rounds",
+            settings.inkernel_repeat, settings.inkernel_runs
+        );
+        inkernel_rows = inkernel::run(
+            quick,
+            settings.inkernel_repeat,
+            settings.inkernel_runs,
+            None,
+        );
+    }
+    let mut live_results = Vec::new();
+    if want("live") {
+        common::check_interrupted();
+        println!(
+            "\n2. packet path on veth: {} agents, {} rounds of {} ms",
+            settings.live_agents, settings.live_repeats, settings.live_window_ms
+        );
+        let timing = live::Timing {
+            warmup: Duration::from_millis(if quick { 200 } else { 300 }),
+            window: Duration::from_millis(settings.live_window_ms),
+        };
+        live_results = live::run(
+            settings.live_agents,
+            settings.live_repeats,
+            timing,
+            arg_value("--config").as_deref(),
+        );
+    }
+    let mut accuracy_results = Vec::new();
+    if want("accuracy") {
+        common::check_interrupted();
+        println!(
+            "\n3. rate accuracy: {} ms windows",
+            settings.accuracy_window_ms
+        );
+        let timing = live::Timing {
+            warmup: Duration::from_millis(if quick { 300 } else { 500 }),
+            window: Duration::from_millis(settings.accuracy_window_ms),
+        };
+        accuracy_results = accuracy::run(timing, None);
+    }
+    let mut scale_result = None;
+    if want("scale") {
+        common::check_interrupted();
+        println!("\n4-5. policy scale and daemon overhead (the real daemon)");
+        scale_result = Some(scale::run(
+            &[100, 10_000, 100_000],
+            if quick { 2.0 } else { 10.0 },
+        ));
+    }
+    machine.finish();
+    let mut r = Report {
+        benchmark: "compare",
+        date: common::today(),
+        quick,
+        machine,
+        settings,
+        inkernel: inkernel_rows,
+        live: live_results,
+        accuracy: accuracy_results,
+        scale: scale_result,
+        targets: Vec::new(),
+        runtime_s: started.elapsed().as_secs_f64(),
+    };
+    r.targets = report::targets(&r);
+    let complete = ALL_SECTIONS.split(',').all(want);
+    let dir = arg_value("--out").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"),
+        PathBuf::from,
+    );
+    let stem = format!(
+        "{}-{}{}{}",
+        r.date,
+        r.machine.host,
+        if quick { "-quick" } else { "" },
+        if complete { "" } else { "-partial" }
+    );
+    let md = report::write(&r, &dir, &stem);
+    println!(
+        "\n{md}\nwritten to {}/{stem}.{{json,md}} and {stem}-*.svg",
+        dir.display()
+    );
+    println!("done in {:.0} s", r.runtime_s);
+}

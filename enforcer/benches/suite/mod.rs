@@ -1,0 +1,10 @@
+//! The comparison benchmark's sections and what they share (see `bench/README.md`).
+
+pub mod accuracy;
+pub mod bed;
+pub mod common;
+pub mod inkernel;
+pub mod live;
+pub mod report;
+pub mod scale;
+pub mod xdpfilter;

@@ -1,0 +1,764 @@
+//! The combined result: JSON, a Markdown summary with the targets, and SVG plots.
+
+use std::{fmt::Write as _, fs, path::Path};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::{
+    accuracy::AccuracyResult,
+    bed::CpuMode,
+    common::{Machine, Stat},
+    inkernel::{CASES, Row},
+    live::{self, LiveResult},
+    scale::ScaleResult,
+};
+
+/// How the run was configured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// BPF_PROG_TEST_RUN repeat count per in-kernel sample.
+    pub inkernel_repeat: u32,
+    /// Interleaved in-kernel rounds.
+    pub inkernel_runs: usize,
+    /// Agents (source addresses) in the packet-path flood.
+    pub live_agents: u32,
+    /// Interleaved packet-path rounds per configuration and CPU mode.
+    pub live_repeats: usize,
+    /// Packet-path measuring window (ms), after a warm-up.
+    pub live_window_ms: u64,
+    /// Accuracy measuring window (ms), after a warm-up that spends the burst.
+    pub accuracy_window_ms: u64,
+}
+
+/// One target from the issue, evaluated.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The goal, as a sentence.
+    pub goal: String,
+    /// The measured value (a ratio).
+    pub measured: f64,
+    /// Whether the goal is met.
+    pub met: bool,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Always "compare".
+    pub benchmark: &'static str,
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    /// Quick (CI) mode.
+    pub quick: bool,
+    /// The machine and its hygiene.
+    pub machine: Machine,
+    /// Run settings.
+    pub settings: Settings,
+    /// Section 1.
+    pub inkernel: Vec<Row>,
+    /// Section 2.
+    pub live: Vec<LiveResult>,
+    /// Section 3.
+    pub accuracy: Vec<AccuracyResult>,
+    /// Sections 4 and 5.
+    pub scale: Option<ScaleResult>,
+    /// The issue's targets, evaluated.
+    pub targets: Vec<Target>,
+    /// Wall time of the whole run (s).
+    pub runtime_s: f64,
+}
+
+fn live_median(live: &[LiveResult], config: &str, mode: CpuMode, admitted: bool) -> f64 {
+    live.iter()
+        .find(|r| r.config == config && r.mode == mode)
+        .map_or(f64::NAN, |r| {
+            if admitted {
+                r.admitted_pps.median
+            } else {
+                r.processed_pps.median
+            }
+        })
+}
+
+/// Evaluates the issue's targets on what was measured (missing data: no target).
+pub fn targets(r: &Report) -> Vec<Target> {
+    let mut t = Vec::new();
+    let mut push = |name: String, goal: &str, measured: f64, met: bool| {
+        if measured.is_finite() {
+            t.push(Target {
+                name,
+                goal: goal.to_owned(),
+                measured,
+                met,
+            });
+        }
+    };
+    for mode in [CpuMode::Same, CpuMode::Apart] {
+        let m = format!("{mode:?}").to_lowercase();
+        let over = live_median(&r.live, "enforcer_over_limit", mode, false);
+        let x = over / live_median(&r.live, "nftables_meter", mode, false);
+        push(
+            format!("over-limit flood vs nftables meter ({m} CPU)"),
+            ">= 3x the pps nftables processes",
+            x,
+            x >= 3.0,
+        );
+        let x = over / live_median(&r.live, "xdp_drop", mode, false);
+        push(
+            format!("over-limit flood vs bare XDP_DROP ({m} CPU)"),
+            ">= 0.7x",
+            x,
+            x >= 0.7,
+        );
+        let x = live_median(&r.live, "enforcer_allowed", mode, true)
+            / live_median(&r.live, "no_filter", mode, true);
+        push(
+            format!("allowed traffic vs no filter ({m} CPU)"),
+            ">= 0.9x the admitted pps",
+            x,
+            x >= 0.9,
+        );
+    }
+    if let Some(row) = r
+        .inkernel
+        .iter()
+        .find(|row| row.agents == 100_000 && row.prefixes == 100_000)
+    {
+        for (fam, v) in &row.enforcer_ns {
+            let worst = v[..3].iter().map(|s| s.median).fold(0.0, f64::max) / row.floor_ns.median;
+            push(
+                format!(
+                    "in-kernel, 100k agents x 100k prefixes, {fam}, slowest of allowed/over-limit/denied"
+                ),
+                "<= 4x the XDP_PASS floor",
+                worst,
+                worst <= 4.0,
+            );
+            if let Some((_, x)) = row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
+                let ratio = v[0].median / x[0].median;
+                push(
+                    format!(
+                        "in-kernel, 100k x 100k, {fam}: enforcer allowed vs xdp-filter source-hit pass"
+                    ),
+                    "<= 1x (not slower than xdp-filter with as many rules)",
+                    ratio,
+                    ratio <= 1.0,
+                );
+            }
+        }
+    }
+    if !r.accuracy.is_empty() {
+        let lo = r
+            .accuracy
+            .iter()
+            .map(|a| a.admitted_ratio.min)
+            .fold(f64::INFINITY, f64::min);
+        let hi = r
+            .accuracy
+            .iter()
+            .map(|a| a.admitted_ratio.max)
+            .fold(0.0, f64::max);
+        push(
+            "accuracy, lowest admitted/R of any agent in any case".into(),
+            ">= 0.95",
+            lo,
+            lo >= 0.95,
+        );
+        push(
+            "accuracy, highest admitted/R of any agent in any case".into(),
+            "<= 1.05",
+            hi,
+            hi <= 1.05,
+        );
+    }
+    t
+}
+
+/// Differences between measured cases that say what each step of the enforcer costs, so
+/// a missed target comes with what limits it.
+fn where_time_goes(r: &Report) -> String {
+    let mut md = String::new();
+    if let Some(row) = r.inkernel.last() {
+        let _ = write!(
+            md,
+            "\n### Where the time goes\n\nIn-kernel, {} agents x {} prefixes (differences of medians, so \
+             roughly): ",
+            row.agents, row.prefixes
+        );
+        let mut parts = Vec::new();
+        for (fam, v) in &row.enforcer_ns {
+            let f = row.floor_ns.median;
+            let [allowed, _, denied, unknown] =
+                [v[0].median, v[1].median, v[2].median, v[3].median];
+            let mut text = format!(
+                "{fam}: parse + source lookup (miss) + count {:.0} ns over the floor; agent policy + \
+                 destination lookup {:.0} ns more (denied); rule match + rate limiter (clock read and \
+                 compare-and-swap) {:.0} ns more (allowed)",
+                unknown - f,
+                denied - unknown,
+                allowed - denied
+            );
+            if let Some((_, x)) = row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
+                let _ = write!(
+                    text,
+                    "; xdp-filter's two lookups {:.0} ns over the floor",
+                    x[0].median - f
+                );
+            }
+            parts.push(text);
+        }
+        md.push_str(&parts.join(". "));
+        md.push_str(".\n");
+    }
+    for mode in [CpuMode::Same, CpuMode::Apart] {
+        let ns = |config: &str| 1e9 / live_median(&r.live, config, mode, false);
+        let over = ns("enforcer_over_limit") - ns("xdp_drop");
+        let allowed = ns("enforcer_allowed") - ns("xdp_pass");
+        let xdp = ns("xdp_pass") - ns("no_filter");
+        if over.is_finite() && allowed.is_finite() {
+            let _ = writeln!(
+                md,
+                "\nPacket path, {} CPU: the enforcer costs {:.0} ns per over-limit packet more than bare \
+                 XDP_DROP ({:.0} ns per packet), and {:.0} ns per allowed packet more than a trivial XDP_PASS \
+                 program; having any XDP program on the veth costs allowed traffic {:.0} ns per packet \
+                 against none (stack path {:.0} ns per packet). Times are 1 / processed rate, so in the \
+                 same-CPU mode they include the generator's share.",
+                format!("{mode:?}").to_lowercase(),
+                over,
+                ns("xdp_drop"),
+                allowed,
+                xdp,
+                ns("no_filter")
+            );
+        }
+    }
+    md
+}
+
+fn stat_mpps(s: &Stat) -> String {
+    if s.n == 0 {
+        return "-".into();
+    }
+    format!(
+        "{:.3} [{:.3}-{:.3}]",
+        s.median / 1e6,
+        s.min / 1e6,
+        s.max / 1e6
+    )
+}
+
+/// The Markdown summary.
+pub fn markdown(r: &Report, stem: &str) -> String {
+    let m = &r.machine;
+    let mut md = format!(
+        "# Comparison benchmark, {}{}\n\n{}, Linux {}, {} ({} CPUs). JIT {}, clocksource {}, \
+         {} raw/packet sockets, load average {:.2} at the start and {:.2} at the end (the run's own \
+         load included), hypervisor steal {:.1}%. Run time {:.0} s. Reproduce: `cargo xtask bench{}` (see [bench/README.md](../README.md)).\n\n",
+        r.date,
+        if r.quick { " (quick mode)" } else { "" },
+        m.host,
+        m.kernel,
+        m.cpu,
+        m.cpus,
+        if m.bpf_jit_enable == "0" { "off" } else { "on" },
+        m.clocksource,
+        m.raw_sockets,
+        m.load_start,
+        m.load_end,
+        m.steal_percent,
+        r.runtime_s,
+        if r.quick { " --quick" } else { "" },
+    );
+    for w in &m.warnings {
+        let _ = writeln!(md, "> warning: {w}");
+    }
+    if !m.warnings.is_empty() {
+        md.push('\n');
+    }
+    md.push_str("## Targets\n\nBenchmark goals from the issue, not test thresholds.\n\n| target | goal | measured | |\n|---|---|---:|---|\n");
+    for t in &r.targets {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {} |",
+            t.name,
+            t.goal,
+            t.measured,
+            if t.met { "met" } else { "**missed**" }
+        );
+    }
+    md.push_str(&where_time_goes(r));
+
+    if !r.inkernel.is_empty() {
+        let _ = write!(
+            md,
+            "\n## 1. In-kernel cost\n\nBPF_PROG_TEST_RUN, repeat {} x {} interleaved rounds, median ns/packet \
+             (ratio to the XDP_PASS floor from the same object). xdp-filter is Debian's `xdpfilt_dny_ip.o` \
+             holding agents + prefixes address rules per family; \"src pass\" is a packet whose source is \
+             listed (two lookups, passed), \"drop\" one that matches nothing (two lookups, dropped).\n\n\
+             ![ns per packet](./{stem}-inkernel.svg)\n\n\
+             | agents | prefixes | family | floor | allowed | over limit | denied | unknown agent | xdp-filter src pass | xdp-filter drop | apply ms |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            r.settings.inkernel_repeat, r.settings.inkernel_runs
+        );
+        for row in &r.inkernel {
+            for (fam, v) in &row.enforcer_ns {
+                let _ = write!(
+                    md,
+                    "| {} | {} | {fam} | {:.0} |",
+                    row.agents, row.prefixes, row.floor_ns.median
+                );
+                for s in v {
+                    let _ = write!(
+                        md,
+                        " {:.0} ({:.2}x) |",
+                        s.median,
+                        s.median / row.floor_ns.median
+                    );
+                }
+                match row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
+                    Some((_, x)) => {
+                        let _ = write!(md, " {:.0} | {:.0} |", x[0].median, x[1].median);
+                    }
+                    None => md.push_str(" - | - |"),
+                }
+                let _ = writeln!(md, " {:.0} |", row.apply_ms);
+            }
+        }
+    }
+
+    if !r.live.is_empty() {
+        let _ = write!(
+            md,
+            "\n## 2. Packet path on a veth\n\nA live-frames generator floods 60-byte UDP frames from {} source \
+             addresses (one per agent) into the receiver's veth. Processed: frames the receiving veth's NAPI \
+             handled per second (rx_packets); admitted: packets delivered to a transport protocol \
+             (`Ip: InDelivers`); own: the configuration's own counters. Median [min-max] of {} interleaved \
+             rounds of {} ms, Mpps. \"same\": generator and receive processing on one CPU; \"apart\": \
+             generator on CPU 0, threaded NAPI on CPU 1.\n\n![pps per configuration](./{stem}-live.svg)\n\n\
+             | configuration | CPU | processed | admitted | processed / bare XDP_DROP | processed / nftables meter | own processed | own admitted | offered |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            r.settings.live_agents, r.settings.live_repeats, r.settings.live_window_ms
+        );
+        for l in &r.live {
+            let ratio = |other: &str| {
+                let x = l.processed_pps.median / live_median(&r.live, other, l.mode, false);
+                if x.is_finite() {
+                    format!("{x:.2}")
+                } else {
+                    "-".into()
+                }
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {:?} | {} | {} | {} | {} | {} | {} | {} |",
+                l.config,
+                l.mode,
+                stat_mpps(&l.processed_pps),
+                stat_mpps(&l.admitted_pps),
+                ratio("xdp_drop"),
+                ratio("nftables_meter"),
+                stat_mpps(&l.own_processed_pps),
+                stat_mpps(&l.own_admitted_pps),
+                stat_mpps(&l.offered_pps),
+            );
+        }
+        md.push_str("\nConfigurations:\n\n");
+        for c in live::CONFIGS {
+            let _ = writeln!(md, "- `{c}`: {}", live::describe(c));
+        }
+    }
+
+    if !r.accuracy.is_empty() {
+        let _ = write!(
+            md,
+            "\n## 3. Rate accuracy\n\nEach agent limited to R, offered 2R or 10R by two generators (one per \
+             CPU) at once; admitted/R per agent over a {} ms window after the burst is spent, from the \
+             enforcer's counters.\n\n![accuracy](./{stem}-accuracy.svg)\n\n\
+             | agents | limit | R per agent | offered (measured) | admitted/R median | min | max |\n\
+             |---:|---|---:|---:|---:|---:|---:|\n",
+            r.settings.accuracy_window_ms
+        );
+        for a in &r.accuracy {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {}/s | {}R ({:.2}R) | {:.4} | {:.4} | {:.4} |",
+                a.agents,
+                a.limit,
+                a.rate,
+                a.offered_x,
+                a.offered_ratio,
+                a.admitted_ratio.median,
+                a.admitted_ratio.min,
+                a.admitted_ratio.max
+            );
+        }
+    }
+
+    if let Some(s) = &r.scale {
+        let _ = write!(
+            md,
+            "\n## 4. Policy scale\n\nThe real daemon (`enforcer run`, maps sized for {} agents, {} source and {} \
+             destination prefixes) in its own namespace; `enforcer policy apply` of a policy whose agents each have \
+             one source address and one allow rule. Enforcement is the flip of the program's active slot, \
+             watched on the pinned state map.\n\n\
+             | agents | to enforcement ms | command ms | daemon apply ms | daemon RSS MiB |\n|---:|---:|---:|---:|---:|\n",
+            s.limits["max_agents"],
+            s.limits["max_source_prefixes"],
+            s.limits["max_destination_prefixes"]
+        );
+        for a in &s.applies {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                a.agents,
+                a.to_enforcement_ms,
+                a.command_ms,
+                a.daemon_apply_ms,
+                a.daemon_rss_kib as f64 / 1024.0
+            );
+        }
+        let _ = write!(
+            md,
+            "\nMap memory (kernel `memlock`; hash maps are preallocated, so this is by capacity): {:.0} bytes per \
+             agent (policy in both slots, rate state, per-CPU counters for every reason, a source entry in both \
+             slots), {:.0} bytes per destination prefix. All maps: {:.1} MiB.\n\n| map | entries | MiB |\n|---|---:|---:|\n",
+            s.bytes_per_agent,
+            s.bytes_per_prefix,
+            s.maps.iter().map(|m| m.bytes).sum::<u64>() as f64 / 1048576.0
+        );
+        for m in &s.maps {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} |",
+                m.name,
+                m.max_entries,
+                m.bytes as f64 / 1048576.0
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n## 5. Daemon overhead\n\nCPU time of all the daemon's threads over {:.0} s. Idle: {:.3}% of one CPU. \
+             One `/metrics` scrape per second with {} agents that all have traffic: {:.2}% of one CPU, \
+             {:.1} ms CPU per scrape, latency {:.1} ms median, {} bytes per scrape.",
+            s.seconds,
+            s.idle_cpu_percent,
+            s.scrape_agents,
+            s.scrape_cpu_percent,
+            s.cpu_ms_per_scrape,
+            s.scrape_latency_ms.median,
+            s.scrape_bytes
+        );
+    }
+    md
+}
+
+/// Draws the three plots next to the summary; a plot that fails is reported, not fatal.
+pub fn plots(r: &Report, dir: &Path, stem: &str) {
+    type Plot = fn(&Report, &Path) -> PlotResult;
+    let plots: [(&str, bool, Plot); 3] = [
+        ("inkernel", !r.inkernel.is_empty(), plot_inkernel),
+        ("live", !r.live.is_empty(), plot_live),
+        ("accuracy", !r.accuracy.is_empty(), plot_accuracy),
+    ];
+    for (name, has_data, plot) in plots {
+        if has_data && let Err(e) = plot(r, &dir.join(format!("{stem}-{name}.svg"))) {
+            eprintln!("warning: {name} plot: {e}");
+        }
+    }
+}
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+fn size_label(a: u32, p: u32) -> String {
+    let k = |n: u32| {
+        if n >= 1000 {
+            format!("{}k", n / 1000)
+        } else {
+            n.to_string()
+        }
+    };
+    format!("{}/{}", k(a), k(p))
+}
+
+fn plot_inkernel(r: &Report, path: &Path) -> PlotResult {
+    let rows = &r.inkernel;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ymax = rows
+        .iter()
+        .flat_map(|row| {
+            row.enforcer_ns
+                .iter()
+                .flat_map(|(_, v)| v.iter().map(|s| s.median))
+                .chain(
+                    row.xdp_filter_ns
+                        .iter()
+                        .flat_map(|(_, x)| x.iter().map(|s| s.median)),
+                )
+        })
+        .fold(0.0, f64::max)
+        // Head room for the legend above the lines.
+        * 1.75;
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|row| size_label(row.agents, row.prefixes))
+        .collect();
+    let n = rows.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "ns per packet (BPF_PROG_TEST_RUN) vs agents/prefixes",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round() as usize;
+            if (x - x.round()).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("agents / prefixes")
+        .y_desc("ns per packet")
+        .draw()?;
+    let mut series: Vec<(String, Vec<f64>)> = vec![(
+        "XDP_PASS floor".into(),
+        rows.iter().map(|x| x.floor_ns.median).collect(),
+    )];
+    for fam in ["ipv4", "ipv6"] {
+        for (ci, case) in CASES.iter().enumerate() {
+            series.push((
+                format!("enforcer {case} {fam}"),
+                rows.iter()
+                    .map(|row| {
+                        row.enforcer_ns
+                            .iter()
+                            .find(|(f, _)| f == fam)
+                            .map_or(f64::NAN, |(_, v)| v[ci].median)
+                    })
+                    .collect(),
+            ));
+        }
+        if rows.iter().any(|row| !row.xdp_filter_ns.is_empty()) {
+            for (xi, what) in ["src pass", "drop"].iter().enumerate() {
+                series.push((
+                    format!("xdp-filter {what} {fam}"),
+                    rows.iter()
+                        .map(|row| {
+                            row.xdp_filter_ns
+                                .iter()
+                                .find(|(f, _)| f == fam)
+                                .map_or(f64::NAN, |(_, x)| x[xi].median)
+                        })
+                        .collect(),
+                ));
+            }
+        }
+    }
+    for (i, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let dashed = name.contains("ipv6");
+        let points: Vec<(f64, f64)> = values
+            .iter()
+            .enumerate()
+            .map(|(x, y)| (x as f64, *y))
+            .filter(|p| p.1.is_finite())
+            .collect();
+        let style = ShapeStyle {
+            color,
+            filled: !dashed,
+            stroke_width: if name.contains("floor") { 3 } else { 2 },
+        };
+        chart
+            .draw_series(LineSeries::new(points.clone(), style))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, style)))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_live(r: &Report, path: &Path) -> PlotResult {
+    let configs: Vec<&str> = live::CONFIGS
+        .iter()
+        .copied()
+        .filter(|c| r.live.iter().any(|l| l.config == *c))
+        .collect();
+    let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ymax = r
+        .live
+        .iter()
+        .map(|l| l.processed_pps.max)
+        .fold(0.0, f64::max)
+        / 1e6
+        * 1.15;
+    let n = configs.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "packet path on veth: processed (bar) and admitted (dark) Mpps",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(50)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax.max(0.1))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round() as usize;
+            if (x - x.round()).abs() < 0.01 {
+                configs.get(i).map(|c| c.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("Mpps")
+        .label_style(("sans-serif", 11))
+        .draw()?;
+    for (mi, mode) in [CpuMode::Same, CpuMode::Apart].into_iter().enumerate() {
+        let color = if mi == 0 { BLUE.mix(0.7) } else { RED.mix(0.7) };
+        let off = if mi == 0 { -0.2 } else { 0.2 };
+        let mut first = true;
+        for (i, c) in configs.iter().enumerate() {
+            let Some(l) = r.live.iter().find(|l| l.config == *c && l.mode == mode) else {
+                continue;
+            };
+            let x = i as f64 + off;
+            let p = l.processed_pps.median / 1e6;
+            let a = l.admitted_pps.median / 1e6;
+            let bar = chart.draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.17, 0.0), (x + 0.17, p)],
+                color.filled(),
+            )))?;
+            if first {
+                bar.label(format!("{mode:?} CPU")).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+                first = false;
+            }
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.17, 0.0), (x + 0.17, a)],
+                BLACK.mix(0.35).filled(),
+            )))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![
+                    (x, l.processed_pps.min / 1e6),
+                    (x, l.processed_pps.max / 1e6),
+                ],
+                BLACK.stroke_width(2),
+            )))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_accuracy(r: &Report, path: &Path) -> PlotResult {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let labels: Vec<String> = r
+        .accuracy
+        .iter()
+        .map(|a| format!("{} ag {} {}R", a.agents, &a.limit[..1], a.offered_x))
+        .collect();
+    let n = labels.len();
+    let lo = r
+        .accuracy
+        .iter()
+        .map(|a| a.admitted_ratio.min)
+        .fold(0.95, f64::min)
+        - 0.02;
+    let hi = r
+        .accuracy
+        .iter()
+        .map(|a| a.admitted_ratio.max)
+        .fold(1.05, f64::max)
+        + 0.02;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "admitted / R per agent (median, min-max), target 0.95-1.05",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round() as usize;
+            if (x - x.round()).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 11))
+        .y_desc("admitted / R")
+        .draw()?;
+    for y in [0.95, 1.0, 1.05] {
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(-0.5, y), (n as f64 - 0.5, y)],
+            if y == 1.0 {
+                BLACK.mix(0.5).stroke_width(1)
+            } else {
+                RED.mix(0.6).stroke_width(1)
+            },
+        )))?;
+    }
+    for (i, a) in r.accuracy.iter().enumerate() {
+        let x = i as f64;
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(x, a.admitted_ratio.min), (x, a.admitted_ratio.max)],
+            BLUE.stroke_width(2),
+        )))?;
+        chart.draw_series(std::iter::once(Circle::new(
+            (x, a.admitted_ratio.median),
+            4,
+            BLUE.filled(),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Writes `<stem>.json`, `<stem>.md` and the plots under `dir`; returns the Markdown.
+pub fn write(r: &Report, dir: &Path, stem: &str) -> String {
+    fs::create_dir_all(dir).expect("creating bench/results");
+    fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(r).expect("json"),
+    )
+    .expect("writing the json");
+    let md = markdown(r, stem);
+    fs::write(dir.join(format!("{stem}.md")), &md).expect("writing the summary");
+    plots(r, dir, stem);
+    md
+}

@@ -1,0 +1,421 @@
+//! Sections 4 and 5, policy scale and daemon overhead, measured on the real daemon
+//! (`enforcer run`) in a namespace of its own:
+//! - time from `enforcer policy apply` to enforcement (the moment the program's active
+//!   slot flips, which every packet after it sees) for 100, 10,000 and 100,000 agents;
+//! - memory of the maps (kernel `memlock` accounting per map, so per agent and per
+//!   prefix), and the daemon's resident memory at 100,000 agents;
+//! - the daemon's CPU time while idle and while Prometheus scrapes `/metrics` every
+//!   second with 10,000 agents that all have traffic.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    compile::Limits,
+    daemon::Status,
+    dataplane::{Dataplane, KernelMaps},
+    lab::{self, BpffsMount, ChildGuard, Netns},
+    testrun::run_xdp,
+};
+use enforcer_common::programs;
+use serde::Serialize;
+
+use super::common::{Agent1, Stat, agent_v4, in_ns, other_dst_v4, policy_text, prefix_v4, tcp_v4};
+
+/// The daemon under test, from this build.
+const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
+/// Where the daemon serves metrics inside its namespace.
+const METRICS: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 9464);
+
+/// One `policy apply`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyResult {
+    /// Agents in the applied policy (each with one source address and one allow rule).
+    pub agents: u32,
+    /// From starting `enforcer policy apply` to the flip of the active slot (ms).
+    pub to_enforcement_ms: f64,
+    /// Until the command returned (ms).
+    pub command_ms: f64,
+    /// The daemon's own measure of its apply (ms).
+    pub daemon_apply_ms: f64,
+    /// The daemon's resident memory afterwards (KiB).
+    pub daemon_rss_kib: u64,
+}
+
+/// One map's kernel memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapMemory {
+    /// Map name.
+    pub name: String,
+    /// Capacity.
+    pub max_entries: u32,
+    /// Bytes the kernel charges for it (`memlock` in fdinfo); hash maps preallocate.
+    pub bytes: u64,
+}
+
+/// Sections 4 and 5.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleResult {
+    /// Map sizes the daemon was configured with.
+    pub limits: BTreeMap<&'static str, u32>,
+    /// One row per policy size.
+    pub applies: Vec<ApplyResult>,
+    /// Every map of the daemon.
+    pub maps: Vec<MapMemory>,
+    /// Map bytes per agent: its policy in both slots, rate state, counters on every CPU,
+    /// and a source-address entry in both slots.
+    pub bytes_per_agent: f64,
+    /// Map bytes per destination prefix (hash entry in both slots).
+    pub bytes_per_prefix: f64,
+    /// Daemon CPU while idle, percent of one CPU.
+    pub idle_cpu_percent: f64,
+    /// Daemon CPU with one scrape per second, percent of one CPU.
+    pub scrape_cpu_percent: f64,
+    /// CPU time per scrape (ms).
+    pub cpu_ms_per_scrape: f64,
+    /// Scrape latency seen by the client (ms).
+    pub scrape_latency_ms: Stat,
+    /// Size of one scrape (bytes).
+    pub scrape_bytes: usize,
+    /// Agents with traffic during the scrapes.
+    pub scrape_agents: u32,
+    /// Length of the idle and scrape measurements (s).
+    pub seconds: f64,
+}
+
+/// CPU time of every thread of `pid` (ns), from schedstat.
+fn cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The maps `pid` holds open, with the kernel's memory accounting.
+fn map_memory(pid: u32) -> Vec<MapMemory> {
+    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
+        .flatten()
+        .map(|m| (m.id(), m.name_as_str().unwrap_or("").to_owned()))
+        .collect();
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = fs::read_to_string(fd.path()).unwrap_or_default();
+        let field = |k: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let (Some(id), Some(bytes), Some(max)) =
+            (field("map_id:"), field("memlock:"), field("max_entries:"))
+        else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        out.push(MapMemory {
+            name: names.get(&(id as u32)).cloned().unwrap_or_default(),
+            max_entries: max as u32,
+            bytes,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn per_entry(maps: &[MapMemory], name: &str) -> f64 {
+    // Kernel map names are cut at 15 bytes.
+    let short = &name[..name.len().min(15)];
+    maps.iter()
+        .find(|m| m.name == short)
+        .map_or(0.0, |m| m.bytes as f64 / f64::from(m.max_entries.max(1)))
+}
+
+fn scrape(ns: &Netns) -> (f64, usize) {
+    in_ns(ns, || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(METRICS).expect("connecting to /metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .expect("sending the request");
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).expect("reading /metrics");
+        (started.elapsed().as_secs_f64() * 1e3, body.len())
+    })
+}
+
+/// Everything the daemon run needs, removed on drop (daemon first, then pins, then the
+/// namespace and the directory).
+struct DaemonLab {
+    daemon: Option<ChildGuard>,
+    dir: PathBuf,
+    pins: BpffsMount,
+    ns: Netns,
+}
+
+impl Drop for DaemonLab {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.terminate(Duration::from_secs(5));
+        }
+        let _ = enforcer::dataplane::remove_pins(self.pins.path());
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_ready(lab: &mut DaemonLab) {
+    let pid = lab.daemon.as_ref().expect("started").id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if Status::read(&lab.dir.join("state")).is_some_and(|s| s.pid == pid) {
+            return;
+        }
+        if let Ok(Some(exit)) = lab
+            .daemon
+            .as_mut()
+            .expect("started")
+            .wait_timeout(Duration::from_millis(20))
+        {
+            panic!("enforcer run exited during start-up: {exit}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "enforcer run did not report ready in 60 s"
+        );
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_agents: 100_000,
+        max_interfaces: 16,
+        max_source_prefixes: 131_072,
+        max_destination_prefixes: 131_072,
+    }
+}
+
+/// Runs both sections. `seconds` is the length of the idle and scrape measurements.
+pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
+    let limits = limits();
+    let ns = Netns::create(&lab::unique_name("bscale")).expect("netns");
+    let dir = std::env::temp_dir().join(lab::unique_name("enf-scale"));
+    fs::create_dir_all(dir.join("state")).expect("state dir");
+    let pins = BpffsMount::new().expect("bpffs");
+    let mut lab = DaemonLab {
+        daemon: None,
+        dir,
+        pins,
+        ns,
+    };
+    let config = lab.dir.join("enforcer.toml");
+    fs::write(
+        &config,
+        format!(
+            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nmetrics_listen = \"{}:{}\"\n\n\
+             [limits]\nmax_agents = {}\nmax_interfaces = {}\nmax_source_prefixes = {}\nmax_destination_prefixes = {}\n",
+            lab.pins.path().display(),
+            METRICS.0,
+            METRICS.1,
+            limits.max_agents,
+            limits.max_interfaces,
+            limits.max_source_prefixes,
+            limits.max_destination_prefixes
+        ),
+    )
+    .expect("config");
+    let no_v6 = Agent1 { pps: 0, v6: false };
+    fs::write(lab.dir.join("policy.toml"), policy_text(1, 10, no_v6)).expect("policy");
+    let child = lab
+        .ns
+        .command(ENFORCER)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("ENFORCER_LOG", "warn")
+        .spawn()
+        .expect("starting enforcer run");
+    lab.daemon = Some(ChildGuard::new(child));
+    wait_ready(&mut lab);
+    let pid = lab.daemon.as_ref().expect("started").id();
+    let maps = KernelMaps::from_pins(lab.pins.path()).expect("opening the pinned maps");
+
+    let mut applies = Vec::new();
+    for &agents in sizes {
+        super::common::check_interrupted();
+        let file = lab.dir.join(format!("p{agents}.toml"));
+        fs::write(&file, policy_text(agents, 10, no_v6)).expect("policy");
+        let before = maps.current_state().expect("state").generation;
+        let started = Instant::now();
+        let mut cli = ChildGuard::new(
+            lab.ns
+                .command(ENFORCER)
+                .args(["policy", "apply"])
+                .arg(&file)
+                .arg("--config")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting policy apply"),
+        );
+        let deadline = started + Duration::from_secs(120);
+        let mut enforced = None;
+        let mut exited = None;
+        while enforced.is_none() || exited.is_none() {
+            if enforced.is_none() && maps.current_state().expect("state").generation > before {
+                enforced = Some(started.elapsed());
+            }
+            if exited.is_none()
+                && let Ok(Some(status)) = cli.wait_timeout(Duration::ZERO)
+            {
+                assert!(status.success(), "enforcer policy apply failed: {status}");
+                exited = Some(started.elapsed());
+            }
+            assert!(Instant::now() < deadline, "policy apply took over 120 s");
+            thread::sleep(Duration::from_micros(500));
+        }
+        let status = Status::read(&lab.dir.join("state")).expect("status");
+        let r = ApplyResult {
+            agents,
+            to_enforcement_ms: enforced.expect("set").as_secs_f64() * 1e3,
+            command_ms: exited.expect("set").as_secs_f64() * 1e3,
+            daemon_apply_ms: status.apply_micros as f64 / 1e3,
+            daemon_rss_kib: rss_kib(pid),
+        };
+        println!(
+            "  policy apply, {agents:>6} agents: enforced after {:.0} ms (command {:.0} ms, daemon apply {:.0} ms), daemon RSS {} MiB",
+            r.to_enforcement_ms,
+            r.command_ms,
+            r.daemon_apply_ms,
+            r.daemon_rss_kib / 1024
+        );
+        applies.push(r);
+    }
+    let memory = map_memory(pid);
+    let stride = f64::from(limits.max_agents + 1);
+    let mem = |n: &str| {
+        memory
+            .iter()
+            .find(|m| m.name == n)
+            .map_or(0.0, |m| m.bytes as f64)
+    };
+    let bytes_per_agent = (mem("AGENTS") + mem("BUCKETS") + mem("COUNTERS")) / stride
+        + 2.0 * per_entry(&memory, "SRC_HOST_V4");
+    let bytes_per_prefix = 2.0 * per_entry(&memory, "DST_HASH_V4");
+
+    super::common::check_interrupted();
+    // Section 5 with 10,000 agents, every one with traffic under two reasons.
+    let scrape_agents = 10_000;
+    let file = lab.dir.join("p10k.toml");
+    fs::write(&file, policy_text(scrape_agents, 10, no_v6)).expect("policy");
+    let out = lab
+        .ns
+        .command(ENFORCER)
+        .args(["policy", "apply"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("policy apply");
+    assert!(
+        out.status.success(),
+        "policy apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        // Another loader on the daemon's pins: the same maps, so test runs count there.
+        let dp = Dataplane::load(lab.pins.path(), &limits).expect("loading on the pins");
+        let prog = dp.program(programs::ENFORCE).expect("loaded");
+        for id in 1..=scrape_agents {
+            let dst = if id == 1 {
+                Ipv4Addr::from(u32::from(prefix_v4(0)) + 7)
+            } else {
+                other_dst_v4(id)
+            };
+            run_xdp(prog, &tcp_v4(agent_v4(id), dst), None, 1).expect("test run");
+            run_xdp(
+                prog,
+                &tcp_v4(agent_v4(id), Ipv4Addr::new(192, 0, 2, 99)),
+                None,
+                1,
+            )
+            .expect("test run");
+        }
+    }
+    let period = Duration::from_secs_f64(seconds);
+    let c0 = cpu_ns(pid);
+    thread::sleep(period);
+    let idle_cpu_percent = (cpu_ns(pid) - c0) as f64 / period.as_nanos() as f64 * 100.0;
+    let (_, scrape_bytes) = scrape(&lab.ns);
+    let scrapes = seconds.round().max(1.0) as usize;
+    let c1 = cpu_ns(pid);
+    let t1 = Instant::now();
+    let mut latencies = Vec::new();
+    for i in 0..scrapes {
+        let (ms, _) = scrape(&lab.ns);
+        latencies.push(ms);
+        let next = t1 + Duration::from_secs(i as u64 + 1);
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let busy = (cpu_ns(pid) - c1) as f64;
+    let elapsed = t1.elapsed().as_nanos() as f64;
+    let result = ScaleResult {
+        limits: BTreeMap::from([
+            ("max_agents", limits.max_agents),
+            ("max_source_prefixes", limits.max_source_prefixes),
+            ("max_destination_prefixes", limits.max_destination_prefixes),
+        ]),
+        applies,
+        maps: memory,
+        bytes_per_agent,
+        bytes_per_prefix,
+        idle_cpu_percent,
+        scrape_cpu_percent: busy / elapsed * 100.0,
+        cpu_ms_per_scrape: busy / 1e6 / scrapes as f64,
+        scrape_latency_ms: Stat::of(&latencies),
+        scrape_bytes,
+        scrape_agents,
+        seconds,
+    };
+    println!(
+        "  maps: {:.0} bytes per agent, {:.0} bytes per prefix; daemon CPU idle {:.3}%, scraping 10k agents every second {:.2}% ({:.1} ms CPU per scrape, latency {:.1} ms, {} bytes)",
+        result.bytes_per_agent,
+        result.bytes_per_prefix,
+        result.idle_cpu_percent,
+        result.scrape_cpu_percent,
+        result.cpu_ms_per_scrape,
+        result.scrape_latency_ms.median,
+        result.scrape_bytes
+    );
+    result
+}
