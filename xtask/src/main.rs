@@ -3,9 +3,10 @@
 
 use std::{
     ffi::OsString,
+    io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -77,15 +78,51 @@ fn main() -> Result<ExitCode> {
             }
             // The default members: every crate but the eBPF one, which only builds for the
             // BPF target (enforcer/build.rs builds it, so its code is still under test).
-            let status = cargo(&root)
+            // Output is passed through as it comes and the per-binary results are summed.
+            let mut child = cargo(&root)
                 .args(["test", "--release", "--", "--test-threads=1"])
                 .args(args)
-                .status()
+                .stdout(Stdio::piped())
+                .spawn()
                 .context("starting cargo test")?;
-            // Hand back cargo's own status so CI sees exactly what the tests did.
-            return Ok(ExitCode::from(
-                status.code().unwrap_or(1).clamp(0, 255) as u8
-            ));
+            let mut totals = Totals::default();
+            let stdout = child.stdout.take().context("cargo test's stdout")?;
+            for line in BufReader::new(stdout).lines() {
+                let line = line.context("reading cargo test's output")?;
+                println!("{line}");
+                totals.add(&line);
+            }
+            let status = child.wait().context("waiting for cargo test")?;
+            if status.success() {
+                // The benchmark harness runs too, in its quick mode, so it cannot rot; its
+                // numbers are not judged here (never a wall-clock threshold in a test).
+                let mut bench = cargo(&root);
+                bench.args([
+                    "bench", "-p", "enforcer", "--bench", "compare", "--", "--quick",
+                ]);
+                let bench_ok = bench
+                    .status()
+                    .context("starting the quick benchmark")?
+                    .success();
+                println!(
+                    "quick benchmark: {}",
+                    if bench_ok { "ran" } else { "FAILED" }
+                );
+                if !bench_ok {
+                    totals.failed += 1;
+                }
+            }
+            // One plain closing line for CI, after everything else.
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                totals.passed, totals.failed, totals.ignored
+            );
+            let code = if status.success() && totals.failed == 0 {
+                0
+            } else {
+                status.code().unwrap_or(1).clamp(1, 255)
+            };
+            return Ok(ExitCode::from(code as u8));
         }
         Task::Demo { args } => {
             setup::run()?;
@@ -159,4 +196,48 @@ fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
     cmd
+}
+
+/// Test counts summed over every `test result:` line of cargo test.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        let count = |word: &str| {
+            rest.split(';')
+                .find_map(|part| {
+                    part.trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)
+                })
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        self.passed += count("passed");
+        self.failed += count("failed");
+        self.ignored += count("ignored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn totals_sum_every_result_line() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 86 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.36s");
+        t.add("test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add("running 3 tests");
+        assert_eq!((t.passed, t.failed, t.ignored), (88, 1, 1));
+    }
 }
