@@ -72,6 +72,7 @@ pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
         max_interfaces: 16,
         max_source_prefixes: 2048,
         max_destination_prefixes: 2048,
+        ..Limits::default()
     };
     let pins = BpffsMount::new().expect("bpffs");
     let mut dp = Dataplane::load(pins.path(), &limits).expect("loading the enforcer");

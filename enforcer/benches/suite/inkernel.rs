@@ -69,6 +69,7 @@ pub fn limits() -> Limits {
         max_interfaces: 16,
         max_source_prefixes: 131_072,
         max_destination_prefixes: 262_144,
+        ..Limits::default()
     }
 }
 

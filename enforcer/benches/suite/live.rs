@@ -119,6 +119,7 @@ impl Fixtures {
             max_interfaces: 16,
             max_source_prefixes: agents.max(16) * 2,
             max_destination_prefixes: agents.max(16) * 2,
+            ..Limits::default()
         };
         let pins = BpffsMount::new().expect("bpffs");
         let dp = Dataplane::load(pins.path(), &limits).expect("loading the enforcer");

@@ -223,6 +223,7 @@ fn limits() -> Limits {
         max_interfaces: 16,
         max_source_prefixes: 131_072,
         max_destination_prefixes: 131_072,
+        ..Limits::default()
     }
 }
 
@@ -243,7 +244,7 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     fs::write(
         &config,
         format!(
-            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nmetrics_listen = \"{}:{}\"\n\n\
+            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\naudit_log = \"audit.jsonl\"\nmetrics_listen = \"{}:{}\"\n\n\
              [limits]\nmax_agents = {}\nmax_interfaces = {}\nmax_source_prefixes = {}\nmax_destination_prefixes = {}\n",
             lab.pins.path().display(),
             METRICS.0,
