@@ -275,3 +275,71 @@ impl Drop for Lab {
         // bpffs (pins, hence the XDP links) and the namespaces go with their own Drops.
     }
 }
+
+/// A control plane that sends a fixed list of bundles, the ones a real control plane never
+/// would (bad signatures, old versions, ...), and reports every message the node sends:
+/// the hello, then one answer per bundle. Bundles go out one at a time, each after the node
+/// answered the previous one.
+#[derive(Clone)]
+pub struct CraftedControlPlane {
+    /// The bundles, in order.
+    pub bundles: Vec<enforcer::proto::Bundle>,
+    /// Where the node's messages go.
+    pub heard: tokio::sync::mpsc::UnboundedSender<enforcer::proto::node_message::Kind>,
+}
+
+#[tonic::async_trait]
+impl enforcer::proto::policy_sync_server::PolicySync for CraftedControlPlane {
+    type SyncStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<enforcer::proto::Bundle, tonic::Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    async fn sync(
+        &self,
+        request: tonic::Request<tonic::Streaming<enforcer::proto::NodeMessage>>,
+    ) -> Result<tonic::Response<Self::SyncStream>, tonic::Status> {
+        use enforcer::proto::NodeMessage;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(self.bundles.len().max(1));
+        let bundles = self.bundles.clone();
+        let heard = self.heard.clone();
+        tokio::spawn(async move {
+            // The hello first; then one bundle at a time.
+            match inbound.message().await {
+                Ok(Some(NodeMessage { kind: Some(kind) })) => {
+                    let _ = heard.send(kind);
+                }
+                _ => return,
+            }
+            for bundle in bundles {
+                if tx.send(Ok(bundle)).await.is_err() {
+                    return;
+                }
+                match inbound.message().await {
+                    Ok(Some(NodeMessage { kind: Some(kind) })) => {
+                        let _ = heard.send(kind);
+                    }
+                    _ => return,
+                }
+            }
+            // Keep the stream open until the node goes away.
+            while let Ok(Some(_)) = inbound.message().await {}
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn nodes(
+        &self,
+        _: tonic::Request<enforcer::proto::NodesRequest>,
+    ) -> Result<tonic::Response<enforcer::proto::NodesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "a crafted control plane only streams",
+        ))
+    }
+}

@@ -7,27 +7,25 @@
 //! No root needed. Every wait has a generous deadline that only turns a hang into a
 //! failure; nothing asserts on timing.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 use enforcer::{
     bundle::{self, SigningKey},
     certs::{self, CertPaths},
     controlplane::{self, ControlPlaneConfig, ControlPlaneError, NodeStatus},
     proto::{
-        Ack, Bundle, NodeMessage, NodesRequest, NodesResponse,
-        node_message::Kind,
-        policy_sync_client::PolicySyncClient,
-        policy_sync_server::{PolicySync, PolicySyncServer},
+        Ack, NodeMessage, node_message::Kind, policy_sync_client::PolicySyncClient,
+        policy_sync_server::PolicySyncServer,
     },
     sync::{self, ClientEndpoint, ConnectionState, PolicyUpdate, SyncConfig, SyncError},
 };
+use integration_tests::CraftedControlPlane;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
 
 /// Turns a hang into a failure; far above anything these tests need.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -446,44 +444,6 @@ async fn mtls_server_rejects_clients_without_a_certificate() {
     server.stop().await;
 }
 
-/// A control plane that sends a fixed list of bundles to every stream and reports what
-/// the node says.
-#[derive(Clone)]
-struct Crafted {
-    bundles: Vec<Bundle>,
-    heard: mpsc::UnboundedSender<Kind>,
-}
-
-#[tonic::async_trait]
-impl PolicySync for Crafted {
-    type SyncStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<Bundle, Status>> + Send + 'static>>;
-
-    async fn sync(
-        &self,
-        request: Request<Streaming<NodeMessage>>,
-    ) -> Result<Response<Self::SyncStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(self.bundles.len().max(1));
-        for bundle in &self.bundles {
-            tx.send(Ok(bundle.clone())).await.unwrap();
-        }
-        let heard = self.heard.clone();
-        tokio::spawn(async move {
-            // Holding `tx` keeps the stream open until the node goes away.
-            let _tx = tx;
-            while let Ok(Some(NodeMessage { kind: Some(kind) })) = inbound.message().await {
-                let _ = heard.send(kind);
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn nodes(&self, _: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-}
-
 #[tokio::test]
 async fn crafted_bundles_are_nacked_and_never_delivered() {
     let env = Env::new();
@@ -501,7 +461,7 @@ async fn crafted_bundles_are_nacked_and_never_delivered() {
     let old = sign(&key, 50);
     let good = sign(&key, 300);
     let (heard_tx, mut heard) = mpsc::unbounded_channel();
-    let crafted = Crafted {
+    let crafted = CraftedControlPlane {
         bundles: vec![unsigned, unknown_key, bad_signature, old, good],
         heard: heard_tx,
     };

@@ -6,7 +6,6 @@
 
 use std::{
     path::Path,
-    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -14,17 +13,12 @@ use enforcer::{
     bundle::{self, SigningKey},
     certs,
     lab::{ChildGuard, UdpSink, require_root, spawn_in_netns, udp_send},
-    proto::{
-        Bundle, NodeMessage, NodesRequest, NodesResponse,
-        node_message::Kind,
-        policy_sync_server::{PolicySync, PolicySyncServer},
-    },
+    proto::{node_message::Kind, policy_sync_server::PolicySyncServer},
 };
-use integration_tests::{Lab, SERVER_V4, enforcer_bin, sa};
+use integration_tests::{CraftedControlPlane, Lab, SERVER_V4, enforcer_bin, sa};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::wrappers::TcpListenerStream;
 
 const DENY_ALL: &str =
     "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
@@ -241,56 +235,6 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
     assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
 }
 
-/// A control plane that sends a fixed list of bundles and reports what the node answers.
-#[derive(Clone)]
-struct Crafted {
-    bundles: Vec<Bundle>,
-    heard: mpsc::UnboundedSender<Kind>,
-}
-
-#[tonic::async_trait]
-impl PolicySync for Crafted {
-    type SyncStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<Bundle, Status>> + Send + 'static>>;
-
-    async fn sync(
-        &self,
-        request: Request<Streaming<NodeMessage>>,
-    ) -> Result<Response<Self::SyncStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(self.bundles.len().max(1));
-        let bundles = self.bundles.clone();
-        let heard = self.heard.clone();
-        tokio::spawn(async move {
-            // The hello first; then one bundle at a time, the next once the node answered.
-            match inbound.message().await {
-                Ok(Some(NodeMessage { kind: Some(kind) })) => {
-                    let _ = heard.send(kind);
-                }
-                _ => return,
-            }
-            for bundle in bundles {
-                if tx.send(Ok(bundle)).await.is_err() {
-                    return;
-                }
-                match inbound.message().await {
-                    Ok(Some(NodeMessage { kind: Some(kind) })) => {
-                        let _ = heard.send(kind);
-                    }
-                    _ => return,
-                }
-            }
-            // Keep the stream open until the node goes away.
-            while let Ok(Some(_)) = inbound.message().await {}
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn nodes(&self, _: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-}
-
 #[test]
 fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
     if !require_root("bad_bundles_are_nacked_and_the_last_good_policy_enforces") {
@@ -323,7 +267,7 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
         "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"sometimes\"\n",
     );
     let (heard_tx, mut heard) = mpsc::unbounded_channel();
-    let crafted = Crafted {
+    let crafted = CraftedControlPlane {
         bundles: vec![good, bad_signature, unknown_key, old, unsigned, malformed],
         heard: heard_tx,
     };
