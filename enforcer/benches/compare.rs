@@ -49,7 +49,7 @@ fn main() {
         inkernel_repeat: if quick { 100_000 } else { 1_000_000 },
         inkernel_runs: if quick { 3 } else { 5 },
         live_agents: 1_000,
-        live_repeats: if quick { 1 } else { 5 },
+        live_repeats: if quick { 1 } else { 7 },
         live_window_ms: if quick { 400 } else { 1_000 },
         accuracy_window_ms: if quick { 1_000 } else { 3_000 },
     };
