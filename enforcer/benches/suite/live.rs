@@ -15,7 +15,7 @@ use enforcer::{
     policy,
 };
 use enforcer_common::{Reason, bench as names};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     bed::{Bed, CpuMode, PORT, RCV_ADDR},
@@ -62,7 +62,7 @@ pub fn describe(config: &str) -> &'static str {
 }
 
 /// One configuration in one CPU mode, over all repeats.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveResult {
     /// Configuration name (see [`CONFIGS`]).
     pub config: String,
