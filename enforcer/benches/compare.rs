@@ -26,7 +26,28 @@ fn arg_value(name: &str) -> Option<String> {
 
 const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale";
 
+/// `--render FILE.json`: writes the summary and plots of an earlier run again, next to it,
+/// from its JSON (after a change to the report, without measuring again).
+fn render(json: &str) {
+    let path = PathBuf::from(json);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {json}: {e}"));
+    let mut r: Report =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {json}: {e}"));
+    r.targets = report::targets(&r);
+    let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    report::write(&r, &dir, &stem);
+    println!("rendered {}/{stem}.md and its plots", dir.display());
+}
+
 fn main() {
+    if let Some(json) = arg_value("--render") {
+        render(&json);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -49,7 +70,7 @@ fn main() {
         inkernel_repeat: if quick { 100_000 } else { 1_000_000 },
         inkernel_runs: if quick { 3 } else { 5 },
         live_agents: 1_000,
-        live_repeats: if quick { 1 } else { 5 },
+        live_repeats: if quick { 1 } else { 7 },
         live_window_ms: if quick { 400 } else { 1_000 },
         accuracy_window_ms: if quick { 1_000 } else { 3_000 },
     };
@@ -108,7 +129,7 @@ fn main() {
     }
     machine.finish();
     let mut r = Report {
-        benchmark: "compare",
+        benchmark: "compare".to_owned(),
         date: common::today(),
         quick,
         machine,

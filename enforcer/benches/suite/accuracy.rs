@@ -11,7 +11,7 @@ use enforcer::{
     policy,
 };
 use enforcer_common::Reason;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     bed::{Bed, CpuMode, PORT, RCV_ADDR},
@@ -24,12 +24,12 @@ use super::{
 pub const FRAME_BYTES: u64 = 60;
 
 /// One accuracy case.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccuracyResult {
     /// Agents flooding at once.
     pub agents: u32,
     /// "packets" or "bytes".
-    pub limit: &'static str,
+    pub limit: String,
     /// The configured rate R per agent, in packets/s or bytes/s.
     pub rate: u64,
     /// Offered load as a multiple of R (per agent).
@@ -129,7 +129,7 @@ pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
                 let offered_ratio = (sb - sa) as f64 / dt / agents as f64 / pps as f64;
                 let r = AccuracyResult {
                     agents,
-                    limit,
+                    limit: limit.to_owned(),
                     rate,
                     offered_x,
                     offered_ratio,

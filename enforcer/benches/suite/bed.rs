@@ -55,7 +55,7 @@ pub const PORT: u16 = 9;
 const BATCH: u32 = 64;
 
 /// Where the receiving NAPI runs relative to the generator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuMode {
     /// Generator and receive processing share one CPU (steadier on a small machine).

@@ -13,10 +13,10 @@ use std::{
 
 use enforcer::lab::Netns;
 use etherparse::PacketBuilder;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The machine a run happened on and the state it was in.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// Host name.
     pub host: String,
@@ -34,15 +34,18 @@ pub struct Machine {
     /// running copies every frame and skews every packet-path number).
     pub raw_sockets: usize,
     /// 1-minute load average at the start and at the end of the run.
+    #[serde(deserialize_with = "nan_if_null")]
     pub load_start: f64,
     /// 1-minute load average at the end of the run.
+    #[serde(deserialize_with = "nan_if_null")]
     pub load_end: f64,
     /// Time the hypervisor ran someone else on this VM's CPUs during the run (percent of
     /// CPU time, from /proc/stat): a busy host makes every number noisy.
+    #[serde(deserialize_with = "nan_if_null")]
     pub steal_percent: f64,
     /// Problems found by the hygiene check, empty when clean.
     pub warnings: Vec<String>,
-    #[serde(skip)]
+    #[serde(skip, default)]
     cpu_start: (u64, u64),
 }
 
@@ -196,14 +199,22 @@ pub fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Reads a number that JSON holds as `null` when it was NaN (serde_json writes NaN so).
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// Median, minimum and maximum of repeated measurements.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Stat {
     /// Median (upper median for an even count).
+    #[serde(deserialize_with = "nan_if_null")]
     pub median: f64,
     /// Smallest sample.
+    #[serde(deserialize_with = "nan_if_null")]
     pub min: f64,
     /// Largest sample.
+    #[serde(deserialize_with = "nan_if_null")]
     pub max: f64,
     /// Number of samples.
     pub n: usize,

@@ -17,7 +17,7 @@ use enforcer::{
     testrun::run_xdp,
 };
 use enforcer_common::{Bucket, TIME_SHIFT, maps, programs};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     common::{Agent1, Stat, agent_v4, agent_v6, policy_text, prefix_v4, prefix_v6, tcp_v4, tcp_v6},
@@ -28,7 +28,7 @@ use super::{
 pub const CASES: [&str; 4] = ["allowed", "over_limit", "denied", "unknown_agent"];
 
 /// One map size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Agents in the policy.
     pub agents: u32,

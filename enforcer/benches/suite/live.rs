@@ -15,7 +15,7 @@ use enforcer::{
     policy,
 };
 use enforcer_common::{Reason, bench as names};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     bed::{Bed, CpuMode, PORT, RCV_ADDR},
@@ -62,7 +62,7 @@ pub fn describe(config: &str) -> &'static str {
 }
 
 /// One configuration in one CPU mode, over all repeats.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveResult {
     /// Configuration name (see [`CONFIGS`]).
     pub config: String,
@@ -401,7 +401,11 @@ pub fn run(agents: u32, repeats: usize, timing: Timing, only: Option<&str>) -> V
         bed.set_mode(mode);
         let mut samples: Vec<[Vec<f64>; 5]> = vec![Default::default(); configs.len()];
         for rep in 0..repeats {
-            for (ci, config) in configs.iter().enumerate() {
+            // Each round starts one configuration later, so none always runs first (cold)
+            // or right after the same neighbour.
+            let n = configs.len();
+            for ci in (0..n).map(|i| (i + rep) % n) {
+                let config = &configs[ci];
                 super::common::check_interrupted();
                 let active = setup(&mut bed, &mut fx, config);
                 let fxr = &fx;

@@ -25,7 +25,7 @@ use enforcer::{
     testrun::run_xdp,
 };
 use enforcer_common::programs;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::common::{Agent1, Stat, agent_v4, in_ns, other_dst_v4, policy_text, prefix_v4, tcp_v4};
 
@@ -35,7 +35,7 @@ const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
 const METRICS: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 9464);
 
 /// One `policy apply`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplyResult {
     /// Agents in the applied policy (each with one source address and one allow rule).
     pub agents: u32,
@@ -50,7 +50,7 @@ pub struct ApplyResult {
 }
 
 /// One map's kernel memory.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MapMemory {
     /// Map name.
     pub name: String,
@@ -61,10 +61,10 @@ pub struct MapMemory {
 }
 
 /// Sections 4 and 5.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleResult {
     /// Map sizes the daemon was configured with.
-    pub limits: BTreeMap<&'static str, u32>,
+    pub limits: BTreeMap<String, u32>,
     /// One row per policy size.
     pub applies: Vec<ApplyResult>,
     /// Every map of the daemon.
@@ -392,9 +392,12 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     let elapsed = t1.elapsed().as_nanos() as f64;
     let result = ScaleResult {
         limits: BTreeMap::from([
-            ("max_agents", limits.max_agents),
-            ("max_source_prefixes", limits.max_source_prefixes),
-            ("max_destination_prefixes", limits.max_destination_prefixes),
+            ("max_agents".to_owned(), limits.max_agents),
+            ("max_source_prefixes".to_owned(), limits.max_source_prefixes),
+            (
+                "max_destination_prefixes".to_owned(),
+                limits.max_destination_prefixes,
+            ),
         ]),
         applies,
         maps: memory,
