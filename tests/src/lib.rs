@@ -23,6 +23,21 @@ use enforcer::{
     lab::{self, BpffsMount, ChildGuard, Netns},
 };
 
+/// Runs `f` on a thread inside a fresh network namespace that holds an interface `sbx0`
+/// standing in for an agent sandbox's veth (a veth pair: this kernel has no dummy driver,
+/// and only the index matters). BPF_PROG_TEST_RUN resolves `ingress_ifindex` in the
+/// caller's namespace, so packet tests run there; the namespace is deleted afterwards,
+/// also on panic.
+pub fn in_sandbox_netns(prefix: &str, f: impl FnOnce() + Send + 'static) {
+    let ns = Netns::create(&lab::unique_name(prefix)).unwrap();
+    ns.ip(&[
+        "link", "add", "sbx0", "type", "veth", "peer", "name", "sbx0p",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "sbx0", "up"]).unwrap();
+    lab::in_netns(&ns, f);
+}
+
 /// Address of agent `i` (1-based).
 pub fn agent_v4(i: usize) -> IpAddr {
     format!("10.200.{i}.2").parse().unwrap()

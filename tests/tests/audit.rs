@@ -16,7 +16,7 @@ use enforcer::{
     compile::{self, Limits},
     daemon::{agent_names, if_index},
     dataplane::Dataplane,
-    lab::{self, BpffsMount, Netns, in_netns, require_root},
+    lab::{self, BpffsMount, require_root},
     policy,
     testrun::run_xdp,
 };
@@ -25,6 +25,7 @@ use enforcer_common::{
     UNKNOWN_AGENT, programs,
 };
 use etherparse::PacketBuilder;
+use integration_tests::in_sandbox_netns;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -142,16 +143,9 @@ fn cut_ipv4() -> Vec<u8> {
     out
 }
 
-/// Runs `f` in a fresh network namespace holding an interface `sbx0` (agent 4's sandbox
-/// veth); the namespace is deleted afterwards, also on panic.
+/// [`in_sandbox_netns`] for this file's tests.
 fn in_test_netns(f: impl FnOnce() + Send + 'static) {
-    let ns = Netns::create(&lab::unique_name("aud")).unwrap();
-    ns.ip(&[
-        "link", "add", "sbx0", "type", "veth", "peer", "name", "sbx0p",
-    ])
-    .unwrap();
-    ns.ip(&["link", "set", "sbx0", "up"]).unwrap();
-    in_netns(&ns, f);
+    in_sandbox_netns("aud", f);
 }
 
 /// The program with [`POLICY`] applied, its audit ring, and the applied generation.

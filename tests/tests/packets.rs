@@ -11,12 +11,13 @@ use enforcer::{
     compile::{self, Limits},
     daemon::if_index,
     dataplane::Dataplane,
-    lab::{self, BpffsMount, Netns, in_netns, require_root},
+    lab::{BpffsMount, require_root},
     policy,
     testrun::run_xdp,
 };
 use enforcer_common::{AuditEvent, AuditStats, Counter, Reason, UNKNOWN_AGENT, programs};
 use etherparse::{PacketBuilder, VlanId};
+use integration_tests::in_sandbox_netns;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -1006,17 +1007,9 @@ fn counter(dp: &mut Dataplane, agent: u32, reason: Reason) -> Counter {
     dp.maps().counter(agent, reason).unwrap()
 }
 
-/// Runs `f` in a fresh network namespace that has an interface `sbx0` standing in for
-/// an agent sandbox's veth; the namespace is deleted afterwards, also on panic.
+/// [`in_sandbox_netns`] for this file's tests.
 fn in_test_netns(f: impl FnOnce() + Send + 'static) {
-    let ns = Netns::create(&lab::unique_name("pkt")).unwrap();
-    // A veth pair (this kernel has no dummy driver); only its index matters.
-    ns.ip(&[
-        "link", "add", "sbx0", "type", "veth", "peer", "name", "sbx0p",
-    ])
-    .unwrap();
-    ns.ip(&["link", "set", "sbx0", "up"]).unwrap();
-    in_netns(&ns, f);
+    in_sandbox_netns("pkt", f);
 }
 
 fn load(bpffs: &BpffsMount, text: &str, dp: Option<Dataplane>) -> Dataplane {
