@@ -305,7 +305,9 @@ fn write_results(rows: &[Row], scrapes: &[Scrape], o: &Options) {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let date = civil_date(secs);
+    // `time::Date` displays as YYYY-MM-DD.
+    let date = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map_or_else(|_| "unknown-date".to_string(), |t| t.date().to_string());
     let json = serde_json::json!({
         "benchmark": "dataplane",
         "date": date,
@@ -372,19 +374,4 @@ fn write_results(rows: &[Row], scrapes: &[Scrape], o: &Options) {
     .unwrap();
     fs::write(dir.join(format!("{stem}.md")), &md).unwrap();
     println!("\n{md}\nwritten to bench/results/{stem}.{{json,md}}");
-}
-
-/// `YYYY-MM-DD` of a Unix time (UTC), without a date crate.
-fn civil_date(secs: u64) -> String {
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }

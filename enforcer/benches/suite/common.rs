@@ -8,7 +8,6 @@ use std::{
     os::fd::AsRawFd as _,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use enforcer::lab::Netns;
@@ -183,20 +182,8 @@ impl Machine {
 
 /// `YYYY-MM-DD` (UTC) of now, without a date crate.
 pub fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    // `time::Date` displays as YYYY-MM-DD.
+    time::OffsetDateTime::now_utc().date().to_string()
 }
 
 /// Reads a number that JSON holds as `null` when it was NaN (serde_json writes NaN so).
