@@ -46,6 +46,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -58,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::dataplane::{KernelMaps, MapsError};
@@ -441,6 +445,125 @@ impl Record {
             policy_generation: event.generation,
             policy_digest: context.map(|c| c.digest.clone()),
         }
+    }
+}
+
+/// Where a [`UserEvent`] was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserSource {
+    /// The per-agent DNS resolver.
+    Dns,
+    /// The inspecting TLS proxy.
+    Proxy,
+}
+
+/// A decision made in user space rather than by the XDP program: a refused DNS name, a
+/// detector hit in the inspecting proxy. It goes into the same hash-chained log as the
+/// kernel's events, through [`UserAudit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserEvent {
+    /// Which component decided.
+    pub source: UserSource,
+    /// Agent id (0: no known agent).
+    pub agent: u32,
+    /// Stable reason name, e.g. `dns_refused`, `detector_block`.
+    pub reason: &'static str,
+    /// `drop` (refused, blocked) or `pass` (flagged, or monitor mode).
+    pub verdict: &'static str,
+    /// The agent's end of the exchange.
+    pub src: Option<SocketAddr>,
+    /// The destination, `ip:port` or `host:port`, when there is one.
+    pub dst: Option<String>,
+    /// The host name in question (DNS question, TLS server name, CONNECT host).
+    pub name: Option<String>,
+    /// What matched or why, e.g. the detector's name.
+    pub detail: Option<String>,
+}
+
+/// The body of a [`UserEvent`]'s log line (the writer adds `seq` and `prev`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// RFC 3339 UTC wall-clock time the writer received the event.
+    pub time: String,
+    /// Which component decided.
+    pub source: UserSource,
+    /// Agent id.
+    pub agent: u32,
+    /// Agent name under the newest policy the writer knows.
+    pub agent_name: Option<String>,
+    /// Reason name.
+    pub reason: String,
+    /// `drop` or `pass`.
+    pub verdict: String,
+    /// The agent's end, `ip:port`.
+    pub src: Option<String>,
+    /// The destination.
+    pub dst: Option<String>,
+    /// The host name in question.
+    pub name: Option<String>,
+    /// What matched or why.
+    pub detail: Option<String>,
+    /// Newest policy generation the writer knows.
+    pub policy_generation: u64,
+    /// Hex SHA-256 of that policy's text.
+    pub policy_digest: Option<String>,
+}
+
+impl UserRecord {
+    fn new(event: UserEvent, context: Option<&AuditContext>, unix_ns: i128) -> Self {
+        UserRecord {
+            time: rfc3339(unix_ns),
+            source: event.source,
+            agent: event.agent,
+            agent_name: context.and_then(|c| c.agents.get(&event.agent).cloned()),
+            reason: event.reason.into(),
+            verdict: event.verdict.into(),
+            src: event.src.map(|a| a.to_string()),
+            dst: event.dst,
+            name: event.name,
+            detail: event.detail,
+            policy_generation: context.map_or(0, |c| c.generation),
+            policy_digest: context.map(|c| c.digest.clone()),
+        }
+    }
+}
+
+/// Events queued for the writer before [`UserAudit::record`] starts counting them lost.
+pub const USER_QUEUE: usize = 4096;
+
+/// A cloneable handle that user-space components record [`UserEvent`]s through. Never
+/// blocks: when the writer's queue is full the event is counted in [`UserAudit::lost`]
+/// (exported as a metric), so a gap is visible, as with the kernel's ring.
+#[derive(Clone, Debug)]
+pub struct UserAudit {
+    tx: mpsc::Sender<UserEvent>,
+    lost: Arc<AtomicU64>,
+}
+
+impl UserAudit {
+    /// A handle and the receiver to give [`run`].
+    pub fn channel() -> (Self, mpsc::Receiver<UserEvent>) {
+        let (tx, rx) = mpsc::channel(USER_QUEUE);
+        (
+            UserAudit {
+                tx,
+                lost: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// Queues `event` for the log.
+    pub fn record(&self, event: UserEvent) {
+        if self.tx.try_send(event).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events that found the queue full (or the writer gone).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 }
 
@@ -898,6 +1021,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     mut log: AuditLog,
     mut context: watch::Receiver<AuditContext>,
+    mut user: mpsc::Receiver<UserEvent>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, AuditError> {
     // SAFETY: the ring owns its map's descriptor (MapData holds an OwnedFd), which stays
@@ -910,11 +1034,22 @@ pub async fn run(
     };
     contexts.push(context.borrow_and_update().clone());
     let mut context_open = true;
+    let mut user_open = true;
     let mut summary = RunSummary::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            event = user.recv(), if user_open => match event {
+                Some(event) => {
+                    let mut events = vec![event];
+                    while let Ok(more) = user.try_recv() {
+                        events.push(more);
+                    }
+                    write_user(events, &mut log, &contexts, &mut summary)?;
+                }
+                None => user_open = false,
+            },
             changed = context.changed(), if context_open => match changed {
                 Ok(()) => contexts.push(context.borrow_and_update().clone()),
                 // The daemon dropped the sender: keep the last context and stop asking.
@@ -932,6 +1067,11 @@ pub async fn run(
             }
         }
     }
+    let mut events = Vec::new();
+    while let Ok(more) = user.try_recv() {
+        events.push(more);
+    }
+    write_user(events, &mut log, &contexts, &mut summary)?;
     let batch = drain(fd.get_mut(), &mut summary);
     write_batch(
         &batch,
@@ -962,6 +1102,25 @@ fn drain(ring: &mut RingBuf<MapData>, summary: &mut RunSummary) -> Vec<AuditEven
         }
     }
     batch
+}
+
+/// Appends user-space events, named from the newest context, and syncs.
+fn write_user(
+    events: Vec<UserEvent>,
+    log: &mut AuditLog,
+    contexts: &Contexts,
+    summary: &mut RunSummary,
+) -> Result<(), AuditError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let context = contexts.recent.back();
+    for event in events {
+        log.append(&UserRecord::new(event, context, now))?;
+        summary.records += 1;
+    }
+    log.sync()
 }
 
 async fn write_batch(

@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     api::{self, Call, Request, Response},
-    audit::{self, AuditContext, AuditLog},
+    audit::{self, AuditContext, AuditLog, UserAudit},
     bundle::BundleStore,
     compile::{self, CompileError, Compiled, Limits},
     config::Config,
@@ -220,6 +220,8 @@ struct Daemon {
     current: Option<Enforcing>,
     info: watch::Sender<DaemonInfo>,
     audit: watch::Sender<AuditContext>,
+    /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
+    user_audit: UserAudit,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
     /// The control-plane connection, when one is configured.
@@ -818,7 +820,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let (audit_ctx, audit_rx) =
         watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
     let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
-    let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, async move {
+    let (user_audit, user_audit_rx) = UserAudit::channel();
+    let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, user_audit_rx, async move {
         let _ = audit_stopped.await;
     }));
     let mut daemon = Daemon {
@@ -834,6 +837,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         current: None,
         info,
         audit: audit_ctx,
+        user_audit,
         store,
         control_plane: None,
         reloads_ok: 0,

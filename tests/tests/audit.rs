@@ -547,7 +547,8 @@ fn reader_task_writes_a_verifiable_chained_log() {
         let summary = runtime.block_on(async {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let log = AuditLog::open(&path).unwrap();
-            let reader = tokio::spawn(audit::run(ring, log, context_rx, async move {
+            let (user, user_rx) = audit::UserAudit::channel();
+            let reader = tokio::spawn(audit::run(ring, log, context_rx, user_rx, async move {
                 let _ = stop_rx.await;
             }));
             // Woken by the ring: events reach the log while the reader waits.
@@ -568,18 +569,36 @@ fn reader_task_writes_a_verifiable_chained_log() {
             let watched = tcp6("fd01::2", 51000, "fd09::1", 22);
             run_xdp(program, &watched, None, 3).unwrap();
             wait_lines(&path, 4).await;
+            // A user-space decision joins the same chain.
+            user.record(audit::UserEvent {
+                source: audit::UserSource::Dns,
+                agent: 1,
+                reason: "dns_refused",
+                verdict: "drop",
+                src: Some("10.1.0.2:5300".parse().unwrap()),
+                dst: None,
+                name: Some("evil.example".into()),
+                detail: None,
+            });
+            wait_lines(&path, 5).await;
             // Events still in the ring at shutdown are drained before the task returns.
             run_xdp(program, &udp4("10.2.0.2", 5353, "1.1.1.1", 53), None, 2).unwrap();
             stop_tx.send(()).unwrap();
             reader.await.unwrap().unwrap()
         });
-        assert_eq!(summary.records, 6);
+        assert_eq!(summary.records, 7);
         assert_eq!(summary.malformed, 0);
 
         let report = audit::verify(&path).unwrap();
-        assert_eq!((report.lines, report.last_seq), (6, 6));
-        let lines = audit::tail(&path, 10).unwrap();
-        assert_eq!(lines.len(), 6);
+        assert_eq!((report.lines, report.last_seq), (7, 7));
+        let mut lines = audit::tail(&path, 10).unwrap();
+        assert_eq!(lines.len(), 7);
+        let user_line: audit::UserRecord = serde_json::from_str(&lines.remove(4)).unwrap();
+        assert_eq!(user_line.source, audit::UserSource::Dns);
+        assert_eq!(user_line.agent_name.as_deref(), Some("restricted"));
+        assert_eq!(user_line.reason, "dns_refused");
+        assert_eq!(user_line.name.as_deref(), Some("evil.example"));
+        assert_eq!(user_line.policy_generation, generation);
         let records: Vec<Record> = lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap())
