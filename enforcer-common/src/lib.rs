@@ -76,11 +76,27 @@ pub enum Reason {
     /// Passed: link-local control traffic that cannot leave the link, like ARP for IPv4:
     /// IPv6 neighbour discovery (hop limit 255), MLD and IGMP (hop limit / TTL 1).
     LinkControl = 14,
+    /// Dropped: DNS (UDP/TCP 53) or DNS over TLS (TCP 853) from an agent with host-name
+    /// rules to anywhere but the enforcer's resolver.
+    DnsBypass = 15,
+    /// Dropped: the first data segment of a TLS-port connection to a name-admitted address
+    /// named a server the agent may not reach (SNI).
+    SniDenied = 16,
+    /// Dropped: the first data segment of a TLS-port connection to a name-admitted address
+    /// was not a readable ClientHello with a server name (not TLS, cut short, no SNI, an
+    /// encrypted ClientHello).
+    SniInvalid = 17,
+    /// Passed in monitor mode; enforce mode would have dropped it as `DnsBypass`.
+    MonitorDnsBypass = 18,
+    /// Passed in monitor mode; enforce mode would have dropped it as `SniDenied`.
+    MonitorSniDenied = 19,
+    /// Passed in monitor mode; enforce mode would have dropped it as `SniInvalid`.
+    MonitorSniInvalid = 20,
 }
 
 impl Reason {
     /// Number of reasons; the counters map has this many slots per agent.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 21;
 
     /// All reasons, in numeric order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -99,6 +115,12 @@ impl Reason {
         Reason::MonitorFragment,
         Reason::MonitorMalformed,
         Reason::LinkControl,
+        Reason::DnsBypass,
+        Reason::SniDenied,
+        Reason::SniInvalid,
+        Reason::MonitorDnsBypass,
+        Reason::MonitorSniDenied,
+        Reason::MonitorSniInvalid,
     ];
 
     /// Whether the packet was dropped.
@@ -111,6 +133,9 @@ impl Reason {
                 | Reason::EgressDenied
                 | Reason::Fragment
                 | Reason::Malformed
+                | Reason::DnsBypass
+                | Reason::SniDenied
+                | Reason::SniInvalid
         )
     }
 
@@ -124,6 +149,9 @@ impl Reason {
                 | Reason::MonitorEgressDenied
                 | Reason::MonitorFragment
                 | Reason::MonitorMalformed
+                | Reason::MonitorDnsBypass
+                | Reason::MonitorSniDenied
+                | Reason::MonitorSniInvalid
         )
     }
 
@@ -141,6 +169,9 @@ impl Reason {
             Reason::EgressDenied => Reason::MonitorEgressDenied,
             Reason::Fragment => Reason::MonitorFragment,
             Reason::Malformed => Reason::MonitorMalformed,
+            Reason::DnsBypass => Reason::MonitorDnsBypass,
+            Reason::SniDenied => Reason::MonitorSniDenied,
+            Reason::SniInvalid => Reason::MonitorSniInvalid,
             other => other,
         }
     }
@@ -163,6 +194,12 @@ impl Reason {
             Reason::MonitorFragment => "monitor_fragment",
             Reason::MonitorMalformed => "monitor_malformed",
             Reason::LinkControl => "link_control",
+            Reason::DnsBypass => "dns_bypass",
+            Reason::SniDenied => "sni_denied",
+            Reason::SniInvalid => "sni_invalid",
+            Reason::MonitorDnsBypass => "monitor_dns_bypass",
+            Reason::MonitorSniDenied => "monitor_sni_denied",
+            Reason::MonitorSniInvalid => "monitor_sni_invalid",
         }
     }
 
@@ -234,6 +271,11 @@ pub const AGENT_DST_LPM_V6: u32 = 1 << 5;
 /// so the rate limiter may read the cheaper jiffy-resolution clock without admitting less
 /// than the rate (a tick's worth of tokens always fits in the burst).
 pub const AGENT_COARSE_CLOCK: u32 = 1 << 6;
+/// [`AgentPolicy::flags`]: the agent has host-name rules: its DNS may only go to the
+/// enforcer's resolver (`RESOLVERS`), destinations no static rule matches are looked up in
+/// the addresses its resolver learned (`NAMES_V4/V6`), and TLS-port connections to those
+/// must name an allowed server (`SNI`).
+pub const AGENT_NAMES: u32 = 1 << 7;
 
 /// Destination prefix lengths per family that the XDP program probes in the hash maps,
 /// longest first; an agent with more distinct lengths falls back to the LPM trie.
@@ -528,6 +570,150 @@ pub struct RuleSet {
 }
 const _: () = assert!(size_of::<RuleSet>() == 8 + 8 * MAX_RULES_PER_PREFIX);
 
+/// Most `defaults.tls_ports` a policy may name.
+pub const MAX_TLS_PORTS: usize = 4;
+
+/// TLS ports of a slot's policy: map `TLS_PORTS`, indexed by slot. A map of its own rather
+/// than fields in [`SlotConfig`], so pinned maps of an older version keep their layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsPorts {
+    /// Ports in use, at most [`MAX_TLS_PORTS`]; 0 marks an unused entry.
+    pub ports: [u16; MAX_TLS_PORTS],
+}
+const _: () = assert!(size_of::<TlsPorts>() == 8);
+
+/// A DNS resolver address the agents with names may query: key of `RESOLVERS` (value u32,
+/// unused). IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResolverKey {
+    /// Address, network byte order.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<ResolverKey>() == 20);
+
+/// An address an agent's resolver answered for an allowed name: key of `NAMES_V4`. Not per
+/// slot: learned state outlives a policy flip; the daemon prunes what a new policy no
+/// longer allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameV4Key {
+    /// Agent id.
+    pub agent: u32,
+    /// Address, network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<NameV4Key>() == 8);
+
+/// Same as [`NameV4Key`] for IPv6: key of `NAMES_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameV6Key {
+    /// Agent id.
+    pub agent: u32,
+    /// Address, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<NameV6Key>() == 20);
+
+/// Value of `NAMES_V4/V6`: until when the address is allowed, and for which protocols and
+/// ports (the union of the rules of every allowed name that resolved to it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NameEntry {
+    /// CLOCK_MONOTONIC ns (`bpf_ktime_get_coarse_ns` base) after which the entry is void.
+    pub expires_ns: u64,
+    /// The rules, all allows.
+    pub rules: RuleSet,
+}
+const _: () = assert!(size_of::<NameEntry>() == 8 + size_of::<RuleSet>());
+
+/// Bytes of a name in [`SniKey`]: the longest host name (253) fits, padded.
+pub const SNI_NAME_LEN: usize = 256;
+/// [`SniKey::kind`]: the name must equal the server name.
+pub const SNI_EXACT: u32 = 0;
+/// [`SniKey::kind`]: the name is a suffix with its leading dot (`*.example.com` is stored
+/// as `.example.com`); the server name must end with it.
+pub const SNI_WILDCARD: u32 = 1;
+
+/// Key of `SNI` (and the per-CPU scratch entry the program builds it in): a host name an
+/// agent may name in a ClientHello, per slot.
+///
+/// The name is **right-aligned** in `name` with zeros before it, so the key of a suffix
+/// of the name is the same buffer with the bytes before the suffix zeroed: the program
+/// walks the server name once, left to right, zeroing as it goes, and looks up each
+/// suffix that starts at a dot without copying. Names never contain a zero byte (the
+/// program rejects one), so the padding is unambiguous.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SniKey {
+    /// Policy slot.
+    pub slot: u32,
+    /// Agent id.
+    pub agent: u32,
+    /// [`SNI_EXACT`] or [`SNI_WILDCARD`].
+    pub kind: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The lower-case name, right-aligned.
+    pub name: [u8; SNI_NAME_LEN],
+}
+const _: () = assert!(size_of::<SniKey>() == 16 + SNI_NAME_LEN);
+
+impl Default for SniKey {
+    fn default() -> Self {
+        SniKey {
+            slot: 0,
+            agent: 0,
+            kind: 0,
+            _pad: 0,
+            name: [0; SNI_NAME_LEN],
+        }
+    }
+}
+
+impl SniKey {
+    /// The key of `name` (lower case, at most [`SNI_NAME_LEN`] bytes, no zero byte).
+    pub fn new(slot: u32, agent: u32, kind: u32, name: &[u8]) -> Option<SniKey> {
+        if name.len() > SNI_NAME_LEN || name.contains(&0) {
+            return None;
+        }
+        let mut key = SniKey {
+            slot,
+            agent,
+            kind,
+            ..SniKey::default()
+        };
+        key.name[SNI_NAME_LEN - name.len()..].copy_from_slice(name);
+        Some(key)
+    }
+}
+
+/// A TCP connection whose ClientHello passed the SNI check: key of the LRU map `FLOWS`.
+/// Later segments of the connection pass without parsing; a flow the LRU evicted has its
+/// next data segment parsed as a ClientHello again, which fails, so eviction can only
+/// break a connection, never open one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Agent id.
+    pub agent: u32,
+    /// Source port, network byte order.
+    pub src_port: u16,
+    /// Destination port, network byte order.
+    pub dst_port: u16,
+    /// Source address (IPv4 in the first 4 bytes, rest zero).
+    pub src: [u8; 16],
+    /// Destination address (IPv4 in the first 4 bytes, rest zero).
+    pub dst: [u8; 16],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
 /// Names of the maps in the eBPF object, shared so user space never spells one twice.
 pub mod maps {
     /// [`super::State`], one element.
@@ -566,8 +752,23 @@ pub mod maps {
     pub const AUDIT_LIMITS: &str = "AUDIT_LIMITS";
     /// Per-CPU [`super::AuditStats`], one per agent id.
     pub const AUDIT_STATS: &str = "AUDIT_STATS";
+    /// [`super::TlsPorts`], one per slot.
+    pub const TLS_PORTS: &str = "TLS_PORTS";
+    /// [`super::ResolverKey`] to u32: where agents with names may send DNS.
+    pub const RESOLVERS: &str = "RESOLVERS";
+    /// [`super::NameV4Key`] to [`super::NameEntry`]: addresses learned from DNS answers.
+    pub const NAMES_V4: &str = "NAMES_V4";
+    /// [`super::NameV6Key`] to [`super::NameEntry`].
+    pub const NAMES_V6: &str = "NAMES_V6";
+    /// [`super::SniKey`] to [`super::RuleSet`]: server names an agent may use, per slot.
+    pub const SNI: &str = "SNI";
+    /// Per-CPU scratch [`super::SniKey`], one element: where the program builds SNI keys
+    /// (too big for the 512-byte BPF stack).
+    pub const SNI_SCRATCH: &str = "SNI_SCRATCH";
+    /// LRU [`super::FlowKey`] to u32: connections whose ClientHello passed.
+    pub const FLOWS: &str = "FLOWS";
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 25] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -586,6 +787,13 @@ pub mod maps {
         AUDIT_CONFIG,
         AUDIT_LIMITS,
         AUDIT_STATS,
+        TLS_PORTS,
+        RESOLVERS,
+        NAMES_V4,
+        NAMES_V6,
+        SNI,
+        SNI_SCRATCH,
+        FLOWS,
     ];
 }
 
@@ -659,4 +867,11 @@ mod pod {
     unsafe impl aya::Pod for AuditConfig {}
     unsafe impl aya::Pod for AuditStats {}
     unsafe impl aya::Pod for bench::GenConfig {}
+    unsafe impl aya::Pod for TlsPorts {}
+    unsafe impl aya::Pod for ResolverKey {}
+    unsafe impl aya::Pod for NameV4Key {}
+    unsafe impl aya::Pod for NameV6Key {}
+    unsafe impl aya::Pod for NameEntry {}
+    unsafe impl aya::Pod for SniKey {}
+    unsafe impl aya::Pod for FlowKey {}
 }

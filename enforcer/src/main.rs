@@ -110,6 +110,11 @@ enum Command {
         #[arg(long = "client")]
         clients: Vec<String>,
     },
+    /// The inspecting proxy.
+    Inspect {
+        #[command(subcommand)]
+        command: InspectCommand,
+    },
     /// Serve signed policies to nodes, or show which node holds which version.
     ControlPlane {
         #[command(subcommand)]
@@ -135,6 +140,13 @@ enum ControlPlaneCommand {
     /// Every node the control plane has seen, with the versions sent and acknowledged
     /// (connects with the `[control_plane]` settings of `--config`).
     Nodes,
+}
+
+#[derive(Subcommand)]
+enum InspectCommand {
+    /// Print the node's inspection CA certificate (PEM) for agent sandboxes to trust;
+    /// generates the CA in the state directory if the daemon has not yet.
+    Ca,
 }
 
 #[derive(Subcommand)]
@@ -490,6 +502,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     config.bpffs.display()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            command: InspectCommand::Ca,
+        } => {
+            let config = load_config(&cli.config)?;
+            std::fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("creating {}", config.state_dir.display()))?;
+            let ca = enforcer::inspect::ca::NodeCa::load_or_create(&config.state_dir)?;
+            print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { dir } => {

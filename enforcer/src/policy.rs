@@ -116,12 +116,19 @@ const MAX_IFNAME_LEN: usize = 15;
 /// Longest agent name.
 const MAX_NAME_LEN: usize = 64;
 
+/// `defaults.tls_ports` when the document does not set it.
+pub const DEFAULT_TLS_PORTS: [u16; 1] = [443];
+
+/// Most TLS ports a policy may name (the XDP program compares each).
+pub const MAX_TLS_PORTS: usize = enforcer_common::MAX_TLS_PORTS;
+
 /// A validated policy. Only [`parse`] and [`load`] make one, so its invariants hold: agent
 /// ids and names are unique and in range, no interface or source prefix belongs to two
 /// agents, every agent has an identity, and rates are in range with bursts resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     unknown: UnknownTraffic,
+    tls_ports: Vec<u16>,
     agents: Vec<Agent>,
     detectors: Vec<Detector>,
 }
@@ -140,6 +147,31 @@ impl Policy {
     /// The inspecting proxy's detectors, in document order; names are unique.
     pub fn detectors(&self) -> &[Detector] {
         &self.detectors
+    }
+
+    /// TCP ports whose connections to name-admitted addresses must open with a TLS
+    /// ClientHello naming an allowed host (`defaults.tls_ports`).
+    pub fn tls_ports(&self) -> &[u16] {
+        &self.tls_ports
+    }
+
+    /// The agent whose sandbox interface is `ifname`.
+    pub fn agent_by_interface(&self, ifname: &str) -> Option<&Agent> {
+        self.agents
+            .iter()
+            .find(|a| a.interfaces.iter().any(|i| i == ifname))
+    }
+
+    /// The agent a packet from `src` belongs to by source address: the longest of the
+    /// agents' source prefixes containing it (an exact host is the longest), as the XDP
+    /// program decides after the interface.
+    pub fn agent_by_source(&self, src: IpAddr) -> Option<&Agent> {
+        self.agents
+            .iter()
+            .flat_map(|a| a.sources.iter().map(move |net| (net, a)))
+            .filter(|(net, _)| net.contains(&IpNet::host(src)))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, a)| a)
     }
 
     /// Sets the mode of agent `id` (an operator's runtime override); false if there is no
@@ -213,6 +245,38 @@ impl DetectorAction {
             DetectorAction::Block => "block",
             DetectorAction::Flag => "flag",
         }
+    }
+}
+
+impl Agent {
+    /// Whether any allow rule names a host: the agent's DNS goes only to the enforcer's
+    /// resolver, and its connections to name-admitted addresses are SNI-checked.
+    pub fn has_names(&self) -> bool {
+        self.egress
+            .iter()
+            .any(|r| r.to.iter().any(|d| matches!(d, Destination::Name(_))))
+    }
+
+    /// Protocol and ports of every rule with a pattern matching `name` (normalized, see
+    /// [`normalize_name`]), in document order; empty when the name is not allowed.
+    pub fn name_rules(&self, name: &str) -> Vec<(Proto, PortRange)> {
+        let mut rules = Vec::new();
+        for r in &self.egress {
+            let hit =
+                r.to.iter()
+                    .any(|d| matches!(d, Destination::Name(p) if p.matches(name)));
+            if hit && !rules.contains(&(r.proto, r.ports)) {
+                rules.push((r.proto, r.ports));
+            }
+        }
+        rules
+    }
+
+    /// Whether `name` (normalized) is allowed for `proto` to `port`.
+    pub fn allows_name(&self, name: &str, proto: Proto, port: u16) -> bool {
+        self.name_rules(name).iter().any(|(p, ports)| {
+            (*p == Proto::Any || *p == proto) && (ports.lo..=ports.hi).contains(&port)
+        })
     }
 }
 
@@ -322,6 +386,9 @@ pub struct EgressRule {
 pub enum Destination {
     /// A CIDR or bare address.
     Net(IpNet),
+    /// A host name or `*.` wildcard (allow rules only): its addresses are learned from the
+    /// enforcer's DNS resolver, and TLS connections to them must name it.
+    Name(NamePattern),
     /// A preset from [`PRESETS`], already expanded.
     Preset {
         /// The preset's name, with its `@`.
@@ -337,8 +404,96 @@ impl Destination {
         match self {
             Destination::Net(net) => std::slice::from_ref(net),
             Destination::Preset { nets, .. } => nets,
+            Destination::Name(_) => &[],
         }
     }
+}
+
+/// A host-name pattern of an allow rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamePattern {
+    /// Exactly this name (normalized: lower case, no trailing dot).
+    Exact(String),
+    /// Every name ending in this suffix, which keeps its leading dot: `*.example.com` is
+    /// `.example.com` and matches `a.example.com` and `a.b.example.com`, not `example.com`.
+    Wildcard(String),
+}
+
+impl NamePattern {
+    /// Whether the normalized `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Exact(n) => n == name,
+            NamePattern::Wildcard(suffix) => {
+                name.len() > suffix.len() && name.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(n) => f.write_str(n),
+            NamePattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// Longest host name (RFC 1035, without the trailing dot).
+pub const MAX_HOST_NAME_LEN: usize = 253;
+
+/// Why a host name is not acceptable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Empty, or longer than [`MAX_HOST_NAME_LEN`].
+    #[error("a host name has 1 to {MAX_HOST_NAME_LEN} characters, got {len}")]
+    Length {
+        /// Its length.
+        len: usize,
+    },
+    /// A label is empty or longer than 63.
+    #[error("label {index} of \"{name}\" has {len} characters; labels have 1 to 63")]
+    Label {
+        /// The name.
+        name: String,
+        /// Label number, from 0.
+        index: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// A character outside letters, digits, `-` and `_`.
+    #[error("\"{name}\" has {ch:?}; host names use letters, digits, '-', '_' and '.'")]
+    Char {
+        /// The name.
+        name: String,
+        /// The offending character.
+        ch: char,
+    },
+}
+
+/// `name` in the form patterns are compared in: ASCII lower case, one trailing dot
+/// removed; checked to be a host name (labels of 1 to 63 letters, digits, `-` or `_`).
+pub fn normalize_name(name: &str) -> Result<String, NameError> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name.is_empty() || name.len() > MAX_HOST_NAME_LEN {
+        return Err(NameError::Length { len: name.len() });
+    }
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(NameError::Char { name, ch });
+    }
+    if let Some((index, label)) = name
+        .split('.')
+        .enumerate()
+        .find(|(_, l)| l.is_empty() || l.len() > 63)
+    {
+        let len = label.len();
+        return Err(NameError::Label { name, index, len });
+    }
+    Ok(name)
 }
 
 impl fmt::Display for Destination {
@@ -346,6 +501,7 @@ impl fmt::Display for Destination {
         match self {
             Destination::Net(net) => net.fmt(f),
             Destination::Preset { name, .. } => f.write_str(name),
+            Destination::Name(pattern) => pattern.fmt(f),
         }
     }
 }
@@ -774,6 +930,7 @@ struct RawDetector {
 struct RawDefaults {
     #[serde(default)]
     unknown: UnknownTraffic,
+    tls_ports: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -1004,9 +1161,11 @@ impl Checker<'_> {
             });
         }
 
+        let tls_ports = self.tls_ports(raw.defaults.tls_ports.as_ref());
         let detectors = self.detectors(&raw.detectors);
         Policy {
             unknown: raw.defaults.unknown,
+            tls_ports,
             agents,
             detectors,
         }
@@ -1047,6 +1206,34 @@ impl Checker<'_> {
             }
         }
         detectors
+    }
+
+    fn tls_ports(&mut self, raw: Option<&Spanned<Vec<Spanned<i64>>>>) -> Vec<u16> {
+        let Some(raw) = raw else {
+            return DEFAULT_TLS_PORTS.to_vec();
+        };
+        if raw.get_ref().len() > MAX_TLS_PORTS {
+            let msg = format!(
+                "at most {MAX_TLS_PORTS} TLS ports, got {}",
+                raw.get_ref().len()
+            );
+            self.issue(raw.span(), "defaults.tls_ports".into(), msg);
+        }
+        let mut out = Vec::new();
+        for (i, port) in raw.get_ref().iter().enumerate() {
+            match u16::try_from(*port.get_ref()) {
+                Ok(p) if p > 0 && !out.contains(&p) => out.push(p),
+                Ok(p) if p > 0 => {
+                    let msg = format!("port {p} is listed twice");
+                    self.issue(port.span(), format!("defaults.tls_ports[{i}]"), msg);
+                }
+                _ => {
+                    let msg = format!("expected a port in 1-65535, got {}", port.get_ref());
+                    self.issue(port.span(), format!("defaults.tls_ports[{i}]"), msg);
+                }
+            }
+        }
+        out
     }
 
     fn agent_id(&mut self, id: &Spanned<i64>, field: String) -> Option<u32> {
@@ -1166,6 +1353,18 @@ impl Checker<'_> {
         let mut to = Vec::with_capacity(r.to.get_ref().len());
         for (k, dest) in r.to.get_ref().iter().enumerate() {
             match destination(dest.get_ref()) {
+                Ok(Destination::Name(_)) if r.action == Action::Deny => {
+                    let msg = "host names can only be allowed: a name the agent may not use \
+                               is refused by its DNS resolver already; deny addresses with \
+                               CIDRs or presets"
+                        .to_owned();
+                    self.issue(dest.span(), format!("{at}.to[{k}]"), msg);
+                }
+                Ok(Destination::Name(_)) if r.proto == Proto::Icmp => {
+                    let msg =
+                        "host names apply to tcp and udp rules (and \"any\"), not icmp".to_owned();
+                    self.issue(dest.span(), format!("{at}.to[{k}]"), msg);
+                }
                 Ok(d) => to.push(d),
                 Err(msg) => self.issue(dest.span(), format!("{at}.to[{k}]"), msg),
             }
@@ -1227,6 +1426,34 @@ fn destination(text: &str) -> Result<Destination, String> {
             })
             .collect();
         return Ok(Destination::Preset { name, nets });
+    }
+    // A name has a letter, `-` or `_` in its last label (top-level domains are never
+    // numeric); anything else is read as an address so typos in addresses are reported
+    // as such.
+    let looks_like_name = text.starts_with("*.")
+        || text.trim_end_matches('.').contains('.')
+            && text
+                .trim_end_matches('.')
+                .rsplit('.')
+                .next()
+                .is_some_and(|tld| {
+                    tld.bytes()
+                        .any(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+                })
+            && !text.contains(':')
+            && !text.contains('/');
+    if looks_like_name {
+        return match text.strip_prefix("*.") {
+            Some(rest) => normalize_name(rest)
+                .map(|n| Destination::Name(NamePattern::Wildcard(format!(".{n}"))))
+                .map_err(|e| e.to_string()),
+            None if text.contains('*') => Err(format!(
+                "\"{text}\": a wildcard is a whole leftmost label, as in \"*.example.com\""
+            )),
+            None => normalize_name(text)
+                .map(|n| Destination::Name(NamePattern::Exact(n)))
+                .map_err(|e| e.to_string()),
+        };
     }
     text.parse()
         .map(Destination::Net)
@@ -1532,7 +1759,8 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         );
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
-            "p.toml:1:2: default: unknown field `default`, expected `defaults` or `agents`"
+            "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
+             `agents`, `detectors`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -1748,7 +1976,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             vec![
                 "p.toml:3:11: detectors[0].literal: expected 1 to 64 bytes, got 0",
                 "p.toml:7:8: detectors[1].name: name \"k\" is already used by detectors[0]",
-                "p.toml:11:8: detectors[2].name: expected 1 to 64 characters from A-Z a-z 0-9 \
+                "p.toml:12:8: detectors[2].name: expected 1 to 64 characters from A-Z a-z 0-9 \
                  _ . -, got \"bad name\"",
             ]
         );
@@ -1775,5 +2003,85 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             "reading policy file /nonexistent/policy.toml"
         );
         assert!(matches!(err, PolicyError::Read { .. }));
+    }
+
+    #[test]
+    fn host_names_parse_normalize_and_match() {
+        let p = parse(
+            "p.toml",
+            &format!(
+                "[defaults]\ntls_ports = [443, 8443]\n{}",
+                agent(
+                    "prefixes = [\"10.0.0.0/8\", \"10.1.0.7\"]\n\
+                     [[agents.egress]]\naction = \"allow\"\n\
+                     to = [\"API.Example.test.\", \"*.cdn.example.test\", \"10.0.2.0/24\"]\n\
+                     proto = \"tcp\"\nports = 443\n\
+                     [[agents.egress]]\naction = \"allow\"\nto = [\"api.example.test\"]\n\
+                     proto = \"udp\"\nports = \"8000-8100\"\n"
+                )
+            ),
+        )
+        .unwrap();
+        assert_eq!(p.tls_ports(), [443, 8443]);
+        let a = &p.agents()[0];
+        assert!(a.has_names());
+        assert_eq!(
+            a.egress[0].to[..2],
+            [
+                Destination::Name(NamePattern::Exact("api.example.test".into())),
+                Destination::Name(NamePattern::Wildcard(".cdn.example.test".into())),
+            ]
+        );
+        assert_eq!(
+            a.name_rules("api.example.test"),
+            [
+                (Proto::Tcp, PortRange { lo: 443, hi: 443 }),
+                (Proto::Udp, PortRange { lo: 8000, hi: 8100 }),
+            ]
+        );
+        assert!(a.allows_name("x.y.cdn.example.test", Proto::Tcp, 443));
+        assert!(!a.allows_name("cdn.example.test", Proto::Tcp, 443));
+        assert!(!a.allows_name("xcdn.example.test", Proto::Tcp, 443));
+        assert!(!a.allows_name("api.example.test", Proto::Tcp, 80));
+        assert!(a.name_rules("other.test").is_empty());
+        assert_eq!(p.agent_by_interface("veth-a").map(|a| a.id), Some(1));
+        assert_eq!(
+            p.agent_by_source("10.1.0.7".parse().unwrap()).map(|a| a.id),
+            Some(1)
+        );
+        assert!(p.agent_by_source("11.0.0.1".parse().unwrap()).is_none());
+        assert_eq!(
+            parse("p.toml", &agent("")).unwrap().tls_ports(),
+            DEFAULT_TLS_PORTS
+        );
+    }
+
+    #[test]
+    fn bad_host_names_are_reported_where_they_are() {
+        let rule = |to: &str, action: &str| {
+            agent(&format!(
+                "[[agents.egress]]\naction = \"{action}\"\nto = [{to}]\nproto = \"tcp\"\n"
+            ))
+        };
+        assert_eq!(
+            issue(&rule("\"api.example.test\"", "deny")),
+            "p.toml:7:7: agents[0].egress[0].to[0]: host names can only be allowed: a name the \
+             agent may not use is refused by its DNS resolver already; deny addresses with \
+             CIDRs or presets"
+        );
+        assert!(
+            issue(&rule("\"a*.example.test\"", "allow"))
+                .contains("a wildcard is a whole leftmost label")
+        );
+        assert!(issue(&rule("\"bad!name.test\"", "allow")).contains("has '!'"));
+        assert!(issue(&rule("\"a..b.test\"", "allow")).contains("label 1"));
+        assert!(
+            issue(&format!(
+                "[defaults]\ntls_ports = [1, 2, 3, 4, 5]\n{}",
+                agent("")
+            ))
+            .contains("at most 4")
+        );
+        assert!(normalize_name(&"a".repeat(254)).is_err());
     }
 }

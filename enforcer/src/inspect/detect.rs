@@ -55,11 +55,7 @@ impl Detectors {
                 .filter(|d| d.action == DetectorAction::Block)
                 .map(|d| d.literal.as_bytes().to_vec())
                 .collect(),
-            longest: detectors
-                .iter()
-                .map(|d| d.literal.len())
-                .max()
-                .unwrap_or(0),
+            longest: detectors.iter().map(|d| d.literal.len()).max().unwrap_or(0),
         })
     }
 
@@ -164,9 +160,7 @@ impl Scanner {
         // Only bytes not forwarded yet can be held: after an idle release the tail may
         // look like a marker's start again, but those bytes are already on the other side.
         let unsent = seen - self.held;
-        let hold = detectors
-            .partial_block(&window)
-            .min(window.len() - unsent);
+        let hold = detectors.partial_block(&window).min(window.len() - unsent);
         let release = window[unsent..window.len() - hold].to_vec();
         let keep = window.len().min(detectors.longest.saturating_sub(1));
         window.drain(..window.len() - keep);
@@ -309,6 +303,9 @@ mod tests {
         let d = Detectors::new(&[]).unwrap();
         assert!(d.is_empty());
         let (out, flags, block) = run(&d, &[b"sk-live-", b"x"]);
-        assert_eq!((out.as_slice(), flags.len(), block), (&b"sk-live-x"[..], 0, None));
+        assert_eq!(
+            (out.as_slice(), flags.len(), block),
+            (&b"sk-live-x"[..], 0, None)
+        );
     }
 }
