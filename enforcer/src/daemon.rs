@@ -883,15 +883,14 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     // The inspecting proxy, once the first policy says whom to inspect.
     if let Some(inspect) = daemon.config.inspect.clone() {
         let stats = Arc::new(crate::inspect::Stats::default());
-        let proxy = crate::inspect::proxy::Proxy::start(
-            &inspect,
-            &daemon.config.state_dir,
+        crate::inspect::proxy::spawn(
+            inspect,
+            daemon.config.state_dir.clone(),
             daemon.user_audit.clone(),
             stats.clone(),
             daemon.inspect_policy.subscribe(),
         )
         .await?;
-        tokio::spawn(proxy.serve());
         daemon.info.send_modify(|info| info.inspect = Some(stats));
     }
     if let Some(addr) = daemon.config.metrics_listen {

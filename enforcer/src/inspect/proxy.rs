@@ -99,6 +99,56 @@ pub enum InspectError {
     /// The transparent redirect could not be installed.
     #[error("installing the transparent redirect")]
     Redirect(#[from] redirect::RedirectError),
+    /// The proxy's runtime or thread could not be started.
+    #[error("starting the proxy's runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Most worker threads the proxy's runtime gets.
+const MAX_WORKERS: usize = 4;
+
+/// Starts the proxy on a multi-threaded runtime of its own, on its own thread, and returns
+/// once it listens (or failed to start). Encryption is CPU work: on the daemon's
+/// single-threaded runtime a large transfer would delay policy applies and API answers,
+/// and it could use only one core.
+pub async fn spawn(
+    config: InspectConfig,
+    state_dir: PathBuf,
+    audit: UserAudit,
+    stats: Arc<Stats>,
+    policy: watch::Receiver<Option<Arc<Policy>>>,
+) -> Result<(), InspectError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .min(MAX_WORKERS);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("inspect")
+        .enable_all()
+        .build()
+        .map_err(InspectError::Runtime)?;
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("inspect".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match Proxy::start(&config, &state_dir, audit, stats, policy).await {
+                    Ok(proxy) => {
+                        let _ = started_tx.send(Ok(()));
+                        proxy.serve().await;
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                    }
+                }
+            })
+        })
+        .map_err(InspectError::Runtime)?;
+    started.await.unwrap_or_else(|_| {
+        Err(InspectError::Runtime(std::io::Error::other(
+            "the proxy thread ended during start-up",
+        )))
+    })
 }
 
 /// The running proxy: its listeners and what every connection shares.
@@ -288,7 +338,8 @@ impl Proxy {
         Ok(())
     }
 
-    /// Serves until the task is dropped.
+    /// Serves until the task is dropped. Connections keep the detectors they started
+    /// with; a new policy applies to the next ones.
     pub async fn serve(mut self) {
         loop {
             tokio::select! {
