@@ -24,6 +24,7 @@
 //! listen = "0.0.0.0:3128"                # explicit CONNECT proxy; "" disables it
 //! transparent_port = 3129                # redirect target for inspected agents' TLS ports; 0 disables
 //! upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # roots for upstream certificates
+//! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
 //!
 //! [limits]
 //! max_agents = 4096
@@ -116,6 +117,7 @@ struct RawInspect {
     transparent_port: u16,
     #[serde(default = "default_upstream_roots")]
     upstream_roots: PathBuf,
+    ca_dir: Option<PathBuf>,
 }
 
 fn default_inspect_listen() -> String {
@@ -324,6 +326,7 @@ impl Config {
                     listen,
                     transparent_port,
                     upstream_roots: base.join(i.upstream_roots),
+                    ca_dir: i.ca_dir.map_or_else(|| state_dir.clone(), |d| base.join(d)),
                 })
             }
             None => None,
@@ -453,6 +456,7 @@ mod tests {
                 listen: Some("0.0.0.0:3128".parse().unwrap()),
                 transparent_port: Some(3129),
                 upstream_roots: PathBuf::from("/etc/e/roots.pem"),
+                ca_dir: PathBuf::from("/run/enforcer"),
             })
         );
         let err = Config::parse(

@@ -885,7 +885,6 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         let stats = Arc::new(crate::inspect::Stats::default());
         crate::inspect::proxy::spawn(
             inspect,
-            daemon.config.state_dir.clone(),
             daemon.user_audit.clone(),
             stats.clone(),
             daemon.inspect_policy.subscribe(),

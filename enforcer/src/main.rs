@@ -145,7 +145,8 @@ enum ControlPlaneCommand {
 #[derive(Subcommand)]
 enum InspectCommand {
     /// Print the node's inspection CA certificate (PEM) for agent sandboxes to trust;
-    /// generates the CA in the state directory if the daemon has not yet.
+    /// generates the CA (in `[inspect].ca_dir`, default the state directory) if the
+    /// daemon has not yet.
     Ca,
 }
 
@@ -508,9 +509,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             command: InspectCommand::Ca,
         } => {
             let config = load_config(&cli.config)?;
-            std::fs::create_dir_all(&config.state_dir)
-                .with_context(|| format!("creating {}", config.state_dir.display()))?;
-            let ca = enforcer::inspect::ca::NodeCa::load_or_create(&config.state_dir)?;
+            let dir = config
+                .inspect
+                .map_or(config.state_dir, |inspect| inspect.ca_dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let ca = enforcer::inspect::ca::NodeCa::load_or_create(&dir)?;
             print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }

@@ -2,7 +2,7 @@
 //! across restarts, so the trust an agent sandbox is given stays valid. Leaf certificates
 //! are minted per server name when an agent first connects to it, and cached.
 //!
-//! | file (in `state_dir`) | what |
+//! | file (in `[inspect].ca_dir`, default `state_dir`) | what |
 //! |---|---|
 //! | `inspect-ca.pem` | the CA certificate agents trust (`enforcer inspect ca` prints it) |
 //! | `inspect-ca.key` | its ECDSA P-256 key, mode 0600 |

@@ -37,6 +37,7 @@ use std::{
 /// listen = "0.0.0.0:3128"        # explicit CONNECT proxy; "" disables it
 /// transparent_port = 3129        # where the agents' TLS ports are redirected; 0 disables it
 /// upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # PEM roots the upstream certificates are verified with
+/// ca_dir = "/var/lib/enforcer"   # where the node CA lives (default: state_dir); keep it on persistent storage
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InspectConfig {
@@ -48,6 +49,9 @@ pub struct InspectConfig {
     pub transparent_port: Option<u16>,
     /// PEM file of the roots upstream certificates must chain to.
     pub upstream_roots: PathBuf,
+    /// Directory of the node CA's files. It must outlive reboots: every sandbox trusts
+    /// the CA, and a new one means provisioning them all again.
+    pub ca_dir: PathBuf,
 }
 
 /// Default of `[inspect].listen`.

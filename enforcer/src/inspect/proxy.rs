@@ -113,7 +113,6 @@ const MAX_WORKERS: usize = 4;
 /// and it could use only one core.
 pub async fn spawn(
     config: InspectConfig,
-    state_dir: PathBuf,
     audit: UserAudit,
     stats: Arc<Stats>,
     policy: watch::Receiver<Option<Arc<Policy>>>,
@@ -132,7 +131,7 @@ pub async fn spawn(
         .name("inspect".into())
         .spawn(move || {
             runtime.block_on(async move {
-                match Proxy::start(&config, &state_dir, audit, stats, policy).await {
+                match Proxy::start(&config, audit, stats, policy).await {
                     Ok(proxy) => {
                         let _ = started_tx.send(Ok(()));
                         proxy.serve().await;
@@ -239,12 +238,18 @@ impl Proxy {
     /// redirect for the policy `policy` holds now.
     pub async fn start(
         config: &InspectConfig,
-        state_dir: &Path,
         audit: UserAudit,
         stats: Arc<Stats>,
         policy: watch::Receiver<Option<Arc<Policy>>>,
     ) -> Result<Proxy, InspectError> {
-        let ca = NodeCa::load_or_create(state_dir)?;
+        fs::create_dir_all(&config.ca_dir).map_err(|source| {
+            InspectError::Ca(CaError::Io {
+                op: "creating",
+                path: config.ca_dir.clone(),
+                source,
+            })
+        })?;
+        let ca = NodeCa::load_or_create(&config.ca_dir)?;
         let roots = load_roots(&config.upstream_roots)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut server = ServerConfig::builder_with_provider(provider.clone())
