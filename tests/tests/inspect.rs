@@ -659,6 +659,36 @@ fn detectors_and_names() {
         Some(1.0),
         "{metrics}"
     );
+
+    // In monitor mode the same secret passes, and the would-be block is on record.
+    let config = s.lab.config_path();
+    let out = s.lab.cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "mode",
+        "coder",
+        "monitor",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.curl(
+        Via::Transparent,
+        ALLOWED,
+        &[
+            "--data-binary",
+            &format!("@{}", secret_path.display()),
+            &url("/upload"),
+        ],
+    );
+    assert!(out.status.success(), "monitor mode: {}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex(&secret)
+    );
+    let records = s.proxy_records(expected_records + 2);
+    let r = &records[expected_records + 1];
+    assert_eq!(r["reason"], "detector_block", "{r}");
+    assert_eq!(r["verdict"], "pass", "{r}");
+    assert_eq!(r["detail"], "secret-key (up)", "{r}");
 }
 
 /// The redirect lives in the daemon's own nftables table and goes with the daemon; the
@@ -707,4 +737,35 @@ fn redirect_table_and_ca_lifecycle() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, pattern(1000));
+
+    // A policy that stops inspecting the agent takes the redirect away: its TLS now
+    // reaches the server directly, whose certificate the node CA did not sign.
+    let uninspected = s.lab.write_file(
+        "uninspected.toml",
+        &policy().replace("inspect = true", "inspect = false"),
+    );
+    let config = s.lab.config_path();
+    let out = s.lab.cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "policy",
+        "apply",
+        uninspected.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.lab.gw.exec(&list).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the table outlived inspect = false"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = s.curl(
+        Via::Transparent,
+        ALLOWED,
+        &[&format!("https://{ALLOWED}/download/1000")],
+    );
+    // curl's exit code 60: the peer's certificate could not be verified.
+    assert_eq!(out.status.code(), Some(60), "{}", stderr(&out));
 }

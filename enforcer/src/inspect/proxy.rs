@@ -169,6 +169,9 @@ struct Shared {
     audit: UserAudit,
     stats: Arc<Stats>,
     path: InspectPath,
+    /// What the daemon publishes after every apply.
+    policy: watch::Receiver<Option<Arc<Policy>>>,
+    /// The newest policy seen and its compiled detectors (see [`Shared::current`]).
     current: Mutex<Current>,
 }
 
@@ -299,6 +302,7 @@ impl Proxy {
                 audit,
                 stats,
                 path,
+                policy: policy.clone(),
                 current: Mutex::new(current),
             }),
             connect,
@@ -322,7 +326,7 @@ impl Proxy {
             return Ok(());
         }
         let rules = {
-            let current = self.shared.current.lock().expect("policy lock");
+            let current = self.shared.current();
             current.policy.as_ref().and_then(|p| {
                 let interfaces: Vec<String> = p
                     .agents()
@@ -353,11 +357,7 @@ impl Proxy {
                         // The daemon is going away.
                         std::future::pending::<()>().await;
                     }
-                    let policy = self.policy.borrow_and_update().clone();
-                    match Current::new(policy) {
-                        Ok(current) => *self.shared.current.lock().expect("policy lock") = current,
-                        Err(e) => tracing::error!(error = %crate::daemon::error_chain(&e), "compiling the detectors; keeping the previous ones"),
-                    }
+                    self.policy.borrow_and_update();
                     if let Err(e) = self.update_redirect() {
                         tracing::error!(error = %crate::daemon::error_chain(&e), "updating the transparent redirect");
                     }
@@ -401,9 +401,33 @@ enum Target {
 }
 
 impl Shared {
+    /// The newest policy and its detectors, recompiled here when the daemon has published
+    /// another one: a connection accepted right after an apply returned is judged by it,
+    /// whenever the serve loop gets to the change.
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        let mut current = self.current.lock().expect("policy lock");
+        let latest = self.policy.borrow().clone();
+        let same = match (&current.policy, &latest) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            match Current::new(latest) {
+                Ok(newer) => *current = newer,
+                // Not reachable within the policy's limits on detectors; say so loudly.
+                Err(e) => tracing::error!(
+                    error = %crate::daemon::error_chain(&e),
+                    "compiling the detectors; keeping the previous ones"
+                ),
+            }
+        }
+        current
+    }
+
     /// The inspected agent a connection belongs to (see the module documentation).
     fn agent_for(&self, local: SocketAddr, peer: SocketAddr) -> Option<Agent> {
-        let current = self.current.lock().expect("policy lock");
+        let current = self.current();
         let policy = current.policy.as_ref()?;
         let by_interface =
             interface_of(local.ip().to_canonical()).and_then(|i| policy.agent_by_interface(&i));
@@ -641,7 +665,7 @@ impl Shared {
         };
 
         let (detectors, policy_detectors) = {
-            let current = self.current.lock().expect("policy lock");
+            let current = self.current();
             let detectors = match who.agent.mode {
                 Mode::Enforce => current.enforce.clone(),
                 Mode::Monitor => current.monitor.clone(),
