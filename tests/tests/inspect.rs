@@ -570,7 +570,7 @@ fn detectors_and_names() {
         let r = &records[expected_records - 1];
         assert_eq!(r["reason"], "detector_block", "{r}");
         assert_eq!(r["verdict"], "drop", "{r}");
-        assert_eq!(r["detail"], "secret-key (up)", "{r}");
+        assert_eq!(r["detail"], "secret-key", "{r}");
         assert_eq!(r["name"], ALLOWED, "{r}");
         assert_eq!(r["agent"], 1, "{r}");
         assert_eq!(r["dst"], format!("{SERVER_V4}:443"), "{r}");
@@ -587,7 +587,7 @@ fn detectors_and_names() {
         let r = &records[expected_records - 1];
         assert_eq!(r["reason"], "detector_flag", "{r}");
         assert_eq!(r["verdict"], "pass", "{r}");
-        assert_eq!(r["detail"], "mcp-call (up)", "{r}");
+        assert_eq!(r["detail"], "mcp-call", "{r}");
         assert_eq!(r["name"], ALLOWED, "{r}");
 
         // A name the agent may not reach: refused before any byte reaches the server.
@@ -688,7 +688,7 @@ fn detectors_and_names() {
     let r = &records[expected_records + 1];
     assert_eq!(r["reason"], "detector_block", "{r}");
     assert_eq!(r["verdict"], "pass", "{r}");
-    assert_eq!(r["detail"], "secret-key (up)", "{r}");
+    assert_eq!(r["detail"], "secret-key", "{r}");
 }
 
 /// The redirect lives in the daemon's own nftables table and goes with the daemon; the

@@ -686,6 +686,13 @@ impl Shared {
                 DetectorAction::Flag => ("detector_flag", "flag"),
             };
             self.stats.hit(who.agent.id, &written.name, action);
+            tracing::info!(
+                agent = who.agent.name,
+                detector = written.name,
+                direction = direction.name(),
+                name,
+                "proxy: detector hit, passed"
+            );
             // One record per detector and connection: a marker repeated in a stream is
             // counted, not logged each time.
             if audited.insert(detector) {
@@ -697,7 +704,7 @@ impl Shared {
                     src: Some(who.peer),
                     dst: Some(dst.clone()),
                     name: Some(name.clone()),
-                    detail: Some(format!("{} ({})", written.name, direction.name())),
+                    detail: Some(written.name.clone()),
                 });
             }
         };
@@ -711,6 +718,13 @@ impl Shared {
         match report.hit {
             Some(hit) => {
                 let detector = detectors.name(hit.detector).to_string();
+                tracing::info!(
+                    agent = who.agent.name,
+                    detector,
+                    direction = hit.direction.name(),
+                    name,
+                    "proxy: detector hit, connection closed"
+                );
                 self.stats.hit(who.agent.id, &detector, "block");
                 self.stats.connection(who.agent.id, Outcome::Blocked);
                 self.record(UserEvent {
@@ -721,7 +735,7 @@ impl Shared {
                     src: Some(who.peer),
                     dst: Some(dst),
                     name: Some(name),
-                    detail: Some(format!("{detector} ({})", hit.direction.name())),
+                    detail: Some(detector),
                 });
             }
             None => {
