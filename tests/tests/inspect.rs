@@ -689,6 +689,16 @@ fn detectors_and_names() {
     assert_eq!(r["reason"], "detector_block", "{r}");
     assert_eq!(r["verdict"], "pass", "{r}");
     assert_eq!(r["detail"], "secret-key", "{r}");
+
+    // The proxy's records are links of the same hash chain as the kernel's.
+    let log = s.lab.dir.join("audit.jsonl");
+    let out = s.lab.cli(&["audit", "verify", log.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// The redirect lives in the daemon's own nftables table and goes with the daemon; the
