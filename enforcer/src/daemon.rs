@@ -12,6 +12,7 @@ use std::{
     ffi::CString,
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -86,6 +87,9 @@ pub enum DaemonError {
     /// A map operation failed at start-up.
     #[error(transparent)]
     Maps(#[from] crate::dataplane::MapsError),
+    /// The inspecting proxy could not start.
+    #[error("starting the inspecting proxy")]
+    Inspect(#[from] crate::inspect::proxy::InspectError),
 }
 
 /// Errors loading and compiling a policy.
@@ -222,6 +226,8 @@ struct Daemon {
     audit: watch::Sender<AuditContext>,
     /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
     user_audit: UserAudit,
+    /// The enforcing policy, for the inspecting proxy (names, detectors, who is inspected).
+    inspect_policy: watch::Sender<Option<Arc<Policy>>>,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
     /// The control-plane connection, when one is configured.
@@ -299,6 +305,13 @@ impl Daemon {
                     micros = self.status.apply_micros,
                     "policy applied"
                 );
+                if self.config.inspect.is_none() && policy.agents().iter().any(|a| a.inspect) {
+                    tracing::warn!(
+                        "agents have inspect = true but the configuration has no [inspect] section: their TLS is not inspected"
+                    );
+                }
+                self.inspect_policy
+                    .send_replace(Some(Arc::new(policy.clone())));
                 // Records of packets decided by this generation name it and its digest.
                 self.audit.send_replace(AuditContext::new(
                     generation,
@@ -838,6 +851,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         info,
         audit: audit_ctx,
         user_audit,
+        inspect_policy: watch::channel(None).0,
         store,
         control_plane: None,
         reloads_ok: 0,
@@ -865,6 +879,18 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             daemon.status.write(&daemon.config.state_dir)?;
             daemon.publish();
         }
+    }
+    // The inspecting proxy, once the first policy says whom to inspect.
+    if let Some(inspect) = daemon.config.inspect.clone() {
+        let stats = Arc::new(crate::inspect::Stats::default());
+        crate::inspect::proxy::spawn(
+            inspect,
+            daemon.user_audit.clone(),
+            stats.clone(),
+            daemon.inspect_policy.subscribe(),
+        )
+        .await?;
+        daemon.info.send_modify(|info| info.inspect = Some(stats));
     }
     if let Some(addr) = daemon.config.metrics_listen {
         let listener = metrics::bind(addr)
@@ -928,6 +954,15 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     warn_notify(notify::stopping());
+    if daemon
+        .config
+        .inspect
+        .as_ref()
+        .is_some_and(|i| i.transparent_port.is_some())
+        && let Err(e) = crate::inspect::redirect::remove()
+    {
+        tracing::error!(error = %error_chain(&e), "removing the transparent redirect");
+    }
     // Let the audit reader drain what the ring holds and sync the log.
     let _ = audit_stop.send(());
     match audit_task.await {
