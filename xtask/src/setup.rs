@@ -9,8 +9,11 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// from llvm-22-dev) to build bpf-linker against, iproute2 for the namespace tests, and
 /// systemd for `systemd-analyze verify` of the service unit (container images and CI
 /// runners often lack it; the tests only verify the unit and need no running systemd),
-/// and what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
-/// come with libxdp1), nftables and iptables.
+/// what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
+/// come with libxdp1), nftables and iptables; and what `cargo xtask vmtest` needs: qemu, the
+/// guest agent vmtest's init starts in the guest (from the shared host root), a static
+/// busybox for the initramfs, kmod (depmod on the host, modprobe in the guest) and xz for
+/// 6.12's compressed modules.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +24,11 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "nftables",
     "iptables",
+    "qemu-system-x86",
+    "qemu-guest-agent",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -37,6 +45,7 @@ pub fn run() -> Result<()> {
     ensure_nightly()?;
     ensure_nightly_component("rust-src")?;
     bpf_linker()?;
+    vmtest()?;
     bpffs()?;
     Ok(())
 }
@@ -170,6 +179,21 @@ fn bpf_linker() -> Result<()> {
              {found:?}: put cargo's bin directory (usually ~/.cargo/bin) first on PATH"
         ),
     }
+}
+
+/// The vmtest tool, from crates.io, at the version `cargo xtask vmtest` is written against.
+fn vmtest() -> Result<()> {
+    let wanted = crate::vm::VMTEST_VERSION;
+    let found = probe(Command::new("vmtest").arg("--version"))
+        .ok()
+        .map(|out| out.trim().trim_start_matches("vmtest").trim().to_owned());
+    if found.as_deref() == Some(wanted) {
+        println!("ok: vmtest {wanted} present");
+        return Ok(());
+    }
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["install", "--locked", &format!("vmtest@{wanted}")]);
+    run_step(&mut cmd).context("installing vmtest")
 }
 
 fn bpffs() -> Result<()> {
