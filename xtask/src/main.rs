@@ -98,7 +98,7 @@ fn main() -> Result<ExitCode> {
             // Output is passed through as it comes and the per-binary results are summed.
             let mut child = cargo(&root)
                 .args(["test", "--release", "--", "--test-threads=1"])
-                .args(args)
+                .args(&args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting cargo test")?;
@@ -130,13 +130,14 @@ fn main() -> Result<ExitCode> {
                 }
             }
             if status.success() && totals.failed == 0 {
-                // The tests that need a kernel feature the host lacks, on every kernel line.
+                // The tests that need a kernel feature the host lacks, on every kernel line,
+                // with the same test arguments (a name filter reaches the VM tests too).
                 match vm::run(
                     &root,
                     &target_dir(&root),
                     vm::Line::ALL,
                     &default_vm_tests(),
-                    &[],
+                    &args,
                 ) {
                     Ok(runs) => {
                         totals.failed += vm_summary(&runs);
