@@ -795,8 +795,67 @@ ports = "443"
                     (1, v4("169.254.170.2/32"), https),
                 ],
                 destinations_v6: vec![(1, v6("fd00:ec2::254/128"), https)],
+                tls_ports: TlsPorts {
+                    ports: [443, 0, 0, 0],
+                },
+                server_names: vec![],
             }
         );
+    }
+
+    #[test]
+    fn host_names_become_server_names_and_flags() {
+        let c = ok(r#"
+[defaults]
+tls_ports = [443, 8443]
+[[agents]]
+id = 3
+name = "a"
+interfaces = ["if4"]
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test", "*.cdn.example.test", "10.0.0.0/8"]
+proto = "tcp"
+ports = 443
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "8000-9000"
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = 8443
+"#);
+        assert_eq!(c.tls_ports.ports, [443, 8443, 0, 0]);
+        assert_eq!(c.agents[0].1.flags & AGENT_NAMES, AGENT_NAMES);
+        // The 8443 rule is inside 8000-9000, so it is dropped as dead.
+        assert_eq!(
+            c.server_names,
+            vec![
+                (
+                    3,
+                    SNI_EXACT,
+                    "api.example.test".into(),
+                    set(&[
+                        allow(IPPROTO_TCP, (443, 443)),
+                        allow(IPPROTO_TCP, (8000, 9000))
+                    ])
+                ),
+                (
+                    3,
+                    SNI_WILDCARD,
+                    ".cdn.example.test".into(),
+                    set(&[allow(IPPROTO_TCP, (443, 443))])
+                ),
+            ]
+        );
+        // Names add no static destinations; the CIDR still does.
+        assert_eq!(c.destinations_v4.len(), 1);
+        // An agent without names has no name flag.
+        let plain = ok("[[agents]]\nid = 1\nname = \"b\"\ninterfaces = [\"if4\"]\n");
+        assert_eq!(plain.agents[0].1.flags & AGENT_NAMES, 0);
     }
 
     #[test]
