@@ -111,9 +111,11 @@ fn try_inspect(ctx: &SkMsgContext) -> Result<(), InspectReason> {
     // SAFETY: the helper only writes the message's apply_bytes.
     unsafe { bpf_msg_apply_bytes(ctx.msg, apply) };
 
+    // Not null pointers: zeroing them would become a `memset` call (see flow_key); the
+    // loop sets both before every use anyway.
     let mut scan = Scan {
-        data: ptr::null(),
-        data_end: ptr::null(),
+        data: ctx.data() as *const u8,
+        data_end: ctx.data_end() as *const u8,
         dfa,
         state: flow.dfa_state,
         hit: 0,
@@ -196,8 +198,11 @@ extern "C" fn scan_byte(index: u64, ctx: *mut c_void) -> i64 {
     // their arrays (MAX_STATES is a power of two), which is also what the verifier checks.
     let (next, out, flags) = unsafe {
         let dfa = &*scan.dfa;
-        let state = (scan.state as usize) & (MAX_STATES - 1);
-        let next = *dfa.next.as_ptr().add((state << 8) | byte) as usize & (MAX_STATES - 1);
+        // Row offset through black_box so LLVM cannot prove its low byte zero and fuse
+        // `row + byte` into an OR: Linux 6.1's verifier forgets every bound of a register
+        // ORed with a non-constant (6.7 relaxed that), while it keeps them over an ADD.
+        let row = core::hint::black_box(((scan.state as usize) & (MAX_STATES - 1)) << 8);
+        let next = *dfa.next.as_ptr().add(row + byte) as usize & (MAX_STATES - 1);
         let out = u32::from(*dfa.out.as_ptr().add(next));
         let flags = if out == 0 {
             0
@@ -225,38 +230,52 @@ extern "C" fn scan_byte(index: u64, ctx: *mut c_void) -> i64 {
 
 /// The socket's key, as user space computes it from the socket's addresses.
 fn flow_key(ctx: &SkMsgContext) -> FlowKey {
-    // SAFETY: reads of context fields sk_msg programs may read.
-    let md = unsafe { &*ctx.msg };
+    let md = ctx.msg;
+    // Context fields are read one by one with volatile loads: the verifier only accepts
+    // `*(ctx + constant)`, and LLVM would otherwise load through a pointer it selected
+    // between two fields ("dereference of modified ctx ptr").
+    // SAFETY: reads of context fields sk_msg programs may read (all of them, any family).
+    let field = |p: *const u32| unsafe { ptr::read_volatile(p) };
+    let (family, local_port, raw_port, local4, remote4, local6, remote6) = unsafe {
+        (
+            field(&raw const (*md).family),
+            field(&raw const (*md).local_port),
+            field(&raw const (*md).remote_port),
+            field(&raw const (*md).local_ip4),
+            field(&raw const (*md).remote_ip4),
+            [
+                field(&raw const (*md).local_ip6[0]),
+                field(&raw const (*md).local_ip6[1]),
+                field(&raw const (*md).local_ip6[2]),
+                field(&raw const (*md).local_ip6[3]),
+            ],
+            [
+                field(&raw const (*md).remote_ip6[0]),
+                field(&raw const (*md).remote_ip6[1]),
+                field(&raw const (*md).remote_ip6[2]),
+                field(&raw const (*md).remote_ip6[3]),
+            ],
+        )
+    };
     // remote_port holds the port's network-order bytes; some kernels shift them into the
     // upper half of the word (sock_ops style). Normalise both to host order.
-    let raw = md.remote_port;
-    let raw = if raw > 0xffff { raw >> 16 } else { raw };
+    let raw = if raw_port > 0xffff { raw_port >> 16 } else { raw_port };
     let remote_port = u32::from(u16::from_be(raw as u16));
-    let mut key = FlowKey {
-        family: md.family,
-        local_port: md.local_port,
-        remote_port,
-        local_ip: [0; 4],
-        remote_ip: [0; 4],
-    };
-    if md.family == FAMILY_V6 {
-        key.local_ip = [
-            md.local_ip6[0],
-            md.local_ip6[1],
-            md.local_ip6[2],
-            md.local_ip6[3],
-        ];
-        key.remote_ip = [
-            md.remote_ip6[0],
-            md.remote_ip6[1],
-            md.remote_ip6[2],
-            md.remote_ip6[3],
-        ];
+    // Every word is written with a value (no zeroed array then patched): LLVM turns
+    // zeroing into a call to `memset`, a global function Linux 6.1's verifier rejects
+    // ("reg type unsupported for arg#0").
+    let (local_ip, remote_ip) = if family == FAMILY_V6 {
+        (local6, remote6)
     } else {
-        key.local_ip[0] = md.local_ip4;
-        key.remote_ip[0] = md.remote_ip4;
+        ([local4, 0, 0, 0], [remote4, 0, 0, 0])
+    };
+    FlowKey {
+        family,
+        local_port,
+        remote_port,
+        local_ip,
+        remote_ip,
     }
-    key
 }
 
 fn count(reason: InspectReason) {

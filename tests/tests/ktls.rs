@@ -204,3 +204,280 @@ fn ktls_load_says_when_the_kernel_has_no_ktls() {
         Err(e) => panic!("unexpected error: {e:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// In the VM: real TLS through the kernel splice
+// ---------------------------------------------------------------------------------------
+
+mod vm {
+    use std::sync::Arc;
+
+    use enforcer::ktls::{Direction, HandshakeCork, Hit, Ktls, SpliceReport};
+    use ring::digest::{Context, SHA256};
+    use rustls::{
+        ClientConfig, RootCertStore, ServerConfig,
+        crypto::ring::default_provider,
+        pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    };
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    /// A TLS identity for `name` and a client config trusting it (and only it).
+    fn identity(name: &str, extract: bool) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let cert: CertificateDer<'static> = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let mut server = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.enable_secret_extraction = extract;
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = extract;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// What one end of the connection received: length, SHA-256, and the first bytes.
+    #[derive(Debug)]
+    struct Received {
+        len: u64,
+        digest: Vec<u8>,
+        head: Vec<u8>,
+        /// The stream ended with an error (reset, missing close_notify) rather than EOF.
+        error: Option<String>,
+    }
+
+    async fn receive(mut r: impl tokio::io::AsyncRead + Unpin) -> Received {
+        let mut ctx = Context::new(&SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut len, mut head, mut error) = (0u64, Vec::new(), None);
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    ctx.update(&buf[..n]);
+                    len += n as u64;
+                    if head.len() < 4096 {
+                        head.extend_from_slice(&buf[..n.min(4096 - head.len())]);
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        Received {
+            len,
+            digest: ctx.finish().as_ref().to_vec(),
+            head,
+            error,
+        }
+    }
+
+    /// `len` pseudo-random bytes (xorshift), in chunks; the same seed gives the same bytes.
+    fn chunks(seed: u64, len: usize) -> impl Iterator<Item = Vec<u8>> {
+        let mut x = seed | 1;
+        let mut left = len;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(256 * 1024);
+            left -= n;
+            Some(
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    fn digest_of(parts: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+        let mut ctx = Context::new(&SHA256);
+        parts.for_each(|p| ctx.update(&p));
+        ctx.finish().as_ref().to_vec()
+    }
+
+    /// Agent → proxy (kTLS splice) → server, over loopback. The agent sends `up` (then
+    /// close_notify), the server reads to the end, then sends `down`; returns what the
+    /// server and the agent received and the splice's report.
+    async fn run(
+        ktls: &Ktls,
+        up: Vec<Vec<u8>>,
+        down: Vec<Vec<u8>>,
+    ) -> (Received, Received, SpliceReport) {
+        let (upstream_server, upstream_client) = identity("upstream.test", true);
+        let (proxy_server, agent_client) = identity("proxy.test", true);
+
+        let server_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server_listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = server_listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(upstream_server).accept(tcp).await.unwrap();
+            let got = receive(&mut tls).await;
+            if got.error.is_none() {
+                for chunk in down {
+                    tls.write_all(&chunk).await.unwrap();
+                }
+                tls.shutdown().await.unwrap();
+            }
+            got
+        });
+
+        let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy_listener.local_addr().unwrap();
+        let agent = tokio::spawn(async move {
+            let tcp = TcpStream::connect(proxy_addr).await.unwrap();
+            let tls = TlsConnector::from(agent_client)
+                .connect(ServerName::try_from("proxy.test").unwrap(), tcp)
+                .await
+                .unwrap();
+            let (reader, mut writer) = tokio::io::split(tls);
+            let reading = tokio::spawn(receive(reader));
+            for chunk in up {
+                if writer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+            reading.await.unwrap()
+        });
+
+        let (agent_tcp, _) = proxy_listener.accept().await.unwrap();
+        let agent_tls = TlsAcceptor::from(proxy_server)
+            .accept(HandshakeCork::new(agent_tcp))
+            .await
+            .unwrap();
+        let upstream_tcp = TcpStream::connect(server_addr).await.unwrap();
+        let upstream_tls = TlsConnector::from(upstream_client)
+            .connect(
+                ServerName::try_from("upstream.test").unwrap(),
+                HandshakeCork::new(upstream_tcp),
+            )
+            .await
+            .unwrap();
+        let report = ktls.splice(agent_tls, upstream_tls).await.unwrap();
+        (server.await.unwrap(), agent.await.unwrap(), report)
+    }
+
+    fn load() -> Ktls {
+        let plain: Vec<Marker> = markers().into_iter().map(|(m, _)| m).collect();
+        Ktls::load(&plain, |id| id != MCP).expect("the VM kernel has kTLS and sockmap")
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+    fn clean_traffic_is_byte_exact_both_ways_through_the_kernel() {
+        assert!(require_root("clean_traffic_is_byte_exact_both_ways_through_the_kernel"));
+        const LEN: usize = 64 << 20;
+        let ktls = load();
+        let (server, agent, report) =
+            runtime().block_on(run(&ktls, chunks(1, LEN).collect(), chunks(2, LEN).collect()));
+        assert_eq!(server.error, None);
+        assert_eq!(agent.error, None);
+        assert_eq!(server.len, LEN as u64);
+        assert_eq!(server.digest, digest_of(chunks(1, LEN)), "upstream got other bytes");
+        assert_eq!(agent.len, LEN as u64);
+        assert_eq!(agent.digest, digest_of(chunks(2, LEN)), "agent got other bytes");
+        // Every byte went through the detectors in the kernel (their counters), none
+        // through user space.
+        assert_eq!(
+            report,
+            SpliceReport {
+                up_bytes: LEN as u64,
+                down_bytes: LEN as u64,
+                hit: None,
+                blocked: false,
+                user_space_bytes: 0,
+            }
+        );
+        let counters = ktls.inspector().counters().unwrap();
+        assert!(counters.iter().all(|(r, n)| *r == InspectReason::Passed || *n == 0), "{counters:?}");
+    }
+
+    #[test]
+    #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+    fn a_post_with_a_secret_is_blocked_before_upstream_sees_it() {
+        assert!(require_root("a_post_with_a_secret_is_blocked_before_upstream_sees_it"));
+        let ktls = load();
+        let body = br#"{"api_key":"sk-live-4242424242424242"}"#;
+        let head = format!(
+            "POST /v1/upload HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // Headers and body in separate writes, as an HTTP client sends them: the first
+        // record passes, the one with the secret is dropped.
+        let up = vec![head.as_bytes().to_vec(), body.to_vec()];
+        let (server, agent, report) = runtime().block_on(run(&ktls, up, vec![b"ok".to_vec()]));
+        assert!(report.blocked, "{report:?}");
+        assert_eq!(
+            report.hit,
+            Some(Hit {
+                marker_id: SECRET,
+                direction: Direction::Up
+            })
+        );
+        assert_eq!(report.user_space_bytes, 0);
+        // Upstream got the headers at most, never the marker, and no clean end.
+        assert!(server.error.is_some(), "upstream saw an orderly end: {server:?}");
+        assert!(server.len <= head.len() as u64, "{server:?}");
+        assert!(!server.head.windows(8).any(|w| w == b"sk-live-"));
+        assert_eq!(&server.head[..], &head.as_bytes()[..server.head.len()]);
+        // The agent's connection was reset, not answered.
+        assert!(agent.error.is_some() || agent.len == 0, "{agent:?}");
+        assert_eq!(ktls.inspector().hits().unwrap().get(&SECRET), Some(&1));
+    }
+
+    #[test]
+    #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+    fn an_mcp_tool_call_is_detected_and_flagged() {
+        assert!(require_root("an_mcp_tool_call_is_detected_and_flagged"));
+        let ktls = load();
+        let call = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x"}}"#;
+        let reply = br#"{"jsonrpc":"2.0","id":7,"result":{}}"#;
+        let (server, agent, report) =
+            runtime().block_on(run(&ktls, vec![call.to_vec()], vec![reply.to_vec()]));
+        assert!(!report.blocked);
+        assert_eq!(
+            report.hit,
+            Some(Hit {
+                marker_id: MCP,
+                direction: Direction::Up
+            })
+        );
+        // Flag only: both sides got everything.
+        assert_eq!(server.head, call);
+        assert_eq!(agent.head, reply);
+        assert_eq!(report.up_bytes, call.len() as u64);
+        assert_eq!(report.down_bytes, reply.len() as u64);
+        assert_eq!(ktls.inspector().hits().unwrap().get(&MCP), Some(&1));
+    }
+}
