@@ -126,6 +126,14 @@ pub enum KtlsError {
         /// What failed.
         detail: String,
     },
+    /// The kernel has kTLS and sockmap but will not combine them (a socket in a sockmap
+    /// cannot get kTLS keys, and one with keys cannot join a sockmap): the case on Debian's
+    /// Linux 6.1 and 6.12. The proxy falls back to user space.
+    #[error("kernel cannot inspect kTLS sockets through a sockmap: {detail}")]
+    NoSockmapKtls {
+        /// Which step the kernel refused.
+        detail: String,
+    },
     /// The BPF object did not load (needs Linux 5.17 for bpf_loop, and sockmap).
     #[error("loading the inspection object (needs Linux 5.17+ with sockmap)")]
     Load {
@@ -163,6 +171,10 @@ pub enum KtlsError {
         /// What is wrong, naming the marker.
         message: String,
     },
+    /// The socket is no longer ESTABLISHED (the peer already half-closed it, or it
+    /// failed): the kernel only puts ESTABLISHED TCP sockets in a sockmap.
+    #[error("the connection is no longer established (peer closed it before the kTLS hand-off)")]
+    NotEstablished,
     /// Every sockmap slot is taken.
     #[error("the inspection sockmap is full ({MAX_SOCKETS} sockets)")]
     Full,
@@ -517,6 +529,11 @@ impl Inspector {
         if let Err(e) = maps.socks.set(slot, &socket, 0) {
             let _ = maps.flows.remove(&key);
             maps.free_slots.push(slot);
+            if let MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) = &e
+                && io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+            {
+                return Err(KtlsError::NotEstablished);
+            }
             return Err(map_err("adding the socket to the inspection sockmap")(e));
         }
         Ok(Registration {
@@ -647,9 +664,9 @@ impl Ktls {
             .iter()
             .map(|m| (m.clone(), block_on_hit(m.id)))
             .collect();
-        Ok(Self {
-            inspector: Inspector::load(&markers)?,
-        })
+        let inspector = Inspector::load(&markers)?;
+        probe_sockmap_ktls(&inspector)?;
+        Ok(Self { inspector })
     }
 
     /// Replaces the markers (see [`Inspector::set_markers`]).
@@ -771,6 +788,55 @@ fn probe_ktls() -> Result<(), KtlsError> {
              CONFIG_TLS)"
         ),
     })
+}
+
+/// Runs the hand-off's kernel sequence on a loopback socket: into the inspection sockmap,
+/// TLS ULP, then TX keys (a throwaway AES-128-GCM key). Debian's Linux 6.1.192 and
+/// 6.12.117 refuse the keys with EINVAL once the socket is in a sockmap (with or without a
+/// program attached), and refuse a socket with keys in a sockmap (EINVAL), so on them the
+/// splice cannot run at all; this says so at load time instead of failing every
+/// connection.
+fn probe_sockmap_ktls(inspector: &Inspector) -> Result<(), KtlsError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(io_err("binding a loopback socket to probe sockmap + kTLS"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io_err("probing sockmap + kTLS"))?;
+    let client = std::net::TcpStream::connect(addr)
+        .map_err(io_err("connecting on loopback to probe sockmap + kTLS"))?;
+    let _server = listener
+        .accept()
+        .map_err(io_err("accepting the sockmap + kTLS probe"))?;
+    let local = client.local_addr().map_err(io_err("probing sockmap + kTLS"))?;
+    let _registration = inspector.register(client.as_fd(), local, addr)?;
+    let refused = |step: &str, e: io::Error| KtlsError::NoSockmapKtls {
+        detail: format!("{step} on a socket in the sockmap failed: {e}"),
+    };
+    set_ulp(client.as_raw_fd()).map_err(|e| refused("setting the \"tls\" ULP", e))?;
+    let info = libc::tls12_crypto_info_aes_gcm_128 {
+        info: libc::tls_crypto_info {
+            version: libc::TLS_1_3_VERSION,
+            cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+        },
+        iv: [0; 8],
+        key: [0; 16],
+        salt: [0; 4],
+        rec_seq: [0; 8],
+    };
+    // SAFETY: our socket; the option value is `info`, of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_TLS,
+            libc::TLS_TX,
+            (&raw const info).cast(),
+            size_of::<libc::tls12_crypto_info_aes_gcm_128>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(refused("setting kTLS TX keys", io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn set_ulp(fd: RawFd) -> io::Result<()> {
