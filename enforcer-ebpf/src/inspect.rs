@@ -207,8 +207,7 @@ extern "C" fn scan_byte(index: u64, ctx: *mut c_void) -> i64 {
         let flags = if out == 0 {
             0
         } else {
-            *dfa
-                .marker_flags
+            *dfa.marker_flags
                 .as_ptr()
                 .add((out as usize - 1) & (MAX_MARKERS - 1))
         };
@@ -259,7 +258,11 @@ fn flow_key(ctx: &SkMsgContext) -> FlowKey {
     };
     // remote_port holds the port's network-order bytes; some kernels shift them into the
     // upper half of the word (sock_ops style). Normalise both to host order.
-    let raw = if raw_port > 0xffff { raw_port >> 16 } else { raw_port };
+    let raw = if raw_port > 0xffff {
+        raw_port >> 16
+    } else {
+        raw_port
+    };
     let remote_port = u32::from(u16::from_be(raw as u16));
     // Every word is written with a value (no zeroed array then patched): LLVM turns
     // zeroing into a call to `memset`, a global function Linux 6.1's verifier rejects
