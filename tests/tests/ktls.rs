@@ -336,7 +336,7 @@ mod vm {
     /// the socket over: the kernel only puts ESTABLISHED sockets in a sockmap.) Returns what
     /// the server and the agent received and the splice's report.
     async fn run(
-        ktls: Option<&Ktls>,
+        proxy: Proxy<'_>,
         up: Vec<Vec<u8>>,
         down: Vec<Vec<u8>>,
     ) -> (Received, Received, SpliceReport) {
@@ -389,25 +389,143 @@ mod vm {
         });
 
         let (agent_tcp, _) = proxy_listener.accept().await.unwrap();
-        let agent_tls = TlsAcceptor::from(proxy_server)
-            .accept(HandshakeCork::new(agent_tcp))
-            .await
-            .unwrap();
         let upstream_tcp = TcpStream::connect(server_addr).await.unwrap();
-        let upstream_tls = TlsConnector::from(upstream_client)
-            .connect(
-                ServerName::try_from("upstream.test").unwrap(),
-                HandshakeCork::new(upstream_tcp),
-            )
-            .await
-            .unwrap();
-        let report = match ktls {
-            Some(ktls) => ktls.splice(agent_tls, upstream_tls).await.unwrap(),
-            None => enforcer::ktls::splice_uninspected(agent_tls, upstream_tls)
+        let upstream_name = ServerName::try_from("upstream.test").unwrap();
+        let report = if let Proxy::UserSpace = proxy {
+            let agent_tls = TlsAcceptor::from(proxy_server)
+                .accept(agent_tcp)
                 .await
-                .unwrap(),
+                .unwrap();
+            let upstream_tls = TlsConnector::from(upstream_client)
+                .connect(upstream_name, upstream_tcp)
+                .await
+                .unwrap();
+            user_space_proxy(agent_tls, upstream_tls).await
+        } else {
+            let agent_tls = TlsAcceptor::from(proxy_server)
+                .accept(HandshakeCork::new(agent_tcp))
+                .await
+                .unwrap();
+            let upstream_tls = TlsConnector::from(upstream_client)
+                .connect(upstream_name, HandshakeCork::new(upstream_tcp))
+                .await
+                .unwrap();
+            match proxy {
+                Proxy::Inspected(ktls) => ktls.splice(agent_tls, upstream_tls).await.unwrap(),
+                _ => enforcer::ktls::splice_uninspected(agent_tls, upstream_tls)
+                    .await
+                    .unwrap(),
+            }
         };
         (server.await.unwrap(), agent.await.unwrap(), report)
+    }
+
+    /// What sits between the agent and the server.
+    enum Proxy<'a> {
+        /// `Ktls::splice`: kTLS, the sockmap and its detectors.
+        Inspected(&'a Ktls),
+        /// The kTLS transport alone (`splice_uninspected`).
+        Transport,
+        /// rustls in user space, copying through an aho-corasick scan of the same markers:
+        /// the proxy's fallback path, for the comparison.
+        UserSpace,
+    }
+
+    /// The user-space path: decrypt, scan (carrying the last bytes so a split marker is
+    /// found), re-encrypt, both directions; clean traffic is asserted.
+    async fn user_space_proxy(
+        agent: tokio_rustls::server::TlsStream<TcpStream>,
+        upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    ) -> SpliceReport {
+        let literals: Vec<Vec<u8>> = markers().into_iter().map(|(m, _)| m.literal).collect();
+        let longest = literals.iter().map(Vec::len).max().unwrap();
+        let ac = aho_corasick::AhoCorasick::new(&literals).unwrap();
+        async fn copy(
+            mut from: impl tokio::io::AsyncRead + Unpin,
+            mut to: impl tokio::io::AsyncWrite + Unpin,
+            ac: &aho_corasick::AhoCorasick,
+            longest: usize,
+        ) -> u64 {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut window = Vec::new();
+            let mut total = 0u64;
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                window.extend_from_slice(&buf[..n]);
+                assert!(ac.find(&window).is_none(), "a marker in clean traffic");
+                let keep = window.len().min(longest - 1);
+                window.drain(..window.len() - keep);
+                to.write_all(&buf[..n]).await.unwrap();
+                total += n as u64;
+            }
+            let _ = to.shutdown().await;
+            total
+        }
+        let (agent_r, agent_w) = tokio::io::split(agent);
+        let (up_r, up_w) = tokio::io::split(upstream);
+        let (up_bytes, down_bytes) = tokio::join!(
+            copy(agent_r, up_w, &ac, longest),
+            copy(up_r, agent_w, &ac, longest)
+        );
+        SpliceReport {
+            up_bytes,
+            down_bytes,
+            user_space_bytes: up_bytes + down_bytes,
+            ..SpliceReport::default()
+        }
+    }
+
+    /// Throughput of one transfer through the kTLS transport (kernel splice) and through
+    /// the user-space path, in one run, printed (no threshold: a measurement, not a check;
+    /// the bytes are still checked). Run with `--nocapture` to see it.
+    #[test]
+    #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+    fn zz_bench_ktls_transport_against_user_space_relay() {
+        assert!(require_root(
+            "zz_bench_ktls_transport_against_user_space_relay"
+        ));
+        const LEN: usize = 32 << 20;
+        let rt = runtime();
+        let mut rates = Vec::new();
+        for (name, proxy) in [
+            ("kTLS splice", Proxy::Transport),
+            ("user space", Proxy::UserSpace),
+        ] {
+            let (up, down) = (chunks(5, LEN).collect(), chunks(6, LEN).collect());
+            let start = std::time::Instant::now();
+            let (server, agent, report) = rt.block_on(run(proxy, up, down));
+            let secs = start.elapsed().as_secs_f64();
+            assert_eq!(
+                server.digest,
+                digest_of(chunks(5, LEN)),
+                "{name}: upstream bytes"
+            );
+            assert_eq!(
+                agent.digest,
+                digest_of(chunks(6, LEN)),
+                "{name}: agent bytes"
+            );
+            assert_eq!(
+                (report.up_bytes, report.down_bytes),
+                (LEN as u64, LEN as u64)
+            );
+            let rate = 2.0 * LEN as f64 / secs / f64::from(1 << 20);
+            eprintln!(
+                "bench: {name}: {} MiB each way in {secs:.2} s = {rate:.1} MiB/s (client, proxy and server share the VM's one vCPU)",
+                LEN >> 20
+            );
+            rates.push(rate);
+        }
+        eprintln!(
+            "bench: kTLS splice / user space = {:.2} (kernel {})",
+            rates[0] / rates[1],
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        );
     }
 
     /// The loaded hook, or `None` on a kernel that refuses sockmap + kTLS (Debian's 6.1 and
@@ -444,7 +562,7 @@ mod vm {
         ));
         const LEN: usize = 64 << 20;
         let (server, agent, report) = runtime().block_on(run(
-            None,
+            Proxy::Transport,
             chunks(3, LEN).collect(),
             chunks(4, LEN).collect(),
         ));
@@ -484,7 +602,7 @@ mod vm {
             return;
         };
         let (server, agent, report) = runtime().block_on(run(
-            Some(&ktls),
+            Proxy::Inspected(&ktls),
             chunks(1, LEN).collect(),
             chunks(2, LEN).collect(),
         ));
@@ -541,7 +659,7 @@ mod vm {
         // record passes, the one with the secret is dropped.
         let up = vec![head.as_bytes().to_vec(), body.to_vec()];
         let (server, agent, report) =
-            runtime().block_on(run(Some(&ktls), up, vec![b"ok".to_vec()]));
+            runtime().block_on(run(Proxy::Inspected(&ktls), up, vec![b"ok".to_vec()]));
         assert!(report.blocked, "{report:?}");
         assert_eq!(
             report.hit,
@@ -573,8 +691,11 @@ mod vm {
         };
         let call = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x"}}"#;
         let reply = br#"{"jsonrpc":"2.0","id":7,"result":{}}"#;
-        let (server, agent, report) =
-            runtime().block_on(run(Some(&ktls), vec![call.to_vec()], vec![reply.to_vec()]));
+        let (server, agent, report) = runtime().block_on(run(
+            Proxy::Inspected(&ktls),
+            vec![call.to_vec()],
+            vec![reply.to_vec()],
+        ));
         assert!(!report.blocked);
         assert_eq!(
             report.hit,
