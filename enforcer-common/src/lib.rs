@@ -12,6 +12,8 @@
 
 use core::mem::size_of;
 
+pub mod inspect;
+
 /// Number of policy slots (double buffering).
 pub const SLOTS: u32 = 2;
 
