@@ -86,6 +86,9 @@ pub enum DaemonError {
     /// A map operation failed at start-up.
     #[error(transparent)]
     Maps(#[from] crate::dataplane::MapsError),
+    /// The DNS resolver could not start.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// Errors loading and compiling a policy.
@@ -222,6 +225,8 @@ struct Daemon {
     audit: watch::Sender<AuditContext>,
     /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
     user_audit: UserAudit,
+    /// Each newly applied policy, for the DNS resolver.
+    dns_policy: watch::Sender<Option<std::sync::Arc<Policy>>>,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
     /// The control-plane connection, when one is configured.
@@ -305,6 +310,8 @@ impl Daemon {
                     text,
                     self.status.agents.clone(),
                 ));
+                self.dns_policy
+                    .send_replace(Some(std::sync::Arc::new(policy.clone())));
                 self.current = Some(Enforcing {
                     text: text.to_string(),
                     origin: origin.to_string(),
@@ -707,6 +714,44 @@ impl Status {
     }
 }
 
+/// The stop signal and task of a running DNS resolver.
+type DnsTask = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Starts the agents' DNS resolver once the policy enforces: binds its addresses (an error
+/// stops start-up), lets agents with names reach them through the data plane, and follows
+/// every policy the daemon applies.
+fn start_dns(
+    daemon: &mut Daemon,
+    policy: watch::Receiver<Option<std::sync::Arc<Policy>>>,
+) -> Result<Option<DnsTask>, DaemonError> {
+    let Some(config) = daemon.config.dns.clone() else {
+        return Ok(None);
+    };
+    let bound = crate::dns::bind(&config)?;
+    // The resolver writes learned addresses through its own handle on the pinned maps.
+    let sink = KernelMaps::from_pins(&daemon.config.bpffs)?;
+    let metrics = crate::dns::DnsMetrics::default();
+    daemon
+        .info
+        .send_modify(|info| info.dns = Some(metrics.clone()));
+    let resolver = std::sync::Arc::new(crate::dns::Resolver::new(
+        config.clone(),
+        sink,
+        policy,
+        daemon.user_audit.clone(),
+        metrics,
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::dns::run(bound, resolver, async move {
+        let _ = stopped.await;
+    }));
+    tracing::info!(listen = ?config.listen, upstreams = ?config.upstreams, "DNS resolver serving");
+    Ok(Some((stop, task)))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// Order matters: signal handlers first (a SIGHUP that arrives during start-up is queued,
@@ -821,6 +866,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
     let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
     let (user_audit, user_audit_rx) = UserAudit::channel();
+    let (dns_policy, dns_policy_rx) = watch::channel(None);
     let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, user_audit_rx, async move {
         let _ = audit_stopped.await;
     }));
@@ -838,6 +884,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         info,
         audit: audit_ctx,
         user_audit,
+        dns_policy,
         store,
         control_plane: None,
         reloads_ok: 0,
@@ -876,6 +923,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             info_rx,
         ));
     }
+    let dns = start_dns(&mut daemon, dns_policy_rx)?;
     // The policy stream: only now, after the last good policy enforces.
     let (updates_tx, mut updates) = mpsc::channel::<PolicyUpdate>(4);
     if let Some(cp) = daemon.config.control_plane.clone() {
@@ -928,6 +976,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     warn_notify(notify::stopping());
+    if let Some((stop, task)) = dns {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     // Let the audit reader drain what the ring holds and sync the log.
     let _ = audit_stop.send(());
     match audit_task.await {

@@ -37,6 +37,8 @@ pub struct DaemonInfo {
     pub map_fill: Vec<(&'static str, u64, u64)>,
     /// Control-plane connection: 1 connected, 0 not (absent when not configured).
     pub control_plane_connected: Option<bool>,
+    /// The DNS resolver's families, when it runs.
+    pub dns: Option<crate::dns::DnsMetrics>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -198,6 +200,10 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         };
         suppressed.get_or_create(&label).inc_by(a.suppressed);
         lost.get_or_create(&label).inc_by(a.lost);
+    }
+
+    if let Some(dns) = &info.dns {
+        dns.register(&mut registry);
     }
 
     let mut out = String::new();

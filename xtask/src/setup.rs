@@ -10,7 +10,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// systemd for `systemd-analyze verify` of the service unit (container images and CI
 /// runners often lack it; the tests only verify the unit and need no running systemd),
 /// and what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
-/// come with libxdp1), nftables and iptables.
+/// come with libxdp1), nftables and iptables; for the DNS tests, dnsmasq (the `-base`
+/// package: the binary without a system service that would start on install), dig, and
+/// curl to read the daemon's /metrics.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "nftables",
     "iptables",
+    "dnsmasq-base",
+    "bind9-dnsutils",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -33,6 +33,22 @@ pub trait NameSink {
     fn forget_name(&mut self, agent: u32, addr: IpAddr) -> Result<(), MapsError>;
 }
 
+impl NameSink for crate::dataplane::KernelMaps {
+    fn learn_name(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        expires_ns: u64,
+        rules: &[(Proto, PortRange)],
+    ) -> Result<(), MapsError> {
+        crate::dataplane::KernelMaps::learn_name(self, agent, addr, expires_ns, rules)
+    }
+
+    fn forget_name(&mut self, agent: u32, addr: IpAddr) -> Result<(), MapsError> {
+        crate::dataplane::KernelMaps::forget_name(self, agent, addr)
+    }
+}
+
 /// An in-memory [`NameSink`]: the entries as the kernel would hold them, and every call.
 #[derive(Debug, Default)]
 pub struct FakeSink {
