@@ -728,9 +728,12 @@ fn start_dns(
     policy: watch::Receiver<Option<std::sync::Arc<Policy>>>,
 ) -> Result<Option<DnsTask>, DaemonError> {
     let Some(config) = daemon.config.dns.clone() else {
+        // No resolver: agents with names get no DNS at all (and none a previous run allowed).
+        daemon.dataplane.maps().set_resolvers(&[])?;
         return Ok(None);
     };
     let bound = crate::dns::bind(&config)?;
+    daemon.dataplane.maps().set_resolvers(&config.listen)?;
     // The resolver writes learned addresses through its own handle on the pinned maps.
     let sink = KernelMaps::from_pins(&daemon.config.bpffs)?;
     let metrics = crate::dns::DnsMetrics::default();
@@ -741,7 +744,7 @@ fn start_dns(
         config.clone(),
         sink,
         policy,
-        daemon.user_audit.clone(),
+        (daemon.user_audit.clone(), daemon.config.audit_rate),
         metrics,
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -112,8 +112,22 @@ pub enum DnsError {
 #[derive(Clone, Debug, Default)]
 pub struct DnsMetrics {
     queries: Family<QueryLabels, Counter>,
+    suppressed: Family<AgentLabel, Counter>,
     learned: Gauge,
     expired: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabel {
+    agent: String,
+    agent_id: u32,
+}
+
+fn agent_label(agent: &Agent) -> AgentLabel {
+    AgentLabel {
+        agent: agent.name.clone(),
+        agent_id: agent.id,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +144,11 @@ impl DnsMetrics {
             "dns_queries",
             "Queries the resolver answered, by agent and outcome (answered, refused, servfail)",
             self.queries.clone(),
+        );
+        registry.register(
+            "dns_audit_suppressed",
+            "Refusals not written to the audit log because the agent's audit budget was spent",
+            self.suppressed.clone(),
         );
         registry.register(
             "dns_learned_entries",
@@ -190,6 +209,40 @@ pub fn identify<'p>(policy: &'p Policy, origin: &Origin) -> Option<&'p Agent> {
         .or_else(|| policy.agent_by_source(origin.src.ip()))
 }
 
+/// The per-agent audit budget for refusals, the same `audit_events_per_sec` and
+/// `audit_burst` the kernel applies to its own events: an agent looping over denied names
+/// must not flood the log. Refusals over budget are still refused and counted in
+/// `enforcer_dns_audit_suppressed_total`.
+#[derive(Debug)]
+struct AuditBudget {
+    rate: crate::audit::AuditRate,
+    /// Per agent: tokens left and when they were last topped up.
+    agents: Mutex<std::collections::HashMap<u32, (f64, std::time::Instant)>>,
+}
+
+impl AuditBudget {
+    fn take(&self, agent: u32) -> bool {
+        let (rate, burst) = (
+            f64::from(self.rate.events_per_sec),
+            f64::from(self.rate.burst),
+        );
+        if rate == 0.0 || burst == 0.0 {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut agents = self.agents.lock().expect("audit budget lock");
+        let (tokens, at) = agents.entry(agent).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The learned table and the sink it writes through, behind one lock: every learn is a
 /// map write that must finish before the answer leaves.
 struct State<S> {
@@ -204,6 +257,7 @@ pub struct Resolver<S> {
     policy: watch::Receiver<Option<Arc<Policy>>>,
     state: Mutex<State<S>>,
     audit: UserAudit,
+    budget: AuditBudget,
     metrics: DnsMetrics,
     /// Wakes the sweeper when an entry with an earlier expiry than it sleeps for appears.
     learned_changed: Notify,
@@ -220,14 +274,16 @@ enum Plan {
 }
 
 impl<S: NameSink> Resolver<S> {
-    /// A resolver writing admitted addresses through `sink`.
+    /// A resolver writing admitted addresses through `sink` and refusals to `audit`, at
+    /// most `audit_rate` of them per agent.
     pub fn new(
         config: DnsConfig,
         sink: S,
         policy: watch::Receiver<Option<Arc<Policy>>>,
-        audit: UserAudit,
+        audit: (UserAudit, crate::audit::AuditRate),
         metrics: DnsMetrics,
     ) -> Self {
+        let (audit, rate) = audit;
         Resolver {
             config,
             policy,
@@ -236,6 +292,10 @@ impl<S: NameSink> Resolver<S> {
                 sink,
             }),
             audit,
+            budget: AuditBudget {
+                rate,
+                agents: Mutex::default(),
+            },
             metrics,
             learned_changed: Notify::new(),
         }
@@ -315,19 +375,26 @@ impl<S: NameSink> Resolver<S> {
             .unwrap_or_default();
         if rules.is_empty() {
             let monitor = agent.mode == Mode::Monitor;
-            self.audit.record(UserEvent {
-                source: UserSource::Dns,
-                agent: agent.id,
-                reason: "dns_refused",
-                verdict: if monitor { "pass" } else { "drop" },
-                src: Some(origin.src),
-                dst: None,
-                name: Some(query.raw_name.clone()),
-                detail: Some(format!(
-                    "no allow rule names this host (query type {})",
-                    query.qtype
-                )),
-            });
+            if !self.budget.take(agent.id) {
+                self.metrics
+                    .suppressed
+                    .get_or_create(&agent_label(agent))
+                    .inc();
+            } else {
+                self.audit.record(UserEvent {
+                    source: UserSource::Dns,
+                    agent: agent.id,
+                    reason: "dns_refused",
+                    verdict: if monitor { "pass" } else { "drop" },
+                    src: Some(origin.src),
+                    dst: None,
+                    name: Some(query.raw_name.clone()),
+                    detail: Some(format!(
+                        "no allow rule names this host (query type {})",
+                        query.qtype
+                    )),
+                });
+            }
             return if monitor {
                 Plan::Relay
             } else {

@@ -192,7 +192,13 @@ fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
             config,
             FakeSink::default(),
             policy_rx,
-            audit,
+            (
+                audit,
+                crate::audit::AuditRate {
+                    events_per_sec: 1,
+                    burst: 3,
+                },
+            ),
             metrics.clone(),
         ),
         audit: audit_rx,
@@ -319,6 +325,34 @@ async fn a_denied_name_is_refused_audited_and_never_forwarded() {
     rig.resolver
         .with_state(|_, sink| assert!(sink.entries.is_empty()));
     assert_eq!(rig.metrics.queries("coder", 1, "refused"), 2);
+}
+
+#[tokio::test]
+async fn refusals_beyond_the_audit_budget_are_counted_not_logged() {
+    let up = Upstream::start(table(), &[]).await;
+    let mut rig = rig(vec![up.addr], 5, 3600);
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        let answer = ask(&rig, "other.test.", RecordType::A, &from_agent1()).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    }
+    let mut logged = 0;
+    while rig.audit.try_recv().is_ok() {
+        logged += 1;
+    }
+    // A burst of 3, then 1 a second for as long as the queries took.
+    let accrued = started.elapsed().as_secs() + 1;
+    assert!(logged >= 3 && logged <= 3 + accrued, "{logged} logged");
+    let suppressed = rig
+        .metrics
+        .suppressed
+        .get_or_create(&AgentLabel {
+            agent: "coder".into(),
+            agent_id: 1,
+        })
+        .get();
+    assert_eq!(suppressed, 10 - logged);
+    assert_eq!(rig.metrics.queries("coder", 1, "refused"), 10);
 }
 
 #[tokio::test]
