@@ -38,6 +38,12 @@ action = "allow"
 to = ["api.example.test", "*.cdn.example.test"]
 proto = "tcp"
 ports = "8080"
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "443"
 "#;
 
 /// The lab with the resolver configured and dnsmasq serving in the server namespace.
@@ -92,6 +98,94 @@ impl DnsLab {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// The agent namespace's resolv.conf, pointing at the enforcer's resolver:
+/// `ip netns exec` bind-mounts `/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`, so
+/// curl in the agent resolves through the resolver. Removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &Netns) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns.name());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"),
+        )
+        .unwrap();
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir(self.0.parent().unwrap());
+    }
+}
+
+/// `openssl s_server` in the server namespace on port 443 with one self-signed
+/// certificate for both names: two names, one address, as behind a CDN.
+fn start_https(lab: &Lab) -> ChildGuard {
+    let (cert, key) = (lab.dir.join("cert.pem"), lab.dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=api.example.test"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:api.example.test,DNS:other.example.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl req: {made:?}");
+    let child = lab
+        .server
+        .command("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", "443"])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard::new(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab::try_in_netns(&lab.server, || {
+        std::net::TcpStream::connect((SERVER_V4, 443)).is_ok()
+    })
+    .unwrap()
+    {
+        assert!(Instant::now() < deadline, "s_server did not listen in 20 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+    guard
+}
+
+/// `curl https://NAME/` from the agent (certificate not verified: the test is about
+/// what reaches the server); whether it got an HTTP answer.
+fn curl(ns: &Netns, name: &str, extra: &[&str]) -> bool {
+    ns.command("curl")
+        .args(["-sk", "-o", "/dev/null", "--max-time", "5"])
+        .args(extra)
+        .arg(format!("https://{name}/"))
+        .status()
+        .unwrap()
+        .success()
 }
 
 fn start_dnsmasq(server: &Netns, dir: &std::path::Path) -> ChildGuard {
@@ -295,4 +389,56 @@ fn denied_names_are_refused_and_direct_dns_is_dropped() {
     // While through the resolver the same name resolves.
     let answer = dig(lab.agent(), RESOLVER, &["api.example.test", "A", "+short"]);
     assert_eq!(answer.trim(), SERVER_V4);
+}
+
+#[test]
+fn https_by_name_passes_and_another_name_on_the_same_address_is_dropped_at_sni() {
+    if !lab::require_root(
+        "https_by_name_passes_and_another_name_on_the_same_address_is_dropped_at_sni",
+    ) {
+        return;
+    }
+    let lab = DnsLab::start();
+    let _resolv = NetnsResolvConf::new(lab.agent());
+    let _https = start_https(&lab.lab);
+    // curl resolves through the enforcer's resolver (the agent's resolv.conf), which
+    // admits the address for port 443 before curl connects.
+    assert!(
+        curl(lab.agent(), "api.example.test", &[]),
+        "allowed name over HTTPS"
+    );
+    let handshake = lab
+        .agent()
+        .command("openssl")
+        .args(["s_client", "-connect", &format!("{SERVER_V4}:443")])
+        .args(["-servername", "api.example.test", "-brief"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        handshake.status.success(),
+        "s_client with the allowed name: {handshake:?}"
+    );
+
+    // Another name on the same, now admitted, address: its ClientHello is dropped.
+    let before = lab
+        .lab
+        .maps()
+        .counter(1, Reason::SniDenied)
+        .unwrap()
+        .packets;
+    assert!(!curl(
+        lab.agent(),
+        "other.example.test",
+        &["--resolve", &format!("other.example.test:443:{SERVER_V4}")]
+    ));
+    let after = lab
+        .lab
+        .maps()
+        .counter(1, Reason::SniDenied)
+        .unwrap()
+        .packets;
+    assert!(after > before, "sni_denied counted {before} -> {after}");
+    // And its name is refused by the resolver in the first place.
+    assert!(!curl(lab.agent(), "other.example.test", &[]));
 }
