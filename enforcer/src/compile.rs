@@ -11,12 +11,19 @@ use std::{
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW,
-    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_RESTRICTED, AgentPolicy,
+    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy,
     COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet,
-    TIME_SHIFT, UNITS_PER_SEC,
+    SNI_EXACT, SNI_WILDCARD, TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
 };
 
-use crate::policy::{Action, Agent, EgressDefault, IpNet, Mode, Policy, Proto, UnknownTraffic};
+use crate::policy::{
+    Action, Agent, Destination, EgressDefault, IpNet, Mode, NamePattern, Policy, PortRange, Proto,
+    UnknownTraffic,
+};
+
+/// Server-name entries per slot, over all agents: half the `SNI` map, which holds both
+/// slots.
+pub const MAX_SERVER_NAMES: u32 = 2048;
 
 /// Capacities of the loaded maps, which a policy must fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +86,11 @@ pub struct Compiled {
     pub destinations_v4: Vec<(u32, Prefix<4>, RuleSet)>,
     /// Same for IPv6.
     pub destinations_v6: Vec<(u32, Prefix<16>, RuleSet)>,
+    /// TCP ports whose connections to name-admitted addresses are SNI-checked.
+    pub tls_ports: TlsPorts,
+    /// `(agent id, SNI_EXACT or SNI_WILDCARD, name, rules)`: the server names each agent may
+    /// use (a wildcard as its suffix with the leading dot), sorted.
+    pub server_names: Vec<(u32, u32, String, RuleSet)>,
 }
 
 /// Why a policy does not fit the maps or the host.
@@ -137,6 +149,21 @@ pub enum CompileError {
         /// [`MAX_RULES_PER_PREFIX`].
         max: usize,
     },
+    /// A host name is named by more distinct protocol/port rules than an entry holds.
+    #[error(
+        "agent \"{agent}\": host name {name} has {rules} distinct protocol/port rules, more \
+         than the {max} an entry holds"
+    )]
+    TooManyNameRules {
+        /// The agent's name.
+        agent: String,
+        /// The name pattern.
+        name: String,
+        /// Rules it would need.
+        rules: usize,
+        /// [`MAX_RULES_PER_PREFIX`].
+        max: usize,
+    },
     /// A rate or burst cannot be expressed in the rate limiter's 64-bit time units.
     #[error(
         "agent \"{agent}\": rate.{field} = {value} cannot be expressed in the rate limiter's \
@@ -179,6 +206,8 @@ pub enum LimitKind {
     DestinationsV4,
     /// IPv6 destination entries, over all agents.
     DestinationsV6,
+    /// Server names (exact and wildcard), over all agents.
+    ServerNames,
 }
 
 impl LimitKind {
@@ -191,6 +220,7 @@ impl LimitKind {
             | LimitKind::SourcePrefixesV4
             | LimitKind::SourcePrefixesV6 => "max_source_prefixes",
             LimitKind::DestinationsV4 | LimitKind::DestinationsV6 => "max_destination_prefixes",
+            LimitKind::ServerNames => "the fixed size of the SNI map",
         }
     }
 }
@@ -205,6 +235,7 @@ impl fmt::Display for LimitKind {
             LimitKind::SourcePrefixesV6 => "IPv6 source prefix entries",
             LimitKind::DestinationsV4 => "IPv4 destination entries",
             LimitKind::DestinationsV6 => "IPv6 destination entries",
+            LimitKind::ServerNames => "server name entries",
         })
     }
 }
@@ -231,6 +262,9 @@ pub fn compile(
         unknown_drop: policy.unknown() == UnknownTraffic::Drop,
         ..Compiled::default()
     };
+    for (slot, port) in out.tls_ports.ports.iter_mut().zip(policy.tls_ports()) {
+        *slot = *port;
+    }
     // ifindex -> (agent, interface name), to name both sides if two names share an index.
     let mut iface_owner: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
 
@@ -280,8 +314,11 @@ pub fn compile(
         if restricted(agent) {
             destinations(agent, IPPROTO_ICMP, prefix_v4, &mut out.destinations_v4)?;
             destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut out.destinations_v6)?;
+            server_names(agent, &mut out.server_names)?;
         }
     }
+    out.server_names
+        .sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
 
     destination_lookup(&mut out);
     out.agents.sort_by_key(|&(id, _)| id);
@@ -324,6 +361,11 @@ pub fn compile(
             LimitKind::DestinationsV6,
             out.destinations_v6.len(),
             destination,
+        ),
+        (
+            LimitKind::ServerNames,
+            out.server_names.len(),
+            MAX_SERVER_NAMES,
         ),
     ] {
         // usize -> u64 is lossless on every target Rust supports.
@@ -392,6 +434,9 @@ fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
     }
     if restricted(agent) {
         flags |= AGENT_RESTRICTED;
+        if agent.has_names() {
+            flags |= AGENT_NAMES;
+        }
     }
 
     let (packet_cost, packet_tolerance) = match agent.rate.packets {
@@ -468,6 +513,73 @@ fn mask<const N: usize>(mut addr: [u8; N], len: u8) -> [u8; N] {
         *byte &= 0xffu8.checked_shl(8 - kept as u32).unwrap_or(0);
     }
     addr
+}
+
+/// The rules an address learned for a name carries, or a server name's: allow rules for
+/// `rules` (protocol and ports of every rule naming it), dead ones dropped. An error if more
+/// than [`MAX_RULES_PER_PREFIX`] remain.
+pub fn name_rule_set(rules: &[(Proto, PortRange)]) -> Result<RuleSet, usize> {
+    let mut merged: Vec<PortRule> = Vec::new();
+    for (proto, ports) in rules {
+        let rule = PortRule {
+            proto: match proto {
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+                // Names are refused on icmp rules at parse time; `any` is what is left.
+                Proto::Any | Proto::Icmp => PROTO_ANY,
+            },
+            action: ACTION_ALLOW,
+            _pad: 0,
+            port_lo: ports.lo,
+            port_hi: ports.hi,
+        };
+        if !merged.iter().any(|earlier| shadows(earlier, &rule)) {
+            merged.retain(|later| !shadows(&rule, later));
+            merged.push(rule);
+        }
+    }
+    if merged.len() > MAX_RULES_PER_PREFIX {
+        return Err(merged.len());
+    }
+    let mut set = RuleSet {
+        len: merged.len() as u32,
+        ..RuleSet::default()
+    };
+    set.rules[..merged.len()].copy_from_slice(&merged);
+    Ok(set)
+}
+
+/// The `SNI` entries of one agent: every name pattern of its allow rules with the rules
+/// that name it.
+fn server_names(
+    agent: &Agent,
+    out: &mut Vec<(u32, u32, String, RuleSet)>,
+) -> Result<(), CompileError> {
+    let mut patterns: BTreeMap<&NamePattern, Vec<(Proto, PortRange)>> = BTreeMap::new();
+    for rule in agent.egress.iter().filter(|r| r.action == Action::Allow) {
+        for dest in &rule.to {
+            if let Destination::Name(pattern) = dest {
+                let rules = patterns.entry(pattern).or_default();
+                if !rules.contains(&(rule.proto, rule.ports)) {
+                    rules.push((rule.proto, rule.ports));
+                }
+            }
+        }
+    }
+    for (pattern, rules) in patterns {
+        let set = name_rule_set(&rules).map_err(|count| CompileError::TooManyNameRules {
+            agent: agent.name.clone(),
+            name: pattern.to_string(),
+            rules: count,
+            max: MAX_RULES_PER_PREFIX,
+        })?;
+        let (kind, name) = match pattern {
+            NamePattern::Exact(n) => (SNI_EXACT, n.clone()),
+            NamePattern::Wildcard(suffix) => (SNI_WILDCARD, suffix.clone()),
+        };
+        out.push((agent.id, kind, name, set));
+    }
+    Ok(())
 }
 
 /// Whether `earlier` decides every packet `later` would match, making `later` dead. This
@@ -683,8 +795,67 @@ ports = "443"
                     (1, v4("169.254.170.2/32"), https),
                 ],
                 destinations_v6: vec![(1, v6("fd00:ec2::254/128"), https)],
+                tls_ports: TlsPorts {
+                    ports: [443, 0, 0, 0],
+                },
+                server_names: vec![],
             }
         );
+    }
+
+    #[test]
+    fn host_names_become_server_names_and_flags() {
+        let c = ok(r#"
+[defaults]
+tls_ports = [443, 8443]
+[[agents]]
+id = 3
+name = "a"
+interfaces = ["if4"]
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test", "*.cdn.example.test", "10.0.0.0/8"]
+proto = "tcp"
+ports = 443
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "8000-9000"
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = 8443
+"#);
+        assert_eq!(c.tls_ports.ports, [443, 8443, 0, 0]);
+        assert_eq!(c.agents[0].1.flags & AGENT_NAMES, AGENT_NAMES);
+        // The 8443 rule is inside 8000-9000, so it is dropped as dead.
+        assert_eq!(
+            c.server_names,
+            vec![
+                (
+                    3,
+                    SNI_EXACT,
+                    "api.example.test".into(),
+                    set(&[
+                        allow(IPPROTO_TCP, (443, 443)),
+                        allow(IPPROTO_TCP, (8000, 9000))
+                    ])
+                ),
+                (
+                    3,
+                    SNI_WILDCARD,
+                    ".cdn.example.test".into(),
+                    set(&[allow(IPPROTO_TCP, (443, 443))])
+                ),
+            ]
+        );
+        // Names add no static destinations; the CIDR still does.
+        assert_eq!(c.destinations_v4.len(), 1);
+        // An agent without names has no name flag.
+        let plain = ok("[[agents]]\nid = 1\nname = \"b\"\ninterfaces = [\"if4\"]\n");
+        assert_eq!(plain.agents[0].1.flags & AGENT_NAMES, 0);
     }
 
     #[test]

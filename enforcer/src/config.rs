@@ -26,6 +26,12 @@
 //! grace_secs = 5                         # admitted addresses outlive their TTL by this
 //! max_ttl_secs = 3600                    # TTLs in answers are capped at this
 //!
+//! [inspect]                              # optional: the inspecting TLS proxy (see enforcer::inspect)
+//! listen = "0.0.0.0:3128"                # explicit CONNECT proxy; "" disables it
+//! transparent_port = 3129                # redirect target for inspected agents' TLS ports; 0 disables
+//! upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # roots for upstream certificates
+//! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
+//!
 //! [limits]
 //! max_agents = 4096
 //! max_interfaces = 1024
@@ -106,6 +112,7 @@ struct RawConfig {
     limits: RawLimits,
     control_plane: Option<crate::sync::SyncConfig>,
     dns: Option<RawDns>,
+    inspect: Option<RawInspect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +131,30 @@ fn d_grace() -> u32 {
 }
 fn d_max_ttl() -> u32 {
     3600
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInspect {
+    #[serde(default = "default_inspect_listen")]
+    listen: String,
+    #[serde(default = "default_transparent_port")]
+    transparent_port: u16,
+    #[serde(default = "default_upstream_roots")]
+    upstream_roots: PathBuf,
+    ca_dir: Option<PathBuf>,
+}
+
+fn default_inspect_listen() -> String {
+    crate::inspect::DEFAULT_LISTEN.into()
+}
+
+fn default_transparent_port() -> u16 {
+    crate::inspect::DEFAULT_TRANSPARENT_PORT
+}
+
+fn default_upstream_roots() -> PathBuf {
+    PathBuf::from(crate::inspect::DEFAULT_UPSTREAM_ROOTS)
 }
 
 fn default_audit_log() -> PathBuf {
@@ -215,6 +246,8 @@ pub struct Config {
     pub limits: Limits,
     /// The agents' DNS resolver, when configured.
     pub dns: Option<crate::dns::DnsConfig>,
+    /// The inspecting proxy, when the `[inspect]` section is present (paths resolved).
+    pub inspect: Option<crate::inspect::InspectConfig>,
 }
 
 impl Config {
@@ -296,6 +329,35 @@ impl Config {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let state_dir = base.join(&raw.state_dir);
+        let inspect = match raw.inspect {
+            Some(i) => {
+                let listen = match i.listen.trim() {
+                    "" => None,
+                    addr => Some(addr.parse().map_err(|e| {
+                        invalid(
+                            "inspect.listen",
+                            format!("expected an address like 0.0.0.0:3128, got {addr:?}: {e}"),
+                        )
+                    })?),
+                };
+                let transparent_port = (i.transparent_port != 0).then_some(i.transparent_port);
+                if listen.is_none() && transparent_port.is_none() {
+                    return Err(invalid(
+                        "inspect",
+                        "both listen and transparent_port are off; remove the section to \
+                         disable the proxy"
+                            .into(),
+                    ));
+                }
+                Some(crate::inspect::InspectConfig {
+                    listen,
+                    transparent_port,
+                    upstream_roots: base.join(i.upstream_roots),
+                    ca_dir: i.ca_dir.map_or_else(|| state_dir.clone(), |d| base.join(d)),
+                })
+            }
+            None => None,
+        };
         let control_plane = match raw.control_plane {
             Some(mut cp) => {
                 cp.resolve_paths(base);
@@ -329,6 +391,7 @@ impl Config {
             bpffs: base.join(&raw.bpffs),
             state_dir,
             xdp_mode: raw.xdp_mode,
+            inspect,
             limits: Limits {
                 max_agents: l.max_agents,
                 max_interfaces: l.max_interfaces,
@@ -510,6 +573,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("e.toml:3:"), "{err}");
+    }
+
+    #[test]
+    fn inspect_section() {
+        let c = Config::parse(Path::new("/etc/e/e.toml"), "policy = \"p\"\n").unwrap();
+        assert_eq!(c.inspect, None);
+        let c = Config::parse(
+            Path::new("/etc/e/e.toml"),
+            "policy = \"p\"\n[inspect]\nupstream_roots = \"roots.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.inspect,
+            Some(crate::inspect::InspectConfig {
+                listen: Some("0.0.0.0:3128".parse().unwrap()),
+                transparent_port: Some(3129),
+                upstream_roots: PathBuf::from("/etc/e/roots.pem"),
+                ca_dir: PathBuf::from("/run/enforcer"),
+            })
+        );
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[inspect]\nlisten = \"here\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("e.toml: inspect.listen: expected an address"),
+            "{err}"
+        );
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[inspect]\nlisten = \"\"\ntransparent_port = 0\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("both listen and transparent_port are off")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::{
     ffi::CString,
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -89,6 +90,9 @@ pub enum DaemonError {
     /// The DNS resolver could not start.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// The inspecting proxy could not start.
+    #[error("starting the inspecting proxy")]
+    Inspect(#[from] crate::inspect::proxy::InspectError),
 }
 
 /// Errors loading and compiling a policy.
@@ -225,8 +229,9 @@ struct Daemon {
     audit: watch::Sender<AuditContext>,
     /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
     user_audit: UserAudit,
-    /// Each newly applied policy, for the DNS resolver.
-    dns_policy: watch::Sender<Option<std::sync::Arc<Policy>>>,
+    /// The enforcing policy, for the inspecting proxy (names, detectors, who is inspected)
+    /// and the DNS resolver (who may resolve which names).
+    inspect_policy: watch::Sender<Option<Arc<Policy>>>,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
     /// The control-plane connection, when one is configured.
@@ -304,14 +309,19 @@ impl Daemon {
                     micros = self.status.apply_micros,
                     "policy applied"
                 );
+                if self.config.inspect.is_none() && policy.agents().iter().any(|a| a.inspect) {
+                    tracing::warn!(
+                        "agents have inspect = true but the configuration has no [inspect] section: their TLS is not inspected"
+                    );
+                }
+                self.inspect_policy
+                    .send_replace(Some(Arc::new(policy.clone())));
                 // Records of packets decided by this generation name it and its digest.
                 self.audit.send_replace(AuditContext::new(
                     generation,
                     text,
                     self.status.agents.clone(),
                 ));
-                self.dns_policy
-                    .send_replace(Some(std::sync::Arc::new(policy.clone())));
                 self.current = Some(Enforcing {
                     text: text.to_string(),
                     origin: origin.to_string(),
@@ -723,10 +733,7 @@ type DnsTask = (
 /// Starts the agents' DNS resolver once the policy enforces: binds its addresses (an error
 /// stops start-up), lets agents with names reach them through the data plane, and follows
 /// every policy the daemon applies.
-fn start_dns(
-    daemon: &mut Daemon,
-    policy: watch::Receiver<Option<std::sync::Arc<Policy>>>,
-) -> Result<Option<DnsTask>, DaemonError> {
+fn start_dns(daemon: &mut Daemon) -> Result<Option<DnsTask>, DaemonError> {
     let Some(config) = daemon.config.dns.clone() else {
         // No resolver: agents with names get no DNS at all (and none a previous run allowed).
         daemon.dataplane.maps().set_resolvers(&[])?;
@@ -740,10 +747,10 @@ fn start_dns(
     daemon
         .info
         .send_modify(|info| info.dns = Some(metrics.clone()));
-    let resolver = std::sync::Arc::new(crate::dns::Resolver::new(
+    let resolver = Arc::new(crate::dns::Resolver::new(
         config.clone(),
         sink,
-        policy,
+        daemon.inspect_policy.subscribe(),
         (daemon.user_audit.clone(), daemon.config.audit_rate),
         metrics,
     ));
@@ -869,7 +876,6 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
     let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
     let (user_audit, user_audit_rx) = UserAudit::channel();
-    let (dns_policy, dns_policy_rx) = watch::channel(None);
     let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, user_audit_rx, async move {
         let _ = audit_stopped.await;
     }));
@@ -887,7 +893,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         info,
         audit: audit_ctx,
         user_audit,
-        dns_policy,
+        inspect_policy: watch::channel(None).0,
         store,
         control_plane: None,
         reloads_ok: 0,
@@ -916,6 +922,18 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             daemon.publish();
         }
     }
+    // The inspecting proxy, once the first policy says whom to inspect.
+    if let Some(inspect) = daemon.config.inspect.clone() {
+        let stats = Arc::new(crate::inspect::Stats::default());
+        crate::inspect::proxy::spawn(
+            inspect,
+            daemon.user_audit.clone(),
+            stats.clone(),
+            daemon.inspect_policy.subscribe(),
+        )
+        .await?;
+        daemon.info.send_modify(|info| info.inspect = Some(stats));
+    }
     if let Some(addr) = daemon.config.metrics_listen {
         let listener = metrics::bind(addr)
             .await
@@ -926,7 +944,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             info_rx,
         ));
     }
-    let dns = start_dns(&mut daemon, dns_policy_rx)?;
+    let dns = start_dns(&mut daemon)?;
     // The policy stream: only now, after the last good policy enforces.
     let (updates_tx, mut updates) = mpsc::channel::<PolicyUpdate>(4);
     if let Some(cp) = daemon.config.control_plane.clone() {
@@ -982,6 +1000,15 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     if let Some((stop, task)) = dns {
         let _ = stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    if daemon
+        .config
+        .inspect
+        .as_ref()
+        .is_some_and(|i| i.transparent_port.is_some())
+        && let Err(e) = crate::inspect::redirect::remove()
+    {
+        tracing::error!(error = %error_chain(&e), "removing the transparent redirect");
     }
     // Let the audit reader drain what the ring holds and sync the log.
     let _ = audit_stop.send(());

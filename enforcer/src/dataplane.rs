@@ -18,6 +18,7 @@
 
 use std::{
     fs, io,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     thread,
     time::Duration,
@@ -37,15 +38,17 @@ use aya::{
 };
 use enforcer_common::{
     AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
-    Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, OWNER_BITS, Reason,
-    RuleSet, SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig,
-    State, UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
+    Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry,
+    NameV4Key, NameV6Key, OWNER_BITS, Reason, ResolverKey, RuleSet, SLOT_HAS_IFACES,
+    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, State, TlsPorts,
+    UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
 };
 use thiserror::Error;
 
 use crate::{
     audit::AuditRate,
-    compile::{Compiled, Limits},
+    compile::{Compiled, Limits, name_rule_set},
+    policy::{PortRange, Proto},
 };
 
 /// The XDP object built by `build.rs`.
@@ -77,6 +80,14 @@ pub enum MapsError {
         /// The underlying error.
         #[source]
         source: io::Error,
+    },
+    /// A learned address would need more rules than an entry holds.
+    #[error(
+        "a learned address needs {count} distinct protocol/port rules, more than an entry holds"
+    )]
+    TooManyNameRules {
+        /// Rules it would need.
+        count: usize,
     },
     /// A fake map refused a write (tests).
     #[error("injected failure writing {map}")]
@@ -530,6 +541,11 @@ pub struct KernelMaps {
     audit_config: Array<MapData, AuditConfig>,
     audit_limits: Array<MapData, u64>,
     audit_stats: PerCpuArray<MapData, AuditStats>,
+    tls_ports: Array<MapData, TlsPorts>,
+    resolvers: HashMap<MapData, ResolverKey, u32>,
+    names_v4: HashMap<MapData, NameV4Key, NameEntry>,
+    names_v6: HashMap<MapData, NameV6Key, NameEntry>,
+    sni: HashMap<MapData, SniKey, RuleSet>,
 }
 
 /// Where [`KernelMaps`] gets its maps from: a freshly loaded object or the pins.
@@ -584,6 +600,11 @@ impl KernelMaps {
             audit_config: typed(source, maps::AUDIT_CONFIG)?,
             audit_limits: typed(source, maps::AUDIT_LIMITS)?,
             audit_stats: typed(source, maps::AUDIT_STATS)?,
+            tls_ports: typed(source, maps::TLS_PORTS)?,
+            resolvers: typed(source, maps::RESOLVERS)?,
+            names_v4: typed(source, maps::NAMES_V4)?,
+            names_v6: typed(source, maps::NAMES_V6)?,
+            sni: typed(source, maps::SNI)?,
         })
     }
 
@@ -766,6 +787,10 @@ impl PolicyMaps for KernelMaps {
         remove_where!(self.dst_hash_v6, maps::DST_HASH_V6, |k: &DstV6Key| k.owner
             >> 31
             == slot);
+        remove_where!(self.sni, maps::SNI, |k: &SniKey| k.slot == slot);
+        self.tls_ports
+            .set(slot, TlsPorts::default(), 0)
+            .map_err(err("clearing", maps::TLS_PORTS))?;
         Ok(())
     }
 
@@ -866,9 +891,125 @@ impl PolicyMaps for KernelMaps {
                     .map_err(err("writing", maps::DST_HASH_V6))?;
             }
         }
+        for (agent, kind, name, rules) in &c.server_names {
+            // Names are validated host names (at most 253 bytes, no zero byte).
+            let key = SniKey::new(slot, *agent, *kind, name.as_bytes())
+                .expect("policy names fit an SNI key");
+            self.sni
+                .insert(key, rules, 0)
+                .map_err(err("writing", maps::SNI))?;
+        }
+        self.tls_ports
+            .set(slot, c.tls_ports, 0)
+            .map_err(err("writing", maps::TLS_PORTS))?;
         self.slots
             .set(slot, slot_config(c), 0)
             .map_err(err("writing", maps::SLOTS))
+    }
+}
+
+impl KernelMaps {
+    /// Allows `agent` to reach `addr` until `expires_ns` (CLOCK_MONOTONIC) under `rules`:
+    /// an address its resolver answered for an allowed name. Replaces an earlier entry.
+    pub fn learn_name(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        expires_ns: u64,
+        rules: &[(Proto, PortRange)],
+    ) -> Result<(), MapsError> {
+        let rules = name_rule_set(rules).map_err(|count| MapsError::TooManyNameRules { count })?;
+        let entry = NameEntry { expires_ns, rules };
+        match addr {
+            IpAddr::V4(a) => self
+                .names_v4
+                .insert(
+                    NameV4Key {
+                        agent,
+                        addr: a.octets(),
+                    },
+                    entry,
+                    0,
+                )
+                .map_err(err("writing", maps::NAMES_V4)),
+            IpAddr::V6(a) => self
+                .names_v6
+                .insert(
+                    NameV6Key {
+                        agent,
+                        addr: a.octets(),
+                    },
+                    entry,
+                    0,
+                )
+                .map_err(err("writing", maps::NAMES_V6)),
+        }
+    }
+
+    /// Removes what [`KernelMaps::learn_name`] allowed; absent entries are fine.
+    pub fn forget_name(&mut self, agent: u32, addr: IpAddr) -> Result<(), MapsError> {
+        let removed = match addr {
+            IpAddr::V4(a) => self.names_v4.remove(&NameV4Key {
+                agent,
+                addr: a.octets(),
+            }),
+            IpAddr::V6(a) => self.names_v6.remove(&NameV6Key {
+                agent,
+                addr: a.octets(),
+            }),
+        };
+        match removed {
+            Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(
+                "deleting from",
+                if addr.is_ipv4() {
+                    maps::NAMES_V4
+                } else {
+                    maps::NAMES_V6
+                },
+            )(e)),
+        }
+    }
+
+    /// Every learned entry: `(agent, address, expiry)`.
+    pub fn learned_names(&self) -> Result<Vec<(u32, IpAddr, u64)>, MapsError> {
+        let mut out = Vec::new();
+        for item in self.names_v4.iter() {
+            let (k, v) = item.map_err(err("reading", maps::NAMES_V4))?;
+            out.push((k.agent, IpAddr::from(k.addr), v.expires_ns));
+        }
+        for item in self.names_v6.iter() {
+            let (k, v) = item.map_err(err("reading", maps::NAMES_V6))?;
+            out.push((k.agent, IpAddr::from(k.addr), v.expires_ns));
+        }
+        Ok(out)
+    }
+
+    /// Makes `resolvers` the only addresses agents with host names may send DNS to.
+    pub fn set_resolvers(&mut self, resolvers: &[SocketAddr]) -> Result<(), MapsError> {
+        let wanted: Vec<ResolverKey> = resolvers.iter().map(|a| resolver_key(*a)).collect();
+        remove_where!(self.resolvers, maps::RESOLVERS, |k: &ResolverKey| !wanted
+            .contains(k));
+        for key in wanted {
+            self.resolvers
+                .insert(key, 1, 0)
+                .map_err(err("writing", maps::RESOLVERS))?;
+        }
+        Ok(())
+    }
+}
+
+/// The `RESOLVERS` key of `addr`: IPv4 as IPv4-mapped IPv6.
+fn resolver_key(addr: SocketAddr) -> ResolverKey {
+    let ip = match addr.ip() {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    ResolverKey {
+        addr: ip.octets(),
+        port: addr.port(),
+        _pad: [0; 2],
     }
 }
 

@@ -110,6 +110,11 @@ enum Command {
         #[arg(long = "client")]
         clients: Vec<String>,
     },
+    /// The inspecting proxy.
+    Inspect {
+        #[command(subcommand)]
+        command: InspectCommand,
+    },
     /// Serve signed policies to nodes, or show which node holds which version.
     ControlPlane {
         #[command(subcommand)]
@@ -135,6 +140,14 @@ enum ControlPlaneCommand {
     /// Every node the control plane has seen, with the versions sent and acknowledged
     /// (connects with the `[control_plane]` settings of `--config`).
     Nodes,
+}
+
+#[derive(Subcommand)]
+enum InspectCommand {
+    /// Print the node's inspection CA certificate (PEM) for agent sandboxes to trust;
+    /// generates the CA (in `[inspect].ca_dir`, default the state directory) if the
+    /// daemon has not yet.
+    Ca,
 }
 
 #[derive(Subcommand)]
@@ -490,6 +503,18 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     config.bpffs.display()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            command: InspectCommand::Ca,
+        } => {
+            let config = load_config(&cli.config)?;
+            let dir = config
+                .inspect
+                .map_or(config.state_dir, |inspect| inspect.ca_dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let ca = enforcer::inspect::ca::NodeCa::load_or_create(&dir)?;
+            print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { dir } => {

@@ -39,6 +39,8 @@ pub struct DaemonInfo {
     pub control_plane_connected: Option<bool>,
     /// The DNS resolver's families, when it runs.
     pub dns: Option<crate::dns::DnsMetrics>,
+    /// The inspecting proxy's counters, when it runs.
+    pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -204,6 +206,9 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
 
     if let Some(dns) = &info.dns {
         dns.register(&mut registry);
+    }
+    if let Some(stats) = &info.inspect {
+        crate::inspect::register_metrics(&mut registry, stats, &info.agents);
     }
 
     let mut out = String::new();

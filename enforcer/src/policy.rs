@@ -21,6 +21,19 @@
 //! ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
 //! ```
 //!
+//! The inspecting proxy ([`crate::inspect`]) adds detectors, literal markers searched in
+//! the plaintext of inspected agents' TLS connections, and a per-agent switch:
+//!
+//! ```toml
+//! [[detectors]]
+//! name = "openai-key"       # unique, [A-Za-z0-9_.-]{1,64}; names it in audit records and metrics
+//! literal = "sk-live-"      # 1 to 64 bytes, matched exactly (case-sensitive)
+//! action = "block"          # "block": close the connection before the marker passes; "flag": audit, let it pass
+//!
+//! [[agents]]
+//! inspect = true            # route this agent's TLS through the inspecting proxy (default false)
+//! ```
+//!
 //! An agent needs at least one interface or source prefix. Destination presets are listed in
 //! [`PRESETS`].
 //!
@@ -117,6 +130,7 @@ pub struct Policy {
     unknown: UnknownTraffic,
     tls_ports: Vec<u16>,
     agents: Vec<Agent>,
+    detectors: Vec<Detector>,
 }
 
 impl Policy {
@@ -128,6 +142,11 @@ impl Policy {
     /// The agents, in document order.
     pub fn agents(&self) -> &[Agent] {
         &self.agents
+    }
+
+    /// The inspecting proxy's detectors, in document order; names are unique.
+    pub fn detectors(&self) -> &[Detector] {
+        &self.detectors
     }
 
     /// TCP ports whose connections to name-admitted addresses must open with a TLS
@@ -187,6 +206,46 @@ pub struct Agent {
     pub rate: Rate,
     /// Egress rules, in document order.
     pub egress: Vec<EgressRule>,
+    /// Whether the agent's TLS goes through the inspecting proxy.
+    pub inspect: bool,
+}
+
+/// Most detectors a policy may have: every one is searched in every byte of inspected
+/// traffic, and the kTLS path's BPF program has a fixed-size table of them.
+pub const MAX_DETECTORS: usize = 64;
+
+/// Longest detector literal, in bytes: the scanner re-reads this much of each read's end.
+pub const MAX_LITERAL_LEN: usize = 64;
+
+/// A literal marker the inspecting proxy looks for (`[[detectors]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Detector {
+    /// Unique name, for audit records and metrics.
+    pub name: String,
+    /// The bytes to find (the TOML string's UTF-8 encoding), 1 to [`MAX_LITERAL_LEN`].
+    pub literal: String,
+    /// What a hit does.
+    pub action: DetectorAction,
+}
+
+/// What a detector hit does to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorAction {
+    /// Close both sides before the marker reaches the other one.
+    Block,
+    /// Let it through; count and audit it.
+    Flag,
+}
+
+impl DetectorAction {
+    /// The name used in metrics and audit reasons.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DetectorAction::Block => "block",
+            DetectorAction::Flag => "flag",
+        }
+    }
 }
 
 impl Agent {
@@ -854,6 +913,16 @@ struct RawPolicy {
     defaults: RawDefaults,
     #[serde(default)]
     agents: Vec<Spanned<RawAgent>>,
+    #[serde(default)]
+    detectors: Vec<Spanned<RawDetector>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    name: Spanned<String>,
+    literal: Spanned<String>,
+    action: DetectorAction,
 }
 
 #[derive(Default, Deserialize)]
@@ -883,6 +952,8 @@ struct RawAgent {
     rate: Option<RawRate>,
     #[serde(default)]
     egress: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    inspect: bool,
 }
 
 #[derive(Deserialize)]
@@ -1086,15 +1157,55 @@ impl Checker<'_> {
                 egress_default: a.egress_default,
                 rate,
                 egress,
+                inspect: a.inspect,
             });
         }
 
         let tls_ports = self.tls_ports(raw.defaults.tls_ports.as_ref());
+        let detectors = self.detectors(&raw.detectors);
         Policy {
             unknown: raw.defaults.unknown,
             tls_ports,
             agents,
+            detectors,
         }
+    }
+
+    fn detectors(&mut self, raw: &[Spanned<RawDetector>]) -> Vec<Detector> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut detectors = Vec::with_capacity(raw.len());
+        for (i, spanned) in raw.iter().enumerate() {
+            let d = spanned.get_ref();
+            let at = |field: &str| format!("detectors[{i}].{field}");
+            if i == MAX_DETECTORS {
+                let msg = format!("at most {MAX_DETECTORS} detectors are supported");
+                self.issue(spanned.span(), format!("detectors[{i}]"), msg);
+            }
+            let before = self.issues.len();
+            self.agent_name(&d.name, at("name"));
+            if let Some(first) = names.get(d.name.get_ref().as_str()) {
+                let msg = format!(
+                    "name \"{}\" is already used by detectors[{first}]",
+                    d.name.get_ref()
+                );
+                self.issue(d.name.span(), at("name"), msg);
+            } else {
+                names.insert(d.name.get_ref(), i);
+            }
+            let len = d.literal.get_ref().len();
+            if !(1..=MAX_LITERAL_LEN).contains(&len) {
+                let msg = format!("expected 1 to {MAX_LITERAL_LEN} bytes, got {len}");
+                self.issue(d.literal.span(), at("literal"), msg);
+            }
+            if self.issues.len() == before {
+                detectors.push(Detector {
+                    name: d.name.get_ref().clone(),
+                    literal: d.literal.get_ref().clone(),
+                    action: d.action,
+                });
+            }
+        }
+        detectors
     }
 
     fn tls_ports(&mut self, raw: Option<&Spanned<Vec<Spanned<i64>>>>) -> Vec<u16> {
@@ -1468,6 +1579,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
                 proto: Proto::Tcp,
                 ports: PortRange { lo: 443, hi: 443 },
             }],
+            inspect: false,
         };
         assert_eq!(p.agents(), &[expected]);
     }
@@ -1647,7 +1759,8 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         );
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
-            "p.toml:1:2: default: unknown field `default`, expected `defaults` or `agents`"
+            "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
+             `agents`, `detectors`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -1824,6 +1937,53 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             issue(&agent("rate = { packets_per_sec = -5 }\n")),
             "p.toml:5:28: agents[0].rate.packets_per_sec: expected 1 to 1000000000 (omit the \
              field for no limit), got -5"
+        );
+    }
+
+    #[test]
+    fn detectors_and_inspect_switch() {
+        let text = format!(
+            "{}inspect = true\n\n[[detectors]]\nname = \"key\"\nliteral = \"sk-live-\"\naction = \"block\"\n\n[[detectors]]\nname = \"mcp\"\nliteral = '\"method\":\"tools/call\"'\naction = \"flag\"\n",
+            agent("")
+        );
+        let p = parse("p.toml", &text).unwrap();
+        assert!(p.agents()[0].inspect);
+        assert_eq!(
+            p.detectors(),
+            &[
+                Detector {
+                    name: "key".into(),
+                    literal: "sk-live-".into(),
+                    action: DetectorAction::Block,
+                },
+                Detector {
+                    name: "mcp".into(),
+                    literal: r#""method":"tools/call""#.into(),
+                    action: DetectorAction::Flag,
+                },
+            ]
+        );
+        assert!(!parse("p.toml", &agent("")).unwrap().agents()[0].inspect);
+    }
+
+    #[test]
+    fn bad_detectors() {
+        let text = "[[detectors]]\nname = \"k\"\nliteral = \"\"\naction = \"flag\"\n\n\
+                    [[detectors]]\nname = \"k\"\nliteral = \"x\"\naction = \"block\"\n\n\
+                    [[detectors]]\nname = \"bad name\"\nliteral = \"x\"\naction = \"flag\"\n";
+        assert_eq!(
+            issues(text),
+            vec![
+                "p.toml:3:11: detectors[0].literal: expected 1 to 64 bytes, got 0",
+                "p.toml:7:8: detectors[1].name: name \"k\" is already used by detectors[0]",
+                "p.toml:12:8: detectors[2].name: expected 1 to 64 characters from A-Z a-z 0-9 \
+                 _ . -, got \"bad name\"",
+            ]
+        );
+        assert_eq!(
+            issue("[[detectors]]\nname = \"k\"\nliteral = \"x\"\naction = \"drop\"\n"),
+            "p.toml:4:10: detectors[0].action: unknown variant `drop`, expected `block` or \
+             `flag`"
         );
     }
 

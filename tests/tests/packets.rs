@@ -1212,3 +1212,491 @@ fn removed_agent_becomes_unknown() {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
+
+/// Agents with host names: agent 9 enforces, agent 8 watches (monitor mode). Both may
+/// reach `api.example.test` and `*.cdn.example.test` on TCP 443 and `mail.example.test`
+/// on TCP 25, and `10.9.9.0/24` on TCP 443 by address.
+const NAMES_POLICY: &str = r#"
+[[agents]]
+id = 9
+name = "named"
+prefixes = ["10.11.0.2", "fd11::2"]
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test", "*.cdn.example.test", "10.9.9.0/24"]
+proto = "tcp"
+ports = 443
+[[agents.egress]]
+action = "allow"
+to = ["mail.example.test"]
+proto = "tcp"
+ports = 25
+
+[[agents]]
+id = 8
+name = "named-watched"
+prefixes = ["10.12.0.2"]
+mode = "monitor"
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = 443
+"#;
+
+/// A TLS 1.3-style ClientHello record: a few extensions, the `server_name` extension when
+/// `sni` is given, `encrypted_client_hello` when `ech` is set.
+fn client_hello(sni: Option<&str>, ech: bool) -> Vec<u8> {
+    let mut ext = Vec::new();
+    let mut push_ext = |kind: u16, data: &[u8]| {
+        ext.extend_from_slice(&kind.to_be_bytes());
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(data);
+    };
+    push_ext(0x002b, &[2, 3, 4]); // supported_versions: TLS 1.3
+    if let Some(name) = sni {
+        let n = name.as_bytes();
+        let mut data = Vec::new();
+        data.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+        data.push(0); // host_name
+        data.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        data.extend_from_slice(n);
+        push_ext(0x0000, &data);
+    }
+    if ech {
+        push_ext(0xfe0d, &[0, 0, 1, 0, 1, 0, 0, 0]);
+    }
+    push_ext(0x000a, &[0, 2, 0, 0x1d]); // supported_groups: x25519
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]); // random
+    body.push(32);
+    body.extend_from_slice(&[9; 32]); // legacy session id
+    body.extend_from_slice(&[0, 4, 0x13, 0x01, 0x13, 0x02]); // cipher suites
+    body.extend_from_slice(&[1, 0]); // compression: null
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut record = vec![22, 3, 1];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    record
+}
+
+fn tcp4_payload(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(sport, dport, 1, 1024)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+fn tcp6_payload(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), 64)
+        .tcp(sport, dport, 1, 1024)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock learned entries expire on.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer for clock_gettime.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn host_names_table() {
+    if !require_root("host_names_table") {
+        return;
+    }
+    in_test_netns(|| {
+        use enforcer::policy::{PortRange, Proto};
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, NAMES_POLICY, None);
+        let mut ring = dp.take_audit_ring().unwrap();
+        let https = [(Proto::Tcp, PortRange { lo: 443, hi: 443 })];
+        let smtp = [(Proto::Tcp, PortRange { lo: 25, hi: 25 })];
+        let later = monotonic_ns() + 3_600_000_000_000;
+        let maps = dp.maps();
+        maps.set_resolvers(&[
+            "10.0.0.53:53".parse().unwrap(),
+            "[fd00::53]:53".parse().unwrap(),
+        ])
+        .unwrap();
+        maps.learn_name(9, "10.20.0.1".parse().unwrap(), later, &https)
+            .unwrap();
+        maps.learn_name(9, "10.20.0.2".parse().unwrap(), monotonic_ns() - 1, &https)
+            .unwrap();
+        maps.learn_name(9, "10.20.0.3".parse().unwrap(), later, &smtp)
+            .unwrap();
+        maps.learn_name(9, "fd20::1".parse().unwrap(), later, &https)
+            .unwrap();
+        maps.learn_name(8, "10.20.0.1".parse().unwrap(), later, &https)
+            .unwrap();
+        // A name learned and then forgotten is gone.
+        maps.learn_name(9, "10.20.0.4".parse().unwrap(), later, &https)
+            .unwrap();
+        maps.forget_name(9, "10.20.0.4".parse().unwrap()).unwrap();
+        assert_eq!(maps.learned_names().unwrap().len(), 5);
+
+        let a = "10.11.0.2";
+        let api = client_hello(Some("api.example.test"), false);
+        let mut cut = tcp4_payload(a, 40009, "10.20.0.1", 443, &api);
+        cut.truncate(cut.len() - 40);
+        // The IP length still says the whole record is there: fix it to the cut length.
+        let ip_len = (cut.len() - 14) as u16;
+        cut[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        cut[24..26].copy_from_slice(&[0, 0]);
+        let rows = vec![
+            row(
+                "dns to the resolver",
+                udp4(a, "10.0.0.53", 53, 40),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "dns over tcp to the resolver",
+                tcp4(a, "10.0.0.53", 53),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "dns elsewhere",
+                udp4(a, "8.8.8.8", 53, 40),
+                XDP_DROP,
+                9,
+                DnsBypass,
+            ),
+            row(
+                "dns over tls elsewhere",
+                tcp4(a, "1.1.1.1", 853),
+                XDP_DROP,
+                9,
+                DnsBypass,
+            ),
+            row(
+                "dns to the resolver's address on another port is no resolver",
+                udp4(a, "10.0.0.53", 5353, 40),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+            row(
+                "handshake segment to a learned address",
+                tcp4_payload(a, 40000, "10.20.0.1", 443, b""),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "clienthello naming an allowed host",
+                tcp4_payload(a, 40000, "10.20.0.1", 443, &api),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "later data of that connection",
+                tcp4_payload(a, 40000, "10.20.0.1", 443, b"application data"),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "clienthello naming another host on the same address",
+                tcp4_payload(
+                    a,
+                    40001,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "retransmitted refused clienthello",
+                tcp4_payload(
+                    a,
+                    40001,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "not tls on a tls port",
+                tcp4_payload(a, 40002, "10.20.0.1", 443, b"GET / HTTP/1.1\r\n\r\n"),
+                XDP_DROP,
+                9,
+                SniInvalid,
+            ),
+            row(
+                "wildcard subdomain",
+                tcp4_payload(
+                    a,
+                    40003,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("x.y.cdn.example.test"), false),
+                ),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "wildcard's own suffix is not covered",
+                tcp4_payload(
+                    a,
+                    40004,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("cdn.example.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "look-alike suffix",
+                tcp4_payload(
+                    a,
+                    40010,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("evilcdn.example.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "server name in upper case",
+                tcp4_payload(
+                    a,
+                    40005,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("API.Example.TEST"), false),
+                ),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "encrypted client hello",
+                tcp4_payload(
+                    a,
+                    40006,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("api.example.test"), true),
+                ),
+                XDP_DROP,
+                9,
+                SniInvalid,
+            ),
+            row(
+                "clienthello without server name",
+                tcp4_payload(a, 40007, "10.20.0.1", 443, &client_hello(None, false)),
+                XDP_DROP,
+                9,
+                SniInvalid,
+            ),
+            row(
+                "server name cut off by the segment's end",
+                cut,
+                XDP_DROP,
+                9,
+                SniInvalid,
+            ),
+            row(
+                "name allowed only on another port",
+                tcp4_payload(
+                    a,
+                    40008,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("mail.example.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "server name with a zero byte",
+                tcp4_payload(
+                    a,
+                    40011,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("api.example.test\0"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniInvalid,
+            ),
+            row(
+                "expired learned address",
+                tcp4_payload(a, 40000, "10.20.0.2", 443, b""),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+            row(
+                "address never learned",
+                tcp4_payload(a, 40000, "10.20.0.9", 443, b""),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+            row(
+                "forgotten address",
+                tcp4_payload(a, 40000, "10.20.0.4", 443, b""),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+            row(
+                "learned address, port not allowed",
+                tcp4_payload(a, 40000, "10.20.0.1", 80, b""),
+                XDP_DROP,
+                9,
+                EgressDenied,
+            ),
+            row(
+                "learned address on a port that is not a tls port",
+                tcp4_payload(a, 40000, "10.20.0.3", 25, b"EHLO agent\r\n"),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "address allowed by a static rule is not sni-checked",
+                tcp4_payload(a, 40000, "10.9.9.5", 443, b"GET / HTTP/1.1\r\n\r\n"),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "ipv6 clienthello naming an allowed host",
+                tcp6_payload("fd11::2", 40000, "fd20::1", 443, &api),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "ipv6 clienthello naming another host",
+                tcp6_payload(
+                    "fd11::2",
+                    40001,
+                    "fd20::1",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "ipv6 dns elsewhere",
+                udp6("fd11::2", "2001:db8::53", 53),
+                XDP_DROP,
+                9,
+                DnsBypass,
+            ),
+            row(
+                "ipv6 dns to the resolver",
+                udp6("fd11::2", "fd00::53", 53),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "monitor mode: another host's name is counted, not dropped",
+                tcp4_payload(
+                    "10.12.0.2",
+                    40000,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_PASS,
+                8,
+                MonitorSniDenied,
+            ),
+            row(
+                "monitor mode: dns elsewhere is counted, not dropped",
+                udp4("10.12.0.2", "8.8.8.8", 53, 40),
+                XDP_PASS,
+                8,
+                MonitorDnsBypass,
+            ),
+        ];
+        let failures = run_rows(&mut dp, &mut ring, &rows);
+        assert!(
+            failures.is_empty(),
+            "{} of {} rows failed:\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n")
+        );
+
+        // A policy without those names: the SNI entries of the old slot are gone with it.
+        let mut dp = load(
+            &bpffs,
+            &NAMES_POLICY.replace("*.cdn.example.test", "other.test"),
+            Some(dp),
+        );
+        let rows = vec![
+            row(
+                "renamed: the old wildcard no longer passes",
+                tcp4_payload(
+                    a,
+                    40020,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("x.cdn.example.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "renamed: the new name passes",
+                tcp4_payload(
+                    a,
+                    40021,
+                    "10.20.0.1",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+        ];
+        let failures = run_rows(&mut dp, &mut ring, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}

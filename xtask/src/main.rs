@@ -1,5 +1,5 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | fmt | install`; the tasks
-//! themselves live in the library (`src/lib.rs`).
+//! Project tasks: `cargo xtask setup | test | vmtest | demo | bench | fmt | install`; the
+//! tasks themselves live in the library (`src/lib.rs`).
 
 use std::{
     ffi::OsString,
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use xtask::{install, setup};
+use xtask::{Totals, cargo, install, setup, target_dir, vm};
 
 /// Project tasks.
 #[derive(Parser)]
@@ -20,9 +20,26 @@ enum Task {
     /// Install what building and testing need: apt packages, the nightly toolchain with
     /// rust-src, bpf-linker, and bpffs on /sys/fs/bpf. Idempotent.
     Setup,
-    /// Run setup, then every test in release mode, one at a time (rate tests need quiet CPUs).
+    /// Run setup, then every test in release mode, one at a time (rate tests need quiet CPUs),
+    /// the quick benchmark, and `vmtest` on every kernel.
     Test {
         /// Passed to the test binaries, after `--test-threads=1`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run setup, then the integration tests inside VMs booting Debian's 6.1 and 6.12
+    /// kernels (which have kTLS), under TCG: every test of each test file, `#[ignore]`d ones
+    /// included. Kernels are downloaded and cached under target/vmtest/.
+    Vmtest {
+        /// Boot only this kernel line (repeat for several); all of them by default.
+        #[arg(long = "kernel", value_enum)]
+        kernels: Vec<vm::Line>,
+        /// Run this test file (tests/tests/NAME.rs; repeat for several) instead of the
+        /// default list, `xtask::vm::VM_TESTS`.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// Passed to the test binaries after `--include-ignored --test-threads=1` (a test
+        /// name filter, for example).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -81,7 +98,7 @@ fn main() -> Result<ExitCode> {
             // Output is passed through as it comes and the per-binary results are summed.
             let mut child = cargo(&root)
                 .args(["test", "--release", "--", "--test-threads=1"])
-                .args(args)
+                .args(&args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting cargo test")?;
@@ -112,6 +129,28 @@ fn main() -> Result<ExitCode> {
                     totals.failed += 1;
                 }
             }
+            if status.success() && totals.failed == 0 {
+                // The tests that need a kernel feature the host lacks, on every kernel line,
+                // with the same test arguments (a name filter reaches the VM tests too).
+                match vm::run(
+                    &root,
+                    &target_dir(&root),
+                    vm::Line::ALL,
+                    &default_vm_tests(),
+                    &args,
+                ) {
+                    Ok(runs) => {
+                        totals.failed += vm_summary(&runs);
+                        for run in &runs {
+                            totals.merge(run.totals);
+                        }
+                    }
+                    Err(e) => {
+                        println!("vmtest: FAILED: {e:#}");
+                        totals.failed += 1;
+                    }
+                }
+            }
             // One plain closing line for CI, after everything else.
             println!(
                 "tests: {} passed, {} failed, {} skipped",
@@ -123,6 +162,38 @@ fn main() -> Result<ExitCode> {
                 status.code().unwrap_or(1).clamp(1, 255)
             };
             return Ok(ExitCode::from(code as u8));
+        }
+        Task::Vmtest {
+            kernels,
+            tests,
+            args,
+        } => {
+            setup::run()?;
+            let lines = if kernels.is_empty() {
+                vm::Line::ALL.to_vec()
+            } else {
+                kernels
+            };
+            let tests = if tests.is_empty() {
+                default_vm_tests()
+            } else {
+                tests
+            };
+            let runs = vm::run(&root, &target_dir(&root), &lines, &tests, &args)?;
+            let failed = vm_summary(&runs);
+            let mut totals = Totals::default();
+            for run in &runs {
+                totals.merge(run.totals);
+            }
+            println!(
+                "vmtest: {} passed, {} failed, {} skipped",
+                totals.passed,
+                totals.failed + failed,
+                totals.ignored
+            );
+            if runs.iter().any(|run| run.failure.is_some()) {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Task::Demo { args } => {
             setup::run()?;
@@ -187,57 +258,19 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+fn default_vm_tests() -> Vec<String> {
+    vm::VM_TESTS.iter().map(|t| (*t).to_owned()).collect()
 }
 
-/// The cargo that runs xtask (so the same toolchain builds the project), in the root.
-fn cargo(root: &Path) -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(root);
-    cmd
-}
-
-/// Test counts summed over every `test result:` line of cargo test.
-#[derive(Default)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-}
-
-impl Totals {
-    fn add(&mut self, line: &str) {
-        let Some(rest) = line.strip_prefix("test result: ") else {
-            return;
-        };
-        let count = |word: &str| {
-            rest.split(';')
-                .find_map(|part| {
-                    part.trim()
-                        .trim_start_matches("ok. ")
-                        .trim_start_matches("FAILED. ")
-                        .strip_suffix(word)
-                })
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        self.passed += count("passed");
-        self.failed += count("failed");
-        self.ignored += count("ignored");
+/// Prints one line per kernel and returns how many kernels failed for a reason their test
+/// counts do not show (the VM did not boot, the guest setup failed, a binary did not report).
+fn vm_summary(runs: &[vm::KernelRun]) -> u64 {
+    let mut unaccounted = 0;
+    for run in runs {
+        println!("{}", run.summary());
+        if run.failure.is_some() && run.totals.failed == 0 {
+            unaccounted += 1;
+        }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Totals;
-
-    #[test]
-    fn totals_sum_every_result_line() {
-        let mut t = Totals::default();
-        t.add("test result: ok. 86 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.36s");
-        t.add("test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
-        t.add("running 3 tests");
-        assert_eq!((t.passed, t.failed, t.ignored), (88, 1, 1));
-    }
+    unaccounted
 }

@@ -9,10 +9,14 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// from llvm-22-dev) to build bpf-linker against, iproute2 for the namespace tests, and
 /// systemd for `systemd-analyze verify` of the service unit (container images and CI
 /// runners often lack it; the tests only verify the unit and need no running systemd),
-/// and what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
-/// come with libxdp1), nftables and iptables; for the DNS tests, dnsmasq (the `-base`
-/// package: the binary without a system service that would start on install), dig, and
-/// curl to read the daemon's /metrics.
+/// what `cargo xtask bench` compares against: xdp-tools (xdp-filter; its BPF objects
+/// come with libxdp1), nftables and iptables. nftables is also the inspecting proxy's
+/// transparent redirect; curl is the real HTTPS client of its tests (and ca-certificates the
+/// proxy's default upstream roots). And what `cargo xtask vmtest` needs: qemu, the guest
+/// agent vmtest's init starts in the guest (from the shared host root), a static busybox
+/// for the initramfs, kmod (depmod on the host, modprobe in the guest) and xz for 6.12's
+/// compressed modules. For the DNS tests: dnsmasq (the `-base` package: the binary without
+/// a system service that would start on install) and dig.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,9 +27,15 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "nftables",
     "iptables",
+    "curl",
+    "ca-certificates",
+    "qemu-system-x86",
+    "qemu-guest-agent",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
     "dnsmasq-base",
     "bind9-dnsutils",
-    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -42,6 +52,7 @@ pub fn run() -> Result<()> {
     ensure_nightly()?;
     ensure_nightly_component("rust-src")?;
     bpf_linker()?;
+    vmtest()?;
     bpffs()?;
     Ok(())
 }
@@ -175,6 +186,21 @@ fn bpf_linker() -> Result<()> {
              {found:?}: put cargo's bin directory (usually ~/.cargo/bin) first on PATH"
         ),
     }
+}
+
+/// The vmtest tool, from crates.io, at the version `cargo xtask vmtest` is written against.
+fn vmtest() -> Result<()> {
+    let wanted = crate::vm::VMTEST_VERSION;
+    let found = probe(Command::new("vmtest").arg("--version"))
+        .ok()
+        .map(|out| out.trim().trim_start_matches("vmtest").trim().to_owned());
+    if found.as_deref() == Some(wanted) {
+        println!("ok: vmtest {wanted} present");
+        return Ok(());
+    }
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["install", "--locked", &format!("vmtest@{wanted}")]);
+    run_step(&mut cmd).context("installing vmtest")
 }
 
 fn bpffs() -> Result<()> {

@@ -1,0 +1,315 @@
+//! The inspecting egress proxy: agents whose policy says `inspect = true` have their TLS
+//! terminated here with a certificate from the node's CA ([`ca`]), the plaintext searched
+//! by the policy's detectors ([`detect`]) in both directions, and a verified TLS
+//! connection of the proxy's own carrying it upstream ([`proxy`]).
+//!
+//! Two ways in, configured in the daemon's `[inspect]` section ([`InspectConfig`]):
+//! explicit `CONNECT host:port` on `listen`, and transparent interception of the
+//! inspected agents' connections to the policy's `tls_ports`, redirected by an nftables
+//! rule ([`redirect`]) to `transparent_port`.
+//!
+//! After both handshakes the bytes are moved by one of two paths, chosen once at start
+//! ([`InspectPath`]), logged once and exported as `enforcer_inspect_path{path}`: the
+//! kernel's (kTLS on both sockets, a sockmap BPF program running the same detectors and
+//! splicing the sockets) when the kernel has kTLS and that path is built in, otherwise
+//! user space ([`relay`]), with the same detectors and the same outcomes.
+
+pub mod ca;
+pub mod detect;
+pub mod proxy;
+pub mod redirect;
+pub mod relay;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+/// The daemon's `[inspect]` section.
+///
+/// ```toml
+/// [inspect]
+/// listen = "0.0.0.0:3128"        # explicit CONNECT proxy; "" disables it
+/// transparent_port = 3129        # where the agents' TLS ports are redirected; 0 disables it
+/// upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # PEM roots the upstream certificates are verified with
+/// ca_dir = "/var/lib/enforcer"   # where the node CA lives (default: state_dir); keep it on persistent storage
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InspectConfig {
+    /// Address of the CONNECT listener, if any. Agents reach it through their gateway
+    /// address, and their policy must allow that address and port.
+    pub listen: Option<SocketAddr>,
+    /// Port (on every IPv4 address of the node) that transparent interception redirects
+    /// to, if any.
+    pub transparent_port: Option<u16>,
+    /// PEM file of the roots upstream certificates must chain to.
+    pub upstream_roots: PathBuf,
+    /// Directory of the node CA's files. It must outlive reboots: every sandbox trusts
+    /// the CA, and a new one means provisioning them all again.
+    pub ca_dir: PathBuf,
+}
+
+/// Default of `[inspect].listen`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:3128";
+/// Default of `[inspect].transparent_port`.
+pub const DEFAULT_TRANSPARENT_PORT: u16 = 3129;
+/// Default of `[inspect].upstream_roots`: the Debian/Ubuntu system bundle.
+pub const DEFAULT_UPSTREAM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How bytes move between the two TLS connections once both handshakes are done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InspectPath {
+    /// Decrypted, searched and re-encrypted by the proxy ([`relay::userspace_relay`]).
+    Userspace {
+        /// Why not the kernel path, for the one log line at start.
+        why: String,
+    },
+}
+
+impl InspectPath {
+    /// The `path` label of `enforcer_inspect_path`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            InspectPath::Userspace { .. } => "userspace",
+        }
+    }
+
+    /// Chooses the path for this run. The kernel path needs kTLS (CONFIG_TLS, Linux 4.13
+    /// for TX, 4.17 for RX) and the sockmap splice of `enforcer::ktls`; the probe names
+    /// what is missing.
+    pub fn choose() -> InspectPath {
+        let why = match probe_ktls() {
+            Err(e) => format!(
+                "the kernel has no kTLS (setting TCP_ULP \"tls\": {e}; needs CONFIG_TLS, Linux >= 4.17)"
+            ),
+            // The seam for the kernel path: `Some(Ktls::load(..)?)` replaces this arm.
+            Ok(()) => "the kernel has kTLS, but this build has no kTLS splice (enforcer::ktls)"
+                .to_string(),
+        };
+        InspectPath::Userspace { why }
+    }
+}
+
+/// Asks the kernel for the "tls" upper-layer protocol on a fresh TCP socket. The lookup
+/// (and module autoload) comes before the socket-state check, so a kernel with kTLS
+/// answers ENOTCONN and one without answers ENOENT.
+fn probe_ktls() -> std::io::Result<()> {
+    // SAFETY: plain socket(2); the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ulp = b"tls";
+    // SAFETY: the option value points at 3 valid bytes and its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            ulp.as_ptr().cast(),
+            ulp.len() as libc::socklen_t,
+        )
+    };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours and not used afterwards.
+    unsafe { libc::close(fd) };
+    match (rc, error.raw_os_error()) {
+        (0, _) => Ok(()),
+        (_, Some(libc::ENOTCONN)) => Ok(()),
+        _ => Err(error),
+    }
+}
+
+/// How a proxied connection ended, for `enforcer_inspect_connections_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Relayed to the end.
+    Relayed,
+    /// Closed by a block detector.
+    Blocked,
+    /// Refused: the name (CONNECT host or SNI) is not allowed for the agent.
+    NameDenied,
+    /// Refused: no inspected agent owns the connection.
+    AgentDenied,
+    /// The upstream connection or its certificate failed.
+    UpstreamFailed,
+    /// The agent's side failed (handshake, protocol, reset).
+    AgentFailed,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Relayed => "relayed",
+            Outcome::Blocked => "blocked",
+            Outcome::NameDenied => "name_denied",
+            Outcome::AgentDenied => "agent_denied",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::AgentFailed => "agent_failed",
+        }
+    }
+}
+
+/// The proxy's counters, shared with the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    path: Mutex<Option<&'static str>>,
+    /// Hits by (agent id, detector name, action).
+    hits: Mutex<BTreeMap<(u32, String, &'static str), u64>>,
+    /// Connections by (agent id, outcome).
+    connections: Mutex<BTreeMap<(u32, Outcome), u64>>,
+    /// Plaintext bytes relayed from agents.
+    pub up_bytes: AtomicU64,
+    /// Plaintext bytes relayed to agents.
+    pub down_bytes: AtomicU64,
+}
+
+impl Stats {
+    /// Records the path in use.
+    pub fn set_path(&self, path: &InspectPath) {
+        *self.path.lock().expect("stats lock") = Some(path.name());
+    }
+
+    /// The path in use, once the proxy started.
+    pub fn path(&self) -> Option<&'static str> {
+        *self.path.lock().expect("stats lock")
+    }
+
+    /// Counts a detector hit.
+    pub fn hit(&self, agent: u32, detector: &str, action: &'static str) {
+        *self
+            .hits
+            .lock()
+            .expect("stats lock")
+            .entry((agent, detector.to_string(), action))
+            .or_default() += 1;
+    }
+
+    /// Counts a finished connection.
+    pub fn connection(&self, agent: u32, outcome: Outcome) {
+        *self
+            .connections
+            .lock()
+            .expect("stats lock")
+            .entry((agent, outcome))
+            .or_default() += 1;
+    }
+
+    /// Hits so far: ((agent, detector, action), count).
+    pub fn hits(&self) -> Vec<((u32, String, &'static str), u64)> {
+        let hits = self.hits.lock().expect("stats lock");
+        hits.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Connections so far: ((agent, outcome), count).
+    pub fn connections(&self) -> Vec<((u32, Outcome), u64)> {
+        let connections = self.connections.lock().expect("stats lock");
+        connections.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Adds relayed byte counts.
+    pub fn relayed(&self, up: u64, down: u64) {
+        self.up_bytes.fetch_add(up, Ordering::Relaxed);
+        self.down_bytes.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PathLabel {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct HitLabels {
+    agent: String,
+    agent_id: u32,
+    detector: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ConnectionLabels {
+    agent: String,
+    agent_id: u32,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DirectionLabel {
+    direction: String,
+}
+
+/// Adds the proxy's families to a scrape: `enforcer_inspect_path{path}` (1 for the path in
+/// use), detector hits and connections by agent, relayed plaintext bytes by direction.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    stats: &Stats,
+    agents: &BTreeMap<u32, String>,
+) {
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+    let agent_name = |id: u32| match id {
+        0 => "(unknown)".to_string(),
+        id => agents
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("agent-{id}")),
+    };
+    let path = Family::<PathLabel, Gauge>::default();
+    if let Some(name) = stats.path() {
+        path.get_or_create(&PathLabel { path: name.into() }).set(1);
+    }
+    registry.register(
+        "inspect_path",
+        "1 for the path the inspecting proxy moves bytes on: ktls (in the kernel) or userspace",
+        path,
+    );
+    let hits = Family::<HitLabels, Counter>::default();
+    for ((agent, detector, action), n) in stats.hits() {
+        hits.get_or_create(&HitLabels {
+            agent: agent_name(agent),
+            agent_id: agent,
+            detector,
+            action: action.into(),
+        })
+        .inc_by(n);
+    }
+    registry.register(
+        "inspect_detector_hits",
+        "Detector matches in inspected traffic, by agent, detector and action",
+        hits,
+    );
+    let connections = Family::<ConnectionLabels, Counter>::default();
+    for ((agent, outcome), n) in stats.connections() {
+        connections
+            .get_or_create(&ConnectionLabels {
+                agent: agent_name(agent),
+                agent_id: agent,
+                result: outcome.name().into(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "inspect_connections",
+        "Connections the inspecting proxy finished, by agent and result",
+        connections,
+    );
+    let bytes = Family::<DirectionLabel, Counter>::default();
+    for (direction, counter) in [("up", &stats.up_bytes), ("down", &stats.down_bytes)] {
+        bytes
+            .get_or_create(&DirectionLabel {
+                direction: direction.into(),
+            })
+            .inc_by(counter.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "inspect_bytes",
+        "Plaintext bytes relayed by the inspecting proxy (up: to servers, down: to agents)",
+        bytes,
+    );
+}

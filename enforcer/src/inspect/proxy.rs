@@ -1,0 +1,954 @@
+//! The listeners and the life of one proxied connection.
+//!
+//! **Who is asking.** The agent is found the way the XDP program finds it: the interface
+//! first, then the source address. The interface is the one owning the address the agent
+//! connected to (after a transparent redirect, the primary address of the interface the
+//! packet came in on; for CONNECT, the gateway address the agent uses as its proxy). Only
+//! agents with `inspect = true` are served.
+//!
+//! **Which names.** The server name must be one the agent's policy allows for TCP to the
+//! destination port ([`Agent::allows_name`]), and the upstream certificate is verified
+//! against that same name with the configured roots, so neither a forged SNI nor an
+//! address serving someone else's certificate gets through.
+//!
+//! - Transparent: the name is the ClientHello's SNI (required); the upstream address is
+//!   the connection's original destination (`SO_ORIGINAL_DST`).
+//! - `CONNECT name:port`: the name is checked before anything else (403 otherwise), then
+//!   resolved with the system resolver; a ClientHello SNI, if any, must be the same name.
+//! - `CONNECT ip:port`: accepted only with an SNI naming an allowed host; the proxy
+//!   connects to that address and verifies the certificate against the SNI, so the
+//!   address cannot be used to reach anything that is not that host.
+//!
+//! **Handshakes.** The agent's ClientHello is read first (rustls' lazy acceptor), the
+//! upstream handshake is done with the agent's ALPN list, and only then is the agent's
+//! handshake finished with a leaf for the name and the protocol the upstream chose, so
+//! both sides speak the same protocol.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    ffi::CStr,
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
+
+use super::{
+    InspectConfig, InspectPath, Outcome, Stats,
+    ca::{CaError, NodeCa},
+    detect::{DetectError, Detectors},
+    redirect,
+    relay::{self, Direction},
+};
+use crate::{
+    audit::{UserAudit, UserEvent, UserSource},
+    policy::{Agent, DetectorAction, Mode, Policy, Proto, normalize_name},
+};
+
+/// Longest CONNECT request head accepted.
+const MAX_HEAD: usize = 8192;
+/// Bound on each step that waits for a peer before data flows: the agent's request head
+/// and ClientHello, the upstream connection and handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Errors starting the proxy.
+#[derive(Debug, Error)]
+pub enum InspectError {
+    /// The node CA could not be loaded or created.
+    #[error("loading the inspection CA")]
+    Ca(#[from] CaError),
+    /// The upstream roots could not be read.
+    #[error("reading upstream roots {}: {message}", path.display())]
+    Roots {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("configuring TLS")]
+    Tls(#[source] rustls::Error),
+    /// A listener could not be bound.
+    #[error("binding the inspecting proxy on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The detectors could not be compiled.
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+    /// The transparent redirect could not be installed.
+    #[error("installing the transparent redirect")]
+    Redirect(#[from] redirect::RedirectError),
+    /// The proxy's runtime or thread could not be started.
+    #[error("starting the proxy's runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Most worker threads the proxy's runtime gets.
+const MAX_WORKERS: usize = 4;
+
+/// Starts the proxy on a multi-threaded runtime of its own, on its own thread, and returns
+/// once it listens (or failed to start). Encryption is CPU work: on the daemon's
+/// single-threaded runtime a large transfer would delay policy applies and API answers,
+/// and it could use only one core.
+pub async fn spawn(
+    config: InspectConfig,
+    audit: UserAudit,
+    stats: Arc<Stats>,
+    policy: watch::Receiver<Option<Arc<Policy>>>,
+) -> Result<(), InspectError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .min(MAX_WORKERS);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("inspect")
+        .enable_all()
+        .build()
+        .map_err(InspectError::Runtime)?;
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("inspect".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match Proxy::start(&config, audit, stats, policy).await {
+                    Ok(proxy) => {
+                        let _ = started_tx.send(Ok(()));
+                        proxy.serve().await;
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                    }
+                }
+            })
+        })
+        .map_err(InspectError::Runtime)?;
+    started.await.unwrap_or_else(|_| {
+        Err(InspectError::Runtime(std::io::Error::other(
+            "the proxy thread ended during start-up",
+        )))
+    })
+}
+
+/// The running proxy: its listeners and what every connection shares.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    connect: Option<TcpListener>,
+    transparent: Option<TcpListener>,
+    transparent_port: u16,
+    policy: watch::Receiver<Option<Arc<Policy>>>,
+    /// The ruleset last installed, to skip identical reinstalls.
+    installed: Option<String>,
+}
+
+struct Shared {
+    ca: NodeCa,
+    /// The agent-facing config; cloned per connection for its leaf and ALPN.
+    server: Arc<ServerConfig>,
+    upstream: TlsConnector,
+    audit: UserAudit,
+    stats: Arc<Stats>,
+    path: InspectPath,
+    /// What the daemon publishes after every apply.
+    policy: watch::Receiver<Option<Arc<Policy>>>,
+    /// The newest policy seen and its compiled detectors (see [`Shared::current`]).
+    current: Mutex<Current>,
+}
+
+/// The enforcing policy and its detectors.
+struct Current {
+    policy: Option<Arc<Policy>>,
+    /// The detectors as written.
+    enforce: Arc<Detectors>,
+    /// The same with `block` turned into `flag`, for agents in monitor mode: a would-be
+    /// block is audited and counted, and the bytes pass.
+    monitor: Arc<Detectors>,
+}
+
+impl Current {
+    fn new(policy: Option<Arc<Policy>>) -> Result<Current, DetectError> {
+        let detectors = policy
+            .as_ref()
+            .map(|p| p.detectors().to_vec())
+            .unwrap_or_default();
+        let monitor: Vec<_> = detectors
+            .iter()
+            .cloned()
+            .map(|mut d| {
+                d.action = DetectorAction::Flag;
+                d
+            })
+            .collect();
+        Ok(Current {
+            enforce: Arc::new(Detectors::new(&detectors)?),
+            monitor: Arc::new(Detectors::new(&monitor)?),
+            policy,
+        })
+    }
+}
+
+/// A certificate resolver that always answers with one leaf (the one minted for the name
+/// this connection was admitted for, whatever the SNI says).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Reads a PEM bundle of root certificates.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, InspectError> {
+    let bad = |message: String| InspectError::Roots {
+        path: path.to_path_buf(),
+        message,
+    };
+    let pem = fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not a PEM bundle: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(bad("no usable certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+impl Proxy {
+    /// Loads the CA and the roots, binds the listeners and installs the transparent
+    /// redirect for the policy `policy` holds now.
+    pub async fn start(
+        config: &InspectConfig,
+        audit: UserAudit,
+        stats: Arc<Stats>,
+        policy: watch::Receiver<Option<Arc<Policy>>>,
+    ) -> Result<Proxy, InspectError> {
+        fs::create_dir_all(&config.ca_dir).map_err(|source| {
+            InspectError::Ca(CaError::Io {
+                op: "creating",
+                path: config.ca_dir.clone(),
+                source,
+            })
+        })?;
+        let ca = NodeCa::load_or_create(&config.ca_dir)?;
+        let roots = load_roots(&config.upstream_roots)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(InspectError::Tls)?
+            .with_no_client_auth()
+            // Replaced per connection by the leaf of the admitted name.
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        // The kTLS path needs the session keys of both connections.
+        server.enable_secret_extraction = true;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(InspectError::Tls)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| InspectError::Bind { addr, source })
+        };
+        let connect = match config.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let transparent = match config.transparent_port {
+            Some(port) => Some(bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)).await?),
+            None => None,
+        };
+
+        let path = InspectPath::choose();
+        match &path {
+            InspectPath::Userspace { why } => tracing::info!(
+                path = path.name(),
+                why = %why,
+                "inspecting proxy: plaintext is relayed and inspected in user space"
+            ),
+        }
+        stats.set_path(&path);
+        let current = Current::new(policy.borrow().clone())?;
+        let mut proxy = Proxy {
+            shared: Arc::new(Shared {
+                ca,
+                server: Arc::new(server),
+                upstream: TlsConnector::from(Arc::new(client)),
+                audit,
+                stats,
+                path,
+                policy: policy.clone(),
+                current: Mutex::new(current),
+            }),
+            connect,
+            transparent,
+            transparent_port: config.transparent_port.unwrap_or(0),
+            policy,
+            installed: None,
+        };
+        proxy.update_redirect()?;
+        Ok(proxy)
+    }
+
+    /// The CONNECT listener's address, if it listens.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Installs the redirect for the inspected agents of the current policy, if it changed.
+    fn update_redirect(&mut self) -> Result<(), redirect::RedirectError> {
+        if self.transparent.is_none() {
+            return Ok(());
+        }
+        let rules = {
+            let current = self.shared.current();
+            current.policy.as_ref().and_then(|p| {
+                let interfaces: Vec<String> = p
+                    .agents()
+                    .iter()
+                    .filter(|a| a.inspect)
+                    .flat_map(|a| a.interfaces.iter().cloned())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                redirect::ruleset(&interfaces, p.tls_ports(), self.transparent_port)
+            })
+        };
+        if rules == self.installed {
+            return Ok(());
+        }
+        redirect::install(rules.as_deref())?;
+        self.installed = rules;
+        Ok(())
+    }
+
+    /// Serves until the task is dropped. Connections keep the detectors they started
+    /// with; a new policy applies to the next ones.
+    pub async fn serve(mut self) {
+        loop {
+            tokio::select! {
+                changed = self.policy.changed() => {
+                    if changed.is_err() {
+                        // The daemon is going away.
+                        std::future::pending::<()>().await;
+                    }
+                    self.policy.borrow_and_update();
+                    if let Err(e) = self.update_redirect() {
+                        tracing::error!(error = %crate::daemon::error_chain(&e), "updating the transparent redirect");
+                    }
+                }
+                accepted = accept(self.connect.as_ref()) => {
+                    if let Ok((tcp, peer)) = accepted {
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move { shared.connect_mode(tcp, peer).await });
+                    }
+                }
+                accepted = accept(self.transparent.as_ref()) => {
+                    if let Ok((tcp, peer)) = accepted {
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move { shared.transparent_mode(tcp, peer).await });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts on `listener`, or waits forever when there is none.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection was admitted as.
+struct Admitted {
+    agent: Agent,
+    peer: SocketAddr,
+}
+
+/// The target of a CONNECT request.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Name(String, u16),
+    Addr(SocketAddr),
+}
+
+impl Shared {
+    /// The newest policy and its detectors, recompiled here when the daemon has published
+    /// another one: a connection accepted right after an apply returned is judged by it,
+    /// whenever the serve loop gets to the change.
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        let mut current = self.current.lock().expect("policy lock");
+        let latest = self.policy.borrow().clone();
+        let same = match (&current.policy, &latest) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            match Current::new(latest) {
+                Ok(newer) => *current = newer,
+                // Not reachable within the policy's limits on detectors; say so loudly.
+                Err(e) => tracing::error!(
+                    error = %crate::daemon::error_chain(&e),
+                    "compiling the detectors; keeping the previous ones"
+                ),
+            }
+        }
+        current
+    }
+
+    /// The inspected agent a connection belongs to (see the module documentation).
+    fn agent_for(&self, local: SocketAddr, peer: SocketAddr) -> Option<Agent> {
+        let current = self.current();
+        let policy = current.policy.as_ref()?;
+        let by_interface =
+            interface_of(local.ip().to_canonical()).and_then(|i| policy.agent_by_interface(&i));
+        by_interface
+            .or_else(|| policy.agent_by_source(peer.ip().to_canonical()))
+            .filter(|a| a.inspect)
+            .cloned()
+    }
+
+    fn record(&self, event: UserEvent) {
+        self.audit.record(event);
+    }
+
+    /// Audits and counts a refused name.
+    fn deny_name(&self, who: &Admitted, name: Option<String>, dst: String, why: String) {
+        tracing::debug!(agent = who.agent.name, ?name, why, "proxy: name refused");
+        self.record(UserEvent {
+            source: UserSource::Proxy,
+            agent: who.agent.id,
+            reason: "proxy_name_denied",
+            verdict: "drop",
+            src: Some(who.peer),
+            dst: Some(dst),
+            name,
+            detail: Some(why),
+        });
+        self.stats.connection(who.agent.id, Outcome::NameDenied);
+    }
+
+    async fn connect_mode(&self, mut tcp: TcpStream, peer: SocketAddr) {
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        let Some(agent) = self.agent_for(local, peer) else {
+            self.stats.connection(0, Outcome::AgentDenied);
+            let _ = respond(&mut tcp, 403, "no inspected agent owns this connection").await;
+            return;
+        };
+        let who = Admitted { agent, peer };
+        let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut tcp)).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(message)) => {
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                let _ = respond(&mut tcp, 400, &message).await;
+                return;
+            }
+            Err(_) => {
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                return;
+            }
+        };
+        let target = match parse_connect(&head) {
+            Ok(t) => t,
+            Err((status, message)) => {
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                let _ = respond(&mut tcp, status, &message).await;
+                return;
+            }
+        };
+        let (name, addrs) = match &target {
+            Target::Name(name, port) => {
+                let dst = format!("{name}:{port}");
+                if !who.agent.allows_name(name, Proto::Tcp, *port) {
+                    let why = format!("{name} is not an allowed name for tcp/{port}");
+                    let _ = respond(&mut tcp, 403, &why).await;
+                    self.deny_name(&who, Some(name.clone()), dst, why);
+                    return;
+                }
+                match tokio::net::lookup_host((name.as_str(), *port)).await {
+                    Ok(addrs) => (Some(name.clone()), addrs.collect::<Vec<_>>()),
+                    Err(e) => {
+                        self.stats.connection(who.agent.id, Outcome::UpstreamFailed);
+                        let _ = respond(&mut tcp, 502, &format!("resolving {name}: {e}")).await;
+                        return;
+                    }
+                }
+            }
+            Target::Addr(addr) => (None, vec![*addr]),
+        };
+        if respond(&mut tcp, 200, "").await.is_err() {
+            return;
+        }
+        let port = addrs.first().map_or(0, SocketAddr::port);
+        let dst = match &target {
+            Target::Name(name, port) => format!("{name}:{port}"),
+            Target::Addr(addr) => addr.to_string(),
+        };
+        let Some((start, sni)) = self.client_hello(&who, tcp).await else {
+            return;
+        };
+        let name = match (name, sni) {
+            (Some(name), Some(sni)) if sni != name => {
+                let why = format!("the TLS server name {sni} is not the CONNECT host {name}");
+                self.deny_name(&who, Some(sni), dst, why);
+                return;
+            }
+            (Some(name), _) => name,
+            (None, Some(sni)) => {
+                if !who.agent.allows_name(&sni, Proto::Tcp, port) {
+                    let why = format!("{sni} is not an allowed name for tcp/{port}");
+                    self.deny_name(&who, Some(sni), dst, why);
+                    return;
+                }
+                sni
+            }
+            (None, None) => {
+                let why = "CONNECT to an address needs a TLS server name (SNI)".to_string();
+                self.deny_name(&who, None, dst, why);
+                return;
+            }
+        };
+        self.intercept(who, start, name, addrs).await;
+    }
+
+    async fn transparent_mode(&self, tcp: TcpStream, peer: SocketAddr) {
+        let (Ok(local), Ok(original)) = (tcp.local_addr(), original_dst(&tcp)) else {
+            self.stats.connection(0, Outcome::AgentFailed);
+            return;
+        };
+        let Some(agent) = self.agent_for(local, peer) else {
+            self.stats.connection(0, Outcome::AgentDenied);
+            return;
+        };
+        let who = Admitted { agent, peer };
+        let Some((start, sni)) = self.client_hello(&who, tcp).await else {
+            return;
+        };
+        let Some(name) = sni else {
+            let why = "no TLS server name (SNI)".to_string();
+            self.deny_name(&who, None, original.to_string(), why);
+            return;
+        };
+        if !who.agent.allows_name(&name, Proto::Tcp, original.port()) {
+            let why = format!("{name} is not an allowed name for tcp/{}", original.port());
+            self.deny_name(&who, Some(name), original.to_string(), why);
+            return;
+        }
+        self.intercept(who, start, name, vec![original]).await;
+    }
+
+    /// Reads the agent's ClientHello; returns it with its normalized SNI (`Some(None)`
+    /// without one). A bad SNI is refused here.
+    async fn client_hello(
+        &self,
+        who: &Admitted,
+        tcp: TcpStream,
+    ) -> Option<(StartHandshake<TcpStream>, Option<String>)> {
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+            Ok(Ok(start)) => start,
+            _ => {
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                return None;
+            }
+        };
+        let sni = start.client_hello().server_name().map(str::to_string);
+        match sni
+            .map(|s| normalize_name(&s).map_err(|e| (s, e)))
+            .transpose()
+        {
+            Ok(sni) => Some((start, sni)),
+            Err((sni, e)) => {
+                self.deny_name(who, Some(sni), String::new(), e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Both handshakes, then the relay.
+    async fn intercept(
+        &self,
+        who: Admitted,
+        start: StartHandshake<TcpStream>,
+        name: String,
+        addrs: Vec<SocketAddr>,
+    ) {
+        let alpn: Vec<Vec<u8>> = start
+            .client_hello()
+            .alpn()
+            .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        let upstream = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.connect_upstream(&name, &addrs, alpn),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(message)) => {
+                tracing::warn!(agent = who.agent.name, name, error = %message, "proxy: upstream failed");
+                self.stats.connection(who.agent.id, Outcome::UpstreamFailed);
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(agent = who.agent.name, name, "proxy: upstream timed out");
+                self.stats.connection(who.agent.id, Outcome::UpstreamFailed);
+                return;
+            }
+        };
+        let dst = upstream
+            .get_ref()
+            .0
+            .peer_addr()
+            .map_or_else(|_| name.clone(), |a| a.to_string());
+        let leaf = match self.ca.leaf(&name) {
+            Ok(leaf) => leaf,
+            Err(e) => {
+                tracing::error!(name, error = %crate::daemon::error_chain(&e), "proxy: minting a leaf");
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                return;
+            }
+        };
+        let mut config = (*self.server).clone();
+        config.cert_resolver = Arc::new(Fixed(leaf));
+        // Offer the agent exactly what the upstream chose (or nothing), so both sides
+        // speak the same protocol over the relay.
+        config.alpn_protocols = upstream
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| vec![p.to_vec()])
+            .unwrap_or_default();
+        let agent_tls = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            start.into_stream(Arc::new(config)),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            _ => {
+                self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                return;
+            }
+        };
+
+        let (detectors, policy_detectors) = {
+            let current = self.current();
+            let detectors = match who.agent.mode {
+                Mode::Enforce => current.enforce.clone(),
+                Mode::Monitor => current.monitor.clone(),
+            };
+            let written = current
+                .policy
+                .as_ref()
+                .map(|p| p.detectors().to_vec())
+                .unwrap_or_default();
+            (detectors, written)
+        };
+        let mut audited = HashSet::new();
+        let on_flag = |detector: usize, direction: Direction| {
+            let written = &policy_detectors[detector];
+            // A monitor-mode agent's would-be block is a block in the records.
+            let (reason, action) = match written.action {
+                DetectorAction::Block => ("detector_block", "block"),
+                DetectorAction::Flag => ("detector_flag", "flag"),
+            };
+            self.stats.hit(who.agent.id, &written.name, action);
+            tracing::info!(
+                agent = who.agent.name,
+                detector = written.name,
+                direction = direction.name(),
+                name,
+                "proxy: detector hit, passed"
+            );
+            // One record per detector and connection: a marker repeated in a stream is
+            // counted, not logged each time.
+            if audited.insert(detector) {
+                self.record(UserEvent {
+                    source: UserSource::Proxy,
+                    agent: who.agent.id,
+                    reason,
+                    verdict: "pass",
+                    src: Some(who.peer),
+                    dst: Some(dst.clone()),
+                    name: Some(name.clone()),
+                    detail: Some(written.name.clone()),
+                });
+            }
+        };
+        let report = match &self.path {
+            // The kTLS seam: `InspectPath::Ktls(k) => k.splice(agent_tls, upstream)`.
+            InspectPath::Userspace { .. } => {
+                relay::userspace_relay(agent_tls, upstream, detectors.clone(), on_flag).await
+            }
+        };
+        self.stats.relayed(report.up_bytes, report.down_bytes);
+        match report.hit {
+            Some(hit) => {
+                let detector = detectors.name(hit.detector).to_string();
+                tracing::info!(
+                    agent = who.agent.name,
+                    detector,
+                    direction = hit.direction.name(),
+                    name,
+                    "proxy: detector hit, connection closed"
+                );
+                self.stats.hit(who.agent.id, &detector, "block");
+                self.stats.connection(who.agent.id, Outcome::Blocked);
+                self.record(UserEvent {
+                    source: UserSource::Proxy,
+                    agent: who.agent.id,
+                    reason: "detector_block",
+                    verdict: "drop",
+                    src: Some(who.peer),
+                    dst: Some(dst),
+                    name: Some(name),
+                    detail: Some(detector),
+                });
+            }
+            None => {
+                if let Some(e) = &report.error {
+                    tracing::debug!(agent = who.agent.name, error = %e, "proxy: relay ended with an error");
+                }
+                self.stats.connection(who.agent.id, Outcome::Relayed);
+            }
+        }
+    }
+
+    async fn connect_upstream(
+        &self,
+        name: &str,
+        addrs: &[SocketAddr],
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+        let mut last = format!("no address for {name}");
+        for addr in addrs {
+            let tcp = match TcpStream::connect(addr).await {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    last = format!("connecting to {addr}: {e}");
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            return self
+                .upstream
+                .with_alpn(alpn)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {name} at {addr}: {e}"));
+        }
+        Err(last)
+    }
+}
+
+/// Reads a request head up to the blank line, one byte at a time so that nothing after
+/// it (the agent's ClientHello) is consumed.
+async fn read_head(tcp: &mut TcpStream) -> Result<String, String> {
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(format!("request head longer than {MAX_HEAD} bytes"));
+        }
+        match tcp.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return Err("connection closed in the request head".into()),
+        }
+    }
+    String::from_utf8(head).map_err(|_| "request head is not UTF-8".into())
+}
+
+/// The target of `CONNECT host:port HTTP/1.x`, or the status and message to refuse with.
+fn parse_connect(head: &str) -> Result<Target, (u16, String)> {
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    let (method, authority, version) = (parts.next(), parts.next(), parts.next());
+    if method != Some("CONNECT") {
+        return Err((405, "only CONNECT is served".into()));
+    }
+    if !version.is_some_and(|v| v.starts_with("HTTP/1.")) || parts.next().is_some() {
+        return Err((400, format!("malformed request line {line:?}")));
+    }
+    let authority = authority.unwrap_or_default();
+    let bad = || {
+        (
+            400,
+            format!("expected CONNECT host:port, got {authority:?}"),
+        )
+    };
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Target::Addr(SocketAddr::new(ip, port)));
+    }
+    let name = normalize_name(host).map_err(|e| (400, e.to_string()))?;
+    Ok(Target::Name(name, port))
+}
+
+async fn respond(tcp: &mut TcpStream, status: u16, message: &str) -> std::io::Result<()> {
+    let text = match status {
+        200 => "Connection established",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        _ => "Bad Gateway",
+    };
+    let response = if status == 200 {
+        format!("HTTP/1.1 200 {text}\r\n\r\n")
+    } else {
+        let body = format!("{message}\n");
+        format!(
+            "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    tcp.write_all(response.as_bytes()).await
+}
+
+/// The destination a connection had before the nftables redirect.
+fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+    // SAFETY: zeroed sockaddr_in is a valid value; getsockopt writes at most `len` bytes
+    // into it and `len` is its size.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: see above; the descriptor is the live socket of `tcp`.
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_IP,
+            libc::SO_ORIGINAL_DST,
+            (&raw mut addr).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(SocketAddr::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)).into(),
+        u16::from_be(addr.sin_port),
+    ))
+}
+
+/// The interface that holds address `ip`.
+fn interface_of(ip: IpAddr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list and stores its head in `list`.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a node of the list getifaddrs returned, not yet freed.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points at a sockaddr of the family it names.
+        let addr = unsafe {
+            match i32::from((*entry.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let a = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    Some(IpAddr::from(Ipv4Addr::from(u32::from_be(
+                        a.sin_addr.s_addr,
+                    ))))
+                }
+                libc::AF_INET6 => {
+                    let a = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    Some(IpAddr::from(a.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if addr == Some(ip) {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            found = Some(
+                unsafe { CStr::from_ptr(entry.ifa_name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            break;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_targets() {
+        let t = |head: &str| parse_connect(head);
+        assert_eq!(
+            t("CONNECT API.Example.test:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(Target::Name("api.example.test".into(), 443))
+        );
+        assert_eq!(
+            t("CONNECT 10.0.0.1:8443 HTTP/1.1\r\n\r\n"),
+            Ok(Target::Addr("10.0.0.1:8443".parse().unwrap()))
+        );
+        assert_eq!(
+            t("CONNECT [fd00::1]:443 HTTP/1.0\r\n\r\n"),
+            Ok(Target::Addr("[fd00::1]:443".parse().unwrap()))
+        );
+        assert_eq!(t("GET / HTTP/1.1\r\n\r\n").unwrap_err().0, 405);
+        assert_eq!(t("CONNECT host HTTP/1.1\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(t("CONNECT host:99999 HTTP/1.1\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(
+            t("CONNECT bad!name:443 HTTP/1.1\r\n\r\n").unwrap_err().0,
+            400
+        );
+    }
+
+    #[test]
+    fn loopback_belongs_to_lo() {
+        assert_eq!(
+            interface_of(Ipv4Addr::LOCALHOST.into()).as_deref(),
+            Some("lo")
+        );
+        assert_eq!(interface_of("192.0.2.77".parse().unwrap()), None);
+    }
+}
