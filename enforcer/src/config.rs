@@ -20,7 +20,13 @@
 //! node_id = "edge-1"
 //! trusted_keys = ["<base64 Ed25519 public key>"]
 //!
-//! [inspect]                            # optional: the inspecting TLS proxy (see enforcer::inspect)
+//! [dns]                                  # optional: the agents' resolver (host-name rules)
+//! listen = ["10.200.0.53:53"]            # UDP and TCP; specific addresses assigned here
+//! upstreams = ["192.0.2.53:53"]          # forwarded to, in order
+//! grace_secs = 5                         # admitted addresses outlive their TTL by this
+//! max_ttl_secs = 3600                    # TTLs in answers are capped at this
+//!
+//! [inspect]                              # optional: the inspecting TLS proxy (see enforcer::inspect)
 //! listen = "0.0.0.0:3128"                # explicit CONNECT proxy; "" disables it
 //! transparent_port = 3129                # redirect target for inspected agents' TLS ports; 0 disables
 //! upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # roots for upstream certificates
@@ -105,7 +111,26 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     control_plane: Option<crate::sync::SyncConfig>,
+    dns: Option<RawDns>,
     inspect: Option<RawInspect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    listen: Vec<std::net::SocketAddr>,
+    upstreams: Vec<std::net::SocketAddr>,
+    #[serde(default = "d_grace")]
+    grace_secs: u32,
+    #[serde(default = "d_max_ttl")]
+    max_ttl_secs: u32,
+}
+
+fn d_grace() -> u32 {
+    5
+}
+fn d_max_ttl() -> u32 {
+    3600
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +244,8 @@ pub struct Config {
     pub control_plane: Option<crate::sync::SyncConfig>,
     /// Map capacities.
     pub limits: Limits,
+    /// The agents' DNS resolver, when configured.
+    pub dns: Option<crate::dns::DnsConfig>,
     /// The inspecting proxy, when the `[inspect]` section is present (paths resolved).
     pub inspect: Option<crate::inspect::InspectConfig>,
 }
@@ -343,7 +370,9 @@ impl Config {
             }
             None => None,
         };
+        let dns = raw.dns.map(|d| validate_dns(d, &invalid)).transpose()?;
         Ok(Config {
+            dns,
             socket: raw
                 .socket
                 .map(|s| base.join(s))
@@ -372,6 +401,60 @@ impl Config {
             },
         })
     }
+}
+
+/// Checks the `[dns]` section: the data plane admits agents' DNS only to the exact listen
+/// addresses, so a wildcard address there could never be reached.
+fn validate_dns(
+    raw: RawDns,
+    invalid: &impl Fn(&'static str, String) -> ConfigError,
+) -> Result<crate::dns::DnsConfig, ConfigError> {
+    if raw.listen.is_empty() {
+        return Err(invalid(
+            "dns.listen",
+            "expected at least one address".into(),
+        ));
+    }
+    for addr in &raw.listen {
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(invalid(
+                "dns.listen",
+                format!("expected a specific address and port like 10.200.0.53:53, got {addr}"),
+            ));
+        }
+    }
+    if raw.upstreams.is_empty() {
+        return Err(invalid(
+            "dns.upstreams",
+            "expected at least one address".into(),
+        ));
+    }
+    for addr in &raw.upstreams {
+        if addr.ip().is_unspecified() || addr.port() == 0 || raw.listen.contains(addr) {
+            return Err(invalid(
+                "dns.upstreams",
+                format!("expected a specific address and port of another server, got {addr}"),
+            ));
+        }
+    }
+    if raw.max_ttl_secs == 0 || raw.max_ttl_secs > 86_400 {
+        return Err(invalid(
+            "dns.max_ttl_secs",
+            format!("expected 1..=86400, got {}", raw.max_ttl_secs),
+        ));
+    }
+    if raw.grace_secs > 3600 {
+        return Err(invalid(
+            "dns.grace_secs",
+            format!("expected 0..=3600, got {}", raw.grace_secs),
+        ));
+    }
+    Ok(crate::dns::DnsConfig {
+        listen: raw.listen,
+        upstreams: raw.upstreams,
+        grace: std::time::Duration::from_secs(u64::from(raw.grace_secs)),
+        max_ttl_secs: raw.max_ttl_secs,
+    })
 }
 
 /// The system's page size (4096 when it cannot be read).
@@ -439,6 +522,57 @@ mod tests {
                 .starts_with("e.toml: limits.audit_ring_bytes: expected a power of two"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dns_section_defaults_and_checks() {
+        let c = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[dns]\nlisten = [\"10.200.0.53:53\"]\nupstreams = [\"10.200.100.2:53\", \"[fd20::53]:53\"]\n",
+        )
+        .unwrap();
+        let dns = c.dns.unwrap();
+        assert_eq!(dns.listen, vec!["10.200.0.53:53".parse().unwrap()]);
+        assert_eq!(dns.upstreams.len(), 2);
+        assert_eq!(dns.grace, std::time::Duration::from_secs(5));
+        assert_eq!(dns.max_ttl_secs, 3600);
+        assert_eq!(
+            Config::parse(Path::new("e.toml"), "policy = \"p\"\n")
+                .unwrap()
+                .dns,
+            None
+        );
+        for (body, expected) in [
+            (
+                "listen = [\"0.0.0.0:53\"]\nupstreams = [\"10.0.0.1:53\"]",
+                "e.toml: dns.listen: expected a specific address and port like 10.200.0.53:53, got 0.0.0.0:53",
+            ),
+            (
+                "listen = [\"10.0.0.2:53\"]\nupstreams = []",
+                "e.toml: dns.upstreams: expected at least one address",
+            ),
+            (
+                "listen = [\"10.0.0.2:53\"]\nupstreams = [\"10.0.0.2:53\"]",
+                "e.toml: dns.upstreams: expected a specific address and port of another server, got 10.0.0.2:53",
+            ),
+            (
+                "listen = [\"10.0.0.2:53\"]\nupstreams = [\"10.0.0.1:53\"]\nmax_ttl_secs = 0",
+                "e.toml: dns.max_ttl_secs: expected 1..=86400, got 0",
+            ),
+        ] {
+            let err = Config::parse(
+                Path::new("e.toml"),
+                &format!("policy = \"p\"\n[dns]\n{body}\n"),
+            )
+            .unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[dns]\nlisten = [\"10.0.0.2\"]\nupstreams = []\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("e.toml:3:"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub enum DaemonError {
     /// A map operation failed at start-up.
     #[error(transparent)]
     Maps(#[from] crate::dataplane::MapsError),
+    /// The DNS resolver could not start.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     /// The inspecting proxy could not start.
     #[error("starting the inspecting proxy")]
     Inspect(#[from] crate::inspect::proxy::InspectError),
@@ -226,7 +229,8 @@ struct Daemon {
     audit: watch::Sender<AuditContext>,
     /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
     user_audit: UserAudit,
-    /// The enforcing policy, for the inspecting proxy (names, detectors, who is inspected).
+    /// The enforcing policy, for the inspecting proxy (names, detectors, who is inspected)
+    /// and the DNS resolver (who may resolve which names).
     inspect_policy: watch::Sender<Option<Arc<Policy>>>,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
@@ -720,6 +724,44 @@ impl Status {
     }
 }
 
+/// The stop signal and task of a running DNS resolver.
+type DnsTask = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Starts the agents' DNS resolver once the policy enforces: binds its addresses (an error
+/// stops start-up), lets agents with names reach them through the data plane, and follows
+/// every policy the daemon applies.
+fn start_dns(daemon: &mut Daemon) -> Result<Option<DnsTask>, DaemonError> {
+    let Some(config) = daemon.config.dns.clone() else {
+        // No resolver: agents with names get no DNS at all (and none a previous run allowed).
+        daemon.dataplane.maps().set_resolvers(&[])?;
+        return Ok(None);
+    };
+    let bound = crate::dns::bind(&config)?;
+    daemon.dataplane.maps().set_resolvers(&config.listen)?;
+    // The resolver writes learned addresses through its own handle on the pinned maps.
+    let sink = KernelMaps::from_pins(&daemon.config.bpffs)?;
+    let metrics = crate::dns::DnsMetrics::default();
+    daemon
+        .info
+        .send_modify(|info| info.dns = Some(metrics.clone()));
+    let resolver = Arc::new(crate::dns::Resolver::new(
+        config.clone(),
+        sink,
+        daemon.inspect_policy.subscribe(),
+        (daemon.user_audit.clone(), daemon.config.audit_rate),
+        metrics,
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::dns::run(bound, resolver, async move {
+        let _ = stopped.await;
+    }));
+    tracing::info!(listen = ?config.listen, upstreams = ?config.upstreams, "DNS resolver serving");
+    Ok(Some((stop, task)))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// Order matters: signal handlers first (a SIGHUP that arrives during start-up is queued,
@@ -902,6 +944,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             info_rx,
         ));
     }
+    let dns = start_dns(&mut daemon)?;
     // The policy stream: only now, after the last good policy enforces.
     let (updates_tx, mut updates) = mpsc::channel::<PolicyUpdate>(4);
     if let Some(cp) = daemon.config.control_plane.clone() {
@@ -954,6 +997,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     warn_notify(notify::stopping());
+    if let Some((stop, task)) = dns {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     if daemon
         .config
         .inspect

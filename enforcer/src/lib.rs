@@ -11,6 +11,7 @@ pub mod controlplane;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod dns;
 pub mod inspect;
 pub mod ktls;
 pub mod lab;

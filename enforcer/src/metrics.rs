@@ -37,6 +37,8 @@ pub struct DaemonInfo {
     pub map_fill: Vec<(&'static str, u64, u64)>,
     /// Control-plane connection: 1 connected, 0 not (absent when not configured).
     pub control_plane_connected: Option<bool>,
+    /// The DNS resolver's families, when it runs.
+    pub dns: Option<crate::dns::DnsMetrics>,
     /// The inspecting proxy's counters, when it runs.
     pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
 }
@@ -202,6 +204,9 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         lost.get_or_create(&label).inc_by(a.lost);
     }
 
+    if let Some(dns) = &info.dns {
+        dns.register(&mut registry);
+    }
     if let Some(stats) = &info.inspect {
         crate::inspect::register_metrics(&mut registry, stats, &info.agents);
     }

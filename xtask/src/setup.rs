@@ -15,7 +15,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// proxy's default upstream roots). And what `cargo xtask vmtest` needs: qemu, the guest
 /// agent vmtest's init starts in the guest (from the shared host root), a static busybox
 /// for the initramfs, kmod (depmod on the host, modprobe in the guest) and xz for 6.12's
-/// compressed modules.
+/// compressed modules. For the DNS tests: dnsmasq (the `-base` package: the binary without
+/// a system service that would start on install) and dig.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "kmod",
     "xz-utils",
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,0 +1,518 @@
+//! The resolver's logic against a scripted upstream on loopback and [`FakeSink`]: no root,
+//! no kernel.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, ResponseCode},
+    rr::{
+        Name, RData, Record, RecordType,
+        rdata::{A, CNAME},
+    },
+};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::{mpsc, watch},
+};
+
+use super::{message::tests::query_bytes, *};
+use crate::{
+    audit::UserEvent,
+    policy::{PortRange, Proto},
+};
+
+const POLICY: &str = r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test", "*.cdn.example.test", "10.0.2.0/24"]
+proto = "tcp"
+ports = "443"
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "80"
+
+[[agents]]
+id = 2
+name = "plain"
+prefixes = ["10.9.0.0/24"]
+
+[[agents.egress]]
+action = "allow"
+to = ["10.0.2.0/24"]
+
+[[agents]]
+id = 3
+name = "trial"
+prefixes = ["10.8.0.2"]
+mode = "monitor"
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "443"
+"#;
+
+const TCP443: (Proto, PortRange) = (Proto::Tcp, PortRange { lo: 443, hi: 443 });
+const TCP80: (Proto, PortRange) = (Proto::Tcp, PortRange { lo: 80, hi: 80 });
+
+fn n(s: &str) -> Name {
+    Name::from_ascii(s).unwrap()
+}
+
+fn a(name: &str, ttl: u32, ip: [u8; 4]) -> Record {
+    Record::from_rdata(n(name), ttl, RData::A(A(Ipv4Addr::from(ip))))
+}
+
+/// A scripted upstream on 127.0.0.1, UDP and TCP on one port: answers names from a table,
+/// sets TC over UDP for names listed as too big, counts the queries it got.
+struct Upstream {
+    addr: SocketAddr,
+    udp_queries: Arc<AtomicU64>,
+    tcp_queries: Arc<AtomicU64>,
+}
+
+impl Upstream {
+    async fn start(table: BTreeMap<&'static str, Vec<Record>>, tcp_only: &[&'static str]) -> Self {
+        let table = Arc::new(table);
+        let tcp_only: Arc<Vec<&'static str>> = Arc::new(tcp_only.to_vec());
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
+                break (udp, tcp);
+            }
+        };
+        let addr = udp.local_addr().unwrap();
+        let (udp_queries, tcp_queries) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let answer = {
+            let table = table.clone();
+            move |bytes: &[u8], truncate: bool| {
+                let query = Message::from_vec(bytes).unwrap();
+                let mut response = Message::response(query.metadata.id, query.metadata.op_code);
+                response.metadata.recursion_desired = query.metadata.recursion_desired;
+                response.add_queries(query.queries.iter().cloned());
+                let q = &query.queries[0];
+                let key = q.name.to_ascii().to_ascii_lowercase();
+                match table.get(key.trim_end_matches('.')) {
+                    Some(records) if truncate => {
+                        let _ = records;
+                        response.metadata.truncation = true;
+                    }
+                    Some(records) => {
+                        response.add_answers(
+                            records
+                                .iter()
+                                .filter(|r| {
+                                    q.query_type == RecordType::ANY
+                                        || r.record_type() == q.query_type
+                                        || r.record_type() == RecordType::CNAME
+                                })
+                                .cloned(),
+                        );
+                    }
+                    None => response.metadata.response_code = ResponseCode::NXDomain,
+                }
+                response.to_vec().unwrap()
+            }
+        };
+        {
+            let (answer, count, tcp_only) = (answer.clone(), udp_queries.clone(), tcp_only.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let name = Message::from_vec(&buf[..len]).unwrap().queries[0]
+                        .name
+                        .to_ascii();
+                    let truncate = tcp_only.contains(&name.trim_end_matches('.'));
+                    let _ = udp.send_to(&answer(&buf[..len], truncate), from).await;
+                }
+            });
+        }
+        {
+            let count = tcp_queries.clone();
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = tcp.accept().await {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let query = net::read_framed(&mut stream).await.unwrap().unwrap();
+                    net::write_framed(&mut stream, &answer(&query, false))
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        Upstream {
+            addr,
+            udp_queries,
+            tcp_queries,
+        }
+    }
+
+    fn queries(&self) -> u64 {
+        self.udp_queries.load(Ordering::Relaxed) + self.tcp_queries.load(Ordering::Relaxed)
+    }
+}
+
+struct Rig {
+    resolver: Resolver<FakeSink>,
+    audit: mpsc::Receiver<UserEvent>,
+    policy: watch::Sender<Option<Arc<Policy>>>,
+    metrics: DnsMetrics,
+}
+
+fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
+    let policy = crate::policy::parse("policy.toml", POLICY).unwrap();
+    let (policy_tx, policy_rx) = watch::channel(Some(Arc::new(policy)));
+    let (audit, audit_rx) = UserAudit::channel();
+    let metrics = DnsMetrics::default();
+    let config = DnsConfig {
+        listen: vec!["10.200.0.53:53".parse().unwrap()],
+        upstreams,
+        grace: Duration::from_secs(grace_secs),
+        max_ttl_secs,
+    };
+    Rig {
+        resolver: Resolver::new(
+            config,
+            FakeSink::default(),
+            policy_rx,
+            (
+                audit,
+                crate::audit::AuditRate {
+                    events_per_sec: 1,
+                    burst: 3,
+                },
+            ),
+            metrics.clone(),
+        ),
+        audit: audit_rx,
+        policy: policy_tx,
+        metrics,
+    }
+}
+
+fn from_agent1() -> Origin {
+    Origin {
+        interface: Some("gwa1".into()),
+        src: "10.200.1.2:5353".parse().unwrap(),
+        tcp: false,
+    }
+}
+
+fn from_src(src: &str, tcp: bool) -> Origin {
+    Origin {
+        interface: Some("eth9".into()),
+        src: src.parse().unwrap(),
+        tcp,
+    }
+}
+
+fn table() -> BTreeMap<&'static str, Vec<Record>> {
+    BTreeMap::from([
+        (
+            "api.example.test",
+            vec![a("api.example.test.", 7200, [192, 0, 2, 10])],
+        ),
+        (
+            "img.cdn.example.test",
+            vec![
+                Record::from_rdata(
+                    n("img.cdn.example.test."),
+                    300,
+                    RData::CNAME(CNAME(n("edge.provider.test."))),
+                ),
+                a("edge.provider.test.", 20, [192, 0, 2, 20]),
+                a("edge.provider.test.", 20, [192, 0, 2, 21]),
+            ],
+        ),
+        ("other.test", vec![a("other.test.", 60, [192, 0, 2, 10])]),
+        (
+            "big.cdn.example.test",
+            (0..40)
+                .map(|i| a("big.cdn.example.test.", 60, [198, 51, 100, i]))
+                .collect(),
+        ),
+    ])
+}
+
+async fn ask(rig: &Rig, name: &str, qtype: RecordType, origin: &Origin) -> Message {
+    let bytes = rig
+        .resolver
+        .answer(&query_bytes(0x4242, name, qtype), origin)
+        .await
+        .expect("an answer");
+    let answer = Message::from_vec(&bytes).unwrap();
+    assert_eq!(answer.metadata.id, 0x4242);
+    answer
+}
+
+#[tokio::test]
+async fn an_allowed_name_is_admitted_before_it_is_answered_with_capped_ttls() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![up.addr], 5, 60);
+    let before = net::monotonic_ns();
+    let answer = ask(&rig, "API.example.test.", RecordType::A, &from_agent1()).await;
+    let after = net::monotonic_ns();
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(answer.answers.len(), 1);
+    assert_eq!(answer.answers[0].ttl, 60, "7200 capped at max_ttl");
+    rig.resolver.with_state(|learned, sink| {
+        let addr: IpAddr = "192.0.2.10".parse().unwrap();
+        let (expires, rules) = &sink.entries[&(1, addr)];
+        // min(7200, 60) + 5 s of grace after the query.
+        assert!(*expires >= before + 65_000_000_000 && *expires <= after + 65_000_000_000);
+        assert_eq!(rules, &vec![TCP443, TCP80], "every rule naming the host");
+        assert_eq!(learned.names(1, addr).len(), 1);
+    });
+    assert_eq!(rig.metrics.queries("coder", 1, "answered"), 1);
+    assert_eq!(rig.metrics.learned.get(), 1);
+}
+
+#[tokio::test]
+async fn a_wildcard_admits_a_subdomain_through_its_cname_chain() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![up.addr], 5, 3600);
+    let answer = ask(&rig, "img.cdn.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.answers.len(), 3);
+    rig.resolver.with_state(|learned, sink| {
+        assert_eq!(sink.entries.len(), 2);
+        for ip in ["192.0.2.20", "192.0.2.21"] {
+            let addr: IpAddr = ip.parse().unwrap();
+            assert_eq!(
+                sink.entries[&(1, addr)].1,
+                vec![TCP443],
+                "wildcard rule only"
+            );
+            assert_eq!(learned.names(1, addr)[0].0, "img.cdn.example.test");
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_denied_name_is_refused_audited_and_never_forwarded() {
+    let up = Upstream::start(table(), &[]).await;
+    let mut rig = rig(vec![up.addr], 5, 3600);
+    // Same address as an allowed name: refused all the same, nothing admitted.
+    let answer = ask(&rig, "other.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    assert!(answer.answers.is_empty());
+    assert_eq!(up.queries(), 0);
+    let event = rig.audit.try_recv().unwrap();
+    assert_eq!(event.reason, "dns_refused");
+    assert_eq!(event.verdict, "drop");
+    assert_eq!(event.agent, 1);
+    assert_eq!(event.name.as_deref(), Some("other.test"));
+    assert_eq!(event.src, Some(from_agent1().src));
+    // The bare suffix of a wildcard is not allowed either.
+    let answer = ask(&rig, "cdn.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty()));
+    assert_eq!(rig.metrics.queries("coder", 1, "refused"), 2);
+}
+
+#[tokio::test]
+async fn refusals_beyond_the_audit_budget_are_counted_not_logged() {
+    let up = Upstream::start(table(), &[]).await;
+    let mut rig = rig(vec![up.addr], 5, 3600);
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        let answer = ask(&rig, "other.test.", RecordType::A, &from_agent1()).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    }
+    let mut logged = 0;
+    while rig.audit.try_recv().is_ok() {
+        logged += 1;
+    }
+    // A burst of 3, then 1 a second for as long as the queries took.
+    let accrued = started.elapsed().as_secs() + 1;
+    assert!(logged >= 3 && logged <= 3 + accrued, "{logged} logged");
+    let suppressed = rig
+        .metrics
+        .suppressed
+        .get_or_create(&AgentLabel {
+            agent: "coder".into(),
+            agent_id: 1,
+        })
+        .get();
+    assert_eq!(suppressed, 10 - logged);
+    assert_eq!(rig.metrics.queries("coder", 1, "refused"), 10);
+}
+
+#[tokio::test]
+async fn https_and_svcb_get_nodata_so_no_ech_config_reaches_the_agent() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![up.addr], 5, 3600);
+    for qtype in [RecordType::HTTPS, RecordType::SVCB] {
+        let answer = ask(&rig, "api.example.test.", qtype, &from_agent1()).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(answer.answers.is_empty());
+        assert_eq!(answer.queries[0].query_type, qtype);
+    }
+    assert_eq!(up.queries(), 0);
+}
+
+#[tokio::test]
+async fn unknown_sources_are_refused_and_agents_without_names_are_relayed() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![up.addr], 5, 3600);
+    let stranger = from_src("10.77.0.1:1000", false);
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &stranger).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(rig.metrics.queries("(unknown)", 0, "refused"), 1);
+    // Agent 2 (by source prefix) has no name rules: any name, answer as the upstream sent
+    // it (TTL untouched), nothing admitted.
+    let plain = from_src("10.9.0.7:1000", false);
+    let answer = ask(&rig, "other.test.", RecordType::A, &plain).await;
+    assert_eq!(answer.answers[0].ttl, 60);
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &plain).await;
+    assert_eq!(answer.answers[0].ttl, 7200);
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty()));
+    assert_eq!(rig.metrics.queries("plain", 2, "answered"), 2);
+    assert_eq!(up.queries(), 2);
+}
+
+#[tokio::test]
+async fn monitor_mode_forwards_a_denied_name_and_audits_a_pass() {
+    let up = Upstream::start(table(), &[]).await;
+    let mut rig = rig(vec![up.addr], 5, 3600);
+    let trial = from_src("10.8.0.2:1000", false);
+    let answer = ask(&rig, "other.test.", RecordType::A, &trial).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    let event = rig.audit.try_recv().unwrap();
+    assert_eq!((event.agent, event.verdict), (3, "pass"));
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty(), "a denied name is not admitted"));
+}
+
+#[tokio::test]
+async fn a_truncated_udp_answer_is_asked_again_over_tcp_and_fully_admitted() {
+    let up = Upstream::start(table(), &["big.cdn.example.test"]).await;
+    let rig = rig(vec![up.addr], 5, 3600);
+    let answer = ask(&rig, "big.cdn.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(up.tcp_queries.load(Ordering::Relaxed), 1);
+    rig.resolver
+        .with_state(|_, sink| assert_eq!(sink.entries.len(), 40));
+    // 40 A records (about 660 bytes) do not fit the agent's 512: TC, so it asks over TCP.
+    assert!(answer.metadata.truncation);
+    let over_tcp = from_src("10.200.1.2:4000", true);
+    let over_tcp = Origin {
+        interface: Some("gwa1".into()),
+        ..over_tcp
+    };
+    let answer = ask(&rig, "big.cdn.example.test.", RecordType::A, &over_tcp).await;
+    assert_eq!(answer.answers.len(), 40);
+    assert!(!answer.metadata.truncation);
+}
+
+#[tokio::test]
+async fn a_dead_upstream_is_skipped_and_no_upstream_means_servfail() {
+    // A closed port on loopback: the connected UDP socket gets ECONNREFUSED at once.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![dead_addr, up.addr], 5, 3600);
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.answers.len(), 1, "the second upstream answered");
+    let rig = self::rig(vec![dead_addr], 5, 3600);
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(rig.metrics.queries("coder", 1, "servfail"), 1);
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty()));
+}
+
+#[tokio::test]
+async fn entries_expire_at_ttl_plus_grace_and_new_policies_prune() {
+    let up = Upstream::start(table(), &[]).await;
+    // Grace 0 and max TTL 0: the admitted address is due at once.
+    let rig = rig(vec![up.addr], 0, 0);
+    ask(&rig, "img.cdn.example.test.", RecordType::A, &from_agent1()).await;
+    rig.resolver
+        .with_state(|_, sink| assert_eq!(sink.entries.len(), 2));
+    assert_eq!(rig.resolver.sweep(), 2);
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty()));
+    assert_eq!(rig.metrics.expired.get(), 2);
+    assert_eq!(rig.metrics.learned.get(), 0);
+
+    let rig = self::rig(vec![up.addr], 5, 3600);
+    ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    ask(&rig, "img.cdn.example.test.", RecordType::A, &from_agent1()).await;
+    // The new policy drops the wildcard and port 80.
+    let narrower = POLICY
+        .replace("\"*.cdn.example.test\", ", "")
+        .replace("ports = \"80\"", "ports = \"443\"");
+    let policy = crate::policy::parse("policy.toml", &narrower).unwrap();
+    rig.policy.send_replace(Some(Arc::new(policy)));
+    let current = rig.resolver.policy.borrow().clone();
+    rig.resolver.reconcile(current.as_deref());
+    rig.resolver.with_state(|_, sink| {
+        assert_eq!(
+            sink.entries.keys().collect::<Vec<_>>(),
+            vec![&(1, "192.0.2.10".parse::<IpAddr>().unwrap())]
+        );
+        assert_eq!(sink.entries.values().next().unwrap().1, vec![TCP443]);
+    });
+    // No policy at all (ours was rejected at start-up): everything is withdrawn, and
+    // queries are refused.
+    rig.policy.send_replace(None);
+    rig.resolver.reconcile(None);
+    rig.resolver
+        .with_state(|_, sink| assert!(sink.entries.is_empty()));
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn the_sweeper_withdraws_on_time_and_follows_the_policy() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = Arc::new(rig(vec![up.addr], 1, 0));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let maintain = {
+        let rig = rig.clone();
+        tokio::spawn(async move {
+            rig.resolver
+                .maintain(async move {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        })
+    };
+    ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    let expires = rig.resolver.with_state(|_, sink| {
+        assert_eq!(sink.entries.len(), 1);
+        sink.entries.values().next().unwrap().0
+    });
+    // Due after the 1 s grace; the sweeper wakes for it without being asked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rig.resolver.with_state(|_, sink| !sink.entries.is_empty()) {
+        assert!(tokio::time::Instant::now() < deadline, "never withdrawn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        net::monotonic_ns() >= expires,
+        "withdrawn before its expiry"
+    );
+    assert_eq!(rig.metrics.expired.get(), 1);
+    let _ = stop_tx.send(());
+    maintain.await.unwrap();
+}

@@ -1,0 +1,444 @@
+//! The per-agent DNS resolver end to end: the real daemon in the lab's gateway answers the
+//! agent (real `dig`) from dnsmasq in the server namespace, admits the answers' addresses
+//! in the kernel until TTL + grace, refuses names no rule allows, and the XDP program drops
+//! the agent's DNS to anywhere else.
+//!
+//! dnsmasq runs with `--no-resolv --no-hosts --conf-file=/dev/null`, bound to the server
+//! namespace's address only: it reads nothing of the host's and answers only the names the
+//! test gives it.
+
+use std::{
+    fs,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::lab::{self, ChildGuard, Netns, TcpEchoServer};
+use enforcer_common::Reason;
+use integration_tests::{Lab, PUBLIC, SERVER_V4, sa};
+
+/// Where the daemon's resolver listens (on the gateway's loopback).
+const RESOLVER: &str = "10.200.0.53";
+/// dnsmasq's TTL for every name it serves, in seconds.
+const TTL: u32 = 4;
+/// The resolver's grace after a TTL, in seconds.
+const GRACE: u32 = 1;
+/// A port outside `tls_ports`, so connections to admitted addresses are not SNI-checked.
+const PORT: u16 = 8080;
+
+const POLICY: &str = r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test", "*.cdn.example.test"]
+proto = "tcp"
+ports = "8080"
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.test"]
+proto = "tcp"
+ports = "443"
+"#;
+
+/// The lab with the resolver configured and dnsmasq serving in the server namespace.
+struct DnsLab {
+    // Field order: dnsmasq and the echo server stop before the lab's namespaces go.
+    _dnsmasq: ChildGuard,
+    _echo: TcpEchoServer,
+    lab: Lab,
+}
+
+impl DnsLab {
+    fn start() -> DnsLab {
+        let mut lab = Lab::new(1);
+        lab::add_address(&lab.gw, "lo", &format!("{RESOLVER}/32")).unwrap();
+        let mut config = fs::read_to_string(lab.config_path()).unwrap();
+        config.push_str(&format!(
+            "\n[dns]\nlisten = [\"{RESOLVER}:53\"]\nupstreams = [\"{SERVER_V4}:53\"]\ngrace_secs = {GRACE}\nmax_ttl_secs = 3600\n"
+        ));
+        fs::write(lab.config_path(), config).unwrap();
+        lab.write_policy(POLICY);
+        let dnsmasq = start_dnsmasq(&lab.server, &lab.dir);
+        let echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", PORT)).unwrap();
+        lab.start_daemon();
+        DnsLab {
+            _dnsmasq: dnsmasq,
+            _echo: echo,
+            lab,
+        }
+    }
+
+    fn agent(&self) -> &Netns {
+        self.lab.agent(1)
+    }
+
+    /// Whether a TCP round trip from the agent to `ip:PORT` gets through.
+    fn reaches(&self, ip: &str) -> bool {
+        lab::tcp_probe(self.agent(), sa(ip, PORT), Duration::from_secs(2))
+    }
+
+    /// One sample of a metric from the daemon's `/metrics` (in the gateway namespace).
+    fn metric(&self, series: &str) -> f64 {
+        let out = self
+            .lab
+            .gw
+            .command("curl")
+            .args(["-sf", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fetching /metrics: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The agent namespace's resolv.conf, pointing at the enforcer's resolver:
+/// `ip netns exec` bind-mounts `/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`, so
+/// curl in the agent resolves through the resolver. Removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &Netns) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns.name());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"),
+        )
+        .unwrap();
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir(self.0.parent().unwrap());
+    }
+}
+
+/// `openssl s_server` in the server namespace on port 443 with one self-signed
+/// certificate for both names: two names, one address, as behind a CDN.
+fn start_https(lab: &Lab) -> ChildGuard {
+    let (cert, key) = (lab.dir.join("cert.pem"), lab.dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=api.example.test"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:api.example.test,DNS:other.example.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl req: {made:?}");
+    let child = lab
+        .server
+        .command("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", "443"])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard::new(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab::try_in_netns(&lab.server, || {
+        std::net::TcpStream::connect((SERVER_V4, 443)).is_ok()
+    })
+    .unwrap()
+    {
+        assert!(Instant::now() < deadline, "s_server did not listen in 20 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+    guard
+}
+
+/// `curl https://NAME/` from the agent (certificate not verified: the test is about
+/// what reaches the server); whether it got an HTTP answer.
+fn curl(ns: &Netns, name: &str, extra: &[&str]) -> bool {
+    ns.command("curl")
+        .args(["-sk", "-o", "/dev/null", "--max-time", "5"])
+        .args(extra)
+        .arg(format!("https://{name}/"))
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn start_dnsmasq(server: &Netns, dir: &std::path::Path) -> ChildGuard {
+    let child = server
+        .command("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={SERVER_V4}"),
+            "--port=53",
+            &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            &format!("--local-ttl={TTL}"),
+            // Several names on one address, as behind a CDN.
+            &format!("--host-record=api.example.test,{SERVER_V4}"),
+            &format!("--host-record=other.example.test,{SERVER_V4}"),
+            &format!("--host-record=img.cdn.example.test,{PUBLIC}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (cargo xtask setup installs dnsmasq-base)");
+    let mut guard = ChildGuard::new(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dig(server, SERVER_V4, &["api.example.test", "+short"]).trim() != SERVER_V4 {
+        if let Ok(Some(exit)) = guard.wait_timeout(Duration::ZERO) {
+            panic!("dnsmasq exited: {exit}");
+        }
+        assert!(Instant::now() < deadline, "dnsmasq did not answer in 20 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+    guard
+}
+
+/// `dig @server args...` inside `ns`, one try of two seconds; stdout.
+fn dig(ns: &Netns, server: &str, args: &[&str]) -> String {
+    let out = ns
+        .command("dig")
+        .arg(format!("@{server}"))
+        .args(["+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .expect("dig (cargo xtask setup installs bind9-dnsutils)");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `status:` of a dig answer (`NOERROR`, `REFUSED`, ...), `None` when none came.
+fn status(ns: &Netns, server: &str, args: &[&str]) -> Option<String> {
+    let out = dig(ns, server, &[args, &["+noall", "+comments"]].concat());
+    let line = out.lines().find(|l| l.contains("status: "))?;
+    let status = line.split("status: ").nth(1)?.split(',').next()?;
+    Some(status.to_string())
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_answer_admits_its_address_until_ttl_plus_grace() {
+    if !lab::require_root("an_answer_admits_its_address_until_ttl_plus_grace") {
+        return;
+    }
+    let lab = DnsLab::start();
+    assert!(
+        !lab.reaches(SERVER_V4),
+        "no rule admits the server's address before a DNS answer"
+    );
+
+    let answer = dig(lab.agent(), RESOLVER, &["api.example.test", "A", "+short"]);
+    assert_eq!(answer.trim(), SERVER_V4, "answered through the resolver");
+    assert!(
+        lab.reaches(SERVER_V4),
+        "the answer's address is admitted on the rule's port"
+    );
+    assert_eq!(lab.metric("enforcer_dns_learned_entries"), 1.0);
+    assert_eq!(
+        lab.metric(
+            "enforcer_dns_queries_total{agent=\"coder\",agent_id=\"1\",outcome=\"answered\"}"
+        ),
+        1.0
+    );
+
+    // TTL + grace later the sweeper withdraws it and the same connection is dropped.
+    wait_until("the admitted address expiring", || !lab.reaches(SERVER_V4));
+    assert_eq!(lab.metric("enforcer_dns_learned_entries"), 0.0);
+    assert_eq!(lab.metric("enforcer_dns_learned_expired_total"), 1.0);
+
+    // Over TCP too (identity from the interface whose subnet holds the peer), and again
+    // admitted.
+    let answer = dig(
+        lab.agent(),
+        RESOLVER,
+        &["api.example.test", "A", "+tcp", "+short"],
+    );
+    assert_eq!(answer.trim(), SERVER_V4);
+    assert!(lab.reaches(SERVER_V4));
+}
+
+#[test]
+fn a_wildcard_rule_admits_a_subdomain() {
+    if !lab::require_root("a_wildcard_rule_admits_a_subdomain") {
+        return;
+    }
+    let lab = DnsLab::start();
+    assert!(!lab.reaches(PUBLIC));
+    let answer = dig(
+        lab.agent(),
+        RESOLVER,
+        &["img.cdn.example.test", "A", "+short"],
+    );
+    assert_eq!(answer.trim(), PUBLIC);
+    assert!(lab.reaches(PUBLIC));
+    // The bare suffix is not covered by `*.cdn.example.test`.
+    assert_eq!(
+        status(lab.agent(), RESOLVER, &["cdn.example.test", "A"]).as_deref(),
+        Some("REFUSED")
+    );
+}
+
+#[test]
+fn denied_names_are_refused_and_direct_dns_is_dropped() {
+    if !lab::require_root("denied_names_are_refused_and_direct_dns_is_dropped") {
+        return;
+    }
+    let lab = DnsLab::start();
+    // Same address as an allowed name, but not allowed: refused, audited, not admitted.
+    assert_eq!(
+        status(lab.agent(), RESOLVER, &["other.example.test", "A"]).as_deref(),
+        Some("REFUSED")
+    );
+    assert!(!lab.reaches(SERVER_V4));
+    assert_eq!(
+        lab.metric(
+            "enforcer_dns_queries_total{agent=\"coder\",agent_id=\"1\",outcome=\"refused\"}"
+        ),
+        1.0
+    );
+    let log = lab.lab.dir.join("audit.jsonl");
+    wait_until("the refusal in the audit log", || {
+        fs::read_to_string(&log).is_ok_and(|t| {
+            t.lines().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["reason"] == "dns_refused"
+                    && v["source"] == "dns"
+                    && v["verdict"] == "drop"
+                    && v["agent"] == 1
+                    && v["name"] == "other.example.test"
+            })
+        })
+    });
+    // HTTPS records never reach a name-restricted agent: NODATA.
+    let https = dig(
+        lab.agent(),
+        RESOLVER,
+        &[
+            "api.example.test",
+            "TYPE65",
+            "+noall",
+            "+comments",
+            "+answer",
+        ],
+    );
+    assert!(https.contains("status: NOERROR"), "{https}");
+    assert!(
+        !https.contains("IN\tHTTPS") && !https.contains("TYPE65\t"),
+        "{https}"
+    );
+
+    // The agent asking dnsmasq directly: dropped in XDP, over UDP and TCP.
+    let before = lab
+        .lab
+        .maps()
+        .counter(1, Reason::DnsBypass)
+        .unwrap()
+        .packets;
+    assert_eq!(
+        status(lab.agent(), SERVER_V4, &["api.example.test", "A"]),
+        None
+    );
+    assert_eq!(
+        status(lab.agent(), SERVER_V4, &["api.example.test", "A", "+tcp"]),
+        None
+    );
+    let after = lab
+        .lab
+        .maps()
+        .counter(1, Reason::DnsBypass)
+        .unwrap()
+        .packets;
+    assert!(
+        after >= before + 2,
+        "dns_bypass counted {before} -> {after}"
+    );
+    // While through the resolver the same name resolves.
+    let answer = dig(lab.agent(), RESOLVER, &["api.example.test", "A", "+short"]);
+    assert_eq!(answer.trim(), SERVER_V4);
+}
+
+#[test]
+fn https_by_name_passes_and_another_name_on_the_same_address_is_dropped_at_sni() {
+    if !lab::require_root(
+        "https_by_name_passes_and_another_name_on_the_same_address_is_dropped_at_sni",
+    ) {
+        return;
+    }
+    let lab = DnsLab::start();
+    let _resolv = NetnsResolvConf::new(lab.agent());
+    let _https = start_https(&lab.lab);
+    // curl resolves through the enforcer's resolver (the agent's resolv.conf), which
+    // admits the address for port 443 before curl connects.
+    assert!(
+        curl(lab.agent(), "api.example.test", &[]),
+        "allowed name over HTTPS"
+    );
+    let handshake = lab
+        .agent()
+        .command("openssl")
+        .args(["s_client", "-connect", &format!("{SERVER_V4}:443")])
+        .args(["-servername", "api.example.test", "-brief"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        handshake.status.success(),
+        "s_client with the allowed name: {handshake:?}"
+    );
+
+    // Another name on the same, now admitted, address: its ClientHello is dropped.
+    let before = lab
+        .lab
+        .maps()
+        .counter(1, Reason::SniDenied)
+        .unwrap()
+        .packets;
+    assert!(!curl(
+        lab.agent(),
+        "other.example.test",
+        &["--resolve", &format!("other.example.test:443:{SERVER_V4}")]
+    ));
+    let after = lab
+        .lab
+        .maps()
+        .counter(1, Reason::SniDenied)
+        .unwrap()
+        .packets;
+    assert!(after > before, "sni_denied counted {before} -> {after}");
+    // And its name is refused by the resolver in the first place.
+    assert!(!curl(lab.agent(), "other.example.test", &[]));
+}
