@@ -8,11 +8,11 @@
 //!   splice/sendpage path call `bpf_exec_tx_verdict` on the open record before encrypting
 //!   it (Linux 4.20+, `net/tls/tls_sw.c`); `SK_DROP` frees the record and the send returns
 //!   `EACCES`. Records are at most 16 KiB, so one record is one program run.
-//! - **Order: sockmap first, then the TLS ULP.** The kernel refuses to add a socket that
-//!   already has a ULP to a sockmap (`sockmap_ktls.c`,
-//!   `test_sockmap_ktls_update_fails_when_sock_has_ulp`), while `tls_init` builds its
-//!   protocol on top of whatever `sk_prot` the socket has, sockmap's included
-//!   (`tls_build_proto`), which is what `test_sockmap`'s kTLS mode exercises.
+//! - **Order: sockmap first, then the TLS ULP** (as designed; current kernels refuse both
+//!   orders, see below). The kernel refuses to add a socket that already has a ULP to a
+//!   sockmap (`sockmap_ktls.c`, `test_sockmap_ktls_update_fails_when_sock_has_ulp`), while
+//!   `tls_init` builds its protocol on top of whatever `sk_prot` the socket has, sockmap's
+//!   included (`tls_build_proto`), which is what `test_sockmap`'s kTLS mode exercised.
 //! - **splice(2) from a kTLS RX socket into a kTLS TX socket.** `tls_sw_splice_read`
 //!   (Linux 4.17+) hands decrypted record pages to a pipe; splicing the pipe into the other
 //!   socket goes through kTLS TX (`tls_sw_sendpage` on 6.1, `MSG_SPLICE_PAGES` on 6.5+),
@@ -47,15 +47,37 @@
 //!   plain TCP sockets: the host tests run there too.
 //! - The kTLS transport works on both: 64 MiB each way through [`splice_uninspected`]'s
 //!   path, byte-exact, session tickets and close_notify handled as control records.
-//! - **But neither kernel combines the two.** A socket in a sockmap (with or without a
-//!   program attached) takes the `tls` ULP, then `TLS_TX`/`TLS_RX` fail with `EINVAL`; a
-//!   socket with kTLS keys cannot join a sockmap (`EINVAL`). Upstream's newer
-//!   `sockmap_ktls` selftests (`tls tx cork`) run the first order, so newer kernels should;
-//!   these do not. [`Ktls::load`] runs that sequence on a loopback socket and returns
-//!   [`KtlsError::NoSockmapKtls`] there, so the proxy falls back to its user-space path
-//!   instead of failing every connection. The VM test
-//!   `ktls_load_agrees_with_the_kernel_on_sockmap_and_ktls` checks the probe against raw
-//!   syscalls; the inspected splice tests run wherever `Ktls::load` succeeds.
+//! - **But neither kernel combines the two, and no order of steps helps.** Measured in the
+//!   VM (`vm::ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap`, and a scratch
+//!   matrix: TLS 1.2 and 1.3, AES-GCM-128 and -256, SOCKMAP and SOCKHASH, no program,
+//!   `sk_msg` only, `sk_msg` plus an `sk_skb` verdict, IPv4 and IPv6, TX or RX first): a
+//!   socket in a sockmap takes the `tls` ULP, then `TLS_TX` and `TLS_RX` both fail with
+//!   `EINVAL`; deleted from the map, the same socket takes its keys. A socket with the ULP,
+//!   keys or not, cannot join a sockmap (`EINVAL`).
+//! - **Where: `do_tls_setsockopt_conf` (net/tls/tls_main.c) now starts with
+//!   `if (sk_psock(sk)) return -EINVAL;`**, commented upstream "TLS and sockmap are mutually
+//!   exclusive. A socket already in a sockmap (i.e. with a psock attached) cannot be
+//!   upgraded to TLS. sockmap rejects TLS sockets already (see sk_psock_init())" (read in
+//!   the bpf tree's tls_main.c, kernel-patches/bpf; the older torvalds/linux copy in the
+//!   reference store lacks it). Its selftest (`sockmap_ktls.c`, "tls rx after sockmap
+//!   insert") names the bug it closes: the kTLS + sockmap reverse-order `frag_list`
+//!   use-after-free (TLS RX's strparser behind the psock's `data_ready`). Debian carries the
+//!   backport: in `tls.ko` of 6.1.192 and of 6.12.117, `tls_setsockopt` for `TLS_TX`/`TLS_RX`
+//!   takes the socket lock, tests `sk_user_data` for the psock flag and returns `-EINVAL`
+//!   before reading the option (disassembled), and ftrace's function graph shows it
+//!   returning without reaching `tls_set_device_offload`/`tls_set_sw_offload`. The other
+//!   order was closed years earlier (`sk_psock_init` refuses a socket with a ULP;
+//!   upstream's `update_fails_when_sock_has_ulp`).
+//! - **So from which version does it work? None going forward.** `sk_msg` on kTLS ran
+//!   from 4.20 (sockmap first, as `test_sockmap --ktls` did) until this check reached a
+//!   kernel; mainline and the stable lines Debian ships have it, and upstream declared the
+//!   combination unsupported rather than fixed it. Only a kernel from before the backport
+//!   accepts the order, with the use-after-free the check closes. [`Ktls::load`] runs the
+//!   sequence on a loopback socket and returns [`KtlsError::NoSockmapKtls`] wherever it is
+//!   refused, and the proxy ([`crate::inspect::InspectPath::choose`]) falls back to user
+//!   space with that reason. The inspected splice tests in `tests/tests/ktls.rs` therefore
+//!   run nowhere available; the hand-off of the proxy's connections to [`Ktls::splice`] is
+//!   not wired in, for want of a kernel to test it on.
 //! - Before the hand-off, tokio-rustls's handshake loop reads on while the session wants to
 //!   read, so one application record per connection may already be decrypted in user space
 //!   ([`SpliceReport::user_space_bytes`]); [`HandshakeCork`] keeps that to whole records,
@@ -902,7 +924,13 @@ fn probe_sockmap_ktls(inspector: &Inspector) -> Result<(), KtlsError> {
         )
     };
     if rc != 0 {
-        return Err(refused("setting kTLS TX keys", io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        let mut refusal = refused("setting kTLS TX keys", e);
+        if let KtlsError::NoSockmapKtls { detail } = &mut refusal {
+            // The check that refuses it (module doc): worth naming in the one log line.
+            detail.push_str(" (this kernel keeps TLS and sockmap mutually exclusive)");
+        }
+        return Err(refusal);
     }
     Ok(())
 }

@@ -242,3 +242,166 @@ fn tcp4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     builder.write(&mut packet, &[]).unwrap();
     packet
 }
+
+/// A sockmap (`BPF_MAP_TYPE_SOCKMAP`, one slot, no program), closed on drop.
+struct RawSockmap(std::os::fd::OwnedFd);
+
+impl RawSockmap {
+    fn new() -> RawSockmap {
+        // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
+        let mut attr = [0u32; 32];
+        attr[..4].copy_from_slice(&[15 /* BPF_MAP_TYPE_SOCKMAP */, 4, 4, 1]);
+        // SAFETY: bpf(2) with a zero-padded attr of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0, /* BPF_MAP_CREATE */
+                attr.as_ptr(),
+                128,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "creating a sockmap on {}: {}",
+            kernel(),
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a fresh descriptor that nothing else owns.
+        RawSockmap(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Puts `socket` in slot 0 (`BPF_MAP_UPDATE_ELEM`), or deletes slot 0 when `socket` is
+    /// `None` (`BPF_MAP_DELETE_ELEM`), which drops the socket's psock.
+    fn set(&self, socket: Option<&TcpStream>) -> std::io::Result<()> {
+        let key = 0u32;
+        let value = socket.map_or(0, |s| s.as_raw_fd() as u32);
+        // map_fd, key pointer, value pointer, flags. Delete takes no value: the kernel
+        // refuses an attr with anything set past `key` (EINVAL).
+        let attr = [
+            self.0.as_raw_fd() as u64,
+            (&raw const key) as u64,
+            socket.map_or(0, |_| (&raw const value) as u64),
+            0,
+        ];
+        let cmd = if socket.is_some() { 2 } else { 3 };
+        // SAFETY: bpf(2) with an attr of the size passed; key and value outlive the call.
+        if unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), 32) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// `setsockopt(SOL_TLS, direction)` with [`crypto_info`]; the ULP must be set already.
+fn set_keys(socket: &TcpStream, direction: libc::c_int) -> std::io::Result<()> {
+    let info = crypto_info();
+    // SAFETY: as in `enable_ktls`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TLS,
+            direction,
+            (&raw const info).cast(),
+            size_of_val(&info) as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn set_ulp(socket: &TcpStream) -> std::io::Result<()> {
+    // SAFETY: a 3-byte option value with its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            b"tls".as_ptr().cast(),
+            3,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Why the kTLS inspection path cannot run on these kernels, pinned down: kTLS keys are
+/// refused (EINVAL, both directions) exactly while the socket has a sockmap psock (the
+/// `sk_psock(sk)` check at the top of `do_tls_setsockopt_conf`), and accepted on the same
+/// socket, ULP already set, once it has left the map; and a socket with the TLS ULP, keys
+/// or not, cannot join a sockmap. No order gives a kTLS socket an `sk_msg` program. If a
+/// kernel ever changes this, this test fails and `enforcer::ktls` needs another look.
+#[test]
+#[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+fn ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap() {
+    assert!(require_root(
+        "ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap"
+    ));
+    let release = kernel();
+    let map = RawSockmap::new();
+    let (client, _server) = tcp_pair();
+    map.set(Some(&client))
+        .unwrap_or_else(|e| panic!("plain socket into the sockmap on {release}: {e}"));
+    set_ulp(&client).unwrap_or_else(|e| panic!("TLS ULP on a sockmap socket on {release}: {e}"));
+    for direction in [libc::TLS_TX, libc::TLS_RX] {
+        let refused = set_keys(&client, direction).expect_err(&format!(
+            "{release} accepted kTLS keys ({direction}) on a socket in a sockmap"
+        ));
+        assert_eq!(
+            refused.raw_os_error(),
+            Some(libc::EINVAL),
+            "{release}: {refused}"
+        );
+    }
+    // Out of the map (the psock goes with it), the same socket takes its keys.
+    map.set(None).unwrap();
+    set_keys(&client, libc::TLS_TX)
+        .unwrap_or_else(|e| panic!("TX keys after leaving the sockmap on {release}: {e}"));
+
+    // The other order: a socket with the ULP, with and without keys, cannot join.
+    let (with_keys, _server) = tcp_pair();
+    enable_ktls(&with_keys, libc::TLS_TX);
+    let (ulp_only, _server) = tcp_pair();
+    set_ulp(&ulp_only).unwrap();
+    for socket in [&with_keys, &ulp_only] {
+        let refused = map
+            .set(Some(socket))
+            .expect_err(&format!("{release} let a TLS socket into a sockmap"));
+        assert_eq!(
+            refused.raw_os_error(),
+            Some(libc::EINVAL),
+            "{release}: {refused}"
+        );
+    }
+}
+
+/// The inspecting proxy's choice in the guest, and its reason: user space, because the
+/// kernel refused kTLS keys on the probe socket in the sockmap. The reason is what the
+/// daemon logs once at start; the metric follows the choice.
+#[test]
+#[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+fn the_inspecting_proxy_chooses_user_space_and_says_why() {
+    use enforcer::inspect::{InspectPath, Stats};
+    assert!(require_root(
+        "the_inspecting_proxy_chooses_user_space_and_says_why"
+    ));
+    let path = InspectPath::choose();
+    eprintln!("{}: inspect path {path:?}", kernel());
+    let InspectPath::Userspace { why } = &path;
+    assert!(
+        why.contains("cannot inspect kTLS sockets through a sockmap")
+            && why.contains("setting kTLS TX keys")
+            && why.contains("Invalid argument"),
+        "{}: {why}",
+        kernel()
+    );
+    let stats = Stats::default();
+    stats.set_path(&path);
+    assert_eq!(stats.path(), Some("userspace"));
+}

@@ -11,8 +11,9 @@
 //! After both handshakes the bytes are moved by one of two paths, chosen once at start
 //! ([`InspectPath`]), logged once and exported as `enforcer_inspect_path{path}`: the
 //! kernel's (kTLS on both sockets, a sockmap BPF program running the same detectors and
-//! splicing the sockets) when the kernel has kTLS and that path is built in, otherwise
-//! user space ([`relay`]), with the same detectors and the same outcomes.
+//! splicing the sockets, `enforcer::ktls`) when the kernel can run it, otherwise user space
+//! ([`relay`]), with the same detectors and the same outcomes. Current kernels cannot:
+//! Linux made TLS and sockmap mutually exclusive (see `enforcer::ktls`).
 
 pub mod ca;
 pub mod detect;
@@ -79,49 +80,22 @@ impl InspectPath {
         }
     }
 
-    /// Chooses the path for this run. The kernel path needs kTLS (CONFIG_TLS, Linux 4.13
-    /// for TX, 4.17 for RX) and the sockmap splice of `enforcer::ktls`; the probe names
-    /// what is missing.
+    /// Chooses the path for this run by asking the kernel for the whole kernel path:
+    /// [`Ktls::load`](crate::ktls::Ktls::load) checks for kTLS, loads the sockmap object and
+    /// gives kTLS keys to a loopback socket in its sockmap. Linux refuses that last step
+    /// wherever TLS and sockmap are mutually exclusive (Debian's 6.1 and 6.12 among them;
+    /// see `enforcer::ktls`), so there the answer is user space, and `why` carries the
+    /// kernel's words.
     pub fn choose() -> InspectPath {
-        let why = match probe_ktls() {
-            Err(e) => format!(
-                "the kernel has no kTLS (setting TCP_ULP \"tls\": {e}; needs CONFIG_TLS, Linux >= 4.17)"
-            ),
-            // The seam for the kernel path: `Some(Ktls::load(..)?)` replaces this arm.
-            Ok(()) => "the kernel has kTLS, but this build has no kTLS splice (enforcer::ktls)"
+        let why = match crate::ktls::Ktls::load(&[], |_| false) {
+            Err(e) => crate::daemon::error_chain(&e),
+            // No kernel that still combines them was available to test the hand-off of the
+            // proxy's connections on, so it is not wired in; the log says so.
+            Ok(_) => "the kernel combines kTLS and sockmap, but the proxy's kernel hand-off is \
+                      not wired in (no such kernel was available to test it on)"
                 .to_string(),
         };
         InspectPath::Userspace { why }
-    }
-}
-
-/// Asks the kernel for the "tls" upper-layer protocol on a fresh TCP socket. The lookup
-/// (and module autoload) comes before the socket-state check, so a kernel with kTLS
-/// answers ENOTCONN and one without answers ENOENT.
-fn probe_ktls() -> std::io::Result<()> {
-    // SAFETY: plain socket(2); the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let ulp = b"tls";
-    // SAFETY: the option value points at 3 valid bytes and its length is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_ULP,
-            ulp.as_ptr().cast(),
-            ulp.len() as libc::socklen_t,
-        )
-    };
-    let error = std::io::Error::last_os_error();
-    // SAFETY: `fd` is ours and not used afterwards.
-    unsafe { libc::close(fd) };
-    match (rc, error.raw_os_error()) {
-        (0, _) => Ok(()),
-        (_, Some(libc::ENOTCONN)) => Ok(()),
-        _ => Err(error),
     }
 }
 
