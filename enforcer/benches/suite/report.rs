@@ -215,7 +215,8 @@ fn where_time_goes(r: &Report) -> String {
     }
     // The same-CPU mode only: it is the steady one; differences of the noisier apart mode
     // can come out negative.
-    for mode in [CpuMode::Same] {
+    {
+        let mode = CpuMode::Same;
         let ns = |config: &str| 1e9 / live_median(&r.live, config, mode, false);
         let over = ns("enforcer_over_limit") - ns("xdp_drop");
         let allowed = ns("enforcer_allowed") - ns("xdp_pass");
