@@ -300,7 +300,8 @@ impl WallClock {
     }
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
+/// `clock` (CLOCK_MONOTONIC, CLOCK_REALTIME, ...) in nanoseconds.
+pub fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

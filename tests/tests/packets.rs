@@ -1304,27 +1304,16 @@ fn tcp6_payload(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) ->
     out
 }
 
-/// CLOCK_MONOTONIC now, in ns: the clock learned entries expire on.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer for clock_gettime.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[test]
 fn host_names_table() {
     if !require_root("host_names_table") {
         return;
     }
     in_test_netns(|| {
-        use enforcer::policy::{PortRange, Proto};
+        use enforcer::{
+            dns::net::monotonic_ns,
+            policy::{PortRange, Proto},
+        };
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, NAMES_POLICY, None);
         let mut ring = dp.take_audit_ring().unwrap();

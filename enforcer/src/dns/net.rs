@@ -286,13 +286,8 @@ pub async fn write_framed(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()
 /// CLOCK_MONOTONIC in nanoseconds: the clock the XDP program's `bpf_ktime_get_ns` reads,
 /// so expiries written to the kernel mean the same instant there.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // Nanoseconds since boot: positive and far below u64::MAX.
+    crate::audit::clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 #[cfg(test)]
