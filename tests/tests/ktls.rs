@@ -325,6 +325,25 @@ mod vm {
         ctx.finish().as_ref().to_vec()
     }
 
+    /// Both ends received, without error, exactly the `len` bytes of `chunks` the other end
+    /// sent: upstream those of seed `seeds.0`, the agent those of seed `seeds.1`.
+    fn assert_exact(server: &Received, agent: &Received, seeds: (u64, u64), len: usize) {
+        assert_eq!(server.error, None);
+        assert_eq!(agent.error, None);
+        assert_eq!(server.len, len as u64);
+        assert_eq!(
+            server.digest,
+            digest_of(chunks(seeds.0, len)),
+            "upstream got other bytes"
+        );
+        assert_eq!(agent.len, len as u64);
+        assert_eq!(
+            agent.digest,
+            digest_of(chunks(seeds.1, len)),
+            "agent got other bytes"
+        );
+    }
+
     /// Reads exactly `len` bytes (or until EOF or an error).
     async fn receive_exact(r: &mut (impl tokio::io::AsyncRead + Unpin), len: u64) -> Received {
         receive(r.take(len)).await
@@ -568,20 +587,7 @@ mod vm {
             chunks(3, LEN).collect(),
             chunks(4, LEN).collect(),
         ));
-        assert_eq!(server.error, None);
-        assert_eq!(agent.error, None);
-        assert_eq!(server.len, LEN as u64);
-        assert_eq!(
-            server.digest,
-            digest_of(chunks(3, LEN)),
-            "upstream got other bytes"
-        );
-        assert_eq!(agent.len, LEN as u64);
-        assert_eq!(
-            agent.digest,
-            digest_of(chunks(4, LEN)),
-            "agent got other bytes"
-        );
+        assert_exact(&server, &agent, (3, 4), LEN);
         assert_eq!(
             (report.up_bytes, report.down_bytes),
             (LEN as u64, LEN as u64)
@@ -608,20 +614,7 @@ mod vm {
             chunks(1, LEN).collect(),
             chunks(2, LEN).collect(),
         ));
-        assert_eq!(server.error, None);
-        assert_eq!(agent.error, None);
-        assert_eq!(server.len, LEN as u64);
-        assert_eq!(
-            server.digest,
-            digest_of(chunks(1, LEN)),
-            "upstream got other bytes"
-        );
-        assert_eq!(agent.len, LEN as u64);
-        assert_eq!(
-            agent.digest,
-            digest_of(chunks(2, LEN)),
-            "agent got other bytes"
-        );
+        assert_exact(&server, &agent, (1, 2), LEN);
         // Every byte went through the detectors in the kernel (their counters), none
         // through user space.
         assert_eq!(
