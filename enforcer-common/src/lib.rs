@@ -416,6 +416,26 @@ pub struct AuditConfig {
 }
 const _: () = assert!(size_of::<AuditConfig>() == 16);
 
+/// The tick clock the rate and audit limiters read when a tick's resolution is enough:
+/// map `CLOCK`, one element, written by the daemon at every load.
+///
+/// `now = jiffies * tick_units - offset` is CLOCK_MONOTONIC in limiter time units (1 <<
+/// [`TIME_SHIFT`] per ns), lagging by up to a tick like the kernel's coarse clock, so
+/// buckets charged on either clock stay comparable. `jiffies` is one load for the program
+/// (the verifier inlines `bpf_jiffies64`), where `bpf_ktime_get_coarse_ns` is a helper call
+/// that measured about 14 ns per packet. All zero until measured: the program then reads
+/// the coarse clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// Time units per jiffy: the kernel's `TICK_NSEC << TIME_SHIFT`.
+    pub tick_units: u64,
+    /// `jiffies * tick_units - (CLOCK_MONOTONIC ns << TIME_SHIFT)` at the same instant
+    /// (wrapping).
+    pub offset: u64,
+}
+const _: () = assert!(size_of::<Clock>() == 16);
+
 /// What happened to audit events that did not reach the ring: map `AUDIT_STATS` (per CPU),
 /// indexed by agent id. User space sums the CPUs.
 #[repr(C)]
@@ -460,6 +480,119 @@ pub struct HostV6Key {
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<HostV6Key>() == 20);
+
+/// Entries per bucket of the source tables (`SRC_TABLE_V4`, `SRC_TABLE_V6`).
+pub const TABLE_WAYS: usize = 4;
+
+/// One bucket of a source table: exact source address to agent id, the program's first
+/// probe before the hash map `SRC_HOST_V*`.
+///
+/// A source table is an array map holding both slots' tables interleaved (bucket `b` of
+/// slot `s` at index `b << 1 | s`); [`table_bucket`] picks the one bucket a key can be in,
+/// and the program compares its [`TABLE_WAYS`] keys. That is an inlined array lookup, a
+/// multiply and a few compares, where a kernel hash lookup measured about 20 ns per packet
+/// (jhash, the call, the bucket walk). A key that did not fit its bucket goes to the hash
+/// map instead, and the bucket's `overflow` tells the program to look there on a miss, so
+/// the table is exact at any load. `W` is the key's size in u64 words: 1 for IPv4, 2 for
+/// IPv6 (see [`table_key_v4`], [`table_key_v6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceBucket<const W: usize> {
+    /// Keys; an entry is in use when its agent is not [`UNKNOWN_AGENT`].
+    pub keys: [[u64; W]; TABLE_WAYS],
+    /// Agent ids, [`UNKNOWN_AGENT`] for a free entry.
+    pub agents: [u32; TABLE_WAYS],
+    /// Nonzero: a key of this bucket did not fit and is in the overflow hash map.
+    pub overflow: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+impl<const W: usize> Default for SourceBucket<W> {
+    fn default() -> Self {
+        SourceBucket {
+            keys: [[0; W]; TABLE_WAYS],
+            agents: [UNKNOWN_AGENT; TABLE_WAYS],
+            overflow: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Bucket of `SRC_TABLE_V4`.
+pub type SourceBucketV4 = SourceBucket<1>;
+/// Bucket of `SRC_TABLE_V6`.
+pub type SourceBucketV6 = SourceBucket<2>;
+const _: () = assert!(size_of::<SourceBucketV4>() == 56);
+const _: () = assert!(size_of::<SourceBucketV6>() == 88);
+
+/// Where a slot's source tables are: map `TABLES`, indexed by slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Hash seed of the IPv4 table.
+    pub seed_v4: u64,
+    /// Hash seed of the IPv6 table.
+    pub seed_v6: u64,
+    /// The IPv4 table has `1 << bits_v4` buckets; 0: the slot has no IPv4 table, and the
+    /// program looks in the hash map alone.
+    pub bits_v4: u32,
+    /// Same for IPv6.
+    pub bits_v6: u32,
+}
+const _: () = assert!(size_of::<TableConfig>() == 24);
+
+/// Largest table, in bits of bucket index.
+pub const MAX_TABLE_BITS: u32 = 30;
+
+/// The source-table key of an IPv4 address (network byte order).
+#[inline(always)]
+pub fn table_key_v4(addr: [u8; 4]) -> [u64; 1] {
+    [u64::from(u32::from_be_bytes(addr))]
+}
+
+/// The source-table key of an IPv6 address (network byte order).
+#[inline(always)]
+pub fn table_key_v6(addr: [u8; 16]) -> [u64; 2] {
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+    ] = addr;
+    [
+        u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+        u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+    ]
+}
+
+/// The bucket of `key` in a table of `1 << bits` buckets (`bits` in 1..=[`MAX_TABLE_BITS`]):
+/// multiplicative hashing (the top bits of the seeded words times odd constants), a few
+/// instructions the program and the daemon compute alike.
+#[inline(always)]
+pub fn table_bucket<const W: usize>(key: &[u64; W], seed: u64, bits: u32) -> u32 {
+    const M: [u64; 2] = [0x9e37_79b9_7f4a_7c15, 0xc2b2_ae3d_27d4_eb4f];
+    let mut h = 0u64;
+    let mut i = 0;
+    while i < W && i < M.len() {
+        h = h.wrapping_add((key[i] ^ seed).wrapping_mul(M[i]));
+        i += 1;
+    }
+    // The mask keeps the shift defined (and tells the verifier so) whatever `bits` is.
+    (h >> ((64 - bits) & 63)) as u32
+}
 
 /// Data of an LPM key over IPv4: a 32-bit owner word, then the address. The prefix length
 /// of the key is `32 + address prefix length`, so the owner always matches exactly.
@@ -769,8 +902,16 @@ pub mod maps {
     pub const SNI_SCRATCH: &str = "SNI_SCRATCH";
     /// LRU [`super::FlowKey`] to u32: connections whose ClientHello passed.
     pub const FLOWS: &str = "FLOWS";
+    /// [`super::Clock`], one element.
+    pub const CLOCK: &str = "CLOCK";
+    /// [`super::SourceBucketV4`]s of both slots, interleaved.
+    pub const SRC_TABLE_V4: &str = "SRC_TABLE_V4";
+    /// [`super::SourceBucketV6`]s of both slots, interleaved.
+    pub const SRC_TABLE_V6: &str = "SRC_TABLE_V6";
+    /// [`super::TableConfig`], one per slot.
+    pub const TABLES: &str = "TABLES";
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 29] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -796,6 +937,10 @@ pub mod maps {
         SNI,
         SNI_SCRATCH,
         FLOWS,
+        CLOCK,
+        SRC_TABLE_V4,
+        SRC_TABLE_V6,
+        TABLES,
     ];
 }
 
@@ -805,6 +950,10 @@ pub mod programs {
     pub const ENFORCE: &str = "enforce";
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";
+    /// Writes `jiffies` and CLOCK_MONOTONIC ns (two little-endian u64s) over the first 16
+    /// bytes of the packet: run with `BPF_PROG_TEST_RUN`, it is how the daemon measures
+    /// [`super::Clock`].
+    pub const CLOCK_PROBE: &str = "clock_probe";
 }
 
 /// The benchmark helper object (`enforcer-bench`, a separate eBPF binary so nothing in it
@@ -867,6 +1016,9 @@ mod pod {
     unsafe impl aya::Pod for DstV6Key {}
     unsafe impl aya::Pod for AuditEvent {}
     unsafe impl aya::Pod for AuditConfig {}
+    unsafe impl aya::Pod for Clock {}
+    unsafe impl<const W: usize> aya::Pod for SourceBucket<W> {}
+    unsafe impl aya::Pod for TableConfig {}
     unsafe impl aya::Pod for AuditStats {}
     unsafe impl aya::Pod for bench::GenConfig {}
     unsafe impl aya::Pod for TlsPorts {}

@@ -23,7 +23,7 @@ use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+        generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -33,12 +33,13 @@ use enforcer_common::{
     ACTION_ALLOW, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4,
     AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AUDIT_FAMILY_NONE,
     AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AgentPolicy, AuditConfig, AuditEvent, AuditStats, Bucket,
-    Counter, DstV4Key, DstV6Key, FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6,
+    Clock, Counter, DstV4Key, DstV6Key, FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6,
     MAX_DST_PROBES, MAX_IPV6_EXT_HEADERS, MAX_RULES_PER_PREFIX, MAX_TLS_PORTS, MAX_VLAN_TAGS,
     NameEntry, NameV4Key, NameV6Key, OWNER_BITS, PROTO_ANY, Reason, ResolverKey, RuleSet,
     SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SNI_EXACT, SNI_NAME_LEN,
-    SNI_WILDCARD, SlotConfig, SniKey, State, TIME_SHIFT, TlsPorts, UNITS_PER_SEC, UNKNOWN_AGENT,
-    counter_index, owner, owner_word,
+    SNI_WILDCARD, SlotConfig, SniKey, SourceBucket, SourceBucketV4, SourceBucketV6, State,
+    TABLE_WAYS, TIME_SHIFT, TableConfig, TlsPorts, UNITS_PER_SEC, UNKNOWN_AGENT, counter_index,
+    owner, owner_word, table_bucket, table_key_v4, table_key_v6,
 };
 
 // Map sizes here are placeholders: the daemon sets the real ones at load time
@@ -104,6 +105,14 @@ static SNI: HashMap<SniKey, RuleSet> = HashMap::pinned(4096, 0);
 static SNI_SCRATCH: PerCpuArray<SniScratch> = PerCpuArray::pinned(1, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65536, 0);
+#[map]
+static CLOCK: Array<Clock> = Array::pinned(1, 0);
+#[map]
+static SRC_TABLE_V4: Array<SourceBucketV4> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+#[map]
+static SRC_TABLE_V6: Array<SourceBucketV6> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+#[map]
+static TABLES: Array<TableConfig> = Array::pinned(enforcer_common::SLOTS, 0);
 
 /// Where the SNI check works: the key it looks up, and the server name as read from the
 /// packet. Kernel-only (user space never reads it), and per CPU because 512 bytes do not
@@ -168,6 +177,26 @@ pub fn enforce(ctx: XdpContext) -> u32 {
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
 #[xdp]
 pub fn pass_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Measures the tick clock for the daemon (see [`Clock`]): run with `BPF_PROG_TEST_RUN`,
+/// never attached.
+#[xdp]
+pub fn clock_probe(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    // Bounds check against data_end: the verifier rejects a write not dominated by one.
+    if start + 16 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: helpers without preconditions; [start, start + 16) is inside the packet
+    // (checked above), written unaligned.
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        let ns = bpf_ktime_get_ns();
+        ptr::write_unaligned(start as *mut [u8; 8], jiffies.to_le_bytes());
+        ptr::write_unaligned((start + 8) as *mut [u8; 8], ns.to_le_bytes());
+    }
     xdp_action::XDP_PASS
 }
 
@@ -464,14 +493,30 @@ fn decide_v4(
     len: u64,
 ) -> Result<u32, ()> {
     if agent == UNKNOWN_AGENT {
-        let key = HostV4Key {
-            slot,
-            addr: flow.src,
-        };
-        // SAFETY: plain u32 value, copied out.
-        if let Some(a) = unsafe { SRC_HOST_V4.get(&key) } {
-            agent = *a;
-        } else if slot_cfg.flags & SLOT_SRC_LPM_V4 != 0 {
+        // Slots written before the tables existed have only the hash map.
+        let mut overflow = true;
+        if let Some(t) = TABLES.get(slot)
+            && t.bits_v4 != 0
+        {
+            (agent, overflow) = source_table(
+                &SRC_TABLE_V4,
+                slot,
+                t.seed_v4,
+                t.bits_v4,
+                table_key_v4(flow.src),
+            );
+        }
+        if agent == UNKNOWN_AGENT && overflow {
+            let key = HostV4Key {
+                slot,
+                addr: flow.src,
+            };
+            // SAFETY: plain u32 value, copied out.
+            if let Some(a) = unsafe { SRC_HOST_V4.get(&key) } {
+                agent = *a;
+            }
+        }
+        if agent == UNKNOWN_AGENT && slot_cfg.flags & SLOT_SRC_LPM_V4 != 0 {
             let key = Key::new(
                 OWNER_BITS + 32,
                 LpmV4 {
@@ -524,14 +569,30 @@ fn decide_v6(
     len: u64,
 ) -> Result<u32, ()> {
     if agent == UNKNOWN_AGENT {
-        let key = HostV6Key {
-            slot,
-            addr: flow.src,
-        };
-        // SAFETY: plain u32 value, copied out.
-        if let Some(a) = unsafe { SRC_HOST_V6.get(&key) } {
-            agent = *a;
-        } else if slot_cfg.flags & SLOT_SRC_LPM_V6 != 0 {
+        // Slots written before the tables existed have only the hash map.
+        let mut overflow = true;
+        if let Some(t) = TABLES.get(slot)
+            && t.bits_v6 != 0
+        {
+            (agent, overflow) = source_table(
+                &SRC_TABLE_V6,
+                slot,
+                t.seed_v6,
+                t.bits_v6,
+                table_key_v6(flow.src),
+            );
+        }
+        if agent == UNKNOWN_AGENT && overflow {
+            let key = HostV6Key {
+                slot,
+                addr: flow.src,
+            };
+            // SAFETY: plain u32 value, copied out.
+            if let Some(a) = unsafe { SRC_HOST_V6.get(&key) } {
+                agent = *a;
+            }
+        }
+        if agent == UNKNOWN_AGENT && slot_cfg.flags & SLOT_SRC_LPM_V6 != 0 {
             let key = Key::new(
                 OWNER_BITS + 128,
                 LpmV6 {
@@ -571,6 +632,31 @@ fn decide_v6(
         )
     };
     finish(ctx, agent, policy, verdict, len, flow)
+}
+
+/// The agent whose exact source address `key` is, from the slot's source table (see
+/// [`SourceBucket`]), and whether a miss must also look in the overflow hash map.
+#[inline(always)]
+fn source_table<const W: usize>(
+    table: &Array<SourceBucket<W>>,
+    slot: u32,
+    seed: u64,
+    bits: u32,
+    key: [u64; W],
+) -> (u32, bool) {
+    let index = (table_bucket(&key, seed, bits) << 1) | slot;
+    // Only an index beyond the map (a table the daemon sized wrongly) fails: the overflow
+    // map then decides alone.
+    let Some(bucket) = table.get(index) else {
+        return (UNKNOWN_AGENT, true);
+    };
+    for way in 0..TABLE_WAYS {
+        let agent = bucket.agents[way];
+        if agent != UNKNOWN_AGENT && bucket.keys[way] == key {
+            return (agent, false);
+        }
+    }
+    (UNKNOWN_AGENT, bucket.overflow != 0)
 }
 
 /// The rules of the longest of the agent's IPv4 destination prefixes that contains `dst`.
@@ -1197,7 +1283,9 @@ fn unknown<F: AuditTuple>(
 ) -> Result<u32, ()> {
     if slot_cfg.flags & SLOT_UNKNOWN_DROP != 0 {
         count(UNKNOWN_AGENT, Reason::UnknownDrop, len);
-        audit(ctx, UNKNOWN_AGENT, Reason::UnknownDrop, len, flow);
+        if admit(UNKNOWN_AGENT) {
+            audit(ctx, UNKNOWN_AGENT, Reason::UnknownDrop, len, flow);
+        }
         Ok(xdp_action::XDP_DROP)
     } else {
         count(UNKNOWN_AGENT, Reason::UnknownPass, len);
@@ -1308,7 +1396,9 @@ fn finish<F: AuditTuple>(
     // A passed packet pays this one test of the reason and nothing else: no lookup, no
     // clock read, no ring access.
     if reason.is_audited() {
-        audit(ctx, agent, reason, len, flow);
+        if admit(agent) {
+            audit(ctx, agent, reason, len, flow);
+        }
     }
     Ok(if reason.is_drop() {
         xdp_action::XDP_DROP
@@ -1325,16 +1415,15 @@ fn rate_limit(agent: u32, policy: &AgentPolicy, len: u64) -> Result<Reason, ()> 
         return Ok(Reason::Allowed);
     }
     let bucket = BUCKETS.get_ptr_mut(agent).ok_or(())?;
-    // Both clocks are CLOCK_MONOTONIC; the coarse one (Linux 5.11) lags by up to a tick and
-    // costs a fraction of the precise one. The compile step allows it only when every burst
-    // of the agent spans several ticks, so the lag never costs admitted packets.
-    // SAFETY: helpers without preconditions.
-    let ns = if policy.flags & AGENT_COARSE_CLOCK != 0 {
-        unsafe { bpf_ktime_get_coarse_ns() }
+    // Both clocks are CLOCK_MONOTONIC; the tick clock lags by up to a tick and costs a
+    // fraction of the precise one. The compile step allows it only when every burst of the
+    // agent spans several ticks, so the lag never costs admitted packets.
+    let now = if policy.flags & AGENT_COARSE_CLOCK != 0 {
+        tick_now()
     } else {
-        unsafe { bpf_ktime_get_ns() }
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_ns() << TIME_SHIFT }
     };
-    let now = ns << TIME_SHIFT;
     // SAFETY: `bucket` points into an array map value, valid for the program's run; the
     // fields are only accessed atomically (or with a racy read that the CAS validates).
     let packet_tat = unsafe { ptr::addr_of_mut!((*bucket).packet_tat) };
@@ -1392,6 +1481,24 @@ fn gcra(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
     false
 }
 
+/// CLOCK_MONOTONIC in limiter time units at a tick's resolution (see [`Clock`]): one inlined
+/// load of `jiffies` (`bpf_jiffies64`, Linux 5.5) scaled by the daemon's measurement, or the
+/// coarse clock helper (Linux 5.11) when nothing was measured.
+#[inline(always)]
+fn tick_now() -> u64 {
+    if let Some(clock) = CLOCK.get(0)
+        && clock.tick_units != 0
+    {
+        // SAFETY: helper without preconditions.
+        let jiffies = unsafe { bpf_jiffies64() };
+        return jiffies
+            .wrapping_mul(clock.tick_units)
+            .wrapping_sub(clock.offset);
+    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() << TIME_SHIFT }
+}
+
 /// The addresses and ports an audit event records: implemented by both families' flows and
 /// by [`NoTuple`] for frames whose IP header could not be read. Monomorphised and inlined,
 /// so each call site copies exactly its family's bytes.
@@ -1442,20 +1549,17 @@ impl AuditTuple for NoTuple {
     }
 }
 
-/// Reports a drop or monitor-mode would-drop to the `AUDIT` ring buffer, if the agent's
-/// audit limiter admits it. Never silent: a refused event counts as `suppressed`, an
-/// admitted one that finds the ring full as `lost`, both per agent in `AUDIT_STATS`.
+/// Reports a drop or monitor-mode would-drop that the agent's audit budget admitted
+/// ([`admit`], checked first: a flood of drops is mostly suppressed events, and those should
+/// not pay for building a record) to the `AUDIT` ring buffer. Never silent: an event that
+/// finds the ring full counts as `lost` per agent in `AUDIT_STATS`.
 ///
-/// Runs only for audited reasons, so none of its work touches the path of a passed packet.
-/// This inlined half copies the packet's facts into an event on the stack; the shared
-/// half, [`emit`], does the rest.
-#[inline(always)]
+/// Not inlined: the event is built on this function's stack, which the packet path's frame
+/// then does not have to hold (with it inlined at each call site, the program exceeded
+/// the 512-byte BPF stack). One subprogram per packet shape, called only for admitted
+/// events; it copies the packet's facts into the event and [`emit`] does the rest.
+#[inline(never)]
 fn audit<F: AuditTuple>(ctx: &XdpContext, agent: u32, reason: Reason, len: u64, flow: &F) {
-    // The budget first: a flood of drops is mostly suppressed events, and those should not
-    // pay for building a record (the benchmark showed ~60 ns per drop when they did).
-    if !admit(agent) {
-        return;
-    }
     // Every byte is set, padding included: ring memory is reused, and a field left
     // unwritten would show user space an older record's bytes.
     let mut event = AuditEvent {
@@ -1510,40 +1614,47 @@ fn emit(event: &AuditEvent) {
     entry.submit(0);
 }
 
-/// Charges the agent's audit budget; a refused event is counted as suppressed. Not
-/// inlined for the same reason as [`emit`]: the limiter's unrolled CAS loop exists once.
-#[inline(never)]
+/// Charges the agent's audit budget; a refused event is counted as suppressed.
+///
+/// The budget is GCRA on the agent's `AUDIT_LIMITS` arrival time with the shared
+/// `AUDIT_CONFIG` parameters, on the tick clock ([`tick_now`]), which lags by up to a tick;
+/// with the default budget (100 events/s, burst 100, a one-second burst) that is far inside
+/// the burst, and the audit budget is a flood guard, not a contract.
+///
+/// Inlined up to the first read of the arrival time: in a flood of drops nearly every call
+/// ends there, refused, at the cost of three inlined array lookups and a load. Only an event
+/// the budget may admit calls [`audit_charge`].
+#[inline(always)]
 fn admit(agent: u32) -> bool {
     let Some(stats) = AUDIT_STATS.get_ptr_mut(agent) else {
         return false;
     };
-    if audit_admit(agent) {
-        return true;
+    // Missing config or limiter entry, or events turned off: refuse, counted as suppressed.
+    if let Some(cfg) = AUDIT_CONFIG.get(0)
+        && cfg.event_cost != 0
+        && let Some(tat) = AUDIT_LIMITS.get_ptr_mut(agent)
+    {
+        let now = tick_now();
+        // SAFETY: valid, aligned u64 in a map value; a stale read is settled by the CAS.
+        let old = unsafe { ptr::read_volatile(tat) };
+        let base = if old > now { old } else { now };
+        if base + cfg.event_cost - now <= cfg.event_tolerance
+            && audit_charge(tat, now, cfg.event_cost, cfg.event_tolerance)
+        {
+            return true;
+        }
     }
     // SAFETY: per-CPU map value, written only by this CPU while the program runs.
     unsafe { (*stats).suppressed += 1 };
     false
 }
 
-/// The agent's audit limiter: GCRA on its `AUDIT_LIMITS` arrival time with the shared
-/// `AUDIT_CONFIG` parameters, on the coarse clock (Linux 5.11). The coarse clock lags by up
-/// to a tick; with the default budget (100 events/s, burst 100, a one-second burst) that is
-/// far inside the burst, and the audit budget is a flood guard, not a contract.
-#[inline(always)]
-fn audit_admit(agent: u32) -> bool {
-    // Missing config or limiter entry: refuse (the caller counts it as suppressed).
-    let Some(cfg) = AUDIT_CONFIG.get(0) else {
-        return false;
-    };
-    if cfg.event_cost == 0 {
-        return false;
-    }
-    let Some(tat) = AUDIT_LIMITS.get_ptr_mut(agent) else {
-        return false;
-    };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() } << TIME_SHIFT;
-    gcra(tat, now, cfg.event_cost, cfg.event_tolerance)
+/// The compare-and-swap half of [`admit`]. Not inlined: its unrolled CAS loop exists once
+/// instead of at each of the six audit call sites (two decisions times three packet
+/// shapes), which kept the program small enough for LLVM to inline it into its entry point.
+#[inline(never)]
+fn audit_charge(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
+    gcra(tat, now, cost, tolerance)
 }
 
 /// Adds one packet of `len` bytes to the (agent, reason) counter, in place.

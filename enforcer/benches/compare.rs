@@ -68,12 +68,21 @@ fn main() {
     let started = Instant::now();
     let settings = Settings {
         inkernel_repeat: if quick { 100_000 } else { 1_000_000 },
-        inkernel_runs: if quick { 3 } else { 5 },
+        // `--rounds N`: more interleaved rounds for focused work on the program.
+        inkernel_runs: arg_value("--rounds")
+            .map(|n| n.parse().expect("--rounds takes a number"))
+            .unwrap_or(if quick { 3 } else { 5 }),
         live_agents: 1_000,
         live_repeats: if quick { 1 } else { 7 },
         live_window_ms: if quick { 400 } else { 1_000 },
         accuracy_window_ms: if quick { 1_000 } else { 3_000 },
     };
+    // `--only AGENTS:PREFIXES`: one size of the in-kernel sweep.
+    let only = arg_value("--only").map(|v| {
+        v.split_once(':')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+            .expect("--only takes AGENTS:PREFIXES")
+    });
     let mut inkernel_rows = Vec::new();
     if want("inkernel") {
         println!(
@@ -84,7 +93,7 @@ fn main() {
             quick,
             settings.inkernel_repeat,
             settings.inkernel_runs,
-            None,
+            only,
         );
     }
     let mut live_results = Vec::new();

@@ -25,7 +25,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
     maps::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
         lpm_trie::Key,
@@ -38,10 +38,11 @@ use aya::{
 };
 use enforcer_common::{
     AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
-    Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry,
+    Clock, Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry,
     NameV4Key, NameV6Key, OWNER_BITS, Reason, ResolverKey, RuleSet, SLOT_HAS_IFACES,
-    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, State, TlsPorts,
-    UNKNOWN_AGENT, counter_index, maps, owner, owner_word, programs,
+    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, SourceBucketV4,
+    SourceBucketV6, State, TIME_SHIFT, TableConfig, TlsPorts, UNKNOWN_AGENT, counter_index, maps,
+    owner, owner_word, programs, table_key_v4, table_key_v6,
 };
 use thiserror::Error;
 
@@ -49,6 +50,7 @@ use crate::{
     audit::AuditRate,
     compile::{Compiled, Limits, name_rule_set},
     policy::{PortRange, Proto},
+    table::{self, SourceTable},
 };
 
 /// The XDP object built by `build.rs`.
@@ -226,6 +228,15 @@ pub enum DataplaneError {
     /// Reading or writing a map failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The tick clock could not be measured (see [`measure_clock`]).
+    #[error("measuring the kernel's tick clock with program {program}")]
+    Clock {
+        /// The probe program.
+        program: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Attaching to an interface failed in every mode tried.
     #[error("attaching XDP to {interface}")]
     Attach {
@@ -272,6 +283,73 @@ pub enum Attached {
     Native,
     /// Newly attached in generic mode.
     Generic,
+}
+
+/// Measures [`Clock`] for this boot with the `clock_probe` program.
+///
+/// A jiffy is the coarse clocks' resolution: `clock_getres(CLOCK_MONOTONIC_COARSE)` returns
+/// the kernel's `TICK_NSEC`, and the kernel advances `jiffies` by one per `TICK_NSEC` of
+/// CLOCK_MONOTONIC. The offset is taken where `jiffies` changes, from the last reading
+/// before the change: the tick happened between the two readings, so the tick clock never
+/// runs ahead of CLOCK_MONOTONIC and lags it by at most a tick (plus one probe run, a few
+/// microseconds).
+fn measure_clock(probe: &Xdp) -> Result<Clock, Box<dyn std::error::Error + Send + Sync>> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes the timespec it is given.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } != 0 {
+        return Err(Box::new(io::Error::last_os_error()));
+    }
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    // HZ is at least 100 on every architecture Linux supports with XDP.
+    if tick_ns == 0 || tick_ns > 10_000_000 {
+        return Err(format!("CLOCK_MONOTONIC_COARSE has a resolution of {tick_ns} ns").into());
+    }
+    // (jiffies, CLOCK_MONOTONIC ns) read together by the program.
+    let sample = || -> Result<(u64, u64), ProgramError> {
+        let packet = [0u8; 64];
+        let mut out = [0u8; 64];
+        probe.test_run(TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        let word = |at: usize| {
+            u64::from_le_bytes(
+                out[at..at + 8]
+                    .try_into()
+                    .expect("8 bytes of a 64-byte buffer"),
+            )
+        };
+        Ok((word(0), word(8)))
+    };
+    let (mut jiffies, mut before_ns) = sample()?;
+    // One tick at most; a second is far beyond any HZ.
+    let deadline = before_ns + 1_000_000_000;
+    loop {
+        let (j, ns) = sample()?;
+        if j != jiffies {
+            let tick_units = tick_ns << TIME_SHIFT;
+            return Ok(Clock {
+                tick_units,
+                offset: j
+                    .wrapping_mul(tick_units)
+                    .wrapping_sub(before_ns << TIME_SHIFT),
+            });
+        }
+        if ns > deadline {
+            return Err(format!("jiffies stayed at {jiffies} for a second").into());
+        }
+        (jiffies, before_ns) = (j, ns);
+    }
+}
+
+/// Buckets per slot of each source table: room for one key per bucket at the most exact
+/// source addresses a slot may hold (see [`SourceTable::build`]).
+fn table_buckets(limits: &Limits) -> u32 {
+    limits.max_source_prefixes.next_power_of_two().max(2)
 }
 
 /// The loaded program and its maps.
@@ -323,6 +401,8 @@ impl Dataplane {
             .map_max_entries(maps::IFACES, 2 * limits.max_interfaces)
             .map_max_entries(maps::SRC_HOST_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_HOST_V6, 2 * limits.max_source_prefixes)
+            .map_max_entries(maps::SRC_TABLE_V4, 2 * table_buckets(&limits))
+            .map_max_entries(maps::SRC_TABLE_V6, 2 * table_buckets(&limits))
             .map_max_entries(maps::SRC_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_V6, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::DST_V4, 2 * limits.max_destination_prefixes)
@@ -338,7 +418,11 @@ impl Dataplane {
                 path: maps_dir.clone(),
                 source: Box::new(source),
             })?;
-        for name in [programs::ENFORCE, programs::PASS_FLOOR] {
+        for name in [
+            programs::ENFORCE,
+            programs::PASS_FLOOR,
+            programs::CLOCK_PROBE,
+        ] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Program {
@@ -351,6 +435,29 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        // The limiters' tick clock, measured for this boot before any packet can need it.
+        let clock = {
+            let name = programs::CLOCK_PROBE;
+            let probe: &Xdp = ebpf.program(name).and_then(|p| p.try_into().ok()).ok_or(
+                DataplaneError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                },
+            )?;
+            measure_clock(probe).map_err(|source| DataplaneError::Clock {
+                program: name,
+                source,
+            })?
+        };
+        let name = maps::CLOCK;
+        let mut clock_map: Array<_, Clock> = ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Map { name, source })?;
+        clock_map
+            .set(0, clock, 0)
+            .map_err(err("writing", maps::CLOCK))?;
         let mut kernel = KernelMaps::take(&mut ebpf, &limits)?;
         let state = kernel.state()?;
         if state.agent_stride == 0 {
@@ -532,6 +639,9 @@ pub struct KernelMaps {
     ifaces: HashMap<MapData, IfaceKey, u32>,
     src_host_v4: HashMap<MapData, HostV4Key, u32>,
     src_host_v6: HashMap<MapData, HostV6Key, u32>,
+    src_table_v4: Array<MapData, SourceBucketV4>,
+    src_table_v6: Array<MapData, SourceBucketV6>,
+    tables: Array<MapData, TableConfig>,
     src_v4: LpmTrie<MapData, LpmV4, u32>,
     src_v6: LpmTrie<MapData, LpmV6, u32>,
     dst_v4: LpmTrie<MapData, LpmV4, RuleSet>,
@@ -591,6 +701,9 @@ impl KernelMaps {
             ifaces: typed(source, maps::IFACES)?,
             src_host_v4: typed(source, maps::SRC_HOST_V4)?,
             src_host_v6: typed(source, maps::SRC_HOST_V6)?,
+            src_table_v4: typed(source, maps::SRC_TABLE_V4)?,
+            src_table_v6: typed(source, maps::SRC_TABLE_V6)?,
+            tables: typed(source, maps::TABLES)?,
             src_v4: typed(source, maps::SRC_V4)?,
             src_v6: typed(source, maps::SRC_V6)?,
             dst_v4: typed(source, maps::DST_V4)?,
@@ -752,6 +865,10 @@ impl PolicyMaps for KernelMaps {
         self.slots
             .set(slot, SlotConfig::default(), 0)
             .map_err(err("clearing", maps::SLOTS))?;
+        // No tables: buckets a later write does not reach are never probed.
+        self.tables
+            .set(slot, TableConfig::default(), 0)
+            .map_err(err("clearing", maps::TABLES))?;
         let base = slot * self.stride;
         for id in 0..self.stride {
             let policy = self
@@ -806,16 +923,50 @@ impl PolicyMaps for KernelMaps {
                 .insert(IfaceKey { slot, ifindex }, agent, 0)
                 .map_err(err("writing", maps::IFACES))?;
         }
-        for &(addr, agent) in &c.source_hosts_v4 {
+        // Exact sources go to the tables; what does not fit goes to the hash maps.
+        let keys_v4: Vec<_> = c
+            .source_hosts_v4
+            .iter()
+            .map(|&(addr, agent)| (table_key_v4(addr), agent))
+            .collect();
+        let keys_v6: Vec<_> = c
+            .source_hosts_v6
+            .iter()
+            .map(|&(addr, agent)| (table_key_v6(addr), agent))
+            .collect();
+        let t4 = SourceTable::build(&keys_v4, table::max_bits(self.src_table_v4.len() / 2));
+        let t6 = SourceTable::build(&keys_v6, table::max_bits(self.src_table_v6.len() / 2));
+        for (b, bucket) in (0u32..).zip(&t4.buckets) {
+            self.src_table_v4
+                .set(b << 1 | slot, bucket, 0)
+                .map_err(err("writing", maps::SRC_TABLE_V4))?;
+        }
+        for (b, bucket) in (0u32..).zip(&t6.buckets) {
+            self.src_table_v6
+                .set(b << 1 | slot, bucket, 0)
+                .map_err(err("writing", maps::SRC_TABLE_V6))?;
+        }
+        for &([key], agent) in &t4.overflow {
+            let addr = (key as u32).to_be_bytes();
             self.src_host_v4
                 .insert(HostV4Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V4))?;
         }
-        for &(addr, agent) in &c.source_hosts_v6 {
+        for &([hi, lo], agent) in &t6.overflow {
+            let addr = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
             self.src_host_v6
                 .insert(HostV6Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V6))?;
         }
+        let config = TableConfig {
+            seed_v4: t4.seed,
+            seed_v6: t6.seed,
+            bits_v4: t4.bits,
+            bits_v6: t6.bits,
+        };
+        self.tables
+            .set(slot, config, 0)
+            .map_err(err("writing", maps::TABLES))?;
         let slot_owner = slot.to_be_bytes();
         for &(p, agent) in &c.source_prefixes_v4 {
             let key = Key::new(

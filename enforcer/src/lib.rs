@@ -21,4 +21,5 @@ pub mod policy;
 pub mod proto;
 pub mod stats;
 pub mod sync;
+pub mod table;
 pub mod testrun;

@@ -5,17 +5,23 @@
 //! the audit ring received exactly one event for it if the reason is a drop or a
 //! monitor-mode would-drop, and none otherwise (tests/audit.rs checks the events' fields).
 
-use aya::maps::{MapData, RingBuf};
+use aya::{
+    TestRun as _,
+    maps::{MapData, RingBuf},
+};
 use enforcer::{
     audit,
     compile::{self, Limits},
     daemon::if_index,
     dataplane::Dataplane,
     lab::{BpffsMount, require_root},
-    policy,
+    policy, table,
     testrun::run_xdp,
 };
-use enforcer_common::{AuditEvent, AuditStats, Counter, Reason, UNKNOWN_AGENT, programs};
+use enforcer_common::{
+    AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps, programs,
+    table_bucket, table_key_v4, table_key_v6,
+};
 use etherparse::{PacketBuilder, VlanId};
 use integration_tests::in_sandbox_netns;
 
@@ -1208,6 +1214,133 @@ fn removed_agent_becomes_unknown() {
                 EgressDenied,
             ),
         ];
+        let failures = run_rows(&mut dp, &mut ring, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+/// The limiters' tick clock (`CLOCK`, measured at load) reads CLOCK_MONOTONIC at a tick's
+/// resolution: never ahead of it, and behind by at most a tick (plus the probe's own run).
+#[test]
+fn tick_clock_follows_monotonic() {
+    if !require_root("tick_clock_follows_monotonic") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let dp = load(&bpffs, POLICY, None);
+        let data = MapData::from_pin(bpffs.path().join("maps").join(maps::CLOCK)).unwrap();
+        let clock: aya::maps::Array<_, Clock> =
+            aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+        let clock = clock.get(&0, 0).unwrap();
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes the timespec it is given.
+        assert_eq!(
+            unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) },
+            0
+        );
+        let tick_ns = res.tv_nsec as u64;
+        assert_eq!(clock.tick_units, tick_ns << TIME_SHIFT);
+        let probe = dp.program(programs::CLOCK_PROBE).unwrap();
+        for _ in 0..50 {
+            let packet = [0u8; 64];
+            let mut out = [0u8; 64];
+            probe
+                .test_run(aya::TestRunOptions {
+                    data_in: Some(&packet),
+                    data_out: Some(&mut out),
+                    ..aya::TestRunOptions::default()
+                })
+                .unwrap();
+            let jiffies = u64::from_le_bytes(out[..8].try_into().unwrap());
+            let ns = u64::from_le_bytes(out[8..16].try_into().unwrap());
+            let tick_clock = jiffies
+                .wrapping_mul(clock.tick_units)
+                .wrapping_sub(clock.offset);
+            let lag_ns = ((ns << TIME_SHIFT) as i64).wrapping_sub(tick_clock as i64) >> TIME_SHIFT;
+            assert!(
+                (0..=(tick_ns + 1_000_000) as i64).contains(&lag_ns),
+                "the tick clock is {lag_ns} ns behind CLOCK_MONOTONIC (a tick is {tick_ns} ns)"
+            );
+            std::thread::sleep(std::time::Duration::from_micros(700));
+        }
+    });
+}
+
+/// The program finds an agent's exact source address in a bucket of the slot's source table
+/// and, for an address that did not fit its bucket, in the overflow hash map. Six agents
+/// make a table of 8 buckets of 4; their addresses are picked to share one bucket under
+/// every seed the build may choose, so two of them per family go to the overflow map, and
+/// all six must still be identified.
+#[test]
+fn sources_beyond_the_table_buckets() {
+    if !require_root("sources_beyond_the_table_buckets") {
+        return;
+    }
+    // Addresses in `pool` whose bucket is 0 in an 8-bucket table under every seed.
+    fn colliding<const W: usize>(
+        pool: impl Iterator<Item = String>,
+        key: impl Fn(&str) -> [u64; W],
+    ) -> Vec<String> {
+        let picked: Vec<String> = pool
+            .filter(|a| {
+                table::SEEDS
+                    .iter()
+                    .all(|&seed| table_bucket(&key(a), seed, 3) == 0)
+            })
+            .take(6)
+            .collect();
+        assert_eq!(
+            picked.len(),
+            6,
+            "not enough colliding addresses in the pool"
+        );
+        picked
+    }
+    let a4 = colliding(
+        (0..=u16::MAX).map(|n| format!("10.2.{}.{}", n >> 8, n & 0xff)),
+        |a| table_key_v4(v4(a)),
+    );
+    let a6 = colliding((0..=u16::MAX).map(|n| format!("fd02::{n:x}")), |a| {
+        table_key_v6(v6(a))
+    });
+    let mut text = String::from("[defaults]\nunknown = \"pass\"\n");
+    for (id, (s4, s6)) in (1..).zip(a4.iter().zip(&a6)) {
+        text.push_str(&format!(
+            "[[agents]]\nid = {id}\nname = \"a{id}\"\nprefixes = [\"{s4}\", \"{s6}\"]\n\
+             egress_default = \"allow\"\n"
+        ));
+    }
+    in_test_netns(move || {
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, &text, None);
+        let mut ring = dp.take_audit_ring().unwrap();
+        let mut rows = Vec::new();
+        for (id, (s4, s6)) in (1..).zip(a4.iter().zip(&a6)) {
+            rows.push(row(
+                "v4 source",
+                tcp4(s4, "10.9.0.5", 80),
+                XDP_PASS,
+                id,
+                Allowed,
+            ));
+            rows.push(row(
+                "v6 source",
+                tcp6(s6, "fd09::5", 80),
+                XDP_PASS,
+                id,
+                Allowed,
+            ));
+        }
+        for (what, packet) in [
+            ("v4 stranger", tcp4("10.3.0.1", "10.9.0.5", 80)),
+            ("v6 stranger", tcp6("fd03::1", "fd09::5", 80)),
+        ] {
+            rows.push(row(what, packet, XDP_PASS, UNKNOWN_AGENT, UnknownPass));
+        }
         let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
