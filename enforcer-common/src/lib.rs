@@ -481,79 +481,90 @@ pub struct HostV6Key {
 }
 const _: () = assert!(size_of::<HostV6Key>() == 20);
 
-/// Entries per bucket of the source tables (`SRC_TABLE_V4`, `SRC_TABLE_V6`).
+/// Entries per bucket of the exact-match tables (`SRC_TABLE_*`, `DST_TABLE_*`).
 pub const TABLE_WAYS: usize = 4;
 
-/// One bucket of a source table: exact source address to agent id, the program's first
-/// probe before the hash map `SRC_HOST_V*`.
+/// One bucket of an exact-match table, the program's first probe before a hash map: exact
+/// source address to agent id (`SRC_TABLE_V4/V6`, before `SRC_HOST_V4/V6`), or an agent's
+/// destination prefix to its rules' index in `RULES` (`DST_TABLE_V4/V6`, before
+/// `DST_HASH_V4/V6`).
 ///
-/// A source table is an array map holding both slots' tables interleaved (bucket `b` of
-/// slot `s` at index `b << 1 | s`); [`table_bucket`] picks the one bucket a key can be in,
-/// and the program compares its [`TABLE_WAYS`] keys. That is an inlined array lookup, a
-/// multiply and a few compares, where a kernel hash lookup measured about 20 ns per packet
+/// A table is an array map holding both slots' tables interleaved (bucket `b` of slot `s`
+/// at index `b << 1 | s`); [`table_bucket`] picks the one bucket a key can be in, and the
+/// program compares its [`TABLE_WAYS`] keys. That is an inlined array lookup, a few
+/// multiplies and compares, where a kernel hash lookup measured about 20 ns per packet
 /// (jhash, the call, the bucket walk). A key that did not fit its bucket goes to the hash
 /// map instead, and the bucket's `overflow` tells the program to look there on a miss, so
-/// the table is exact at any load. `W` is the key's size in u64 words: 1 for IPv4, 2 for
-/// IPv6 (see [`table_key_v4`], [`table_key_v6`]).
+/// a table is exact at any load. `W` is the key's size in u64 words (see the `*_key_*`
+/// functions).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SourceBucket<const W: usize> {
-    /// Keys; an entry is in use when its agent is not [`UNKNOWN_AGENT`].
+pub struct TableBucket<const W: usize> {
+    /// Keys; an entry is in use when its value is not 0.
     pub keys: [[u64; W]; TABLE_WAYS],
-    /// Agent ids, [`UNKNOWN_AGENT`] for a free entry.
-    pub agents: [u32; TABLE_WAYS],
-    /// Nonzero: a key of this bucket did not fit and is in the overflow hash map.
+    /// Values (an agent id, or a `RULES` index), 0 for a free entry.
+    pub values: [u32; TABLE_WAYS],
+    /// Nonzero: a key of this bucket is in the overflow hash map.
     pub overflow: u32,
     /// Explicit padding.
     pub _pad: u32,
 }
 
-impl<const W: usize> Default for SourceBucket<W> {
+impl<const W: usize> Default for TableBucket<W> {
     fn default() -> Self {
-        SourceBucket {
+        TableBucket {
             keys: [[0; W]; TABLE_WAYS],
-            agents: [UNKNOWN_AGENT; TABLE_WAYS],
+            values: [0; TABLE_WAYS],
             overflow: 0,
             _pad: 0,
         }
     }
 }
 
-/// Bucket of `SRC_TABLE_V4`.
-pub type SourceBucketV4 = SourceBucket<1>;
+/// Bucket of `SRC_TABLE_V4` and `DST_TABLE_V4`.
+pub type TableBucket1 = TableBucket<1>;
 /// Bucket of `SRC_TABLE_V6`.
-pub type SourceBucketV6 = SourceBucket<2>;
-const _: () = assert!(size_of::<SourceBucketV4>() == 56);
-const _: () = assert!(size_of::<SourceBucketV6>() == 88);
+pub type TableBucket2 = TableBucket<2>;
+/// Bucket of `DST_TABLE_V6`.
+pub type TableBucket3 = TableBucket<3>;
+const _: () = assert!(size_of::<TableBucket1>() == 56);
+const _: () = assert!(size_of::<TableBucket2>() == 88);
+const _: () = assert!(size_of::<TableBucket3>() == 120);
 
-/// Where a slot's source tables are: map `TABLES`, indexed by slot.
+/// Where a slot's tables are: map `TABLES`, indexed by slot. A table with `1 << bits`
+/// buckets; `bits` 0: the slot has no such table, and the program looks in the hash map
+/// alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableConfig {
-    /// Hash seed of the IPv4 table.
-    pub seed_v4: u64,
-    /// Hash seed of the IPv6 table.
-    pub seed_v6: u64,
-    /// The IPv4 table has `1 << bits_v4` buckets; 0: the slot has no IPv4 table, and the
-    /// program looks in the hash map alone.
-    pub bits_v4: u32,
-    /// Same for IPv6.
-    pub bits_v6: u32,
+    /// Hash seeds of `SRC_TABLE_V4`, `SRC_TABLE_V6`, `DST_TABLE_V4`, `DST_TABLE_V6`.
+    pub seeds: [u64; 4],
+    /// Bucket-index bits of the same tables.
+    pub bits: [u32; 4],
 }
-const _: () = assert!(size_of::<TableConfig>() == 24);
+const _: () = assert!(size_of::<TableConfig>() == 48);
+
+/// [`TableConfig`] index of `SRC_TABLE_V4`.
+pub const TABLE_SRC_V4: usize = 0;
+/// [`TableConfig`] index of `SRC_TABLE_V6`.
+pub const TABLE_SRC_V6: usize = 1;
+/// [`TableConfig`] index of `DST_TABLE_V4`.
+pub const TABLE_DST_V4: usize = 2;
+/// [`TableConfig`] index of `DST_TABLE_V6`.
+pub const TABLE_DST_V6: usize = 3;
 
 /// Largest table, in bits of bucket index.
 pub const MAX_TABLE_BITS: u32 = 30;
 
-/// The source-table key of an IPv4 address (network byte order).
+/// The `SRC_TABLE_V4` key of an IPv4 address (network byte order).
 #[inline(always)]
-pub fn table_key_v4(addr: [u8; 4]) -> [u64; 1] {
+pub fn src_key_v4(addr: [u8; 4]) -> [u64; 1] {
     [u64::from(u32::from_be_bytes(addr))]
 }
 
-/// The source-table key of an IPv6 address (network byte order).
+/// The `SRC_TABLE_V6` key of an IPv6 address (network byte order).
 #[inline(always)]
-pub fn table_key_v6(addr: [u8; 16]) -> [u64; 2] {
+pub fn src_key_v6(addr: [u8; 16]) -> [u64; 2] {
     let [
         a0,
         a1,
@@ -578,12 +589,31 @@ pub fn table_key_v6(addr: [u8; 16]) -> [u64; 2] {
     ]
 }
 
+/// The `DST_TABLE_V4` key of an agent's destination prefix: the [`owner_word`] (slot and
+/// agent, which leaves bits 24-30 free) with the prefix length (at most 32) in bits 24-29,
+/// then the masked address.
+#[inline(always)]
+pub fn dst_key_v4(owner: u32, len: u32, addr: u32) -> [u64; 1] {
+    [(u64::from(owner | (len & 0x3f) << 24) << 32) | u64::from(addr)]
+}
+
+/// The `DST_TABLE_V6` key of an agent's destination prefix: owner word and prefix length,
+/// then the masked address's halves.
+#[inline(always)]
+pub fn dst_key_v6(owner: u32, len: u32, hi: u64, lo: u64) -> [u64; 3] {
+    [u64::from(owner) | u64::from(len) << 32, hi, lo]
+}
+
 /// The bucket of `key` in a table of `1 << bits` buckets (`bits` in 1..=[`MAX_TABLE_BITS`]):
-/// multiplicative hashing (the top bits of the seeded words times odd constants), a few
-/// instructions the program and the daemon compute alike.
+/// multiplicative hashing (the top bits of the sum of the seeded words times odd
+/// constants), a few instructions the program and the daemon compute alike.
 #[inline(always)]
 pub fn table_bucket<const W: usize>(key: &[u64; W], seed: u64, bits: u32) -> u32 {
-    const M: [u64; 2] = [0x9e37_79b9_7f4a_7c15, 0xc2b2_ae3d_27d4_eb4f];
+    const M: [u64; 3] = [
+        0x9e37_79b9_7f4a_7c15,
+        0xc2b2_ae3d_27d4_eb4f,
+        0x1656_67b1_9e37_79f9,
+    ];
     let mut h = 0u64;
     let mut i = 0;
     while i < W && i < M.len() {
@@ -694,7 +724,7 @@ impl PortRule {
 /// Value of the destination maps `DST_V4` / `DST_V6`: the ordered rules that apply to a
 /// destination prefix. The first rule whose protocol and ports match decides.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleSet {
     /// Rules in use, at most [`MAX_RULES_PER_PREFIX`].
     pub len: u32,
@@ -904,14 +934,21 @@ pub mod maps {
     pub const FLOWS: &str = "FLOWS";
     /// [`super::Clock`], one element.
     pub const CLOCK: &str = "CLOCK";
-    /// [`super::SourceBucketV4`]s of both slots, interleaved.
+    /// [`super::TableBucket1`]s of both slots, interleaved.
     pub const SRC_TABLE_V4: &str = "SRC_TABLE_V4";
-    /// [`super::SourceBucketV6`]s of both slots, interleaved.
+    /// [`super::TableBucket2`]s of both slots, interleaved.
     pub const SRC_TABLE_V6: &str = "SRC_TABLE_V6";
+    /// [`super::TableBucket1`]s of both slots, interleaved.
+    pub const DST_TABLE_V4: &str = "DST_TABLE_V4";
+    /// [`super::TableBucket3`]s of both slots, interleaved.
+    pub const DST_TABLE_V6: &str = "DST_TABLE_V6";
+    /// [`super::RuleSet`]s the destination tables point to, both slots interleaved
+    /// (index `i << 1 | slot`; index 0 unused).
+    pub const RULES: &str = "RULES";
     /// [`super::TableConfig`], one per slot.
     pub const TABLES: &str = "TABLES";
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 32] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -940,6 +977,9 @@ pub mod maps {
         CLOCK,
         SRC_TABLE_V4,
         SRC_TABLE_V6,
+        DST_TABLE_V4,
+        DST_TABLE_V6,
+        RULES,
         TABLES,
     ];
 }
@@ -1017,7 +1057,7 @@ mod pod {
     unsafe impl aya::Pod for AuditEvent {}
     unsafe impl aya::Pod for AuditConfig {}
     unsafe impl aya::Pod for Clock {}
-    unsafe impl<const W: usize> aya::Pod for SourceBucket<W> {}
+    unsafe impl<const W: usize> aya::Pod for TableBucket<W> {}
     unsafe impl aya::Pod for TableConfig {}
     unsafe impl aya::Pod for AuditStats {}
     unsafe impl aya::Pod for bench::GenConfig {}

@@ -37,9 +37,10 @@ use enforcer_common::{
     MAX_DST_PROBES, MAX_IPV6_EXT_HEADERS, MAX_RULES_PER_PREFIX, MAX_TLS_PORTS, MAX_VLAN_TAGS,
     NameEntry, NameV4Key, NameV6Key, OWNER_BITS, PROTO_ANY, Reason, ResolverKey, RuleSet,
     SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SNI_EXACT, SNI_NAME_LEN,
-    SNI_WILDCARD, SlotConfig, SniKey, SourceBucket, SourceBucketV4, SourceBucketV6, State,
-    TABLE_WAYS, TIME_SHIFT, TableConfig, TlsPorts, UNITS_PER_SEC, UNKNOWN_AGENT, counter_index,
-    owner, owner_word, table_bucket, table_key_v4, table_key_v6,
+    SNI_WILDCARD, SlotConfig, SniKey, State, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4,
+    TABLE_SRC_V6, TABLE_WAYS, TIME_SHIFT, TableBucket, TableBucket1, TableBucket2, TableBucket3,
+    TableConfig, TlsPorts, UNITS_PER_SEC, UNKNOWN_AGENT, counter_index, dst_key_v4, dst_key_v6,
+    owner, owner_word, src_key_v4, src_key_v6, table_bucket,
 };
 
 // Map sizes here are placeholders: the daemon sets the real ones at load time
@@ -108,9 +109,15 @@ static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65536, 0);
 #[map]
 static CLOCK: Array<Clock> = Array::pinned(1, 0);
 #[map]
-static SRC_TABLE_V4: Array<SourceBucketV4> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+static SRC_TABLE_V4: Array<TableBucket1> = Array::pinned(2 * DEFAULT_AGENTS, 0);
 #[map]
-static SRC_TABLE_V6: Array<SourceBucketV6> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+static SRC_TABLE_V6: Array<TableBucket2> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+#[map]
+static DST_TABLE_V4: Array<TableBucket1> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+#[map]
+static DST_TABLE_V6: Array<TableBucket3> = Array::pinned(2 * DEFAULT_AGENTS, 0);
+#[map]
+static RULES: Array<RuleSet> = Array::pinned(2 * DEFAULT_AGENTS, 0);
 #[map]
 static TABLES: Array<TableConfig> = Array::pinned(enforcer_common::SLOTS, 0);
 
@@ -492,20 +499,16 @@ fn decide_v4(
     flow: &Flow<[u8; 4]>,
     len: u64,
 ) -> Result<u32, ()> {
+    let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
-        // Slots written before the tables existed have only the hash map.
-        let mut overflow = true;
-        if let Some(t) = TABLES.get(slot)
-            && t.bits_v4 != 0
-        {
-            (agent, overflow) = source_table(
-                &SRC_TABLE_V4,
-                slot,
-                t.seed_v4,
-                t.bits_v4,
-                table_key_v4(flow.src),
-            );
-        }
+        let (found, overflow) = table_probe(
+            &SRC_TABLE_V4,
+            slot,
+            tables,
+            TABLE_SRC_V4,
+            src_key_v4(flow.src),
+        );
+        agent = found;
         if agent == UNKNOWN_AGENT && overflow {
             let key = HostV4Key {
                 slot,
@@ -545,11 +548,11 @@ fn decide_v4(
             agent,
             policy,
             flow,
-            dst_v4(slot, agent, policy, flow.dst),
+            dst_v4(slot, agent, policy, tables, flow.dst),
         )
     } else {
         egress(
-            dst_v4(slot, agent, policy, flow.dst),
+            dst_v4(slot, agent, policy, tables, flow.dst),
             flow.proto,
             flow.l4,
             policy.flags,
@@ -568,20 +571,16 @@ fn decide_v6(
     flow: &Flow<[u8; 16]>,
     len: u64,
 ) -> Result<u32, ()> {
+    let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
-        // Slots written before the tables existed have only the hash map.
-        let mut overflow = true;
-        if let Some(t) = TABLES.get(slot)
-            && t.bits_v6 != 0
-        {
-            (agent, overflow) = source_table(
-                &SRC_TABLE_V6,
-                slot,
-                t.seed_v6,
-                t.bits_v6,
-                table_key_v6(flow.src),
-            );
-        }
+        let (found, overflow) = table_probe(
+            &SRC_TABLE_V6,
+            slot,
+            tables,
+            TABLE_SRC_V6,
+            src_key_v6(flow.src),
+        );
+        agent = found;
         if agent == UNKNOWN_AGENT && overflow {
             let key = HostV6Key {
                 slot,
@@ -621,11 +620,11 @@ fn decide_v6(
             agent,
             policy,
             flow,
-            dst_v6(slot, agent, policy, flow.dst),
+            dst_v6(slot, agent, policy, tables, flow.dst),
         )
     } else {
         egress(
-            dst_v6(slot, agent, policy, flow.dst),
+            dst_v6(slot, agent, policy, tables, flow.dst),
             flow.proto,
             flow.l4,
             policy.flags,
@@ -634,29 +633,49 @@ fn decide_v6(
     finish(ctx, agent, policy, verdict, len, flow)
 }
 
-/// The agent whose exact source address `key` is, from the slot's source table (see
-/// [`SourceBucket`]), and whether a miss must also look in the overflow hash map.
+/// The value of `key` in the slot's table `which` (see [`TableBucket`]), 0 if it is not
+/// there, and whether a miss must also look in the table's overflow hash map (always, for a
+/// slot without the table: one written before tables existed has only the hash maps).
 #[inline(always)]
-fn source_table<const W: usize>(
-    table: &Array<SourceBucket<W>>,
+fn table_probe<const W: usize>(
+    table: &Array<TableBucket<W>>,
     slot: u32,
-    seed: u64,
-    bits: u32,
+    tables: Option<&TableConfig>,
+    which: usize,
     key: [u64; W],
 ) -> (u32, bool) {
-    let index = (table_bucket(&key, seed, bits) << 1) | slot;
+    let Some(t) = tables else {
+        return (0, true);
+    };
+    let bits = t.bits[which];
+    if bits == 0 {
+        return (0, true);
+    }
+    let index = (table_bucket(&key, t.seeds[which], bits) << 1) | slot;
     // Only an index beyond the map (a table the daemon sized wrongly) fails: the overflow
     // map then decides alone.
     let Some(bucket) = table.get(index) else {
-        return (UNKNOWN_AGENT, true);
+        return (0, true);
     };
     for way in 0..TABLE_WAYS {
-        let agent = bucket.agents[way];
-        if agent != UNKNOWN_AGENT && bucket.keys[way] == key {
-            return (agent, false);
+        let value = bucket.values[way];
+        // Differences folded into one word: compared with `==` (a chain of compares), the
+        // 3-word IPv6 destination keys became a call to a byte-by-byte `memcmp`.
+        let mut diff = 0;
+        for word in 0..W {
+            diff |= bucket.keys[way][word] ^ key[word];
+        }
+        if value != 0 && diff == 0 {
+            return (value, false);
         }
     }
-    (UNKNOWN_AGENT, bucket.overflow != 0)
+    (0, bucket.overflow != 0)
+}
+
+/// The rule set at `index` of the slot's part of `RULES`, as a destination table names it.
+#[inline(always)]
+fn rules_at(slot: u32, index: u32) -> Option<&'static RuleSet> {
+    RULES.get((index << 1) | slot)
 }
 
 /// The rules of the longest of the agent's IPv4 destination prefixes that contains `dst`.
@@ -664,7 +683,13 @@ fn source_table<const W: usize>(
 /// an LPM walk whose depth grows with every agent's entries; agents with many lengths use
 /// the LPM trie.
 #[inline(always)]
-fn dst_v4(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 4]) -> Option<&'static RuleSet> {
+fn dst_v4(
+    slot: u32,
+    agent: u32,
+    policy: &AgentPolicy,
+    tables: Option<&TableConfig>,
+    dst: [u8; 4],
+) -> Option<&'static RuleSet> {
     if policy.flags & AGENT_DST_LPM_V4 != 0 {
         let key = Key::new(
             OWNER_BITS + 32,
@@ -695,11 +720,24 @@ fn dst_v4(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 4]) -> Option<&
         // per probe, which Linux 6.1's verifier multiplies by every later branch (its
         // 8192-entry limit on pending branches, `The sequence of 8193 jumps is too complex`).
         let mask = (high_bits(len) >> 32) as u32;
-        key.len = len;
-        key.addr = (addr & mask).to_be_bytes();
-        // SAFETY: the value is only read, during this program run.
-        if let Some(rules) = unsafe { DST_HASH_V4.get(&key) } {
-            return Some(rules);
+        let masked = addr & mask;
+        let (index, overflow) = table_probe(
+            &DST_TABLE_V4,
+            slot,
+            tables,
+            TABLE_DST_V4,
+            dst_key_v4(key.owner, len, masked),
+        );
+        if index != 0 {
+            return rules_at(slot, index);
+        }
+        if overflow {
+            key.len = len;
+            key.addr = masked.to_be_bytes();
+            // SAFETY: the value is only read, during this program run.
+            if let Some(rules) = unsafe { DST_HASH_V4.get(&key) } {
+                return Some(rules);
+            }
         }
     }
     None
@@ -715,7 +753,13 @@ fn high_bits(n: u32) -> u64 {
 
 /// IPv6 form of [`dst_v4`].
 #[inline(always)]
-fn dst_v6(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 16]) -> Option<&'static RuleSet> {
+fn dst_v6(
+    slot: u32,
+    agent: u32,
+    policy: &AgentPolicy,
+    tables: Option<&TableConfig>,
+    dst: [u8; 16],
+) -> Option<&'static RuleSet> {
     if policy.flags & AGENT_DST_LPM_V6 != 0 {
         let key = Key::new(
             OWNER_BITS + 128,
@@ -732,11 +776,7 @@ fn dst_v6(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 16]) -> Option<
     let lo = u64::from_be_bytes([
         dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
     ]);
-    let mut key = DstV6Key {
-        owner: owner_word(slot, agent),
-        len: 0,
-        addr: [0; 16],
-    };
+    let owner = owner_word(slot, agent);
     let n = policy.dst_lens_v6_count as usize;
     // One 8-byte read, as in [`dst_v4`].
     let mut lens = u64::from_le_bytes(policy.dst_lens_v6);
@@ -751,15 +791,32 @@ fn dst_v6(slot: u32, agent: u32, policy: &AgentPolicy, dst: [u8; 16]) -> Option<
         // max(len - 64, 0), from the sign of len - 64.
         let over = (len - 64) & !((len - 64) >> 63);
         let (mask_hi, mask_lo) = (high_bits((len - over) as u32), high_bits(over as u32));
-        key.len = len as u32;
-        let (h, l) = ((hi & mask_hi).to_be_bytes(), (lo & mask_lo).to_be_bytes());
-        key.addr = [
-            h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5],
-            l[6], l[7],
-        ];
-        // SAFETY: the value is only read, during this program run.
-        if let Some(rules) = unsafe { DST_HASH_V6.get(&key) } {
-            return Some(rules);
+        let (masked_hi, masked_lo) = (hi & mask_hi, lo & mask_lo);
+        let (index, overflow) = table_probe(
+            &DST_TABLE_V6,
+            slot,
+            tables,
+            TABLE_DST_V6,
+            dst_key_v6(owner, len as u32, masked_hi, masked_lo),
+        );
+        if index != 0 {
+            return rules_at(slot, index);
+        }
+        if overflow {
+            // Built only here: zeroing it up front was a `memset` call on every packet.
+            let (h, l) = (masked_hi.to_be_bytes(), masked_lo.to_be_bytes());
+            let key = DstV6Key {
+                owner,
+                len: len as u32,
+                addr: [
+                    h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4],
+                    l[5], l[6], l[7],
+                ],
+            };
+            // SAFETY: the value is only read, during this program run.
+            if let Some(rules) = unsafe { DST_HASH_V6.get(&key) } {
+                return Some(rules);
+            }
         }
     }
     None

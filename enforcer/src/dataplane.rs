@@ -40,9 +40,10 @@ use enforcer_common::{
     AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
     Clock, Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry,
     NameV4Key, NameV6Key, OWNER_BITS, Reason, ResolverKey, RuleSet, SLOT_HAS_IFACES,
-    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, SourceBucketV4,
-    SourceBucketV6, State, TIME_SHIFT, TableConfig, TlsPorts, UNKNOWN_AGENT, counter_index, maps,
-    owner, owner_word, programs, table_key_v4, table_key_v6,
+    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, State, TABLE_DST_V4,
+    TABLE_DST_V6, TABLE_SRC_V4, TABLE_SRC_V6, TIME_SHIFT, TableBucket, TableBucket1, TableBucket2,
+    TableBucket3, TableConfig, TlsPorts, UNKNOWN_AGENT, counter_index, dst_key_v4, dst_key_v6,
+    maps, owner, owner_word, programs, src_key_v4, src_key_v6,
 };
 use thiserror::Error;
 
@@ -50,7 +51,7 @@ use crate::{
     audit::AuditRate,
     compile::{Compiled, Limits, name_rule_set},
     policy::{PortRange, Proto},
-    table::{self, SourceTable},
+    table::{self, Table},
 };
 
 /// The XDP object built by `build.rs`.
@@ -346,10 +347,18 @@ fn measure_clock(probe: &Xdp) -> Result<Clock, Box<dyn std::error::Error + Send 
     }
 }
 
-/// Buckets per slot of each source table: room for one key per bucket at the most exact
-/// source addresses a slot may hold (see [`SourceTable::build`]).
-fn table_buckets(limits: &Limits) -> u32 {
-    limits.max_source_prefixes.next_power_of_two().max(2)
+/// Buckets per slot of a table for at most `keys` keys: room for one key per bucket (see
+/// [`Table::build`]).
+fn table_buckets(keys: u32) -> u32 {
+    keys.next_power_of_two().max(2)
+}
+
+/// Distinct rule sets per slot the destination tables can point to in `RULES`. Prefixes
+/// share rule sets (every prefix of one allow rule has the same set), so this is far below
+/// the number of prefixes; the destinations of any further sets go to the hash maps, which
+/// hold their rules themselves.
+fn rule_sets(limits: &Limits) -> u32 {
+    limits.max_destination_prefixes.clamp(1, 16_384)
 }
 
 /// The loaded program and its maps.
@@ -401,8 +410,23 @@ impl Dataplane {
             .map_max_entries(maps::IFACES, 2 * limits.max_interfaces)
             .map_max_entries(maps::SRC_HOST_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_HOST_V6, 2 * limits.max_source_prefixes)
-            .map_max_entries(maps::SRC_TABLE_V4, 2 * table_buckets(&limits))
-            .map_max_entries(maps::SRC_TABLE_V6, 2 * table_buckets(&limits))
+            .map_max_entries(
+                maps::SRC_TABLE_V4,
+                2 * table_buckets(limits.max_source_prefixes),
+            )
+            .map_max_entries(
+                maps::SRC_TABLE_V6,
+                2 * table_buckets(limits.max_source_prefixes),
+            )
+            .map_max_entries(
+                maps::DST_TABLE_V4,
+                2 * table_buckets(limits.max_destination_prefixes),
+            )
+            .map_max_entries(
+                maps::DST_TABLE_V6,
+                2 * table_buckets(limits.max_destination_prefixes),
+            )
+            .map_max_entries(maps::RULES, 2 * (rule_sets(&limits) + 1))
             .map_max_entries(maps::SRC_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_V6, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::DST_V4, 2 * limits.max_destination_prefixes)
@@ -639,8 +663,11 @@ pub struct KernelMaps {
     ifaces: HashMap<MapData, IfaceKey, u32>,
     src_host_v4: HashMap<MapData, HostV4Key, u32>,
     src_host_v6: HashMap<MapData, HostV6Key, u32>,
-    src_table_v4: Array<MapData, SourceBucketV4>,
-    src_table_v6: Array<MapData, SourceBucketV6>,
+    src_table_v4: Array<MapData, TableBucket1>,
+    src_table_v6: Array<MapData, TableBucket2>,
+    dst_table_v4: Array<MapData, TableBucket1>,
+    dst_table_v6: Array<MapData, TableBucket3>,
+    rules: Array<MapData, RuleSet>,
     tables: Array<MapData, TableConfig>,
     src_v4: LpmTrie<MapData, LpmV4, u32>,
     src_v6: LpmTrie<MapData, LpmV6, u32>,
@@ -666,6 +693,23 @@ fn typed<M: TryFrom<Map, Error = MapError>>(
     name: &'static str,
 ) -> Result<M, DataplaneError> {
     M::try_from(source(name)?).map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// Writes `table`'s buckets into `slot`'s part of `map` (bucket `b` at `b << 1 | slot`).
+fn write_table<const W: usize>(
+    map: &mut Array<MapData, TableBucket<W>>,
+    name: &'static str,
+    slot: u32,
+    table: &Table<W>,
+) -> Result<(), MapsError>
+where
+    TableBucket<W>: aya::Pod,
+{
+    for (b, bucket) in (0u32..).zip(&table.buckets) {
+        map.set(b << 1 | slot, bucket, 0)
+            .map_err(err("writing", name))?;
+    }
+    Ok(())
 }
 
 fn err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -703,6 +747,9 @@ impl KernelMaps {
             src_host_v6: typed(source, maps::SRC_HOST_V6)?,
             src_table_v4: typed(source, maps::SRC_TABLE_V4)?,
             src_table_v6: typed(source, maps::SRC_TABLE_V6)?,
+            dst_table_v4: typed(source, maps::DST_TABLE_V4)?,
+            dst_table_v6: typed(source, maps::DST_TABLE_V6)?,
+            rules: typed(source, maps::RULES)?,
             tables: typed(source, maps::TABLES)?,
             src_v4: typed(source, maps::SRC_V4)?,
             src_v6: typed(source, maps::SRC_V6)?,
@@ -924,49 +971,35 @@ impl PolicyMaps for KernelMaps {
                 .map_err(err("writing", maps::IFACES))?;
         }
         // Exact sources go to the tables; what does not fit goes to the hash maps.
-        let keys_v4: Vec<_> = c
+        let mut tables = TableConfig::default();
+        let keys: Vec<_> = c
             .source_hosts_v4
             .iter()
-            .map(|&(addr, agent)| (table_key_v4(addr), agent))
+            .map(|&(addr, agent)| (src_key_v4(addr), agent))
             .collect();
-        let keys_v6: Vec<_> = c
-            .source_hosts_v6
-            .iter()
-            .map(|&(addr, agent)| (table_key_v6(addr), agent))
-            .collect();
-        let t4 = SourceTable::build(&keys_v4, table::max_bits(self.src_table_v4.len() / 2));
-        let t6 = SourceTable::build(&keys_v6, table::max_bits(self.src_table_v6.len() / 2));
-        for (b, bucket) in (0u32..).zip(&t4.buckets) {
-            self.src_table_v4
-                .set(b << 1 | slot, bucket, 0)
-                .map_err(err("writing", maps::SRC_TABLE_V4))?;
-        }
-        for (b, bucket) in (0u32..).zip(&t6.buckets) {
-            self.src_table_v6
-                .set(b << 1 | slot, bucket, 0)
-                .map_err(err("writing", maps::SRC_TABLE_V6))?;
-        }
-        for &([key], agent) in &t4.overflow {
+        let t = Table::build(&keys, &[], table::max_bits(self.src_table_v4.len() / 2));
+        write_table(&mut self.src_table_v4, maps::SRC_TABLE_V4, slot, &t)?;
+        (tables.seeds[TABLE_SRC_V4], tables.bits[TABLE_SRC_V4]) = (t.seed, t.bits);
+        for &([key], agent) in &t.overflow {
             let addr = (key as u32).to_be_bytes();
             self.src_host_v4
                 .insert(HostV4Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V4))?;
         }
-        for &([hi, lo], agent) in &t6.overflow {
+        let keys: Vec<_> = c
+            .source_hosts_v6
+            .iter()
+            .map(|&(addr, agent)| (src_key_v6(addr), agent))
+            .collect();
+        let t = Table::build(&keys, &[], table::max_bits(self.src_table_v6.len() / 2));
+        write_table(&mut self.src_table_v6, maps::SRC_TABLE_V6, slot, &t)?;
+        (tables.seeds[TABLE_SRC_V6], tables.bits[TABLE_SRC_V6]) = (t.seed, t.bits);
+        for &([hi, lo], agent) in &t.overflow {
             let addr = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
             self.src_host_v6
                 .insert(HostV6Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V6))?;
         }
-        let config = TableConfig {
-            seed_v4: t4.seed,
-            seed_v6: t6.seed,
-            bits_v4: t4.bits,
-            bits_v6: t6.bits,
-        };
-        self.tables
-            .set(slot, config, 0)
-            .map_err(err("writing", maps::TABLES))?;
         let slot_owner = slot.to_be_bytes();
         for &(p, agent) in &c.source_prefixes_v4 {
             let key = Key::new(
@@ -996,6 +1029,22 @@ impl PolicyMaps for KernelMaps {
         let flags: std::collections::HashMap<u32, u32> =
             c.agents.iter().map(|(id, p)| (*id, p.flags)).collect();
         let uses = |agent: &u32, flag| flags.get(agent).is_some_and(|f| f & flag != 0);
+        // Hash-probed destinations go to the tables, their rule sets to `RULES` (each
+        // distinct set once, index 0 unused); what does not fit goes to the hash maps.
+        let mut indices: std::collections::HashMap<RuleSet, u32> = Default::default();
+        let room = self.rules.len() / 2;
+        let mut index = |rules: &RuleSet| -> Option<u32> {
+            let next = indices.len() as u32 + 1;
+            match indices.get(rules) {
+                Some(&i) => Some(i),
+                None if next < room => {
+                    indices.insert(*rules, next);
+                    Some(next)
+                }
+                None => None,
+            }
+        };
+        let (mut keys, mut spill, mut by_key) = (Vec::new(), Vec::new(), Vec::new());
         for (agent, p, rules) in &c.destinations_v4 {
             if uses(agent, AGENT_DST_LPM_V4) {
                 let key = Key::new(
@@ -1008,17 +1057,35 @@ impl PolicyMaps for KernelMaps {
                 self.dst_v4
                     .insert(&key, rules, 0)
                     .map_err(err("writing", maps::DST_V4))?;
-            } else {
-                let key = DstV4Key {
-                    owner: owner_word(slot, *agent),
-                    len: u32::from(p.len),
-                    addr: p.addr,
-                };
-                self.dst_hash_v4
-                    .insert(key, rules, 0)
-                    .map_err(err("writing", maps::DST_HASH_V4))?;
+                continue;
             }
+            let key = dst_key_v4(
+                owner_word(slot, *agent),
+                u32::from(p.len),
+                u32::from_be_bytes(p.addr),
+            );
+            match index(rules) {
+                Some(i) => keys.push((key, i)),
+                None => spill.push(key),
+            }
+            by_key.push((key, (*agent, *p, *rules)));
         }
+        let t = Table::build(&keys, &spill, table::max_bits(self.dst_table_v4.len() / 2));
+        write_table(&mut self.dst_table_v4, maps::DST_TABLE_V4, slot, &t)?;
+        (tables.seeds[TABLE_DST_V4], tables.bits[TABLE_DST_V4]) = (t.seed, t.bits);
+        let by_key: std::collections::HashMap<_, _> = by_key.into_iter().collect();
+        for (key, _) in &t.overflow {
+            let (agent, p, rules) = by_key[key];
+            let key = DstV4Key {
+                owner: owner_word(slot, agent),
+                len: u32::from(p.len),
+                addr: p.addr,
+            };
+            self.dst_hash_v4
+                .insert(key, rules, 0)
+                .map_err(err("writing", maps::DST_HASH_V4))?;
+        }
+        let (mut keys, mut spill, mut by_key) = (Vec::new(), Vec::new(), Vec::new());
         for (agent, p, rules) in &c.destinations_v6 {
             if uses(agent, AGENT_DST_LPM_V6) {
                 let key = Key::new(
@@ -1031,17 +1098,41 @@ impl PolicyMaps for KernelMaps {
                 self.dst_v6
                     .insert(&key, rules, 0)
                     .map_err(err("writing", maps::DST_V6))?;
-            } else {
-                let key = DstV6Key {
-                    owner: owner_word(slot, *agent),
-                    len: u32::from(p.len),
-                    addr: p.addr,
-                };
-                self.dst_hash_v6
-                    .insert(key, rules, 0)
-                    .map_err(err("writing", maps::DST_HASH_V6))?;
+                continue;
             }
+            // The address's halves, as the source key has them.
+            let [hi, lo] = src_key_v6(p.addr);
+            let key = dst_key_v6(owner_word(slot, *agent), u32::from(p.len), hi, lo);
+            match index(rules) {
+                Some(i) => keys.push((key, i)),
+                None => spill.push(key),
+            }
+            by_key.push((key, (*agent, *p, *rules)));
         }
+        let t = Table::build(&keys, &spill, table::max_bits(self.dst_table_v6.len() / 2));
+        write_table(&mut self.dst_table_v6, maps::DST_TABLE_V6, slot, &t)?;
+        (tables.seeds[TABLE_DST_V6], tables.bits[TABLE_DST_V6]) = (t.seed, t.bits);
+        let by_key: std::collections::HashMap<_, _> = by_key.into_iter().collect();
+        for (key, _) in &t.overflow {
+            let (agent, p, rules) = by_key[key];
+            let key = DstV6Key {
+                owner: owner_word(slot, agent),
+                len: u32::from(p.len),
+                addr: p.addr,
+            };
+            self.dst_hash_v6
+                .insert(key, rules, 0)
+                .map_err(err("writing", maps::DST_HASH_V6))?;
+        }
+        for (rules, i) in &indices {
+            self.rules
+                .set(i << 1 | slot, rules, 0)
+                .map_err(err("writing", maps::RULES))?;
+        }
+        // Last: the program reads the tables only through this.
+        self.tables
+            .set(slot, tables, 0)
+            .map_err(err("writing", maps::TABLES))?;
         for (agent, kind, name, rules) in &c.server_names {
             // Names are validated host names (at most 253 bytes, no zero byte).
             let key = SniKey::new(slot, *agent, *kind, name.as_bytes())

@@ -20,7 +20,7 @@ use enforcer::{
 };
 use enforcer_common::{
     AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps, programs,
-    table_bucket, table_key_v4, table_key_v6,
+    src_key_v4, src_key_v6, table_bucket,
 };
 use etherparse::{PacketBuilder, VlanId};
 use integration_tests::in_sandbox_netns;
@@ -1219,6 +1219,83 @@ fn removed_agent_becomes_unknown() {
     });
 }
 
+/// Destination prefixes find their rules through the slot's destination table and `RULES`,
+/// or, for rule sets beyond what `RULES` holds, through the hash maps (their buckets say
+/// so). Maps sized for 12 destination prefixes hold 11 rule sets per slot; 20 prefixes with
+/// a rule set each (a port of their own) leave 9 to the hash maps.
+#[test]
+fn destinations_beyond_the_rule_sets() {
+    if !require_root("destinations_beyond_the_rule_sets") {
+        return;
+    }
+    let mut text = String::from(
+        "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.1.0.2\", \"fd01::2\"]\n\
+         egress_default = \"deny\"\n",
+    );
+    for k in 1..=10 {
+        for (to, port) in [
+            (format!("10.20.0.{k}"), 1000 + k),
+            (format!("fd20::{k}"), 2000 + k),
+        ] {
+            text.push_str(&format!(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"{to}\"]\nproto = \"tcp\"\n\
+                 ports = \"{port}\"\n"
+            ));
+        }
+    }
+    in_test_netns(move || {
+        let limits = Limits {
+            max_agents: 64,
+            max_destination_prefixes: 12,
+            ..Limits::default()
+        };
+        let compiled = compile::compile(
+            &policy::parse("rules.toml", &text).unwrap(),
+            &limits,
+            &if_index,
+        )
+        .unwrap();
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = Dataplane::load(bpffs.path(), &limits).unwrap();
+        dp.apply(&compiled).unwrap();
+        let mut ring = dp.take_audit_ring().unwrap();
+        let mut rows = Vec::new();
+        for k in 1..=10u16 {
+            let (a4, a6) = (format!("10.20.0.{k}"), format!("fd20::{k}"));
+            rows.push(row(
+                "v4 own port",
+                tcp4("10.1.0.2", &a4, 1000 + k),
+                XDP_PASS,
+                1,
+                Allowed,
+            ));
+            rows.push(row(
+                "v4 other port",
+                tcp4("10.1.0.2", &a4, 999),
+                XDP_DROP,
+                1,
+                EgressDenied,
+            ));
+            rows.push(row(
+                "v6 own port",
+                tcp6("fd01::2", &a6, 2000 + k),
+                XDP_PASS,
+                1,
+                Allowed,
+            ));
+            rows.push(row(
+                "v6 other port",
+                tcp6("fd01::2", &a6, 1000 + k),
+                XDP_DROP,
+                1,
+                EgressDenied,
+            ));
+        }
+        let failures = run_rows(&mut dp, &mut ring, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
 /// The limiters' tick clock (`CLOCK`, measured at load) reads CLOCK_MONOTONIC at a tick's
 /// resolution: never ahead of it, and behind by at most a tick (plus the probe's own run).
 #[test]
@@ -1302,10 +1379,10 @@ fn sources_beyond_the_table_buckets() {
     }
     let a4 = colliding(
         (0..=u16::MAX).map(|n| format!("10.2.{}.{}", n >> 8, n & 0xff)),
-        |a| table_key_v4(v4(a)),
+        |a| src_key_v4(v4(a)),
     );
     let a6 = colliding((0..=u16::MAX).map(|n| format!("fd02::{n:x}")), |a| {
-        table_key_v6(v6(a))
+        src_key_v6(v6(a))
     });
     let mut text = String::from("[defaults]\nunknown = \"pass\"\n");
     for (id, (s4, s6)) in (1..).zip(a4.iter().zip(&a6)) {
