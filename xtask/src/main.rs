@@ -205,9 +205,8 @@ fn main() -> Result<ExitCode> {
         }
         Task::Bench { quick, args } => {
             setup::run()?;
-            // One target measures everything and writes one combined result; the older
-            // `dataplane` bench (in-kernel cost only) stays for focused work:
-            // `cargo bench -p enforcer --bench dataplane -- --only AGENTS:PREFIXES`.
+            // One target measures everything and writes one combined result. For focused
+            // work on the program: `-- --sections inkernel --only AGENTS:PREFIXES --rounds N`.
             let mut bench = cargo(&root);
             bench.args(["bench", "-p", "enforcer", "--bench", "compare", "--"]);
             if quick {

@@ -70,9 +70,10 @@ pub struct ScaleResult {
     /// Every map of the daemon.
     pub maps: Vec<MapMemory>,
     /// Map bytes per agent: its policy in both slots, rate state, counters on every CPU,
-    /// and a source-address entry in both slots.
+    /// and a source address's share of the source table and its hash map in both slots.
     pub bytes_per_agent: f64,
-    /// Map bytes per destination prefix (hash entry in both slots).
+    /// Map bytes per destination prefix: its share of the destination table and its hash
+    /// map in both slots (`RULES` holds rule sets, which prefixes share, and is not counted).
     pub bytes_per_prefix: f64,
     /// Daemon CPU while idle, percent of one CPU.
     pub idle_cpu_percent: f64,
@@ -330,9 +331,12 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
             .find(|m| m.name == n)
             .map_or(0.0, |m| m.bytes as f64)
     };
+    // Tables hold both slots at up to one key per bucket: their bytes per key of capacity.
     let bytes_per_agent = (mem("AGENTS") + mem("BUCKETS") + mem("COUNTERS")) / stride
-        + 2.0 * per_entry(&memory, "SRC_HOST_V4");
-    let bytes_per_prefix = 2.0 * per_entry(&memory, "DST_HASH_V4");
+        + 2.0 * per_entry(&memory, "SRC_HOST_V4")
+        + mem("SRC_TABLE_V4") / f64::from(limits.max_source_prefixes);
+    let bytes_per_prefix = 2.0 * per_entry(&memory, "DST_HASH_V4")
+        + mem("DST_TABLE_V4") / f64::from(limits.max_destination_prefixes);
 
     super::common::check_interrupted();
     // Section 5 with 10,000 agents, every one with traffic under two reasons.
