@@ -393,7 +393,7 @@ pub fn run(agents: u32, repeats: usize, timing: Timing, only: Option<&str>) -> V
     let configs: Vec<&str> = CONFIGS
         .iter()
         .copied()
-        .filter(|c| only.is_none_or(|o| o == *c))
+        .filter(|c| only.is_none_or(|o| o.split(',').any(|x| x == *c)))
         .filter(|c| *c != "xdp_filter" || fx.xdpf.is_some())
         .collect();
     let mut out = Vec::new();
