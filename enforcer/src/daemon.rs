@@ -347,6 +347,7 @@ impl Daemon {
             tracing::warn!(error = %error_chain(&e), "writing status.json");
         }
         self.publish();
+        release_freed_heap();
         result
     }
 
@@ -1021,4 +1022,16 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;
     daemon.status.write(&daemon.config.state_dir)
+}
+
+/// Returns the heap an apply freed to the kernel. Parsing a policy builds a spanned TOML tree
+/// of a few kilobytes per agent that is dropped once compiled, and glibc keeps freed memory
+/// mapped: without this the daemon's RSS stayed at the parse's peak (about 500 MB after a
+/// 100,000-agent apply, of which about 110 MB is live).
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only hands free heap pages back; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
