@@ -71,7 +71,7 @@ fn main() {
         // `--rounds N`: more interleaved rounds for focused work on the program.
         inkernel_runs: arg_value("--rounds")
             .map(|n| n.parse().expect("--rounds takes a number"))
-            .unwrap_or(if quick { 3 } else { 5 }),
+            .unwrap_or(if quick { 3 } else { 9 }),
         live_agents: 1_000,
         live_repeats: if quick { 1 } else { 7 },
         live_window_ms: if quick { 400 } else { 1_000 },
