@@ -281,11 +281,11 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 
     match ethertype {
         ETH_P_IP => match parse_v4(ctx, off) {
-            Some(flow) => decide_v4(ctx, slot, stride, slot_cfg, agent, &flow, len),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow, len),
             None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
         },
         ETH_P_IPV6 => match parse_v6(ctx, off) {
-            Some(flow) => decide_v6(ctx, slot, stride, slot_cfg, agent, &flow, len),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow, len),
             None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
         },
         // A third tag: the frame hides its payload deeper than the parser looks.
@@ -489,48 +489,27 @@ fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
     })
 }
 
+/// The decision for a parsed packet of either family: the agent (by interface already, else
+/// by source address), then its egress rules and limits.
 #[inline(always)]
-fn decide_v4(
+fn decide<A: Family>(
     ctx: &XdpContext,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
     mut agent: u32,
-    flow: &Flow<[u8; 4]>,
+    flow: &Flow<A>,
     len: u64,
-) -> Result<u32, ()> {
+) -> Result<u32, ()>
+where
+    Flow<A>: AuditTuple,
+{
     let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
-        let (found, overflow) = table_probe(
-            &SRC_TABLE_V4,
-            slot,
-            tables,
-            TABLE_SRC_V4,
-            src_key_v4(flow.src),
-        );
-        agent = found;
-        if agent == UNKNOWN_AGENT && overflow {
-            let key = HostV4Key {
-                slot,
-                addr: flow.src,
-            };
-            // SAFETY: plain u32 value, copied out.
-            if let Some(a) = unsafe { SRC_HOST_V4.get(&key) } {
-                agent = *a;
-            }
-        }
-        if agent == UNKNOWN_AGENT && slot_cfg.flags & SLOT_SRC_LPM_V4 != 0 {
-            let key = Key::new(
-                OWNER_BITS + 32,
-                LpmV4 {
-                    owner: slot.to_be_bytes(),
-                    addr: flow.src,
-                },
-            );
-            if let Some(a) = SRC_V4.get(&key) {
-                agent = *a;
-            }
-        }
+        agent = flow.src.host_agent(slot, tables);
+    }
+    if agent == UNKNOWN_AGENT && slot_cfg.flags & A::SLOT_SRC_LPM != 0 {
+        agent = flow.src.prefix_agent(slot);
     }
     if flow.l4 == L4::LinkControl {
         count(agent, Reason::LinkControl, len);
@@ -548,11 +527,11 @@ fn decide_v4(
             agent,
             policy,
             flow,
-            dst_v4(slot, agent, policy, tables, flow.dst),
+            flow.dst.rules(slot, agent, policy, tables),
         )
     } else {
         egress(
-            dst_v4(slot, agent, policy, tables, flow.dst),
+            flow.dst.rules(slot, agent, policy, tables),
             flow.proto,
             flow.l4,
             policy.flags,
@@ -561,76 +540,101 @@ fn decide_v4(
     finish(ctx, agent, policy, verdict, len, flow)
 }
 
-#[inline(always)]
-fn decide_v6(
-    ctx: &XdpContext,
-    slot: u32,
-    stride: u32,
-    slot_cfg: &SlotConfig,
-    mut agent: u32,
-    flow: &Flow<[u8; 16]>,
-    len: u64,
-) -> Result<u32, ()> {
-    let tables = TABLES.get(slot);
-    if agent == UNKNOWN_AGENT {
-        let (found, overflow) = table_probe(
-            &SRC_TABLE_V6,
-            slot,
-            tables,
-            TABLE_SRC_V6,
-            src_key_v6(flow.src),
+/// An address family's side of agent identification and of the destination lookup.
+trait Family: NameAddr {
+    /// [`SlotConfig::flags`]: the slot has source prefixes of this family.
+    const SLOT_SRC_LPM: u32;
+    /// The agent whose exact source address this is: the slot's source table, then its
+    /// overflow hash map when the table says so.
+    fn host_agent(&self, slot: u32, tables: Option<&TableConfig>) -> u32;
+    /// The agent of the slot's longest source prefix holding this address.
+    fn prefix_agent(&self, slot: u32) -> u32;
+    /// The rules of the agent's longest destination prefix holding this address.
+    fn rules(
+        &self,
+        slot: u32,
+        agent: u32,
+        policy: &AgentPolicy,
+        tables: Option<&TableConfig>,
+    ) -> Option<&'static RuleSet>;
+}
+
+impl Family for [u8; 4] {
+    const SLOT_SRC_LPM: u32 = SLOT_SRC_LPM_V4;
+
+    #[inline(always)]
+    fn host_agent(&self, slot: u32, tables: Option<&TableConfig>) -> u32 {
+        let (agent, overflow) =
+            table_probe(&SRC_TABLE_V4, slot, tables, TABLE_SRC_V4, src_key_v4(*self));
+        if agent != UNKNOWN_AGENT || !overflow {
+            return agent;
+        }
+        let key = HostV4Key { slot, addr: *self };
+        // SAFETY: plain u32 value, copied out.
+        unsafe { SRC_HOST_V4.get(&key) }.map_or(UNKNOWN_AGENT, |a| *a)
+    }
+
+    #[inline(always)]
+    fn prefix_agent(&self, slot: u32) -> u32 {
+        let key = Key::new(
+            OWNER_BITS + 32,
+            LpmV4 {
+                owner: slot.to_be_bytes(),
+                addr: *self,
+            },
         );
-        agent = found;
-        if agent == UNKNOWN_AGENT && overflow {
-            let key = HostV6Key {
-                slot,
-                addr: flow.src,
-            };
-            // SAFETY: plain u32 value, copied out.
-            if let Some(a) = unsafe { SRC_HOST_V6.get(&key) } {
-                agent = *a;
-            }
-        }
-        if agent == UNKNOWN_AGENT && slot_cfg.flags & SLOT_SRC_LPM_V6 != 0 {
-            let key = Key::new(
-                OWNER_BITS + 128,
-                LpmV6 {
-                    owner: slot.to_be_bytes(),
-                    addr: flow.src,
-                },
-            );
-            if let Some(a) = SRC_V6.get(&key) {
-                agent = *a;
-            }
-        }
+        SRC_V4.get(&key).map_or(UNKNOWN_AGENT, |a| *a)
     }
-    if flow.l4 == L4::LinkControl {
-        count(agent, Reason::LinkControl, len);
-        return Ok(xdp_action::XDP_PASS);
+
+    #[inline(always)]
+    fn rules(
+        &self,
+        slot: u32,
+        agent: u32,
+        policy: &AgentPolicy,
+        tables: Option<&TableConfig>,
+    ) -> Option<&'static RuleSet> {
+        dst_v4(slot, agent, policy, tables, *self)
     }
-    let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(ctx, slot_cfg, len, flow);
-    };
-    let verdict = if policy.flags & AGENT_RESTRICTED == 0 {
-        Reason::Allowed
-    } else if policy.flags & AGENT_NAMES != 0 {
-        names(
-            ctx,
-            slot,
-            agent,
-            policy,
-            flow,
-            dst_v6(slot, agent, policy, tables, flow.dst),
-        )
-    } else {
-        egress(
-            dst_v6(slot, agent, policy, tables, flow.dst),
-            flow.proto,
-            flow.l4,
-            policy.flags,
-        )
-    };
-    finish(ctx, agent, policy, verdict, len, flow)
+}
+
+impl Family for [u8; 16] {
+    const SLOT_SRC_LPM: u32 = SLOT_SRC_LPM_V6;
+
+    #[inline(always)]
+    fn host_agent(&self, slot: u32, tables: Option<&TableConfig>) -> u32 {
+        let (agent, overflow) =
+            table_probe(&SRC_TABLE_V6, slot, tables, TABLE_SRC_V6, src_key_v6(*self));
+        if agent != UNKNOWN_AGENT || !overflow {
+            return agent;
+        }
+        let key = HostV6Key { slot, addr: *self };
+        // SAFETY: plain u32 value, copied out.
+        unsafe { SRC_HOST_V6.get(&key) }.map_or(UNKNOWN_AGENT, |a| *a)
+    }
+
+    #[inline(always)]
+    fn prefix_agent(&self, slot: u32) -> u32 {
+        let key = Key::new(
+            OWNER_BITS + 128,
+            LpmV6 {
+                owner: slot.to_be_bytes(),
+                addr: *self,
+            },
+        );
+        SRC_V6.get(&key).map_or(UNKNOWN_AGENT, |a| *a)
+    }
+
+    #[inline(always)]
+    fn rules(
+        &self,
+        slot: u32,
+        agent: u32,
+        policy: &AgentPolicy,
+        tables: Option<&TableConfig>,
+    ) -> Option<&'static RuleSet> {
+        dst_v6(slot, agent, policy, tables, *self)
+    }
 }
 
 /// The value of `key` in the slot's table `which` (see [`TableBucket`]), 0 if it is not
