@@ -791,7 +791,7 @@ const _: () = assert!(size_of::<NameV6Key>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NameEntry {
-    /// CLOCK_MONOTONIC ns (`bpf_ktime_get_coarse_ns` base) after which the entry is void.
+    /// CLOCK_MONOTONIC ns after which the entry is void (the program reads its tick clock).
     pub expires_ns: u64,
     /// The rules, all allows.
     pub rules: RuleSet,

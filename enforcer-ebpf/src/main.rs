@@ -1077,10 +1077,9 @@ impl Packed {
 #[inline(always)]
 fn learned<A: NameAddr>(p: &Packed, dst: A) -> Option<bool> {
     let entry = dst.learned(p.agent)?;
-    // The coarse clock (Linux 5.11) lags by at most a tick: an entry may outlive its TTL
+    // The tick clock lags by at most a tick and never leads: an entry may outlive its TTL
     // and grace by that much, never fall short of it.
-    // SAFETY: helper without preconditions.
-    if unsafe { bpf_ktime_get_coarse_ns() } > entry.expires_ns {
+    if tick_now() >> TIME_SHIFT > entry.expires_ns {
         return None;
     }
     if rule_verdict(Some(&entry.rules), p.proto, p.l4) != Some(Reason::Allowed) {

@@ -695,21 +695,27 @@ fn typed<M: TryFrom<Map, Error = MapError>>(
     M::try_from(source(name)?).map_err(|source| DataplaneError::Map { name, source })
 }
 
-/// Writes `table`'s buckets into `slot`'s part of `map` (bucket `b` at `b << 1 | slot`).
-fn write_table<const W: usize>(
+/// Builds the table of `entries` (see [`Table::build`]) for `slot`, writes its buckets into
+/// the slot's part of `map` (bucket `b` at `b << 1 | slot`), records its seed and size as
+/// table `which` of `config`, and returns the positions of the entries that go to the hash
+/// map instead.
+fn place<const W: usize>(
     map: &mut Array<MapData, TableBucket<W>>,
     name: &'static str,
     slot: u32,
-    table: &Table<W>,
-) -> Result<(), MapsError>
+    (config, which): (&mut TableConfig, usize),
+    entries: &[([u64; W], Option<u32>)],
+) -> Result<Vec<usize>, MapsError>
 where
     TableBucket<W>: aya::Pod,
 {
+    let table = Table::build(entries, table::max_bits(map.len() / 2));
     for (b, bucket) in (0u32..).zip(&table.buckets) {
         map.set(b << 1 | slot, bucket, 0)
             .map_err(err("writing", name))?;
     }
-    Ok(())
+    (config.seeds[which], config.bits[which]) = (table.seed, table.bits);
+    Ok(table.overflow)
 }
 
 fn err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -972,30 +978,38 @@ impl PolicyMaps for KernelMaps {
         }
         // Exact sources go to the tables; what does not fit goes to the hash maps.
         let mut tables = TableConfig::default();
-        let keys: Vec<_> = c
-            .source_hosts_v4
+        let hosts = &c.source_hosts_v4;
+        let keys: Vec<_> = hosts
             .iter()
-            .map(|&(addr, agent)| (src_key_v4(addr), agent))
+            .map(|&(addr, agent)| (src_key_v4(addr), Some(agent)))
             .collect();
-        let t = Table::build(&keys, &[], table::max_bits(self.src_table_v4.len() / 2));
-        write_table(&mut self.src_table_v4, maps::SRC_TABLE_V4, slot, &t)?;
-        (tables.seeds[TABLE_SRC_V4], tables.bits[TABLE_SRC_V4]) = (t.seed, t.bits);
-        for &([key], agent) in &t.overflow {
-            let addr = (key as u32).to_be_bytes();
+        let target = (&mut tables, TABLE_SRC_V4);
+        for at in place(
+            &mut self.src_table_v4,
+            maps::SRC_TABLE_V4,
+            slot,
+            target,
+            &keys,
+        )? {
+            let (addr, agent) = hosts[at];
             self.src_host_v4
                 .insert(HostV4Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V4))?;
         }
-        let keys: Vec<_> = c
-            .source_hosts_v6
+        let hosts = &c.source_hosts_v6;
+        let keys: Vec<_> = hosts
             .iter()
-            .map(|&(addr, agent)| (src_key_v6(addr), agent))
+            .map(|&(addr, agent)| (src_key_v6(addr), Some(agent)))
             .collect();
-        let t = Table::build(&keys, &[], table::max_bits(self.src_table_v6.len() / 2));
-        write_table(&mut self.src_table_v6, maps::SRC_TABLE_V6, slot, &t)?;
-        (tables.seeds[TABLE_SRC_V6], tables.bits[TABLE_SRC_V6]) = (t.seed, t.bits);
-        for &([hi, lo], agent) in &t.overflow {
-            let addr = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
+        let target = (&mut tables, TABLE_SRC_V6);
+        for at in place(
+            &mut self.src_table_v6,
+            maps::SRC_TABLE_V6,
+            slot,
+            target,
+            &keys,
+        )? {
+            let (addr, agent) = hosts[at];
             self.src_host_v6
                 .insert(HostV6Key { slot, addr }, agent, 0)
                 .map_err(err("writing", maps::SRC_HOST_V6))?;
@@ -1044,40 +1058,44 @@ impl PolicyMaps for KernelMaps {
                 None => None,
             }
         };
-        let (mut keys, mut spill, mut by_key) = (Vec::new(), Vec::new(), Vec::new());
-        for (agent, p, rules) in &c.destinations_v4 {
-            if uses(agent, AGENT_DST_LPM_V4) {
-                let key = Key::new(
-                    OWNER_BITS + u32::from(p.len),
-                    LpmV4 {
-                        owner: owner(slot, *agent),
-                        addr: p.addr,
-                    },
-                );
-                self.dst_v4
-                    .insert(&key, rules, 0)
-                    .map_err(err("writing", maps::DST_V4))?;
+        let mut hashed = Vec::new();
+        for entry @ (agent, p, rules) in &c.destinations_v4 {
+            if !uses(agent, AGENT_DST_LPM_V4) {
+                hashed.push(entry);
                 continue;
             }
-            let key = dst_key_v4(
-                owner_word(slot, *agent),
-                u32::from(p.len),
-                u32::from_be_bytes(p.addr),
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV4 {
+                    owner: owner(slot, *agent),
+                    addr: p.addr,
+                },
             );
-            match index(rules) {
-                Some(i) => keys.push((key, i)),
-                None => spill.push(key),
-            }
-            by_key.push((key, (*agent, *p, *rules)));
+            self.dst_v4
+                .insert(&key, rules, 0)
+                .map_err(err("writing", maps::DST_V4))?;
         }
-        let t = Table::build(&keys, &spill, table::max_bits(self.dst_table_v4.len() / 2));
-        write_table(&mut self.dst_table_v4, maps::DST_TABLE_V4, slot, &t)?;
-        (tables.seeds[TABLE_DST_V4], tables.bits[TABLE_DST_V4]) = (t.seed, t.bits);
-        let by_key: std::collections::HashMap<_, _> = by_key.into_iter().collect();
-        for (key, _) in &t.overflow {
-            let (agent, p, rules) = by_key[key];
+        let keys: Vec<_> = hashed
+            .iter()
+            .map(|(agent, p, rules)| {
+                let (owner, len) = (owner_word(slot, *agent), u32::from(p.len));
+                (
+                    dst_key_v4(owner, len, u32::from_be_bytes(p.addr)),
+                    index(rules),
+                )
+            })
+            .collect();
+        let target = (&mut tables, TABLE_DST_V4);
+        for at in place(
+            &mut self.dst_table_v4,
+            maps::DST_TABLE_V4,
+            slot,
+            target,
+            &keys,
+        )? {
+            let (agent, p, rules) = hashed[at];
             let key = DstV4Key {
-                owner: owner_word(slot, agent),
+                owner: owner_word(slot, *agent),
                 len: u32::from(p.len),
                 addr: p.addr,
             };
@@ -1085,38 +1103,43 @@ impl PolicyMaps for KernelMaps {
                 .insert(key, rules, 0)
                 .map_err(err("writing", maps::DST_HASH_V4))?;
         }
-        let (mut keys, mut spill, mut by_key) = (Vec::new(), Vec::new(), Vec::new());
-        for (agent, p, rules) in &c.destinations_v6 {
-            if uses(agent, AGENT_DST_LPM_V6) {
-                let key = Key::new(
-                    OWNER_BITS + u32::from(p.len),
-                    LpmV6 {
-                        owner: owner(slot, *agent),
-                        addr: p.addr,
-                    },
-                );
-                self.dst_v6
-                    .insert(&key, rules, 0)
-                    .map_err(err("writing", maps::DST_V6))?;
+        let mut hashed = Vec::new();
+        for entry @ (agent, p, rules) in &c.destinations_v6 {
+            if !uses(agent, AGENT_DST_LPM_V6) {
+                hashed.push(entry);
                 continue;
             }
-            // The address's halves, as the source key has them.
-            let [hi, lo] = src_key_v6(p.addr);
-            let key = dst_key_v6(owner_word(slot, *agent), u32::from(p.len), hi, lo);
-            match index(rules) {
-                Some(i) => keys.push((key, i)),
-                None => spill.push(key),
-            }
-            by_key.push((key, (*agent, *p, *rules)));
+            let key = Key::new(
+                OWNER_BITS + u32::from(p.len),
+                LpmV6 {
+                    owner: owner(slot, *agent),
+                    addr: p.addr,
+                },
+            );
+            self.dst_v6
+                .insert(&key, rules, 0)
+                .map_err(err("writing", maps::DST_V6))?;
         }
-        let t = Table::build(&keys, &spill, table::max_bits(self.dst_table_v6.len() / 2));
-        write_table(&mut self.dst_table_v6, maps::DST_TABLE_V6, slot, &t)?;
-        (tables.seeds[TABLE_DST_V6], tables.bits[TABLE_DST_V6]) = (t.seed, t.bits);
-        let by_key: std::collections::HashMap<_, _> = by_key.into_iter().collect();
-        for (key, _) in &t.overflow {
-            let (agent, p, rules) = by_key[key];
+        let keys: Vec<_> = hashed
+            .iter()
+            .map(|(agent, p, rules)| {
+                let (owner, len) = (owner_word(slot, *agent), u32::from(p.len));
+                // The address's halves, as the source key has them.
+                let [hi, lo] = src_key_v6(p.addr);
+                (dst_key_v6(owner, len, hi, lo), index(rules))
+            })
+            .collect();
+        let target = (&mut tables, TABLE_DST_V6);
+        for at in place(
+            &mut self.dst_table_v6,
+            maps::DST_TABLE_V6,
+            slot,
+            target,
+            &keys,
+        )? {
+            let (agent, p, rules) = hashed[at];
             let key = DstV6Key {
-                owner: owner_word(slot, agent),
+                owner: owner_word(slot, *agent),
                 len: u32::from(p.len),
                 addr: p.addr,
             };

@@ -23,19 +23,29 @@ pub struct Table<const W: usize> {
     pub bits: u32,
     /// The buckets, in index order.
     pub buckets: Vec<TableBucket<W>>,
-    /// Keys that go to the hash map, with their values: those that did not fit their
-    /// bucket, and the spilled ones (value 0).
-    pub overflow: Vec<([u64; W], u32)>,
+    /// Positions (in the entries built from) of the entries that go to the hash map: those
+    /// that did not fit their bucket, and those without a value the table can hold.
+    pub overflow: Vec<usize>,
+}
+
+/// What the XDP program's probe of a table finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The key's value, in its bucket.
+    Found(u32),
+    /// Not in its bucket, which sends the program on to the hash map.
+    Overflow,
+    /// Not there at all.
+    Missing,
 }
 
 impl<const W: usize> Table<W> {
-    /// Builds the table of `entries` (key, value; keys distinct, values not 0) with at most
-    /// `1 << max_bits` buckets: the smallest power of two holding one key per bucket on
-    /// average, so a bucket of [`TABLE_WAYS`] rarely fills. `spill` keys have no value the
-    /// table can hold (a rule set beyond `RULES`): they go straight to the overflow.
-    pub fn build(entries: &[([u64; W], u32)], spill: &[[u64; W]], max_bits: u32) -> Self {
-        let keys = entries.len() + spill.len();
-        if keys == 0 {
+    /// Builds the table of `entries` (keys distinct; values not 0, `None` for a key whose
+    /// value the table cannot hold, such as a rule set beyond `RULES`, which goes straight
+    /// to the hash map) with at most `1 << max_bits` buckets: the smallest power of two
+    /// holding one key per bucket on average, so a bucket of [`TABLE_WAYS`] rarely fills.
+    pub fn build(entries: &[([u64; W], Option<u32>)], max_bits: u32) -> Self {
+        if entries.is_empty() {
             return Table {
                 seed: 0,
                 bits: 0,
@@ -43,37 +53,35 @@ impl<const W: usize> Table<W> {
                 overflow: Vec::new(),
             };
         }
-        let bits = keys
+        let bits = entries
+            .len()
             .next_power_of_two()
             .trailing_zeros()
             .clamp(1, max_bits.clamp(1, MAX_TABLE_BITS));
         SEEDS
             .iter()
-            .map(|&seed| Self::place(entries, spill, seed, bits))
+            .map(|&seed| Self::place(entries, seed, bits))
             .min_by_key(|t| t.overflow.len())
             .expect("SEEDS is not empty")
     }
 
-    fn place(entries: &[([u64; W], u32)], spill: &[[u64; W]], seed: u64, bits: u32) -> Self {
+    fn place(entries: &[([u64; W], Option<u32>)], seed: u64, bits: u32) -> Self {
         let mut buckets = vec![TableBucket::<W>::default(); 1 << bits];
         let mut overflow = Vec::new();
-        for &(key, value) in entries {
-            debug_assert_ne!(value, 0);
+        for (at, &(key, value)) in entries.iter().enumerate() {
             let bucket = &mut buckets[table_bucket(&key, seed, bits) as usize];
-            match bucket.values.iter().position(|&v| v == 0) {
-                Some(way) => {
+            let free = bucket.values.iter().position(|&v| v == 0);
+            match (value, free) {
+                (Some(value), Some(way)) => {
+                    debug_assert_ne!(value, 0);
                     bucket.keys[way] = key;
                     bucket.values[way] = value;
                 }
-                None => {
+                _ => {
                     bucket.overflow = 1;
-                    overflow.push((key, value));
+                    overflow.push(at);
                 }
             }
-        }
-        for &key in spill {
-            buckets[table_bucket(&key, seed, bits) as usize].overflow = 1;
-            overflow.push((key, 0));
         }
         Table {
             seed,
@@ -83,25 +91,22 @@ impl<const W: usize> Table<W> {
         }
     }
 
-    /// The value the XDP program finds for `key`, looking in the overflow entries only when
-    /// the key's bucket says so (a mirror of its probe, for tests).
-    pub fn lookup(&self, key: [u64; W]) -> Option<u32> {
+    /// What the XDP program's probe finds for `key` (a mirror of it, for tests).
+    pub fn probe(&self, key: [u64; W]) -> Probe {
         if self.bits == 0 {
-            return None;
+            return Probe::Overflow;
         }
         let bucket = &self.buckets[table_bucket(&key, self.seed, self.bits) as usize];
         for way in 0..TABLE_WAYS {
             if bucket.values[way] != 0 && bucket.keys[way] == key {
-                return Some(bucket.values[way]);
+                return Probe::Found(bucket.values[way]);
             }
         }
         if bucket.overflow == 0 {
-            return None;
+            Probe::Missing
+        } else {
+            Probe::Overflow
         }
-        self.overflow
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|&(_, value)| value)
     }
 }
 
@@ -123,20 +128,38 @@ mod tests {
         src_key_v4(n.to_be_bytes())
     }
 
+    /// What a lookup through the table and then the hash map finds: the program's answer.
+    fn lookup<const W: usize>(
+        t: &Table<W>,
+        entries: &[([u64; W], Option<u32>)],
+        key: [u64; W],
+    ) -> Option<u32> {
+        match t.probe(key) {
+            Probe::Found(value) => Some(value),
+            Probe::Missing => None,
+            Probe::Overflow => t
+                .overflow
+                .iter()
+                .map(|&at| entries[at])
+                .find(|(k, _)| *k == key)
+                .map(|(_, value)| value.unwrap_or(0)),
+        }
+    }
+
     #[test]
     fn every_key_is_found_and_nothing_else() {
         // Sequential addresses, the usual shape of an agent pool.
         let entries: Vec<_> = (0..10_000u32)
-            .map(|i| (v4(0x6440_0000 + i), i + 1))
+            .map(|i| (v4(0x6440_0000 + i), Some(i + 1)))
             .collect();
-        let t = Table::build(&entries, &[], 20);
+        let t = Table::build(&entries, 20);
         assert_eq!(t.buckets.len(), 1 << t.bits);
         assert_eq!(t.bits, 14);
         for &(key, value) in &entries {
-            assert_eq!(t.lookup(key), Some(value));
+            assert_eq!(lookup(&t, &entries, key), value);
         }
         for n in [0, 0x6440_0000 - 1, 0x6440_0000 + 10_000, u32::MAX] {
-            assert_eq!(t.lookup(v4(n)), None, "{n:#x}");
+            assert_eq!(lookup(&t, &entries, v4(n)), None, "{n:#x}");
         }
         // One key per bucket on average: a bucket of four rarely overflows.
         assert!(t.overflow.len() < 50, "{} overflowed", t.overflow.len());
@@ -146,37 +169,38 @@ mod tests {
     fn a_full_table_overflows_exactly() {
         // Eight times more keys than four-way buckets hold: the rest go to the overflow
         // entries, and every one is still found through them.
-        let entries: Vec<_> = (0..64u32).map(|i| (v4(i * 7919), i + 1)).collect();
-        let t = Table::build(&entries, &[], 1);
+        let entries: Vec<_> = (0..64u32).map(|i| (v4(i * 7919), Some(i + 1))).collect();
+        let t = Table::build(&entries, 1);
         assert_eq!(t.bits, 1);
         assert_eq!(t.overflow.len(), 64 - 2 * TABLE_WAYS);
         assert!(t.buckets.iter().all(|b| b.overflow == 1));
         for &(key, value) in &entries {
-            assert_eq!(t.lookup(key), Some(value));
+            assert_eq!(lookup(&t, &entries, key), value);
         }
-        assert_eq!(t.lookup(v4(1)), None);
+        assert_eq!(lookup(&t, &entries, v4(1)), None);
     }
 
     #[test]
     fn spilled_keys_mark_their_buckets() {
-        let entries: Vec<_> = (0..100u32).map(|i| (v4(i), i + 1)).collect();
-        let spill = [v4(1000), v4(2000)];
-        let t = Table::build(&entries, &spill, 20);
-        for key in spill {
+        let mut entries: Vec<_> = (0..100u32).map(|i| (v4(i), Some(i + 1))).collect();
+        entries.extend([(v4(1000), None), (v4(2000), None)]);
+        let t = Table::build(&entries, 20);
+        for at in [100, 101] {
+            let key = entries[at].0;
             let bucket = &t.buckets[table_bucket(&key, t.seed, t.bits) as usize];
             assert_eq!(bucket.overflow, 1);
-            assert!(t.overflow.contains(&(key, 0)));
-            assert_eq!(t.lookup(key), Some(0));
+            assert!(t.overflow.contains(&at));
+            assert_eq!(t.probe(key), Probe::Overflow);
         }
     }
 
     #[test]
     fn address_zero_is_a_key_like_any_other() {
         // A free entry has key 0 too; only its value tells it apart.
-        let t = Table::build(&[(v4(0), 7)], &[], 4);
-        assert_eq!(t.lookup(v4(0)), Some(7));
-        let t = Table::build(&[(v4(5), 7)], &[], 4);
-        assert_eq!(t.lookup(v4(0)), None);
+        let t = Table::build(&[(v4(0), Some(7))], 4);
+        assert_eq!(t.probe(v4(0)), Probe::Found(7));
+        let t = Table::build(&[(v4(5), Some(7))], 4);
+        assert_eq!(t.probe(v4(0)), Probe::Missing);
     }
 
     #[test]
@@ -187,16 +211,17 @@ mod tests {
             .octets();
         let mut b = a;
         b[0] ^= 0x80;
-        let t = Table::build(&[(src_key_v6(a), 3)], &[], 8);
-        assert_eq!(t.lookup(src_key_v6(a)), Some(3));
-        assert_eq!(t.lookup(src_key_v6(b)), None);
+        let t = Table::build(&[(src_key_v6(a), Some(3))], 8);
+        assert_eq!(t.probe(src_key_v6(a)), Probe::Found(3));
+        assert_eq!(t.probe(src_key_v6(b)), Probe::Missing);
     }
 
     #[test]
     fn empty_and_sizes() {
-        let t = Table::<1>::build(&[], &[], 10);
+        let t = Table::<1>::build(&[], 10);
         assert_eq!((t.bits, t.buckets.len()), (0, 0));
-        assert_eq!(t.lookup(v4(1)), None);
+        // No table: the program looks in the hash map alone.
+        assert_eq!(t.probe(v4(1)), Probe::Overflow);
         assert_eq!(max_bits(0), 0);
         assert_eq!(max_bits(1), 0);
         assert_eq!(max_bits(2), 1);
