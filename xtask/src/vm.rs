@@ -12,7 +12,7 @@
 //!   cannot boot these kernels on the machines this project runs on, and multi-threaded TCG
 //!   on two vCPUs crashed once in 43 boots), and runs `guest.sh` as root in the guest: it
 //!   points the kernel's module loader at the package's modules (so `TCP_ULP "tls"`, veth and
-//!   crypto modules load on demand), brings loopback up, mounts bpffs and a tmpfs `/tmp`,
+//!   crypto modules load on demand), brings loopback up, mounts bpffs and a tmpfs for TMPDIR,
 //!   then runs each test binary of [`VM_TESTS`] with `--include-ignored`;
 //! - a boot that fails (qemu or the guest kernel dies, the guest agent never answers) is
 //!   retried once; a failing test is not.
@@ -193,6 +193,9 @@ pub fn run(
     tests: &[String],
     args: &[OsString],
 ) -> Result<Vec<KernelRun>> {
+    for path in [root, target] {
+        check_visible_in_guest(path)?;
+    }
     // Tests that use the lab run the real daemon, which `cargo test` does not build.
     run_step(cargo(root).args(["build", "--release", "-p", "enforcer", "--bins"]))?;
     let binaries = build_tests(root, tests)?;
@@ -206,6 +209,28 @@ pub fn run(
         runs.push(run_kernel(root, &kernel, &qemu, &binaries, args)?);
     }
     Ok(runs)
+}
+
+/// Directories the guest mounts file systems of its own on, hiding the host's: vmtest's
+/// init mounts /proc, /sys, /dev and /run. (/tmp is the host's: the guest script keeps its
+/// scratch space under /run, so a checkout under /tmp, where CI may clone, is visible.)
+const GUEST_OWN_MOUNTS: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
+
+/// Stops at once, before any build, when the guest could not see `path` (the checkout or
+/// its target directory) over 9p, instead of failing later inside the VM with every test
+/// binary "not found".
+fn check_visible_in_guest(path: &Path) -> Result<()> {
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    for hidden in GUEST_OWN_MOUNTS {
+        ensure!(
+            !path.starts_with(hidden),
+            "{} is under {hidden}, which the VM guest mounts its own file system on, so the tests \
+             could not be found there: clone the project (or set CARGO_TARGET_DIR) outside {}",
+            path.display(),
+            GUEST_OWN_MOUNTS.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Builds the integration-test binaries named `tests` in release and returns `(name, path)`.
@@ -643,6 +668,9 @@ fn kill_tree(pid: u32) {
     let _ = Command::new("kill").arg("-KILL").args(&pids).status();
 }
 
+/// The guest's scratch directory (TMPDIR), a tmpfs of its own.
+const GUEST_TMP: &str = "/run/vmtest-tmp";
+
 /// The script the guest agent runs as root in the VM (vmtest passes our environment, so
 /// `CI=true` reaches the tests).
 fn guest_script(
@@ -661,10 +689,12 @@ echo {modprobe} > /proc/sys/kernel/modprobe
 # vmtest's init leaves loopback down and bpffs unmounted.
 ip link set lo up
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
-# /tmp would be the host's over 9p, where Unix sockets do not work; /run (for
-# /run/netns) is a tmpfs already.
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mkdir -p /run/netns
+# /tmp is the host's over 9p, where Unix sockets do not work: the tests' scratch space
+# (TMPDIR) is a tmpfs of the guest's own under /run instead. Mounting over /tmp would hide
+# a checkout under /tmp, where CI may clone.
+mkdir -p /run/netns {guest_tmp}
+mount -t tmpfs -o mode=1777 tmpfs {guest_tmp}
+export TMPDIR={guest_tmp}
 echo "{KERNEL_MARKER}$(uname -r)"
 set +e
 # Where cargo runs integration tests from.
@@ -675,6 +705,7 @@ status=0
         version = kernel.version,
         modprobe = sh_quote(&kernel.dir.join("modprobe").to_string_lossy()),
         tests_dir = sh_quote(&root.join("tests").to_string_lossy()),
+        guest_tmp = GUEST_TMP,
     );
     let mut extra: Vec<String> = args
         .iter()
