@@ -1009,12 +1009,14 @@ pub mod bench {
     pub const PROG_PASS: &str = "bench_pass";
     /// Array of one [`GenConfig`].
     pub const MAP_CONFIG: &str = "GEN_CONFIG";
-    /// Per-CPU array of two u64: [`SEQ_SENT`] and [`SEQ_NEXT_NS`].
+    /// Per-CPU array of three u64: [`SEQ_SENT`], [`SEQ_NEXT_NS`] and [`SEQ_BURSTING`].
     pub const MAP_SEQ: &str = "GEN_SEQ";
     /// Index in [`MAP_SEQ`]: frames sent on that CPU (also the next agent index).
     pub const SEQ_SENT: u32 = 0;
     /// Index in [`MAP_SEQ`]: when that CPU may send its next paced frame (ktime ns).
     pub const SEQ_NEXT_NS: u32 = 1;
+    /// Index in [`MAP_SEQ`]: 1 while that CPU sends a paced burst.
+    pub const SEQ_BURSTING: u32 = 2;
     /// Per-CPU array of one u64: frames `bench_drop` dropped on that CPU.
     pub const MAP_DROPS: &str = "DROPS";
 
@@ -1027,8 +1029,8 @@ pub mod bench {
         pub base: u32,
         /// Number of consecutive source addresses (at least 1).
         pub count: u32,
-        /// Pacing: at least this many ns between two frames sent by one CPU; frames that
-        /// come too early are dropped unsent. 0 sends every frame (a flood).
+        /// Pacing: on average one frame per this many ns from one CPU, sent in bursts of 64;
+        /// frames that come too early are dropped unsent. 0 sends every frame (a flood).
         pub interval_ns: u64,
     }
     const _: () = assert!(size_of::<GenConfig>() == 16);

@@ -24,12 +24,12 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use enforcer_common::bench::{GenConfig, SEQ_NEXT_NS, SEQ_SENT};
+use enforcer_common::bench::{GenConfig, SEQ_BURSTING, SEQ_NEXT_NS, SEQ_SENT};
 
 #[map]
 static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
 #[map]
-static GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -39,6 +39,8 @@ const IPV4_HLEN: usize = 20;
 /// back: longer than a scheduler time slice, so a generator that shares its CPU keeps its
 /// average rate.
 const CATCH_UP_NS: u64 = 50_000_000;
+/// Frames per paced burst: the test-run batch, and the socket generator's `sendmmsg` batch.
+const BURST: u64 = 64;
 
 /// The generator. A frame it cannot rewrite (not a 20-byte-header IPv4 frame, or no
 /// configuration) is aborted rather than sent with the template's address.
@@ -57,24 +59,36 @@ pub fn bench_tx(ctx: XdpContext) -> u32 {
 /// mode recycles pages without restoring their content, so every field the program depends
 /// on is written, never adjusted.
 ///
-/// With pacing, a frame is sent when this CPU's next send time has come; the next one is
-/// due `interval_ns` later. A CPU that fell a little behind catches up; one that fell far
-/// behind (preempted) starts afresh rather than bursting. `Some(false)`: not this frame.
+/// With pacing, frames go in bursts of [`BURST`]: once that many are due (each due
+/// `interval_ns` after the one before), every due frame is sent back to back, then the CPU
+/// waits for the next burst. The receiver's NAPI so wakes once per burst at any rate, as it
+/// does for a flood, and its CPU per frame compares with the socket generator's, which
+/// sends `sendmmsg` batches of the same size. A CPU that fell a little behind catches up;
+/// one that fell far behind (preempted) starts afresh. `Some(false)`: not this frame.
 #[inline(always)]
 fn rewrite_source(ctx: &XdpContext) -> Option<bool> {
     let cfg = GEN_CONFIG.get(0)?;
     let seq = GEN_SEQ.get_ptr_mut(SEQ_SENT)?;
     let next = GEN_SEQ.get_ptr_mut(SEQ_NEXT_NS)?;
+    let bursting = GEN_SEQ.get_ptr_mut(SEQ_BURSTING)?;
     if cfg.interval_ns != 0 {
         // SAFETY: helper without preconditions (Linux 4.1).
         let now = unsafe { bpf_ktime_get_ns() };
-        // SAFETY: per-CPU value; XDP does not migrate mid-program, so nothing races this
-        // CPU's copy.
+        // SAFETY: per-CPU values; XDP does not migrate mid-program, so nothing races this
+        // CPU's copies.
         unsafe {
             let due = *next;
-            if now < due {
+            // Start a burst when its last frame is due; go on while frames are due.
+            let start = if *bursting != 0 {
+                due
+            } else {
+                due + (BURST - 1) * cfg.interval_ns
+            };
+            if now < start {
+                *bursting = 0;
                 return Some(false);
             }
+            *bursting = 1;
             // Catch up after short stalls (NAPI work between batches), so the average
             // rate holds; after a long one (preemption) start afresh instead of bursting.
             *next = if now - due > CATCH_UP_NS {

@@ -15,6 +15,7 @@ use std::{
 use suite::{
     accuracy,
     common::{self, Machine},
+    generator::Kind,
     inkernel, live,
     report::{self, Report, Settings},
     scale,
@@ -25,6 +26,11 @@ fn arg_value(name: &str) -> Option<String> {
 }
 
 const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale";
+
+/// The load offered in the packet path's CPU-per-packet measurement (frames/s): below what
+/// the slowest configuration's receive path handles on one CPU of these machines, and what
+/// the socket generator reaches from one CPU, so every configuration sees the same load.
+const PACED_PPS: u64 = 400_000;
 
 /// `--render FILE.json`: writes the summary and plots of an earlier run again, next to it,
 /// from its JSON (after a change to the report, without measuring again).
@@ -76,7 +82,40 @@ fn main() {
         live_repeats: if quick { 1 } else { 7 },
         live_window_ms: if quick { 400 } else { 1_000 },
         accuracy_window_ms: if quick { 1_000 } else { 3_000 },
+        paced_pps: PACED_PPS,
     };
+    // `--generators socket,frames`: which generators send, in order; live frames only
+    // where the kernel allows them (probed), the socket generator everywhere.
+    let wanted: Vec<Kind> = arg_value("--generators")
+        .unwrap_or_else(|| "socket,frames".into())
+        .split(',')
+        .map(|name| {
+            Kind::parse(name).unwrap_or_else(|| {
+                panic!("--generators takes socket and/or frames, comma-separated, not {name:?}")
+            })
+        })
+        .collect();
+    let mut generators = Vec::new();
+    if want("live") || want("accuracy") {
+        generators = live::plan_generators(&wanted);
+        for g in &generators {
+            println!(
+                "generator {}: {} ({})",
+                g.kind.name(),
+                if g.available { "used" } else { "NOT USED" },
+                g.why
+            );
+        }
+    }
+    let mut usable: Vec<Kind> = generators
+        .iter()
+        .filter(|g| g.available)
+        .map(|g| g.kind)
+        .collect();
+    if usable.is_empty() {
+        // The next-best way, said above: sockets work on every kernel.
+        usable.push(Kind::Socket);
+    }
     // `--only AGENTS:PREFIXES`: one size of the in-kernel sweep.
     let only = arg_value("--only").map(|v| {
         v.split_once(':')
@@ -107,25 +146,29 @@ fn main() {
             warmup: Duration::from_millis(if quick { 200 } else { 300 }),
             window: Duration::from_millis(settings.live_window_ms),
         };
-        live_results = live::run(
-            settings.live_agents,
-            settings.live_repeats,
+        let only = arg_value("--config");
+        live_results = live::run(&live::Plan {
+            agents: settings.live_agents,
+            repeats: settings.live_repeats,
             timing,
-            arg_value("--config").as_deref(),
-        );
+            only: only.as_deref(),
+            generators: &usable,
+            paced_pps: settings.paced_pps,
+        });
     }
     let mut accuracy_results = Vec::new();
     if want("accuracy") {
         common::check_interrupted();
         println!(
-            "\n3. rate accuracy: {} ms windows",
-            settings.accuracy_window_ms
+            "\n3. rate accuracy: {} ms windows, {} generator",
+            settings.accuracy_window_ms,
+            usable[0].name()
         );
         let timing = live::Timing {
             warmup: Duration::from_millis(if quick { 300 } else { 500 }),
             window: Duration::from_millis(settings.accuracy_window_ms),
         };
-        accuracy_results = accuracy::run(timing, None);
+        accuracy_results = accuracy::run(timing, None, usable[0]);
     }
     let mut scale_result = None;
     if want("scale") {
@@ -146,6 +189,7 @@ fn main() {
         inkernel: inkernel_rows,
         live: live_results,
         accuracy: accuracy_results,
+        generators,
         scale: scale_result,
         targets: Vec::new(),
         runtime_s: started.elapsed().as_secs_f64(),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     bed::{Bed, CpuMode, PORT, RCV_ADDR},
     common::{Stat, agent_v4, in_ns},
+    generator::Kind,
     live::Timing,
 };
 
@@ -64,9 +65,9 @@ fn policy_for(agents: u32, limit: &str, rate: u64) -> String {
     s
 }
 
-/// Runs every case: {1, 1,000} agents × {packets, bytes} × {2R, 10R}.
-pub fn run(timing: Timing, only_agents: Option<u32>) -> Vec<AccuracyResult> {
-    let mut bed = Bed::new(CpuMode::Same);
+/// Runs every case: {1, 1,000} agents × {packets, bytes} × {2R, 10R}, sent by `generator`.
+pub fn run(timing: Timing, only_agents: Option<u32>, generator: Kind) -> Vec<AccuracyResult> {
+    let mut bed = Bed::new(CpuMode::Same, generator);
     let limits = Limits {
         max_agents: 1024,
         max_interfaces: 16,

@@ -1,19 +1,20 @@
 //! The packet-path test bed: a generator namespace and a receiver namespace joined by a
-//! veth pair, the live-frames generator, and the receiver's statistics.
+//! veth pair, the two generators, and the receiver's statistics.
 //!
 //! ```text
 //!  gen netns                                   rcv netns
-//!  bench_tx (BPF_PROG_TEST_RUN, live frames)   XDP program under test (or none)
-//!     XDP_TX out of genX ───── veth ─────────▶ rcvX ─▶ nftables ingress ─▶ IP ─▶ iptables
+//!  AF_PACKET sendmmsg (socket buffers), or     XDP program under test (or none)
+//!  bench_tx (BPF_PROG_TEST_RUN, live frames)
+//!     out of genX ──────────── veth ─────────▶ rcvX ─▶ nftables ingress ─▶ IP ─▶ iptables
 //!                                                                         INPUT ─▶ UDP :9
 //! ```
 //!
-//! The generator is `bench_tx` run by `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`
-//! (Linux 5.18) and the generator veth as ingress device: its XDP_TX hands every frame to
-//! the peer's NAPI, where the real receive path runs. One call per CPU with a repeat count
-//! that never runs out, ended by a signal (the test-run loop checks for pending signals
-//! between batches and returns EINTR): many short calls instead would each wait for an RCU
-//! grace period when the kernel tears the call's page pool down.
+//! Which generator sends is [`Bed::generator`] (see `generator.rs`). The socket generator
+//! is stopped by a flag. The live-frames one is `bench_tx` run by `BPF_PROG_TEST_RUN` with
+//! `BPF_F_TEST_XDP_LIVE_FRAMES` and the generator veth as ingress device: one call per CPU
+//! with a repeat count that never runs out, ended by a signal (the test-run loop checks for
+//! pending signals between batches and returns EINTR): many short calls instead would each
+//! wait for an RCU grace period when the kernel tears the call's page pool down.
 //!
 //! The receiver keeps GRO on, so veth runs NAPI even without an XDP program (a veth only
 //! accepts XDP_TX frames from its peer when it has NAPI). With `threaded` NAPI the receive
@@ -24,7 +25,11 @@ use std::{
     fs::File,
     net::{Ipv4Addr, UdpSocket},
     os::{fd::AsRawFd as _, unix::fs::FileExt as _},
-    sync::{Once, mpsc},
+    sync::{
+        Once,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -38,7 +43,10 @@ use enforcer::lab::{self, Netns};
 use enforcer_common::bench::{self as names, GenConfig};
 use etherparse::PacketBuilder;
 
-use super::common::{agent_v4, in_ns};
+use super::{
+    common::{agent_v4, in_ns},
+    generator::{self, Kind},
+};
 
 /// The benchmark helper object built next to the enforcer's (see `enforcer-ebpf/src/bench.rs`).
 static BENCH_OBJECT: &[u8] =
@@ -52,7 +60,7 @@ pub const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 /// go all the way into UDP and are dropped at its full receive buffer.
 pub const PORT: u16 = 9;
 /// Frames per live-frames batch (the kernel's default).
-const BATCH: u32 = 64;
+const BATCH: u32 = generator::BATCH as u32;
 
 /// Where the receiving NAPI runs relative to the generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,12 +98,23 @@ pub struct Bed {
     /// The receiver-side interface, where programs and filters go.
     pub rcv_if: String,
     gen_ifindex: u32,
+    /// The live-frames template (agent 1; `bench_tx` rewrites the source address).
     frame: Vec<u8>,
+    /// The socket generator's frames, one per agent, complete with checksums.
+    socket_frames: Vec<Vec<u8>>,
+    gen_mac: [u8; 6],
+    rcv_mac: [u8; 6],
+    /// Frames the socket generators sent since the last flood started.
+    socket_sent: AtomicU64,
+    /// Which generator [`Bed::flood`] runs.
+    pub generator: Kind,
     mode: CpuMode,
+    /// The receiver's threaded NAPI kernel threads (apart mode), found by [`Bed::pin_napi`].
+    napi_pids: Vec<i32>,
     /// Receiver namespace.
     pub rcv: Netns,
     /// Generator namespace.
-    pub generator: Netns,
+    pub generator_ns: Netns,
 }
 
 fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
@@ -109,9 +128,14 @@ fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
     mac
 }
 
-/// Turns GRO on for `ifname` in the calling thread's namespace (ETHTOOL_SGRO), which gives
-/// a veth NAPI without an XDP program.
-fn set_gro(ifname: &str) {
+/// `ETHTOOL_SGRO`: with GRO on, a veth has NAPI even without an XDP program.
+const ETHTOOL_SGRO: u32 = 0x2c;
+/// `ETHTOOL_STSO`: every TSO feature of the device.
+const ETHTOOL_STSO: u32 = 0x1f;
+
+/// Sets one ethtool offload of `ifname` in the calling thread's namespace (`cmd` is one of
+/// the legacy `ETHTOOL_S*` commands).
+fn set_offload(ifname: &str, cmd: u32, on: bool) {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -123,10 +147,9 @@ fn set_gro(ifname: &str) {
         data: *mut EthtoolValue,
         _pad: [u8; 16],
     }
-    const ETHTOOL_SGRO: u32 = 0x2c;
     let mut value = EthtoolValue {
-        cmd: ETHTOOL_SGRO,
-        data: 1,
+        cmd,
+        data: u32::from(on),
     };
     let mut req = IfReq {
         name: [0; 16],
@@ -141,7 +164,7 @@ fn set_gro(ifname: &str) {
     assert_eq!(
         rc,
         0,
-        "turning GRO on for {ifname}: {}",
+        "setting ethtool offload {cmd:#x} of {ifname} to {on}: {}",
         std::io::Error::last_os_error()
     );
 }
@@ -176,13 +199,13 @@ fn read_proc(file: &File) -> String {
 
 impl Bed {
     /// Creates both namespaces, the veth pair, the sink socket and the generator.
-    pub fn new(mode: CpuMode) -> Bed {
-        let generator = Netns::create(&lab::unique_name("bgen")).expect("generator netns");
+    pub fn new(mode: CpuMode, generator: Kind) -> Bed {
+        let generator_ns = Netns::create(&lab::unique_name("bgen")).expect("generator netns");
         let rcv = Netns::create(&lab::unique_name("brcv")).expect("receiver netns");
         let gen_if = lab::unique_name("bg");
         let rcv_if = lab::unique_name("br");
         lab::veth_pair(
-            &generator,
+            &generator_ns,
             &gen_if,
             &[&format!("{GEN_ADDR}/24")],
             &rcv,
@@ -204,7 +227,7 @@ impl Bed {
         let (sink, dev_file, snmp_file, gen_ifindex) = {
             let rcv_name = rcv_if.clone();
             let (sink, dev, snmp) = in_ns(&rcv, move || {
-                set_gro(&rcv_name);
+                set_offload(&rcv_name, ETHTOOL_SGRO, true);
                 let sink = UdpSocket::bind((RCV_ADDR, PORT)).expect("binding the sink");
                 let open = |p: &str| File::open(p).unwrap_or_else(|e| panic!("{p}: {e}"));
                 (
@@ -214,7 +237,14 @@ impl Bed {
                 )
             });
             let gen_name = gen_if.clone();
-            let ifindex = in_ns(&generator, move || {
+            let ifindex = in_ns(&generator_ns, move || {
+                // veth hands a socket buffer to the peer's NAPI only when the sender has no
+                // TSO (or the skb could be aggregated); otherwise it goes through the
+                // backlog, in softirq on the sending CPU. An XDP program on the receiver
+                // takes the sender's TSO away anyway (`veth_xdp_set`); without one, TSO off
+                // keeps every configuration's receive work in the same NAPI thread, which
+                // is what apart mode measures. The frames are 60 bytes: nothing to segment.
+                set_offload(&gen_name, ETHTOOL_STSO, false);
                 let c = std::ffi::CString::new(gen_name).expect("no NUL");
                 // SAFETY: a valid NUL-terminated string.
                 unsafe { libc::if_nametoindex(c.as_ptr()) }
@@ -235,12 +265,9 @@ impl Bed {
                 4,
             );
         }
-        let mut frame = Vec::new();
-        PacketBuilder::ethernet2(mac_of(&generator, &gen_if), mac_of(&rcv, &rcv_if))
-            .ipv4(agent_v4(1).octets(), RCV_ADDR.octets(), 64)
-            .udp(40000, PORT)
-            .write(&mut frame, &[0u8; 18])
-            .expect("building the frame");
+        let gen_mac = mac_of(&generator_ns, &gen_if);
+        let rcv_mac = mac_of(&rcv, &rcv_if);
+        let mut frame = udp_frame(gen_mac, rcv_mac, agent_v4(1));
         // UDP checksum 0 ("none"): the generator rewrites the source address, which the
         // UDP checksum would cover.
         frame[40] = 0;
@@ -265,9 +292,15 @@ impl Bed {
             rcv_if,
             gen_ifindex,
             frame,
-            mode,
-            rcv,
+            socket_frames: Vec::new(),
+            gen_mac,
+            rcv_mac,
+            socket_sent: AtomicU64::new(0),
             generator,
+            mode,
+            napi_pids: Vec::new(),
+            rcv,
+            generator_ns,
         };
         bed.set_mode(mode);
         bed
@@ -290,13 +323,13 @@ impl Bed {
 
     /// Pins the receiver's NAPI threads (if threaded) to CPU 1. Called again after every
     /// program change, which may recreate them.
-    pub fn pin_napi(&self) {
+    pub fn pin_napi(&mut self) {
+        self.napi_pids.clear();
         if self.mode != CpuMode::Apart {
             return;
         }
         // Kernel thread names are cut at 15 bytes; "napi/" and the bed's interface name fit.
         let prefix = format!("napi/{}", self.rcv_if);
-        let mut pinned = 0;
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
@@ -309,10 +342,35 @@ impl Bed {
                     libc::CPU_SET(1, &mut set);
                     libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
                 }
-                pinned += 1;
+                self.napi_pids.push(pid);
             }
         }
-        assert!(pinned > 0, "no NAPI thread of {} found to pin", self.rcv_if);
+        assert!(
+            !self.napi_pids.is_empty(),
+            "no NAPI thread of {} found to pin",
+            self.rcv_if
+        );
+    }
+
+    /// CPU time (ns) the receiver's NAPI threads have run so far (apart mode: everything the
+    /// receive path does for the veth's frames, from the XDP program to the UDP socket),
+    /// from `/proc/PID/schedstat`; `None` in same mode, where receive work runs in softirq
+    /// on the generator's CPU and cannot be told apart from it.
+    pub fn napi_cpu_ns(&self) -> Option<u64> {
+        if self.napi_pids.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        for pid in &self.napi_pids {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .unwrap_or_else(|e| panic!("reading the schedstat of NAPI thread {pid}: {e}"));
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("schedstat starts with the run time in ns");
+        }
+        Some(total)
     }
 
     /// Frames `bench_drop` dropped so far, all CPUs.
@@ -373,6 +431,100 @@ impl Bed {
         interval_ns: u64,
         during: impl FnOnce(&Bed) -> R,
     ) -> (R, u64) {
+        match self.generator {
+            Kind::Frames => self.configure_frames(agents, interval_ns),
+            Kind::Socket => {
+                let agents = agents.max(1);
+                if self.socket_frames.len() != agents as usize {
+                    self.socket_frames = (1..=agents)
+                        .map(|id| udp_frame(self.gen_mac, self.rcv_mac, agent_v4(id)))
+                        .collect();
+                }
+                self.socket_sent.store(0, Ordering::Relaxed);
+            }
+        }
+        let bed: &Bed = self;
+        let stop = AtomicBool::new(false);
+        let result = thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let mut handles = Vec::new();
+            for (index, &cpu) in cpus.iter().enumerate() {
+                let tx = tx.clone();
+                let stop = &stop;
+                handles.push(s.spawn(move || {
+                    generator::enter_netns(&bed.generator_ns.path())?;
+                    lab::pin_to_cpu(cpu).map_err(|e| format!("pinning the generator: {e}"))?;
+                    // SAFETY: pthread_self has no preconditions.
+                    tx.send((index, unsafe { libc::pthread_self() }))
+                        .expect("main waits");
+                    match bed.generator {
+                        Kind::Frames => bed.send_frames(),
+                        Kind::Socket => {
+                            // Threads start at different agents, so each agent's frames are
+                            // spread over every CPU's share.
+                            let first = index * bed.socket_frames.len() / cpus.len();
+                            generator::run_socket(
+                                bed.gen_ifindex,
+                                &bed.socket_frames,
+                                first,
+                                interval_ns,
+                                stop,
+                                &bed.socket_sent,
+                            )
+                        }
+                    }
+                }));
+            }
+            drop(tx);
+            // Threads report in any order; keep them in spawn order, beside their handles.
+            let mut threads: Vec<(usize, libc::pthread_t)> = rx.iter().take(cpus.len()).collect();
+            threads.sort_by_key(|&(index, _)| index);
+            // A generator that failed before it reported is joined (and its error raised)
+            // below, before `during` could measure nothing.
+            if threads.len() < cpus.len() {
+                for h in handles {
+                    if let Err(e) = h.join().expect("generator thread") {
+                        panic!("generator failed: {e}");
+                    }
+                }
+                panic!("a generator thread ended before it started sending");
+            }
+            // A panic in `during` must still stop the generators, or the scope would wait
+            // for calls that run for minutes.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| during(bed)));
+            stop.store(true, Ordering::Relaxed);
+            if bed.generator == Kind::Frames {
+                interrupt_until_finished(&threads, &handles);
+            }
+            let out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for h in handles {
+                if let Err(e) = h.join().expect("generator thread") {
+                    panic!("generator failed ({} generator): {e}", bed.generator.name());
+                }
+            }
+            out
+        });
+        let sent = self.sent();
+        (result, sent)
+    }
+
+    /// Whether this kernel lets `BPF_PROG_TEST_RUN` send live frames (Linux 5.18, and not
+    /// refused by policy): one frame from the generator namespace, which the receiver
+    /// processes like any other. `Err` says what the kernel answered.
+    pub fn probe_frames(&mut self) -> Result<(), String> {
+        self.configure_frames(1, 0);
+        let bed: &Bed = self;
+        thread::scope(|s| {
+            s.spawn(|| {
+                generator::enter_netns(&bed.generator_ns.path())?;
+                bed.test_run_frames(1)
+            })
+            .join()
+            .expect("probe thread")
+        })
+    }
+
+    fn configure_frames(&mut self, agents: u32, interval_ns: u64) {
         {
             let mut cfg: Array<&mut MapData, GenConfig> = self
                 .bench
@@ -392,101 +544,41 @@ impl Bed {
             .expect("writing GEN_CONFIG");
         }
         self.reset_seq();
-        let bed: &Bed = self;
-        let prog: &Xdp = bed
+    }
+
+    /// One live-frames generator: runs until a signal interrupts it (EINTR is its normal
+    /// end).
+    fn send_frames(&self) -> Result<(), String> {
+        match self.test_run_frames(u32::MAX) {
+            Err(e) if e.contains("Interrupted") || e.contains("os error 4") => Ok(()),
+            other => other,
+        }
+    }
+
+    fn test_run_frames(&self, repeat: u32) -> Result<(), String> {
+        let prog: &Xdp = self
             .bench
             .program(names::PROG_TX)
             .expect("bench_tx")
             .try_into()
             .expect("xdp");
-        let gen_path = bed.generator.path();
-        let result = thread::scope(|s| {
-            let (tx, rx) = mpsc::channel();
-            let mut handles = Vec::new();
-            for (index, &cpu) in cpus.iter().enumerate() {
-                let tx = tx.clone();
-                let gen_path = gen_path.clone();
-                let frame = &bed.frame;
-                let ifindex = bed.gen_ifindex;
-                handles.push(s.spawn(move || {
-                    let file = File::open(&gen_path).expect("generator netns");
-                    // SAFETY: setns only reads the fd, which `file` keeps open.
-                    assert_eq!(
-                        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                        0
-                    );
-                    lab::pin_to_cpu(cpu).expect("pinning the generator");
-                    // SAFETY: pthread_self has no preconditions.
-                    tx.send((index, unsafe { libc::pthread_self() }))
-                        .expect("main waits");
-                    let md = XdpMd {
-                        data_end: frame.len() as u32,
-                        ingress_ifindex: ifindex,
-                        ..XdpMd::default()
-                    };
-                    // SAFETY: XdpMd is repr(C) u32s without padding.
-                    let ctx = unsafe {
-                        std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>())
-                    };
-                    let r = prog.test_run(TestRunOptions {
-                        data_in: Some(frame),
-                        ctx_in: Some(ctx),
-                        repeat: u32::MAX,
-                        attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                        ..TestRunOptions::default()
-                    });
-                    match r {
-                        Ok(_) => Ok(()),
-                        Err(e) => {
-                            let text = format!("{e:?}");
-                            if text.contains("Interrupted")
-                                || text.contains("EINTR")
-                                || text.contains("os error 4")
-                            {
-                                Ok(())
-                            } else {
-                                Err(text)
-                            }
-                        }
-                    }
-                }));
-            }
-            drop(tx);
-            // Threads report in any order; keep them in spawn order, beside their handles.
-            let mut threads: Vec<(usize, libc::pthread_t)> = rx.iter().take(cpus.len()).collect();
-            threads.sort_by_key(|&(index, _)| index);
-            // A panic in `during` must still stop the generators, or the scope would wait
-            // for calls that run for minutes.
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| during(bed)));
-            // Signal until every generator has returned: a signal that lands just before a
-            // thread enters the syscall would otherwise be lost.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while handles.iter().any(|h| !h.is_finished()) {
-                for ((_, t), h) in threads.iter().zip(&handles) {
-                    if !h.is_finished() {
-                        // SAFETY: the thread has not finished, and a scoped thread is only
-                        // joined at the end of the scope, so `t` names it.
-                        unsafe { libc::pthread_kill(*t, libc::SIGUSR1) };
-                    }
-                }
-                if Instant::now() > deadline {
-                    // Panicking here would leave the scope waiting for the generator for
-                    // minutes; the next run's start-up sweep removes what this leaves.
-                    eprintln!("generators did not stop after 30 s of signals; exiting");
-                    std::process::exit(3);
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-            let out = out.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            for h in handles {
-                if let Err(e) = h.join().expect("generator thread") {
-                    panic!("generator failed: {e}");
-                }
-            }
-            out
-        });
-        let sent = self.sent();
-        (result, sent)
+        let md = XdpMd {
+            data_end: self.frame.len() as u32,
+            ingress_ifindex: self.gen_ifindex,
+            ..XdpMd::default()
+        };
+        // SAFETY: XdpMd is repr(C) u32s without padding.
+        let ctx =
+            unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+        prog.test_run(TestRunOptions {
+            data_in: Some(&self.frame),
+            ctx_in: Some(ctx),
+            repeat,
+            attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+            ..TestRunOptions::default()
+        })
+        .map(|_| ())
+        .map_err(|e| format!("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: {e:?}"))
     }
 
     fn seq_map(&self) -> PerCpuArray<&MapData, u64> {
@@ -499,6 +591,9 @@ impl Bed {
 
     /// Frames the generators sent (all CPUs) since the last flood started.
     pub fn sent(&self) -> u64 {
+        if self.generator == Kind::Socket {
+            return self.socket_sent.load(Ordering::Relaxed);
+        }
         self.seq_map()
             .get(&names::SEQ_SENT, 0)
             .map(|v| v.iter().sum())
@@ -513,7 +608,7 @@ impl Bed {
             .expect("GEN_SEQ")
             .try_into()
             .expect("per-cpu array");
-        for i in [names::SEQ_SENT, names::SEQ_NEXT_NS] {
+        for i in [names::SEQ_SENT, names::SEQ_NEXT_NS, names::SEQ_BURSTING] {
             map.set(
                 i,
                 aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).expect("values"),
@@ -522,6 +617,43 @@ impl Bed {
             .expect("resetting GEN_SEQ");
         }
     }
+}
+
+/// Signals the live-frames generator threads until every one has returned: a signal that
+/// lands just before a thread enters the syscall would otherwise be lost.
+fn interrupt_until_finished(
+    threads: &[(usize, libc::pthread_t)],
+    handles: &[thread::ScopedJoinHandle<'_, Result<(), String>>],
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handles.iter().any(|h| !h.is_finished()) {
+        for ((_, t), h) in threads.iter().zip(handles) {
+            if !h.is_finished() {
+                // SAFETY: the thread has not finished, and a scoped thread is only joined at
+                // the end of the scope, so `t` names it.
+                unsafe { libc::pthread_kill(*t, libc::SIGUSR1) };
+            }
+        }
+        if Instant::now() > deadline {
+            // Panicking here would leave the scope waiting for the generator for minutes;
+            // the next run's start-up sweep removes what this leaves.
+            eprintln!("generators did not stop after 30 s of signals; exiting");
+            std::process::exit(3);
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A 60-byte Ethernet + IPv4 + UDP frame from `src` to the receiver's sink port, with
+/// correct checksums.
+fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), RCV_ADDR.octets(), 64)
+        .udp(40000, PORT)
+        .write(&mut frame, &[0u8; 18])
+        .expect("building the frame");
+    frame
 }
 
 /// The kernel's `struct xdp_md` as BPF_PROG_TEST_RUN takes it.

@@ -1,6 +1,10 @@
 //! Section 2, the packet path on a veth: a generator floods UDP from one source address
 //! per agent into the receiver's veth, and each configuration's processed and admitted
-//! packets per second are measured there, interleaved and repeated.
+//! packets per second are measured there, interleaved and repeated. Throughput only says
+//! something when the generator outruns the receiver, so with the receiver on a CPU of its
+//! own ("apart") each configuration is also offered one fixed, paced load and the CPU time
+//! its receive path spends per packet is measured: that figure compares configurations
+//! whatever the generator can do.
 
 use std::{
     fs, thread,
@@ -20,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     bed::{Bed, CpuMode, PORT, RCV_ADDR},
     common::{Stat, agent_v4, in_ns},
+    generator::Kind,
     xdpfilter::{self, FLAG_SRC, XdpFilter},
 };
 
@@ -61,13 +66,46 @@ pub fn describe(config: &str) -> &'static str {
     }
 }
 
-/// One configuration in one CPU mode, over all repeats.
+/// A throughput figure is generator-bound when the receiver processed at least this share of
+/// what was offered: it kept up, so the rate is the generator's, not the configuration's.
+pub const GENERATOR_BOUND: f64 = 0.97;
+
+/// A generator the run asked for, whether it could be used and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GeneratorUse {
+    /// Which generator.
+    pub kind: Kind,
+    /// Whether it ran.
+    pub available: bool,
+    /// Why it ran or did not (the kernel's answer to the probe).
+    pub why: String,
+}
+
+/// One configuration in one CPU mode with one generator, over all repeats.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveResult {
     /// Configuration name (see [`CONFIGS`]).
     pub config: String,
     /// CPU mode.
     pub mode: CpuMode,
+    /// The generator that sent (results written before there were two: live frames).
+    #[serde(default = "frames_kind")]
+    pub generator: Kind,
+    /// Apart mode: whether the receiver kept up with the flood (processed >=
+    /// [`GENERATOR_BOUND`] x offered in the median round): the throughput is then the
+    /// generator's. Always false in same mode (see the report's note there).
+    #[serde(default)]
+    pub generator_bound: bool,
+    /// Apart mode: CPU time of the receiving NAPI thread per frame it processed (ns) at the
+    /// paced load ([`super::report::Settings::paced_pps`]).
+    #[serde(default)]
+    pub rx_cpu_ns: Stat,
+    /// Apart mode: frames per second offered in the paced measurement.
+    #[serde(default)]
+    pub paced_offered_pps: Stat,
+    /// Apart mode: frames per second the receiver processed in the paced measurement.
+    #[serde(default)]
+    pub paced_processed_pps: Stat,
     /// Frames the receiving veth processed per second (any verdict).
     pub processed_pps: Stat,
     /// Packets admitted into the stack per second (`Ip: InDelivers`).
@@ -79,6 +117,10 @@ pub struct LiveResult {
     pub own_processed_pps: Stat,
     /// Admitted per second from the configuration's own counters.
     pub own_admitted_pps: Stat,
+}
+
+fn frames_kind() -> Kind {
+    Kind::Frames
 }
 
 /// Everything the configurations need, set up once.
@@ -386,76 +428,198 @@ pub struct Timing {
     pub window: Duration,
 }
 
-/// Runs every configuration in both CPU modes, `repeats` interleaved rounds each.
-pub fn run(agents: u32, repeats: usize, timing: Timing, only: Option<&str>) -> Vec<LiveResult> {
-    let mut bed = Bed::new(CpuMode::Same);
+/// Finds out which of `wanted` generators this kernel can run, in order: the socket
+/// generator always, live frames only if a probe succeeds.
+pub fn plan_generators(wanted: &[Kind]) -> Vec<GeneratorUse> {
+    let mut bed = None;
+    wanted
+        .iter()
+        .map(|&kind| match kind {
+            Kind::Socket => GeneratorUse {
+                kind,
+                available: true,
+                why: "AF_PACKET works on every kernel; socket buffers are what agents send".into(),
+            },
+            Kind::Frames => {
+                let bed = bed.get_or_insert_with(|| Bed::new(CpuMode::Same, Kind::Frames));
+                match bed.probe_frames() {
+                    Ok(()) => GeneratorUse {
+                        kind,
+                        available: true,
+                        why: "this kernel allows BPF_PROG_TEST_RUN live frames".into(),
+                    },
+                    Err(e) => GeneratorUse {
+                        kind,
+                        available: false,
+                        why: format!("this kernel refuses live frames ({e}); measured with the socket generator only"),
+                    },
+                }
+            }
+        })
+        .collect()
+}
+
+/// How the packet-path section runs.
+#[derive(Clone, Debug)]
+pub struct Plan<'a> {
+    /// Source addresses (agents) in the flood.
+    pub agents: u32,
+    /// Interleaved rounds per configuration, mode and generator.
+    pub repeats: usize,
+    /// Warm-up and window of every measurement.
+    pub timing: Timing,
+    /// Only these configurations (comma-separated), or all.
+    pub only: Option<&'a str>,
+    /// The generators to run, in order (those available).
+    pub generators: &'a [Kind],
+    /// The load offered in apart mode's CPU-per-packet measurement, frames/s.
+    pub paced_pps: u64,
+}
+
+/// One measurement's differences: (seconds, rx_packets, in_delivers, offered frames,
+/// own counters (processed, admitted) and their seconds, NAPI CPU ns).
+struct Window {
+    secs: f64,
+    processed: u64,
+    admitted: u64,
+    offered_per_s: f64,
+    own: Option<((u64, u64), f64)>,
+    napi_ns: Option<u64>,
+}
+
+fn measure(
+    bed: &mut Bed,
+    fx: &Fixtures,
+    config: &str,
+    timing: Timing,
+    agents: u32,
+    interval_ns: u64,
+) -> Window {
+    let ((a, b, oa, ob, sa, sb, ca, cb), _) = bed.flood(&[0], agents, interval_ns, |bed| {
+        thread::sleep(timing.warmup);
+        let sa = (Instant::now(), bed.sent());
+        let ca = bed.napi_cpu_ns();
+        let a = bed.snapshot();
+        let oa = (Instant::now(), own_counters(bed, fx, config));
+        thread::sleep(timing.window);
+        let sb = (Instant::now(), bed.sent());
+        let cb = bed.napi_cpu_ns();
+        let b = bed.snapshot();
+        let ob = (Instant::now(), own_counters(bed, fx, config));
+        (a, b, oa, ob, sa, sb, ca, cb)
+    });
+    let secs =
+        b.at.expect("taken")
+            .duration_since(a.at.expect("taken"))
+            .as_secs_f64();
+    Window {
+        secs,
+        processed: b.rx_packets.saturating_sub(a.rx_packets),
+        admitted: b.in_delivers.saturating_sub(a.in_delivers),
+        offered_per_s: sb.1.saturating_sub(sa.1) as f64 / sb.0.duration_since(sa.0).as_secs_f64(),
+        own: match (oa.1, ob.1) {
+            (Some(x), Some(y)) => Some((
+                (y.0.saturating_sub(x.0), y.1.saturating_sub(x.1)),
+                ob.0.duration_since(oa.0).as_secs_f64(),
+            )),
+            _ => None,
+        },
+        napi_ns: ca.zip(cb).map(|(x, y)| y.saturating_sub(x)),
+    }
+}
+
+/// Samples of one configuration: processed, admitted, offered, own processed, own admitted,
+/// receive CPU ns per frame, paced offered, paced processed.
+type Samples = [Vec<f64>; 8];
+
+/// Runs every configuration in both CPU modes with every generator of the plan,
+/// `repeats` interleaved rounds each.
+pub fn run(plan: &Plan<'_>) -> Vec<LiveResult> {
+    let agents = plan.agents;
+    let mut bed = Bed::new(
+        CpuMode::Same,
+        plan.generators.first().copied().unwrap_or(Kind::Socket),
+    );
     let mut fx = Fixtures::new(agents);
     let configs: Vec<&str> = CONFIGS
         .iter()
         .copied()
-        .filter(|c| only.is_none_or(|o| o.split(',').any(|x| x == *c)))
+        .filter(|c| plan.only.is_none_or(|o| o.split(',').any(|x| x == *c)))
         .filter(|c| *c != "xdp_filter" || fx.xdpf.is_some())
         .collect();
+    let paced_interval = 1_000_000_000 / plan.paced_pps.max(1);
     let mut out = Vec::new();
-    for mode in [CpuMode::Same, CpuMode::Apart] {
-        bed.set_mode(mode);
-        let mut samples: Vec<[Vec<f64>; 5]> = vec![Default::default(); configs.len()];
-        for rep in 0..repeats {
-            // Each round starts one configuration later, so none always runs first (cold)
-            // or right after the same neighbour.
-            let n = configs.len();
-            for ci in (0..n).map(|i| (i + rep) % n) {
-                let config = &configs[ci];
-                super::common::check_interrupted();
-                let active = setup(&mut bed, &mut fx, config);
-                let fxr = &fx;
-                let ((a, b, oa, ob, sa, sb), _) = bed.flood(&[0], agents, 0, |bed| {
-                    thread::sleep(timing.warmup);
-                    let sa = (Instant::now(), bed.sent());
-                    let a = bed.snapshot();
-                    let oa = (Instant::now(), own_counters(bed, fxr, config));
-                    thread::sleep(timing.window);
-                    let sb = (Instant::now(), bed.sent());
-                    let b = bed.snapshot();
-                    let ob = (Instant::now(), own_counters(bed, fxr, config));
-                    (a, b, oa, ob, sa, sb)
-                });
-                teardown(&mut bed, &mut fx, active);
-                let dt =
-                    b.at.expect("taken")
-                        .duration_since(a.at.expect("taken"))
-                        .as_secs_f64();
-                let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
-                let s = &mut samples[ci];
-                s[0].push(rate(a.rx_packets, b.rx_packets));
-                s[1].push(rate(a.in_delivers, b.in_delivers));
-                s[2].push(
-                    (sb.1.saturating_sub(sa.1)) as f64 / sb.0.duration_since(sa.0).as_secs_f64(),
-                );
-                if let (Some(x), Some(y)) = (oa.1, ob.1) {
-                    let odt = ob.0.duration_since(oa.0).as_secs_f64();
-                    s[3].push(y.0.saturating_sub(x.0) as f64 / odt);
-                    s[4].push(y.1.saturating_sub(x.1) as f64 / odt);
+    for &generator in plan.generators {
+        bed.generator = generator;
+        for mode in [CpuMode::Same, CpuMode::Apart] {
+            bed.set_mode(mode);
+            let mut samples: Vec<Samples> = vec![Default::default(); configs.len()];
+            for rep in 0..plan.repeats {
+                // Each round starts one configuration later, so none always runs first
+                // (cold) or right after the same neighbour.
+                let n = configs.len();
+                for ci in (0..n).map(|i| (i + rep) % n) {
+                    let config = configs[ci];
+                    super::common::check_interrupted();
+                    let active = setup(&mut bed, &mut fx, config);
+                    let flat = measure(&mut bed, &fx, config, plan.timing, agents, 0);
+                    // The receiver alone on CPU 1: its CPU per frame at one offered load.
+                    let paced = (mode == CpuMode::Apart).then(|| {
+                        measure(&mut bed, &fx, config, plan.timing, agents, paced_interval)
+                    });
+                    teardown(&mut bed, &mut fx, active);
+                    let s = &mut samples[ci];
+                    s[0].push(flat.processed as f64 / flat.secs);
+                    s[1].push(flat.admitted as f64 / flat.secs);
+                    s[2].push(flat.offered_per_s);
+                    if let Some(((p, a), secs)) = flat.own {
+                        s[3].push(p as f64 / secs);
+                        s[4].push(a as f64 / secs);
+                    }
+                    let mut cpu_text = String::new();
+                    if let Some(w) = &paced {
+                        if let Some(ns) = w.napi_ns.filter(|_| w.processed > 0) {
+                            let per = ns as f64 / w.processed as f64;
+                            s[5].push(per);
+                            cpu_text = format!(
+                                " rx CPU {per:>5.0} ns/frame at {:.3} Mpps",
+                                w.processed as f64 / w.secs / 1e6
+                            );
+                        }
+                        s[6].push(w.offered_per_s);
+                        s[7].push(w.processed as f64 / w.secs);
+                    }
+                    println!(
+                        "  {} {mode:?} #{rep} {config:<20} processed {:>6.3} Mpps admitted {:>6.3} Mpps offered {:>6.3} Mpps{cpu_text}",
+                        generator.name(),
+                        s[0].last().copied().unwrap_or(0.0) / 1e6,
+                        s[1].last().copied().unwrap_or(0.0) / 1e6,
+                        s[2].last().copied().unwrap_or(0.0) / 1e6,
+                    );
                 }
-                println!(
-                    "  {mode:?} #{rep} {config:<20} processed {:>6.3} Mpps admitted {:>6.3} Mpps offered {:>6.3} Mpps",
-                    s[0].last().copied().unwrap_or(0.0) / 1e6,
-                    s[1].last().copied().unwrap_or(0.0) / 1e6,
-                    s[2].last().copied().unwrap_or(0.0) / 1e6,
-                );
             }
-        }
-        for (ci, config) in configs.iter().enumerate() {
-            let s = &samples[ci];
-            out.push(LiveResult {
-                config: config.to_string(),
-                mode,
-                processed_pps: Stat::of(&s[0]),
-                admitted_pps: Stat::of(&s[1]),
-                offered_pps: Stat::of(&s[2]),
-                own_processed_pps: Stat::of(&s[3]),
-                own_admitted_pps: Stat::of(&s[4]),
-            });
+            for (ci, config) in configs.iter().enumerate() {
+                let s = &samples[ci];
+                let processed = Stat::of(&s[0]);
+                let offered = Stat::of(&s[2]);
+                out.push(LiveResult {
+                    config: config.to_string(),
+                    mode,
+                    generator,
+                    // Only apart mode has a receiver that could fall behind: on one shared
+                    // CPU every frame sent is processed before the next is.
+                    generator_bound: mode == CpuMode::Apart
+                        && processed.median >= GENERATOR_BOUND * offered.median,
+                    processed_pps: processed,
+                    admitted_pps: Stat::of(&s[1]),
+                    offered_pps: offered,
+                    own_processed_pps: Stat::of(&s[3]),
+                    own_admitted_pps: Stat::of(&s[4]),
+                    rx_cpu_ns: Stat::of(&s[5]),
+                    paced_offered_pps: Stat::of(&s[6]),
+                    paced_processed_pps: Stat::of(&s[7]),
+                });
+            }
         }
     }
     out

@@ -9,6 +9,7 @@ use super::{
     accuracy::AccuracyResult,
     bed::CpuMode,
     common::{Machine, Stat},
+    generator::Kind,
     inkernel::{CASES, Row},
     live::{self, LiveResult},
     scale::ScaleResult,
@@ -29,6 +30,9 @@ pub struct Settings {
     pub live_window_ms: u64,
     /// Accuracy measuring window (ms), after a warm-up that spends the burst.
     pub accuracy_window_ms: u64,
+    /// Offered load of the packet path's CPU-per-packet measurement (frames/s).
+    #[serde(default)]
+    pub paced_pps: u64,
 }
 
 /// One target from the issue, evaluated.
@@ -42,6 +46,9 @@ pub struct Target {
     pub measured: f64,
     /// Whether the goal is met.
     pub met: bool,
+    /// Why the figure may say nothing (a throughput the generator bounded), or empty.
+    #[serde(default)]
+    pub note: String,
 }
 
 /// Everything one run measured.
@@ -63,6 +70,9 @@ pub struct Report {
     pub live: Vec<LiveResult>,
     /// Section 3.
     pub accuracy: Vec<AccuracyResult>,
+    /// The generators asked for, and whether each could run.
+    #[serde(default)]
+    pub generators: Vec<live::GeneratorUse>,
     /// Sections 4 and 5.
     pub scale: Option<ScaleResult>,
     /// The issue's targets, evaluated.
@@ -71,55 +81,147 @@ pub struct Report {
     pub runtime_s: f64,
 }
 
-fn live_median(live: &[LiveResult], config: &str, mode: CpuMode, admitted: bool) -> f64 {
+fn live_result<'a>(
+    live: &'a [LiveResult],
+    generator: Kind,
+    config: &str,
+    mode: CpuMode,
+) -> Option<&'a LiveResult> {
     live.iter()
-        .find(|r| r.config == config && r.mode == mode)
-        .map_or(f64::NAN, |r| {
-            if admitted {
-                r.admitted_pps.median
-            } else {
-                r.processed_pps.median
-            }
-        })
+        .find(|r| r.generator == generator && r.config == config && r.mode == mode)
+}
+
+fn live_median(
+    live: &[LiveResult],
+    generator: Kind,
+    config: &str,
+    mode: CpuMode,
+    admitted: bool,
+) -> f64 {
+    live_result(live, generator, config, mode).map_or(f64::NAN, |r| {
+        if admitted {
+            r.admitted_pps.median
+        } else {
+            r.processed_pps.median
+        }
+    })
+}
+
+/// Median receive CPU per frame (apart mode, paced load), ns.
+fn rx_cpu(live: &[LiveResult], generator: Kind, config: &str) -> f64 {
+    live_result(live, generator, config, CpuMode::Apart)
+        .filter(|r| r.rx_cpu_ns.n > 0)
+        .map_or(f64::NAN, |r| r.rx_cpu_ns.median)
+}
+
+/// The generators the packet-path results hold, in run order.
+fn live_generators(live: &[LiveResult]) -> Vec<Kind> {
+    let mut out: Vec<Kind> = Vec::new();
+    for l in live {
+        if !out.contains(&l.generator) {
+            out.push(l.generator);
+        }
+    }
+    out
 }
 
 /// Evaluates the issue's targets on what was measured (missing data: no target).
 pub fn targets(r: &Report) -> Vec<Target> {
     let mut t = Vec::new();
-    let mut push = |name: String, goal: &str, measured: f64, met: bool| {
+    let mut push = |name: String, goal: &str, measured: f64, met: bool, note: String| {
         if measured.is_finite() {
             t.push(Target {
                 name,
                 goal: goal.to_owned(),
                 measured,
                 met,
+                note,
             });
         }
     };
-    for mode in [CpuMode::Same, CpuMode::Apart] {
-        let m = format!("{mode:?}").to_lowercase();
-        let over = live_median(&r.live, "enforcer_over_limit", mode, false);
-        let x = over / live_median(&r.live, "nftables_meter", mode, false);
+    // The packet path: throughput (meaningful only where the receiver could not keep up
+    // with the generator) and receive CPU per frame at one paced load (meaningful always).
+    for g in live_generators(&r.live) {
+        let gname = g.name();
+        for mode in [CpuMode::Same, CpuMode::Apart] {
+            let m = format!("{mode:?}").to_lowercase();
+            let bound = |configs: &[&str]| {
+                if mode == CpuMode::Same {
+                    return "one CPU sends and receives: the rate is 1 / (generator + receiver cost per \
+                            frame), so the ratio understates differences; see the CPU per frame"
+                        .to_owned();
+                }
+                let bound: Vec<&str> = configs
+                    .iter()
+                    .copied()
+                    .filter(|c| live_result(&r.live, g, c, mode).is_some_and(|l| l.generator_bound))
+                    .collect();
+                if bound.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "generator-bound ({} kept up with the generator): the ratio says nothing; see the CPU per frame",
+                        bound.join(", ")
+                    )
+                }
+            };
+            let over = live_median(&r.live, g, "enforcer_over_limit", mode, false);
+            let x = over / live_median(&r.live, g, "nftables_meter", mode, false);
+            push(
+                format!(
+                    "{gname} generator: over-limit flood vs nftables meter ({m} CPU), throughput"
+                ),
+                ">= 3x the pps nftables processes",
+                x,
+                x >= 3.0,
+                bound(&["enforcer_over_limit", "nftables_meter"]),
+            );
+            let x = over / live_median(&r.live, g, "xdp_drop", mode, false);
+            push(
+                format!(
+                    "{gname} generator: over-limit flood vs bare XDP_DROP ({m} CPU), throughput"
+                ),
+                ">= 0.7x",
+                x,
+                x >= 0.7,
+                bound(&["enforcer_over_limit", "xdp_drop"]),
+            );
+            let x = live_median(&r.live, g, "enforcer_allowed", mode, true)
+                / live_median(&r.live, g, "no_filter", mode, true);
+            push(
+                format!("{gname} generator: allowed traffic vs no filter ({m} CPU), throughput"),
+                ">= 0.9x the admitted pps",
+                x,
+                x >= 0.9,
+                bound(&["enforcer_allowed", "no_filter"]),
+            );
+        }
+        // The same goals in receive CPU per frame: a throughput ratio of x is a CPU ratio
+        // of 1/x.
+        let cpu = |c: &str| rx_cpu(&r.live, g, c);
+        let x = cpu("nftables_meter") / cpu("enforcer_over_limit");
         push(
-            format!("over-limit flood vs nftables meter ({m} CPU)"),
-            ">= 3x the pps nftables processes",
+            format!("{gname} generator: over-limit flood vs nftables meter, receive CPU per frame"),
+            ">= 3x (nftables' CPU per frame over the enforcer's)",
             x,
             x >= 3.0,
+            String::new(),
         );
-        let x = over / live_median(&r.live, "xdp_drop", mode, false);
+        let x = cpu("xdp_drop") / cpu("enforcer_over_limit");
         push(
-            format!("over-limit flood vs bare XDP_DROP ({m} CPU)"),
-            ">= 0.7x",
+            format!("{gname} generator: over-limit flood vs bare XDP_DROP, receive CPU per frame"),
+            ">= 0.7x (XDP_DROP's CPU per frame over the enforcer's)",
             x,
             x >= 0.7,
+            String::new(),
         );
-        let x = live_median(&r.live, "enforcer_allowed", mode, true)
-            / live_median(&r.live, "no_filter", mode, true);
+        let x = cpu("no_filter") / cpu("enforcer_allowed");
         push(
-            format!("allowed traffic vs no filter ({m} CPU)"),
-            ">= 0.9x the admitted pps",
+            format!("{gname} generator: allowed traffic vs no filter, receive CPU per frame"),
+            ">= 0.9x (no filter's CPU per frame over the enforcer's)",
             x,
             x >= 0.9,
+            String::new(),
         );
     }
     if let Some(row) = r
@@ -136,6 +238,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
                 "<= 4x the XDP_PASS floor",
                 worst,
                 worst <= 4.0,
+                String::new(),
             );
             if let Some((_, x)) = row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
                 let ratio = v[0].median / x[0].median;
@@ -146,6 +249,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
                     "<= 1x (not slower than xdp-filter with as many rules)",
                     ratio,
                     ratio <= 1.0,
+                    String::new(),
                 );
             }
         }
@@ -166,12 +270,14 @@ pub fn targets(r: &Report) -> Vec<Target> {
             ">= 0.95",
             lo,
             lo >= 0.95,
+            String::new(),
         );
         push(
             "accuracy, highest admitted/R of any agent in any case".into(),
             "<= 1.05",
             hi,
             hi <= 1.05,
+            String::new(),
         );
     }
     t
@@ -213,23 +319,22 @@ fn where_time_goes(r: &Report) -> String {
         md.push_str(&parts.join(". "));
         md.push_str(".\n");
     }
-    // The same-CPU mode only: it is the steady one; differences of the noisier apart mode
-    // can come out negative.
-    {
-        let mode = CpuMode::Same;
-        let ns = |config: &str| 1e9 / live_median(&r.live, config, mode, false);
+    // Receive CPU per frame at one paced load: the packet path's steps without the
+    // generator's share.
+    for g in live_generators(&r.live) {
+        let ns = |config: &str| rx_cpu(&r.live, g, config);
         let over = ns("enforcer_over_limit") - ns("xdp_drop");
         let allowed = ns("enforcer_allowed") - ns("xdp_pass");
         let xdp = ns("xdp_pass") - ns("no_filter");
         if over.is_finite() && allowed.is_finite() {
             let _ = writeln!(
                 md,
-                "\nPacket path, {} CPU: the enforcer costs {:.0} ns per over-limit packet more than bare \
-                 XDP_DROP ({:.0} ns per packet), and {:.0} ns per allowed packet more than a trivial XDP_PASS \
-                 program; having any XDP program on the veth costs allowed traffic {:.0} ns per packet \
-                 against none (stack path {:.0} ns per packet). Times are 1 / processed rate, so they \
-                 include the generator's share of the CPU.",
-                format!("{mode:?}").to_lowercase(),
+                "\nPacket path, {} generator, receive CPU per frame at {} kpps: the enforcer costs {:.0} ns per \
+                 over-limit frame more than bare XDP_DROP ({:.0} ns), and {:.0} ns per allowed frame more than a \
+                 trivial XDP_PASS program; having any XDP program on the veth costs allowed traffic {:.0} ns per \
+                 frame against none (stack path {:.0} ns).",
+                g.name(),
+                r.settings.paced_pps / 1000,
                 over,
                 ns("xdp_drop"),
                 allowed,
@@ -239,6 +344,15 @@ fn where_time_goes(r: &Report) -> String {
         }
     }
     md
+}
+
+/// A ratio for a table cell: two decimals, or "-" where a side is missing.
+fn ratio_text(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "-".into()
+    }
 }
 
 fn stat_mpps(s: &Stat) -> String {
@@ -281,15 +395,16 @@ pub fn markdown(r: &Report, stem: &str) -> String {
     if !m.warnings.is_empty() {
         md.push('\n');
     }
-    md.push_str("## Targets\n\nBenchmark goals from the issue, not test thresholds.\n\n| target | goal | measured | |\n|---|---|---:|---|\n");
+    md.push_str("## Targets\n\nBenchmark goals from the issue, not test thresholds.\n\n| target | goal | measured | | note |\n|---|---|---:|---|---|\n");
     for t in &r.targets {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {} |",
+            "| {} | {} | {:.2} | {} | {} |",
             t.name,
             t.goal,
             t.measured,
-            if t.met { "met" } else { "**missed**" }
+            if t.met { "met" } else { "**missed**" },
+            t.note
         );
     }
     md.push_str(&where_time_goes(r));
@@ -335,29 +450,83 @@ pub fn markdown(r: &Report, stem: &str) -> String {
     if !r.live.is_empty() {
         let _ = write!(
             md,
-            "\n## 2. Packet path on a veth\n\nA live-frames generator floods 60-byte UDP frames from {} source \
-             addresses (one per agent) into the receiver's veth. Processed: frames the receiving veth's NAPI \
-             handled per second (rx_packets); admitted: packets delivered to a transport protocol \
-             (`Ip: InDelivers`); own: the configuration's own counters. Median [min-max] of {} interleaved \
-             rounds of {} ms, Mpps. \"same\": generator and receive processing on one CPU; \"apart\": \
-             generator on CPU 0, threaded NAPI on CPU 1.\n\n![pps per configuration](./{stem}-live.svg)\n\n\
-             | configuration | CPU | processed | admitted | processed / bare XDP_DROP | processed / nftables meter | own processed | own admitted | offered |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
-            r.settings.live_agents, r.settings.live_repeats, r.settings.live_window_ms
+            "\n## 2. Packet path on a veth\n\nA generator floods 60-byte UDP frames from {} source addresses (one \
+             per agent) into the receiver's veth. Generators (`--generators`; live frames only where the kernel \
+             allows them):\n\n",
+            r.settings.live_agents
+        );
+        for g in &r.generators {
+            let _ = writeln!(
+                md,
+                "- `{}`: {}. {}: {}.",
+                g.kind.name(),
+                g.kind.describe(),
+                if g.available { "Used" } else { "**Not used**" },
+                g.why
+            );
+        }
+        let _ = write!(
+            md,
+            "\n### Receive CPU per frame\n\nThe figure that compares configurations whatever the generator can do: \
+             the generator on CPU 0 offers {} kpps (bursts of 64), the receiving veth's threaded NAPI runs alone \
+             on CPU 1, and its CPU time (`/proc/PID/schedstat`) over the frames it processed is everything the \
+             receive path spends per frame, from the XDP program to the UDP socket. The generator veth has TSO \
+             off, so frames reach NAPI with and without an XDP program. Median [min-max] of {} rounds of {} ms, \
+             ns per frame; ratios of medians.\n\n![receive CPU per frame](./{stem}-live.svg)\n\n\
+             | configuration | generator | rx CPU ns/frame | vs no filter | vs bare XDP_DROP | vs nftables meter | processed at the paced load (Mpps) |\n\
+             |---|---|---:|---:|---:|---:|---:|\n",
+            r.settings.paced_pps / 1000,
+            r.settings.live_repeats,
+            r.settings.live_window_ms
+        );
+        for l in r.live.iter().filter(|l| l.mode == CpuMode::Apart) {
+            let ratio =
+                |other: &str| ratio_text(l.rx_cpu_ns.median / rx_cpu(&r.live, l.generator, other));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                l.config,
+                l.generator.name(),
+                if l.rx_cpu_ns.n == 0 {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "{:.0} [{:.0}-{:.0}]",
+                        l.rx_cpu_ns.median, l.rx_cpu_ns.min, l.rx_cpu_ns.max
+                    )
+                },
+                ratio("no_filter"),
+                ratio("xdp_drop"),
+                ratio("nftables_meter"),
+                stat_mpps(&l.paced_processed_pps),
+            );
+        }
+        let _ = write!(
+            md,
+            "\n### Throughput\n\nThe generator flat out. Processed: frames the receiving veth's NAPI handled per \
+             second (rx_packets); admitted: packets delivered to a transport protocol (`Ip: InDelivers`); own: the \
+             configuration's own counters. Median [min-max] of {} interleaved rounds of {} ms, Mpps. \"same\": \
+             generator and receive processing on one CPU (the rate is 1 / the cost of both); \"apart\": generator \
+             on CPU 0, threaded NAPI on CPU 1. **bound** (apart only): the receiver processed at least {:.0}% \
+             of what was offered, so the rate is the generator's and a ratio involving it says nothing.\n\n\
+             | configuration | generator | CPU | processed | admitted | processed / bare XDP_DROP | processed / nftables meter | own processed | own admitted | offered | |\n\
+             |---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+            r.settings.live_repeats,
+            r.settings.live_window_ms,
+            live::GENERATOR_BOUND * 100.0
         );
         for l in &r.live {
             let ratio = |other: &str| {
-                let x = l.processed_pps.median / live_median(&r.live, other, l.mode, false);
-                if x.is_finite() {
-                    format!("{x:.2}")
-                } else {
-                    "-".into()
-                }
+                ratio_text(
+                    l.processed_pps.median
+                        / live_median(&r.live, l.generator, other, l.mode, false),
+                )
             };
             let _ = writeln!(
                 md,
-                "| {} | {:?} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:?} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 l.config,
+                l.generator.name(),
                 l.mode,
                 stat_mpps(&l.processed_pps),
                 stat_mpps(&l.admitted_pps),
@@ -366,6 +535,7 @@ pub fn markdown(r: &Report, stem: &str) -> String {
                 stat_mpps(&l.own_processed_pps),
                 stat_mpps(&l.own_admitted_pps),
                 stat_mpps(&l.offered_pps),
+                if l.generator_bound { "bound" } else { "" },
             );
         }
         md.push_str("\nConfigurations:\n\n");
@@ -604,25 +774,29 @@ fn plot_live(r: &Report, path: &Path) -> PlotResult {
         .copied()
         .filter(|c| r.live.iter().any(|l| l.config == *c))
         .collect();
+    let generators = live_generators(&r.live);
     let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let ymax = r
         .live
         .iter()
-        .map(|l| l.processed_pps.max)
+        .filter(|l| l.rx_cpu_ns.n > 0)
+        .map(|l| l.rx_cpu_ns.max)
         .fold(0.0, f64::max)
-        / 1e6
         * 1.15;
     let n = configs.len();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "packet path on veth: processed (bar) and admitted (dark) Mpps",
+            format!(
+                "packet path on veth: receive CPU per frame at {} kpps (ns, lower is better)",
+                r.settings.paced_pps / 1000
+            ),
             ("sans-serif", 20),
         )
         .margin(12)
         .x_label_area_size(50)
         .y_label_area_size(50)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax.max(0.1))?;
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax.max(1.0))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -635,39 +809,36 @@ fn plot_live(r: &Report, path: &Path) -> PlotResult {
                 String::new()
             }
         })
-        .y_desc("Mpps")
+        .y_desc("ns per frame")
         .label_style(("sans-serif", 11))
         .draw()?;
-    for (mi, mode) in [CpuMode::Same, CpuMode::Apart].into_iter().enumerate() {
-        let color = if mi == 0 { BLUE.mix(0.7) } else { RED.mix(0.7) };
-        let off = if mi == 0 { -0.2 } else { 0.2 };
+    let width = 0.8 / generators.len().max(1) as f64;
+    for (gi, &g) in generators.iter().enumerate() {
+        let color = if gi == 0 { BLUE.mix(0.7) } else { RED.mix(0.7) };
+        let off = -0.4 + width * (gi as f64 + 0.5);
         let mut first = true;
         for (i, c) in configs.iter().enumerate() {
-            let Some(l) = r.live.iter().find(|l| l.config == *c && l.mode == mode) else {
+            let Some(l) = live_result(&r.live, g, c, CpuMode::Apart).filter(|l| l.rx_cpu_ns.n > 0)
+            else {
                 continue;
             };
             let x = i as f64 + off;
-            let p = l.processed_pps.median / 1e6;
-            let a = l.admitted_pps.median / 1e6;
             let bar = chart.draw_series(std::iter::once(Rectangle::new(
-                [(x - 0.17, 0.0), (x + 0.17, p)],
+                [
+                    (x - width * 0.4, 0.0),
+                    (x + width * 0.4, l.rx_cpu_ns.median),
+                ],
                 color.filled(),
             )))?;
             if first {
-                bar.label(format!("{mode:?} CPU")).legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                });
+                bar.label(format!("{} generator", g.name()))
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                    });
                 first = false;
             }
-            chart.draw_series(std::iter::once(Rectangle::new(
-                [(x - 0.17, 0.0), (x + 0.17, a)],
-                BLACK.mix(0.35).filled(),
-            )))?;
             chart.draw_series(std::iter::once(PathElement::new(
-                vec![
-                    (x, l.processed_pps.min / 1e6),
-                    (x, l.processed_pps.max / 1e6),
-                ],
+                vec![(x, l.rx_cpu_ns.min), (x, l.rx_cpu_ns.max)],
                 BLACK.stroke_width(2),
             )))?;
         }
