@@ -1,0 +1,258 @@
+//! Stage 1, parse: Ethernet, up to two VLAN tags, IPv4 or IPv6 with options and extension
+//! headers, and the transport ports, into a [`Flow`]; anything the parser cannot follow
+//! is undecidable, never guessed.
+
+use core::ptr;
+
+use aya_ebpf::programs::XdpContext;
+use enforcer_common::MAX_IPV6_EXT_HEADERS;
+
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_8021Q: u16 = 0x8100;
+pub(crate) const ETH_P_8021AD: u16 = 0x88a8;
+
+pub(crate) const IPPROTO_HOPOPTS: u8 = 0;
+pub(crate) const IPPROTO_IGMP: u8 = 2;
+pub(crate) const IPPROTO_ICMPV6: u8 = 58;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_ROUTING: u8 = 43;
+pub(crate) const IPPROTO_FRAGMENT: u8 = 44;
+pub(crate) const IPPROTO_AH: u8 = 51;
+pub(crate) const IPPROTO_DSTOPTS: u8 = 60;
+pub(crate) const IPPROTO_SCTP: u8 = 132;
+pub(crate) const IPPROTO_UDPLITE: u8 = 136;
+
+/// Largest L3/L4 offset the parser follows. XDP frames are at most a page, so a larger
+/// offset cannot be inside the packet; the bound also gives the verifier a range for the
+/// variable offsets of IPv4 options and IPv6 extension headers.
+pub(crate) const MAX_OFFSET: usize = 4096;
+/// A mask that keeps every offset up to [`MAX_OFFSET`]: applied to offsets passed into
+/// global functions, whose arguments the verifier knows nothing about.
+pub(crate) const OFFSET_MASK: u64 = 0x1fff;
+
+/// What the parser found about the transport layer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum L4 {
+    /// A protocol with ports (TCP, UDP, SCTP, UDP-Lite) and its ports. Decisions use only
+    /// `dst`; `src` is kept for audit events (it comes from the same 4-byte read).
+    Port { src: u16, dst: u16 },
+    /// A protocol without ports (ICMP, GRE, ESP, ...): only any-port rules apply.
+    NoPorts,
+    /// A non-first fragment of a protocol with ports: the port is unknowable.
+    Fragment,
+    /// Headers cut short or a chain the parser will not follow: nothing can be decided.
+    Undecidable,
+    /// Link-local control traffic (IPv6 neighbour discovery, MLD, IGMP) that the hop
+    /// limit keeps on the link: passed like ARP, or agents could not use IP at all.
+    LinkControl,
+}
+
+/// The IP-layer facts a decision needs, for either family.
+pub(crate) struct Flow<A> {
+    pub(crate) src: A,
+    pub(crate) dst: A,
+    pub(crate) proto: u8,
+    pub(crate) l4: L4,
+    /// Offset of the IP header.
+    pub(crate) l3_off: usize,
+    /// Offset of the transport header (meaningful for `L4::Port`).
+    pub(crate) l4_off: usize,
+    /// Offset where the IP packet ends by its length field: the stack trims anything
+    /// after it (Ethernet padding), so the SNI check must not read it as payload.
+    pub(crate) ip_end: usize,
+}
+
+/// Reads `N` bytes at `off`, or `None` if they are not all before `data_end`.
+///
+/// Keep `N >= 2`: for `N == 1` LLVM folds `start + 1 > end` into `start >= end`, a form
+/// the verifier does not turn into a readable range.
+#[inline(always)]
+pub(crate) fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
+    // The explicit bound keeps the offset's range small for the verifier.
+    if off > MAX_OFFSET {
+        return None;
+    }
+    let start = ctx.data() + off;
+    // Bounds check against data_end: the verifier rejects any packet read not dominated by one.
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: [start, start + N) lies inside the packet (checked above); [u8; N] has
+    // alignment 1.
+    Some(unsafe { ptr::read(start as *const [u8; N]) })
+}
+
+#[inline(always)]
+pub(crate) fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+    read::<2>(ctx, off).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub(crate) fn has_ports(proto: u8) -> bool {
+    matches!(
+        proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    )
+}
+
+/// Reads the ports of a first (or unfragmented) packet at `off`.
+#[inline(always)]
+pub(crate) fn transport(ctx: &XdpContext, proto: u8, off: usize) -> L4 {
+    if !has_ports(proto) {
+        return L4::NoPorts;
+    }
+    // Source port at +0, destination port at +2 in all four protocols: one 4-byte read with
+    // the same bounds check the destination port alone needed, so keeping the source port
+    // costs passed packets nothing.
+    match read::<4>(ctx, off) {
+        Some(p) => L4::Port {
+            src: u16::from_be_bytes([p[0], p[1]]),
+            dst: u16::from_be_bytes([p[2], p[3]]),
+        },
+        None => L4::Undecidable,
+    }
+}
+
+/// Classifies an ICMPv6 message at `off`. Neighbour discovery (RFC 4861: router and
+/// neighbour solicitation and advertisement, redirect) is only valid with hop limit 255 and
+/// MLD (RFC 2710, 3810) is sent with hop limit 1; either way it never leaves the link.
+#[inline(always)]
+pub(crate) fn icmpv6(ctx: &XdpContext, off: usize, hop_limit: u8) -> L4 {
+    // Type, code and checksum: the fixed start of every ICMPv6 message.
+    let Some([kind, ..]) = read::<4>(ctx, off) else {
+        return L4::Undecidable;
+    };
+    match (kind, hop_limit) {
+        (133..=137, 255) | (130..=132 | 143, 1) => L4::LinkControl,
+        _ => L4::NoPorts,
+    }
+}
+
+/// Parses an IPv4 header at `off`. `None` when the header is truncated or invalid, so the
+/// source address cannot be trusted.
+#[inline(always)]
+pub(crate) fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
+    let h = read::<20>(ctx, off)?;
+    let version = h[0] >> 4;
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if version != 4 || ihl < 20 {
+        return None;
+    }
+    let proto = h[9];
+    let ttl = h[8];
+    let ip_end = off + u16::from_be_bytes([h[2], h[3]]) as usize;
+    let src = [h[12], h[13], h[14], h[15]];
+    let dst = [h[16], h[17], h[18], h[19]];
+    let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    let l4 = if proto == IPPROTO_IGMP && ttl == 1 && frag_offset == 0 {
+        // IGMP is link-scoped with TTL 1 (RFC 2236, 3376): no router forwards it.
+        L4::LinkControl
+    } else if frag_offset == 1 && proto == IPPROTO_TCP {
+        // An 8-byte offset can only serve to overwrite the TCP ports of the first fragment
+        // (RFC 1858, section 3.2): never legitimate.
+        L4::Undecidable
+    } else if frag_offset != 0 {
+        // A non-first fragment has no transport header; ports are unknown.
+        if has_ports(proto) {
+            L4::Fragment
+        } else {
+            L4::NoPorts
+        }
+    } else if read::<4>(ctx, off + ihl - 4).is_none() {
+        // Options announced by IHL but cut off.
+        L4::Undecidable
+    } else {
+        // Options are skipped by IHL; a first fragment too short to hold the ports is
+        // Undecidable (the tiny-fragment attack of RFC 1858).
+        transport(ctx, proto, off + ihl)
+    };
+    Some(Flow {
+        src,
+        dst,
+        proto,
+        l4,
+        l3_off: off,
+        l4_off: off + ihl,
+        ip_end,
+    })
+}
+
+/// Parses an IPv6 header at `off` and walks up to MAX_IPV6_EXT_HEADERS extension headers.
+#[inline(always)]
+pub(crate) fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
+    let h = read::<40>(ctx, off)?;
+    if h[0] >> 4 != 6 {
+        return None;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    let l3_off = off;
+    let mut next = h[6];
+    let hop_limit = h[7];
+    let ip_end = off + 40 + u16::from_be_bytes([h[4], h[5]]) as usize;
+    let mut off = off + 40;
+    // Stays Undecidable if the bound runs out inside the chain.
+    let mut l4 = L4::Undecidable;
+    // Up to MAX_IPV6_EXT_HEADERS extension headers, then the upper layer: a constant trip
+    // count for the verifier. A longer chain stays Undecidable.
+    for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING => {
+                let Some(e) = read::<4>(ctx, off) else {
+                    break;
+                };
+                // A routing header with segments left names another final destination
+                // than the header's: the real destination is unknowable here.
+                if next == IPPROTO_ROUTING && e[3] != 0 {
+                    break;
+                }
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some(e) = read::<2>(ctx, off) else {
+                    break;
+                };
+                next = e[0];
+                off += (e[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some(e) = read::<8>(ctx, off) else {
+                    break;
+                };
+                next = e[0];
+                off += 8;
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    l4 = if has_ports(next) {
+                        L4::Fragment
+                    } else {
+                        L4::NoPorts
+                    };
+                    break;
+                }
+            }
+            IPPROTO_ICMPV6 => {
+                l4 = icmpv6(ctx, off, hop_limit);
+                break;
+            }
+            _ => {
+                l4 = transport(ctx, next, off);
+                break;
+            }
+        }
+    }
+    Some(Flow {
+        src,
+        dst,
+        proto: next,
+        l4,
+        l3_off,
+        l4_off: off,
+        ip_end,
+    })
+}
