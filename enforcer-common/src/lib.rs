@@ -947,7 +947,16 @@ pub mod maps {
     pub const RULES: &str = "RULES";
     /// [`super::TableConfig`], one per slot.
     pub const TABLES: &str = "TABLES";
-    /// Every map, for pinning and clean-up.
+    /// The program array of the tail-called stages (see [`super::programs::STAGES`]). Not
+    /// pinned by name, and not in [`ALL`]: every loaded object has its own, so an entry
+    /// program only ever jumps into stages loaded with it; the daemon pins it under
+    /// `stages/` in its bpffs directory, which keeps its entries while a pinned link still
+    /// runs the entry program.
+    pub const STAGES: &str = "STAGES";
+    /// Per-CPU scratch, one element: what the entry program hands the stages it
+    /// tail-calls. Kernel-only, and like [`STAGES`] one per loaded object.
+    pub const HANDOFF: &str = "HANDOFF";
+    /// Every map pinned by name, for pinning and clean-up.
     pub const ALL: [&str; 32] = [
         STATE,
         SLOTS,
@@ -988,6 +997,21 @@ pub mod maps {
 pub mod programs {
     /// The enforcer.
     pub const ENFORCE: &str = "enforce";
+    /// Stage 4 of the pipeline as a program of its own, tail-called by [`ENFORCE`] for a
+    /// packet only an address learned for a host name can admit: the learned-address and
+    /// TLS server-name checks.
+    pub const ENFORCE_NAMES: &str = "enforce_names";
+    /// The pipeline's closing stage (limits, counting, audit) as a program of its own,
+    /// tail-called by [`ENFORCE_NAMES`]. [`ENFORCE`] runs the same code inline for every
+    /// packet it decides itself.
+    pub const ENFORCE_FINISH: &str = "enforce_finish";
+    /// Index of [`ENFORCE_NAMES`] in the `STAGES` program array.
+    pub const STAGE_NAMES: u32 = 0;
+    /// Index of [`ENFORCE_FINISH`] in the `STAGES` program array.
+    pub const STAGE_FINISH: u32 = 1;
+    /// Every tail-called stage, by its index in `STAGES`.
+    pub const STAGES: [(u32, &str); 2] =
+        [(STAGE_NAMES, ENFORCE_NAMES), (STAGE_FINISH, ENFORCE_FINISH)];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";
     /// Writes `jiffies` and CLOCK_MONOTONIC ns (two little-endian u64s) over the first 16

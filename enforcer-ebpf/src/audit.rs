@@ -50,6 +50,19 @@ impl AuditTuple for Flow<[u8; 16]> {
     }
 }
 
+/// A tuple the entry program handed to a tail-called stage.
+impl AuditTuple for Handoff {
+    #[inline(always)]
+    fn fill(&self, event: &mut AuditEvent) {
+        event.family = self.tuple.family;
+        event.proto = self.tuple.proto;
+        event.src = self.tuple.src;
+        event.dst = self.tuple.dst;
+        event.src_port = self.tuple.src_port;
+        event.dst_port = self.tuple.dst_port;
+    }
+}
+
 /// No IP header could be read: the event carries agent, reason, interface and length only.
 pub(crate) struct NoTuple;
 

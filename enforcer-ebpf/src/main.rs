@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey, MAX_VLAN_TAGS, Reason,
-    SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT,
+    SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT, programs::STAGE_NAMES,
 };
 
 use crate::{audit::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
@@ -52,6 +52,38 @@ pub fn enforce(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_PASS,
     }
+}
+
+/// Stage 4, the host-name checks, tail-called by [`enforce`] (see [`names_stage`]).
+#[xdp]
+pub fn enforce_names(ctx: XdpContext) -> u32 {
+    match names_stage(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// The closing stage (limits, counting, audit), tail-called by [`enforce_names`] with the
+/// verdict in [`HANDOFF`]. Its own program so that nothing follows the names stage's
+/// global functions in that program (see [`names_stage`]). Fail-open on `Err` like
+/// [`enforce`]: only a broken load or a policy slot rewritten under the packet reaches it.
+#[xdp]
+pub fn enforce_finish(ctx: XdpContext) -> u32 {
+    match finish_stage(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// Reads the hand-off and closes like [`decide`] does for the packets it decides itself.
+#[inline(always)]
+fn finish_stage(ctx: &XdpContext) -> Result<u32, ()> {
+    let h = HANDOFF.get(0).ok_or(())?;
+    let slot = ((h.owner >> 32) as u32) & 1;
+    let agent = h.owner as u32;
+    let policy = agent_policy(slot, h.stride, agent).ok_or(())?;
+    let verdict = Reason::from_u32(h.verdict).ok_or(())?;
+    finish(ctx, agent, policy, verdict, h.len, h)
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -170,14 +202,41 @@ where
     let verdict = if policy.flags & AGENT_RESTRICTED == 0 {
         Reason::Allowed
     } else if policy.flags & AGENT_NAMES != 0 {
-        names(
-            ctx,
+        match names(
             slot,
             agent,
             policy,
             flow,
             flow.dst.rules(slot, agent, policy, tables),
-        )
+        ) {
+            NamesVerdict::Decided(reason) => reason,
+            NamesVerdict::Learned {
+                default,
+                layout,
+                owner,
+                l4,
+            } => {
+                let h = HANDOFF.get_ptr_mut(0).ok_or(())?;
+                // SAFETY: this CPU's hand-off, owned by this packet until its last stage
+                // (see `Handoff`). Every field the stages read is written: the memory is
+                // reused, and an IPv4 tuple fills only the first 4 address bytes.
+                unsafe {
+                    (*h).layout = layout;
+                    (*h).owner = owner;
+                    (*h).l4 = l4;
+                    (*h).len = len;
+                    (*h).stride = stride;
+                    (*h).verdict = default as u32;
+                    (*h).tuple.src = [0; 16];
+                    (*h).tuple.dst = [0; 16];
+                    flow.fill(&mut (*h).tuple);
+                    STAGES.tail_call(ctx, STAGE_NAMES);
+                }
+                // Only a broken load leaves the stage out (the daemon fills `STAGES` before
+                // it attaches this program): fail open, as for a mis-sized map.
+                return Err(());
+            }
+        }
     } else {
         egress(
             flow.dst.rules(slot, agent, policy, tables),

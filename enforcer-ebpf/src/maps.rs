@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use enforcer_common::{
-    AgentPolicy, AuditConfig, AuditStats, Bucket, Clock, Counter, DstV4Key, DstV6Key, FlowKey,
-    HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry, NameV4Key, NameV6Key, Reason,
+    AgentPolicy, AuditConfig, AuditEvent, AuditStats, Bucket, Clock, Counter, DstV4Key, DstV6Key,
+    FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry, NameV4Key, NameV6Key, Reason,
     ResolverKey, RuleSet, SNI_NAME_LEN, SlotConfig, SniKey, State, TableBucket1, TableBucket2,
     TableBucket3, TableConfig, TlsPorts,
 };
@@ -97,4 +97,39 @@ pub(crate) static TABLES: Array<TableConfig> = Array::pinned(enforcer_common::SL
 pub(crate) struct SniScratch {
     pub(crate) key: SniKey,
     pub(crate) raw: [u8; SNI_NAME_LEN],
+}
+
+/// The tail-called stages, at the indices of `enforcer_common::programs::STAGES`. Not pinned
+/// by name: each loaded object has its own, which the daemon fills before it attaches the
+/// entry program, so an entry program never jumps into a stage of another build.
+#[map]
+pub(crate) static STAGES: ProgramArray =
+    ProgramArray::with_max_entries(enforcer_common::programs::STAGES.len() as u32, 0);
+
+/// What the entry program hands the stages it tail-calls (see [`Handoff`]).
+#[map]
+pub(crate) static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet's facts for the tail-called stages. Per CPU: from the entry program's write to
+/// the last stage, one packet owns its CPU's copy, because XDP and tc programs run with
+/// bottom halves off, so no other packet's program runs on that CPU in between (the same
+/// holds for the scratch of the SNI check). Kernel-only: user space never reads it.
+#[repr(C)]
+pub(crate) struct Handoff {
+    /// The names stage's arguments, packed as for `learned_admission`: IP header offset,
+    /// transport offset, IP end and family.
+    pub(crate) layout: u64,
+    /// Slot << 32 | agent.
+    pub(crate) owner: u64,
+    /// Transport kind, protocol and ports, packed as for `learned_admission`.
+    pub(crate) l4: u64,
+    /// Frame length, as the entry program measured it.
+    pub(crate) len: u64,
+    /// `State::agent_stride` as the entry program read it.
+    pub(crate) stride: u32,
+    /// A [`Reason`]: the names stage's answer when no learned address admits the packet
+    /// (the agent's default), then the verdict the finish stage closes with.
+    pub(crate) verdict: u32,
+    /// The audit tuple (family, protocol, addresses, ports); the other fields are unused.
+    pub(crate) tuple: AuditEvent,
 }

@@ -5,6 +5,7 @@ use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_load_bytes, program
 use enforcer_common::{
     AGENT_DEFAULT_ALLOW, AgentPolicy, FlowKey, MAX_TLS_PORTS, NameEntry, NameV4Key, NameV6Key,
     Reason, ResolverKey, RuleSet, SNI_EXACT, SNI_NAME_LEN, SNI_WILDCARD, SniKey, TIME_SHIFT,
+    programs::STAGE_FINISH,
 };
 
 use crate::{egress::*, limits::*, maps::*, parse::*};
@@ -88,13 +89,12 @@ impl NameAddr for [u8; 16] {
 /// 4. Otherwise the agent's default.
 #[inline(always)]
 pub(crate) fn names<A: NameAddr>(
-    ctx: &XdpContext,
     slot: u32,
     agent: u32,
     policy: &AgentPolicy,
     flow: &Flow<A>,
     rules: Option<&RuleSet>,
-) -> Reason {
+) -> NamesVerdict {
     let dport = match flow.l4 {
         L4::Port { dst, .. } => dst,
         _ => 0,
@@ -103,14 +103,16 @@ pub(crate) fn names<A: NameAddr>(
         || (dport == 853 && flow.proto == IPPROTO_TCP);
     if dns {
         // SAFETY: the value is not used, only its presence.
-        return if unsafe { RESOLVERS.get(&flow.dst.resolver(dport)) }.is_some() {
-            Reason::Allowed
-        } else {
-            Reason::DnsBypass
-        };
+        return NamesVerdict::Decided(
+            if unsafe { RESOLVERS.get(&flow.dst.resolver(dport)) }.is_some() {
+                Reason::Allowed
+            } else {
+                Reason::DnsBypass
+            },
+        );
     }
     if let Some(reason) = rule_verdict(rules, flow.proto, flow.l4) {
-        return reason;
+        return NamesVerdict::Decided(reason);
     }
     let default = if policy.flags & AGENT_DEFAULT_ALLOW != 0 {
         Reason::Allowed
@@ -122,7 +124,7 @@ pub(crate) fn names<A: NameAddr>(
         L4::NoPorts => (L4_NO_PORTS, 0, 0),
         L4::Fragment => (L4_FRAGMENT, 0, 0),
         // Undecidable and link control were decided before the rules.
-        _ => return Reason::Malformed,
+        _ => return NamesVerdict::Decided(Reason::Malformed),
     };
     let layout = ((flow.l3_off as u64) << 48)
         | ((flow.l4_off as u64) << 32)
@@ -131,17 +133,60 @@ pub(crate) fn names<A: NameAddr>(
     let owner = (u64::from(slot) << 32) | u64::from(agent);
     let l4 =
         (kind << 48) | (u64::from(flow.proto) << 32) | (u64::from(sport) << 16) | u64::from(dport);
-    // Two calls rather than one nesting the other: each global function's stack adds to
-    // `enforce`'s on the call chain, and the BPF stack is 512 bytes for the whole chain.
-    match learned_admission(ctx.ctx, layout, owner, l4) {
-        LEARNED_ALLOWED => Reason::Allowed,
+    NamesVerdict::Learned {
+        default,
+        layout,
+        owner,
+        l4,
+    }
+}
+
+/// What [`names`] decided in the entry program.
+pub(crate) enum NamesVerdict {
+    /// DNS, or a static rule, or a malformed transport: decided.
+    Decided(Reason),
+    /// Only an address learned for a host name can admit the packet: the names stage
+    /// ([`names_stage`]) decides, with `default` if none does. The rest are
+    /// [`learned_admission`]'s packed arguments.
+    Learned {
+        default: Reason,
+        layout: u64,
+        owner: u64,
+        l4: u64,
+    },
+}
+
+/// Stage 4 as a program of its own, tail-called by the entry program with the packet's
+/// facts in [`HANDOFF`]: the learned-address check and the TLS server-name check decide,
+/// then the finish stage closes. Its own program so that the verifier walks the host-name
+/// checks apart from the entry program's paths: Linux 6.1 marks every scalar precise when
+/// its precision tracking walks back into a BPF-to-BPF call, which stopped it pruning
+/// anything after the global functions and took the whole program past 1,000,000
+/// processed instructions. Here nothing follows the calls but a store and a tail call.
+///
+/// `Err`: the hand-off is missing or the finish stage could not be reached, which only a
+/// broken load can cause (the daemon fills `STAGES` before it attaches); the entry point
+/// fails open, like the entry program's `Err` arm.
+#[inline(always)]
+pub(crate) fn names_stage(ctx: &XdpContext) -> Result<u32, ()> {
+    let h = HANDOFF.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's hand-off, owned by the packet from the entry program's write to
+    // the last stage (see `Handoff`).
+    let (layout, owner, l4, default) = unsafe { ((*h).layout, (*h).owner, (*h).l4, (*h).verdict) };
+    let verdict = match learned_admission(ctx.ctx, layout, owner, l4) {
+        LEARNED_ALLOWED => Reason::Allowed as u32,
         LEARNED_TLS => match tls_admission(ctx.ctx, layout, owner, l4) {
-            LEARNED_ALLOWED => Reason::Allowed,
-            LEARNED_SNI_DENIED => Reason::SniDenied,
-            _ => Reason::SniInvalid,
+            LEARNED_ALLOWED => Reason::Allowed as u32,
+            LEARNED_SNI_DENIED => Reason::SniDenied as u32,
+            _ => Reason::SniInvalid as u32,
         },
         _ => default,
-    }
+    };
+    // SAFETY: as above.
+    unsafe { (*h).verdict = verdict };
+    // SAFETY: a tail call does not return on success; on failure control comes back here.
+    unsafe { STAGES.tail_call(ctx, STAGE_FINISH) };
+    Err(())
 }
 
 /// [`learned_admission`]'s encoding of the transport layer kind.

@@ -27,8 +27,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, ProgramArray,
+        RingBuf, lpm_trie::Key,
     },
     programs::{
         ProgramError, Xdp,
@@ -247,6 +247,17 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    /// The tail-called stages could not be put in place.
+    #[error("{op} the program array of the pipeline's stages at {path}")]
+    Stages {
+        /// What was being done.
+        op: &'static str,
+        /// The pin path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Pinning or replacing a link failed.
     #[error("{op} the XDP link of {interface} at {path}")]
     Link {
@@ -361,12 +372,66 @@ fn rule_sets(limits: &Limits) -> u32 {
     limits.max_destination_prefixes.clamp(1, 16_384)
 }
 
+/// Every program of the object, as [`Dataplane::load`] loads them.
+const PROGRAMS: [&str; 5] = [
+    programs::ENFORCE,
+    programs::ENFORCE_NAMES,
+    programs::ENFORCE_FINISH,
+    programs::PASS_FLOOR,
+    programs::CLOCK_PROBE,
+];
+
+/// The verifier's budget of processed instructions for one program load
+/// (`BPF_COMPLEXITY_LIMIT_INSNS`, Linux 5.2 and later).
+pub const VERIFIER_INSN_LIMIT: u32 = 1_000_000;
+
+/// What the kernel's verifier spent on one loaded program.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifierCost {
+    /// The program's name (`enforcer_common::programs`).
+    pub program: &'static str,
+    /// Instructions the verifier processed for it, global functions included
+    /// (`bpf_prog_info.verified_insns`, Linux 5.16); `None` on an older kernel.
+    pub processed: Option<u32>,
+}
+
+impl VerifierCost {
+    /// The share of [`VERIFIER_INSN_LIMIT`] used, in percent.
+    pub fn percent(&self) -> Option<f64> {
+        self.processed
+            .map(|n| f64::from(n) * 100.0 / f64::from(VERIFIER_INSN_LIMIT))
+    }
+}
+
+/// The verifier's cost of every program as a table for people (`enforcer doctor`, the
+/// tests on every kernel they run on).
+pub fn verifier_table(release: &str, costs: &[VerifierCost]) -> String {
+    let mut out = format!(
+        "verifier cost on Linux {release} (processed instructions; the limit is {VERIFIER_INSN_LIMIT} per program)\n\
+         {:<16} {:>10} {:>9}\n",
+        "program", "processed", "of limit"
+    );
+    for c in costs {
+        let (n, pct) = match (c.processed, c.percent()) {
+            (Some(n), Some(p)) => (n.to_string(), format!("{p:.1}%")),
+            _ => ("-".to_owned(), "needs 5.16".to_owned()),
+        };
+        out.push_str(&format!("{:<16} {n:>10} {pct:>9}\n", c.program));
+    }
+    out
+}
+
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     bpffs: PathBuf,
     limits: Limits,
     kernel: KernelMaps,
+    /// This load's `STAGES` pin (see [`Dataplane::load`]).
+    stages_pin: PathBuf,
+    /// Whether [`Dataplane::attach`] attached this load's program anywhere: then its
+    /// stages pin outlives it, as the pinned links do.
+    attached: bool,
 }
 
 impl Dataplane {
@@ -442,11 +507,7 @@ impl Dataplane {
                 path: maps_dir.clone(),
                 source: Box::new(source),
             })?;
-        for name in [
-            programs::ENFORCE,
-            programs::PASS_FLOOR,
-            programs::CLOCK_PROBE,
-        ] {
+        for name in PROGRAMS {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Program {
@@ -482,6 +543,7 @@ impl Dataplane {
         clock_map
             .set(0, clock, 0)
             .map_err(err("writing", maps::CLOCK))?;
+        let stages_pin = install_stages(&mut ebpf, bpffs)?;
         let mut kernel = KernelMaps::take(&mut ebpf, &limits)?;
         let state = kernel.state()?;
         if state.agent_stride == 0 {
@@ -506,6 +568,8 @@ impl Dataplane {
             bpffs: bpffs.to_path_buf(),
             limits,
             kernel,
+            stages_pin,
+            attached: false,
         })
     }
 
@@ -534,6 +598,30 @@ impl Dataplane {
     /// Applies a compiled policy atomically; returns the new generation.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<u64, ApplyError> {
         apply(&mut self.kernel, compiled)
+    }
+
+    /// What the verifier spent on each program of this load.
+    pub fn verifier_costs(&self) -> Result<Vec<VerifierCost>, DataplaneError> {
+        PROGRAMS
+            .iter()
+            .map(|&name| {
+                let program: &Xdp = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or(DataplaneError::Program {
+                        name,
+                        source: ProgramError::NotLoaded,
+                    })?;
+                let info = program
+                    .info()
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                Ok(VerifierCost {
+                    program: name,
+                    processed: info.verified_instruction_count(),
+                })
+            })
+            .collect()
     }
 
     /// A loaded program by name (see `enforcer_common::programs`), e.g. for test runs.
@@ -577,6 +665,10 @@ impl Dataplane {
             program
                 .attach_to_link(link)
                 .map_err(|e| link_err("replacing the program of", e.into()))?;
+            self.attached = true;
+            // The program this link ran may be gone now, and with it the last user of its
+            // stages.
+            prune_stages(&self.bpffs);
             return Ok(Attached::Replaced);
         }
         let tries: &[(XdpMode, Attached)] = match mode {
@@ -606,6 +698,7 @@ impl Dataplane {
                     fd_link
                         .pin(&pin)
                         .map_err(|e| link_err("pinning", e.into()))?;
+                    self.attached = true;
                     return Ok(outcome);
                 }
                 Err(e) => last = Some(e),
@@ -628,6 +721,105 @@ impl Dataplane {
     }
 }
 
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // A load that never ran on an interface (a test run, `policy apply` without a
+        // daemon) leaves nothing behind; an attached one's stages stay with its links.
+        if !self.attached {
+            let _ = fs::remove_file(&self.stages_pin);
+        }
+    }
+}
+
+/// Where the `STAGES` arrays are pinned: one per loaded entry program, named by its id.
+fn stages_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("stages")
+}
+
+/// Fills the loaded object's `STAGES` with its stage programs and pins it under
+/// `bpffs/stages/<id of the entry program>`.
+///
+/// A program array loses its entries when its last user-space reference (a descriptor or
+/// a pin) goes, even while a program that tail-calls through it still runs: the pin keeps
+/// the stages of a pinned entry program running after the daemon exits, and because each
+/// load has its own array (never one pinned by name and reused), an entry program only
+/// ever jumps into stages built with it, across upgrades too. Pins whose entry program is
+/// gone are removed here and after every link switch ([`prune_stages`]).
+fn install_stages(ebpf: &mut Ebpf, bpffs: &Path) -> Result<PathBuf, DataplaneError> {
+    let dir = stages_dir(bpffs);
+    fs::create_dir_all(&dir).map_err(|source| DataplaneError::PinDir {
+        path: dir.clone(),
+        source,
+    })?;
+    prune_stages(bpffs);
+    let stage_err = |op, path: &Path, source: Box<dyn std::error::Error + Send + Sync>| {
+        DataplaneError::Stages {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let entry: &Xdp = ebpf
+        .program(programs::ENFORCE)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DataplaneError::Program {
+            name: programs::ENFORCE,
+            source: ProgramError::NotLoaded,
+        })?;
+    let id = entry
+        .info()
+        .map_err(|source| DataplaneError::Program {
+            name: programs::ENFORCE,
+            source,
+        })?
+        .id();
+    let pin = dir.join(id.to_string());
+    let name = maps::STAGES;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    let mut stages =
+        ProgramArray::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+    for (index, program) in programs::STAGES {
+        let fd = ebpf
+            .program(program)
+            .ok_or(DataplaneError::Program {
+                name: program,
+                source: ProgramError::NotLoaded,
+            })?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                name: program,
+                source,
+            })?;
+        stages
+            .set(index, fd, 0)
+            .map_err(|e| stage_err("filling", &pin, e.into()))?;
+    }
+    stages
+        .pin(&pin)
+        .map_err(|e| stage_err("pinning", &pin, e.into()))?;
+    Ok(pin)
+}
+
+/// Removes the `STAGES` pins of entry programs that no longer exist (replaced on every
+/// interface, or never attached by a run that died).
+fn prune_stages(bpffs: &Path) {
+    let Ok(entries) = fs::read_dir(stages_dir(bpffs)) else {
+        return;
+    };
+    let live: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .collect();
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().parse::<u32>().ok();
+        if id.is_none_or(|id| !live.contains(&id)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Interfaces with a pinned enforcer link under `bpffs`.
 pub fn attached_interfaces(bpffs: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(bpffs.join("links"))
@@ -643,7 +835,7 @@ pub fn attached_interfaces(bpffs: &Path) -> Vec<String> {
 /// Removes every pin under `bpffs` (links first, which detaches the program), leaving
 /// nothing enforcing. Used by `enforcer stop --detach` and test clean-up.
 pub fn remove_pins(bpffs: &Path) -> io::Result<()> {
-    for sub in ["links", "maps"] {
+    for sub in ["links", "stages", "maps"] {
         let dir = bpffs.join(sub);
         if dir.exists() {
             fs::remove_dir_all(&dir)?;

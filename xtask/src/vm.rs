@@ -93,18 +93,8 @@ impl Line {
     /// every run (never silently): `(test file, test name or None for the whole file, why)`.
     /// Remove an entry when its cause is fixed; a run on that line then checks it again.
     pub fn excluded(self) -> &'static [(&'static str, Option<&'static str>, &'static str)] {
-        const VERIFIER_6_1: &str = "Linux 6.1's verifier rejects `enforce`: over 1M \
-                                    processed instructions once the host-name global functions \
-                                    are called (`BPF program is too large`)";
         match self {
-            Line::V6_1 => &[
-                ("packets", None, VERIFIER_6_1),
-                (
-                    "vm",
-                    Some("xdp_program_decides_on_the_guest_kernel"),
-                    VERIFIER_6_1,
-                ),
-            ],
+            Line::V6_1 => &[],
             Line::V6_12 => &[],
         }
     }
