@@ -17,6 +17,7 @@ use enforcer::{
     config::Config,
     daemon::{self, Status, error_chain},
     dataplane::{self, Dataplane, KernelMaps},
+    lab::BpffsMount,
     policy::{self, Mode},
     stats,
 };
@@ -60,6 +61,9 @@ enum Command {
     },
     /// Per-agent counters by reason (from the pinned maps if no daemon runs).
     Stats,
+    /// Load every program of the data plane on this kernel, in a private bpffs, and print
+    /// what the verifier spent on each against its 1,000,000-instruction limit.
+    Doctor,
     /// Live per-agent packet and byte rates, refreshing in place.
     Top {
         /// Seconds between refreshes.
@@ -381,6 +385,24 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                         c["packets"], c["bytes"]
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => {
+            let config = load_config(&cli.config)?;
+            // A bpffs of its own, so nothing of the running daemon's pins is touched.
+            let bpffs = BpffsMount::new().context("mounting a private bpffs")?;
+            let dataplane = Dataplane::load(bpffs.path(), &config.limits)
+                .context("loading the data plane on this kernel")?;
+            let costs = dataplane.verifier_costs()?;
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            if cli.json {
+                print_json(&serde_json::json!({ "kernel": release, "programs": costs }));
+            } else {
+                print!("{}", dataplane::verifier_table(&release, &costs));
             }
             Ok(ExitCode::SUCCESS)
         }

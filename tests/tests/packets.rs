@@ -13,7 +13,7 @@ use enforcer::{
     audit,
     compile::{self, Limits},
     daemon::if_index,
-    dataplane::Dataplane,
+    dataplane::{self, Dataplane, VERIFIER_INSN_LIMIT},
     lab::{BpffsMount, require_root},
     policy, table,
     testrun::run_xdp,
@@ -1897,5 +1897,33 @@ fn host_names_table() {
         ];
         let failures = run_rows(&mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+/// Every program of the data plane keeps its distance from the verifier's limit on the
+/// kernel this runs on (the host, and in `cargo xtask vmtest` Debian's 6.1 and 6.12): at
+/// most 60% of the 1,000,000 processed instructions, so the next stage's code has room on
+/// every kernel we support. Prints the table the note and `enforcer doctor` show.
+#[test]
+fn verifier_headroom_on_this_kernel() {
+    if !require_root("verifier_headroom_on_this_kernel") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let dp = Dataplane::load(bpffs.path(), &Limits::default()).unwrap();
+        let costs = dp.verifier_costs().unwrap();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        print!("{}", dataplane::verifier_table(release.trim(), &costs));
+        for c in &costs {
+            let processed = c.processed.unwrap_or_else(|| {
+                panic!("{}: the kernel reports no verified_insns (5.16)", c.program)
+            });
+            assert!(
+                u64::from(processed) * 10 <= u64::from(VERIFIER_INSN_LIMIT) * 6,
+                "{} took {processed} processed instructions, over 60% of the verifier's {VERIFIER_INSN_LIMIT}",
+                c.program
+            );
+        }
     });
 }
