@@ -94,11 +94,17 @@ pub enum Reason {
     MonitorSniDenied = 19,
     /// Passed in monitor mode; enforce mode would have dropped it as `SniInvalid`.
     MonitorSniInvalid = 20,
+    /// Dropped: UDP to one of the TLS ports of a name-admitted address (QUIC, HTTP/3),
+    /// whose server name the program cannot read; clients fall back to TCP, where it is
+    /// checked (`SniDenied`, `SniInvalid`).
+    QuicRefused = 21,
+    /// Passed in monitor mode; enforce mode would have dropped it as `QuicRefused`.
+    MonitorQuicRefused = 22,
 }
 
 impl Reason {
     /// Number of reasons; the counters map has this many slots per agent.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
 
     /// All reasons, in numeric order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -123,6 +129,8 @@ impl Reason {
         Reason::MonitorDnsBypass,
         Reason::MonitorSniDenied,
         Reason::MonitorSniInvalid,
+        Reason::QuicRefused,
+        Reason::MonitorQuicRefused,
     ];
 
     /// Whether the packet was dropped.
@@ -138,6 +146,7 @@ impl Reason {
                 | Reason::DnsBypass
                 | Reason::SniDenied
                 | Reason::SniInvalid
+                | Reason::QuicRefused
         )
     }
 
@@ -154,6 +163,7 @@ impl Reason {
                 | Reason::MonitorDnsBypass
                 | Reason::MonitorSniDenied
                 | Reason::MonitorSniInvalid
+                | Reason::MonitorQuicRefused
         )
     }
 
@@ -174,6 +184,7 @@ impl Reason {
             Reason::DnsBypass => Reason::MonitorDnsBypass,
             Reason::SniDenied => Reason::MonitorSniDenied,
             Reason::SniInvalid => Reason::MonitorSniInvalid,
+            Reason::QuicRefused => Reason::MonitorQuicRefused,
             other => other,
         }
     }
@@ -202,6 +213,8 @@ impl Reason {
             Reason::MonitorDnsBypass => "monitor_dns_bypass",
             Reason::MonitorSniDenied => "monitor_sni_denied",
             Reason::MonitorSniInvalid => "monitor_sni_invalid",
+            Reason::QuicRefused => "quic_refused",
+            Reason::MonitorQuicRefused => "monitor_quic_refused",
         }
     }
 

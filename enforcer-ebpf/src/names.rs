@@ -180,6 +180,7 @@ pub(crate) fn names_stage(ctx: &XdpContext) -> Result<u32, ()> {
             LEARNED_SNI_DENIED => Reason::SniDenied as u32,
             _ => Reason::SniInvalid as u32,
         },
+        LEARNED_QUIC => Reason::QuicRefused as u32,
         _ => default,
     };
     // SAFETY: as above.
@@ -199,6 +200,7 @@ pub(crate) const LEARNED_ALLOWED: u32 = 1;
 pub(crate) const LEARNED_SNI_DENIED: u32 = 2;
 pub(crate) const LEARNED_SNI_INVALID: u32 = 3;
 pub(crate) const LEARNED_TLS: u32 = 4;
+pub(crate) const LEARNED_QUIC: u32 = 5;
 
 /// Whether a learned address admits the packet: a BPF *global* function, verified once on
 /// its own rather than along every path of `enforce` that reaches it (inlined in both
@@ -207,8 +209,8 @@ pub(crate) const LEARNED_TLS: u32 = 4;
 /// = IP header offset << 48 | transport offset << 32 | IP end << 16 | family (4 or 6),
 /// `owner` = slot << 32 | agent, `l4` = kind << 48 | protocol << 32 | source port << 16 |
 /// destination port. The addresses are read again from the packet. Returns
-/// `LEARNED_NONE`, `LEARNED_ALLOWED`, or `LEARNED_TLS` when the connection must pass
-/// [`tls_admission`] too. Linux 5.6 (global functions).
+/// `LEARNED_NONE`, `LEARNED_ALLOWED`, `LEARNED_TLS` when the connection must pass
+/// [`tls_admission`] too, or `LEARNED_QUIC` (see [`learned`]). Linux 5.6 (global functions).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn learned_admission(ctx: *mut xdp_md, layout: u64, owner: u64, l4: u64) -> u32 {
@@ -221,11 +223,7 @@ pub extern "C" fn learned_admission(ctx: *mut xdp_md, layout: u64, owner: u64, l
     } else {
         read::<16>(&ctx, p.l3_off + 24).and_then(|dst| learned(&p, dst))
     };
-    match found {
-        Some(true) => LEARNED_TLS,
-        Some(false) => LEARNED_ALLOWED,
-        None => LEARNED_NONE,
-    }
+    found.unwrap_or(LEARNED_NONE)
 }
 
 /// The SNI check of a connection a learned address admitted ([`sni`]), as a global
@@ -307,9 +305,12 @@ impl Packed {
 }
 
 /// Whether an unexpired learned entry for `dst` allows the packet: `None` if not, else
-/// whether the connection must also pass the SNI check (TCP to one of the TLS ports).
+/// `LEARNED_ALLOWED`, `LEARNED_TLS` when the connection must also pass the SNI check (TCP to
+/// one of the TLS ports), or `LEARNED_QUIC` for UDP to one of them: QUIC carries its server
+/// name in an encrypted Initial packet the program cannot read, so it is refused and the
+/// client falls back to TCP, where the name is checked.
 #[inline(always)]
-pub(crate) fn learned<A: NameAddr>(p: &Packed, dst: A) -> Option<bool> {
+pub(crate) fn learned<A: NameAddr>(p: &Packed, dst: A) -> Option<u32> {
     let entry = dst.learned(p.agent)?;
     // The tick clock lags by at most a tick and never leads: an entry may outlive its TTL
     // and grace by that much, never fall short of it.
@@ -320,8 +321,12 @@ pub(crate) fn learned<A: NameAddr>(p: &Packed, dst: A) -> Option<bool> {
         return None;
     }
     Some(match p.l4 {
-        L4::Port { dst, .. } => p.proto == IPPROTO_TCP && is_tls_port(p.slot, dst),
-        _ => false,
+        L4::Port { dst, .. } if is_tls_port(p.slot, dst) => match p.proto {
+            IPPROTO_TCP => LEARNED_TLS,
+            IPPROTO_UDP => LEARNED_QUIC,
+            _ => LEARNED_ALLOWED,
+        },
+        _ => LEARNED_ALLOWED,
     })
 }
 

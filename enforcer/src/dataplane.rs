@@ -247,6 +247,15 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    /// Pinned counters of another reason layout could not be removed.
+    #[error("removing the pinned counters at {path}, made for another set of reasons")]
+    ResetCounters {
+        /// The pin.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The tail-called stages could not be put in place.
     #[error("{op} the program array of the pipeline's stages at {path}")]
     Stages {
@@ -466,6 +475,7 @@ impl Dataplane {
                 limits.audit_ring_bytes = pinned;
             }
         }
+        reset_counters_of_another_layout(&maps_dir, stride)?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&maps_dir)
@@ -729,6 +739,39 @@ impl Drop for Dataplane {
             let _ = fs::remove_file(&self.stages_pin);
         }
     }
+}
+
+/// Removes the pinned counters when they were made for another number of reasons than this
+/// build's (a reason was added): each agent's counters are `Reason::COUNT` consecutive
+/// entries, and aya reuses a pinned map whatever its size, so the old pins would be read and
+/// written at the wrong places. Counters are statistics: this build starts them afresh and
+/// says so, and the program that is still attached keeps its own (old) map until its link is
+/// switched. Pins made for another `max_agents` are left for the stride check, which refuses
+/// them with a message saying what to do.
+fn reset_counters_of_another_layout(maps_dir: &Path, stride: u32) -> Result<(), DataplaneError> {
+    let (agents_pin, counters_pin) = (maps_dir.join(maps::AGENTS), maps_dir.join(maps::COUNTERS));
+    if !agents_pin.exists() || !counters_pin.exists() {
+        return Ok(());
+    }
+    let entries = |name: &'static str, pin: &Path| {
+        MapInfo::from_pin(pin)
+            .map(|info| info.max_entries())
+            .map_err(|source| DataplaneError::Map { name, source })
+    };
+    let pinned_stride = entries(maps::AGENTS, &agents_pin)? / 2;
+    let pinned_counters = entries(maps::COUNTERS, &counters_pin)?;
+    if pinned_stride == stride && pinned_counters != stride * Reason::COUNT {
+        tracing::warn!(
+            pinned_reasons = pinned_counters / stride.max(1),
+            reasons = Reason::COUNT,
+            "the pinned counters were made for another set of reasons; counting starts afresh"
+        );
+        fs::remove_file(&counters_pin).map_err(|source| DataplaneError::ResetCounters {
+            path: counters_pin.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Where the `STAGES` arrays are pinned: one per loaded entry program, named by its id.

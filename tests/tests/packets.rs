@@ -1550,7 +1550,15 @@ fn host_names_table() {
         maps.learn_name(9, "10.20.0.4".parse().unwrap(), later, &https)
             .unwrap();
         maps.forget_name(9, "10.20.0.4".parse().unwrap()).unwrap();
-        assert_eq!(maps.learned_names().unwrap().len(), 5);
+        // A name rule with `proto = "any"`: UDP to its TLS ports would be QUIC.
+        let any = [(Proto::Any, PortRange { lo: 0, hi: 65535 })];
+        maps.learn_name(9, "10.20.0.5".parse().unwrap(), later, &any)
+            .unwrap();
+        maps.learn_name(9, "fd20::5".parse().unwrap(), later, &any)
+            .unwrap();
+        maps.learn_name(8, "10.20.0.5".parse().unwrap(), later, &any)
+            .unwrap();
+        assert_eq!(maps.learned_names().unwrap().len(), 8);
 
         let a = "10.11.0.2";
         let api = client_hello(Some("api.example.test"), false);
@@ -1818,6 +1826,47 @@ fn host_names_table() {
                 SniDenied,
             ),
             row(
+                "quic (udp to a tls port) of a name-admitted address",
+                udp4(a, "10.20.0.5", 443, 40),
+                XDP_DROP,
+                9,
+                QuicRefused,
+            ),
+            row(
+                "udp to another port of that address",
+                udp4(a, "10.20.0.5", 8443, 40),
+                XDP_PASS,
+                9,
+                Allowed,
+            ),
+            row(
+                "tcp to the tls port of that address is sni-checked",
+                tcp4_payload(
+                    a,
+                    40010,
+                    "10.20.0.5",
+                    443,
+                    &client_hello(Some("other.test"), false),
+                ),
+                XDP_DROP,
+                9,
+                SniDenied,
+            ),
+            row(
+                "ipv6 quic of a name-admitted address",
+                udp6("fd11::2", "fd20::5", 443),
+                XDP_DROP,
+                9,
+                QuicRefused,
+            ),
+            row(
+                "quic from a monitor-mode agent",
+                udp4("10.12.0.2", "10.20.0.5", 443, 40),
+                XDP_PASS,
+                8,
+                MonitorQuicRefused,
+            ),
+            row(
                 "ipv6 dns elsewhere",
                 udp6("fd11::2", "2001:db8::53", 53),
                 XDP_DROP,
@@ -1925,5 +1974,50 @@ fn verifier_headroom_on_this_kernel() {
                 c.program
             );
         }
+    });
+}
+
+/// Pinned counters made for another number of reasons (a build before a reason was added)
+/// are not reused at the wrong indices: the load starts them afresh, sized for this build.
+#[test]
+fn counters_of_another_reason_layout_start_afresh() {
+    if !require_root("counters_of_another_reason_layout_start_afresh") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let limits = Limits {
+            max_agents: 64,
+            ..Limits::default()
+        };
+        let stride = limits.max_agents + 1;
+        let maps_dir = bpffs.path().join("maps");
+        std::fs::create_dir_all(&maps_dir).unwrap();
+        // What an older build left: the same agents, counters for two reasons fewer.
+        let old_counters = stride * (Reason::COUNT - 2);
+        drop(
+            aya::EbpfLoader::new()
+                .default_map_pin_directory(&maps_dir)
+                .map_max_entries(maps::AGENTS, 2 * stride)
+                .map_max_entries(maps::COUNTERS, old_counters)
+                .load(dataplane::EBPF_OBJECT)
+                .unwrap(),
+        );
+        let counters_pin = maps_dir.join(maps::COUNTERS);
+        assert_eq!(
+            aya::maps::MapInfo::from_pin(&counters_pin)
+                .unwrap()
+                .max_entries(),
+            old_counters
+        );
+        let dp = load(&bpffs, POLICY, None);
+        assert_eq!(
+            aya::maps::MapInfo::from_pin(&counters_pin)
+                .unwrap()
+                .max_entries(),
+            stride * Reason::COUNT,
+            "the counters were not made afresh for this build's reasons"
+        );
+        drop(dp);
     });
 }
