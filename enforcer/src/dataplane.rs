@@ -198,6 +198,26 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    /// The kernel is older than [`MIN_KERNEL`].
+    #[error(
+        "Linux {release} is too old: the enforcer needs 5.18 or later (bpf_xdp_load_bytes, with \
+         which the TLS server-name check reads packets)"
+    )]
+    KernelTooOld {
+        /// `uname -r`.
+        release: String,
+    },
+    /// The kernel's verifier refused a program.
+    #[error(
+        "the kernel's verifier rejected program {name} ({summary}); ENFORCER_LOG=debug prints its \
+         whole log, `enforcer doctor` what each program costs where they load"
+    )]
+    Rejected {
+        /// The program.
+        name: &'static str,
+        /// The error and the log's last lines.
+        summary: String,
+    },
     /// A map was missing from the object or had the wrong shape.
     #[error("opening map {name}")]
     Map {
@@ -381,6 +401,49 @@ fn rule_sets(limits: &Limits) -> u32 {
     limits.max_destination_prefixes.clamp(1, 16_384)
 }
 
+/// The oldest kernel the programs load on: the TLS server-name check reads packet bytes
+/// with `bpf_xdp_load_bytes` (Linux 5.18); everything else is older (64-bit `BPF_CMPXCHG`
+/// 5.12, the ring buffer 5.8, global functions 5.6).
+pub const MIN_KERNEL: (u32, u32) = (5, 18);
+
+/// Whether a kernel release (`uname -r`) is at least [`MIN_KERNEL`]; `None` when it does not
+/// start with `MAJOR.MINOR` (then loading decides).
+pub fn kernel_supported(release: &str) -> Option<bool> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    Some((major, minor) >= MIN_KERNEL)
+}
+
+/// A program the kernel refused, as one line: the verifier's last words, its full log at
+/// debug level (`ENFORCER_LOG=debug`).
+fn rejected(name: &'static str, source: ProgramError) -> DataplaneError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program = name, "verifier log:\n{log}");
+            let last: Vec<&str> = log
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let tail = last[last.len().saturating_sub(2)..].join("; ");
+            DataplaneError::Rejected {
+                name,
+                summary: if tail.is_empty() {
+                    io_error.to_string()
+                } else {
+                    format!("{io_error}: {tail}")
+                },
+            }
+        }
+        source => DataplaneError::Program { name, source },
+    }
+}
+
 /// Every program of the object, as [`Dataplane::load`] loads them.
 const PROGRAMS: [&str; 5] = [
     programs::ENFORCE,
@@ -447,6 +510,13 @@ impl Dataplane {
     /// Loads the XDP object with its maps pinned under `bpffs/maps` (reusing pins left by
     /// an earlier run, so policy, buckets and counters survive restarts).
     pub fn load(bpffs: &Path, limits: &Limits) -> Result<Self, DataplaneError> {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let release = release.trim();
+        if kernel_supported(release) == Some(false) {
+            return Err(DataplaneError::KernelTooOld {
+                release: release.to_owned(),
+            });
+        }
         let maps_dir = bpffs.join("maps");
         for dir in [&maps_dir, &bpffs.join("links")] {
             fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
@@ -526,9 +596,7 @@ impl Dataplane {
                 })?
                 .try_into()
                 .map_err(|source| DataplaneError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            program.load().map_err(|source| rejected(name, source))?;
         }
         // The limiters' tick clock, measured for this boot before any packet can need it.
         let clock = {
@@ -1571,6 +1639,18 @@ impl PolicyMaps for FakeMaps {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernels_older_than_5_18_are_refused_by_release() {
+        assert_eq!(kernel_supported("5.10.0-27-amd64"), Some(false));
+        assert_eq!(kernel_supported("5.17.15"), Some(false));
+        assert_eq!(kernel_supported("5.18.0"), Some(true));
+        assert_eq!(kernel_supported("6.1.0-57-amd64"), Some(true));
+        assert_eq!(kernel_supported("6.18.44-fc-v1272"), Some(true));
+        assert_eq!(kernel_supported("4.19.0"), Some(false));
+        assert_eq!(kernel_supported("unknown"), None);
+        assert_eq!(kernel_supported(""), None);
+    }
+
     use super::*;
 
     fn policy(unknown_drop: bool) -> Compiled {
