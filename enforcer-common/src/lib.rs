@@ -1027,9 +1027,9 @@ pub mod programs {
         [(STAGE_NAMES, ENFORCE_NAMES), (STAGE_FINISH, ENFORCE_FINISH)];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";
-    /// Writes `jiffies` and CLOCK_MONOTONIC ns (two little-endian u64s) over the first 16
-    /// bytes of the packet: run with `BPF_PROG_TEST_RUN`, it is how the daemon measures
-    /// [`super::Clock`].
+    /// Writes `jiffies`, CLOCK_MONOTONIC ns read after it and CLOCK_MONOTONIC ns read
+    /// before it (three little-endian u64s) over the first 24 bytes of the packet: run with
+    /// `BPF_PROG_TEST_RUN`, it is how the daemon measures [`super::Clock`].
     pub const CLOCK_PROBE: &str = "clock_probe";
 }
 

@@ -348,7 +348,7 @@ fn measure_clock(probe: &Xdp) -> Result<Clock, Box<dyn std::error::Error + Send 
     if tick_ns == 0 || tick_ns > 10_000_000 {
         return Err(format!("CLOCK_MONOTONIC_COARSE has a resolution of {tick_ns} ns").into());
     }
-    // (jiffies, CLOCK_MONOTONIC ns) read together by the program.
+    // (jiffies, CLOCK_MONOTONIC ns read before it) from one run of the program.
     let sample = || -> Result<(u64, u64), ProgramError> {
         let packet = [0u8; 64];
         let mut out = [0u8; 64];
@@ -364,8 +364,13 @@ fn measure_clock(probe: &Xdp) -> Result<Clock, Box<dyn std::error::Error + Send 
                     .expect("8 bytes of a 64-byte buffer"),
             )
         };
-        Ok((word(0), word(8)))
+        Ok((word(0), word(16)))
     };
+    // The tick that advanced `jiffies` to its new value came after the previous sample read
+    // the old value, so after that sample's clock reading taken *before* its `jiffies`
+    // read: that reading is a lower bound of the tick's time, which keeps the tick clock
+    // from ever running ahead. (A reading taken after the `jiffies` read is no bound: the
+    // tick's interrupt can land between the two and last long.)
     let (mut jiffies, mut before_ns) = sample()?;
     // One tick at most; a second is far beyond any HZ.
     let deadline = before_ns + 1_000_000_000;
