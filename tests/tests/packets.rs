@@ -1297,7 +1297,11 @@ fn destinations_beyond_the_rule_sets() {
 }
 
 /// The limiters' tick clock (`CLOCK`, measured at load) reads CLOCK_MONOTONIC at a tick's
-/// resolution: never ahead of it, and behind by at most a tick (plus the probe's own run).
+/// resolution: never ahead of it, in any sample, and right after a tick behind by at most a
+/// tick (plus the probe's own run). The second bound is checked on the closest of 50
+/// samples spread over several ticks: a tick may come late when the machine stalls (under
+/// TCG, `jiffies` was seen 6 ms behind for a while), which delays `jiffies` and so the
+/// tick clock, never the measurement; a wrong offset would put every sample off.
 #[test]
 fn tick_clock_follows_monotonic() {
     if !require_root("tick_clock_follows_monotonic") {
@@ -1322,6 +1326,7 @@ fn tick_clock_follows_monotonic() {
         let tick_ns = res.tv_nsec as u64;
         assert_eq!(clock.tick_units, tick_ns << TIME_SHIFT);
         let probe = dp.program(programs::CLOCK_PROBE).unwrap();
+        let mut closest = i64::MAX;
         for _ in 0..50 {
             let packet = [0u8; 64];
             let mut out = [0u8; 64];
@@ -1339,11 +1344,17 @@ fn tick_clock_follows_monotonic() {
                 .wrapping_sub(clock.offset);
             let lag_ns = ((ns << TIME_SHIFT) as i64).wrapping_sub(tick_clock as i64) >> TIME_SHIFT;
             assert!(
-                (0..=(tick_ns + 1_000_000) as i64).contains(&lag_ns),
-                "the tick clock is {lag_ns} ns behind CLOCK_MONOTONIC (a tick is {tick_ns} ns)"
+                lag_ns >= 0,
+                "the tick clock is {} ns ahead of CLOCK_MONOTONIC",
+                -lag_ns
             );
+            closest = closest.min(lag_ns);
             std::thread::sleep(std::time::Duration::from_micros(700));
         }
+        assert!(
+            closest <= (tick_ns + 1_000_000) as i64,
+            "the tick clock is at least {closest} ns behind CLOCK_MONOTONIC in every sample (a tick is {tick_ns} ns)"
+        );
     });
 }
 
