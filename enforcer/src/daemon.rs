@@ -494,6 +494,7 @@ impl Daemon {
                 "last_error": self.status.last_error,
                 "agents": self.status.agents.len(),
                 "interfaces": self.status.interfaces,
+                "hooks": self.dataplane.hooks(),
                 "overrides": self.status.overrides,
                 "bpffs": self.config.bpffs,
                 "control_plane": self.control_plane.as_ref().map(|state| json!({

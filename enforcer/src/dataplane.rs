@@ -50,6 +50,7 @@ use thiserror::Error;
 use crate::{
     audit::AuditRate,
     compile::{Compiled, Limits, name_rule_set},
+    netlink::{self, XdpAttachMode},
     policy::{PortRange, Proto},
     table::{self, Table},
 };
@@ -313,6 +314,21 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) mode only.
     Generic,
+}
+
+/// The enforcer's hook on one interface, as the kernel reports it (`enforcer status`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Hook {
+    /// The interface.
+    pub interface: String,
+    /// The XDP attach mode; `None` when the kernel could not be asked (see `problem`).
+    pub mode: Option<XdpAttachMode>,
+    /// The program the kernel runs there (0: none).
+    pub program_id: u32,
+    /// Whether that program is this daemon's `enforce`.
+    pub ours: bool,
+    /// Why the interface is not enforced as its pin says, if it is not.
+    pub problem: Option<String>,
 }
 
 /// How an interface ended up attached.
@@ -796,6 +812,35 @@ impl Dataplane {
     /// Interfaces that have a pinned link.
     pub fn attached_interfaces(&self) -> Vec<String> {
         attached_interfaces(&self.bpffs)
+    }
+
+    /// What runs on each interface that has a pinned link, as the kernel reports it now
+    /// (the mode of a link an earlier run created is known only to the kernel).
+    pub fn hooks(&self) -> Vec<Hook> {
+        let ours = self
+            .program(programs::ENFORCE)
+            .and_then(|p| p.info().ok())
+            .map(|info| info.id());
+        self.attached_interfaces()
+            .into_iter()
+            .map(|interface| match netlink::xdp_state(&interface) {
+                Ok(state) => Hook {
+                    mode: Some(state.mode),
+                    program_id: state.program_id,
+                    ours: state.program_id != 0 && Some(state.program_id) == ours,
+                    problem: (state.mode == XdpAttachMode::None)
+                        .then(|| "the link is pinned but no XDP program runs".to_string()),
+                    interface,
+                },
+                Err(e) => Hook {
+                    mode: None,
+                    program_id: 0,
+                    ours: false,
+                    problem: Some(e.to_string()),
+                    interface,
+                },
+            })
+            .collect()
     }
 
     /// Removes the pinned link of `interface`, detaching the enforcer from it.

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod ktls;
 pub mod lab;
 pub mod metrics;
+pub mod netlink;
 pub mod notify;
 pub mod policy;
 pub mod proto;

@@ -301,7 +301,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     v["policy_digest"].as_str().unwrap_or("-")
                 );
                 println!("agents      {}", v["agents"]);
-                println!("attached    {}", join(&v["interfaces"]));
+                print_hooks(&v["hooks"]);
                 println!("last apply  {} us", v["apply_micros"]);
                 if let Some(e) = v["last_error"].as_str() {
                     println!("last error  {e} (the previous policy keeps enforcing)");
@@ -635,6 +635,38 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             enforcer::demo::run(Duration::from_secs(*seconds))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// One line per hooked interface: the mode the kernel reports and whether the program
+/// running there is this daemon's.
+fn print_hooks(hooks: &serde_json::Value) {
+    let hooks = hooks.as_array().map(Vec::as_slice).unwrap_or_default();
+    if hooks.is_empty() {
+        println!("attached    (no interface)");
+    }
+    let width = hooks
+        .iter()
+        .filter_map(|h| h["interface"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    for (i, h) in hooks.iter().enumerate() {
+        let label = if i == 0 { "attached" } else { "" };
+        let interface = h["interface"].as_str().unwrap_or("?");
+        let state = match (h["mode"].as_str(), h["problem"].as_str()) {
+            (_, Some(problem)) => format!("NOT ENFORCING: {problem}"),
+            (Some(mode), None) => {
+                let whose = if h["ours"] == true {
+                    "this daemon's program"
+                } else {
+                    "ANOTHER program"
+                };
+                format!("xdp {mode:<8} program {} ({whose})", h["program_id"])
+            }
+            (None, None) => "unknown".to_string(),
+        };
+        println!("{label:<11} {interface:<width$}  {state}");
     }
 }
 

@@ -8,6 +8,7 @@
 //! ```
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     fs,
     net::{IpAddr, SocketAddr},
@@ -154,6 +155,40 @@ impl Lab {
         )
         .unwrap();
         lab
+    }
+
+    /// Sets the daemon's `xdp_mode` (the lab starts with `native`); before `start_daemon`.
+    pub fn set_xdp_mode(&self, mode: &str) {
+        let path = self.config_path();
+        let config = fs::read_to_string(&path).unwrap();
+        assert!(config.contains("xdp_mode = \"native\"\n"));
+        fs::write(
+            &path,
+            config.replace("xdp_mode = \"native\"\n", &format!("xdp_mode = {mode:?}\n")),
+        )
+        .unwrap();
+    }
+
+    /// The daemon's hooks as `enforcer status --json` reports them, by interface.
+    pub fn hooks(&self) -> BTreeMap<String, serde_json::Value> {
+        let out = self.cli(&[
+            "status",
+            "--json",
+            "--config",
+            self.config_path().to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "enforcer status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        status["hooks"]
+            .as_array()
+            .expect("status has hooks")
+            .iter()
+            .map(|h| (h["interface"].as_str().unwrap().to_string(), h.clone()))
+            .collect()
     }
 
     /// Agent `i`'s namespace (1-based).

@@ -111,6 +111,12 @@ fn allowed_traffic_flows_and_denied_does_not() {
         "@metadata blocked"
     );
 
+    // The kernel reports the mode it runs the program in, and that it is this daemon's.
+    for (interface, hook) in lab.hooks() {
+        assert_eq!(hook["mode"], "native", "{interface}: {hook}");
+        assert_eq!(hook["ours"], true, "{interface}: {hook}");
+    }
+
     let maps = lab.maps();
     assert!(maps.counter(1, Reason::Allowed).unwrap().packets > 0);
     assert!(maps.counter(1, Reason::EgressDenied).unwrap().packets >= 20 + 2);
@@ -148,6 +154,120 @@ fn allowed_traffic_flows_and_denied_does_not() {
             .unwrap()
             >= 22
     );
+}
+
+/// Generic (skb) XDP, the mode `xdp_mode = "auto"` falls back to on a driver without
+/// native XDP: the same program must allow, deny and rate-limit real sockets' traffic, and
+/// `status` must say which mode the kernel runs.
+#[test]
+fn generic_xdp_enforces_real_traffic() {
+    if !require_root("generic_xdp_enforces_real_traffic") {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    lab.set_xdp_mode("generic");
+    lab.write_policy(
+        r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2", "fd20:100::2"]
+proto = "tcp"
+ports = "8080"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+
+[[agents]]
+id = 2
+name = "looper"
+interfaces = ["gwa2"]
+egress_default = "allow"
+rate = { packets_per_sec = 100, packets_burst = 50 }
+"#,
+    );
+    lab.start_daemon();
+    let hooks = lab.hooks();
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    for (interface, hook) in &hooks {
+        assert_eq!(hook["mode"], "generic", "{interface}: {hook}");
+        assert_eq!(hook["ours"], true, "{interface}: {hook}");
+        assert!(hook["problem"].is_null(), "{interface}: {hook}");
+    }
+    let out = lab.cli(&["status", "--config", lab.config_path().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for interface in ["gwa1", "gwa2"] {
+        assert!(
+            text.lines().any(|l| l.contains(interface)
+                && l.contains("xdp generic")
+                && l.contains("this daemon's program")),
+            "status names {interface}'s mode:\n{text}"
+        );
+    }
+
+    let echo = TcpEchoServer::spawn(&lab.server, sa("::", 8080)).unwrap();
+    let udp_ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let udp_no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+    let a1 = lab.agent(1);
+    assert!(tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)));
+    assert!(tcp_probe(a1, sa(SERVER_V6, 8080), Duration::from_secs(3)));
+    assert!(!tcp_probe(a1, sa(SERVER_V4, 8081), DENIED_WAIT));
+    udp_send(
+        a1,
+        sa(SERVER_V4, 9000),
+        None,
+        b"ok",
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    udp_send(
+        a1,
+        sa(SERVER_V4, 9001),
+        None,
+        b"no",
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(udp_ok.stop().0, 20, "every allowed datagram arrives");
+    assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
+    assert_eq!(echo.accepted(), 2);
+
+    // Agent 2 floods: the burst passes, then about 100 a second. One datagram first, so
+    // the neighbour entry exists and no datagram waits in (or overflows) its queue.
+    let sink = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9002)).unwrap();
+    let a2 = lab.agent(2);
+    udp_send(a2, sa(SERVER_V4, 9002), None, b"warm", 1, Duration::ZERO).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let sent = 1 + udp_send(a2, sa(SERVER_V4, 9002), None, b"x", 2000, Duration::ZERO).unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(200));
+    let received = sink.stop().0;
+    let maps = lab.maps();
+    let limited = maps.counter(2, Reason::RateLimitedPackets).unwrap().packets;
+    eprintln!("sent {sent} in {elapsed:.3} s, received {received}, rate-limited {limited}");
+    assert_eq!(sent, 2001);
+    assert!(received >= 50, "the burst passes: {received}");
+    assert!(
+        received as f64 <= 50.0 + 100.0 * (elapsed + 0.4) + 1.0,
+        "at most burst + rate x time: {received} in {elapsed:.3} s"
+    );
+    assert_eq!(
+        limited,
+        sent - received,
+        "every datagram not received was rate-limited"
+    );
+    // 20 datagrams and at least one SYN to 8081.
+    assert!(maps.counter(1, Reason::EgressDenied).unwrap().packets > 20);
 }
 
 #[test]
