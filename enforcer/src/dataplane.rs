@@ -53,6 +53,7 @@ use crate::{
     netlink::{self, XdpAttachMode},
     policy::{PortRange, Proto},
     table::{self, Table},
+    verifier::{self, VerifierError, VerifierStats},
 };
 
 /// The XDP object built by `build.rs`.
@@ -288,6 +289,9 @@ pub enum DataplaneError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Verifying a copy of a program for its statistics failed.
+    #[error(transparent)]
+    Verifier(#[from] VerifierError),
     /// Pinning or replacing a link failed.
     #[error("{op} the XDP link of {interface} at {path}")]
     Link {
@@ -486,6 +490,9 @@ pub struct VerifierCost {
     /// Instructions the verifier processed for it, global functions included
     /// (`bpf_prog_info.verified_insns`, Linux 5.16); `None` on an older kernel.
     pub processed: Option<u32>,
+    /// What the verifier log says when a copy is verified again (peak states, stack
+    /// depth; see [`crate::verifier`]).
+    pub stats: VerifierStats,
 }
 
 impl VerifierCost {
@@ -500,16 +507,27 @@ impl VerifierCost {
 /// tests on every kernel they run on).
 pub fn verifier_table(release: &str, costs: &[VerifierCost]) -> String {
     let mut out = format!(
-        "verifier cost on Linux {release} (processed instructions; the limit is {VERIFIER_INSN_LIMIT} per program)\n\
-         {:<16} {:>10} {:>9}\n",
-        "program", "processed", "of limit"
+        "verifier cost on Linux {release} (processed instructions: the limit is {VERIFIER_INSN_LIMIT} per program;\n\
+         peak states: the most held at once; stack: bytes per function, main first, 512 along a call chain)\n\
+         {:<16} {:>10} {:>9} {:>12} {:>12}  {}\n",
+        "program", "processed", "of limit", "peak states", "total states", "stack"
     );
     for c in costs {
         let (n, pct) = match (c.processed, c.percent()) {
             (Some(n), Some(p)) => (n.to_string(), format!("{p:.1}%")),
             _ => ("-".to_owned(), "needs 5.16".to_owned()),
         };
-        out.push_str(&format!("{:<16} {n:>10} {pct:>9}\n", c.program));
+        let stack = c
+            .stats
+            .stack_depth
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join("+");
+        out.push_str(&format!(
+            "{:<16} {n:>10} {pct:>9} {:>12} {:>12}  {stack}\n",
+            c.program, c.stats.peak_states, c.stats.total_states
+        ));
     }
     out
 }
@@ -701,7 +719,7 @@ impl Dataplane {
 
     /// What the verifier spent on each program of this load.
     pub fn verifier_costs(&self) -> Result<Vec<VerifierCost>, DataplaneError> {
-        PROGRAMS
+        let infos = PROGRAMS
             .iter()
             .map(|&name| {
                 let program: &Xdp = self
@@ -715,12 +733,19 @@ impl Dataplane {
                 let info = program
                     .info()
                     .map_err(|source| DataplaneError::Program { name, source })?;
-                Ok(VerifierCost {
-                    program: name,
-                    processed: info.verified_instruction_count(),
-                })
+                Ok((name, info))
             })
-            .collect()
+            .collect::<Result<Vec<_>, DataplaneError>>()?;
+        let stats = verifier::stats(EBPF_OBJECT, &infos)?;
+        Ok(infos
+            .into_iter()
+            .zip(stats)
+            .map(|((name, info), stats)| VerifierCost {
+                program: name,
+                processed: info.verified_instruction_count(),
+                stats,
+            })
+            .collect())
     }
 
     /// A loaded program by name (see `enforcer_common::programs`), e.g. for test runs.

@@ -24,3 +24,4 @@ pub mod stats;
 pub mod sync;
 pub mod table;
 pub mod testrun;
+pub mod verifier;

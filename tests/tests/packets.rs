@@ -1963,7 +1963,8 @@ fn host_names_table() {
 /// Every program of the data plane keeps its distance from the verifier's limit on the
 /// kernel this runs on (the host, and in `cargo xtask vmtest` Debian's 6.1 and 6.12): at
 /// most 60% of the 1,000,000 processed instructions, so the next stage's code has room on
-/// every kernel we support. Prints the table the note and `enforcer doctor` show.
+/// every kernel we support. Prints the table the note and `enforcer doctor` show, with the
+/// peak states and stack depth of a copy verified again with a statistics log.
 #[test]
 fn verifier_headroom_on_this_kernel() {
     if !require_root("verifier_headroom_on_this_kernel") {
@@ -1982,6 +1983,18 @@ fn verifier_headroom_on_this_kernel() {
             assert!(
                 u64::from(processed) * 10 <= u64::from(VERIFIER_INSN_LIMIT) * 6,
                 "{} took {processed} processed instructions, over 60% of the verifier's {VERIFIER_INSN_LIMIT}",
+                c.program
+            );
+            // The statistics come from a copy verified again: it must be the same program
+            // verified the same way, or its peak states and stack say nothing.
+            assert_eq!(
+                c.stats.processed, processed,
+                "{}: the verified copy processed another number of instructions",
+                c.program
+            );
+            assert!(
+                !c.stats.stack_depth.is_empty(),
+                "{}: no stack depth",
                 c.program
             );
         }
