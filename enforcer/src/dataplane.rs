@@ -450,10 +450,17 @@ fn rejected(name: &'static str, source: ProgramError) -> DataplaneError {
         } => {
             let log = verifier_log.to_string();
             tracing::debug!(program = name, "verifier log:\n{log}");
+            // The reason is the last lines before the statistics the kernel appends (stack
+            // depth, processed instructions), which say nothing about what was refused.
             let last: Vec<&str> = log
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                        && !l.starts_with("processed ")
+                })
                 .collect();
             let tail = last[last.len().saturating_sub(2)..].join("; ");
             DataplaneError::Rejected {
