@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer::lab::{TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send};
+use enforcer::lab::{Netns, TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send};
 use enforcer_common::Reason;
 use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4, SERVER_V6, sa};
 
@@ -43,6 +43,27 @@ to = ["@private", "@metadata"]
     .to_string()
 }
 
+/// Agent `ns` sends 20 datagrams to UDP 9000 (allowed) and 20 to 9001 (denied) on the
+/// server: every allowed one arrives, no denied one does.
+fn udp_to_9000_arrives_and_to_9001_does_not(lab: &Lab, ns: &Netns) {
+    let udp_ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let udp_no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+    for (port, payload) in [(9000, b"ok"), (9001, b"no")] {
+        udp_send(
+            ns,
+            sa(SERVER_V4, port),
+            None,
+            payload,
+            20,
+            Duration::from_millis(1),
+        )
+        .unwrap();
+    }
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(udp_ok.stop().0, 20, "every allowed datagram arrives");
+    assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
+}
+
 #[test]
 fn allowed_traffic_flows_and_denied_does_not() {
     if !require_root("allowed_traffic_flows_and_denied_does_not") {
@@ -54,8 +75,6 @@ fn allowed_traffic_flows_and_denied_does_not() {
     // Dual-stack listeners: one socket answers IPv4 and IPv6.
     let echo = TcpEchoServer::spawn(&lab.server, sa("::", 8080)).unwrap();
     let echo_other = TcpEchoServer::spawn(&lab.server, sa("::", 8081)).unwrap();
-    let udp_ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
-    let udp_no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
 
     let a1 = lab.agent(1);
     assert!(
@@ -74,27 +93,7 @@ fn allowed_traffic_flows_and_denied_does_not() {
         !tcp_probe(a1, sa(METADATA, 8080), DENIED_WAIT),
         "metadata is not allowed"
     );
-    udp_send(
-        a1,
-        sa(SERVER_V4, 9000),
-        None,
-        b"ok",
-        20,
-        Duration::from_millis(1),
-    )
-    .unwrap();
-    udp_send(
-        a1,
-        sa(SERVER_V4, 9001),
-        None,
-        b"no",
-        20,
-        Duration::from_millis(1),
-    )
-    .unwrap();
-    thread::sleep(Duration::from_millis(200));
-    assert_eq!(udp_ok.stop().0, 20, "every allowed datagram arrives");
-    assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
+    udp_to_9000_arrives_and_to_9001_does_not(&lab, a1);
 
     // Agent 2: everything but private ranges and metadata.
     let a2 = lab.agent(2);
@@ -212,33 +211,11 @@ rate = { packets_per_sec = 100, packets_burst = 50 }
     }
 
     let echo = TcpEchoServer::spawn(&lab.server, sa("::", 8080)).unwrap();
-    let udp_ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
-    let udp_no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
     let a1 = lab.agent(1);
     assert!(tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)));
     assert!(tcp_probe(a1, sa(SERVER_V6, 8080), Duration::from_secs(3)));
     assert!(!tcp_probe(a1, sa(SERVER_V4, 8081), DENIED_WAIT));
-    udp_send(
-        a1,
-        sa(SERVER_V4, 9000),
-        None,
-        b"ok",
-        20,
-        Duration::from_millis(1),
-    )
-    .unwrap();
-    udp_send(
-        a1,
-        sa(SERVER_V4, 9001),
-        None,
-        b"no",
-        20,
-        Duration::from_millis(1),
-    )
-    .unwrap();
-    thread::sleep(Duration::from_millis(200));
-    assert_eq!(udp_ok.stop().0, 20, "every allowed datagram arrives");
-    assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
+    udp_to_9000_arrives_and_to_9001_does_not(&lab, a1);
     assert_eq!(echo.accepted(), 2);
 
     // Agent 2 floods: the burst passes, then about 100 a second. One datagram first, so
