@@ -966,6 +966,9 @@ pub mod maps {
     /// `stages/` in its bpffs directory, which keeps its entries while a pinned link still
     /// runs the entry program.
     pub const STAGES: &str = "STAGES";
+    /// [`STAGES`] of the tc programs (a program array holds one program type), handled
+    /// the same way (see [`super::programs::STAGES_TC`]).
+    pub const STAGES_TC: &str = "STAGES_TC";
     /// Per-CPU scratch, one element: what the entry program hands the stages it
     /// tail-calls. Kernel-only, and like [`STAGES`] one per loaded object.
     pub const HANDOFF: &str = "HANDOFF";
@@ -1025,6 +1028,19 @@ pub mod programs {
     /// Every tail-called stage, by its index in `STAGES`.
     pub const STAGES: [(u32, &str); 2] =
         [(STAGE_NAMES, ENFORCE_NAMES), (STAGE_FINISH, ENFORCE_FINISH)];
+    /// The enforcer as a tc (`sched_cls`, direct action) program, for the host side of
+    /// sandbox veths: the same stages over socket buffers.
+    pub const ENFORCE_TC: &str = "enforce_tc";
+    /// [`ENFORCE_NAMES`] at tc.
+    pub const ENFORCE_NAMES_TC: &str = "enforce_names_tc";
+    /// [`ENFORCE_FINISH`] at tc.
+    pub const ENFORCE_FINISH_TC: &str = "enforce_finish_tc";
+    /// Every tail-called stage of [`ENFORCE_TC`], by its index in `STAGES_TC` (the same
+    /// indices as [`STAGES`]).
+    pub const STAGES_TC: [(u32, &str); 2] = [
+        (STAGE_NAMES, ENFORCE_NAMES_TC),
+        (STAGE_FINISH, ENFORCE_FINISH_TC),
+    ];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";
     /// Writes `jiffies`, CLOCK_MONOTONIC ns read after it and CLOCK_MONOTONIC ns read

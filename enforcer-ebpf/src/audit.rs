@@ -3,12 +3,12 @@
 
 use core::ptr;
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{
     AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditEvent, Reason, counter_index,
 };
 
-use crate::{limits::*, maps::*, parse::*};
+use crate::{context::*, limits::*, maps::*, parse::*};
 
 /// The addresses and ports an audit event records: implemented by both families' flows and
 /// by [`NoTuple`] for frames whose IP header could not be read. Monomorphised and inlined,
@@ -21,10 +21,7 @@ pub(crate) trait AuditTuple {
 /// Ports of a flow for an audit event: 0 when the protocol has none or they were not read.
 #[inline(always)]
 pub(crate) fn ports(l4: L4) -> (u16, u16) {
-    match l4 {
-        L4::Port { src, dst } => (src, dst),
-        _ => (0, 0),
-    }
+    (l4.src, l4.dst)
 }
 
 impl AuditTuple for Flow<[u8; 4]> {
@@ -83,11 +80,11 @@ impl AuditTuple for NoTuple {
 /// the 512-byte BPF stack). One subprogram per packet shape, called only for admitted
 /// events; it copies the packet's facts into the event and [`emit`] does the rest.
 #[inline(never)]
-pub(crate) fn audit<F: AuditTuple>(
-    ctx: &XdpContext,
+pub(crate) fn audit<C: Packet, F: AuditTuple>(
+    ctx: &C,
     agent: u32,
     reason: Reason,
-    len: u64,
+    wire: Wire,
     flow: &F,
 ) {
     // Every byte is set, padding included: ring memory is reused, and a field left
@@ -97,8 +94,8 @@ pub(crate) fn audit<F: AuditTuple>(
         generation: 0,
         agent,
         reason: reason as u32,
-        ifindex: ctx.ingress_ifindex() as u32,
-        len: len as u32,
+        ifindex: ctx.ifindex(),
+        len: wire.bytes as u32,
         src: [0; 16],
         dst: [0; 16],
         src_port: 0,
@@ -187,15 +184,15 @@ pub(crate) fn audit_charge(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -
     gcra(tat, now, cost, tolerance)
 }
 
-/// Adds one packet of `len` bytes to the (agent, reason) counter, in place.
+/// Adds a packet's segments and wire bytes to the (agent, reason) counter, in place.
 #[inline(always)]
-pub(crate) fn count(agent: u32, reason: Reason, len: u64) {
+pub(crate) fn count(agent: u32, reason: Reason, wire: Wire) {
     if let Some(c) = COUNTERS.get_ptr_mut(counter_index(agent, reason)) {
         // SAFETY: per-CPU map value; XDP does not migrate between CPUs mid-program, so
         // nothing else writes this CPU's copy concurrently.
         unsafe {
-            (*c).packets += 1;
-            (*c).bytes += len;
+            (*c).packets += wire.packets;
+            (*c).bytes += wire.bytes;
         }
     }
 }

@@ -187,26 +187,26 @@ pub(crate) fn rule_verdict(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option
             if r.proto != PROTO_ANY && r.proto != proto {
                 continue;
             }
-            match l4 {
-                L4::Port { dst: port, .. } => {
-                    if port < r.port_lo || port > r.port_hi {
+            match l4.kind {
+                L4Kind::Port => {
+                    if l4.dst < r.port_lo || l4.dst > r.port_hi {
                         continue;
                     }
                 }
-                L4::NoPorts => {
+                L4Kind::NoPorts => {
                     if !r.any_port() {
                         continue;
                     }
                 }
                 // The first rule for this protocol depends on the port, which a non-first
                 // fragment does not carry: no verdict is safe but a drop.
-                L4::Fragment => {
+                L4Kind::Fragment => {
                     if !r.any_port() {
                         return Some(Reason::Fragment);
                     }
                 }
-                L4::Undecidable => return Some(Reason::Malformed),
-                L4::LinkControl => return Some(Reason::LinkControl),
+                L4Kind::Undecidable => return Some(Reason::Malformed),
+                L4Kind::LinkControl => return Some(Reason::LinkControl),
             }
             return Some(if r.action == ACTION_ALLOW {
                 Reason::Allowed

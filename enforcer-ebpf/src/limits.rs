@@ -9,7 +9,7 @@ use aya_ebpf::helpers::{
 };
 use enforcer_common::{AGENT_COARSE_CLOCK, AgentPolicy, Reason, TIME_SHIFT, UNITS_PER_SEC};
 
-use crate::maps::*;
+use crate::{context::Wire, maps::*};
 
 /// Compare-and-swap attempts on a bucket before the packet is treated as over the limit.
 /// Only CPUs racing on the same agent retry, so a handful is plenty; failing closed keeps
@@ -17,9 +17,10 @@ use crate::maps::*;
 pub(crate) const CAS_ATTEMPTS: usize = 8;
 
 /// GCRA over both limits. The packets limiter is charged first; if the bytes limiter then
-/// refuses, the packet charge is refunded, so a dropped packet costs nothing.
+/// refuses, the packet charge is refunded, so a dropped packet costs nothing. A GSO
+/// super-packet is charged for all its segments and wire bytes at once (see [`Wire`]).
 #[inline(always)]
-pub(crate) fn rate_limit(agent: u32, policy: &AgentPolicy, len: u64) -> Result<Reason, ()> {
+pub(crate) fn rate_limit(agent: u32, policy: &AgentPolicy, wire: Wire) -> Result<Reason, ()> {
     if policy.packet_cost == 0 && policy.byte_rate == 0 {
         return Ok(Reason::Allowed);
     }
@@ -38,20 +39,19 @@ pub(crate) fn rate_limit(agent: u32, policy: &AgentPolicy, len: u64) -> Result<R
     let packet_tat = unsafe { ptr::addr_of_mut!((*bucket).packet_tat) };
     let byte_tat = unsafe { ptr::addr_of_mut!((*bucket).byte_tat) };
 
-    if policy.packet_cost != 0
-        && !gcra(packet_tat, now, policy.packet_cost, policy.packet_tolerance)
-    {
+    let packet_cost = policy.packet_cost * wire.packets;
+    if policy.packet_cost != 0 && !gcra(packet_tat, now, packet_cost, policy.packet_tolerance) {
         return Ok(Reason::RateLimitedPackets);
     }
     if policy.byte_rate != 0 {
-        let cost = len * UNITS_PER_SEC / policy.byte_rate;
+        let cost = wire.bytes * UNITS_PER_SEC / policy.byte_rate;
         if !gcra(byte_tat, now, cost, policy.byte_tolerance) {
             if policy.packet_cost != 0 {
                 // SAFETY: atomic add on a valid, 8-byte aligned u64 in a map value.
                 unsafe {
                     core::intrinsics::atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(
                         packet_tat,
-                        policy.packet_cost,
+                        packet_cost,
                     );
                 }
             }
@@ -64,6 +64,12 @@ pub(crate) fn rate_limit(agent: u32, policy: &AgentPolicy, len: u64) -> Result<R
 /// One GCRA admission on the theoretical arrival time at `tat`: admit when the new arrival
 /// time stays within `tolerance` of `now`, and publish it with a 64-bit compare-and-swap so
 /// every CPU shares one limiter.
+///
+/// A packet that costs more than the whole burst (a GSO super-packet against a small byte
+/// burst) could never conform; it is admitted when the bucket is full (`tat` not ahead of
+/// `now`), and the limiter then runs in debt by the excess, refusing everything after it
+/// until the debt is paid: the long-run rate stays exact, and TCP is not stalled forever
+/// on a segment size it did not choose.
 #[inline(always)]
 pub(crate) fn gcra(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
     for _ in 0..CAS_ATTEMPTS {
@@ -72,7 +78,7 @@ pub(crate) fn gcra(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
         let old = unsafe { ptr::read_volatile(tat) };
         let base = if old > now { old } else { now };
         let new = base + cost;
-        if new - now > tolerance {
+        if new - now > tolerance && !(old <= now && cost > tolerance) {
             return false;
         }
         // SAFETY: as above; BPF_CMPXCHG (Linux 5.12).

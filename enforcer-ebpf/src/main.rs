@@ -18,6 +18,7 @@
 )]
 
 mod audit;
+mod context;
 mod egress;
 mod identify;
 mod limits;
@@ -30,15 +31,15 @@ use core::ptr;
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
-    macros::xdp,
-    programs::XdpContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
     AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey, MAX_VLAN_TAGS, Reason,
     SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT, programs::STAGE_NAMES,
 };
 
-use crate::{audit::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
+use crate::{audit::*, context::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
 
 /// The enforcer. Fail-open on internal errors, which only a map the loader failed to size
 /// can cause (no packet content reaches the `Err` arm): a broken deploy must not cut a
@@ -75,15 +76,49 @@ pub fn enforce_finish(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The enforcer at tc, for the host side of sandbox veths: the same pipeline as
+/// [`enforce`] over the socket buffers the agent's stack sent, so the agent keeps its
+/// offloads (see [`Packet`]). Fail-open on `Err` like [`enforce`].
+#[classifier]
+#[inline(always)]
+pub fn enforce_tc(ctx: TcContext) -> i32 {
+    match try_enforce(&ctx) {
+        Ok(action) => action as i32,
+        Err(()) => TcContext::PASS as i32,
+    }
+}
+
+/// [`enforce_names`] at tc.
+#[classifier]
+pub fn enforce_names_tc(ctx: TcContext) -> i32 {
+    match names_stage(&ctx) {
+        Ok(action) => action as i32,
+        Err(()) => TcContext::PASS as i32,
+    }
+}
+
+/// [`enforce_finish`] at tc.
+#[classifier]
+pub fn enforce_finish_tc(ctx: TcContext) -> i32 {
+    match finish_stage(&ctx) {
+        Ok(action) => action as i32,
+        Err(()) => TcContext::PASS as i32,
+    }
+}
+
 /// Reads the hand-off and closes like [`decide`] does for the packets it decides itself.
 #[inline(always)]
-fn finish_stage(ctx: &XdpContext) -> Result<u32, ()> {
+fn finish_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
     let h = HANDOFF.get(0).ok_or(())?;
     let slot = ((h.owner >> 32) as u32) & 1;
     let agent = h.owner as u32;
     let policy = agent_policy(slot, h.stride, agent).ok_or(())?;
     let verdict = Reason::from_u32(h.verdict).ok_or(())?;
-    finish(ctx, agent, policy, verdict, h.len, h)
+    let wire = Wire {
+        packets: h.segs,
+        bytes: h.len,
+    };
+    finish(ctx, agent, policy, verdict, wire, h)
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -118,12 +153,11 @@ pub fn clock_probe(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
+fn try_enforce<C: Packet>(ctx: &C) -> Result<u32, ()> {
     let state = STATE.get(0).ok_or(())?;
     let slot = state.active_slot & 1;
     let stride = state.agent_stride;
     let slot_cfg = SLOTS.get(slot).ok_or(())?;
-    let len = (ctx.data_end() - ctx.data()) as u64;
 
     // Interface identity first: on the host side of a sandbox veth the interface is the
     // agent, whatever source address it claims.
@@ -131,7 +165,7 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
     if slot_cfg.flags & SLOT_HAS_IFACES != 0 {
         let key = IfaceKey {
             slot,
-            ifindex: ctx.ingress_ifindex() as u32,
+            ifindex: ctx.ifindex(),
         };
         // SAFETY: the value is a plain u32 copied out immediately.
         if let Some(a) = unsafe { IFACES.get(&key) } {
@@ -141,36 +175,42 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 
     let mut off = ETH_HLEN;
     let Some(mut ethertype) = read_be16(ctx, 12) else {
-        return undecidable(ctx, slot, stride, slot_cfg, agent, len);
+        return undecidable(ctx, slot, stride, slot_cfg, agent);
     };
-    // Strip up to MAX_VLAN_TAGS 802.1Q / 802.1ad tags; the loop has a constant trip count
-    // so the verifier sees it bounded.
+    // Strip up to MAX_VLAN_TAGS 802.1Q / 802.1ad tags, counting one the kernel already
+    // took off into metadata (tc): a double-tagged frame is the same frame at both hooks.
+    // The loop has a constant trip count so the verifier sees it bounded.
+    let mut tags = ctx.outer_tags();
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
+        if tags >= MAX_VLAN_TAGS {
+            return undecidable(ctx, slot, stride, slot_cfg, agent);
+        }
         // The inner ethertype sits in the last two bytes of the 4-byte tag.
         let Some(inner) = read_be16(ctx, off + 2) else {
-            return undecidable(ctx, slot, stride, slot_cfg, agent, len);
+            return undecidable(ctx, slot, stride, slot_cfg, agent);
         };
         ethertype = inner;
         off += 4;
+        tags += 1;
     }
 
     match ethertype {
         ETH_P_IP => match parse_v4(ctx, off) {
-            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow, len),
-            None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent),
         },
         ETH_P_IPV6 => match parse_v6(ctx, off) {
-            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow, len),
-            None => undecidable(ctx, slot, stride, slot_cfg, agent, len),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent),
         },
         // A third tag: the frame hides its payload deeper than the parser looks.
-        ETH_P_8021Q | ETH_P_8021AD => undecidable(ctx, slot, stride, slot_cfg, agent, len),
+        ETH_P_8021Q | ETH_P_8021AD => undecidable(ctx, slot, stride, slot_cfg, agent),
         _ => {
-            count(agent, Reason::NonIp, len);
-            Ok(xdp_action::XDP_PASS)
+            count(agent, Reason::NonIp, Wire::unparsed(ctx));
+            Ok(C::PASS)
         }
     }
 }
@@ -178,18 +218,18 @@ fn try_enforce(ctx: &XdpContext) -> Result<u32, ()> {
 /// The decision for a parsed packet of either family: the agent (by interface already, else
 /// by source address), then its egress rules and limits.
 #[inline(always)]
-fn decide<A: Family>(
-    ctx: &XdpContext,
+fn decide<C: Packet, A: Family>(
+    ctx: &C,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
     mut agent: u32,
     flow: &Flow<A>,
-    len: u64,
 ) -> Result<u32, ()>
 where
     Flow<A>: AuditTuple,
 {
+    let wire = wire(ctx, flow);
     let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
         agent = flow.src.host_agent(slot, tables);
@@ -198,11 +238,11 @@ where
         agent = flow.src.prefix_agent(slot);
     }
     if flow.l4 == L4::LinkControl {
-        count(agent, Reason::LinkControl, len);
-        return Ok(xdp_action::XDP_PASS);
+        count(agent, Reason::LinkControl, wire);
+        return Ok(C::PASS);
     }
     let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(ctx, slot_cfg, len, flow);
+        return unknown(ctx, slot_cfg, wire, flow);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED == 0 {
         Reason::Allowed
@@ -229,13 +269,14 @@ where
                     (*h).layout = layout;
                     (*h).owner = owner;
                     (*h).l4 = l4;
-                    (*h).len = len;
+                    (*h).len = wire.bytes;
+                    (*h).segs = wire.packets;
                     (*h).stride = stride;
                     (*h).verdict = default as u32;
                     (*h).tuple.src = [0; 16];
                     (*h).tuple.dst = [0; 16];
                     flow.fill(&mut (*h).tuple);
-                    STAGES.tail_call(ctx, STAGE_NAMES);
+                    C::stages().tail_call(ctx, STAGE_NAMES);
                 }
                 // Only a broken load leaves the stage out (the daemon fills `STAGES` before
                 // it attaches this program): fail open, as for a mis-sized map.
@@ -250,83 +291,79 @@ where
             policy.flags,
         )
     };
-    finish(ctx, agent, policy, verdict, len, flow)
+    finish(ctx, agent, policy, verdict, wire, flow)
 }
 
 /// Traffic from no known agent follows the slot's default.
 #[inline(always)]
-fn unknown<F: AuditTuple>(
-    ctx: &XdpContext,
+fn unknown<C: Packet, F: AuditTuple>(
+    ctx: &C,
     slot_cfg: &SlotConfig,
-    len: u64,
+    wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
     if slot_cfg.flags & SLOT_UNKNOWN_DROP != 0 {
-        count(UNKNOWN_AGENT, Reason::UnknownDrop, len);
+        count(UNKNOWN_AGENT, Reason::UnknownDrop, wire);
         if admit(UNKNOWN_AGENT) {
-            audit(ctx, UNKNOWN_AGENT, Reason::UnknownDrop, len, flow);
+            audit(ctx, UNKNOWN_AGENT, Reason::UnknownDrop, wire, flow);
         }
-        Ok(xdp_action::XDP_DROP)
+        Ok(C::DROP)
     } else {
-        count(UNKNOWN_AGENT, Reason::UnknownPass, len);
-        Ok(xdp_action::XDP_PASS)
+        count(UNKNOWN_AGENT, Reason::UnknownPass, wire);
+        Ok(C::PASS)
     }
 }
 
 /// A frame whose IP header could not be read: only the interface can name the agent, and
 /// a restricted agent gets no benefit of the doubt.
 #[inline(always)]
-fn undecidable(
-    ctx: &XdpContext,
+fn undecidable<C: Packet>(
+    ctx: &C,
     slot: u32,
     stride: u32,
     slot_cfg: &SlotConfig,
     agent: u32,
-    len: u64,
 ) -> Result<u32, ()> {
+    let wire = Wire::unparsed(ctx);
     let Some(policy) = agent_policy(slot, stride, agent) else {
-        return unknown(ctx, slot_cfg, len, &NoTuple);
+        return unknown(ctx, slot_cfg, wire, &NoTuple);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED != 0 {
         Reason::Malformed
     } else {
         Reason::Allowed
     };
-    finish(ctx, agent, policy, verdict, len, &NoTuple)
+    finish(ctx, agent, policy, verdict, wire, &NoTuple)
 }
 
 /// Applies the rate limit to packets the egress check allowed, turns would-drops into
 /// passes for monitor-mode agents, counts, reports drops and would-drops to the audit
 /// trail, and returns the XDP action.
 #[inline(always)]
-fn finish<F: AuditTuple>(
-    ctx: &XdpContext,
+fn finish<C: Packet, F: AuditTuple>(
+    ctx: &C,
     agent: u32,
     policy: &AgentPolicy,
     verdict: Reason,
-    len: u64,
+    wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
     let mut reason = verdict;
     if reason == Reason::Allowed {
-        reason = rate_limit(agent, policy, len)?;
+        reason = rate_limit(agent, policy, wire)?;
     }
     if reason.is_drop() && policy.flags & AGENT_MONITOR != 0 {
         reason = reason.monitored();
     }
-    count(agent, reason, len);
+    count(agent, reason, wire);
     // A passed packet pays this one test of the reason and nothing else: no lookup, no
     // clock read, no ring access.
     if reason.is_audited() {
         if admit(agent) {
-            audit(ctx, agent, reason, len, flow);
+            audit(ctx, agent, reason, wire, flow);
         }
     }
-    Ok(if reason.is_drop() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    })
+    Ok(if reason.is_drop() { C::DROP } else { C::PASS })
 }
 
 #[cfg(not(test))]

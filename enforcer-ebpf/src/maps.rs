@@ -106,6 +106,11 @@ pub(crate) struct SniScratch {
 pub(crate) static STAGES: ProgramArray =
     ProgramArray::with_max_entries(enforcer_common::programs::STAGES.len() as u32, 0);
 
+/// [`STAGES`] for the tc programs: a program array holds programs of one type only.
+#[map]
+pub(crate) static STAGES_TC: ProgramArray =
+    ProgramArray::with_max_entries(enforcer_common::programs::STAGES_TC.len() as u32, 0);
+
 /// What the entry program hands the stages it tail-calls (see [`Handoff`]).
 #[map]
 pub(crate) static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
@@ -123,8 +128,10 @@ pub(crate) struct Handoff {
     pub(crate) owner: u64,
     /// Transport kind, protocol and ports, packed as for `learned_admission`.
     pub(crate) l4: u64,
-    /// Frame length, as the entry program measured it.
+    /// The packet's wire bytes and segments, as the entry program measured them (see
+    /// `Wire`).
     pub(crate) len: u64,
+    pub(crate) segs: u64,
     /// `State::agent_stride` as the entry program read it.
     pub(crate) stride: u32,
     /// A [`Reason`]: the names stage's answer when no learned address admits the packet

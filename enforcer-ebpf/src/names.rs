@@ -1,14 +1,14 @@
 //! Stage 4, learned names and TLS server names: DNS only to the agent's resolver, addresses
 //! the resolver learned for allowed names, and the ClientHello's server name on TLS ports.
 
-use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
     AGENT_DEFAULT_ALLOW, AgentPolicy, FlowKey, MAX_TLS_PORTS, NameEntry, NameV4Key, NameV6Key,
     Reason, ResolverKey, RuleSet, SNI_EXACT, SNI_NAME_LEN, SNI_WILDCARD, SniKey, TIME_SHIFT,
     programs::STAGE_FINISH,
 };
 
-use crate::{egress::*, limits::*, maps::*, parse::*};
+use crate::{context::*, egress::*, limits::*, maps::*, parse::*};
 
 /// TLS extensions the SNI check walks in a ClientHello before giving up (browsers send
 /// about 20, with GREASE).
@@ -95,10 +95,7 @@ pub(crate) fn names<A: NameAddr>(
     flow: &Flow<A>,
     rules: Option<&RuleSet>,
 ) -> NamesVerdict {
-    let dport = match flow.l4 {
-        L4::Port { dst, .. } => dst,
-        _ => 0,
-    };
+    let dport = flow.l4.dst_port().unwrap_or(0);
     let dns = (dport == 53 && (flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_TCP))
         || (dport == 853 && flow.proto == IPPROTO_TCP);
     if dns {
@@ -119,10 +116,10 @@ pub(crate) fn names<A: NameAddr>(
     } else {
         Reason::EgressDenied
     };
-    let (kind, sport, dport) = match flow.l4 {
-        L4::Port { src, dst } => (L4_PORT, src, dst),
-        L4::NoPorts => (L4_NO_PORTS, 0, 0),
-        L4::Fragment => (L4_FRAGMENT, 0, 0),
+    let (kind, sport, dport) = match flow.l4.kind {
+        L4Kind::Port => (L4_PORT, flow.l4.src, flow.l4.dst),
+        L4Kind::NoPorts => (L4_NO_PORTS, 0, 0),
+        L4Kind::Fragment => (L4_FRAGMENT, 0, 0),
         // Undecidable and link control were decided before the rules.
         _ => return NamesVerdict::Decided(Reason::Malformed),
     };
@@ -167,26 +164,39 @@ pub(crate) enum NamesVerdict {
 /// `Err`: the hand-off is missing or the finish stage could not be reached, which only a
 /// broken load can cause (the daemon fills `STAGES` before it attaches); the entry point
 /// fails open, like the entry program's `Err` arm.
+///
+/// At tc the ClientHello may sit in page fragments the global functions cannot read:
+/// [`tls_admission`] then answers `LEARNED_PULL`, and this stage pulls the segment's first
+/// `MAX_OFFSET` bytes in (here, outside the global functions, which must not change the
+/// packet) and asks again. Only a connection's first data segment not yet in `FLOWS` pays
+/// for the pull.
 #[inline(always)]
-pub(crate) fn names_stage(ctx: &XdpContext) -> Result<u32, ()> {
+pub(crate) fn names_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
     let h = HANDOFF.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's hand-off, owned by the packet from the entry program's write to
     // the last stage (see `Handoff`).
     let (layout, owner, l4, default) = unsafe { ((*h).layout, (*h).owner, (*h).l4, (*h).verdict) };
-    let verdict = match learned_admission(ctx.ctx, layout, owner, l4) {
+    let verdict = match ctx.learned_admission(layout, owner, l4) {
         LEARNED_ALLOWED => Reason::Allowed as u32,
-        LEARNED_TLS => match tls_admission(ctx.ctx, layout, owner, l4) {
-            LEARNED_ALLOWED => Reason::Allowed as u32,
-            LEARNED_SNI_DENIED => Reason::SniDenied as u32,
-            _ => Reason::SniInvalid as u32,
-        },
+        LEARNED_TLS => {
+            let mut answer = ctx.tls_admission(layout, owner, l4);
+            if C::CAN_PULL && answer == LEARNED_PULL && ctx.pull(MAX_OFFSET as u32) {
+                answer = ctx.tls_admission(layout, owner, l4);
+            }
+            match answer {
+                LEARNED_ALLOWED => Reason::Allowed as u32,
+                LEARNED_SNI_DENIED => Reason::SniDenied as u32,
+                // Still not readable after a pull (a broken length): refused.
+                _ => Reason::SniInvalid as u32,
+            }
+        }
         LEARNED_QUIC => Reason::QuicRefused as u32,
         _ => default,
     };
     // SAFETY: as above.
     unsafe { (*h).verdict = verdict };
     // SAFETY: a tail call does not return on success; on failure control comes back here.
-    unsafe { STAGES.tail_call(ctx, STAGE_FINISH) };
+    unsafe { C::stages().tail_call(ctx, STAGE_FINISH) };
     Err(())
 }
 
@@ -201,6 +211,8 @@ pub(crate) const LEARNED_SNI_DENIED: u32 = 2;
 pub(crate) const LEARNED_SNI_INVALID: u32 = 3;
 pub(crate) const LEARNED_TLS: u32 = 4;
 pub(crate) const LEARNED_QUIC: u32 = 5;
+/// [`tls_admission`] at tc: the ClientHello is not directly readable; pull and ask again.
+pub(crate) const LEARNED_PULL: u32 = 6;
 
 /// Whether a learned address admits the packet: a BPF *global* function, verified once on
 /// its own rather than along every path of `enforce` that reaches it (inlined in both
@@ -211,55 +223,76 @@ pub(crate) const LEARNED_QUIC: u32 = 5;
 /// destination port. The addresses are read again from the packet. Returns
 /// `LEARNED_NONE`, `LEARNED_ALLOWED`, `LEARNED_TLS` when the connection must pass
 /// [`tls_admission`] too, or `LEARNED_QUIC` (see [`learned`]). Linux 5.6 (global functions).
+///
+/// Each global function exists once per context type (`_tc` at tc): the verifier types a
+/// global function's context argument by the program type it is verified for.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn learned_admission(ctx: *mut xdp_md, layout: u64, owner: u64, l4: u64) -> u32 {
-    let ctx = XdpContext::new(ctx);
+pub extern "C" fn learned_admission(ctx: XdpRaw, layout: u64, owner: u64, l4: u64) -> u32 {
+    learned_admission_in(&XdpContext::new(ctx), layout, owner, l4)
+}
+
+/// [`learned_admission`] at tc.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn learned_admission_tc(ctx: TcRaw, layout: u64, owner: u64, l4: u64) -> u32 {
+    learned_admission_in(&TcContext::new(ctx), layout, owner, l4)
+}
+
+#[inline(always)]
+fn learned_admission_in<C: Packet>(ctx: &C, layout: u64, owner: u64, l4: u64) -> u32 {
     let Some(p) = Packed::new(layout, owner, l4) else {
         return LEARNED_NONE;
     };
     let found = if p.family == 4 {
-        read::<4>(&ctx, p.l3_off + 16).and_then(|dst| learned(&p, dst))
+        peek::<C, 4>(ctx, p.l3_off + 16).and_then(|dst| learned(&p, dst))
     } else {
-        read::<16>(&ctx, p.l3_off + 24).and_then(|dst| learned(&p, dst))
+        peek::<C, 16>(ctx, p.l3_off + 24).and_then(|dst| learned(&p, dst))
     };
     found.unwrap_or(LEARNED_NONE)
 }
 
 /// The SNI check of a connection a learned address admitted ([`sni`]), as a global
 /// function for the same reasons as [`learned_admission`], with the same arguments.
-/// Returns `LEARNED_ALLOWED`, `LEARNED_SNI_DENIED` or `LEARNED_SNI_INVALID`.
+/// Returns `LEARNED_ALLOWED`, `LEARNED_SNI_DENIED`, `LEARNED_SNI_INVALID`, or at tc
+/// `LEARNED_PULL` (see [`names_stage`]).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn tls_admission(ctx: *mut xdp_md, layout: u64, owner: u64, l4: u64) -> u32 {
-    let ctx = XdpContext::new(ctx);
+pub extern "C" fn tls_admission(ctx: XdpRaw, layout: u64, owner: u64, l4: u64) -> u32 {
+    tls_admission_in(&XdpContext::new(ctx), layout, owner, l4)
+}
+
+/// [`tls_admission`] at tc.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tls_admission_tc(ctx: TcRaw, layout: u64, owner: u64, l4: u64) -> u32 {
+    tls_admission_in(&TcContext::new(ctx), layout, owner, l4)
+}
+
+#[inline(always)]
+fn tls_admission_in<C: Packet>(ctx: &C, layout: u64, owner: u64, l4: u64) -> u32 {
     let Some(p) = Packed::new(layout, owner, l4) else {
         return LEARNED_SNI_INVALID;
     };
     // One read at a time with an early return: a tuple of two `Option`s let LLVM carry an
     // undefined register into the key on the path where a read failed, which the
     // verifier rejects.
-    let reason = if p.family == 4 {
-        let Some(src) = read::<4>(&ctx, p.l3_off + 12) else {
+    if p.family == 4 {
+        let Some(src) = peek::<C, 4>(ctx, p.l3_off + 12) else {
             return LEARNED_SNI_INVALID;
         };
-        let Some(dst) = read::<4>(&ctx, p.l3_off + 16) else {
+        let Some(dst) = peek::<C, 4>(ctx, p.l3_off + 16) else {
             return LEARNED_SNI_INVALID;
         };
-        sni(&ctx, &p, src.flow_addr(), dst.flow_addr())
+        sni(ctx, &p, src.flow_addr(), dst.flow_addr())
     } else {
-        let Some(src) = read::<16>(&ctx, p.l3_off + 8) else {
+        let Some(src) = peek::<C, 16>(ctx, p.l3_off + 8) else {
             return LEARNED_SNI_INVALID;
         };
-        let Some(dst) = read::<16>(&ctx, p.l3_off + 24) else {
+        let Some(dst) = peek::<C, 16>(ctx, p.l3_off + 24) else {
             return LEARNED_SNI_INVALID;
         };
-        sni(&ctx, &p, src, dst)
-    };
-    match reason {
-        Reason::Allowed => LEARNED_ALLOWED,
-        Reason::SniDenied => LEARNED_SNI_DENIED,
-        _ => LEARNED_SNI_INVALID,
+        sni(ctx, &p, src, dst)
     }
 }
 
@@ -292,10 +325,7 @@ impl Packed {
             agent: owner as u32,
             proto: (l4 >> 32) as u8,
             l4: match l4 >> 48 {
-                L4_PORT => L4::Port {
-                    src: sport,
-                    dst: dport,
-                },
+                L4_PORT => L4::port(sport, dport),
                 L4_NO_PORTS => L4::NoPorts,
                 L4_FRAGMENT => L4::Fragment,
                 _ => return None,
@@ -320,8 +350,8 @@ pub(crate) fn learned<A: NameAddr>(p: &Packed, dst: A) -> Option<u32> {
     if rule_verdict(Some(&entry.rules), p.proto, p.l4) != Some(Reason::Allowed) {
         return None;
     }
-    Some(match p.l4 {
-        L4::Port { dst, .. } if is_tls_port(p.slot, dst) => match p.proto {
+    Some(match p.l4.dst_port() {
+        Some(dst) if is_tls_port(p.slot, dst) => match p.proto {
             IPPROTO_TCP => LEARNED_TLS,
             IPPROTO_UDP => LEARNED_QUIC,
             _ => LEARNED_ALLOWED,
@@ -355,15 +385,17 @@ pub(crate) fn is_tls_port(slot: u32, port: u16) -> bool {
 /// `encrypted_client_hello` extension among those in the segment (`sni_invalid`: the name
 /// that counts is hidden), a name not allowed (`sni_denied`). Retransmissions of a refused
 /// ClientHello are refused again, so nothing of such a connection gets through.
+///
+/// Returns a `LEARNED_*` code, `LEARNED_PULL` at tc when the payload is not directly
+/// readable. A plain code, not an `Option<Reason>`: the BPF build compiled the `None` niche
+/// of that option (returned from one inlined path, matched in the caller) into a value the
+/// caller read as `Some`, so a pull was never asked for and the connection was refused.
 #[inline(always)]
-pub(crate) fn sni(ctx: &XdpContext, p: &Packed, src: [u8; 16], dst: [u8; 16]) -> Reason {
-    let L4::Port {
-        src: sport,
-        dst: dport,
-    } = p.l4
-    else {
-        return Reason::SniInvalid;
-    };
+pub(crate) fn sni<C: Packet>(ctx: &C, p: &Packed, src: [u8; 16], dst: [u8; 16]) -> u32 {
+    if p.l4.kind != L4Kind::Port {
+        return LEARNED_SNI_INVALID;
+    }
+    let (sport, dport) = (p.l4.src, p.l4.dst);
     let key = FlowKey {
         agent: p.agent,
         src_port: sport.to_be(),
@@ -371,23 +403,41 @@ pub(crate) fn sni(ctx: &XdpContext, p: &Packed, src: [u8; 16], dst: [u8; 16]) ->
         src,
         dst,
     };
+    let data_end = ctx.data_end() - ctx.data();
+    // At tc the segment may extend past the directly readable bytes (its payload, rarely
+    // its TCP header, in page fragments): then a flow already checked passes, and any
+    // other asks for a pull rather than judging a payload it cannot see. A pull makes
+    // `MAX_OFFSET` bytes (or all) readable, so the second call never asks again.
+    if C::CAN_PULL {
+        let want = if p.ip_end < MAX_OFFSET {
+            p.ip_end
+        } else {
+            MAX_OFFSET
+        };
+        if data_end < want {
+            // SAFETY: the value is not used, only its presence.
+            if unsafe { FLOWS.get(&key) }.is_some() {
+                return LEARNED_ALLOWED;
+            }
+            return LEARNED_PULL;
+        }
+    }
     // TCP data offset: the high nibble of byte 12, in 32-bit words.
-    let Some(b) = read::<2>(ctx, p.l4_off + 12) else {
-        return Reason::SniInvalid;
+    let Some(b) = peek::<C, 2>(ctx, p.l4_off + 12) else {
+        return LEARNED_SNI_INVALID;
     };
     let payload = p.l4_off + ((b[0] >> 4) as usize) * 4;
-    let data_end = ctx.data_end() - ctx.data();
     let end = if p.ip_end < data_end {
         p.ip_end
     } else {
         data_end
     };
     if payload >= end {
-        return Reason::Allowed;
+        return LEARNED_ALLOWED;
     }
     // SAFETY: the value is not used, only its presence.
     if unsafe { FLOWS.get(&key) }.is_some() {
-        return Reason::Allowed;
+        return LEARNED_ALLOWED;
     }
     let reason = client_hello(ctx, p.slot, p.agent, dport, payload, end);
     if reason == Reason::Allowed {
@@ -395,15 +445,19 @@ pub(crate) fn sni(ctx: &XdpContext, p: &Packed, src: [u8; 16], dst: [u8; 16]) ->
         // next segment is then refused: eviction can break a connection, not open one.
         let _ = FLOWS.insert(&key, &1, 0);
     }
-    reason
+    match reason {
+        Reason::Allowed => LEARNED_ALLOWED,
+        Reason::SniDenied => LEARNED_SNI_DENIED,
+        _ => LEARNED_SNI_INVALID,
+    }
 }
 
 /// Parses the ClientHello at `off` (payload of one segment, ending at `end`) and checks
 /// its server name. Every read is bounds-checked against the packet by [`read`] and
 /// against `end`, the payload's end.
 #[inline(always)]
-pub(crate) fn client_hello(
-    ctx: &XdpContext,
+pub(crate) fn client_hello<C: Packet>(
+    ctx: &C,
     slot: u32,
     agent: u32,
     port: u16,
@@ -412,7 +466,7 @@ pub(crate) fn client_hello(
 ) -> Reason {
     // TLS record header (content type 22 = handshake, major version 3), then the
     // handshake header (type 1 = ClientHello, 24-bit length).
-    let Some(h) = read::<9>(ctx, off) else {
+    let Some(h) = peek::<C, 9>(ctx, off) else {
         return Reason::SniInvalid;
     };
     if h[0] != 22 || h[1] != 3 || h[5] != 1 {
@@ -420,19 +474,19 @@ pub(crate) fn client_hello(
     }
     // legacy_version (2) and random (32), then the session id.
     let mut p = off + 9 + 34;
-    let Some(sid) = read::<2>(ctx, p) else {
+    let Some(sid) = peek::<C, 2>(ctx, p) else {
         return Reason::SniInvalid;
     };
     p += 1 + sid[0] as usize;
-    let Some(cs) = read_be16(ctx, p) else {
+    let Some(cs) = peek_be16(ctx, p) else {
         return Reason::SniInvalid;
     };
     p += 2 + cs as usize;
-    let Some(comp) = read::<2>(ctx, p) else {
+    let Some(comp) = peek::<C, 2>(ctx, p) else {
         return Reason::SniInvalid;
     };
     p += 1 + comp[0] as usize;
-    let Some(ext_len) = read_be16(ctx, p) else {
+    let Some(ext_len) = peek_be16(ctx, p) else {
         return Reason::SniInvalid;
     };
     p += 2;
@@ -446,7 +500,7 @@ pub(crate) fn client_hello(
         if p + 4 > ext_end {
             break;
         }
-        let Some(e) = read::<4>(ctx, p) else {
+        let Some(e) = peek::<C, 4>(ctx, p) else {
             break;
         };
         let kind = u16::from_be_bytes([e[0], e[1]]);
@@ -456,7 +510,7 @@ pub(crate) fn client_hello(
         }
         if kind == 0 {
             // server_name: list length (2), name type (1, 0 = host_name), name length (2).
-            let Some(n) = read::<5>(ctx, p + 4) else {
+            let Some(n) = peek::<C, 5>(ctx, p + 4) else {
                 return Reason::SniInvalid;
             };
             if n[2] != 0 {
@@ -472,7 +526,7 @@ pub(crate) fn client_hello(
     }
     let span = ((name_off as u64) << 32) | name_len as u64;
     let owner = (u64::from(slot) << 32) | u64::from(agent);
-    let code = server_name_lookup(ctx.ctx, span, owner, u64::from(port));
+    let code = ctx.server_name_lookup(span, owner, u64::from(port));
     if code == Reason::Allowed as u32 {
         Reason::Allowed
     } else if code == Reason::SniDenied as u32 {
@@ -496,7 +550,19 @@ pub(crate) fn client_hello(
 /// Where a byte belongs to the name is computed with arithmetic instead.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn server_name_lookup(ctx: *mut xdp_md, span: u64, owner: u64, port: u64) -> u32 {
+pub extern "C" fn server_name_lookup(ctx: XdpRaw, span: u64, owner: u64, port: u64) -> u32 {
+    server_name_lookup_in(&XdpContext::new(ctx), span, owner, port)
+}
+
+/// [`server_name_lookup`] at tc.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn server_name_lookup_tc(ctx: TcRaw, span: u64, owner: u64, port: u64) -> u32 {
+    server_name_lookup_in(&TcContext::new(ctx), span, owner, port)
+}
+
+#[inline(always)]
+fn server_name_lookup_in<C: Packet>(ctx: &C, span: u64, owner: u64, port: u64) -> u32 {
     let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
         return Reason::SniInvalid as u32;
     };
@@ -511,7 +577,7 @@ pub extern "C" fn server_name_lookup(ctx: *mut xdp_md, span: u64, owner: u64, po
     let off = ((span >> 32) & 0xffff) as u32;
     // SAFETY: `raw` is SNI_NAME_LEN (256) bytes of map value, len <= 255; the helper
     // (Linux 5.18) checks the packet range itself.
-    let loaded = unsafe { bpf_xdp_load_bytes(ctx, off, scratch.raw.as_mut_ptr().cast(), len) };
+    let loaded = unsafe { ctx.load_bytes(off, scratch.raw.as_mut_ptr().cast(), len) };
     if loaded != 0 {
         return Reason::SniInvalid as u32;
     }
@@ -555,6 +621,5 @@ pub extern "C" fn server_name_lookup(ctx: *mut xdp_md, span: u64, owner: u64, po
 pub(crate) fn allows(key: &SniKey, port: u16) -> bool {
     // SAFETY: the value is only read, during this program run.
     let rules = unsafe { SNI.get(key) };
-    rules.is_some()
-        && rule_verdict(rules, IPPROTO_TCP, L4::Port { src: 0, dst: port }) == Some(Reason::Allowed)
+    rules.is_some() && rule_verdict(rules, IPPROTO_TCP, L4::port(0, port)) == Some(Reason::Allowed)
 }

@@ -4,8 +4,9 @@
 
 use core::ptr;
 
-use aya_ebpf::programs::XdpContext;
 use enforcer_common::MAX_IPV6_EXT_HEADERS;
+
+use crate::context::{Packet, Wire};
 
 pub(crate) const ETH_HLEN: usize = 14;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -33,12 +34,13 @@ pub(crate) const MAX_OFFSET: usize = 4096;
 /// global functions, whose arguments the verifier knows nothing about.
 pub(crate) const OFFSET_MASK: u64 = 0x1fff;
 
-/// What the parser found about the transport layer.
+/// What the parser found about the transport layer: its kind.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum L4 {
+#[repr(u8)]
+pub(crate) enum L4Kind {
     /// A protocol with ports (TCP, UDP, SCTP, UDP-Lite) and its ports. Decisions use only
     /// `dst`; `src` is kept for audit events (it comes from the same 4-byte read).
-    Port { src: u16, dst: u16 },
+    Port,
     /// A protocol without ports (ICMP, GRE, ESP, ...): only any-port rules apply.
     NoPorts,
     /// A non-first fragment of a protocol with ports: the port is unknowable.
@@ -50,6 +52,55 @@ pub(crate) enum L4 {
     LinkControl,
 }
 
+/// What the parser found about the transport layer: the kind and, for [`L4Kind::Port`],
+/// the ports (0 otherwise).
+///
+/// A struct with every field always written, not an enum with data: an enum's payload is
+/// undefined in the variants without one, and LLVM copies it anyway, from whatever
+/// register is at hand; on a path where that register was never written the verifier
+/// refuses the program ("R5 !read_ok", seen once the tc parser gained its pull paths).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct L4 {
+    pub(crate) kind: L4Kind,
+    pub(crate) src: u16,
+    pub(crate) dst: u16,
+}
+
+#[expect(
+    non_upper_case_globals,
+    reason = "named like the kinds, so comparisons and patterns read as they did when L4 was an enum"
+)]
+impl L4 {
+    pub(crate) const NoPorts: L4 = L4::of(L4Kind::NoPorts);
+    pub(crate) const Fragment: L4 = L4::of(L4Kind::Fragment);
+    pub(crate) const Undecidable: L4 = L4::of(L4Kind::Undecidable);
+    pub(crate) const LinkControl: L4 = L4::of(L4Kind::LinkControl);
+
+    const fn of(kind: L4Kind) -> L4 {
+        L4 {
+            kind,
+            src: 0,
+            dst: 0,
+        }
+    }
+
+    /// A protocol with ports, and its ports.
+    #[inline(always)]
+    pub(crate) const fn port(src: u16, dst: u16) -> L4 {
+        L4 {
+            kind: L4Kind::Port,
+            src,
+            dst,
+        }
+    }
+
+    /// The destination port of a protocol with ports.
+    #[inline(always)]
+    pub(crate) fn dst_port(self) -> Option<u16> {
+        (self.kind == L4Kind::Port).then_some(self.dst)
+    }
+}
+
 /// The IP-layer facts a decision needs, for either family.
 pub(crate) struct Flow<A> {
     pub(crate) src: A,
@@ -58,19 +109,20 @@ pub(crate) struct Flow<A> {
     pub(crate) l4: L4,
     /// Offset of the IP header.
     pub(crate) l3_off: usize,
-    /// Offset of the transport header (meaningful for `L4::Port`).
+    /// Offset of the transport header (meaningful for `L4Kind::Port`).
     pub(crate) l4_off: usize,
     /// Offset where the IP packet ends by its length field: the stack trims anything
     /// after it (Ethernet padding), so the SNI check must not read it as payload.
     pub(crate) ip_end: usize,
 }
 
-/// Reads `N` bytes at `off`, or `None` if they are not all before `data_end`.
+/// Reads `N` bytes at `off` directly from the packet, or `None` if they are not all before
+/// `data_end`: what the BPF global functions use, which must not change the packet.
 ///
 /// Keep `N >= 2`: for `N == 1` LLVM folds `start + 1 > end` into `start >= end`, a form
 /// the verifier does not turn into a readable range.
 #[inline(always)]
-pub(crate) fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
+pub(crate) fn peek<C: Packet, const N: usize>(ctx: &C, off: usize) -> Option<[u8; N]> {
     // The explicit bound keeps the offset's range small for the verifier.
     if off > MAX_OFFSET {
         return None;
@@ -85,9 +137,35 @@ pub(crate) fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; 
     Some(unsafe { ptr::read(start as *const [u8; N]) })
 }
 
+/// Bytes pulled beyond a read that needed a pull, so the next header's read finds them.
+const PULL_AHEAD: usize = 64;
+
+/// [`peek`], and where the context keeps part of the packet out of the direct range (tc: a
+/// socket buffer's page fragments) and the bytes exist, pulls them in and reads again. A
+/// socket's own packets carry their headers directly readable, so the pull is the rare
+/// path; XDP (`CAN_PULL` false) compiles to [`peek`] alone.
 #[inline(always)]
-pub(crate) fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    read::<2>(ctx, off).map(u16::from_be_bytes)
+pub(crate) fn read<C: Packet, const N: usize>(ctx: &C, off: usize) -> Option<[u8; N]> {
+    if let Some(bytes) = peek::<C, N>(ctx, off) {
+        return Some(bytes);
+    }
+    if C::CAN_PULL && off <= MAX_OFFSET && ((off + N) as u64) <= ctx.len() {
+        if !ctx.pull((off + N + PULL_AHEAD) as u32) {
+            return None;
+        }
+        return peek::<C, N>(ctx, off);
+    }
+    None
+}
+
+#[inline(always)]
+pub(crate) fn peek_be16<C: Packet>(ctx: &C, off: usize) -> Option<u16> {
+    peek::<C, 2>(ctx, off).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub(crate) fn read_be16<C: Packet>(ctx: &C, off: usize) -> Option<u16> {
+    read::<C, 2>(ctx, off).map(u16::from_be_bytes)
 }
 
 #[inline(always)]
@@ -100,18 +178,18 @@ pub(crate) fn has_ports(proto: u8) -> bool {
 
 /// Reads the ports of a first (or unfragmented) packet at `off`.
 #[inline(always)]
-pub(crate) fn transport(ctx: &XdpContext, proto: u8, off: usize) -> L4 {
+pub(crate) fn transport<C: Packet>(ctx: &C, proto: u8, off: usize) -> L4 {
     if !has_ports(proto) {
         return L4::NoPorts;
     }
     // Source port at +0, destination port at +2 in all four protocols: one 4-byte read with
     // the same bounds check the destination port alone needed, so keeping the source port
     // costs passed packets nothing.
-    match read::<4>(ctx, off) {
-        Some(p) => L4::Port {
-            src: u16::from_be_bytes([p[0], p[1]]),
-            dst: u16::from_be_bytes([p[2], p[3]]),
-        },
+    match read::<C, 4>(ctx, off) {
+        Some(p) => L4::port(
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ),
         None => L4::Undecidable,
     }
 }
@@ -120,9 +198,9 @@ pub(crate) fn transport(ctx: &XdpContext, proto: u8, off: usize) -> L4 {
 /// neighbour solicitation and advertisement, redirect) is only valid with hop limit 255 and
 /// MLD (RFC 2710, 3810) is sent with hop limit 1; either way it never leaves the link.
 #[inline(always)]
-pub(crate) fn icmpv6(ctx: &XdpContext, off: usize, hop_limit: u8) -> L4 {
+pub(crate) fn icmpv6<C: Packet>(ctx: &C, off: usize, hop_limit: u8) -> L4 {
     // Type, code and checksum: the fixed start of every ICMPv6 message.
-    let Some([kind, ..]) = read::<4>(ctx, off) else {
+    let Some([kind, ..]) = read::<C, 4>(ctx, off) else {
         return L4::Undecidable;
     };
     match (kind, hop_limit) {
@@ -134,8 +212,8 @@ pub(crate) fn icmpv6(ctx: &XdpContext, off: usize, hop_limit: u8) -> L4 {
 /// Parses an IPv4 header at `off`. `None` when the header is truncated or invalid, so the
 /// source address cannot be trusted.
 #[inline(always)]
-pub(crate) fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
-    let h = read::<20>(ctx, off)?;
+pub(crate) fn parse_v4<C: Packet>(ctx: &C, off: usize) -> Option<Flow<[u8; 4]>> {
+    let h = read::<C, 20>(ctx, off)?;
     let version = h[0] >> 4;
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     if version != 4 || ihl < 20 {
@@ -161,7 +239,7 @@ pub(crate) fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
         } else {
             L4::NoPorts
         }
-    } else if read::<4>(ctx, off + ihl - 4).is_none() {
+    } else if read::<C, 4>(ctx, off + ihl - 4).is_none() {
         // Options announced by IHL but cut off.
         L4::Undecidable
     } else {
@@ -182,8 +260,8 @@ pub(crate) fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 4]>> {
 
 /// Parses an IPv6 header at `off` and walks up to MAX_IPV6_EXT_HEADERS extension headers.
 #[inline(always)]
-pub(crate) fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
-    let h = read::<40>(ctx, off)?;
+pub(crate) fn parse_v6<C: Packet>(ctx: &C, off: usize) -> Option<Flow<[u8; 16]>> {
+    let h = read::<C, 40>(ctx, off)?;
     if h[0] >> 4 != 6 {
         return None;
     }
@@ -203,7 +281,7 @@ pub(crate) fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
     for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING => {
-                let Some(e) = read::<4>(ctx, off) else {
+                let Some(e) = read::<C, 4>(ctx, off) else {
                     break;
                 };
                 // A routing header with segments left names another final destination
@@ -215,14 +293,14 @@ pub(crate) fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
                 off += (e[1] as usize + 1) * 8;
             }
             IPPROTO_AH => {
-                let Some(e) = read::<2>(ctx, off) else {
+                let Some(e) = read::<C, 2>(ctx, off) else {
                     break;
                 };
                 next = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let Some(e) = read::<8>(ctx, off) else {
+                let Some(e) = read::<C, 8>(ctx, off) else {
                     break;
                 };
                 next = e[0];
@@ -255,4 +333,29 @@ pub(crate) fn parse_v6(ctx: &XdpContext, off: usize) -> Option<Flow<[u8; 16]>> {
         l4_off: off,
         ip_end,
     })
+}
+
+/// The wire weight of a parsed packet (see [`Wire`]): for a GSO super-packet, the headers
+/// each later segment repeats are everything up to the transport payload (TCP's data
+/// offset, UDP's 8 bytes; the IP headers alone for anything else).
+#[inline(always)]
+pub(crate) fn wire<C: Packet, A>(ctx: &C, flow: &Flow<A>) -> Wire {
+    let segs = ctx.segs();
+    let len = ctx.len();
+    if segs <= 1 {
+        return Wire {
+            packets: 1,
+            bytes: len,
+        };
+    }
+    let headers = match (flow.proto, flow.l4.kind) {
+        (IPPROTO_TCP, L4Kind::Port) => read::<C, 2>(ctx, flow.l4_off + 12)
+            .map_or(flow.l4_off, |b| flow.l4_off + ((b[0] >> 4) as usize) * 4),
+        (IPPROTO_UDP, L4Kind::Port) => flow.l4_off + 8,
+        _ => flow.l4_off,
+    };
+    Wire {
+        packets: segs,
+        bytes: len + (segs - 1) * headers as u64,
+    }
 }

@@ -6,7 +6,8 @@
 //! interfaces = ["eth0"]                  # attach points besides the agents' own interfaces
 //! bpffs = "/sys/fs/bpf/enforcer"         # pins: maps/ and links/
 //! state_dir = "/run/enforcer"            # pid file and status.json
-//! xdp_mode = "auto"                      # auto (native, else generic) | native | generic
+//! hook = "auto"                          # auto (tc on veth/tap/other virtual devices, XDP on NICs) | xdp | tc
+//! xdp_mode = "auto"                      # at XDP: auto (native, else generic) | native | generic
 //! socket = "/run/enforcer/enforcer.sock" # local API (default: <state_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
@@ -32,6 +33,9 @@
 //! upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # roots for upstream certificates
 //! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
 //!
+//! [hooks]                                # per interface, overriding `hook`
+//! eth1 = "tc"
+//!
 //! [limits]
 //! max_agents = 4096
 //! max_interfaces = 1024
@@ -41,6 +45,7 @@
 //! ```
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
@@ -48,7 +53,10 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{compile::Limits, dataplane::AttachMode};
+use crate::{
+    compile::Limits,
+    dataplane::{AttachMode, HookChoice},
+};
 
 /// Errors reading the configuration.
 #[derive(Debug, Error)]
@@ -96,6 +104,10 @@ struct RawConfig {
     bpffs: PathBuf,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    #[serde(default)]
+    hook: HookChoice,
+    #[serde(default)]
+    hooks: BTreeMap<String, HookChoice>,
     #[serde(default)]
     xdp_mode: AttachMode,
     socket: Option<PathBuf>,
@@ -228,6 +240,10 @@ pub struct Config {
     pub bpffs: PathBuf,
     /// Directory for the pid file and status.
     pub state_dir: PathBuf,
+    /// The hook every interface gets unless [`Config::hooks`] names it.
+    pub hook: HookChoice,
+    /// The hook of particular interfaces.
+    pub hooks: BTreeMap<String, HookChoice>,
     /// XDP attach mode.
     pub xdp_mode: AttachMode,
     /// The local API socket.
@@ -251,6 +267,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The hook `interface` gets: its own in `[hooks]`, else `hook`.
+    pub fn hook_of(&self, interface: &str) -> HookChoice {
+        self.hooks.get(interface).copied().unwrap_or(self.hook)
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -390,6 +411,8 @@ impl Config {
             interfaces: raw.interfaces,
             bpffs: base.join(&raw.bpffs),
             state_dir,
+            hook: raw.hook,
+            hooks: raw.hooks,
             xdp_mode: raw.xdp_mode,
             inspect,
             limits: Limits {

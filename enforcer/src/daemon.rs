@@ -259,7 +259,11 @@ impl Daemon {
     fn attach(&mut self) -> Result<(), DataplaneError> {
         let wanted = self.wanted_interfaces();
         for interface in &wanted {
-            let how = self.dataplane.attach(interface, self.config.xdp_mode)?;
+            let how = self.dataplane.attach(
+                interface,
+                self.config.hook_of(interface),
+                self.config.xdp_mode,
+            )?;
             tracing::info!(interface, ?how, "attached");
         }
         for interface in self.dataplane.attached_interfaces() {

@@ -31,10 +31,12 @@ use aya::{
         RingBuf, lpm_trie::Key,
     },
     programs::{
-        ProgramError, Xdp,
-        links::{FdLink, PinnedLink},
+        LinkOrder, ProgramError, ProgramInfo, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, LinkType, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::{XdpLink, XdpMode},
     },
+    util::KernelVersion,
 };
 use enforcer_common::{
     AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
@@ -325,8 +327,11 @@ pub enum AttachMode {
 pub struct Hook {
     /// The interface.
     pub interface: String,
-    /// The XDP attach mode; `None` when the kernel could not be asked (see `problem`).
-    pub mode: Option<XdpAttachMode>,
+    /// `xdp` or `tc`.
+    pub hook: &'static str,
+    /// At XDP the attach mode (`native`, `generic`, `offload`, `multiple`, `none`); at tc
+    /// `tcx` or `clsact`. `None` when the kernel could not be asked (see `problem`).
+    pub mode: Option<&'static str>,
     /// The program the kernel runs there (0: none).
     pub program_id: u32,
     /// Whether that program is this daemon's `enforce`.
@@ -338,12 +343,20 @@ pub struct Hook {
 /// How an interface ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// A pinned link from an earlier run now runs this program (atomic replace, no gap).
+    /// A pinned XDP link from an earlier run now runs this program (atomic, no gap).
     Replaced,
-    /// Newly attached in native mode.
+    /// Newly attached at XDP in native mode.
     Native,
-    /// Newly attached in generic mode.
+    /// Newly attached at XDP in generic mode.
     Generic,
+    /// Newly attached at tc ingress with a tcx link.
+    Tcx,
+    /// A pinned tcx link from an earlier run now runs this program.
+    TcxReplaced,
+    /// Newly attached at tc ingress as a clsact filter (before Linux 6.6).
+    Clsact,
+    /// The clsact filter an earlier run left now runs this program.
+    ClsactReplaced,
 }
 
 /// Measures [`Clock`] for this boot with the `clock_probe` program.
@@ -477,12 +490,19 @@ fn rejected(name: &'static str, source: ProgramError) -> DataplaneError {
 }
 
 /// Every program of the object, as [`Dataplane::load`] loads them.
-const PROGRAMS: [&str; 5] = [
+const XDP_PROGRAMS: [&str; 5] = [
     programs::ENFORCE,
     programs::ENFORCE_NAMES,
     programs::ENFORCE_FINISH,
     programs::PASS_FLOOR,
     programs::CLOCK_PROBE,
+];
+
+/// The tc (`sched_cls`) programs of the object: the same pipeline for socket buffers.
+const TC_PROGRAMS: [&str; 3] = [
+    programs::ENFORCE_TC,
+    programs::ENFORCE_NAMES_TC,
+    programs::ENFORCE_FINISH_TC,
 ];
 
 /// The verifier's budget of processed instructions for one program load
@@ -545,8 +565,8 @@ pub struct Dataplane {
     bpffs: PathBuf,
     limits: Limits,
     kernel: KernelMaps,
-    /// This load's `STAGES` pin (see [`Dataplane::load`]).
-    stages_pin: PathBuf,
+    /// This load's `STAGES` and `STAGES_TC` pins (see [`Dataplane::load`]).
+    stages_pins: Vec<PathBuf>,
     /// Whether [`Dataplane::attach`] attached this load's program anywhere: then its
     /// stages pin outlives it, as the pinned links do.
     attached: bool,
@@ -633,8 +653,19 @@ impl Dataplane {
                 path: maps_dir.clone(),
                 source: Box::new(source),
             })?;
-        for name in PROGRAMS {
+        for name in XDP_PROGRAMS {
             let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            program.load().map_err(|source| rejected(name, source))?;
+        }
+        for name in TC_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Program {
                     name,
@@ -667,7 +698,22 @@ impl Dataplane {
         clock_map
             .set(0, clock, 0)
             .map_err(err("writing", maps::CLOCK))?;
-        let stages_pin = install_stages(&mut ebpf, bpffs)?;
+        let stages_pins = vec![
+            install_stages(
+                &mut ebpf,
+                bpffs,
+                programs::ENFORCE,
+                maps::STAGES,
+                &programs::STAGES,
+            )?,
+            install_stages(
+                &mut ebpf,
+                bpffs,
+                programs::ENFORCE_TC,
+                maps::STAGES_TC,
+                &programs::STAGES_TC,
+            )?,
+        ];
         let mut kernel = KernelMaps::take(&mut ebpf, &limits)?;
         let state = kernel.state()?;
         if state.agent_stride == 0 {
@@ -692,7 +738,7 @@ impl Dataplane {
             bpffs: bpffs.to_path_buf(),
             limits,
             kernel,
-            stages_pin,
+            stages_pins,
             attached: false,
         })
     }
@@ -726,17 +772,14 @@ impl Dataplane {
 
     /// What the verifier spent on each program of this load.
     pub fn verifier_costs(&self) -> Result<Vec<VerifierCost>, DataplaneError> {
-        let infos = PROGRAMS
+        let infos = XDP_PROGRAMS
             .iter()
+            .chain(&TC_PROGRAMS)
             .map(|&name| {
-                let program: &Xdp = self
-                    .ebpf
-                    .program(name)
-                    .and_then(|p| p.try_into().ok())
-                    .ok_or(DataplaneError::Program {
-                        name,
-                        source: ProgramError::NotLoaded,
-                    })?;
+                let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?;
                 let info = program
                     .info()
                     .map_err(|source| DataplaneError::Program { name, source })?;
@@ -755,8 +798,13 @@ impl Dataplane {
             .collect())
     }
 
-    /// A loaded program by name (see `enforcer_common::programs`), e.g. for test runs.
+    /// A loaded XDP program by name (see `enforcer_common::programs`), e.g. for test runs.
     pub fn program(&self, name: &str) -> Option<&Xdp> {
+        self.ebpf.program(name)?.try_into().ok()
+    }
+
+    /// A loaded tc program by name (see `enforcer_common::programs`), e.g. for test runs.
+    pub fn classifier(&self, name: &str) -> Option<&SchedClassifier> {
         self.ebpf.program(name)?.try_into().ok()
     }
 
@@ -764,16 +812,55 @@ impl Dataplane {
         self.bpffs.join("links").join(interface)
     }
 
-    /// Attaches the enforcer to `interface`. If an earlier run left a pinned link there, the
-    /// link is switched to this program in one atomic `BPF_LINK_UPDATE`, so enforcement has
-    /// no gap across restarts; otherwise a new link is created (native mode first, generic
-    /// as a fallback for [`AttachMode::Auto`]) and pinned so it outlives the daemon.
+    /// Attaches the enforcer to `interface` at the hook `choice` picks (see [`HookChoice`]):
+    /// XDP in `xdp_mode`, or tc ingress (a tcx link on Linux 6.6+, else a direct-action
+    /// `cls_bpf` filter on the `clsact` qdisc). What an earlier run left there is switched to
+    /// this build's program atomically (`BPF_LINK_UPDATE`, or a netlink filter replace), so
+    /// enforcement has no gap across restarts; a new attachment is pinned (the tc filter is
+    /// marked by a pin) so it outlives the daemon. When the interface moves from one hook to
+    /// the other, the new one is in place before the old one goes: for that moment a packet
+    /// may be judged twice, never not at all.
     pub fn attach(
         &mut self,
         interface: &str,
+        choice: HookChoice,
+        xdp_mode: AttachMode,
+    ) -> Result<Attached, DataplaneError> {
+        let want_tc = match choice {
+            HookChoice::Xdp => false,
+            HookChoice::Tc => true,
+            // A device that registers a link kind (veth, tun/tap, bridge, vlan, ...) is
+            // virtual: its packets are socket buffers already, and XDP on it would copy them
+            // and (veth) take the peer's offloads away. Physical NICs register none.
+            HookChoice::Auto => netlink::link(interface)
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    source: ProgramError::IOError(io::Error::other(source.to_string())),
+                })?
+                .kind
+                .is_some(),
+        };
+        let current = current_hook(&self.bpffs, interface);
+        let outcome = if want_tc {
+            self.attach_tc(interface, current)?
+        } else {
+            self.attach_xdp(interface, xdp_mode, current)?
+        };
+        self.attached = true;
+        // The program the old attachment ran may be gone now, and with it the last user of
+        // its stages.
+        prune_stages(&self.bpffs);
+        Ok(outcome)
+    }
+
+    fn attach_xdp(
+        &mut self,
+        interface: &str,
         mode: AttachMode,
+        current: Option<HookKind>,
     ) -> Result<Attached, DataplaneError> {
         let pin = self.link_pin(interface);
+        let bpffs = self.bpffs.clone();
         let program: &mut Xdp = self
             .ebpf
             .program_mut(programs::ENFORCE)
@@ -789,17 +876,13 @@ impl Dataplane {
                 path: pin.clone(),
                 source,
             };
-        if pin.exists() {
+        if current == Some(HookKind::Xdp) {
             let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("opening", e.into()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .map_err(|e| link_err("opening", e.into()))?;
             program
                 .attach_to_link(link)
                 .map_err(|e| link_err("replacing the program of", e.into()))?;
-            self.attached = true;
-            // The program this link ran may be gone now, and with it the last user of its
-            // stages.
-            prune_stages(&self.bpffs);
             return Ok(Attached::Replaced);
         }
         let tries: &[(XdpMode, Attached)] = match mode {
@@ -826,10 +909,14 @@ impl Dataplane {
                         .map_err(|e| link_err("taking", e.into()))?;
                     let fd_link =
                         FdLink::try_from(link).map_err(|e| link_err("converting", e.into()))?;
+                    // The tc hook this interface had goes only now, with XDP in place.
+                    if let Some(old) = current {
+                        remove_hook(&bpffs, interface, old)
+                            .map_err(|e| link_err("removing the tc hook before", e.into()))?;
+                    }
                     fd_link
                         .pin(&pin)
                         .map_err(|e| link_err("pinning", e.into()))?;
-                    self.attached = true;
                     return Ok(outcome);
                 }
                 Err(e) => last = Some(e),
@@ -841,43 +928,303 @@ impl Dataplane {
         })
     }
 
-    /// Interfaces that have a pinned link.
+    fn attach_tc(
+        &mut self,
+        interface: &str,
+        current: Option<HookKind>,
+    ) -> Result<Attached, DataplaneError> {
+        let pin = self.link_pin(interface);
+        let marker = tc_marker(&self.bpffs, interface);
+        let bpffs = self.bpffs.clone();
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::ENFORCE_TC)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::Program {
+                name: programs::ENFORCE_TC,
+                source: ProgramError::NotLoaded,
+            })?;
+        let link_err = |op, path: &Path, source: Box<dyn std::error::Error + Send + Sync>| {
+            DataplaneError::Link {
+                op,
+                interface: interface.to_string(),
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        if tcx_supported() {
+            if current == Some(HookKind::Tcx) {
+                let pinned =
+                    PinnedLink::from_pin(&pin).map_err(|e| link_err("opening", &pin, e.into()))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| link_err("opening", &pin, e.into()))?;
+                program
+                    .attach_to_link(link)
+                    .map_err(|e| link_err("replacing the program of", &pin, e.into()))?;
+                return Ok(Attached::TcxReplaced);
+            }
+            // First among the interface's tcx programs: the policy sees the packet before
+            // anything that could redirect it.
+            let id = program
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    source,
+                })?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| link_err("taking", &pin, e.into()))?;
+            let fd_link =
+                FdLink::try_from(link).map_err(|e| link_err("converting", &pin, e.into()))?;
+            if let Some(old) = current {
+                remove_hook(&bpffs, interface, old)
+                    .map_err(|e| link_err("removing the old hook before", &pin, e.into()))?;
+            }
+            fd_link
+                .pin(&pin)
+                .map_err(|e| link_err("pinning", &pin, e.into()))?;
+            return Ok(Attached::Tcx);
+        }
+        // Before Linux 6.6: a direct-action cls_bpf filter on the clsact qdisc, at a fixed
+        // priority and handle, so a restart finds its filter and replaces the program in it.
+        match tc::qdisc_add_clsact(interface) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    source: source.into(),
+                });
+            }
+        }
+        let replaced = current == Some(HookKind::Clsact);
+        let id = if replaced {
+            let link = SchedClassifierLink::attached(
+                interface,
+                TcAttachType::Ingress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            .map_err(|e| link_err("opening", &marker, e.into()))?;
+            program
+                .attach_to_link(link)
+                .map_err(|e| link_err("replacing the program of", &marker, e.into()))?
+        } else {
+            program
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: TC_PRIORITY,
+                        handle: TC_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    source,
+                })?
+        };
+        // The filter must outlive this process: aya would remove it when the link drops.
+        std::mem::forget(
+            program
+                .take_link(id)
+                .map_err(|e| link_err("taking", &marker, e.into()))?,
+        );
+        if let Some(old) = current.filter(|&old| old != HookKind::Clsact) {
+            remove_hook(&bpffs, interface, old)
+                .map_err(|e| link_err("removing the old hook before", &marker, e.into()))?;
+        }
+        // The marker pins the program the filter runs: what `status` and the next run read.
+        let _ = fs::remove_file(&marker);
+        if let Some(dir) = marker.parent() {
+            fs::create_dir_all(dir).map_err(|e| link_err("creating", dir, e.into()))?;
+        }
+        program
+            .pin(&marker)
+            .map_err(|e| link_err("pinning", &marker, e.into()))?;
+        Ok(if replaced {
+            Attached::ClsactReplaced
+        } else {
+            Attached::Clsact
+        })
+    }
+
+    /// Interfaces the enforcer is attached to (by a pinned link or a marked tc filter).
     pub fn attached_interfaces(&self) -> Vec<String> {
         attached_interfaces(&self.bpffs)
     }
 
-    /// What runs on each interface that has a pinned link, as the kernel reports it now
-    /// (the mode of a link an earlier run created is known only to the kernel).
+    /// What runs on each interface the enforcer is attached to, as the kernel reports it
+    /// now (the mode of an attachment an earlier run made is known only to the kernel).
     pub fn hooks(&self) -> Vec<Hook> {
-        let ours = self
-            .program(programs::ENFORCE)
-            .and_then(|p| p.info().ok())
-            .map(|info| info.id());
+        let id = |p: Option<&aya::programs::Program>| p.and_then(|p| p.info().ok()).map(|i| i.id());
+        let ours_xdp = id(self.ebpf.program(programs::ENFORCE));
+        let ours_tc = id(self.ebpf.program(programs::ENFORCE_TC));
         self.attached_interfaces()
             .into_iter()
-            .map(|interface| match netlink::xdp_state(&interface) {
-                Ok(state) => Hook {
-                    mode: Some(state.mode),
-                    program_id: state.program_id,
-                    ours: state.program_id != 0 && Some(state.program_id) == ours,
-                    problem: (state.mode == XdpAttachMode::None)
-                        .then(|| "the link is pinned but no XDP program runs".to_string()),
-                    interface,
-                },
-                Err(e) => Hook {
-                    mode: None,
-                    program_id: 0,
-                    ours: false,
-                    problem: Some(e.to_string()),
-                    interface,
-                },
-            })
+            .map(|interface| hook_state(&self.bpffs, interface, ours_xdp, ours_tc))
             .collect()
     }
 
-    /// Removes the pinned link of `interface`, detaching the enforcer from it.
+    /// Detaches the enforcer from `interface` (removes its link pin, or its tc filter and
+    /// the marker).
     pub fn detach(&mut self, interface: &str) -> io::Result<()> {
-        fs::remove_file(self.link_pin(interface))
+        match current_hook(&self.bpffs, interface) {
+            Some(kind) => remove_hook(&self.bpffs, interface, kind),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Which hook runs the enforcer on an interface (`hook` in the configuration, or per
+/// interface in `[hooks]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookChoice {
+    /// tc for virtual devices (veth, tun/tap, bridges: anything that registers a link
+    /// kind), XDP for physical NICs.
+    #[default]
+    Auto,
+    /// XDP, in `xdp_mode`.
+    Xdp,
+    /// tc ingress.
+    Tc,
+}
+
+/// The kind of attachment an interface has, from its pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HookKind {
+    /// A pinned XDP link.
+    Xdp,
+    /// A pinned tcx link (Linux 6.6+).
+    Tcx,
+    /// A `cls_bpf` filter on the clsact qdisc, marked by a program pin under `tc/`.
+    Clsact,
+}
+
+/// The tc filter's priority and handle on kernels without tcx: fixed, so a restart finds
+/// the filter to replace. Priority 2 runs before filters added with the default priority.
+const TC_PRIORITY: u16 = 2;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0xe7f);
+
+/// Whether this kernel has tcx links (Linux 6.6).
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn tc_marker(bpffs: &Path, interface: &str) -> PathBuf {
+    bpffs.join("tc").join(interface)
+}
+
+/// The enforcer's attachment on `interface`, by its pins.
+fn current_hook(bpffs: &Path, interface: &str) -> Option<HookKind> {
+    let pin = bpffs.join("links").join(interface);
+    if pin.exists() {
+        let kind = PinnedLink::from_pin(&pin)
+            .ok()
+            .and_then(|l| FdLink::from(l).info().ok())
+            .and_then(|info| info.link_type().ok());
+        return Some(if kind == Some(LinkType::Tcx) {
+            HookKind::Tcx
+        } else {
+            HookKind::Xdp
+        });
+    }
+    tc_marker(bpffs, interface)
+        .exists()
+        .then_some(HookKind::Clsact)
+}
+
+/// Removes the enforcer's attachment of `kind` from `interface`.
+fn remove_hook(bpffs: &Path, interface: &str, kind: HookKind) -> io::Result<()> {
+    match kind {
+        HookKind::Xdp | HookKind::Tcx => fs::remove_file(bpffs.join("links").join(interface)),
+        HookKind::Clsact => {
+            match tc::qdisc_detach_program(interface, TcAttachType::Ingress, programs::ENFORCE_TC) {
+                Ok(()) => {}
+                // Gone already (with its interface, or by hand).
+                Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+            fs::remove_file(tc_marker(bpffs, interface))
+        }
+    }
+}
+
+/// What the kernel runs at `interface`'s hook, against the ids of this load's programs.
+fn hook_state(
+    bpffs: &Path,
+    interface: String,
+    ours_xdp: Option<u32>,
+    ours_tc: Option<u32>,
+) -> Hook {
+    let failed = |interface, problem: String| Hook {
+        interface,
+        hook: "?",
+        mode: None,
+        program_id: 0,
+        ours: false,
+        problem: Some(problem),
+    };
+    match current_hook(bpffs, &interface) {
+        Some(HookKind::Xdp) | None => match netlink::xdp_state(&interface) {
+            Ok(state) => Hook {
+                hook: "xdp",
+                mode: Some(state.mode.name()),
+                program_id: state.program_id,
+                ours: state.program_id != 0 && Some(state.program_id) == ours_xdp,
+                problem: (state.mode == XdpAttachMode::None)
+                    .then(|| "the link is pinned but no XDP program runs".to_string()),
+                interface,
+            },
+            Err(e) => failed(interface, e.to_string()),
+        },
+        Some(HookKind::Tcx) => {
+            match SchedClassifier::query_tcx(&interface, TcAttachType::Ingress) {
+                Ok((_, programs)) => {
+                    let ids: Vec<u32> = programs.iter().map(|p| p.id()).collect();
+                    let ours = ours_tc.is_some_and(|id| ids.contains(&id));
+                    Hook {
+                        hook: "tc",
+                        mode: Some("tcx"),
+                        program_id: if ours {
+                            ours_tc.unwrap_or(0)
+                        } else {
+                            ids.first().copied().unwrap_or(0)
+                        },
+                        ours,
+                        problem: ids
+                            .is_empty()
+                            .then(|| "the link is pinned but no tcx program runs".to_string()),
+                        interface,
+                    }
+                }
+                Err(e) => failed(interface, format!("asking for its tcx programs: {e}")),
+            }
+        }
+        Some(HookKind::Clsact) => {
+            let marker = tc_marker(bpffs, &interface);
+            // The filter itself is not listed here: the marker pins the program it was
+            // given, and a filter gone with its interface shows as a missing interface.
+            let problem = netlink::link(&interface).err().map(|e| e.to_string());
+            match ProgramInfo::from_pin(&marker) {
+                Ok(info) => Hook {
+                    hook: "tc",
+                    mode: Some("clsact"),
+                    program_id: info.id(),
+                    ours: Some(info.id()) == ours_tc,
+                    problem,
+                    interface,
+                },
+                Err(e) => failed(interface, format!("reading {}: {e}", marker.display())),
+            }
+        }
     }
 }
 
@@ -886,7 +1233,9 @@ impl Drop for Dataplane {
         // A load that never ran on an interface (a test run, `policy apply` without a
         // daemon) leaves nothing behind; an attached one's stages stay with its links.
         if !self.attached {
-            let _ = fs::remove_file(&self.stages_pin);
+            for pin in &self.stages_pins {
+                let _ = fs::remove_file(pin);
+            }
         }
     }
 }
@@ -929,7 +1278,8 @@ fn stages_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("stages")
 }
 
-/// Fills the loaded object's `STAGES` with its stage programs and pins it under
+/// Fills one of the loaded object's stage arrays (`STAGES` for XDP, `STAGES_TC` for tc)
+/// with its stage programs and pins it under
 /// `bpffs/stages/<id of the entry program>`.
 ///
 /// A program array loses its entries when its last user-space reference (a descriptor or
@@ -938,7 +1288,13 @@ fn stages_dir(bpffs: &Path) -> PathBuf {
 /// load has its own array (never one pinned by name and reused), an entry program only
 /// ever jumps into stages built with it, across upgrades too. Pins whose entry program is
 /// gone are removed here and after every link switch ([`prune_stages`]).
-fn install_stages(ebpf: &mut Ebpf, bpffs: &Path) -> Result<PathBuf, DataplaneError> {
+fn install_stages(
+    ebpf: &mut Ebpf,
+    bpffs: &Path,
+    entry_name: &'static str,
+    name: &'static str,
+    programs: &[(u32, &'static str)],
+) -> Result<PathBuf, DataplaneError> {
     let dir = stages_dir(bpffs);
     fs::create_dir_all(&dir).map_err(|source| DataplaneError::PinDir {
         path: dir.clone(),
@@ -952,28 +1308,24 @@ fn install_stages(ebpf: &mut Ebpf, bpffs: &Path) -> Result<PathBuf, DataplaneErr
             source,
         }
     };
-    let entry: &Xdp = ebpf
-        .program(programs::ENFORCE)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(DataplaneError::Program {
-            name: programs::ENFORCE,
-            source: ProgramError::NotLoaded,
-        })?;
+    let entry = ebpf.program(entry_name).ok_or(DataplaneError::Program {
+        name: entry_name,
+        source: ProgramError::NotLoaded,
+    })?;
     let id = entry
         .info()
         .map_err(|source| DataplaneError::Program {
-            name: programs::ENFORCE,
+            name: entry_name,
             source,
         })?
         .id();
     let pin = dir.join(id.to_string());
-    let name = maps::STAGES;
     let map = ebpf
         .take_map(name)
         .ok_or(DataplaneError::MissingMap { name })?;
     let mut stages =
         ProgramArray::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-    for (index, program) in programs::STAGES {
+    for &(index, program) in programs {
         let fd = ebpf
             .program(program)
             .ok_or(DataplaneError::Program {
@@ -1015,20 +1367,32 @@ fn prune_stages(bpffs: &Path) {
 
 /// Interfaces with a pinned enforcer link under `bpffs`.
 pub fn attached_interfaces(bpffs: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(bpffs.join("links"))
-        .into_iter()
+    let mut names: Vec<String> = ["links", "tc"]
+        .iter()
+        .filter_map(|sub| fs::read_dir(bpffs.join(sub)).ok())
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
+    names.dedup();
     names
 }
 
 /// Removes every pin under `bpffs` (links first, which detaches the program), leaving
 /// nothing enforcing. Used by `enforcer stop --detach` and test clean-up.
 pub fn remove_pins(bpffs: &Path) -> io::Result<()> {
-    for sub in ["links", "stages", "maps"] {
+    // A clsact filter outlives its marker: remove the filters first.
+    for interface in fs::read_dir(bpffs.join("tc"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(interface) = interface.file_name().into_string() {
+            remove_hook(bpffs, &interface, HookKind::Clsact)?;
+        }
+    }
+    for sub in ["links", "tc", "stages", "maps"] {
         let dir = bpffs.join(sub);
         if dir.exists() {
             fs::remove_dir_all(&dir)?;

@@ -662,7 +662,8 @@ fn print_hooks(hooks: &serde_json::Value) {
                 } else {
                     "ANOTHER program"
                 };
-                format!("xdp {mode:<8} program {} ({whose})", h["program_id"])
+                let hook = h["hook"].as_str().unwrap_or("?");
+                format!("{hook} {mode:<8} program {} ({whose})", h["program_id"])
             }
             (None, None) => "unknown".to_string(),
         };

@@ -1,5 +1,6 @@
-//! What the kernel says runs on an interface: one `RTM_GETLINK` over rtnetlink, read for
-//! its XDP attribute (`IFLA_XDP`: the attach mode and the program id).
+//! What the kernel says about an interface: one `RTM_GETLINK` over rtnetlink, read for its
+//! XDP attribute (`IFLA_XDP`: the attach mode and the program id) and its kind
+//! (`IFLA_INFO_KIND`: veth, tun, bridge, ...; none for a physical NIC).
 //!
 //! The daemon cannot take this from its own bookkeeping: a link pinned by an earlier run
 //! keeps the mode it was created with, which the `bpf_link_info` of an XDP link does not
@@ -10,7 +11,7 @@ use std::{ffi::CString, io};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+    link::{LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::Serialize;
@@ -29,6 +30,19 @@ pub enum XdpAttachMode {
     Offload,
     /// Programs in more than one mode at once.
     Multiple,
+}
+
+impl XdpAttachMode {
+    /// The mode's name as `status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpAttachMode::None => "none",
+            XdpAttachMode::Native => "native",
+            XdpAttachMode::Generic => "generic",
+            XdpAttachMode::Offload => "offload",
+            XdpAttachMode::Multiple => "multiple",
+        }
+    }
 }
 
 /// The XDP state of one interface.
@@ -70,8 +84,23 @@ pub enum NetlinkError {
     },
 }
 
+/// What [`link`] reads of an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The XDP program and its mode.
+    pub xdp: XdpState,
+    /// The driver kind of a virtual device (`veth`, `tun`, `bridge`, `vlan`, ...); `None`
+    /// for a physical NIC, whose driver registers no link kind.
+    pub kind: Option<String>,
+}
+
 /// Asks the kernel which XDP program runs on `interface` and in which mode.
 pub fn xdp_state(interface: &str) -> Result<XdpState, NetlinkError> {
+    link(interface).map(|l| l.xdp)
+}
+
+/// Asks the kernel about `interface` (see [`Link`]).
+pub fn link(interface: &str) -> Result<Link, NetlinkError> {
     let missing = || NetlinkError::NoSuchInterface {
         interface: interface.to_string(),
     };
@@ -112,9 +141,10 @@ pub fn xdp_state(interface: &str) -> Result<XdpState, NetlinkError> {
     let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
         .map_err(|e| answer_err(e.to_string()))?;
     match message.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-            Ok(xdp_of(ifindex, &link.attributes))
-        }
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => Ok(Link {
+            xdp: xdp_of(ifindex, &link.attributes),
+            kind: kind_of(&link.attributes),
+        }),
         // The interface went away between the name lookup and the request.
         NetlinkPayload::Error(e) if e.raw_code() == -libc::ENODEV => Err(missing()),
         NetlinkPayload::Error(e) => Err(io_err(io::Error::from_raw_os_error(-e.raw_code()))),
@@ -123,6 +153,17 @@ pub fn xdp_state(interface: &str) -> Result<XdpState, NetlinkError> {
             other.message_type()
         ))),
     }
+}
+
+/// Reads `IFLA_INFO_KIND` out of a link's attributes.
+fn kind_of(attributes: &[LinkAttribute]) -> Option<String> {
+    attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(kind) => Some(kind.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// Reads `IFLA_XDP` out of a link's attributes. A kernel that sends none has no program
@@ -192,9 +233,11 @@ mod tests {
     #[test]
     fn loopback_has_no_xdp_and_a_missing_name_is_named() {
         // Every network namespace has `lo`; nothing in this crate attaches XDP to it.
-        let lo = xdp_state("lo").unwrap();
-        assert_eq!(lo.ifindex, 1);
-        assert_eq!(lo.mode, XdpAttachMode::None);
+        let lo = link("lo").unwrap();
+        assert_eq!(lo.xdp.ifindex, 1);
+        assert_eq!(lo.xdp.mode, XdpAttachMode::None);
+        // Loopback registers no link kind: to this test, a physical device.
+        assert_eq!(lo.kind, None);
         let err = xdp_state("enf-no-such0").unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -1,9 +1,9 @@
-//! Running the XDP program on a packet without a network: `BPF_PROG_TEST_RUN`, as the
-//! packet-table tests and the benchmarks use it.
+//! Running the XDP and tc programs on a packet without a network: `BPF_PROG_TEST_RUN`, as
+//! the packet-table tests and the benchmarks use it.
 
 use aya::{
     TestRun as _, TestRunOptions, TestRunResult,
-    programs::{ProgramError, Xdp},
+    programs::{ProgramError, SchedClassifier, Xdp},
 };
 
 /// The kernel's `struct xdp_md` as `BPF_PROG_TEST_RUN` takes it for XDP context input.
@@ -39,6 +39,56 @@ pub fn run_xdp(
     program.test_run(TestRunOptions {
         data_in: Some(packet),
         ctx_in: ingress_ifindex.map(|_| ctx),
+        repeat: repeat.max(1),
+        ..TestRunOptions::default()
+    })
+}
+
+/// The kernel's `struct __sk_buff` (192 bytes) as 32-bit words, for the fields
+/// `BPF_PROG_TEST_RUN` lets a caller set (every other one must be zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SkBuffIn([u32; 48]);
+const _: () = assert!(size_of::<SkBuffIn>() == 192);
+/// Word indices: `offsetof(struct __sk_buff, field) / 4`.
+const SKB_INGRESS_IFINDEX: usize = 36 / 4;
+const SKB_IFINDEX: usize = 40 / 4;
+const SKB_GSO_SEGS: usize = 164 / 4;
+const SKB_GSO_SIZE: usize = 176 / 4;
+
+/// What a tc test run's socket buffer carries besides the packet.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbMeta {
+    /// The interface the packet arrives on (it must exist in the caller's network
+    /// namespace); `lo` when unset.
+    pub ifindex: Option<u32>,
+    /// Segments of a GSO super-packet (0 or 1: not GSO).
+    pub gso_segs: u32,
+    /// Payload bytes per segment of a GSO super-packet.
+    pub gso_size: u32,
+}
+
+/// Runs the tc `program` on `packet` (from its Ethernet header) `repeat` times, as a socket
+/// buffer with `meta` (Linux 5.10+ for `gso_segs`, 5.11 for `gso_size`).
+pub fn run_tc(
+    program: &SchedClassifier,
+    packet: &[u8],
+    meta: SkbMeta,
+    repeat: u32,
+) -> Result<TestRunResult, ProgramError> {
+    let mut skb = SkBuffIn([0; 48]);
+    if let Some(ifindex) = meta.ifindex {
+        skb.0[SKB_INGRESS_IFINDEX] = ifindex;
+        skb.0[SKB_IFINDEX] = ifindex;
+    }
+    skb.0[SKB_GSO_SEGS] = meta.gso_segs;
+    skb.0[SKB_GSO_SIZE] = meta.gso_size;
+    // SAFETY: SkBuffIn is repr(C), 48 u32s with no padding.
+    let ctx =
+        unsafe { std::slice::from_raw_parts((&raw const skb).cast::<u8>(), size_of::<SkBuffIn>()) };
+    program.test_run(TestRunOptions {
+        data_in: Some(packet),
+        ctx_in: Some(ctx),
         repeat: repeat.max(1),
         ..TestRunOptions::default()
     })

@@ -76,7 +76,7 @@ const BPF_LOG_STATS: u32 = 4;
 /// Kernel map names are at most 15 bytes (`BPF_OBJ_NAME_LEN` with the NUL).
 const OBJ_NAME_MAX: usize = 15;
 
-/// Verifies again each of `programs` (name and the loaded program's info) from `object`
+/// Verifies again each of `programs` (name and the loaded program's info; XDP or sched_cls) from `object`
 /// and returns what the verifier log says about it, in the same order.
 pub fn stats(
     object: &[u8],
@@ -147,7 +147,13 @@ pub fn stats(
                 })?),
                 None => None,
             };
-            let log = load_with_stats(name, &program.license, function, btf.as_ref())?;
+            let log = load_with_stats(
+                name,
+                info.program_type(),
+                &program.license,
+                function,
+                btf.as_ref(),
+            )?;
             parse_stats(&log).ok_or_else(|| VerifierError::NoStats {
                 program: name.to_string(),
                 log,
@@ -164,10 +170,11 @@ fn btf_fd(id: u32) -> io::Result<OwnedFd> {
     bpf_fd(bpf_cmd::BPF_BTF_GET_FD_BY_ID, &mut attr)
 }
 
-/// Loads `function` as an XDP program with a statistics log and returns the log; the
-/// program itself is closed at once.
+/// Loads `function` as a program of `kind` (as the loaded one) with a statistics log and
+/// returns the log; the program itself is closed at once.
 fn load_with_stats(
     name: &str,
+    kind: bpf_prog_type,
     license: &CString,
     function: &aya_obj::Function,
     btf: Option<&OwnedFd>,
@@ -179,8 +186,12 @@ fn load_with_stats(
     let mut attr = unsafe { mem::zeroed::<bpf_attr>() };
     // SAFETY: BPF_PROG_LOAD reads the `__bindgen_anon_3` member of the union.
     let u = unsafe { &mut attr.__bindgen_anon_3 };
-    u.prog_type = bpf_prog_type::BPF_PROG_TYPE_XDP as u32;
-    u.expected_attach_type = bpf_attach_type::BPF_XDP as u32;
+    u.prog_type = kind as u32;
+    // What aya passes for the two types this crate loads: XDP declares its attach type,
+    // sched_cls none.
+    if kind == bpf_prog_type::BPF_PROG_TYPE_XDP {
+        u.expected_attach_type = bpf_attach_type::BPF_XDP as u32;
+    }
     u.insns = function.instructions.as_ptr() as u64;
     u.insn_cnt = function.instructions.len() as u32;
     u.license = license.as_ptr() as u64;

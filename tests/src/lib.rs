@@ -148,7 +148,7 @@ impl Lab {
         fs::write(
             lab.config_path(),
             format!(
-                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nxdp_mode = \"native\"\naudit_log = \"audit.jsonl\"\n\n[limits]\nmax_agents = 64\n",
+                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nhook = \"auto\"\nxdp_mode = \"native\"\naudit_log = \"audit.jsonl\"\n\n[limits]\nmax_agents = 64\n",
                 (1..=agents).map(|i| format!("gwa{i}")).collect::<Vec<_>>(),
                 lab.bpffs.path().display()
             ),
@@ -165,6 +165,19 @@ impl Lab {
         fs::write(
             &path,
             config.replace("xdp_mode = \"native\"\n", &format!("xdp_mode = {mode:?}\n")),
+        )
+        .unwrap();
+    }
+
+    /// Sets the daemon's `hook` (the lab starts with `auto`: tc on its veths); before
+    /// `start_daemon`.
+    pub fn set_hook(&self, hook: &str) {
+        let path = self.config_path();
+        let config = fs::read_to_string(&path).unwrap();
+        assert!(config.contains("hook = \"auto\"\n"));
+        fs::write(
+            &path,
+            config.replace("hook = \"auto\"\n", &format!("hook = {hook:?}\n")),
         )
         .unwrap();
     }
@@ -249,7 +262,9 @@ impl Lab {
             .unwrap();
         let mut guard = ChildGuard::new(child);
         let pid = guard.id();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Start-up verifies every program (eight, at XDP and tc): seconds on a host, far
+        // longer in an emulated VM. A bound on hanging, not a speed check.
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if let Some(status) = Status::read(&self.state_dir())
                 && status.pid == pid
@@ -261,7 +276,7 @@ impl Lab {
             }
             assert!(
                 Instant::now() < deadline,
-                "enforcer run did not report ready in 30 s"
+                "enforcer run did not report ready in 180 s"
             );
         }
         self.daemon = Some(guard);

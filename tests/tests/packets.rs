@@ -1,5 +1,6 @@
 //! Packet table: every row is a packet built with etherparse (then, for the evasive rows,
-//! cut or spliced by hand), run once through the real XDP program with BPF_PROG_TEST_RUN
+//! cut or spliced by hand), run once through the real XDP program, and in a second
+//! pipeline of its own once through the real tc program, with BPF_PROG_TEST_RUN
 //! against a real compiled policy in real maps; the row asserts the verdict and that exactly
 //! the expected (agent, reason) counter moved by one packet of the packet's length, and that
 //! the audit ring received exactly one event for it if the reason is a drop or a
@@ -16,7 +17,7 @@ use enforcer::{
     dataplane::{self, Dataplane, VERIFIER_INSN_LIMIT},
     lab::{BpffsMount, require_root},
     policy, table,
-    testrun::run_xdp,
+    testrun::{SkbMeta, run_tc, run_xdp},
 };
 use enforcer_common::{
     AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps, programs,
@@ -27,6 +28,61 @@ use integration_tests::in_sandbox_netns;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+/// The tc program's actions: `TC_ACT_UNSPEC` (-1, "no objection": later programs still
+/// run) for a pass, `TC_ACT_SHOT` for a drop.
+const TC_PASS: u32 = u32::MAX;
+const TC_DROP: u32 = 2;
+
+/// Where a table runs: the XDP entry point or the tc one. Rows are written with XDP's
+/// actions; [`Hook::action`] translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    fn action(self, xdp: u32) -> u32 {
+        match (self, xdp) {
+            (Hook::Xdp, a) => a,
+            (Hook::Tc, XDP_PASS) => TC_PASS,
+            (Hook::Tc, XDP_DROP) => TC_DROP,
+            (Hook::Tc, other) => panic!("no tc action for XDP action {other}"),
+        }
+    }
+
+    /// Runs this hook's entry program on `packet`.
+    fn run(
+        self,
+        dp: &Dataplane,
+        packet: &[u8],
+        ifindex: Option<u32>,
+    ) -> Result<u32, aya::programs::ProgramError> {
+        Ok(match self {
+            Hook::Xdp => {
+                let program = dp.program(programs::ENFORCE).unwrap();
+                run_xdp(program, packet, ifindex, 1)?.return_value
+            }
+            Hook::Tc => {
+                let program = dp.classifier(programs::ENFORCE_TC).unwrap();
+                let meta = SkbMeta {
+                    ifindex,
+                    ..SkbMeta::default()
+                };
+                run_tc(program, packet, meta, 1)?.return_value
+            }
+        })
+    }
+}
+
+/// Runs a test body once per hook, each in a fresh namespace with its own bpffs, so the
+/// second run starts from no state the first left (buckets, flows, counters).
+fn for_each_hook(f: impl Fn(Hook) + Clone + Send + 'static) {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let f = f.clone();
+        in_test_netns(move || f(hook));
+    }
+}
 
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -1050,7 +1106,17 @@ fn snapshot(dp: &mut Dataplane) -> Vec<(u32, Reason, Counter)> {
     all
 }
 
-fn run_rows(dp: &mut Dataplane, ring: &mut RingBuf<MapData>, rows: &[Row]) -> Vec<String> {
+/// An untagged IPv4 frame too short for an IPv4 header.
+fn ipv4_header_cut(packet: &[u8]) -> bool {
+    packet.len() >= 14 && packet[12..14] == [0x08, 0x00] && packet.len() < 14 + 20
+}
+
+fn run_rows(
+    hook: Hook,
+    dp: &mut Dataplane,
+    ring: &mut RingBuf<MapData>,
+    rows: &[Row],
+) -> Vec<String> {
     let mut failures = Vec::new();
     let stale = audit_events(ring);
     if !stale.is_empty() {
@@ -1058,8 +1124,26 @@ fn run_rows(dp: &mut Dataplane, ring: &mut RingBuf<MapData>, rows: &[Row]) -> Ve
     }
     for r in rows {
         let before = snapshot(dp);
-        let program = dp.program(programs::ENFORCE).unwrap();
-        let result = run_xdp(program, &r.packet, r.ifindex, 1).unwrap();
+        let verdict = match hook.run(dp, &r.packet, r.ifindex) {
+            Ok(v) => v,
+            // Linux 6.18 refuses a tc test run of an IPv4 frame shorter than its header
+            // (6.1 runs it): the one thing the harness cannot inject at tc. The XDP run
+            // covers the row, and both hooks parse with the same code.
+            Err(_) if hook == Hook::Tc && ipv4_header_cut(&r.packet) => {
+                eprintln!(
+                    "{hook:?}: {}: the kernel refuses to test-run it",
+                    r.description
+                );
+                continue;
+            }
+            Err(e) => {
+                failures.push(format!(
+                    "{hook:?}: {}: test run refused: {e:?}",
+                    r.description
+                ));
+                continue;
+            }
+        };
         let after = snapshot(dp);
         // Exactly one counter may move: the expected one, by one packet of this length.
         let moved: Vec<(u32, Reason, u64, u64)> = before
@@ -1069,10 +1153,14 @@ fn run_rows(dp: &mut Dataplane, ring: &mut RingBuf<MapData>, rows: &[Row]) -> Ve
             .map(|(b, a)| (b.0, b.1, a.2.packets - b.2.packets, a.2.bytes - b.2.bytes))
             .collect();
         let want = vec![(r.agent, r.reason, 1, r.packet.len() as u64)];
-        if result.return_value != r.verdict || moved != want {
+        if verdict != hook.action(r.verdict) || moved != want {
             failures.push(format!(
-                "{}: verdict {} (want {}), counters moved {:?} (want {:?})",
-                r.description, result.return_value, r.verdict, moved, want
+                "{hook:?}: {}: verdict {} (want {}), counters moved {:?} (want {:?})",
+                r.description,
+                verdict,
+                hook.action(r.verdict),
+                moved,
+                want
             ));
         }
         // Drops and would-drops: exactly one event, of this agent, reason, length and
@@ -1094,7 +1182,7 @@ fn run_rows(dp: &mut Dataplane, ring: &mut RingBuf<MapData>, rows: &[Row]) -> Ve
         };
         if events != want {
             failures.push(format!(
-                "{}: audit events (agent, reason, len, ifindex) {:?} (want {:?})",
+                "{hook:?}: {}: audit events (agent, reason, len, ifindex) {:?} (want {:?})",
                 r.description, events, want
             ));
         }
@@ -1115,13 +1203,13 @@ fn packet_table() {
     if !require_root("packet_table") {
         return;
     }
-    in_test_netns(|| {
+    for_each_hook(|hook| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, POLICY, None);
         let mut ring = dp.take_audit_ring().unwrap();
         let rows = table();
         assert!(rows.len() >= 40, "the table must cover at least 40 rows");
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(
             failures.is_empty(),
             "{} of {} rows failed:\n{}",
@@ -1137,7 +1225,7 @@ fn unknown_default_drop() {
     if !require_root("unknown_default_drop") {
         return;
     }
-    in_test_netns(|| {
+    for_each_hook(|hook| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, &policy_unknown_drop(), None);
         let mut ring = dp.take_audit_ring().unwrap();
@@ -1165,7 +1253,7 @@ fn unknown_default_drop() {
                 Allowed,
             ),
         ];
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
 
         // Re-applying the permissive policy flips the default without reloading anything.
@@ -1177,7 +1265,7 @@ fn unknown_default_drop() {
             UNKNOWN_AGENT,
             UnknownPass,
         )];
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
@@ -1187,7 +1275,7 @@ fn removed_agent_becomes_unknown() {
     if !require_root("removed_agent_becomes_unknown") {
         return;
     }
-    in_test_netns(|| {
+    for_each_hook(|hook| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, POLICY, None);
         let mut ring = dp.take_audit_ring().unwrap();
@@ -1214,7 +1302,7 @@ fn removed_agent_becomes_unknown() {
                 EgressDenied,
             ),
         ];
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
@@ -1243,7 +1331,7 @@ fn destinations_beyond_the_rule_sets() {
             ));
         }
     }
-    in_test_netns(move || {
+    for_each_hook(move |hook| {
         let limits = Limits {
             max_agents: 64,
             max_destination_prefixes: 12,
@@ -1291,7 +1379,7 @@ fn destinations_beyond_the_rule_sets() {
                 EgressDenied,
             ));
         }
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
@@ -1402,7 +1490,7 @@ fn sources_beyond_the_table_buckets() {
              egress_default = \"allow\"\n"
         ));
     }
-    in_test_netns(move || {
+    for_each_hook(move |hook| {
         let bpffs = BpffsMount::new().unwrap();
         let mut dp = load(&bpffs, &text, None);
         let mut ring = dp.take_audit_ring().unwrap();
@@ -1429,7 +1517,7 @@ fn sources_beyond_the_table_buckets() {
         ] {
             rows.push(row(what, packet, XDP_PASS, UNKNOWN_AGENT, UnknownPass));
         }
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
@@ -1530,7 +1618,7 @@ fn host_names_table() {
     if !require_root("host_names_table") {
         return;
     }
-    in_test_netns(|| {
+    for_each_hook(|hook| {
         use enforcer::{
             dns::net::monotonic_ns,
             policy::{PortRange, Proto},
@@ -1912,7 +2000,7 @@ fn host_names_table() {
                 MonitorDnsBypass,
             ),
         ];
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
         assert!(
             failures.is_empty(),
             "{} of {} rows failed:\n{}",
@@ -1955,7 +2043,151 @@ fn host_names_table() {
                 Allowed,
             ),
         ];
-        let failures = run_rows(&mut dp, &mut ring, &rows);
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+/// At tc a packet can be a GSO super-packet: counters and limits weigh it as the segments
+/// it leaves as (`gso_segs`) and their Ethernet frames' bytes (its length plus the headers
+/// every later segment repeats). A super-packet larger than a whole burst passes when the
+/// bucket is full and leaves the limiter in debt, so the next packet is refused.
+#[test]
+fn tc_weighs_gso_super_packets_by_segments_and_wire_bytes() {
+    if !require_root("tc_weighs_gso_super_packets_by_segments_and_wire_bytes") {
+        return;
+    }
+    in_test_netns(|| {
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(
+            &bpffs,
+            r#"
+[[agents]]
+id = 1
+name = "bulk"
+prefixes = ["10.1.0.2", "fd01::2"]
+egress_default = "allow"
+
+[[agents]]
+id = 2
+name = "bytes"
+prefixes = ["10.2.0.2"]
+egress_default = "allow"
+rate = { bytes_per_sec = 100000, bytes_burst = 1518 }
+
+[[agents]]
+id = 3
+name = "packets"
+prefixes = ["10.3.0.2"]
+egress_default = "allow"
+rate = { packets_per_sec = 100, packets_burst = 20 }
+"#,
+            None,
+        );
+        let tc = |dp: &Dataplane, packet: &[u8], gso_segs: u32| {
+            let program = dp.classifier(programs::ENFORCE_TC).unwrap();
+            // A test run's packet must fit in a page, so the super-packets here are
+            // of small segments; the program reads only the length and `gso_segs`.
+            let meta = SkbMeta {
+                gso_segs,
+                gso_size: if gso_segs > 1 { 100 } else { 0 },
+                ifindex: None,
+            };
+            run_tc(program, packet, meta, 1).unwrap().return_value
+        };
+        // (description, packet, segments, headers each later segment repeats, agent,
+        // reason, action)
+        type Case = (&'static str, Vec<u8>, u32, u64, u32, Reason, u32);
+        let cases: Vec<Case> = vec![
+            (
+                "tcp v4, 10 segments",
+                tcp4_payload("10.1.0.2", 40000, "10.9.0.5", 443, &[7; 1000]),
+                10,
+                14 + 20 + 20,
+                1,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "udp v4 (UDP_SEGMENT), 4 segments",
+                udp4("10.1.0.2", "10.9.0.5", 9000, 400),
+                4,
+                14 + 20 + 8,
+                1,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "tcp v6, 3 segments",
+                tcp6_payload("fd01::2", 40000, "fd09::5", 443, &[7; 300]),
+                3,
+                14 + 40 + 20,
+                1,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "not GSO: one segment",
+                tcp4_payload("10.1.0.2", 40000, "10.9.0.5", 443, &[7; 100]),
+                0,
+                0,
+                1,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "30 segments (4,620 bytes on the wire) against a 1,518-byte burst: passes \
+                 on a full bucket",
+                tcp4_payload("10.2.0.2", 40000, "10.9.0.5", 443, &[7; 3000]),
+                30,
+                14 + 20 + 20,
+                2,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "the next packet finds the limiter in debt",
+                tcp4_payload("10.2.0.2", 40000, "10.9.0.5", 443, &[7; 100]),
+                0,
+                0,
+                2,
+                RateLimitedBytes,
+                TC_DROP,
+            ),
+            (
+                "45 segments against a 20-packet burst: passes on a full bucket",
+                tcp4_payload("10.3.0.2", 40000, "10.9.0.5", 443, &[7; 2250]),
+                45,
+                14 + 20 + 20,
+                3,
+                Allowed,
+                TC_PASS,
+            ),
+            (
+                "the next packet finds the packet limiter in debt",
+                tcp4_payload("10.3.0.2", 40000, "10.9.0.5", 443, &[7; 100]),
+                0,
+                0,
+                3,
+                RateLimitedPackets,
+                TC_DROP,
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (description, packet, segs, headers, agent, reason, action) in cases {
+            let before = counter(&mut dp, agent, reason);
+            let got = tc(&dp, &packet, segs);
+            let after = counter(&mut dp, agent, reason);
+            let segs = u64::from(segs.max(1));
+            let want = (segs, packet.len() as u64 + (segs - 1) * headers);
+            let moved = (after.packets - before.packets, after.bytes - before.bytes);
+            if got != action || moved != want {
+                failures.push(format!(
+                    "{description}: action {got} (want {action}), {reason:?} moved \
+                     (packets, bytes) {moved:?} (want {want:?})"
+                ));
+            }
+        }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }

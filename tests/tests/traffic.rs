@@ -64,12 +64,40 @@ fn udp_to_9000_arrives_and_to_9001_does_not(lab: &Lab, ns: &Netns) {
     assert_eq!(udp_no.stop().0, 0, "no denied datagram arrives");
 }
 
+/// The default on sandbox veths: `hook = "auto"` puts the enforcer at tc ingress.
 #[test]
 fn allowed_traffic_flows_and_denied_does_not() {
     if !require_root("allowed_traffic_flows_and_denied_does_not") {
         return;
     }
+    allowed_and_denied("auto", "tc", tc_mode());
+}
+
+/// The same traffic with the enforcer at XDP, native mode, as on a NIC.
+#[test]
+fn allowed_traffic_flows_and_denied_does_not_at_xdp() {
+    if !require_root("allowed_traffic_flows_and_denied_does_not_at_xdp") {
+        return;
+    }
+    allowed_and_denied("xdp", "xdp", "native");
+}
+
+/// What tc ingress uses on this kernel: a tcx link from Linux 6.6, a clsact filter before.
+fn tc_mode() -> &'static str {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().unwrap().parse().unwrap();
+    let minor: u32 = parts.next().unwrap().parse().unwrap();
+    if (major, minor) >= (6, 6) {
+        "tcx"
+    } else {
+        "clsact"
+    }
+}
+
+fn allowed_and_denied(hook: &str, want_hook: &str, want_mode: &str) {
     let mut lab = Lab::new(2);
+    lab.set_hook(hook);
     lab.write_policy(&policy_two_agents());
     lab.start_daemon();
     // Dual-stack listeners: one socket answers IPv4 and IPv6.
@@ -110,10 +138,12 @@ fn allowed_traffic_flows_and_denied_does_not() {
         "@metadata blocked"
     );
 
-    // The kernel reports the mode it runs the program in, and that it is this daemon's.
-    for (interface, hook) in lab.hooks() {
-        assert_eq!(hook["mode"], "native", "{interface}: {hook}");
-        assert_eq!(hook["ours"], true, "{interface}: {hook}");
+    // The kernel reports the hook and mode it runs the program in, and that it is this
+    // daemon's.
+    for (interface, h) in lab.hooks() {
+        assert_eq!(h["hook"], want_hook, "{interface}: {h}");
+        assert_eq!(h["mode"], want_mode, "{interface}: {h}");
+        assert_eq!(h["ours"], true, "{interface}: {h}");
     }
 
     let maps = lab.maps();
@@ -164,6 +194,7 @@ fn generic_xdp_enforces_real_traffic() {
         return;
     }
     let mut lab = Lab::new(2);
+    lab.set_hook("xdp");
     lab.set_xdp_mode("generic");
     lab.write_policy(
         r#"

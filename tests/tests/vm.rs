@@ -1,5 +1,6 @@
-//! Tests that need a kernel feature the host may lack, so they run inside the VMs of
-//! `cargo xtask vmtest` (Debian's 6.1 and 6.12 kernels, which have kTLS).
+//! Tests that need a kernel feature the host may lack, or a kernel the host is not, so they
+//! run inside the VMs of `cargo xtask vmtest` (Debian's 6.1 and 6.12 kernels, which have
+//! kTLS, and on 6.1 tc without tcx).
 //!
 //! Every test here is `#[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]`, so
 //! a plain `cargo test` on a host without kTLS skips them, and vmtest runs them with
@@ -17,13 +18,13 @@ use enforcer::{
     compile::{self, Limits},
     daemon::if_index,
     dataplane::Dataplane,
-    lab::{BpffsMount, require_root},
+    lab::{BpffsMount, UdpSink, require_root, udp_send},
     policy,
     testrun::run_xdp,
 };
 use enforcer_common::{Reason, programs};
 use etherparse::PacketBuilder;
-use integration_tests::in_sandbox_netns;
+use integration_tests::{Lab, SERVER_V4, in_sandbox_netns, sa};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -230,6 +231,71 @@ ports = "443"
             );
         }
     });
+}
+
+/// The daemon attaches at tc ingress on the guest kernel (a clsact filter on 6.1, a tcx link
+/// on 6.12), enforces real UDP from an agent namespace, and a restart switches the
+/// attachment to the new program in place (the filter is replaced, not added twice).
+#[test]
+#[ignore = "runs in the VM (cargo xtask vmtest): tc attachment on the guest kernel"]
+fn tc_hook_enforces_real_traffic_and_survives_a_restart() {
+    if !require_root("tc_hook_enforces_real_traffic_and_survives_a_restart") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(
+        r#"
+[[agents]]
+id = 1
+name = "agent"
+interfaces = ["gwa1"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+"#,
+    );
+    let release = kernel();
+    let mut numbers = release
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let mode = if version >= (6, 6) { "tcx" } else { "clsact" };
+    let mut programs_seen = Vec::new();
+    for round in ["start", "restart"] {
+        lab.start_daemon();
+        let hooks = lab.hooks();
+        let h = &hooks["gwa1"];
+        assert_eq!(
+            (h["hook"].as_str(), h["mode"].as_str(), h["ours"].as_bool()),
+            (Some("tc"), Some(mode), Some(true)),
+            "{round} on {release}: {h}"
+        );
+        programs_seen.push(h["program_id"].as_u64().unwrap());
+        let ok = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+        let no = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+        for (port, sink_count) in [(9000, 10), (9001, 10)] {
+            udp_send(
+                lab.agent(1),
+                sa(SERVER_V4, port),
+                None,
+                b"x",
+                sink_count,
+                Duration::from_millis(2),
+            )
+            .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(ok.stop().0, 10, "{round} on {release}: allowed datagrams");
+        assert_eq!(no.stop().0, 0, "{round} on {release}: denied datagrams");
+        lab.stop_daemon(libc::SIGTERM);
+    }
+    assert_ne!(
+        programs_seen[0], programs_seen[1],
+        "the restart runs its own program"
+    );
 }
 
 fn tcp4(src: &str, dst: &str, dport: u16) -> Vec<u8> {

@@ -14,7 +14,7 @@ use std::{
 use aya::programs::{Xdp, xdp::XdpMode};
 use enforcer::{
     compile::{self, Compiled, Limits},
-    dataplane::{AttachMode, Dataplane},
+    dataplane::{AttachMode, Dataplane, HookChoice},
     lab::{BpffsMount, Netns},
     policy,
 };
@@ -32,12 +32,14 @@ use super::{
 pub const LIMIT_PPS: u64 = 100;
 
 /// The configurations, in report order.
-pub const CONFIGS: [&str; 8] = [
+pub const CONFIGS: [&str; 10] = [
     "no_filter",
     "xdp_pass",
     "xdp_drop",
     "enforcer_over_limit",
     "enforcer_allowed",
+    "enforcer_tc_over_limit",
+    "enforcer_tc_allowed",
     "nftables_meter",
     "iptables_hashlimit",
     "xdp_filter",
@@ -53,6 +55,12 @@ pub fn describe(config: &str) -> &'static str {
         "xdp_drop" => "an XDP program that counts and drops every frame",
         "enforcer_over_limit" => "the enforcer, every agent over its 100 packets/s limit",
         "enforcer_allowed" => "the enforcer, every packet allowed (limits far above the flood)",
+        "enforcer_tc_over_limit" => {
+            "the enforcer at tc ingress (`hook = \"tc\"`), every agent over its 100 packets/s limit"
+        }
+        "enforcer_tc_allowed" => {
+            "the enforcer at tc ingress (`hook = \"tc\"`), every packet allowed"
+        }
         "nftables_meter" => {
             "nftables netdev ingress: allow set of the agents, per-source `limit rate over 100/second` dynamic set"
         }
@@ -285,11 +293,19 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
                 .expect("bench program");
             Active::Bench(name, attach(&bed.rcv, &bed.rcv_if, prog))
         }
-        "enforcer_over_limit" | "enforcer_allowed" => {
-            let compiled = if config == "enforcer_over_limit" {
+        "enforcer_over_limit"
+        | "enforcer_allowed"
+        | "enforcer_tc_over_limit"
+        | "enforcer_tc_allowed" => {
+            let compiled = if config.ends_with("over_limit") {
                 &fx.over
             } else {
                 &fx.allowed
+            };
+            let hook = if config.starts_with("enforcer_tc") {
+                HookChoice::Tc
+            } else {
+                HookChoice::Xdp
             };
             fx.dp.apply(compiled).expect("applying");
             for id in 1..=fx.agents {
@@ -297,7 +313,7 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
             }
             let ifname = bed.rcv_if.clone();
             let dp = &mut fx.dp;
-            in_ns(&bed.rcv, move || dp.attach(&ifname, AttachMode::Native))
+            in_ns(&bed.rcv, move || dp.attach(&ifname, hook, AttachMode::Native))
                 .expect("attaching the enforcer");
             Active::Enforcer
         }
@@ -375,7 +391,10 @@ fn teardown(bed: &mut Bed, fx: &mut Fixtures, active: Active) {
 fn own_counters(bed: &Bed, fx: &Fixtures, config: &str) -> Own {
     match config {
         "xdp_drop" => Some((bed.drops(), 0)),
-        "enforcer_over_limit" | "enforcer_allowed" => {
+        "enforcer_over_limit"
+        | "enforcer_allowed"
+        | "enforcer_tc_over_limit"
+        | "enforcer_tc_allowed" => {
             let all = fx.dp_counters();
             Some(all)
         }
