@@ -1029,17 +1029,23 @@ pub mod programs {
     pub const STAGES: [(u32, &str); 2] =
         [(STAGE_NAMES, ENFORCE_NAMES), (STAGE_FINISH, ENFORCE_FINISH)];
     /// The enforcer as a tc (`sched_cls`, direct action) program, for the host side of
-    /// sandbox veths: the same stages over socket buffers.
+    /// sandbox veths: the same stages over socket buffers. This entry makes the headers
+    /// readable and weighs the packet, then tail-calls [`ENFORCE_DECIDE_TC`].
     pub const ENFORCE_TC: &str = "enforce_tc";
+    /// [`ENFORCE`]'s decision at tc, tail-called by [`ENFORCE_TC`].
+    pub const ENFORCE_DECIDE_TC: &str = "enforce_decide_tc";
+    /// Index of [`ENFORCE_DECIDE_TC`] in the `STAGES_TC` program array (tc only).
+    pub const STAGE_DECIDE: u32 = 2;
     /// [`ENFORCE_NAMES`] at tc.
     pub const ENFORCE_NAMES_TC: &str = "enforce_names_tc";
     /// [`ENFORCE_FINISH`] at tc.
     pub const ENFORCE_FINISH_TC: &str = "enforce_finish_tc";
     /// Every tail-called stage of [`ENFORCE_TC`], by its index in `STAGES_TC` (the same
-    /// indices as [`STAGES`]).
-    pub const STAGES_TC: [(u32, &str); 2] = [
+    /// indices as [`STAGES`], and the decision after them).
+    pub const STAGES_TC: [(u32, &str); 3] = [
         (STAGE_NAMES, ENFORCE_NAMES_TC),
         (STAGE_FINISH, ENFORCE_FINISH_TC),
+        (STAGE_DECIDE, ENFORCE_DECIDE_TC),
     ];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";

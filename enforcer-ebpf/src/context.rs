@@ -207,15 +207,3 @@ pub(crate) struct Wire {
     pub(crate) packets: u64,
     pub(crate) bytes: u64,
 }
-
-impl Wire {
-    /// A packet whose headers could not be read: its own length for each segment's bytes
-    /// is unknowable, so the bytes are its length (a lower bound).
-    #[inline(always)]
-    pub(crate) fn unparsed<C: Packet>(ctx: &C) -> Wire {
-        Wire {
-            packets: ctx.segs(),
-            bytes: ctx.len(),
-        }
-    }
-}

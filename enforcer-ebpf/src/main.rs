@@ -36,7 +36,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey, MAX_VLAN_TAGS, Reason,
-    SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT, programs::STAGE_NAMES,
+    SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT,
+    programs::{STAGE_DECIDE, STAGE_NAMES},
 };
 
 use crate::{audit::*, context::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
@@ -49,7 +50,7 @@ use crate::{audit::*, context::*, egress::*, identify::*, limits::*, maps::*, na
 // separate function once the program is large, putting a BPF-to-BPF call on every packet.
 #[inline(always)]
 pub fn enforce(ctx: XdpContext) -> u32 {
-    match try_enforce(&ctx) {
+    match try_enforce(&ctx, weigh(&ctx)) {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_PASS,
     }
@@ -78,11 +79,57 @@ pub fn enforce_finish(ctx: XdpContext) -> u32 {
 
 /// The enforcer at tc, for the host side of sandbox veths: the same pipeline as
 /// [`enforce`] over the socket buffers the agent's stack sent, so the agent keeps its
-/// offloads (see [`Packet`]). Fail-open on `Err` like [`enforce`].
+/// offloads (see [`Packet`]).
+///
+/// This entry only prepares the packet: it makes the headers directly readable
+/// ([`pull_headers`]) and weighs it ([`weigh`]: a GSO super-packet's segments and wire
+/// bytes), hands the weight over in [`HANDOFF`] and tail-calls [`enforce_decide_tc`], which
+/// decides as [`enforce`] does. Both steps branch on what only an skb has (a linear part
+/// shorter than the headers, `gso_segs`), and inside the decision every such branch split
+/// all the paths after it: Linux 6.1's verifier then needed 68-98% of its budget. As BPF
+/// global functions they split nothing, but 6.1 cannot track a scalar's precision back
+/// across a call to one and marks every scalar precise instead, which ended its pruning
+/// just the same. Here the verifier walks them once, and the decision reads the weight
+/// from a map, where its precision tracking stops.
+///
+/// Fail-open on `Err` like [`enforce`]: only a broken load leaves the decision stage out
+/// (the daemon fills `STAGES_TC` before it attaches this program).
+#[classifier]
+pub fn enforce_tc(ctx: TcContext) -> i32 {
+    match tc_entry(&ctx) {
+        Ok(action) => action as i32,
+        Err(()) => TcContext::PASS as i32,
+    }
+}
+
+#[inline(always)]
+fn tc_entry(ctx: &TcContext) -> Result<u32, ()> {
+    pull_headers(ctx);
+    let wire = weigh(ctx);
+    let h = HANDOFF.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's hand-off, owned by this packet until its last stage (see
+    // `Handoff`); a tail call does not return on success.
+    unsafe {
+        (*h).len = wire.bytes;
+        (*h).segs = wire.packets;
+        STAGES_TC.tail_call(ctx, STAGE_DECIDE);
+    }
+    Err(())
+}
+
+/// The decision at tc, tail-called by [`enforce_tc`] with the packet's weight in
+/// [`HANDOFF`].
 #[classifier]
 #[inline(always)]
-pub fn enforce_tc(ctx: TcContext) -> i32 {
-    match try_enforce(&ctx) {
+pub fn enforce_decide_tc(ctx: TcContext) -> i32 {
+    let Some(h) = HANDOFF.get(0) else {
+        return TcContext::PASS as i32;
+    };
+    let wire = Wire {
+        packets: h.segs,
+        bytes: h.len,
+    };
+    match try_enforce(&ctx, wire) {
         Ok(action) => action as i32,
         Err(()) => TcContext::PASS as i32,
     }
@@ -153,7 +200,7 @@ pub fn clock_probe(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_enforce<C: Packet>(ctx: &C) -> Result<u32, ()> {
+fn try_enforce<C: Packet>(ctx: &C, wire: Wire) -> Result<u32, ()> {
     let state = STATE.get(0).ok_or(())?;
     let slot = state.active_slot & 1;
     let stride = state.agent_stride;
@@ -173,43 +220,28 @@ fn try_enforce<C: Packet>(ctx: &C) -> Result<u32, ()> {
         }
     }
 
-    let mut off = ETH_HLEN;
-    let Some(mut ethertype) = read_be16(ctx, 12) else {
-        return undecidable(ctx, slot, stride, slot_cfg, agent);
+    let Some((ethertype, off)) = link_layer(ctx) else {
+        return undecidable(ctx, slot, stride, slot_cfg, agent, wire);
     };
-    // Strip up to MAX_VLAN_TAGS 802.1Q / 802.1ad tags, counting one the kernel already
-    // took off into metadata (tc): a double-tagged frame is the same frame at both hooks.
-    // The loop has a constant trip count so the verifier sees it bounded.
-    let mut tags = ctx.outer_tags();
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
-        }
-        if tags >= MAX_VLAN_TAGS {
-            return undecidable(ctx, slot, stride, slot_cfg, agent);
-        }
-        // The inner ethertype sits in the last two bytes of the 4-byte tag.
-        let Some(inner) = read_be16(ctx, off + 2) else {
-            return undecidable(ctx, slot, stride, slot_cfg, agent);
-        };
-        ethertype = inner;
-        off += 4;
-        tags += 1;
+    // The frame's tags and the one the kernel already took off into metadata (tc) together
+    // may not exceed the limit: a double-tagged frame is the same frame at both hooks.
+    if (off - ETH_HLEN) / 4 + ctx.outer_tags() > MAX_VLAN_TAGS {
+        return undecidable(ctx, slot, stride, slot_cfg, agent, wire);
     }
 
     match ethertype {
         ETH_P_IP => match parse_v4(ctx, off) {
-            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow),
-            None => undecidable(ctx, slot, stride, slot_cfg, agent),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, wire, &flow),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent, wire),
         },
         ETH_P_IPV6 => match parse_v6(ctx, off) {
-            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, &flow),
-            None => undecidable(ctx, slot, stride, slot_cfg, agent),
+            Some(flow) => decide(ctx, slot, stride, slot_cfg, agent, wire, &flow),
+            None => undecidable(ctx, slot, stride, slot_cfg, agent, wire),
         },
         // A third tag: the frame hides its payload deeper than the parser looks.
-        ETH_P_8021Q | ETH_P_8021AD => undecidable(ctx, slot, stride, slot_cfg, agent),
+        ETH_P_8021Q | ETH_P_8021AD => undecidable(ctx, slot, stride, slot_cfg, agent, wire),
         _ => {
-            count(agent, Reason::NonIp, Wire::unparsed(ctx));
+            count(agent, Reason::NonIp, wire);
             Ok(C::PASS)
         }
     }
@@ -224,12 +256,12 @@ fn decide<C: Packet, A: Family>(
     stride: u32,
     slot_cfg: &SlotConfig,
     mut agent: u32,
+    wire: Wire,
     flow: &Flow<A>,
 ) -> Result<u32, ()>
 where
     Flow<A>: AuditTuple,
 {
-    let wire = wire(ctx, flow);
     let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
         agent = flow.src.host_agent(slot, tables);
@@ -323,8 +355,8 @@ fn undecidable<C: Packet>(
     stride: u32,
     slot_cfg: &SlotConfig,
     agent: u32,
+    wire: Wire,
 ) -> Result<u32, ()> {
-    let wire = Wire::unparsed(ctx);
     let Some(policy) = agent_policy(slot, stride, agent) else {
         return unknown(ctx, slot_cfg, wire, &NoTuple);
     };

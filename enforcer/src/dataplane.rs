@@ -499,8 +499,9 @@ const XDP_PROGRAMS: [&str; 5] = [
 ];
 
 /// The tc (`sched_cls`) programs of the object: the same pipeline for socket buffers.
-const TC_PROGRAMS: [&str; 3] = [
+const TC_PROGRAMS: [&str; 4] = [
     programs::ENFORCE_TC,
+    programs::ENFORCE_DECIDE_TC,
     programs::ENFORCE_NAMES_TC,
     programs::ENFORCE_FINISH_TC,
 ];
@@ -570,6 +571,8 @@ pub struct Dataplane {
     /// Whether [`Dataplane::attach`] attached this load's program anywhere: then its
     /// stages pin outlives it, as the pinned links do.
     attached: bool,
+    /// Whether the tc programs are loaded (see [`Dataplane::load_tc`]).
+    tc_loaded: bool,
 }
 
 impl Dataplane {
@@ -664,17 +667,8 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             program.load().map_err(|source| rejected(name, source))?;
         }
-        for name in TC_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Program {
-                    name,
-                    source: ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            program.load().map_err(|source| rejected(name, source))?;
-        }
+        // The tc programs load on first use ([`Dataplane::load_tc`]): a server with NICs only
+        // never pays for verifying them.
         // The limiters' tick clock, measured for this boot before any packet can need it.
         let clock = {
             let name = programs::CLOCK_PROBE;
@@ -698,22 +692,13 @@ impl Dataplane {
         clock_map
             .set(0, clock, 0)
             .map_err(err("writing", maps::CLOCK))?;
-        let stages_pins = vec![
-            install_stages(
-                &mut ebpf,
-                bpffs,
-                programs::ENFORCE,
-                maps::STAGES,
-                &programs::STAGES,
-            )?,
-            install_stages(
-                &mut ebpf,
-                bpffs,
-                programs::ENFORCE_TC,
-                maps::STAGES_TC,
-                &programs::STAGES_TC,
-            )?,
-        ];
+        let stages_pins = vec![install_stages(
+            &mut ebpf,
+            bpffs,
+            programs::ENFORCE,
+            maps::STAGES,
+            &programs::STAGES,
+        )?];
         let mut kernel = KernelMaps::take(&mut ebpf, &limits)?;
         let state = kernel.state()?;
         if state.agent_stride == 0 {
@@ -740,6 +725,7 @@ impl Dataplane {
             kernel,
             stages_pins,
             attached: false,
+            tc_loaded: false,
         })
     }
 
@@ -770,11 +756,13 @@ impl Dataplane {
         apply(&mut self.kernel, compiled)
     }
 
-    /// What the verifier spent on each program of this load.
+    /// What the verifier spent on each program of this load (the tc ones once
+    /// [`Dataplane::load_tc`] ran).
     pub fn verifier_costs(&self) -> Result<Vec<VerifierCost>, DataplaneError> {
+        let tc: &[&'static str] = if self.tc_loaded { &TC_PROGRAMS } else { &[] };
         let infos = XDP_PROGRAMS
             .iter()
-            .chain(&TC_PROGRAMS)
+            .chain(tc)
             .map(|&name| {
                 let program = self.ebpf.program(name).ok_or(DataplaneError::Program {
                     name,
@@ -803,9 +791,44 @@ impl Dataplane {
         self.ebpf.program(name)?.try_into().ok()
     }
 
-    /// A loaded tc program by name (see `enforcer_common::programs`), e.g. for test runs.
+    /// A loaded tc program by name (see `enforcer_common::programs`), e.g. for test runs;
+    /// `None` until [`Dataplane::load_tc`].
     pub fn classifier(&self, name: &str) -> Option<&SchedClassifier> {
+        if !self.tc_loaded {
+            return None;
+        }
         self.ebpf.program(name)?.try_into().ok()
+    }
+
+    /// Loads the tc programs and fills and pins their stage array, once: attaching at tc
+    /// does it, so a daemon with only NICs never verifies them (they cost as much
+    /// verification as the XDP ones, which in an emulated VM is most of a start-up).
+    pub fn load_tc(&mut self) -> Result<(), DataplaneError> {
+        if self.tc_loaded {
+            return Ok(());
+        }
+        for name in TC_PROGRAMS {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            program.load().map_err(|source| rejected(name, source))?;
+        }
+        let pin = install_stages(
+            &mut self.ebpf,
+            &self.bpffs,
+            programs::ENFORCE_TC,
+            maps::STAGES_TC,
+            &programs::STAGES_TC,
+        )?;
+        self.stages_pins.push(pin);
+        self.tc_loaded = true;
+        Ok(())
     }
 
     fn link_pin(&self, interface: &str) -> PathBuf {
@@ -933,6 +956,7 @@ impl Dataplane {
         interface: &str,
         current: Option<HookKind>,
     ) -> Result<Attached, DataplaneError> {
+        self.load_tc()?;
         let pin = self.link_pin(interface);
         let marker = tc_marker(&self.bpffs, interface);
         let bpffs = self.bpffs.clone();

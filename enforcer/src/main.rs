@@ -392,8 +392,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli.config)?;
             // A bpffs of its own, so nothing of the running daemon's pins is touched.
             let bpffs = BpffsMount::new().context("mounting a private bpffs")?;
-            let dataplane = Dataplane::load(bpffs.path(), &config.limits)
+            let mut dataplane = Dataplane::load(bpffs.path(), &config.limits)
                 .context("loading the data plane on this kernel")?;
+            dataplane
+                .load_tc()
+                .context("loading the tc programs on this kernel")?;
             let costs = dataplane.verifier_costs()?;
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .unwrap_or_default()

@@ -1118,6 +1118,9 @@ fn run_rows(
     rows: &[Row],
 ) -> Vec<String> {
     let mut failures = Vec::new();
+    if hook == Hook::Tc {
+        dp.load_tc().unwrap();
+    }
     let stale = audit_events(ring);
     if !stale.is_empty() {
         failures.push(format!("{} audit events before the first row", stale.len()));
@@ -2084,6 +2087,7 @@ rate = { packets_per_sec = 100, packets_burst = 20 }
 "#,
             None,
         );
+        dp.load_tc().unwrap();
         let tc = |dp: &Dataplane, packet: &[u8], gso_segs: u32| {
             let program = dp.classifier(programs::ENFORCE_TC).unwrap();
             // A test run's packet must fit in a page, so the super-packets here are
@@ -2204,7 +2208,8 @@ fn verifier_headroom_on_this_kernel() {
     }
     in_test_netns(|| {
         let bpffs = BpffsMount::new().unwrap();
-        let dp = Dataplane::load(bpffs.path(), &Limits::default()).unwrap();
+        let mut dp = Dataplane::load(bpffs.path(), &Limits::default()).unwrap();
+        dp.load_tc().unwrap();
         let costs = dp.verifier_costs().unwrap();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         print!("{}", dataplane::verifier_table(release.trim(), &costs));
