@@ -1,7 +1,8 @@
 //! The enforcer side by side with what users would pick instead: in-kernel cost, the packet
-//! path on a veth, rate accuracy, policy scale and daemon overhead, in one run, written to
+//! path on a veth, rate accuracy, policy scale, daemon overhead and TCP bulk from an agent
+//! namespace, in one run, written to
 //! `bench/results/<date>-<host>[-quick].{json,md}` with SVG plots. Needs root. `--quick` is
-//! the short variant CI runs; `--sections inkernel,live,accuracy,scale` runs a subset
+//! the short variant CI runs; `--sections inkernel,live,accuracy,scale,tcp` runs a subset
 //! (nothing is written then unless every section ran, so a partial run never replaces a
 //! summary). See `bench/README.md`.
 
@@ -18,14 +19,14 @@ use suite::{
     generator::Kind,
     inkernel, live,
     report::{self, Report, Settings},
-    scale,
+    scale, tcp,
 };
 
 fn arg_value(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
 
-const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale";
+const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale,tcp";
 
 /// The load offered in the packet path's CPU-per-packet measurement (frames/s): below what
 /// the slowest configuration's receive path handles on one CPU of these machines, and what
@@ -179,6 +180,15 @@ fn main() {
             if quick { 2.0 } else { 10.0 },
         ));
     }
+    let mut tcp_result = None;
+    if want("tcp") {
+        common::check_interrupted();
+        println!("\n6. TCP bulk from an agent netns");
+        tcp_result = Some(tcp::run(
+            if quick { 1 } else { 3 },
+            Duration::from_millis(if quick { 1_000 } else { 3_000 }),
+        ));
+    }
     machine.finish();
     let mut r = Report {
         benchmark: "compare".to_owned(),
@@ -191,6 +201,7 @@ fn main() {
         accuracy: accuracy_results,
         generators,
         scale: scale_result,
+        tcp: tcp_result,
         targets: Vec::new(),
         runtime_s: started.elapsed().as_secs_f64(),
     };

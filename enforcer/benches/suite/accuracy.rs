@@ -80,7 +80,10 @@ pub fn run(timing: Timing, only_agents: Option<u32>, generator: Kind) -> Vec<Acc
     {
         let ifname = bed.rcv_if.clone();
         let dp = &mut dp;
-        in_ns(&bed.rcv, move || dp.attach(&ifname, HookChoice::Xdp, AttachMode::Native)).expect("attaching");
+        in_ns(&bed.rcv, move || {
+            dp.attach(&ifname, HookChoice::Xdp, AttachMode::Native)
+        })
+        .expect("attaching");
     }
     let mut out = Vec::new();
     for (agents, pps) in [(1u32, 20_000u64), (1_000, 200)] {

@@ -133,9 +133,23 @@ const ETHTOOL_SGRO: u32 = 0x2c;
 /// `ETHTOOL_STSO`: every TSO feature of the device.
 const ETHTOOL_STSO: u32 = 0x1f;
 
+/// `ETHTOOL_GTSO`: whether TSO is on.
+pub const ETHTOOL_GTSO: u32 = 0x1e;
+
 /// Sets one ethtool offload of `ifname` in the calling thread's namespace (`cmd` is one of
 /// the legacy `ETHTOOL_S*` commands).
 fn set_offload(ifname: &str, cmd: u32, on: bool) {
+    ethtool_value(ifname, cmd, u32::from(on));
+}
+
+/// Whether one ethtool offload of `ifname` is on, in the calling thread's namespace (`cmd`
+/// is one of the legacy `ETHTOOL_G*` commands).
+pub fn offload(ifname: &str, cmd: u32) -> bool {
+    ethtool_value(ifname, cmd, 0) != 0
+}
+
+/// Issues a legacy ethtool command that takes and returns one `ethtool_value`.
+fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> u32 {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -147,10 +161,7 @@ fn set_offload(ifname: &str, cmd: u32, on: bool) {
         data: *mut EthtoolValue,
         _pad: [u8; 16],
     }
-    let mut value = EthtoolValue {
-        cmd,
-        data: u32::from(on),
-    };
+    let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; 16],
         data: &raw mut value,
@@ -158,15 +169,16 @@ fn set_offload(ifname: &str, cmd: u32, on: bool) {
     };
     req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
     let sock = UdpSocket::bind("0.0.0.0:0").expect("a socket for ioctl");
-    // SAFETY: SIOCETHTOOL reads an ifreq whose data points at an ethtool_value; both live
-    // for the call.
+    // SAFETY: SIOCETHTOOL reads and writes an ifreq whose data points at an ethtool_value;
+    // both live for the call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) };
     assert_eq!(
         rc,
         0,
-        "setting ethtool offload {cmd:#x} of {ifname} to {on}: {}",
+        "ethtool command {cmd:#x} on {ifname}: {}",
         std::io::Error::last_os_error()
     );
+    value.data
 }
 
 extern "C" fn on_stop(_: libc::c_int) {}

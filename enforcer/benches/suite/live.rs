@@ -313,8 +313,10 @@ fn setup(bed: &mut Bed, fx: &mut Fixtures, config: &str) -> Active {
             }
             let ifname = bed.rcv_if.clone();
             let dp = &mut fx.dp;
-            in_ns(&bed.rcv, move || dp.attach(&ifname, hook, AttachMode::Native))
-                .expect("attaching the enforcer");
+            in_ns(&bed.rcv, move || {
+                dp.attach(&ifname, hook, AttachMode::Native)
+            })
+            .expect("attaching the enforcer");
             Active::Enforcer
         }
         "nftables_meter" => {

@@ -8,4 +8,5 @@ pub mod inkernel;
 pub mod live;
 pub mod report;
 pub mod scale;
+pub mod tcp;
 pub mod xdpfilter;
