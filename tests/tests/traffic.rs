@@ -611,3 +611,117 @@ fn reload_applies_and_rejects_atomically() {
         "denied again after reload"
     );
 }
+
+/// VLAN-tagged frames from an agent's namespace, written to its veth by an `AF_PACKET`
+/// socket (socket buffers through `veth_xmit`, as the agent's stack sends; no 8021q module
+/// needed) with one, two and three 802.1Q tags in the frame. Before tc the gateway's
+/// receive path moves the outer tag into the socket buffer's metadata, so at tc the parser
+/// must count that tag as if it were in the frame; XDP on the veth sees every tag in the
+/// frame. At both hooks one- and two-tag frames are judged by their IP header (allowed, or
+/// denied by the rules) and three tags, one more than the parser follows, are malformed
+/// for a restricted agent: the counters say which.
+#[test]
+fn vlan_tagged_frames_are_judged_alike_at_both_hooks() {
+    if !require_root("vlan_tagged_frames_are_judged_alike_at_both_hooks") {
+        return;
+    }
+    for hook in ["tc", "xdp"] {
+        let mut lab = Lab::new(1);
+        lab.set_hook(hook);
+        lab.write_policy(
+            r#"
+[[agents]]
+id = 1
+name = "tagged"
+interfaces = ["gwa1"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+"#,
+        );
+        lab.start_daemon();
+        let h = lab.hooks();
+        assert_eq!(h["gwa1"]["hook"], hook, "{h:?}");
+        let a1 = lab.agent(1);
+        let maps = lab.maps();
+        let count = |reason| maps.counter(1, reason).unwrap().packets;
+        for (tags, port, reason) in [
+            (1, 9000, Reason::Allowed),
+            (1, 9001, Reason::EgressDenied),
+            (2, 9000, Reason::Allowed),
+            (2, 9001, Reason::EgressDenied),
+            (3, 9000, Reason::Malformed),
+        ] {
+            let before = count(reason);
+            send_frames(a1, "eth0", &tagged_udp4(tags, port), 20);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while count(reason) < before + 20 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(
+                count(reason) - before,
+                20,
+                "{hook}: {tags} tag(s) to udp/{port} counted as {reason:?}"
+            );
+        }
+    }
+}
+
+/// A UDP datagram from agent 1 to the server's `port`, in a frame with `tags` 802.1Q tags
+/// (VLAN ids 10, 20, 30 from the outside in).
+fn tagged_udp4(tags: usize, port: u16) -> Vec<u8> {
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 200, 1, 2], [10, 200, 100, 2], 64)
+        .udp(40000, port)
+        .write(&mut frame, b"tagged")
+        .unwrap();
+    // Innermost first, each at offset 12: the frame's ethertype ends up after the last.
+    for id in [10u16, 20, 30][..tags].iter().rev() {
+        let tag = [0x81, 0x00, (id >> 8) as u8, *id as u8];
+        frame.splice(12..12, tag);
+    }
+    frame
+}
+
+/// Writes `frame` `count` times to `ifname` in `ns` through an `AF_PACKET` socket.
+fn send_frames(ns: &Netns, ifname: &str, frame: &[u8], count: usize) {
+    let frame = frame.to_vec();
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    enforcer::lab::in_netns(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes; the
+        // address and buffers live across each call.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            for _ in 0..count {
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(
+                    n,
+                    frame.len() as isize,
+                    "{}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    });
+}
