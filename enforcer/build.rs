@@ -25,6 +25,12 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
+    // aya-build passes every line the inner cargo prints on to cargo as a warning: on a
+    // fresh build, one "Compiling" line per crate of core's build. Quiet, that cargo prints
+    // only what matters (compiler diagnostics and errors), which still reach the warnings.
+    // SAFETY: the build script is single-threaded here; nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], Toolchain::default()).context("building the XDP program")
 }
 
