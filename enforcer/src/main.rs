@@ -114,6 +114,14 @@ enum Command {
         #[arg(long = "client")]
         clients: Vec<String>,
     },
+    /// Write man pages (DIR/man) and bash, zsh and fish completions (DIR/completions) from
+    /// this CLI's definition: what `cargo xtask package` ships.
+    #[command(hide = true)]
+    Generate {
+        /// Output directory (created).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// The inspecting proxy.
     Inspect {
         #[command(subcommand)]
@@ -266,6 +274,28 @@ impl std::fmt::Display for BadInputError {
 }
 
 impl std::error::Error for BadInputError {}
+
+/// Man pages (one per command and subcommand, clap_mangen) into `dir/man` and completions
+/// for bash, zsh and fish (clap_complete) into `dir/completions`.
+fn generate(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "enforcer", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
+}
 
 fn print_json(value: &Value) {
     println!(
@@ -540,6 +570,10 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let ca = enforcer::inspect::ca::NodeCa::load_or_create(&dir)?;
             print!("{}", ca.cert_pem());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate { dir } => {
+            generate(dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { dir } => {

@@ -375,3 +375,116 @@ fn daemon_notifies_ready_reloading_and_stopping() {
     let stopping = next_notification(&systemd);
     assert_eq!(value(&stopping, "STOPPING"), Some("1"), "{stopping:?}");
 }
+
+/// Runs `cmd` and returns its stdout, failing the test with its stderr if it fails.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `cargo xtask package` builds a .deb that holds what an edge server needs and nothing of
+/// the build machine: the binary at /usr/sbin (it runs from the unpacked tree and reports
+/// the package's version), the unit pointing at it, the default configuration as
+/// conffiles, a man page per command, completions, and maintainer scripts that are valid
+/// shell and never detach the pinned program. It must install on Debian 12: no glibc symbol
+/// newer than 2.36.
+#[test]
+fn package_holds_the_service_and_installs_on_debian_12() {
+    let scratch = Scratch::new("enf-package");
+    let deb = xtask::package::build(&xtask::package::Package {
+        binary: enforcer_bin(),
+        packaging: packaging(""),
+        out: scratch.0.join("out"),
+    })
+    .unwrap();
+    let field = |name: &str| stdout_of(Command::new("dpkg-deb").arg("--field").arg(&deb).arg(name));
+    assert_eq!(field("Package").trim(), "enforcer");
+    let version = field("Version");
+    let reported = stdout_of(Command::new(enforcer_bin()).arg("--version"));
+    assert_eq!(reported.trim(), format!("enforcer {}", version.trim()));
+    let depends = field("Depends");
+    let glibc = depends
+        .trim()
+        .strip_prefix("libc6 (>= ")
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("Depends: {depends}"));
+    let parts: Vec<u32> = glibc.split('.').map(|p| p.parse().unwrap()).collect();
+    assert!(
+        parts <= vec![2, 36],
+        "needs glibc {glibc}: Debian 12 has 2.36"
+    );
+
+    let contents = stdout_of(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    let entry = |path: &str| {
+        contents
+            .lines()
+            .find(|l| l.ends_with(&format!(" .{path}")))
+            .unwrap_or_else(|| panic!("{path} not in the package:\n{contents}"))
+            .to_owned()
+    };
+    assert!(entry("/usr/sbin/enforcer").starts_with("-rwxr-xr-x root/root"));
+    for path in [
+        "/lib/systemd/system/enforcer.service",
+        "/etc/enforcer/enforcer.toml",
+        "/etc/enforcer/policy.toml",
+        "/usr/share/man/man1/enforcer.1.gz",
+        "/usr/share/man/man1/enforcer-run.1.gz",
+        "/usr/share/man/man1/enforcer-policy-apply.1.gz",
+        "/usr/share/bash-completion/completions/enforcer",
+        "/usr/share/zsh/vendor-completions/_enforcer",
+        "/usr/share/fish/vendor_completions.d/enforcer.fish",
+        "/usr/share/doc/enforcer/copyright",
+    ] {
+        assert!(entry(path).starts_with("-rw-r--r-- root/root"), "{path}");
+    }
+    assert!(
+        !contents.contains("/usr/local/"),
+        "nothing under /usr/local in a package:\n{contents}"
+    );
+
+    // The control files: conffiles, and scripts that parse and never detach.
+    let control = scratch.0.join("control");
+    stdout_of(
+        Command::new("dpkg-deb")
+            .arg("--control")
+            .arg(&deb)
+            .arg(&control),
+    );
+    assert_eq!(
+        read(&control.join("conffiles")),
+        "/etc/enforcer/enforcer.toml\n/etc/enforcer/policy.toml\n"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        let path = control.join(script);
+        stdout_of(Command::new("sh").arg("-n").arg(&path));
+        let text = read(&path);
+        assert!(!text.contains("detach"), "{script} detaches:\n{text}");
+    }
+    assert!(read(&control.join("postrm")).contains("rm -rf /var/lib/enforcer"));
+
+    // Unpacked: the binary runs, the unit runs it from /usr/sbin, the man page renders the
+    // CLI's own description.
+    let tree = scratch.0.join("tree");
+    stdout_of(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree));
+    let unpacked = stdout_of(Command::new(tree.join("usr/sbin/enforcer")).arg("--version"));
+    assert_eq!(unpacked, reported);
+    let unit = read(&tree.join("lib/systemd/system/enforcer.service"));
+    assert_eq!(
+        values(&unit, "ExecStart").join(" "),
+        "/usr/sbin/enforcer run --config /etc/enforcer/enforcer.toml"
+    );
+    let man = stdout_of(
+        Command::new("gzip")
+            .args(["-dc"])
+            .arg(tree.join("usr/share/man/man1/enforcer-run.1.gz")),
+    );
+    assert!(man.contains(".TH enforcer-run 1"), "{man}");
+    assert!(man.contains("Run the daemon"), "{man}");
+}

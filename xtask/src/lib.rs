@@ -11,6 +11,7 @@ use std::{
 
 pub mod initramfs;
 pub mod install;
+pub mod package;
 pub mod setup;
 pub mod vm;
 

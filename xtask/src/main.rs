@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | vmtest | demo | bench | fmt | install`; the
+//! Project tasks: `cargo xtask setup | test | vmtest | demo | bench | fmt | install | package`; the
 //! tasks themselves live in the library (`src/lib.rs`).
 
 use std::{
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use xtask::{Totals, cargo, install, setup, target_dir, vm};
+use xtask::{Totals, cargo, install, package, setup, target_dir, vm};
 
 /// Project tasks.
 #[derive(Parser)]
@@ -75,6 +75,13 @@ enum Task {
         /// and tests); systemd is then left alone.
         #[arg(long, default_value = "/")]
         root: PathBuf,
+    },
+    /// Build the release binary and a Debian package of it (binary, unit, default
+    /// configuration as conffiles, man pages, completions): target/package/enforcer_*.deb.
+    Package {
+        /// Directory for the .deb (default: target/package).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -244,6 +251,16 @@ fn main() -> Result<ExitCode> {
                 packaging: root.join("packaging"),
             })?;
             install::activate(&dest)?;
+        }
+        Task::Package { out } => {
+            setup::run()?;
+            setup::run_step(cargo(&root).args(["build", "--release", "-p", "enforcer"]))?;
+            let deb = package::build(&package::Package {
+                binary: target_dir(&root).join("release/enforcer"),
+                packaging: root.join("packaging"),
+                out: out.unwrap_or_else(|| target_dir(&root).join("package")),
+            })?;
+            println!("package: {}", deb.display());
         }
     }
     Ok(ExitCode::SUCCESS)
