@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -66,6 +66,16 @@ struct ResultLabel {
     result: String,
 }
 
+/// The first 16 hex digits of the SHA-256 of the embedded eBPF object: two builds with the
+/// same version but another data plane tell apart. Computed once.
+fn object_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        let d = ring::digest::digest(&ring::digest::SHA256, crate::dataplane::EBPF_OBJECT);
+        d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
 /// Renders one scrape in the Prometheus text format.
 pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dataplane::MapsError> {
     let mut registry = Registry::with_prefix("enforcer");
@@ -73,12 +83,12 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
     let bytes = Family::<AgentReason, Counter>::default();
     registry.register(
         "packets",
-        "Packets seen by the XDP program, by agent and verdict reason",
+        "Packets the enforcer judged (at XDP or tc; a GSO super-packet counts as its segments), by agent and verdict reason",
         packets.clone(),
     );
     registry.register(
         "bytes",
-        "Bytes (whole frames) seen by the XDP program, by agent and verdict reason",
+        "Bytes of the Ethernet frames the enforcer judged (a GSO super-packet counts the frames it leaves as), by agent and verdict reason",
         bytes.clone(),
     );
     // Ids are dense from 1: read up to the highest agent the policy names (agents removed
@@ -105,6 +115,15 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
             bytes.get_or_create(&labels).inc_by(c.bytes);
         }
     }
+
+    registry.register(
+        "build",
+        "This daemon's build: version, and a digest of the eBPF object it loads",
+        Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("object_sha256", object_digest().to_owned()),
+        ]),
+    );
 
     let generation = Gauge::<i64>::default();
     generation.set(info.generation as i64);

@@ -130,6 +130,19 @@ fn cli_reports_and_controls_a_running_daemon() {
         40.0
     );
     assert_eq!(metrics["enforcer_policy_generation"], 1.0);
+    let build = metrics
+        .keys()
+        .find(|k| k.starts_with("enforcer_build_info{"))
+        .unwrap_or_else(|| panic!("no build info: {metrics:?}"));
+    let version = std::process::Command::new(integration_tests::enforcer_bin())
+        .arg("--version")
+        .output()
+        .unwrap()
+        .stdout;
+    let version = String::from_utf8(version).unwrap();
+    let version = version.trim().strip_prefix("enforcer ").unwrap();
+    assert!(build.contains(&format!("version=\"{version}\"")), "{build}");
+    assert_eq!(metrics[build], 1.0);
     assert_eq!(metrics[r#"enforcer_map_entries{map="agents"}"#], 1.0);
     assert_eq!(
         metrics[r#"enforcer_policy_reloads_total{result="ok"}"#],
