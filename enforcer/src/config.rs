@@ -5,10 +5,12 @@
 //! policy = "/etc/enforcer/policy.toml"   # relative paths are relative to this file
 //! interfaces = ["eth0"]                  # attach points besides the agents' own interfaces
 //! bpffs = "/sys/fs/bpf/enforcer"         # pins: maps/ and links/
-//! state_dir = "/run/enforcer"            # pid file and status.json
+//! state_dir = "/var/lib/enforcer"        # what must survive a reboot: the control plane's last
+//!                                        # bundle, mode overrides, the inspecting proxy's CA
+//! runtime_dir = "/run/enforcer"          # status.json and the socket: this boot only
 //! hook = "auto"                          # auto (tc on veth/tap/other virtual devices, XDP on NICs) | xdp | tc
 //! xdp_mode = "auto"                      # at XDP: auto (native, else generic) | native | generic
-//! socket = "/run/enforcer/enforcer.sock" # local API (default: <state_dir>/enforcer.sock)
+//! socket = "/run/enforcer/enforcer.sock" # local API (default: <runtime_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
 //! audit_log = "/var/lib/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
@@ -104,6 +106,8 @@ struct RawConfig {
     bpffs: PathBuf,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    #[serde(default = "default_runtime_dir")]
+    runtime_dir: PathBuf,
     #[serde(default)]
     hook: HookChoice,
     #[serde(default)]
@@ -224,6 +228,9 @@ fn default_bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/enforcer")
 }
 fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/enforcer")
+}
+fn default_runtime_dir() -> PathBuf {
     PathBuf::from("/run/enforcer")
 }
 
@@ -238,8 +245,11 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// bpffs directory for pins.
     pub bpffs: PathBuf,
-    /// Directory for the pid file and status.
+    /// Directory for what must survive a reboot: the control plane's last bundle, the mode
+    /// overrides, the inspecting proxy's CA (by default).
     pub state_dir: PathBuf,
+    /// Directory for what describes this boot only: `status.json` and the default socket.
+    pub runtime_dir: PathBuf,
     /// The hook every interface gets unless [`Config::hooks`] names it.
     pub hook: HookChoice,
     /// The hook of particular interfaces.
@@ -350,6 +360,7 @@ impl Config {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let state_dir = base.join(&raw.state_dir);
+        let runtime_dir = base.join(&raw.runtime_dir);
         let inspect = match raw.inspect {
             Some(i) => {
                 let listen = match i.listen.trim() {
@@ -397,7 +408,7 @@ impl Config {
             socket: raw
                 .socket
                 .map(|s| base.join(s))
-                .unwrap_or_else(|| state_dir.join("enforcer.sock")),
+                .unwrap_or_else(|| runtime_dir.join("enforcer.sock")),
             socket_group: raw.socket_group,
             metrics_listen,
             audit_log: base.join(&raw.audit_log),
@@ -411,6 +422,7 @@ impl Config {
             interfaces: raw.interfaces,
             bpffs: base.join(&raw.bpffs),
             state_dir,
+            runtime_dir,
             hook: raw.hook,
             hooks: raw.hooks,
             xdp_mode: raw.xdp_mode,
@@ -598,6 +610,23 @@ mod tests {
         assert!(err.to_string().starts_with("e.toml:3:"), "{err}");
     }
 
+    /// What must survive a reboot goes under /var/lib by default, what describes this boot
+    /// under /run; the socket follows the runtime directory.
+    #[test]
+    fn state_and_runtime_directories() {
+        let c = Config::parse(Path::new("/etc/e/e.toml"), "policy = \"p\"\n").unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/enforcer"));
+        assert_eq!(c.runtime_dir, PathBuf::from("/run/enforcer"));
+        assert_eq!(c.socket, PathBuf::from("/run/enforcer/enforcer.sock"));
+        let c = Config::parse(
+            Path::new("/etc/e/e.toml"),
+            "policy = \"p\"\nstate_dir = \"keep\"\nruntime_dir = \"/run/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/etc/e/keep"));
+        assert_eq!(c.socket, PathBuf::from("/run/x/enforcer.sock"));
+    }
+
     #[test]
     fn inspect_section() {
         let c = Config::parse(Path::new("/etc/e/e.toml"), "policy = \"p\"\n").unwrap();
@@ -613,7 +642,7 @@ mod tests {
                 listen: Some("0.0.0.0:3128".parse().unwrap()),
                 transparent_port: Some(3129),
                 upstream_roots: PathBuf::from("/etc/e/roots.pem"),
-                ca_dir: PathBuf::from("/run/enforcer"),
+                ca_dir: PathBuf::from("/var/lib/enforcer"),
             })
         );
         let err = Config::parse(

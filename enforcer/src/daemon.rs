@@ -143,7 +143,7 @@ pub fn digest(text: &str) -> String {
         .collect()
 }
 
-/// What the daemon publishes in `state_dir/status.json`, for tools that cannot use the
+/// What the daemon publishes in `runtime_dir/status.json`, for tools that cannot use the
 /// socket (and for tests waiting on start-up).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
@@ -171,14 +171,14 @@ pub struct Status {
 
 impl Status {
     /// Reads the status a daemon published, if any.
-    pub fn read(state_dir: &Path) -> Option<Status> {
-        let text = fs::read_to_string(state_dir.join("status.json")).ok()?;
+    pub fn read(runtime_dir: &Path) -> Option<Status> {
+        let text = fs::read_to_string(runtime_dir.join("status.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
 
-    fn write(&self, state_dir: &Path) -> Result<(), DaemonError> {
+    fn write(&self, runtime_dir: &Path) -> Result<(), DaemonError> {
         write_atomic(
-            &state_dir.join("status.json"),
+            &runtime_dir.join("status.json"),
             serde_json::to_string_pretty(self)
                 .expect("status serializes")
                 .as_bytes(),
@@ -347,7 +347,7 @@ impl Daemon {
                 Err(message)
             }
         };
-        if let Err(e) = self.status.write(&self.config.state_dir) {
+        if let Err(e) = self.status.write(&self.config.runtime_dir) {
             tracing::warn!(error = %error_chain(&e), "writing status.json");
         }
         self.publish();
@@ -383,7 +383,7 @@ impl Daemon {
                 self.status.attempts += 1;
                 self.status.last_error = Some(message.clone());
                 self.reloads_rejected += 1;
-                let _ = self.status.write(&self.config.state_dir);
+                let _ = self.status.write(&self.config.runtime_dir);
                 self.publish();
                 Err(message)
             }
@@ -768,16 +768,37 @@ fn start_dns(daemon: &mut Daemon) -> Result<Option<DnsTask>, DaemonError> {
     Ok(Some((stop, task)))
 }
 
+/// Whether `dir` is on a tmpfs (`/run`, `/tmp` on most systems): emptied at every boot.
+fn on_tmpfs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// Order matters: signal handlers first (a SIGHUP that arrives during start-up is queued,
 /// not fatal), then the API socket (a client that connects early waits in the backlog),
 /// then the policy and the attachments, and only then READY=1 for systemd.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    fs::create_dir_all(&config.state_dir).map_err(|source| DaemonError::State {
-        path: config.state_dir.clone(),
-        source,
-    })?;
+    for dir in [&config.state_dir, &config.runtime_dir] {
+        fs::create_dir_all(dir).map_err(|source| DaemonError::State {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    if on_tmpfs(&config.state_dir) {
+        tracing::warn!(
+            state_dir = %config.state_dir.display(),
+            "state_dir is on tmpfs: the control plane's last bundle and the mode overrides \
+             will not survive a reboot (the default is /var/lib/enforcer)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -919,12 +940,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             daemon.status.attempts = 1;
             daemon.status.last_error =
                 Some("policy rejected at start-up; pinned policy enforcing".into());
-            if let Some(previous) = Status::read(&daemon.config.state_dir) {
+            if let Some(previous) = Status::read(&daemon.config.runtime_dir) {
                 daemon.status.agents = previous.agents;
                 daemon.status.digest = previous.digest;
             }
             daemon.attach()?;
-            daemon.status.write(&daemon.config.state_dir)?;
+            daemon.status.write(&daemon.config.runtime_dir)?;
             daemon.publish();
         }
     }
@@ -1026,7 +1047,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     tracing::info!("exiting; the pinned program keeps enforcing the last good policy");
     let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;
-    daemon.status.write(&daemon.config.state_dir)
+    daemon.status.write(&daemon.config.runtime_dir)
 }
 
 /// Returns the heap an apply freed to the kernel. Parsing a policy builds a spanned TOML tree

@@ -91,7 +91,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     fs::write(
         &config,
         format!(
-            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\naudit_log = \"audit.jsonl\"\n",
+            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nruntime_dir = \"run\"\naudit_log = \"audit.jsonl\"\n",
             bpffs.path().display()
         ),
     )?;
@@ -110,9 +110,9 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
             .spawn()
             .context("starting the daemon")?,
     );
-    let state_dir = dir.join("state");
+    let runtime_dir = dir.join("run");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Status::read(&state_dir).is_none_or(|s| s.pid != daemon.id()) {
+    while Status::read(&runtime_dir).is_none_or(|s| s.pid != daemon.id()) {
         if daemon.wait_timeout(Duration::from_millis(20))?.is_some() {
             bail!("the daemon exited during start-up (see its log above)");
         }
@@ -180,7 +180,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
 
     println!("\n== `enforcer stats`");
     let maps = KernelMaps::from_pins(&bpffs_path)?;
-    let names = Status::read(&state_dir)
+    let names = Status::read(&runtime_dir)
         .map(|s| s.agents)
         .unwrap_or_default();
     print!("{}", stats::table(&stats::collect(&maps, &names)?));

@@ -454,7 +454,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                             config.bpffs.display()
                         )
                     })?;
-                    let names = Status::read(&config.state_dir)
+                    let names = Status::read(&config.runtime_dir)
                         .map(|s| s.agents)
                         .unwrap_or_default();
                     (
@@ -535,7 +535,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Stop { detach } => {
             let config = load_config(&cli.config)?;
-            if let Some(status) = Status::read(&config.state_dir).filter(Status::daemon_alive) {
+            if let Some(status) = Status::read(&config.runtime_dir).filter(Status::daemon_alive) {
                 // SAFETY: plain kill(2) on a pid we read from our own status file.
                 unsafe { libc::kill(status.pid as i32, libc::SIGTERM) };
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -849,12 +849,12 @@ fn policy_command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<ExitCode
                     let generation = dataplane.apply(&compiled)?;
                     std::fs::copy(file, &config.policy)
                         .with_context(|| format!("installing {}", config.policy.display()))?;
-                    let mut status = Status::read(&config.state_dir).unwrap_or_default();
+                    let mut status = Status::read(&config.runtime_dir).unwrap_or_default();
                     status.generation = generation;
                     status.agents = daemon::agent_names(&policy);
-                    std::fs::create_dir_all(&config.state_dir)?;
+                    std::fs::create_dir_all(&config.runtime_dir)?;
                     std::fs::write(
-                        config.state_dir.join("status.json"),
+                        config.runtime_dir.join("status.json"),
                         serde_json::to_string_pretty(&status)?,
                     )?;
                     println!(

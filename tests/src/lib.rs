@@ -148,7 +148,7 @@ impl Lab {
         fs::write(
             lab.config_path(),
             format!(
-                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nhook = \"auto\"\nxdp_mode = \"native\"\naudit_log = \"audit.jsonl\"\n\n[limits]\nmax_agents = 64\n",
+                "policy = \"policy.toml\"\ninterfaces = {:?}\nbpffs = \"{}\"\nstate_dir = \"state\"\nruntime_dir = \"run\"\nhook = \"auto\"\nxdp_mode = \"native\"\naudit_log = \"audit.jsonl\"\n\n[limits]\nmax_agents = 64\n",
                 (1..=agents).map(|i| format!("gwa{i}")).collect::<Vec<_>>(),
                 lab.bpffs.path().display()
             ),
@@ -219,9 +219,14 @@ impl Lab {
         self.bpffs.path()
     }
 
-    /// The daemon's state directory.
+    /// The daemon's state directory (what survives a reboot: bundle, overrides, CA).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
+    }
+
+    /// The daemon's runtime directory (`status.json`, the socket).
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.join("run")
     }
 
     /// Writes the daemon's policy file.
@@ -266,7 +271,7 @@ impl Lab {
         // longer in an emulated VM. A bound on hanging, not a speed check.
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if let Some(status) = Status::read(&self.state_dir())
+            if let Some(status) = Status::read(&self.runtime_dir())
                 && status.pid == pid
             {
                 break;
@@ -303,14 +308,14 @@ impl Lab {
 
     /// The daemon's published status.
     pub fn status(&self) -> Status {
-        Status::read(&self.state_dir()).expect("status.json")
+        Status::read(&self.runtime_dir()).expect("status.json")
     }
 
     /// Waits until the daemon has made more than `attempts` policy attempts.
     pub fn wait_attempts(&self, attempts: u64) -> Status {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(s) = Status::read(&self.state_dir())
+            if let Some(s) = Status::read(&self.runtime_dir())
                 && s.attempts > attempts
             {
                 return s;

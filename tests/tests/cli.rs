@@ -230,9 +230,9 @@ fn the_socket_refuses_users_outside_its_group() {
     let mut lab = Lab::new(1);
     lab.write_policy(POLICY);
     lab.start_daemon();
-    let socket = lab.state_dir().join("enforcer.sock");
+    let socket = lab.runtime_dir().join("enforcer.sock");
     // The lab directory must be traversable for the refusal to come from the socket itself.
-    for dir in [lab.dir.clone(), lab.state_dir()] {
+    for dir in [lab.dir.clone(), lab.runtime_dir()] {
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
     }

@@ -171,9 +171,16 @@ fn unit_agrees_with_the_default_configuration() {
         "the bpffs directory must exist before the sandbox is set up"
     );
     assert_eq!(
-        config.state_dir,
+        config.runtime_dir,
         Path::new("/run").join(one("RuntimeDirectory")),
-        "state_dir should be the unit's RuntimeDirectory="
+        "runtime_dir should be the unit's RuntimeDirectory="
+    );
+    // What must survive a reboot (the control plane's last bundle, mode overrides) must
+    // not be on the tmpfs /run.
+    assert_eq!(
+        config.state_dir,
+        Path::new("/var/lib").join(one("StateDirectory")),
+        "state_dir should be the unit's StateDirectory="
     );
     let mut caps = values(&unit, "CapabilityBoundingSet");
     caps.sort_unstable();

@@ -245,7 +245,7 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     fs::write(
         &config,
         format!(
-            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\naudit_log = \"audit.jsonl\"\nmetrics_listen = \"{}:{}\"\n\n\
+            "policy = \"policy.toml\"\nbpffs = \"{}\"\nstate_dir = \"state\"\nruntime_dir = \"state\"\naudit_log = \"audit.jsonl\"\nmetrics_listen = \"{}:{}\"\n\n\
              [limits]\nmax_agents = {}\nmax_interfaces = {}\nmax_source_prefixes = {}\nmax_destination_prefixes = {}\n",
             lab.pins.path().display(),
             METRICS.0,
