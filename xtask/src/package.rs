@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::setup::run_step;
+use crate::setup::{probe, probe_bytes, run_step};
 
 /// What to package, and where the `.deb` goes.
 #[derive(Clone, Debug)]
@@ -51,7 +51,9 @@ pub const CONFFILES: [&str; 2] = ["/etc/enforcer/enforcer.toml", "/etc/enforcer/
 /// Builds the package; returns the path of the `.deb`.
 pub fn build(p: &Package) -> Result<PathBuf> {
     let version = binary_version(&p.binary)?;
-    let arch = output(Command::new("dpkg").arg("--print-architecture"))?;
+    let arch = probe(Command::new("dpkg").arg("--print-architecture"))?
+        .trim()
+        .to_owned();
     let stage = p.out.join(format!("enforcer_{version}_{arch}"));
     if stage.exists() {
         fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
@@ -94,18 +96,8 @@ pub fn build(p: &Package) -> Result<PathBuf> {
             .to_string_lossy()
             .into_owned();
         // -n: no name or time stamp in the header, so a rebuild is byte-identical.
-        let gz = std::process::Command::new("gzip")
-            .args(["-9n", "-c"])
-            .arg(&path)
-            .output()
-            .context("running gzip")?;
-        ensure!(
-            gz.status.success(),
-            "gzip {}: {}",
-            path.display(),
-            gz.status
-        );
-        write_bytes(&man_dir.join(format!("{name}.gz")), &gz.stdout, 0o644)?;
+        let gz = probe_bytes(Command::new("gzip").args(["-9n", "-c"]).arg(&path))?;
+        write_bytes(&man_dir.join(format!("{name}.gz")), &gz, 0o644)?;
         pages += 1;
     }
     ensure!(pages > 0, "`enforcer generate` wrote no man page");
@@ -224,7 +216,7 @@ exit 0
 
 /// The version `binary --version` reports ("enforcer 0.1.0").
 fn binary_version(binary: &Path) -> Result<String> {
-    let text = output(Command::new(binary).arg("--version"))?;
+    let text = probe(Command::new(binary).arg("--version"))?;
     match text.split_whitespace().collect::<Vec<_>>()[..] {
         ["enforcer", version] => Ok(version.to_owned()),
         _ => bail!("{} --version said {text:?}", binary.display()),
@@ -233,7 +225,7 @@ fn binary_version(binary: &Path) -> Result<String> {
 
 /// The newest `GLIBC_x.y` symbol version `binary` needs, from `objdump -T`.
 fn glibc_floor(binary: &Path) -> Result<String> {
-    let symbols = output(Command::new("objdump").arg("-T").arg(binary))?;
+    let symbols = probe(Command::new("objdump").arg("-T").arg(binary))?;
     let mut newest: Option<Vec<u32>> = None;
     for word in symbols.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
         let Some(v) = word.strip_prefix("GLIBC_") else {
@@ -271,17 +263,6 @@ fn installed_kib(dir: &Path) -> Result<u64> {
         };
     }
     Ok(bytes / 1024)
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn read(path: &Path) -> Result<String> {

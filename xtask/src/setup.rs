@@ -253,7 +253,12 @@ pub fn run_step(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command quietly and returns its stdout, failing if it cannot run or fails.
-fn probe(cmd: &mut Command) -> Result<String> {
+pub fn probe(cmd: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&probe_bytes(cmd)?).into_owned())
+}
+
+/// [`probe`] for output that is not text.
+pub fn probe_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
     let line = describe(cmd);
     let output = cmd
         .stdin(Stdio::null())
@@ -265,7 +270,7 @@ fn probe(cmd: &mut Command) -> Result<String> {
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(output.stdout)
 }
 
 fn describe(cmd: &Command) -> String {

@@ -35,7 +35,7 @@ use cargo_metadata::{Message, TargetKind};
 use crate::{
     Totals, cargo,
     initramfs::{self, BOOT_MODULES, Cpio},
-    setup::run_step,
+    setup::{probe, probe_bytes, run_step},
 };
 
 /// The test files (`tests/tests/<name>.rs`) run in each VM, every test in them: the
@@ -351,7 +351,7 @@ fn newest_package(line: Line) -> Result<String> {
             run_step(Command::new("apt-get").arg("update"))
                 .context("updating apt package lists")?;
         }
-        let names = output(Command::new("apt-cache").args(["pkgnames", prefix]))?;
+        let names = probe(Command::new("apt-cache").args(["pkgnames", prefix]))?;
         let newest = names
             .lines()
             .filter_map(|name| {
@@ -369,7 +369,7 @@ fn newest_package(line: Line) -> Result<String> {
 }
 
 fn candidate_version(package: &str) -> Result<String> {
-    let show = output(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
+    let show = probe(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
     show.lines()
         .find_map(|l| l.strip_prefix("Version: "))
         .map(str::to_owned)
@@ -433,10 +433,7 @@ fn build_initramfs(modules: &Path, release: &str, out: &Path) -> Result<()> {
         let path = modules.join(relative);
         let file = relative.rsplit('/').next().unwrap_or(relative);
         let (name, bytes) = if let Some(stem) = file.strip_suffix(".xz") {
-            (
-                stem,
-                output_bytes(Command::new("xz").arg("-dc").arg(&path))?,
-            )
+            (stem, probe_bytes(Command::new("xz").arg("-dc").arg(&path))?)
         } else if file.ends_with(".ko") {
             (
                 file,
@@ -793,25 +790,6 @@ fn single_entry_matching(dir: &Path, suffix: &str) -> Result<String> {
             dir.display()
         ),
     }
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    Ok(String::from_utf8_lossy(&output_bytes(cmd)?).into_owned())
-}
-
-fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {line}"))?;
-    ensure!(
-        out.status.success(),
-        "{line} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(out.stdout)
 }
 
 #[cfg(test)]
