@@ -147,7 +147,8 @@ pub fn digest(text: &str) -> String {
 /// socket (and for tests waiting on start-up).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
-    /// The daemon's pid (0 once it exited).
+    /// The daemon's pid, written once start-up is complete (policy, proxy and its
+    /// redirect, metrics, DNS); 0 while it starts and once it exited.
     pub pid: u32,
     /// Policy generation enforcing now.
     pub generation: u64,
@@ -908,7 +909,6 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }));
     let mut daemon = Daemon {
         status: Status {
-            pid: std::process::id(),
             policy: config.policy.clone(),
             generation: pinned_generation,
             overrides,
@@ -985,6 +985,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     } else {
         drop(updates_tx);
     }
+    // Ready: what waits on status.json (the demo, tests, scripts) may now rely on all of it.
+    daemon.status.pid = std::process::id();
+    daemon.status.write(&daemon.config.runtime_dir)?;
     warn_notify(notify::ready(&daemon.status.summary()));
     tracing::info!(
         interfaces = ?daemon.status.interfaces,

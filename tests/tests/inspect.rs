@@ -728,6 +728,12 @@ fn redirect_table_and_ca_lifecycle() {
         "the table must go with the daemon"
     );
     s.lab.start_daemon();
+    // Ready (status.json names the pid) means the redirect is in place: a sandbox's
+    // first connection after a restart must not slip past the proxy.
+    assert!(
+        s.lab.gw.exec(&list).is_ok(),
+        "the daemon reported ready before installing its table"
+    );
     let out = s.lab.cli(&[
         "--config",
         s.lab.config_path().to_str().unwrap(),
