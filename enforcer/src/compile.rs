@@ -74,6 +74,9 @@ pub struct Compiled {
     pub agents: Vec<(u32, AgentPolicy)>,
     /// `(ifindex, agent id)`, sorted by ifindex.
     pub interfaces: Vec<(u32, u32)>,
+    /// Interfaces the policy names that do not exist on this host now, sorted: their agents
+    /// are enforced wherever they are attached, and these are attached once they appear.
+    pub pending: Vec<String>,
     /// Exact IPv4 source addresses (/32) to agent id, sorted.
     pub source_hosts_v4: Vec<([u8; 4], u32)>,
     /// Exact IPv6 source addresses (/128) to agent id, sorted.
@@ -108,14 +111,6 @@ pub enum CompileError {
         id: u32,
         /// The limit.
         max_agents: u32,
-    },
-    /// An interface named in the policy does not exist on this host.
-    #[error("agent \"{agent}\": interface \"{interface}\" does not exist")]
-    UnknownInterface {
-        /// The agent's name.
-        agent: String,
-        /// The interface name.
-        interface: String,
     },
     /// Two interface names of the policy resolved to the same interface.
     #[error(
@@ -279,10 +274,11 @@ pub fn compile(
         out.agents.push((agent.id, agent_policy(agent)?));
 
         for name in &agent.interfaces {
-            let index = ifindex(name).ok_or_else(|| CompileError::UnknownInterface {
-                agent: agent.name.clone(),
-                interface: name.clone(),
-            })?;
+            // A sandbox's interface may come later than its policy: not an error.
+            let Some(index) = ifindex(name) else {
+                out.pending.push(name.clone());
+                continue;
+            };
             if let Some((other_agent, other_name)) = iface_owner.insert(index, (&agent.name, name))
             {
                 return Err(CompileError::SameInterface {
@@ -323,6 +319,8 @@ pub fn compile(
     destination_lookup(&mut out);
     out.agents.sort_by_key(|&(id, _)| id);
     out.interfaces.sort();
+    out.pending.sort();
+    out.pending.dedup();
     out.source_hosts_v4.sort();
     out.source_hosts_v6.sort();
     out.source_prefixes_v4.sort();
@@ -784,6 +782,7 @@ ports = "443"
                     }
                 )],
                 interfaces: vec![(7, 1)],
+                pending: vec![],
                 source_hosts_v4: vec![([10, 77, 1, 2], 1)],
                 source_hosts_v6: vec![(v6("fd77:1::2/128").addr, 1)],
                 source_prefixes_v4: vec![],
@@ -1123,12 +1122,10 @@ ports = 8443
         ));
         assert_eq!(c.interfaces, vec![(2, 3), (4, 3), (9, 9)]);
 
-        let err = compile_text("[[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"eth0\"]\n")
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "agent \"a\": interface \"eth0\" does not exist"
-        );
+        // An interface that does not exist yet is pending, not an error.
+        let c = ok("[[agents]]\nid = 1\nname = \"a\"\ninterfaces = [\"eth0\", \"if3\"]\n");
+        assert_eq!(c.interfaces, vec![(3, 1)]);
+        assert_eq!(c.pending, vec!["eth0".to_string()]);
 
         // Two spellings of one interface index on two agents.
         let err = compile_text(&format!(

@@ -9,7 +9,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ffi::CString,
     fs, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -32,6 +31,7 @@ use crate::{
     config::Config,
     dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
     metrics::{self, DaemonInfo},
+    netlink::{self, LinkEvent, if_index},
     notify,
     policy::{self, Mode, Policy, PolicyError},
     stats,
@@ -112,14 +112,6 @@ pub enum LoadError {
     },
 }
 
-/// Resolves an interface name in the caller's network namespace.
-pub fn if_index(name: &str) -> Option<u32> {
-    let name = CString::new(name).ok()?;
-    // SAFETY: `name` is a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
-}
-
 /// Reads, validates and compiles a policy file.
 pub fn load_policy(path: &Path, limits: &Limits) -> Result<(Policy, Compiled), LoadError> {
     let policy = policy::load(path)?;
@@ -158,6 +150,10 @@ pub struct Status {
     pub digest: String,
     /// Policy attempts so far (start-up counts as the first).
     pub attempts: u64,
+    /// Interfaces the configuration or policy names that do not exist now: attached when
+    /// they appear.
+    #[serde(default)]
+    pub pending: Vec<String>,
     /// Why the last attempt failed, if it did; the previous policy is still enforcing.
     pub last_error: Option<String>,
     /// Agent names of the enforcing policy, by id.
@@ -239,6 +235,9 @@ struct Daemon {
     control_plane: Option<watch::Receiver<ConnectionState>>,
     reloads_ok: u64,
     reloads_rejected: u64,
+    /// Each wanted interface's index when last attached (`None`: pending), to tell which
+    /// rtnetlink events change what is enforced.
+    resolved: BTreeMap<String, Option<u32>>,
 }
 
 impl Daemon {
@@ -257,15 +256,34 @@ impl Daemon {
         wanted
     }
 
+    /// Attaches to every wanted interface that exists and detaches from the others. One
+    /// interface that fails does not keep the rest unattached; the first error is returned.
     fn attach(&mut self) -> Result<(), DataplaneError> {
         let wanted = self.wanted_interfaces();
+        let mut first_error = None;
+        self.resolved.clear();
         for interface in &wanted {
-            let how = self.dataplane.attach(
+            let index = if_index(interface);
+            self.resolved.insert(interface.clone(), index);
+            if index.is_none() {
+                // Not there (yet): attached when rtnetlink reports it. A pin from the
+                // interface's previous life is stale: the kernel detached with the device.
+                if let Err(error) = self.dataplane.detach(interface) {
+                    tracing::warn!(interface, %error, "removing the pin of a vanished interface");
+                }
+                continue;
+            }
+            match self.dataplane.attach(
                 interface,
                 self.config.hook_of(interface),
                 self.config.xdp_mode,
-            )?;
-            tracing::info!(interface, ?how, "attached");
+            ) {
+                Ok(how) => tracing::info!(interface, ?how, "attached"),
+                Err(e) => {
+                    tracing::error!(interface, error = %error_chain(&e), "attaching");
+                    first_error.get_or_insert(e);
+                }
+            }
         }
         for interface in self.dataplane.attached_interfaces() {
             if !wanted.contains(&interface) {
@@ -278,7 +296,61 @@ impl Daemon {
             }
         }
         self.status.interfaces = self.dataplane.attached_interfaces();
-        Ok(())
+        self.status.pending = self
+            .resolved
+            .iter()
+            .filter(|(_, index)| index.is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !self.status.pending.is_empty() {
+            tracing::info!(pending = ?self.status.pending, "interfaces not present yet: attached when they appear");
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Follows an interface change. When an interface the configuration or policy names
+    /// appears, goes away, or comes back under a new index, the enforcing policy is applied
+    /// again: that resolves every name afresh, rewrites the interface map and attaches. Other
+    /// changes (another interface, a link going up or down) change nothing.
+    fn on_link(&mut self, event: LinkEvent) {
+        let why = match &event {
+            LinkEvent::Overrun => Some("link events were lost".to_string()),
+            LinkEvent::Changed { ifindex, name } => {
+                let renamed_away = self
+                    .resolved
+                    .iter()
+                    .any(|(n, i)| *i == Some(*ifindex) && n != name);
+                match self.resolved.get(name) {
+                    Some(i) if *i != Some(*ifindex) => Some(format!("{name} appeared")),
+                    _ if renamed_away => Some(format!("interface {ifindex} was renamed {name}")),
+                    _ => None,
+                }
+            }
+            LinkEvent::Gone { ifindex, name } => self
+                .resolved
+                .values()
+                .any(|i| *i == Some(*ifindex))
+                .then(|| format!("{name} went away")),
+        };
+        let Some(why) = why else { return };
+        let current = self
+            .current
+            .as_ref()
+            .map(|c| (c.origin.clone(), c.text.clone()));
+        match current {
+            Some((origin, text)) => {
+                tracing::info!(why, "interfaces changed: applying the policy again");
+                let _ = self.apply_text(&origin, &text);
+            }
+            // Only the pinned policy enforces: its interface map stays, attach what exists.
+            None => {
+                if let Err(e) = self.attach() {
+                    self.status.last_error = Some(error_chain(&e));
+                }
+                let _ = self.status.write(&self.config.runtime_dir);
+                self.publish();
+            }
+        }
     }
 
     /// Validates, compiles (with the runtime mode overrides) and applies a policy text.
@@ -445,6 +517,8 @@ impl Daemon {
             info.reloads_ok = self.reloads_ok;
             info.reloads_rejected = self.reloads_rejected;
             info.map_fill = map_fill;
+            info.interfaces_attached = self.status.interfaces.len() as u64;
+            info.interfaces_pending = self.status.pending.len() as u64;
             info.control_plane_connected = self
                 .control_plane
                 .as_ref()
@@ -499,6 +573,7 @@ impl Daemon {
                 "last_error": self.status.last_error,
                 "agents": self.status.agents.len(),
                 "interfaces": self.status.interfaces,
+                "pending": self.status.pending,
                 "hooks": self.dataplane.hooks(),
                 "overrides": self.status.overrides,
                 "bpffs": self.config.bpffs,
@@ -907,6 +982,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, user_audit_rx, async move {
         let _ = audit_stopped.await;
     }));
+    // Interface changes, subscribed before the first attach so none is missed between.
+    let (links_tx, mut links) = mpsc::channel::<LinkEvent>(256);
+    if let Err(e) = netlink::watch_links(links_tx) {
+        tracing::error!(error = %e, "cannot follow interface changes over rtnetlink: interfaces that appear later are not attached until a reload");
+    }
     let mut daemon = Daemon {
         status: Status {
             policy: config.policy.clone(),
@@ -925,6 +1005,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         control_plane: None,
         reloads_ok: 0,
         reloads_rejected: 0,
+        resolved: BTreeMap::new(),
     };
     match first {
         Some((origin, text)) => {
@@ -1014,6 +1095,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                     warn_notify(notify::ready(&daemon.status.summary()));
                 }
             }
+            Some(event) = links.recv() => daemon.on_link(event),
             Some(update) = updates.recv() => {
                 daemon.apply_bundle(update);
                 daemon.publish();

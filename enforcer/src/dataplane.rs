@@ -1169,6 +1169,10 @@ fn current_hook(bpffs: &Path, interface: &str) -> Option<HookKind> {
 fn remove_hook(bpffs: &Path, interface: &str, kind: HookKind) -> io::Result<()> {
     match kind {
         HookKind::Xdp | HookKind::Tcx => fs::remove_file(bpffs.join("links").join(interface)),
+        // A filter goes with its interface: then only the marker is left to remove.
+        HookKind::Clsact if netlink::if_index(interface).is_none() => {
+            fs::remove_file(tc_marker(bpffs, interface))
+        }
         HookKind::Clsact => {
             match tc::qdisc_detach_program(interface, TcAttachType::Ingress, programs::ENFORCE_TC) {
                 Ok(()) => {}

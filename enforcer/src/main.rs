@@ -332,6 +332,12 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 );
                 println!("agents      {}", v["agents"]);
                 print_hooks(&v["hooks"]);
+                if v["pending"].as_array().is_some_and(|p| !p.is_empty()) {
+                    println!(
+                        "pending     {} (not present yet: attached when they appear)",
+                        join(&v["pending"])
+                    );
+                }
                 println!("last apply  {} us", v["apply_micros"]);
                 if let Some(e) = v["last_error"].as_str() {
                     println!("last error  {e} (the previous policy keeps enforcing)");

@@ -35,12 +35,21 @@ pub struct DaemonInfo {
     pub reloads_rejected: u64,
     /// Entries in use and capacity per map, per slot.
     pub map_fill: Vec<(&'static str, u64, u64)>,
+    /// Interfaces the enforcer is attached to, and those named but not present yet.
+    pub interfaces_attached: u64,
+    /// See `interfaces_attached`.
+    pub interfaces_pending: u64,
     /// Control-plane connection: 1 connected, 0 not (absent when not configured).
     pub control_plane_connected: Option<bool>,
     /// The DNS resolver's families, when it runs.
     pub dns: Option<crate::dns::DnsMetrics>,
     /// The inspecting proxy's counters, when it runs.
     pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,6 +190,23 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         };
         entries.get_or_create(&label).set(*used as i64);
         capacity.get_or_create(&label).set(*cap as i64);
+    }
+
+    let interfaces = Family::<StateLabel, Gauge>::default();
+    registry.register(
+        "interfaces",
+        "Interfaces named by the configuration or policy: attached, or pending until they appear",
+        interfaces.clone(),
+    );
+    for (state, n) in [
+        ("attached", info.interfaces_attached),
+        ("pending", info.interfaces_pending),
+    ] {
+        interfaces
+            .get_or_create(&StateLabel {
+                state: state.into(),
+            })
+            .set(n as i64);
     }
 
     if let Some(connected) = info.control_plane_connected {

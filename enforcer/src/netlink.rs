@@ -1,12 +1,15 @@
-//! What the kernel says about an interface: one `RTM_GETLINK` over rtnetlink, read for its
-//! XDP attribute (`IFLA_XDP`: the attach mode and the program id) and its kind
-//! (`IFLA_INFO_KIND`: veth, tun, bridge, ...; none for a physical NIC).
+//! What the kernel says about interfaces, over rtnetlink:
+//! - [`link`]: one `RTM_GETLINK`, read for the XDP attribute (`IFLA_XDP`: the attach mode
+//!   and the program id) and the kind (`IFLA_INFO_KIND`: veth, tun, bridge, ...; none for a
+//!   physical NIC);
+//! - [`watch_links`]: the `RTNLGRP_LINK` multicast group, so the daemon attaches to a
+//!   sandbox's interface when it appears, and forgets it when it goes.
 //!
 //! The daemon cannot take this from its own bookkeeping: a link pinned by an earlier run
 //! keeps the mode it was created with, which the `bpf_link_info` of an XDP link does not
 //! carry, and an interface deleted under a pin detaches its program without telling anyone.
 
-use std::{ffi::CString, io};
+use std::{ffi::CString, io, thread};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -15,6 +18,14 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::Serialize;
+
+/// Resolves an interface name in the caller's network namespace.
+pub fn if_index(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
 
 /// How XDP runs on an interface, as `ip link` would show it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -201,6 +212,100 @@ fn xdp_of(ifindex: u32, attributes: &[LinkAttribute]) -> XdpState {
     state
 }
 
+/// A change to the interfaces of the daemon's network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// An interface appeared or changed: created, renamed, moved in, brought up or down.
+    Changed {
+        /// Its index.
+        ifindex: u32,
+        /// Its name now.
+        name: String,
+    },
+    /// An interface went away: deleted, or moved to another namespace.
+    Gone {
+        /// Its index.
+        ifindex: u32,
+        /// Its last name.
+        name: String,
+    },
+    /// The kernel dropped events (the socket's buffer overran): look at everything again.
+    Overrun,
+}
+
+/// `RTNLGRP_LINK` (uapi `rtnetlink.h`).
+const RTNLGRP_LINK: u32 = 1;
+
+/// Subscribes to the interface changes of the caller's network namespace and sends them to
+/// `events` from a thread of its own, until the receiver is dropped. The subscription is in
+/// place when this returns: no change after that is missed (an overrun says so).
+pub fn watch_links(events: tokio::sync::mpsc::Sender<LinkEvent>) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.add_membership(RTNLGRP_LINK)?;
+    thread::Builder::new()
+        .name("rtnetlink".into())
+        .spawn(move || {
+            loop {
+                let batch = match socket.recv_from_full() {
+                    Ok((bytes, _)) => link_events(&bytes),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => vec![LinkEvent::Overrun],
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading rtnetlink link events; interfaces are no longer followed");
+                        return;
+                    }
+                };
+                for event in batch {
+                    if events.blocking_send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The link events in one datagram of the multicast group (several messages may share one).
+fn link_events(mut bytes: &[u8]) -> Vec<LinkEvent> {
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) else {
+            // Unreadable: what it said is unknown, so everything must be looked at again.
+            events.push(LinkEvent::Overrun);
+            break;
+        };
+        let length = (message.header.length as usize).max(16);
+        let name = |link: &LinkMessage| {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name.clone()),
+                _ => None,
+            })
+        };
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                if let Some(name) = name(&link) {
+                    events.push(LinkEvent::Changed {
+                        ifindex: link.header.index,
+                        name,
+                    });
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                if let Some(name) = name(&link) {
+                    events.push(LinkEvent::Gone {
+                        ifindex: link.header.index,
+                        name,
+                    });
+                }
+            }
+            _ => {}
+        }
+        // Messages are aligned to 4 bytes (NLMSG_ALIGN).
+        bytes = bytes.get(length.next_multiple_of(4)..).unwrap_or_default();
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +333,44 @@ mod tests {
         )])];
         assert_eq!(xdp_of(7, &none).mode, XdpAttachMode::None);
         assert_eq!(xdp_of(7, &[]).mode, XdpAttachMode::None);
+    }
+
+    fn link_message(new: bool, ifindex: u32, name: &str) -> Vec<u8> {
+        let mut link = LinkMessage::default();
+        link.header.index = ifindex;
+        link.attributes.push(LinkAttribute::IfName(name.into()));
+        let payload = if new {
+            RouteNetlinkMessage::NewLink(link)
+        } else {
+            RouteNetlinkMessage::DelLink(link)
+        };
+        let mut message = NetlinkMessage::new(NetlinkHeader::default(), payload.into());
+        message.finalize();
+        let mut buf = vec![0; message.buffer_len()];
+        message.serialize(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn link_events_read_every_message_of_a_datagram() {
+        let mut datagram = link_message(true, 7, "agt-a");
+        datagram.extend(link_message(false, 5, "agt-b1"));
+        assert_eq!(
+            link_events(&datagram),
+            vec![
+                LinkEvent::Changed {
+                    ifindex: 7,
+                    name: "agt-a".into()
+                },
+                LinkEvent::Gone {
+                    ifindex: 5,
+                    name: "agt-b1".into()
+                },
+            ]
+        );
+        // A torn message makes the reader look at everything again.
+        let torn = &datagram[..datagram.len() - 3];
+        assert_eq!(link_events(torn).last(), Some(&LinkEvent::Overrun));
     }
 
     #[test]

@@ -14,9 +14,10 @@ use aya::maps::{MapData, RingBuf};
 use enforcer::{
     audit::{self, AuditContext, AuditLog, AuditRate, Record},
     compile::{self, Limits},
-    daemon::{agent_names, if_index},
+    daemon::agent_names,
     dataplane::Dataplane,
     lab::{self, BpffsMount, require_root},
+    netlink::if_index,
     policy,
     testrun::run_xdp,
 };

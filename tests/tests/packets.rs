@@ -13,9 +13,9 @@ use aya::{
 use enforcer::{
     audit,
     compile::{self, Limits},
-    daemon::if_index,
     dataplane::{self, Dataplane, VERIFIER_INSN_LIMIT},
     lab::{BpffsMount, require_root},
+    netlink::if_index,
     policy, table,
     testrun::{SkbMeta, run_tc, run_xdp},
 };

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer::lab::{Netns, TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send};
+use enforcer::{
+    daemon::Status,
+    lab::{self, Netns, TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send},
+};
 use enforcer_common::Reason;
 use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4, SERVER_V6, sa};
 
@@ -583,7 +586,8 @@ fn reload_applies_and_rejects_atomically() {
 
     // A policy file that breaks behind the daemon's back is rejected on SIGHUP, the same way.
     let attempts = lab.status().attempts;
-    lab.write_policy("[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"no-such-if\"]\n");
+    // (An agent id beyond the lab's max_agents of 64.)
+    lab.write_policy("[[agents]]\nid = 999\nname = \"coder\"\ninterfaces = [\"gwa1\"]\n");
     lab.signal_daemon(libc::SIGHUP);
     let status = lab.wait_attempts(attempts);
     assert!(
@@ -591,7 +595,7 @@ fn reload_applies_and_rejects_atomically() {
             .last_error
             .as_deref()
             .unwrap_or("")
-            .contains("no-such-if"),
+            .contains("has id 999"),
         "{status:?}"
     );
     assert_eq!(status.generation, generation + 1);
@@ -610,6 +614,73 @@ fn reload_applies_and_rejects_atomically() {
         !tcp_probe(a1, sa(SERVER_V4, 8080), DENIED_WAIT),
         "denied again after reload"
     );
+}
+
+/// A sandbox's interface that does not exist when the daemon starts is pending, not an
+/// error: the daemon starts and enforces the other agents, attaches when rtnetlink reports
+/// the interface, forgets it when it is deleted, and attaches again when it comes back under
+/// a new index. Each time the sandbox's traffic is judged by its policy.
+#[test]
+fn a_late_interface_is_pending_then_enforced_across_recreation() {
+    if !require_root("a_late_interface_is_pending_then_enforced_across_recreation") {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    lab.gw.ip(&["link", "del", "gwa1"]).unwrap();
+    lab.write_policy(&policy_two_agents());
+    lab.start_daemon();
+    let status = lab.status();
+    assert_eq!(status.pending, ["gwa1"], "{status:?}");
+    assert_eq!(status.interfaces, ["gwa2"], "{status:?}");
+    let wait_for = |what: &str, done: &dyn Fn(&Status) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = lab.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}: {status:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut indexes = Vec::new();
+    for _ in 0..2 {
+        lab::veth_pair(
+            &lab.gw,
+            "gwa1",
+            &["10.200.1.1/24", "fd20:1::1/64"],
+            lab.agent(1),
+            "eth0",
+            &["10.200.1.2/24", "fd20:1::2/64"],
+        )
+        .unwrap();
+        lab::add_route(lab.agent(1), "default", "10.200.1.1").unwrap();
+        indexes.push(lab::ifindex(&lab.gw, "gwa1").unwrap());
+        wait_for("gwa1 attached", &|s| {
+            s.pending.is_empty() && s.interfaces.contains(&"gwa1".to_string())
+        });
+        udp_to_9000_arrives_and_to_9001_does_not(&lab, lab.agent(1));
+        lab.gw.ip(&["link", "del", "gwa1"]).unwrap();
+        wait_for("gwa1 pending again", &|s| {
+            s.pending == ["gwa1"] && !s.interfaces.contains(&"gwa1".to_string())
+        });
+    }
+    assert_ne!(indexes[0], indexes[1], "the second sandbox had a new index");
+    // Agent 2 (private addresses denied) was enforced all along; the daemon never restarted.
+    let sink = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
+    let sent = udp_send(
+        lab.agent(2),
+        sa(SERVER_V4, 9000),
+        None,
+        b"no",
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    assert_eq!(sent, 20);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(sink.stop().0, 0, "agent 2 is still enforced");
+    assert!(lab.status().daemon_alive());
 }
 
 /// VLAN-tagged frames from an agent's namespace, written to its veth by an `AF_PACKET`

@@ -16,9 +16,9 @@ use std::{
 
 use enforcer::{
     compile::{self, Limits},
-    daemon::if_index,
     dataplane::Dataplane,
     lab::{BpffsMount, UdpSink, require_root, udp_send},
+    netlink::if_index,
     policy,
     testrun::run_xdp,
 };
