@@ -699,10 +699,32 @@ impl Daemon {
                         cp.url
                     ));
                 }
-                let generation = self.apply_text(&origin, &text)?;
-                // Make it the policy file too, so SIGHUP and restarts keep it.
-                write_atomic(&self.config.policy, text.as_bytes()).map_err(|e| error_chain(&e))?;
-                Ok(json!({"generation": generation}))
+                // The policy file first, so what enforces is what a SIGHUP or a restart
+                // reads; if the kernel then refuses the policy, the file is put back.
+                let path = self.config.policy.clone();
+                let previous = fs::read(&path).ok();
+                write_atomic(&path, text.as_bytes()).map_err(|e| {
+                    format!(
+                        "not applied: the policy file cannot be written ({}); under the systemd unit it must be below ReadWritePaths=",
+                        error_chain(&e)
+                    )
+                })?;
+                match self.apply_text(&origin, &text) {
+                    Ok(generation) => Ok(json!({"generation": generation})),
+                    Err(message) => {
+                        let restored = match previous {
+                            Some(bytes) => write_atomic(&path, &bytes),
+                            None => fs::remove_file(&path).map_err(|source| DaemonError::State {
+                                path: path.clone(),
+                                source,
+                            }),
+                        };
+                        if let Err(e) = restored {
+                            tracing::error!(error = %error_chain(&e), "putting the previous policy file back");
+                        }
+                        Err(message)
+                    }
+                }
             }
             Request::Mode { agent, mode } => {
                 let id = self.find_agent(&agent)?.id;

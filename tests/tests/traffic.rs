@@ -558,6 +558,29 @@ fn reload_applies_and_rejects_atomically() {
         tcp_probe(a1, sa(SERVER_V4, 8080), Duration::from_secs(3)),
         "allowed after apply"
     );
+    // What enforces is the policy file, so a SIGHUP or a restart keeps it.
+    let policy_file = lab.dir.join("policy.toml");
+    let applied = std::fs::read_to_string(&allow).unwrap();
+    assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), applied);
+
+    // A policy that parses but does not fit the maps (max_agents is 64) is refused, and
+    // the policy file stays the enforcing one.
+    let too_big = lab.write_file("too-big.toml", &deny_all.replace("id = 1", "id = 999"));
+    let out = lab.cli(&[
+        "policy",
+        "apply",
+        too_big.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has id 999"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.status().generation, generation + 1);
+    assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), applied);
 
     // A bad policy is refused by the CLI with file, line and field, exit code 2; the running
     // policy keeps enforcing.
