@@ -339,11 +339,18 @@ fn flood_accuracy(
     let duration = Duration::from_secs(7);
     let sampler = thread::spawn(move || {
         let maps = enforcer::dataplane::KernelMaps::from_pins(&bpffs).unwrap();
-        let read = |maps: &enforcer::dataplane::KernelMaps| {
+        // The two CPUs are flooding, so this thread can be preempted mid-read (once by
+        // 350 ms, which skewed a 5 s window by 7%): a sample counts only if the clock
+        // read before and after its counters is at most 5 ms apart.
+        let read = |maps: &enforcer::dataplane::KernelMaps| loop {
+            let before = Instant::now();
             let allowed = unit(maps.counter(1, Reason::Allowed).unwrap());
             let limited = unit(maps.counter(1, Reason::RateLimitedPackets).unwrap())
                 + unit(maps.counter(1, Reason::RateLimitedBytes).unwrap());
-            (Instant::now(), allowed, limited)
+            let after = Instant::now();
+            if after - before <= Duration::from_millis(5) {
+                return (before + (after - before) / 2, allowed, limited);
+            }
         };
         // Skip the first second: the burst and the senders' ramp-up.
         thread::sleep(Duration::from_millis(1500));
