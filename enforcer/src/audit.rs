@@ -19,7 +19,7 @@
 //!  "src":"10.1.0.2:40000","dst":"10.9.1.5:443","ifindex":3,"len":60,
 //!  "policy_generation":4,"policy_digest":"9f86…","prev":"5e2b…"}
 //! ```
-//! (one line in the file). `seq` counts records from 1 in a file. `time` is RFC 3339 UTC;
+//! (one line in the file). `seq` counts records from 1, across rotated files (see below). `time` is RFC 3339 UTC;
 //! `ktime_ns` the kernel's CLOCK_MONOTONIC reading it was converted from (see
 //! [`WallClock`]). `agent_name` is null for unknown traffic (agent 0) and when the policy the
 //! event was decided under is not known to the reader. `proto`, `src` and `dst` are null when
@@ -37,6 +37,13 @@
 //! chain at a line [`verify`] names. What a chain alone cannot show: removal of lines at the
 //! end, or a whole file rewritten from scratch; anchor [`VerifyReport::head`] somewhere the
 //! host cannot rewrite (remote log, ticket) to cover those.
+//!
+//! # Rotation
+//! logrotate (or anything) renames the file and signals the daemon (SIGHUP or SIGUSR1),
+//! which [`AuditLog::reopen`]s the path: the new file's first line continues the chain, with
+//! the next `seq` and the hash of the rotated file's last line as its `prev`. [`verify_set`]
+//! checks the files oldest first as one chain; a set whose oldest file was deleted starts
+//! mid-chain, and the report says at which `seq` and after which hash.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -668,6 +675,33 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// Opens the path again if the file there is no longer the one being written (it was
+    /// rotated away); returns whether it did. A new empty file continues this chain (next
+    /// `seq`, `prev` the last line written); a non-empty one continues its own last line, as
+    /// [`AuditLog::open`] would. On an error the current file stays in use.
+    pub fn reopen(&mut self) -> Result<bool, AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let current = self.file.metadata().map_err(|source| AuditError::Io {
+            op: "reading",
+            path: self.path.clone(),
+            source,
+        })?;
+        if let Ok(there) = std::fs::metadata(&self.path)
+            && (there.dev(), there.ino()) == (current.dev(), current.ino())
+        {
+            return Ok(false);
+        }
+        let mut next = AuditLog::open(&self.path)?;
+        if next.len == 0 {
+            next.last_seq = self.last_seq;
+            next.head = self.head.clone();
+        }
+        // The rotated file keeps what was written; make sure it reached the disk.
+        let _ = self.sync();
+        *self = next;
+        Ok(true)
+    }
+
     /// Appends `body` (which must serialize to a JSON object, like [`Record`]) as the next
     /// line, chained to the previous one; returns its `seq`. The line goes out in one
     /// `write` on an `O_APPEND` descriptor; if that fails the file is cut back to its last
@@ -766,6 +800,11 @@ fn last_line(file: &mut File, end: u64) -> io::Result<Vec<u8>> {
 pub struct VerifyReport {
     /// Records checked.
     pub lines: u64,
+    /// `seq` of the first record: 1, or more when the oldest file of a rotated set is gone.
+    pub first_seq: u64,
+    /// The `prev` of the first record: [`GENESIS`] at the chain's start, else the hash of
+    /// the last line of the file before (deleted, or not given).
+    pub starts_after: String,
     /// `seq` of the last record (0 for an empty file).
     pub last_seq: u64,
     /// Hex SHA-256 of the last line ([`GENESIS`] for an empty file): record it outside the
@@ -789,8 +828,55 @@ struct Checked {
 /// - deleted lines: the line after them ([`Problem::Missing`]);
 /// - a line that is not JSON: that line; a last line without newline: that line.
 ///
-/// Reads the file once, keeping two lines in memory.
+/// The chain must start in this file (see [`verify_set`] for one that continues a rotated
+/// file). Reads the file once, keeping two lines in memory.
 pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    verify_set(&[path.to_path_buf()], false)
+}
+
+/// [`verify`] for rotated files, oldest first, as one chain: each file's first line must
+/// continue the previous file's last. With `continued`, the oldest file given may start
+/// mid-chain (the files before it were rotated away): its first line is taken as given,
+/// and the report says where it starts ([`VerifyReport::first_seq`],
+/// [`VerifyReport::starts_after`]). Without it, lines cut from the start are caught.
+/// Errors name the file and its line.
+pub fn verify_set(paths: &[PathBuf], continued: bool) -> Result<VerifyReport, AuditError> {
+    let mut report: Option<VerifyReport> = None;
+    for path in paths {
+        let from = report.as_ref().map(|r| (r.last_seq, r.head.clone()));
+        let part = verify_file(path, from, continued)?;
+        report = Some(match report {
+            None => part,
+            Some(r) => VerifyReport {
+                lines: r.lines + part.lines,
+                first_seq: r.first_seq,
+                starts_after: r.starts_after,
+                // An empty file in the middle continues nothing and changes nothing.
+                last_seq: if part.lines == 0 {
+                    r.last_seq
+                } else {
+                    part.last_seq
+                },
+                head: if part.lines == 0 { r.head } else { part.head },
+            },
+        });
+    }
+    Ok(report.unwrap_or(VerifyReport {
+        lines: 0,
+        first_seq: 0,
+        starts_after: GENESIS.to_string(),
+        last_seq: 0,
+        head: GENESIS.to_string(),
+    }))
+}
+
+/// One file of a chain; `from` is the previous file's `(last seq, head)`, `None` for the
+/// first file, which starts the chain, or with `continued` may start mid-chain.
+fn verify_file(
+    path: &Path,
+    from: Option<(u64, String)>,
+    continued: bool,
+) -> Result<VerifyReport, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Io {
         op: "opening",
         path: path.to_path_buf(),
@@ -825,8 +911,10 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         }))
     };
 
-    let mut prev_hash = GENESIS.to_string();
-    let mut prev_seq = 0;
+    let anchored = from.is_some() || !continued;
+    let (mut prev_seq, mut prev_hash) = from.unwrap_or((0, GENESIS.to_string()));
+    let mut first_seq = 0;
+    let mut starts_after = prev_hash.clone();
     let mut n = 0;
     let mut next = read(1)?;
     while let Some(line) = next {
@@ -834,6 +922,16 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         let fields = line.fields.map_err(|p| corrupt(n, p))?;
         // Read one line ahead: it tells a changed line from a changed `prev`.
         next = read(n + 1)?;
+        if n == 1 {
+            // The oldest file given may continue a rotated file that is gone: its first
+            // line is where the checked chain starts.
+            if !anchored {
+                prev_seq = fields.seq - 1;
+                prev_hash = fields.prev.clone();
+                starts_after = fields.prev.clone();
+            }
+            first_seq = fields.seq;
+        }
         if fields.seq != prev_seq + 1 {
             return Err(corrupt(
                 n,
@@ -878,6 +976,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
     }
     Ok(VerifyReport {
         lines: n,
+        first_seq,
+        starts_after,
         last_seq: prev_seq,
         head: prev_hash,
     })
@@ -1023,6 +1123,7 @@ pub async fn run(
     mut log: AuditLog,
     mut context: watch::Receiver<AuditContext>,
     mut user: mpsc::Receiver<UserEvent>,
+    mut reopen: mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, AuditError> {
     // SAFETY: the ring owns its map's descriptor (MapData holds an OwnedFd), which stays
@@ -1036,6 +1137,7 @@ pub async fn run(
     contexts.push(context.borrow_and_update().clone());
     let mut context_open = true;
     let mut user_open = true;
+    let mut reopen_open = true;
     let mut summary = RunSummary::default();
     tokio::pin!(shutdown);
     loop {
@@ -1050,6 +1152,15 @@ pub async fn run(
                     write_user(events, &mut log, &contexts, &mut summary)?;
                 }
                 None => user_open = false,
+            },
+            asked = reopen.recv(), if reopen_open => match asked {
+                // A failed reopen keeps writing the file it has: nothing is lost.
+                Some(()) => match log.reopen() {
+                    Ok(true) => tracing::info!(path = %log.path().display(), seq = log.last_seq() + 1, "audit log reopened; the chain continues"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "reopening the audit log; still writing the old file"),
+                },
+                None => reopen_open = false,
             },
             changed = context.changed(), if context_open => match changed {
                 Ok(()) => contexts.push(context.borrow_and_update().clone()),
@@ -1396,10 +1507,63 @@ mod tests {
             verify(&empty).unwrap(),
             VerifyReport {
                 lines: 0,
+                first_seq: 0,
+                starts_after: GENESIS.into(),
                 last_seq: 0,
                 head: GENESIS.into()
             }
         );
+    }
+
+    #[test]
+    fn rotation_continues_the_chain_and_the_set_verifies() {
+        let dir = TempDir::new("rotate");
+        let path = dir.file("audit.jsonl");
+        let ctx = context();
+        let clock = WallClock::with_offset(1_800_000_000_000_000_000);
+        let mut log = AuditLog::open(&path).unwrap();
+        for i in 0..3 {
+            log.append(&Record::new(&event(i), Some(&ctx), &clock))
+                .unwrap();
+        }
+        // Nothing rotated: reopening is a no-op.
+        assert!(!log.reopen().unwrap());
+        // Rotated twice, logrotate style: rename, then the daemon is signalled.
+        let (one, two) = (dir.file("audit.jsonl.1"), dir.file("audit.jsonl.2"));
+        for rotated in [&two, &one] {
+            fs::rename(&path, rotated).unwrap();
+            assert!(log.reopen().unwrap());
+            for i in 0..2 {
+                log.append(&Record::new(&event(i), Some(&ctx), &clock))
+                    .unwrap();
+            }
+        }
+        log.sync().unwrap();
+        let set = [two.clone(), one.clone(), path.clone()];
+        let report = verify_set(&set, false).unwrap();
+        assert_eq!((report.lines, report.first_seq, report.last_seq), (7, 1, 7));
+        assert_eq!(report.head, log.head());
+        // The current file alone starts mid-chain, after the rotated file's last line:
+        // an error unless it is said to continue one.
+        assert!(verify(&path).is_err());
+        let alone = verify_set(std::slice::from_ref(&path), true).unwrap();
+        assert_eq!((alone.lines, alone.first_seq), (2, 6));
+        assert_eq!(
+            alone.starts_after,
+            verify_set(&set[..2], false).unwrap().head
+        );
+        // Out of order, or with a file left out in the middle, the link breaks and the
+        // error names the file.
+        for bad in [
+            vec![one.clone(), two.clone()],
+            vec![two.clone(), path.clone()],
+        ] {
+            let err = verify_set(&bad, true).unwrap_err().to_string();
+            assert!(err.contains(&bad[1].display().to_string()), "{err}");
+        }
+        // The oldest file's first lines cut: still caught, inside a file.
+        edit_line(&one, 1, |l| l.clear());
+        assert!(verify_set(&set, false).is_err());
     }
 
     /// Rewrites line `k` (1-based) of the log with `f`.

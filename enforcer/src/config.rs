@@ -13,7 +13,7 @@
 //! socket = "/run/enforcer/enforcer.sock" # local API (default: <runtime_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
-//! audit_log = "/var/lib/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
+//! audit_log = "/var/log/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
 //! audit_events_per_sec = 100             # per-agent audit budget (0 turns events off)
 //! audit_burst = 100
 //!
@@ -174,7 +174,7 @@ fn default_upstream_roots() -> PathBuf {
 }
 
 fn default_audit_log() -> PathBuf {
-    PathBuf::from("/var/lib/enforcer/audit.jsonl")
+    PathBuf::from("/var/log/enforcer/audit.jsonl")
 }
 
 fn default_audit_rate() -> u32 {

@@ -906,6 +906,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
 async fn serve(config: Config) -> Result<(), DaemonError> {
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
+    // SIGUSR1 only reopens the audit log (logrotate's postrotate); SIGHUP does that too.
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Runtime)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
@@ -1001,9 +1003,17 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
     let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
     let (user_audit, user_audit_rx) = UserAudit::channel();
-    let audit_task = tokio::spawn(audit::run(ring, log, audit_rx, user_audit_rx, async move {
-        let _ = audit_stopped.await;
-    }));
+    let (audit_reopen, audit_reopen_rx) = mpsc::channel::<()>(1);
+    let audit_task = tokio::spawn(audit::run(
+        ring,
+        log,
+        audit_rx,
+        user_audit_rx,
+        audit_reopen_rx,
+        async move {
+            let _ = audit_stopped.await;
+        },
+    ));
     // Interface changes, subscribed before the first attach so none is missed between.
     let (links_tx, mut links) = mpsc::channel::<LinkEvent>(256);
     if let Err(e) = netlink::watch_links(links_tx) {
@@ -1107,7 +1117,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                     None => std::future::pending().await,
                 }
             } => daemon.publish(),
+            _ = usr1.recv() => {
+                let _ = audit_reopen.try_send(());
+            }
             _ = hup.recv() => {
+                let _ = audit_reopen.try_send(());
                 if daemon.config.control_plane.is_some() {
                     tracing::info!("SIGHUP: the policy comes from the control plane; nothing to reload");
                 } else {

@@ -172,8 +172,14 @@ enum AuditCommand {
     },
     /// Prove an audit log untampered, or name its first bad line.
     Verify {
-        /// The log file.
-        file: PathBuf,
+        /// The log file, or a rotated set oldest first (`audit.jsonl.2 audit.jsonl.1
+        /// audit.jsonl`), checked as one chain.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The oldest file given continues an older rotated file that is gone: accept a
+        /// chain that starts after seq 1, and say where.
+        #[arg(long)]
+        continued: bool,
     },
 }
 
@@ -513,20 +519,34 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match enforcer::audit::verify(file) {
+            command: AuditCommand::Verify { files, continued },
+        } => match enforcer::audit::verify_set(files, *continued) {
             Ok(report) => {
+                let names = files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 if cli.json {
-                    print_json(
-                        &serde_json::json!({"ok": true, "lines": report.lines, "head": report.head}),
-                    );
+                    print_json(&serde_json::json!({
+                        "ok": true,
+                        "lines": report.lines,
+                        "first_seq": report.first_seq,
+                        "last_seq": report.last_seq,
+                        "starts_after": report.starts_after,
+                        "head": report.head,
+                    }));
                 } else {
                     println!(
-                        "{}: ok: {} records, chain head {}",
-                        file.display(),
-                        report.lines,
-                        report.head
+                        "{names}: ok: {} records, chain head {}",
+                        report.lines, report.head
                     );
+                    if report.first_seq > 1 {
+                        println!(
+                            "the chain starts at seq {}, after a line hashing to {} (in an older rotated file, not given)",
+                            report.first_seq, report.starts_after
+                        );
+                    }
                 }
                 Ok(ExitCode::SUCCESS)
             }

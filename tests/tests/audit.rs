@@ -549,9 +549,17 @@ fn reader_task_writes_a_verifiable_chained_log() {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let log = AuditLog::open(&path).unwrap();
             let (user, user_rx) = audit::UserAudit::channel();
-            let reader = tokio::spawn(audit::run(ring, log, context_rx, user_rx, async move {
-                let _ = stop_rx.await;
-            }));
+            let (_reopen, reopen_rx) = tokio::sync::mpsc::channel(1);
+            let reader = tokio::spawn(audit::run(
+                ring,
+                log,
+                context_rx,
+                user_rx,
+                reopen_rx,
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ));
             // Woken by the ring: events reach the log while the reader waits.
             let denied = tcp4("10.1.0.2", 40000, "10.9.1.5", 80);
             run_xdp(program, &denied, None, 1).unwrap();

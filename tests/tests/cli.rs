@@ -380,4 +380,56 @@ fn audit_trail_records_denials_and_detects_tampering() {
         stderr.contains("tampered.jsonl:3: "),
         "verify names the first bad line: {stderr}"
     );
+
+    // Rotated as logrotate does (rename, create, SIGUSR1): the new file continues the
+    // chain, and the set verifies as one.
+    let rotated = lab.dir.join("audit.jsonl.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    std::fs::write(&log, b"").unwrap();
+    lab.signal_daemon(libc::SIGUSR1);
+    // The signal and the records race: wait until a denial lands in the new file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&log).unwrap().len() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record reached the new file"
+        );
+        udp_send(
+            lab.agent(1),
+            sa(SERVER_V4, 9001),
+            None,
+            b"no",
+            1,
+            Duration::ZERO,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old_lines = std::fs::read_to_string(&rotated).unwrap().lines().count();
+    let new = wait_records(&lab, 1);
+    let first: Value = serde_json::from_str(&new[0]).unwrap();
+    assert_eq!(first["seq"], old_lines as u64 + 1, "seq goes on: {first}");
+    let verify = |args: &[&str]| {
+        let mut all = vec!["--json", "audit", "verify"];
+        all.extend_from_slice(args);
+        let out = lab.cli(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (rotated_s, log_s) = (rotated.to_str().unwrap(), log.to_str().unwrap());
+    let (ok, report) = verify(&[rotated_s, log_s]);
+    assert!(ok, "{report}");
+    let report: Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["first_seq"], 1);
+    assert_eq!(report["lines"], old_lines as u64 + new.len() as u64);
+    // The new file alone starts mid-chain: refused unless said to continue one.
+    assert!(!verify(&[log_s]).0);
+    let (ok, alone) = verify(&["--continued", log_s]);
+    assert!(ok, "{alone}");
+    let alone: Value = serde_json::from_str(&alone).unwrap();
+    assert_eq!(alone["first_seq"], old_lines as u64 + 1);
+    // Out of order, the link breaks.
+    assert!(!verify(&[log_s, rotated_s]).0);
 }

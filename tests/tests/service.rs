@@ -182,6 +182,26 @@ fn unit_agrees_with_the_default_configuration() {
         Path::new("/var/lib").join(one("StateDirectory")),
         "state_dir should be the unit's StateDirectory="
     );
+    // The audit log is a log: in LogsDirectory=, where logrotate finds it.
+    assert_eq!(
+        config.audit_log.parent(),
+        Some(Path::new("/var/log").join(one("LogsDirectory")).as_path()),
+        "audit_log should be in the unit's LogsDirectory="
+    );
+    // `policy apply` writes the policy file before enforcing it.
+    let policy_dir = format!("-{}", config.policy.parent().unwrap().display());
+    assert!(
+        values(&unit, "ReadWritePaths").contains(&policy_dir.as_str()),
+        "ReadWritePaths= should include {policy_dir}"
+    );
+    // The service's own sockets reach loopback, where /metrics listens, and nothing else.
+    assert_eq!(one("IPAddressDeny"), "any");
+    assert_eq!(one("IPAddressAllow"), "localhost");
+    assert!(
+        config.metrics_listen.is_some_and(|a| a.ip().is_loopback()),
+        "{:?}",
+        config.metrics_listen
+    );
     let mut caps = values(&unit, "CapabilityBoundingSet");
     caps.sort_unstable();
     assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
