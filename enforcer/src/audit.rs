@@ -1027,6 +1027,137 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<String>, AuditError> {
     Ok(lines[skip..].iter().map(|l| l.to_string()).collect())
 }
 
+/// Which records `audit tail` shows; an empty field matches every record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TailFilter {
+    /// The agent's name or id.
+    pub agent: Option<String>,
+    /// The reason (`egress_denied`, `rate_limited_packets`, ...).
+    pub reason: Option<String>,
+    /// `drop`, or `pass` for monitor-mode would-drops.
+    pub verdict: Option<String>,
+}
+
+impl TailFilter {
+    /// Whether the filter sets anything.
+    pub fn is_empty(&self) -> bool {
+        *self == TailFilter::default()
+    }
+
+    /// Whether the log line `line` passes. A line that is not a JSON object passes only an
+    /// empty filter: a damaged line is shown, never silently hidden, unless asked to filter.
+    pub fn matches(&self, line: &str) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+            return false;
+        };
+        let text = |key: &str| match &record[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        self.agent
+            .as_ref()
+            .is_none_or(|a| *a == text("agent_name") || *a == text("agent"))
+            && self.reason.as_ref().is_none_or(|r| *r == text("reason"))
+            && self.verdict.as_ref().is_none_or(|v| *v == text("verdict"))
+    }
+}
+
+/// Follows the log at `path` as it grows, like `tail -F`: yields each whole line appended
+/// after the record with `seq` `after`, and goes on in the new file when the log is
+/// rotated (the path names another file, and the old one has no more to read).
+pub struct Follower {
+    path: PathBuf,
+    file: File,
+    partial: Vec<u8>,
+    after: u64,
+}
+
+impl Follower {
+    /// Starts at the end of the log (within its last 64 KiB, to pick up lines with a `seq`
+    /// above `after` that were written since the caller's last look).
+    pub fn new(path: &Path, after: u64) -> Result<Self, AuditError> {
+        let mut file = File::open(path).map_err(|source| AuditError::Io {
+            op: "opening",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let from = len.saturating_sub(64 * 1024);
+        let _ = file.seek(SeekFrom::Start(from));
+        Ok(Follower {
+            path: path.to_path_buf(),
+            file,
+            // Starting mid-file, the first piece is not a whole line: drop it.
+            partial: Vec::new(),
+            after,
+        }
+        .skip_first_piece(from > 0))
+    }
+
+    fn skip_first_piece(mut self, skip: bool) -> Self {
+        if skip {
+            let mut byte = [0u8];
+            while let Ok(1) = self.file.read(&mut byte) {
+                if byte[0] == b'\n' {
+                    break;
+                }
+            }
+        }
+        self
+    }
+
+    /// The whole lines appended since the last call (none if nothing was).
+    pub fn poll(&mut self) -> Result<Vec<String>, AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut out = self.read_lines()?;
+        // Rotated: the old file is read to its end above, then the new one from its start.
+        let current = self.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let there = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if there.is_some()
+            && there != current
+            && let Ok(file) = File::open(&self.path)
+        {
+            self.file = file;
+            self.partial.clear();
+            out.extend(self.read_lines()?);
+        }
+        Ok(out)
+    }
+
+    fn read_lines(&mut self) -> Result<Vec<String>, AuditError> {
+        let mut buf = Vec::new();
+        self.file
+            .read_to_end(&mut buf)
+            .map_err(|source| AuditError::Io {
+                op: "reading",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.partial.extend_from_slice(&buf);
+        let mut lines = Vec::new();
+        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line[..nl]).into_owned();
+            let seq = serde_json::from_str::<ChainFields>(&line)
+                .map(|f| f.seq)
+                .ok();
+            if seq.is_none_or(|seq| seq > self.after) {
+                if let Some(seq) = seq {
+                    self.after = seq;
+                }
+                lines.push(line);
+            }
+        }
+        Ok(lines)
+    }
+}
+
 /// One agent's audit events that never reached the ring.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AgentAuditStats {

@@ -164,11 +164,23 @@ enum InspectCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// The last records of the daemon's audit log.
+    /// The last records of the daemon's audit log; with -f, then each new one as it comes.
     Tail {
         /// How many records.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        /// Keep following the log (across rotations) until interrupted.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only records of this agent (name or id).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only records with this reason (egress_denied, rate_limited_packets, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only records with this verdict: drop, or pass (monitor mode's would-drops).
+        #[arg(long)]
+        verdict: Option<String>,
     },
     /// Prove an audit log untampered, or name its first bad line.
     Verify {
@@ -510,13 +522,63 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Tail { lines },
+            command:
+                AuditCommand::Tail {
+                    lines,
+                    follow,
+                    agent,
+                    reason,
+                    verdict,
+                },
         } => {
-            let v = cli.call(Request::AuditTail { lines: *lines })?;
-            for line in v["lines"].as_array().into_iter().flatten() {
-                println!("{}", line.as_str().unwrap_or(""));
+            let filter = enforcer::audit::TailFilter {
+                agent: agent.clone(),
+                reason: reason.clone(),
+                verdict: verdict.clone(),
+            };
+            // With a filter the last N matching records are among more lines: look further
+            // back (bounded). At least one line, whose seq is where following starts.
+            let ask = if filter.is_empty() {
+                *lines
+            } else {
+                lines.saturating_mul(50).min(20_000)
+            };
+            let v = cli.call(Request::AuditTail { lines: ask.max(1) })?;
+            let got: Vec<&str> = v["lines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let shown: Vec<&str> = got.iter().copied().filter(|l| filter.matches(l)).collect();
+            for line in &shown[shown.len().saturating_sub(*lines)..] {
+                println!("{line}");
             }
-            Ok(ExitCode::SUCCESS)
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let after = got
+                .last()
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+                .and_then(|r| r["seq"].as_u64())
+                .unwrap_or(0);
+            let path = PathBuf::from(v["file"].as_str().unwrap_or_default());
+            let mut follower = enforcer::audit::Follower::new(&path, after).with_context(
+                || "following the audit log (reading it needs the daemon's file permissions)",
+            )?;
+            let stdout = std::io::stdout();
+            loop {
+                for line in follower.poll()? {
+                    if filter.matches(&line) {
+                        let mut out = stdout.lock();
+                        // A closed pipe (`| head`) ends the command.
+                        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
         Command::Audit {
             command: AuditCommand::Verify { files, continued },

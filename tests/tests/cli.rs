@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer::lab::{UdpSink, in_netns, require_root, udp_send};
+use enforcer::lab::{ChildGuard, UdpSink, in_netns, require_root, udp_send};
 use integration_tests::{Lab, SERVER_V4, enforcer_bin, sa};
 use serde_json::Value;
 
@@ -432,4 +432,98 @@ fn audit_trail_records_denials_and_detects_tampering() {
     assert_eq!(alone["first_seq"], old_lines as u64 + 1);
     // Out of order, the link breaks.
     assert!(!verify(&[log_s, rotated_s]).0);
+}
+
+/// `audit tail -f` with filters: starts after the records already there, shows only the
+/// asked-for agent's records as they are written, and goes on in the new file after a
+/// rotation.
+#[test]
+fn audit_tail_follows_with_filters_across_rotation() {
+    if !require_root("audit_tail_follows_with_filters_across_rotation") {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    lab.write_policy(&format!(
+        "{POLICY}\n[[agents]]\nid = 2\nname = \"other\"\ninterfaces = [\"gwa2\"]\negress_default = \"deny\"\n"
+    ));
+    lab.start_daemon();
+    let deny = |agent: usize, n: u64| {
+        let sent = udp_send(
+            lab.agent(agent),
+            sa(SERVER_V4, 9001),
+            None,
+            b"no",
+            n,
+            Duration::from_millis(1),
+        )
+        .unwrap();
+        assert_eq!(sent, n);
+    };
+    // Records from before the follow starts are not followed (-n 0 shows none of them).
+    deny(1, 2);
+    wait_records(&lab, 2);
+    let config = lab.config_path();
+    let mut child = ChildGuard::new(
+        lab.gw
+            .command(enforcer_bin())
+            .args(["--config", config.to_str().unwrap()])
+            .args(["audit", "tail", "-n", "0", "-f", "--agent", "coder"])
+            .args(["--verdict", "drop"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let collect = |n: usize| -> Vec<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => got.push(serde_json::from_str::<Value>(&line).unwrap()),
+                Err(_) => panic!("followed {} of {n} records: {got:#?}", got.len()),
+            }
+        }
+        got
+    };
+    // Let the follower start before anything new is written.
+    std::thread::sleep(Duration::from_millis(500));
+    deny(2, 3);
+    deny(1, 3);
+    let first = collect(3);
+    // Rotated: the follower goes on in the new file.
+    let log = lab.dir.join("audit.jsonl");
+    std::fs::rename(&log, lab.dir.join("audit.jsonl.1")).unwrap();
+    std::fs::write(&log, b"").unwrap();
+    lab.signal_daemon(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+    deny(2, 2);
+    deny(1, 2);
+    let second = collect(2);
+    let all: Vec<&Value> = first.iter().chain(&second).collect();
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(
+        seqs[0] > 2,
+        "records from before the follow are not repeated: {seqs:?}"
+    );
+    for r in &all {
+        assert_eq!(r["agent_name"], "coder", "{r}");
+        assert_eq!(r["verdict"], "drop", "{r}");
+    }
+    // Nothing else arrives: the other agent's records were filtered out.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    let _ = child.terminate(Duration::from_secs(2));
 }
