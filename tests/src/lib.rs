@@ -253,10 +253,29 @@ impl Lab {
         K: AsRef<OsStr>,
         V: AsRef<OsStr>,
     {
+        self.start_daemon_wrapped(&[], env);
+    }
+
+    /// [`Lab::start_daemon_with_env`], the daemon started through `wrapper` (a command and
+    /// its arguments that runs the rest, such as `setpriv` with the unit's capabilities).
+    pub fn start_daemon_wrapped<K, V>(
+        &mut self,
+        wrapper: &[&str],
+        env: impl IntoIterator<Item = (K, V)>,
+    ) where
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
         assert!(self.daemon.is_none(), "daemon already running");
-        let child = self
-            .gw
-            .command(enforcer_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = self.gw.command(program);
+                c.args(args).arg(enforcer_bin());
+                c
+            }
+            None => self.gw.command(enforcer_bin()),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(self.config_path())

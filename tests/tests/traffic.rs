@@ -85,6 +85,37 @@ fn allowed_traffic_flows_and_denied_does_not_at_xdp() {
     allowed_and_denied("xdp", "xdp", "native");
 }
 
+/// The daemon with only the capabilities the systemd unit grants (no CAP_SYS_ADMIN, so it
+/// cannot list or open programs by id) enforces at both hooks, and `status` names its
+/// program. Under these capabilities stage pruning once removed the live program's stages,
+/// and tc passed everything (found by the systemd VM test).
+#[test]
+fn the_units_capabilities_suffice_to_enforce_at_both_hooks() {
+    if !require_root("the_units_capabilities_suffice_to_enforce_at_both_hooks") {
+        return;
+    }
+    for hook in ["auto", "xdp"] {
+        let mut lab = Lab::new(1);
+        lab.set_hook(hook);
+        // (Agent 2's gwa2 does not exist in a one-agent lab: pending.)
+        lab.write_policy(&policy_two_agents());
+        lab.start_daemon_wrapped(
+            &[
+                "setpriv",
+                "--bounding-set",
+                "-all,+bpf,+net_admin,+perfmon",
+                "--",
+            ],
+            std::iter::empty::<(&str, &str)>(),
+        );
+        udp_to_9000_arrives_and_to_9001_does_not(&lab, lab.agent(1));
+        let hooks = lab.hooks();
+        let gwa1 = &hooks["gwa1"];
+        assert_eq!(gwa1["ours"], true, "{hook}: {gwa1}");
+        assert!(gwa1["problem"].is_null(), "{hook}: {gwa1}");
+    }
+}
+
 /// What tc ingress uses on this kernel: a tcx link from Linux 6.6, a clsact filter before.
 fn tc_mode() -> &'static str {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
