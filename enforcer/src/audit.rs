@@ -1179,17 +1179,19 @@ pub fn collect_stats(
 ) -> Result<Vec<AgentAuditStats>, MapsError> {
     let mut ids = vec![UNKNOWN_AGENT];
     ids.extend(maps.active_agents()?);
-    ids.into_iter()
+    let stats = maps.audit_stats_upto(ids.iter().copied().max().unwrap_or(0))?;
+    Ok(ids
+        .into_iter()
         .map(|id| {
-            let s = maps.audit_stats(id)?;
-            Ok(AgentAuditStats {
+            let s = stats.get(id as usize).copied().unwrap_or_default();
+            AgentAuditStats {
                 id,
                 name: names.get(&id).cloned(),
                 suppressed: s.suppressed,
                 lost: s.lost,
-            })
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// What [`run`] did.

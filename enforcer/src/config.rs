@@ -13,6 +13,7 @@
 //! socket = "/run/enforcer/enforcer.sock" # local API (default: <runtime_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
+//! metrics_top_agents = 100               # per-agent series for the busiest N; sums for all
 //! audit_log = "/var/log/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
 //! audit_events_per_sec = 100             # per-agent audit budget (0 turns events off)
 //! audit_burst = 100
@@ -118,6 +119,8 @@ struct RawConfig {
     socket_group: Option<String>,
     #[serde(default = "default_metrics")]
     metrics_listen: String,
+    #[serde(default = "default_metrics_top_agents")]
+    metrics_top_agents: usize,
     #[serde(default = "default_audit_log")]
     audit_log: PathBuf,
     #[serde(default = "default_audit_rate")]
@@ -171,6 +174,10 @@ fn default_transparent_port() -> u16 {
 
 fn default_upstream_roots() -> PathBuf {
     PathBuf::from(crate::inspect::DEFAULT_UPSTREAM_ROOTS)
+}
+
+fn default_metrics_top_agents() -> usize {
+    100
 }
 
 fn default_audit_log() -> PathBuf {
@@ -262,6 +269,8 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Agents with series of their own on `/metrics`: the busiest N by packets judged.
+    pub metrics_top_agents: usize,
     /// The hash-chained audit log.
     pub audit_log: PathBuf,
     /// Per-agent audit event budget.
@@ -411,6 +420,7 @@ impl Config {
                 .unwrap_or_else(|| runtime_dir.join("enforcer.sock")),
             socket_group: raw.socket_group,
             metrics_listen,
+            metrics_top_agents: raw.metrics_top_agents,
             audit_log: base.join(&raw.audit_log),
             control_plane,
             audit_rate: crate::audit::AuditRate {

@@ -517,6 +517,7 @@ impl Daemon {
             info.reloads_ok = self.reloads_ok;
             info.reloads_rejected = self.reloads_rejected;
             info.map_fill = map_fill;
+            info.top_agents = self.config.metrics_top_agents;
             info.interfaces_attached = self.status.interfaces.len() as u64;
             info.interfaces_pending = self.status.pending.len() as u64;
             info.control_plane_connected = self

@@ -35,6 +35,8 @@ pub struct DaemonInfo {
     pub reloads_rejected: u64,
     /// Entries in use and capacity per map, per slot.
     pub map_fill: Vec<(&'static str, u64, u64)>,
+    /// Agents with per-agent series: the busiest N by packets judged.
+    pub top_agents: usize,
     /// Interfaces the enforcer is attached to, and those named but not present yet.
     pub interfaces_attached: u64,
     /// See `interfaces_attached`.
@@ -45,6 +47,11 @@ pub struct DaemonInfo {
     pub dns: Option<crate::dns::DnsMetrics>,
     /// The inspecting proxy's counters, when it runs.
     pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +92,25 @@ fn object_digest() -> &'static str {
     })
 }
 
+/// The ids of the `n` agents (not 0, unknown traffic) with the most packets judged, sorted.
+fn busiest(counters: &[[enforcer_common::Counter; Reason::COUNT as usize]], n: usize) -> Vec<u32> {
+    let mut ranked: Vec<(u64, u32)> = counters
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(id, c)| (c.iter().map(|c| c.packets).sum::<u64>(), id as u32))
+        .filter(|&(total, _)| total > 0)
+        .collect();
+    if ranked.len() > n {
+        // Most packets first; ties to the lower id, so the choice is stable.
+        ranked.select_nth_unstable_by(n, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        ranked.truncate(n);
+    }
+    let mut ids: Vec<u32> = ranked.into_iter().map(|(_, id)| id).collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Renders one scrape in the Prometheus text format.
 pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dataplane::MapsError> {
     let mut registry = Registry::with_prefix("enforcer");
@@ -92,19 +118,55 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
     let bytes = Family::<AgentReason, Counter>::default();
     registry.register(
         "packets",
-        "Packets the enforcer judged (at XDP or tc; a GSO super-packet counts as its segments), by agent and verdict reason",
+        "Packets the enforcer judged (at XDP or tc; a GSO super-packet counts as its segments), by agent and verdict reason: unknown traffic and the busiest metrics_top_agents agents",
         packets.clone(),
     );
     registry.register(
         "bytes",
-        "Bytes of the Ethernet frames the enforcer judged (a GSO super-packet counts the frames it leaves as), by agent and verdict reason",
+        "Bytes of the Ethernet frames the enforcer judged (a GSO super-packet counts the frames it leaves as), by agent and verdict reason: unknown traffic and the busiest metrics_top_agents agents",
         bytes.clone(),
     );
     // Ids are dense from 1: read up to the highest agent the policy names (agents removed
     // from the policy keep their counters in the map but are no longer reported).
     let counters = maps.counters_upto(info.agents.keys().copied().max().unwrap_or(0))?;
+    // Every agent is in the sums; only the busiest have series of their own, so a scrape
+    // stays small at 100,000 agents (a series per agent and reason would be megabytes).
+    let all_packets = Family::<ReasonLabel, Counter>::default();
+    let all_bytes = Family::<ReasonLabel, Counter>::default();
+    registry.register(
+        "agents_packets",
+        "Packets judged for all agents together (unknown traffic excluded), by verdict reason",
+        all_packets.clone(),
+    );
+    registry.register(
+        "agents_bytes",
+        "Bytes judged for all agents together (unknown traffic excluded), by verdict reason",
+        all_bytes.clone(),
+    );
+    let mut sums = [enforcer_common::Counter::default(); Reason::COUNT as usize];
+    for per_reason in counters.iter().skip(1) {
+        for (sum, c) in sums.iter_mut().zip(per_reason) {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+        }
+    }
+    for reason in Reason::ALL {
+        let c = sums[reason as usize];
+        if c.packets == 0 {
+            continue;
+        }
+        let label = ReasonLabel {
+            reason: reason.name().to_string(),
+        };
+        all_packets.get_or_create(&label).inc_by(c.packets);
+        all_bytes.get_or_create(&label).inc_by(c.bytes);
+    }
+    let busiest = busiest(&counters, info.top_agents);
     for (id, per_reason) in counters.iter().enumerate() {
         let id = id as u32;
+        if id != 0 && !busiest.contains(&id) {
+            continue;
+        }
         let name = if id == 0 {
             Some("(unknown)".to_string())
         } else {
@@ -316,4 +378,24 @@ pub async fn serve(listener: TcpListener, bpffs: PathBuf, info: watch::Receiver<
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::Counter;
+
+    use super::*;
+
+    #[test]
+    fn busiest_agents_by_packets_with_ties_to_the_lower_id() {
+        let mut counters = vec![[Counter::default(); Reason::COUNT as usize]; 6];
+        for (id, packets) in [(0, 1_000), (1, 5), (2, 50), (3, 0), (4, 50), (5, 7)] {
+            counters[id][Reason::Allowed as usize].packets = packets;
+        }
+        // Unknown traffic (id 0) is not an agent; agent 3 judged nothing.
+        assert_eq!(busiest(&counters, 10), [1, 2, 4, 5]);
+        assert_eq!(busiest(&counters, 3), [2, 4, 5]);
+        assert_eq!(busiest(&counters, 1), [2]);
+        assert_eq!(busiest(&counters, 0), Vec::<u32>::new());
+    }
 }

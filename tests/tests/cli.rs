@@ -129,6 +129,13 @@ fn cli_reports_and_controls_a_running_daemon() {
         metrics[r#"enforcer_packets_total{agent="coder",agent_id="1",reason="egress_denied"}"#],
         40.0
     );
+    // The sums over all agents (one agent here: the same number).
+    assert_eq!(
+        metrics[r#"enforcer_agents_packets_total{reason="egress_denied"}"#],
+        40.0
+    );
+    assert_eq!(metrics[r#"enforcer_interfaces{state="attached"}"#], 1.0);
+    assert_eq!(metrics[r#"enforcer_interfaces{state="pending"}"#], 0.0);
     assert_eq!(metrics["enforcer_policy_generation"], 1.0);
     let build = metrics
         .keys()

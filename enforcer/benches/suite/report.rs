@@ -284,6 +284,24 @@ pub fn targets(r: &Report) -> Vec<Target> {
             }
         }
     }
+    if let Some(s) = &r.scale {
+        // Issue 13: a scrape at 100,000 agents under 100 ms of CPU and 5 MB.
+        let at = format!("{} agents", s.scrape_agents);
+        push(
+            format!("/metrics scrape at {at}, daemon CPU ms per scrape"),
+            "< 100 (at 100000 agents)",
+            s.cpu_ms_per_scrape,
+            s.cpu_ms_per_scrape < 100.0,
+            String::new(),
+        );
+        push(
+            format!("/metrics scrape at {at}, MB per scrape"),
+            "< 5 (at 100000 agents)",
+            s.scrape_bytes as f64 / 1e6,
+            (s.scrape_bytes as f64) < 5e6,
+            String::new(),
+        );
+    }
     if let Some(section) = &r.tcp {
         tcp_targets(section, &mut push);
     }
