@@ -1424,34 +1424,44 @@ fn tick_clock_follows_monotonic() {
         let tick_ns = res.tv_nsec as u64;
         assert_eq!(clock.tick_units, tick_ns << TIME_SHIFT);
         let probe = dp.program(programs::CLOCK_PROBE).unwrap();
-        let mut closest = i64::MAX;
-        for _ in 0..50 {
-            let packet = [0u8; 64];
-            let mut out = [0u8; 64];
-            probe
-                .test_run(aya::TestRunOptions {
-                    data_in: Some(&packet),
-                    data_out: Some(&mut out),
-                    ..aya::TestRunOptions::default()
-                })
-                .unwrap();
-            let jiffies = u64::from_le_bytes(out[..8].try_into().unwrap());
-            let ns = u64::from_le_bytes(out[8..16].try_into().unwrap());
-            let tick_clock = jiffies
-                .wrapping_mul(clock.tick_units)
-                .wrapping_sub(clock.offset);
-            let lag_ns = ((ns << TIME_SHIFT) as i64).wrapping_sub(tick_clock as i64) >> TIME_SHIFT;
-            assert!(
-                lag_ns >= -AHEAD_SLACK_NS,
-                "the tick clock is {} ns ahead of CLOCK_MONOTONIC",
-                -lag_ns
-            );
-            closest = closest.min(lag_ns);
-            std::thread::sleep(std::time::Duration::from_micros(700));
+        // A wrong offset is off by whole ticks in every sample, whenever sampled. A guest
+        // starved by an emulator (TCG on a loaded host) updates jiffies late for a while,
+        // so a round whose every sample lags is taken again, up to five rounds.
+        let mut rounds = Vec::new();
+        for _ in 0..5 {
+            let mut closest = i64::MAX;
+            for _ in 0..50 {
+                let packet = [0u8; 64];
+                let mut out = [0u8; 64];
+                probe
+                    .test_run(aya::TestRunOptions {
+                        data_in: Some(&packet),
+                        data_out: Some(&mut out),
+                        ..aya::TestRunOptions::default()
+                    })
+                    .unwrap();
+                let jiffies = u64::from_le_bytes(out[..8].try_into().unwrap());
+                let ns = u64::from_le_bytes(out[8..16].try_into().unwrap());
+                let tick_clock = jiffies
+                    .wrapping_mul(clock.tick_units)
+                    .wrapping_sub(clock.offset);
+                let lag_ns =
+                    ((ns << TIME_SHIFT) as i64).wrapping_sub(tick_clock as i64) >> TIME_SHIFT;
+                assert!(
+                    lag_ns >= -AHEAD_SLACK_NS,
+                    "the tick clock is {} ns ahead of CLOCK_MONOTONIC",
+                    -lag_ns
+                );
+                closest = closest.min(lag_ns);
+                std::thread::sleep(std::time::Duration::from_micros(700));
+            }
+            rounds.push(closest);
+            if closest <= (tick_ns + 1_000_000) as i64 {
+                return;
+            }
         }
-        assert!(
-            closest <= (tick_ns + 1_000_000) as i64,
-            "the tick clock is at least {closest} ns behind CLOCK_MONOTONIC in every sample (a tick is {tick_ns} ns)"
+        panic!(
+            "the tick clock is behind CLOCK_MONOTONIC in every sample of five rounds, by at least {rounds:?} ns (a tick is {tick_ns} ns)"
         );
     });
 }
