@@ -486,7 +486,7 @@ fn package_holds_the_service_and_installs_on_debian_12() {
     );
     assert_eq!(
         read(&control.join("conffiles")),
-        "/etc/enforcer/enforcer.toml\n/etc/enforcer/policy.toml\n"
+        "/etc/enforcer/enforcer.toml\n/etc/enforcer/policy.toml\n/etc/logrotate.d/enforcer\n"
     );
     for script in ["postinst", "prerm", "postrm"] {
         let path = control.join(script);

@@ -13,6 +13,7 @@ pub mod initramfs;
 pub mod install;
 pub mod package;
 pub mod setup;
+pub mod sysvm;
 pub mod vm;
 
 /// The workspace's target directory.

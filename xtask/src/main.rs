@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use xtask::{Totals, cargo, install, package, setup, target_dir, vm};
+use xtask::{Totals, cargo, install, package, setup, sysvm, target_dir, vm};
 
 /// Project tasks.
 #[derive(Parser)]
@@ -21,7 +21,7 @@ enum Task {
     /// rust-src, bpf-linker, and bpffs on /sys/fs/bpf. Idempotent.
     Setup,
     /// Run setup, then every test in release mode, one at a time (rate tests need quiet CPUs),
-    /// the quick benchmark, and `vmtest` on every kernel.
+    /// the quick benchmark, and `vmtest` (the test files, then `--systemd`) on every kernel.
     Test {
         /// Passed to the test binaries, after `--test-threads=1`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -36,8 +36,17 @@ enum Task {
         kernels: Vec<vm::Line>,
         /// Run this test file (tests/tests/NAME.rs; repeat for several) instead of the
         /// default list, `xtask::vm::VM_TESTS`.
-        #[arg(long = "test", value_name = "NAME")]
+        #[arg(long = "test", value_name = "NAME", conflicts_with = "systemd")]
         tests: Vec<String>,
+        /// Instead of the test files: boot a whole Debian 12 system with systemd as PID 1,
+        /// install the .deb with apt and check the service with real traffic across reload,
+        /// restart, stop, upgrade, a control plane and a reboot (xtask/guest/systemd-vm.sh).
+        /// The image is cached in /var/cache/enforcer-xtask (or $XDG_CACHE_HOME).
+        #[arg(long)]
+        systemd: bool,
+        /// With --systemd: package this enforcer binary instead of building one.
+        #[arg(long, value_name = "PATH", requires = "systemd")]
+        binary: Option<PathBuf>,
         /// Passed to the test binaries after `--include-ignored --test-threads=1` (a test
         /// name filter, for example).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -157,6 +166,14 @@ fn main() -> Result<ExitCode> {
                         totals.failed += 1;
                     }
                 }
+                // The package as an operator installs it, on a whole system with systemd.
+                match sysvm::run(&root, &target_dir(&root), vm::Line::ALL, None) {
+                    Ok(runs) => totals.merge(sysvm_summary(&runs)),
+                    Err(e) => {
+                        println!("vmtest --systemd: FAILED: {e:#}");
+                        totals.failed += 1;
+                    }
+                }
             }
             // One plain closing line for CI, after everything else.
             println!(
@@ -173,6 +190,8 @@ fn main() -> Result<ExitCode> {
         Task::Vmtest {
             kernels,
             tests,
+            systemd,
+            binary,
             args,
         } => {
             setup::run()?;
@@ -181,6 +200,19 @@ fn main() -> Result<ExitCode> {
             } else {
                 kernels
             };
+            if systemd {
+                let runs = sysvm::run(&root, &target_dir(&root), &lines, binary)?;
+                let totals = sysvm_summary(&runs);
+                println!(
+                    "vmtest --systemd: {} passed, {} failed",
+                    totals.passed, totals.failed
+                );
+                return Ok(if runs.iter().any(|run| run.failure.is_some()) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
             let tests = if tests.is_empty() {
                 default_vm_tests()
             } else {
@@ -276,6 +308,16 @@ fn workspace_root() -> PathBuf {
 
 fn default_vm_tests() -> Vec<String> {
     vm::VM_TESTS.iter().map(|t| (*t).to_owned()).collect()
+}
+
+/// Prints one line per kernel of `vmtest --systemd` and returns its checks as test counts.
+fn sysvm_summary(runs: &[sysvm::SystemRun]) -> Totals {
+    let mut totals = Totals::default();
+    for run in runs {
+        println!("{}", run.summary());
+        totals.merge(run.totals());
+    }
+    totals
 }
 
 /// Prints one line per kernel and returns how many kernels failed for a reason their test

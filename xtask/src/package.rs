@@ -6,6 +6,7 @@
 //! | `/usr/sbin/enforcer` (0755)                      | `target/release/enforcer`              |
 //! | `/lib/systemd/system/enforcer.service`           | `packaging/enforcer.service`, `ExecStart=` at `/usr/sbin` |
 //! | `/etc/enforcer/enforcer.toml`, `policy.toml`     | `packaging/`, as conffiles: an upgrade keeps local edits |
+//! | `/etc/logrotate.d/enforcer`                      | `packaging/enforcer.logrotate`, a conffile |
 //! | `/usr/share/man/man1/enforcer*.1.gz`             | `enforcer generate` (clap_mangen, from the CLI definition) |
 //! | bash, zsh and fish completions                   | `enforcer generate` (clap_complete)    |
 //! | `/usr/share/doc/enforcer/copyright`              | the workspace licence                  |
@@ -45,12 +46,24 @@ pub struct Package {
 const INSTALL_BINARY: &str = "/usr/local/bin/enforcer";
 /// Where the package puts it.
 pub const PACKAGE_BINARY: &str = "/usr/sbin/enforcer";
-/// The files under `/etc` that are the operator's once installed.
-pub const CONFFILES: [&str; 2] = ["/etc/enforcer/enforcer.toml", "/etc/enforcer/policy.toml"];
+/// The files under `/etc` that are the operator's once installed, and where in `packaging/`
+/// each comes from.
+pub const CONFFILES: [(&str, &str); 3] = [
+    ("/etc/enforcer/enforcer.toml", "enforcer.toml"),
+    ("/etc/enforcer/policy.toml", "policy.toml"),
+    // Rotates the audit log and sends SIGUSR1: the daemon reopens it, the chain goes on.
+    ("/etc/logrotate.d/enforcer", "enforcer.logrotate"),
+];
 
-/// Builds the package; returns the path of the `.deb`.
+/// Builds the package, versioned as the binary reports itself; returns the path of the `.deb`.
 pub fn build(p: &Package) -> Result<PathBuf> {
-    let version = binary_version(&p.binary)?;
+    build_as(p, &binary_version(&p.binary)?)
+}
+
+/// Builds the package with `version` as its Debian version, whatever the binary says: the
+/// systemd VM test packages one binary twice, the second time as a newer version, to run
+/// an upgrade's maintainer scripts.
+pub fn build_as(p: &Package, version: &str) -> Result<PathBuf> {
     let arch = probe(Command::new("dpkg").arg("--print-architecture"))?
         .trim()
         .to_owned();
@@ -70,9 +83,12 @@ pub fn build(p: &Package) -> Result<PathBuf> {
         &unit.replace(INSTALL_BINARY, PACKAGE_BINARY),
         0o644,
     )?;
-    for conffile in CONFFILES {
-        let name = Path::new(conffile).file_name().expect("a file name");
-        copy(&p.packaging.join(name), &stage.join(&conffile[1..]), 0o644)?;
+    for (conffile, source) in CONFFILES {
+        copy(
+            &p.packaging.join(source),
+            &stage.join(&conffile[1..]),
+            0o644,
+        )?;
     }
 
     // Man pages and completions, from the binary's own CLI definition.
@@ -153,7 +169,7 @@ pub fn build(p: &Package) -> Result<PathBuf> {
     )?;
     write(
         &debian.join("conffiles"),
-        &(CONFFILES.join("\n") + "\n"),
+        &(CONFFILES.map(|(path, _)| path).join("\n") + "\n"),
         0o644,
     )?;
     write(&debian.join("postinst"), POSTINST, 0o755)?;
@@ -215,7 +231,7 @@ exit 0
 "#;
 
 /// The version `binary --version` reports ("enforcer 0.1.0").
-fn binary_version(binary: &Path) -> Result<String> {
+pub fn binary_version(binary: &Path) -> Result<String> {
     let text = probe(Command::new(binary).arg("--version"))?;
     match text.split_whitespace().collect::<Vec<_>>()[..] {
         ["enforcer", version] => Ok(version.to_owned()),

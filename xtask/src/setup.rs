@@ -16,7 +16,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// agent vmtest's init starts in the guest (from the shared host root), a static busybox
 /// for the initramfs, kmod (depmod on the host, modprobe in the guest) and xz for 6.12's
 /// compressed modules. For the DNS tests: dnsmasq (the `-base` package: the binary without
-/// a system service that would start on install) and dig.
+/// a system service that would start on install) and dig. And what `cargo xtask vmtest
+/// --systemd` needs: mmdebstrap for the guest's Debian image, e2fsprogs for `mkfs.ext4 -d`
+/// (image and payload disks without loop mounts) and qemu-img (qemu-utils) for the
+/// overlays each run boots.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -36,6 +39,9 @@ const APT_PACKAGES: &[&str] = &[
     "xz-utils",
     "dnsmasq-base",
     "bind9-dnsutils",
+    "mmdebstrap",
+    "e2fsprogs",
+    "qemu-utils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

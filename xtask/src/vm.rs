@@ -273,9 +273,13 @@ fn build_tests(root: &Path, tests: &[String]) -> Result<Vec<(String, PathBuf)>> 
     Ok(ordered)
 }
 
-/// vmtest passes `-enable-kvm -cpu host` whenever /dev/kvm exists, and KVM cannot boot these
-/// kernels where this project runs (nested virtualisation: qemu dies on an MSR write), so
-/// qemu is started through this script, which drops those and picks TCG on one thread.
+/// How qemu runs the test kernels: KVM cannot boot them where this project runs (nested
+/// virtualisation: qemu dies on an MSR write), so TCG, single-threaded (multi-threaded TCG
+/// on two vCPUs crashed once in 43 boots), on the `max` CPU model.
+pub(crate) const TCG_ARGS: [&str; 4] = ["-accel", "tcg,thread=single", "-cpu", "max"];
+
+/// vmtest passes `-enable-kvm -cpu host` whenever /dev/kvm exists, so qemu is started
+/// through this script, which drops those and adds [`TCG_ARGS`].
 fn write_qemu_wrapper(cache: &Path) -> Result<PathBuf> {
     let path = cache.join("qemu-tcg");
     let script = r#"#!/bin/sh
@@ -295,9 +299,10 @@ for arg do
     esac
     set -- "$@" "$arg"
 done
-exec qemu-system-x86_64 "$@" -accel tcg,thread=single -cpu max
-"#;
-    write_executable(&path, script)?;
+exec qemu-system-x86_64 "$@" TCG_ARGS
+"#
+    .replace("TCG_ARGS", &TCG_ARGS.join(" "));
+    write_executable(&path, &script)?;
     Ok(path)
 }
 
@@ -344,7 +349,7 @@ fn prepare_kernel(line: Line, cache: &Path) -> Result<Kernel> {
 }
 
 /// The newest package of `line` apt knows, updating apt's lists once if it knows none.
-fn newest_package(line: Line) -> Result<String> {
+pub(crate) fn newest_package(line: Line) -> Result<String> {
     let (prefix, suffix) = line.package_pattern();
     for attempt in 0..2 {
         if attempt == 1 {
@@ -368,7 +373,8 @@ fn newest_package(line: Line) -> Result<String> {
     )
 }
 
-fn candidate_version(package: &str) -> Result<String> {
+/// The version of `package` apt would install.
+pub(crate) fn candidate_version(package: &str) -> Result<String> {
     let show = probe(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
     show.lines()
         .find_map(|l| l.strip_prefix("Version: "))
