@@ -293,8 +293,16 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         "Audit events lost because the ring buffer was full",
         lost.clone(),
     );
+    // As for packets: series for unknown traffic and the busiest agents, sums for all.
+    let (mut all_suppressed, mut all_lost) = (0, 0);
     for a in crate::audit::collect_stats(maps, &info.agents)? {
-        if a.suppressed == 0 && a.lost == 0 {
+        if a.id != 0 {
+            all_suppressed += a.suppressed;
+            all_lost += a.lost;
+        }
+        if (a.suppressed == 0 && a.lost == 0)
+            || (a.id != 0 && busiest.binary_search(&a.id).is_err())
+        {
             continue;
         }
         let label = AgentLabel {
@@ -309,6 +317,23 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         };
         suppressed.get_or_create(&label).inc_by(a.suppressed);
         lost.get_or_create(&label).inc_by(a.lost);
+    }
+
+    for (name, help, n) in [
+        (
+            "agents_audit_events_suppressed",
+            "Audit events of all agents together not emitted because of the per-agent event limit",
+            all_suppressed,
+        ),
+        (
+            "agents_audit_events_lost",
+            "Audit events of all agents together lost because the ring buffer was full",
+            all_lost,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        registry.register(name, help, c);
     }
 
     if let Some(dns) = &info.dns {
