@@ -1681,39 +1681,21 @@ impl KernelMaps {
             .audit_stats
             .get(&agent, 0)
             .map_err(err("reading", maps::AUDIT_STATS))?;
-        Ok(values
-            .iter()
-            .fold(AuditStats::default(), |acc, s| AuditStats {
-                suppressed: acc.suppressed + s.suppressed,
-                lost: acc.lost + s.lost,
-            }))
+        Ok(sum_audit_stats(&values))
     }
 
     /// The audit stats of agents 0 to `last`, summed over CPUs: one batch read, not a
     /// lookup per agent (at 100,000 agents those took most of a second per scrape).
     pub fn audit_stats_upto(&self, last: u32) -> Result<Vec<AuditStats>, MapsError> {
         let agents = last.min(self.stride - 1) + 1;
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
-            map: maps::AUDIT_STATS,
-            source,
-        })?;
+        let cpus = possible_cpus(maps::AUDIT_STATS)?;
         let raw: Vec<AuditStats> = lookup_batch(
             aya::maps::IterableMap::map(&self.audit_stats),
             agents,
             cpus,
             maps::AUDIT_STATS,
         )?;
-        Ok(raw
-            .chunks(cpus)
-            .map(|per_cpu| {
-                per_cpu
-                    .iter()
-                    .fold(AuditStats::default(), |acc, s| AuditStats {
-                        suppressed: acc.suppressed + s.suppressed,
-                        lost: acc.lost + s.lost,
-                    })
-            })
-            .collect())
+        Ok(raw.chunks(cpus).map(sum_audit_stats).collect())
     }
 
     /// Resets an agent's audit limiter to a full burst (used by tests).
@@ -2255,6 +2237,21 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// number of possible CPUs for a per-CPU array) with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6),
 /// a few syscalls instead of one per element: what keeps `stats` and a metrics scrape
 /// cheap at 100,000 agents.
+/// Per-CPU values are laid out per possible CPU: how many, for a batch read of `map`.
+fn possible_cpus(map: &'static str) -> Result<usize, MapsError> {
+    aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch { map, source })
+}
+
+/// One agent's audit stats, summed over its per-CPU values.
+fn sum_audit_stats(per_cpu: &[AuditStats]) -> AuditStats {
+    per_cpu
+        .iter()
+        .fold(AuditStats::default(), |acc, s| AuditStats {
+            suppressed: acc.suppressed + s.suppressed,
+            lost: acc.lost + s.lost,
+        })
+}
+
 fn lookup_batch<V: aya::Pod + Default + Clone>(
     map: &MapData,
     entries: u32,
@@ -2322,10 +2319,7 @@ impl KernelMaps {
     ) -> Result<Vec<[Counter; Reason::COUNT as usize]>, MapsError> {
         let agents = last.min(self.stride - 1) + 1;
         use aya::maps::IterableMap as _;
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
-            map: maps::COUNTERS,
-            source,
-        })?;
+        let cpus = possible_cpus(maps::COUNTERS)?;
         let raw: Vec<Counter> = lookup_batch(
             self.counters.map(),
             agents * Reason::COUNT,
