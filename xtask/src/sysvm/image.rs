@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Bump when the recipe changes in a way [`recipe`] does not see (the code below).
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 2;
 
 /// Debian 12.
 const SUITE: &str = "bookworm";
@@ -99,6 +99,34 @@ fi
 PAYLOAD=PAYLOAD_MOUNT bash PAYLOAD_MOUNT/SCENARIO
 echo "SYSVM: FAIL runner: SCENARIO exited with $? before rebooting or powering off"
 systemctl poweroff
+"#;
+
+/// An initramfs-tools `local-top` script, run before the initramfs looks for the root disk.
+/// Its own wait is 30 s of guest uptime; under TCG on a loaded host the emulated CPU starves
+/// (soft lockups of 100 s in modprobe and udev were seen) and it gave up on /dev/vda after a
+/// reboot. This waits up to ten minutes, and not at all once the disk is there.
+/// (`rootdelay=` is no bound: Debian's initramfs sleeps that long before it even looks.)
+const WAIT_ROOT: &str = r#"#!/bin/sh
+# Written by `cargo xtask vmtest --systemd`: wait up to 600 s for the virtio root disk.
+PREREQ=""
+prereqs() { echo "$PREREQ"; }
+case "$1" in prereqs) prereqs; exit 0 ;; esac
+waited=0
+while [ ! -b /dev/vda ] && [ "$waited" -lt 600 ]; do
+    sleep 1
+    waited=$((waited + 1))
+done
+[ "$waited" -gt 0 ] && echo "sysvm: waited ${waited}s for /dev/vda"
+exit 0
+"#;
+
+/// mmdebstrap's essential hook, run on the host after the essential packages and before the
+/// kernels, with the guest's root as `$1` and the runner's files as `$2`: the kernels'
+/// postinst then builds initrds that hold [`WAIT_ROOT`].
+const ESSENTIAL: &str = r#"#!/bin/sh
+set -eu
+mkdir -p "$1/etc/initramfs-tools/scripts/local-top"
+install -m 0755 "$2/wait-root" "$1/etc/initramfs-tools/scripts/local-top/sysvm-wait-root"
 "#;
 
 /// mmdebstrap's customize hook, run on the host with the guest's root as `$1` and the
@@ -244,7 +272,7 @@ fn recipe(kernels: &[KernelPackage], sources: &str) -> String {
     let _ = write!(
         text,
         "\npayload {PAYLOAD_LABEL} {PAYLOAD_MOUNT} {SCENARIO}\n--- {SOURCES}\n{sources}\n\
-         --- customize\n{CUSTOMIZE}\n--- runner\n{RUNNER}\n--- unit\n{RUNNER_UNIT}\n"
+         --- essential\n{ESSENTIAL}\n--- wait-root\n{WAIT_ROOT}\n--- customize\n{CUSTOMIZE}\n--- runner\n{RUNNER}\n--- unit\n{RUNNER_UNIT}\n"
     );
     text
 }
@@ -282,6 +310,8 @@ fn build(tmp: &Path, kernels: &[KernelPackage], recipe: &str) -> Result<()> {
         ("enforcer-vmtest", runner.as_str()),
         ("enforcer-vmtest.service", RUNNER_UNIT),
         ("customize.sh", CUSTOMIZE),
+        ("essential.sh", ESSENTIAL),
+        ("wait-root", WAIT_ROOT),
     ] {
         let path = files.join(name);
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -291,11 +321,13 @@ fn build(tmp: &Path, kernels: &[KernelPackage], recipe: &str) -> Result<()> {
     for k in kernels {
         let _ = write!(include, ",{}={}", k.name, k.version);
     }
-    let customize = format!(
-        "sh {} \"$1\" {}",
-        sh_word(&files.join("customize.sh")),
-        sh_word(&files)
-    );
+    let hook = |script: &str| {
+        format!(
+            "sh {} \"$1\" {}",
+            sh_word(&files.join(script)),
+            sh_word(&files)
+        )
+    };
     run_step(
         Command::new("mmdebstrap")
             .args(["--variant=apt", "--mode=root", "--format=directory"])
@@ -306,7 +338,8 @@ fn build(tmp: &Path, kernels: &[KernelPackage], recipe: &str) -> Result<()> {
                 "--dpkgopt=path-exclude=/usr/share/doc/*",
                 "--dpkgopt=path-exclude=/usr/share/locale/*",
             ])
-            .arg(format!("--customize-hook={customize}"))
+            .arg(format!("--essential-hook={}", hook("essential.sh")))
+            .arg(format!("--customize-hook={}", hook("customize.sh")))
             .arg(SUITE)
             .arg(&root)
             .arg(SOURCES),
