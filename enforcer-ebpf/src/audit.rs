@@ -4,9 +4,7 @@
 use core::ptr;
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use enforcer_common::{
-    AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditEvent, Reason, counter_index,
-};
+use enforcer_common::{AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditEvent, Reason};
 
 use crate::{context::*, limits::*, maps::*, parse::*};
 
@@ -73,7 +71,7 @@ impl AuditTuple for NoTuple {
 /// Reports a drop or monitor-mode would-drop that the agent's audit budget admitted
 /// ([`admit`], checked first: a flood of drops is mostly suppressed events, and those should
 /// not pay for building a record) to the `AUDIT` ring buffer. Never silent: an event that
-/// finds the ring full counts as `lost` per agent in `AUDIT_STATS`.
+/// finds the ring full counts as `lost` in the agent's `COUNTERS` entry.
 ///
 /// Not inlined: the event is built on this function's stack, which the packet path's frame
 /// then does not have to hold (with it inlined at each call site, the program exceeded
@@ -118,7 +116,7 @@ pub(crate) fn audit<C: Packet, F: AuditTuple>(
 pub(crate) fn emit(event: &AuditEvent) {
     // The verifier requires the lookup's NULL check before any access; it only fails for an
     // agent id beyond the map (which the loader sizes like BUCKETS), so nothing is counted.
-    let Some(stats) = AUDIT_STATS.get_ptr_mut(event.agent) else {
+    let Some(counters) = COUNTERS.get_ptr_mut(event.agent) else {
         return;
     };
     // The typed reserve asks for a constant size (size_of::<AuditEvent>()), the only form
@@ -126,7 +124,7 @@ pub(crate) fn emit(event: &AuditEvent) {
     // is no early return: the verifier rejects a path that leaks a reservation.
     let Some(mut entry) = AUDIT.reserve::<AuditEvent>(0) else {
         // SAFETY: per-CPU map value, written only by this CPU while the program runs.
-        unsafe { (*stats).lost += 1 };
+        unsafe { (*counters).audit.lost += 1 };
         return;
     };
     let mut out = *event;
@@ -153,7 +151,7 @@ pub(crate) fn emit(event: &AuditEvent) {
 /// the budget may admit calls [`audit_charge`].
 #[inline(always)]
 pub(crate) fn admit(agent: u32) -> bool {
-    let Some(stats) = AUDIT_STATS.get_ptr_mut(agent) else {
+    let Some(counters) = COUNTERS.get_ptr_mut(agent) else {
         return false;
     };
     // Missing config or limiter entry, or events turned off: refuse, counted as suppressed.
@@ -172,7 +170,7 @@ pub(crate) fn admit(agent: u32) -> bool {
         }
     }
     // SAFETY: per-CPU map value, written only by this CPU while the program runs.
-    unsafe { (*stats).suppressed += 1 };
+    unsafe { (*counters).audit.suppressed += 1 };
     false
 }
 
@@ -187,12 +185,15 @@ pub(crate) fn audit_charge(tat: *mut u64, now: u64, cost: u64, tolerance: u64) -
 /// Adds a packet's segments and wire bytes to the (agent, reason) counter, in place.
 #[inline(always)]
 pub(crate) fn count(agent: u32, reason: Reason, wire: Wire) {
-    if let Some(c) = COUNTERS.get_ptr_mut(counter_index(agent, reason)) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(agent) {
         // SAFETY: per-CPU map value; XDP does not migrate between CPUs mid-program, so
         // nothing else writes this CPU's copy concurrently.
-        unsafe {
-            (*c).packets += wire.packets;
-            (*c).bytes += wire.bytes;
+        // The reason's number through black_box: LLVM knows the enum's range and drops the
+        // bounds check, but the verifier does not, and refuses the unchecked offset.
+        let index = core::hint::black_box(reason as usize);
+        if let Some(c) = unsafe { (*counters).by_reason.get_mut(index) } {
+            c.packets += wire.packets;
+            c.bytes += wire.bytes;
         }
     }
 }

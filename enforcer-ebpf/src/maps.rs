@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use enforcer_common::{
-    AgentPolicy, AuditConfig, AuditEvent, AuditStats, Bucket, Clock, Counter, DstV4Key, DstV6Key,
-    FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry, NameV4Key, NameV6Key, Reason,
+    AgentCounters, AgentPolicy, AuditConfig, AuditEvent, Bucket, Clock, DstV4Key, DstV6Key,
+    FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry, NameV4Key, NameV6Key,
     ResolverKey, RuleSet, SNI_NAME_LEN, SlotConfig, SniKey, State, TableBucket1, TableBucket2,
     TableBucket3, TableConfig, TlsPorts,
 };
@@ -26,8 +26,7 @@ pub(crate) static AGENTS: Array<AgentPolicy> = Array::pinned(2 * (DEFAULT_AGENTS
 #[map]
 pub(crate) static BUCKETS: Array<Bucket> = Array::pinned(DEFAULT_AGENTS + 1, 0);
 #[map]
-pub(crate) static COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::pinned((DEFAULT_AGENTS + 1) * Reason::COUNT, 0);
+pub(crate) static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::pinned(DEFAULT_AGENTS + 1, 0);
 #[map]
 pub(crate) static IFACES: HashMap<IfaceKey, u32> = HashMap::pinned(1024, 0);
 #[map]
@@ -57,8 +56,6 @@ pub(crate) static AUDIT_CONFIG: Array<AuditConfig> = Array::pinned(1, 0);
 /// as they were and an upgraded daemon can take over running pins without detaching.
 #[map]
 pub(crate) static AUDIT_LIMITS: Array<u64> = Array::pinned(DEFAULT_AGENTS + 1, 0);
-#[map]
-pub(crate) static AUDIT_STATS: PerCpuArray<AuditStats> = PerCpuArray::pinned(DEFAULT_AGENTS + 1, 0);
 // Host names. Maps of their own, so the layouts of the maps above stay as earlier versions
 // pinned them.
 #[map]
@@ -134,7 +131,7 @@ pub(crate) struct Handoff {
     pub(crate) segs: u64,
     /// `State::agent_stride` as the entry program read it.
     pub(crate) stride: u32,
-    /// A [`Reason`]: the names stage's answer when no learned address admits the packet
+    /// A [`Reason`](enforcer_common::Reason): the names stage's answer when no learned address admits the packet
     /// (the agent's default), then the verdict the finish stage closes with.
     pub(crate) verdict: u32,
     /// The audit tuple (family, protocol, addresses, ports); the other fields are unused.

@@ -5,7 +5,7 @@
 //! The XDP program reports every drop and every monitor-mode would-drop, within a per-agent
 //! budget ([`AuditRate`], default 100 events/s with a burst of 100), as an
 //! [`AuditEvent`]. Events over the budget are counted as *suppressed*, events that find the
-//! ring full as *lost*, per agent, in `AUDIT_STATS` ([`collect_stats`]): a gap in the log is
+//! ring full as *lost*, per agent, in the agent's `COUNTERS` entry ([`collect_stats`]): a gap in the log is
 //! always visible in the counters. [`run`] reads the ring, names agents and the policy from
 //! the [`AuditContext`] the daemon publishes on each apply, and appends through
 //! [`AuditLog`].

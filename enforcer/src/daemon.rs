@@ -510,7 +510,7 @@ impl Daemon {
             .and_then(|c| c.applied_at.duration_since(UNIX_EPOCH).ok())
             .map_or(0.0, |d| d.as_secs_f64());
         self.info.send_modify(|info| {
-            info.agents = self.status.agents.clone();
+            info.agents = std::sync::Arc::new(self.status.agents.clone());
             info.generation = self.status.generation;
             info.applied_at = applied_at;
             info.apply_seconds = self.status.apply_micros as f64 / 1e6;

@@ -13,7 +13,8 @@
 //! # Audit maps
 //! The program also reports denials through the ring buffer `AUDIT`, which the daemon's
 //! reader ([`crate::audit::run`]) takes with [`Dataplane::take_audit_ring`]; the per-agent
-//! suppressed and lost counts in `AUDIT_STATS` are read through [`KernelMaps`], and the
+//! suppressed and lost counts (in each agent's `COUNTERS` entry) are read through
+//! [`KernelMaps`], and the
 //! audit limiter's parameters set with [`KernelMaps::set_audit_config`].
 
 use std::{
@@ -39,13 +40,13 @@ use aya::{
     util::KernelVersion,
 };
 use enforcer_common::{
-    AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, AuditConfig, AuditStats, Bucket,
-    Clock, Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry,
-    NameV4Key, NameV6Key, OWNER_BITS, Reason, ResolverKey, RuleSet, SLOT_HAS_IFACES,
-    SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey, State, TABLE_DST_V4,
-    TABLE_DST_V6, TABLE_SRC_V4, TABLE_SRC_V6, TIME_SHIFT, TableBucket, TableBucket1, TableBucket2,
-    TableBucket3, TableConfig, TlsPorts, UNKNOWN_AGENT, counter_index, dst_key_v4, dst_key_v6,
-    maps, owner, owner_word, programs, src_key_v4, src_key_v6,
+    AGENT_ACTIVE, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentCounters, AgentPolicy, AuditConfig,
+    AuditStats, Bucket, Clock, Counter, DstV4Key, DstV6Key, HostV4Key, HostV6Key, IfaceKey, LpmV4,
+    LpmV6, NameEntry, NameV4Key, NameV6Key, OWNER_BITS, Reason, ResolverKey, RuleSet,
+    SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey,
+    State, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4, TABLE_SRC_V6, TIME_SHIFT, TableBucket,
+    TableBucket1, TableBucket2, TableBucket3, TableConfig, TlsPorts, UNKNOWN_AGENT, dst_key_v4,
+    dst_key_v6, maps, owner, owner_word, programs, src_key_v4, src_key_v6,
 };
 use thiserror::Error;
 
@@ -620,7 +621,7 @@ impl Dataplane {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(maps::AGENTS, 2 * stride)
             .map_max_entries(maps::BUCKETS, stride)
-            .map_max_entries(maps::COUNTERS, stride * Reason::COUNT)
+            .map_max_entries(maps::COUNTERS, stride)
             .map_max_entries(maps::IFACES, 2 * limits.max_interfaces)
             .map_max_entries(maps::SRC_HOST_V4, 2 * limits.max_source_prefixes)
             .map_max_entries(maps::SRC_HOST_V6, 2 * limits.max_source_prefixes)
@@ -648,8 +649,7 @@ impl Dataplane {
             .map_max_entries(maps::DST_HASH_V4, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::DST_HASH_V6, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::AUDIT, limits.audit_ring_bytes)
-            .map_max_entries(maps::AUDIT_LIMITS, stride)
-            .map_max_entries(maps::AUDIT_STATS, stride);
+            .map_max_entries(maps::AUDIT_LIMITS, stride);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
@@ -1288,38 +1288,54 @@ impl Drop for Dataplane {
     }
 }
 
-/// Removes the pinned counters when they were made for another number of reasons than this
-/// build's (a reason was added): each agent's counters are `Reason::COUNT` consecutive
-/// entries, and aya reuses a pinned map whatever its size, so the old pins would be read and
-/// written at the wrong places. Counters are statistics: this build starts them afresh and
-/// says so, and the program that is still attached keeps its own (old) map until its link is
-/// switched. Pins made for another `max_agents` are left for the stride check, which refuses
-/// them with a message saying what to do.
+/// Removes the pinned counters when they were made for another layout than this build's:
+/// for another number of reasons (a reason was added, so each agent's [`AgentCounters`] has
+/// another size), or by a build that kept one entry per (agent, reason). aya reuses a pinned
+/// map whatever its sizes, so the old pin would be read and written at the wrong places.
+/// Counters are statistics: this build starts them afresh and says so, and the program that
+/// is still attached keeps its own (old) map until its link is switched. Pins made for
+/// another `max_agents` are left for the stride check, which refuses them with a message
+/// saying what to do.
 fn reset_counters_of_another_layout(maps_dir: &Path, stride: u32) -> Result<(), DataplaneError> {
     let (agents_pin, counters_pin) = (maps_dir.join(maps::AGENTS), maps_dir.join(maps::COUNTERS));
     if !agents_pin.exists() || !counters_pin.exists() {
         return Ok(());
     }
-    let entries = |name: &'static str, pin: &Path| {
-        MapInfo::from_pin(pin)
-            .map(|info| info.max_entries())
-            .map_err(|source| DataplaneError::Map { name, source })
+    let info = |name: &'static str, pin: &Path| {
+        MapInfo::from_pin(pin).map_err(|source| DataplaneError::Map { name, source })
     };
-    let pinned_stride = entries(maps::AGENTS, &agents_pin)? / 2;
-    let pinned_counters = entries(maps::COUNTERS, &counters_pin)?;
-    if pinned_stride == stride && pinned_counters != stride * Reason::COUNT {
+    let pinned_stride = info(maps::AGENTS, &agents_pin)?.max_entries() / 2;
+    let counters = info(maps::COUNTERS, &counters_pin)?;
+    let value_size = size_of::<AgentCounters>() as u32;
+    if pinned_stride == stride
+        && (counters.max_entries() != stride || counters.value_size() != value_size)
+    {
         tracing::warn!(
-            pinned_reasons = pinned_counters / stride.max(1),
-            reasons = Reason::COUNT,
-            "the pinned counters were made for another set of reasons; counting starts afresh"
+            pinned_entries = counters.max_entries(),
+            pinned_value_size = counters.value_size(),
+            entries = stride,
+            value_size,
+            "the pinned counters were made for another set of reasons or layout; counting starts afresh"
         );
         fs::remove_file(&counters_pin).map_err(|source| DataplaneError::ResetCounters {
             path: counters_pin.clone(),
             source,
         })?;
     }
+    // Builds before the audit stats moved into `COUNTERS` pinned them as a map of their own;
+    // nothing reads that pin any more (a program still attached keeps its map by reference).
+    let legacy = maps_dir.join(LEGACY_AUDIT_STATS);
+    if legacy.exists() {
+        fs::remove_file(&legacy).map_err(|source| DataplaneError::ResetCounters {
+            path: legacy.clone(),
+            source,
+        })?;
+    }
     Ok(())
 }
+
+/// The pin name of the per-agent audit stats before they became part of [`AgentCounters`].
+const LEGACY_AUDIT_STATS: &str = "AUDIT_STATS";
 
 /// Where the `STAGES` arrays are pinned: one per loaded entry program, named by its id.
 fn stages_dir(bpffs: &Path) -> PathBuf {
@@ -1464,7 +1480,7 @@ pub struct KernelMaps {
     slots: Array<MapData, SlotConfig>,
     agents: Array<MapData, AgentPolicy>,
     buckets: Array<MapData, Bucket>,
-    counters: PerCpuArray<MapData, Counter>,
+    counters: PerCpuArray<MapData, AgentCounters>,
     ifaces: HashMap<MapData, IfaceKey, u32>,
     src_host_v4: HashMap<MapData, HostV4Key, u32>,
     src_host_v6: HashMap<MapData, HostV6Key, u32>,
@@ -1482,7 +1498,6 @@ pub struct KernelMaps {
     dst_hash_v6: HashMap<MapData, DstV6Key, RuleSet>,
     audit_config: Array<MapData, AuditConfig>,
     audit_limits: Array<MapData, u64>,
-    audit_stats: PerCpuArray<MapData, AuditStats>,
     tls_ports: Array<MapData, TlsPorts>,
     resolvers: HashMap<MapData, ResolverKey, u32>,
     names_v4: HashMap<MapData, NameV4Key, NameEntry>,
@@ -1570,7 +1585,6 @@ impl KernelMaps {
             dst_hash_v6: typed(source, maps::DST_HASH_V6)?,
             audit_config: typed(source, maps::AUDIT_CONFIG)?,
             audit_limits: typed(source, maps::AUDIT_LIMITS)?,
-            audit_stats: typed(source, maps::AUDIT_STATS)?,
             tls_ports: typed(source, maps::TLS_PORTS)?,
             resolvers: typed(source, maps::RESOLVERS)?,
             names_v4: typed(source, maps::NAMES_V4)?,
@@ -1631,26 +1645,24 @@ impl KernelMaps {
 
     /// The (agent, reason) counter summed over CPUs.
     pub fn counter(&self, agent: u32, reason: Reason) -> Result<Counter, MapsError> {
-        let values = self
-            .counters
-            .get(&counter_index(agent, reason), 0)
-            .map_err(err("reading", maps::COUNTERS))?;
-        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
+        Ok(self.agent_counters(agent)?[reason as usize])
     }
 
-    /// Every reason's counter of one agent (index = reason number).
+    /// Every reason's counter of one agent (index = reason number), summed over CPUs.
     pub fn agent_counters(
         &self,
         agent: u32,
     ) -> Result<[Counter; Reason::COUNT as usize], MapsError> {
-        let mut out = [Counter::default(); Reason::COUNT as usize];
-        for reason in Reason::ALL {
-            out[reason as usize] = self.counter(agent, reason)?;
-        }
-        Ok(out)
+        Ok(self.agent_stats(agent)?.by_reason)
+    }
+
+    /// Everything counted for one agent, summed over CPUs.
+    pub fn agent_stats(&self, agent: u32) -> Result<AgentCounters, MapsError> {
+        let values = self
+            .counters
+            .get(&agent, 0)
+            .map_err(err("reading", maps::COUNTERS))?;
+        Ok(sum_counters(&values))
     }
 
     /// Resets an agent's rate-limiter state (used by tests and benchmarks).
@@ -1677,25 +1689,15 @@ impl KernelMaps {
 
     /// An agent's suppressed and lost audit events, summed over CPUs.
     pub fn audit_stats(&self, agent: u32) -> Result<AuditStats, MapsError> {
-        let values = self
-            .audit_stats
-            .get(&agent, 0)
-            .map_err(err("reading", maps::AUDIT_STATS))?;
-        Ok(sum_audit_stats(&values))
+        Ok(self.agent_stats(agent)?.audit)
     }
 
-    /// The audit stats of agents 0 to `last`, summed over CPUs: one batch read, not a
-    /// lookup per agent (at 100,000 agents those took most of a second per scrape).
+    /// The audit stats of agents 0 to `last`, summed over CPUs, in one walk of the counters
+    /// (see [`KernelMaps::visit_counters`]).
     pub fn audit_stats_upto(&self, last: u32) -> Result<Vec<AuditStats>, MapsError> {
-        let agents = last.min(self.stride - 1) + 1;
-        let cpus = possible_cpus(maps::AUDIT_STATS)?;
-        let raw: Vec<AuditStats> = lookup_batch(
-            aya::maps::IterableMap::map(&self.audit_stats),
-            agents,
-            cpus,
-            maps::AUDIT_STATS,
-        )?;
-        Ok(raw.chunks(cpus).map(sum_audit_stats).collect())
+        let mut out = Vec::new();
+        self.visit_counters(last, |_, c| out.push(c.audit))?;
+        Ok(out)
     }
 
     /// Resets an agent's audit limiter to a full burst (used by tests).
@@ -2242,28 +2244,54 @@ fn possible_cpus(map: &'static str) -> Result<usize, MapsError> {
     aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch { map, source })
 }
 
-/// One agent's audit stats, summed over its per-CPU values.
-fn sum_audit_stats(per_cpu: &[AuditStats]) -> AuditStats {
-    per_cpu
-        .iter()
-        .fold(AuditStats::default(), |acc, s| AuditStats {
-            suppressed: acc.suppressed + s.suppressed,
-            lost: acc.lost + s.lost,
-        })
+/// One agent's counters, summed over its per-CPU values.
+fn sum_counters(per_cpu: &[AgentCounters]) -> AgentCounters {
+    let mut sum = AgentCounters::default();
+    for cpu in per_cpu {
+        for (total, c) in sum.by_reason.iter_mut().zip(&cpu.by_reason) {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+        sum.audit.suppressed += cpu.audit.suppressed;
+        sum.audit.lost += cpu.audit.lost;
+    }
+    sum
 }
 
+/// Reads the values of keys `0..entries` of an array map with `BPF_MAP_LOOKUP_BATCH`, a few
+/// syscalls whatever the count, collected.
 fn lookup_batch<V: aya::Pod + Default + Clone>(
     map: &MapData,
     entries: u32,
     values_per_key: usize,
     name: &'static str,
 ) -> Result<Vec<V>, MapsError> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    const CHUNK: u32 = 8192;
-    let fd = map.fd().as_fd().as_raw_fd() as u32;
     let mut out = Vec::with_capacity(entries as usize * values_per_key);
-    let mut keys = vec![0u32; CHUNK as usize];
-    let mut values = vec![V::default(); CHUNK as usize * values_per_key];
+    for_each_batch(map, entries, values_per_key, name, |chunk: &[V]| {
+        out.extend_from_slice(chunk);
+    })?;
+    Ok(out)
+}
+
+/// Hands the values of keys `0..entries` of an array map to `f`, a batch at a time (each
+/// key's `values_per_key` values together), without collecting them: at 100,000 agents the
+/// per-CPU counters are tens of megabytes, which a scrape need not allocate.
+fn for_each_batch<V: aya::Pod + Default + Clone>(
+    map: &MapData,
+    entries: u32,
+    values_per_key: usize,
+    name: &'static str,
+    mut f: impl FnMut(&[V]),
+) -> Result<(), MapsError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // Keys per syscall: 8192, fewer when that would take more than 4 MiB of values (per-CPU
+    // values on a many-CPU machine).
+    let chunk = (4 << 20) / (values_per_key * size_of::<V>()).max(1);
+    let chunk = chunk.clamp(1, 8192) as u32;
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut seen = 0u32;
+    let mut keys = vec![0u32; chunk as usize];
+    let mut values = vec![V::default(); chunk as usize * values_per_key];
     let (mut cursor, mut next) = (0u32, 0u32);
     let mut first = true;
     loop {
@@ -2272,11 +2300,11 @@ fn lookup_batch<V: aya::Pod + Default + Clone>(
             out_batch: (&raw mut next) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK,
+            count: chunk,
             map_fd: fd,
             ..BatchAttr::default()
         };
-        // SAFETY: attr points at buffers of CHUNK keys and CHUNK * values_per_key values
+        // SAFETY: attr points at buffers of `chunk` keys and `chunk * values_per_key` values
         // of the map's value size (V is the map's value type, a multiple of 8 bytes for the
         // per-CPU layout), valid for the duration of the call.
         let rc = unsafe {
@@ -2295,9 +2323,12 @@ fn lookup_batch<V: aya::Pod + Default + Clone>(
                 source: errno,
             });
         }
-        out.extend_from_slice(&values[..attr.count as usize * values_per_key]);
-        if done || out.len() >= entries as usize * values_per_key {
-            return Ok(out);
+        // Never more than `entries` keys, though the kernel's batch may run past them.
+        let take = attr.count.min(entries - seen);
+        f(&values[..take as usize * values_per_key]);
+        seen += take;
+        if done || seen >= entries {
+            return Ok(());
         }
         cursor = next;
         first = false;
@@ -2317,29 +2348,34 @@ impl KernelMaps {
         &self,
         last: u32,
     ) -> Result<Vec<[Counter; Reason::COUNT as usize]>, MapsError> {
-        let agents = last.min(self.stride - 1) + 1;
+        let mut out = Vec::new();
+        self.visit_counters(last, |_, c| out.push(c.by_reason))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each agent id `0..=last` and everything counted for it, summed over
+    /// CPUs, in a few batch syscalls and without collecting the per-CPU values.
+    pub fn visit_counters(
+        &self,
+        last: u32,
+        mut f: impl FnMut(u32, &AgentCounters),
+    ) -> Result<(), MapsError> {
         use aya::maps::IterableMap as _;
+        let agents = last.min(self.stride - 1) + 1;
         let cpus = possible_cpus(maps::COUNTERS)?;
-        let raw: Vec<Counter> = lookup_batch(
+        let mut id = 0;
+        for_each_batch(
             self.counters.map(),
-            agents * Reason::COUNT,
+            agents,
             cpus,
             maps::COUNTERS,
-        )?;
-        let mut out = vec![[Counter::default(); Reason::COUNT as usize]; agents as usize];
-        for (index, per_cpu) in raw.chunks(cpus).enumerate() {
-            let (agent, reason) = (
-                index / Reason::COUNT as usize,
-                index % Reason::COUNT as usize,
-            );
-            if let Some(slot) = out.get_mut(agent) {
-                slot[reason] = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                });
-            }
-        }
-        Ok(out)
+            |chunk: &[AgentCounters]| {
+                for per_cpu in chunk.chunks(cpus) {
+                    f(id, &sum_counters(per_cpu));
+                    id += 1;
+                }
+            },
+        )
     }
 
     /// Every agent's policy in the active slot, indexed by agent id, in a few batch

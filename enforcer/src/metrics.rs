@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf};
 
-use enforcer_common::Reason;
+use enforcer_common::{AgentCounters, Reason};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -21,8 +21,9 @@ use crate::dataplane::KernelMaps;
 /// What the daemon tells the metrics endpoint besides the counters in the maps.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonInfo {
-    /// Agent names by id.
-    pub agents: BTreeMap<u32, String>,
+    /// Agent names by id (shared: every scrape clones this info, at 100,000 agents a copy
+    /// of the names cost milliseconds).
+    pub agents: std::sync::Arc<BTreeMap<u32, String>>,
     /// Policy generation enforcing now.
     pub generation: u64,
     /// Unix time of the last successful apply, seconds.
@@ -92,23 +93,81 @@ fn object_digest() -> &'static str {
     })
 }
 
-/// The ids of the `n` agents (not 0, unknown traffic) with the most packets judged, sorted.
-fn busiest(counters: &[[enforcer_common::Counter; Reason::COUNT as usize]], n: usize) -> Vec<u32> {
-    let mut ranked: Vec<(u64, u32)> = counters
-        .iter()
-        .enumerate()
-        .skip(1)
-        .map(|(id, c)| (c.iter().map(|c| c.packets).sum::<u64>(), id as u32))
-        .filter(|&(total, _)| total > 0)
-        .collect();
-    if ranked.len() > n {
-        // Most packets first; ties to the lower id, so the choice is stable.
-        ranked.select_nth_unstable_by(n, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        ranked.truncate(n);
+/// The `n` agents (not 0, unknown traffic) with the most packets judged, kept while the
+/// counters stream past: a min-heap of `n`, so a scrape at 100,000 agents keeps 100 of them,
+/// not all. Ties go to the lower id, so the choice is stable.
+struct Busiest {
+    n: usize,
+    heap: std::collections::BinaryHeap<Ranked>,
+}
+
+/// An agent in [`Busiest`]: ordered so that the heap's top is the one to drop first (fewest
+/// packets; among equals, the higher id).
+struct Ranked {
+    packets: u64,
+    id: u32,
+    counters: AgentCounters,
+}
+
+impl Ranked {
+    fn key(&self) -> (std::cmp::Reverse<u64>, u32) {
+        (std::cmp::Reverse(self.packets), self.id)
     }
-    let mut ids: Vec<u32> = ranked.into_iter().map(|(_, id)| id).collect();
-    ids.sort_unstable();
-    ids
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl Busiest {
+    fn new(n: usize) -> Self {
+        Busiest {
+            n,
+            heap: std::collections::BinaryHeap::with_capacity(n + 1),
+        }
+    }
+
+    /// Offers agent `id`; agents that judged nothing are never among the busiest.
+    fn offer(&mut self, id: u32, counters: &AgentCounters) {
+        let packets = counters.by_reason.iter().map(|c| c.packets).sum();
+        if packets == 0 || self.n == 0 {
+            return;
+        }
+        let candidate = Ranked {
+            packets,
+            id,
+            counters: *counters,
+        };
+        if self.heap.len() == self.n {
+            match self.heap.peek() {
+                Some(worst) if candidate < *worst => {
+                    self.heap.pop();
+                }
+                _ => return,
+            }
+        }
+        self.heap.push(candidate);
+    }
+
+    /// The chosen agents by id.
+    fn into_sorted(self) -> Vec<(u32, AgentCounters)> {
+        let mut out: Vec<_> = self.heap.into_iter().map(|r| (r.id, r.counters)).collect();
+        out.sort_unstable_by_key(|&(id, _)| id);
+        out
+    }
 }
 
 /// Renders one scrape in the Prometheus text format.
@@ -127,8 +186,28 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         bytes.clone(),
     );
     // Ids are dense from 1: read up to the highest agent the policy names (agents removed
-    // from the policy keep their counters in the map but are no longer reported).
-    let counters = maps.counters_upto(info.agents.keys().copied().max().unwrap_or(0))?;
+    // from the policy keep their counters in the map but are no longer reported). One walk
+    // of the counters gives the sums, unknown traffic and the busiest agents; nothing of
+    // the other agents is kept.
+    let mut unknown = AgentCounters::default();
+    let mut sums = AgentCounters::default();
+    let mut busiest = Busiest::new(info.top_agents);
+    maps.visit_counters(
+        info.agents.last_key_value().map_or(0, |(&id, _)| id),
+        |id, c| {
+            if id == 0 {
+                unknown = *c;
+                return;
+            }
+            for (sum, c) in sums.by_reason.iter_mut().zip(&c.by_reason) {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+            }
+            sums.audit.suppressed += c.audit.suppressed;
+            sums.audit.lost += c.audit.lost;
+            busiest.offer(id, c);
+        },
+    )?;
     // Every agent is in the sums; only the busiest have series of their own, so a scrape
     // stays small at 100,000 agents (a series per agent and reason would be megabytes).
     let all_packets = Family::<ReasonLabel, Counter>::default();
@@ -143,15 +222,8 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         "Bytes judged for all agents together (unknown traffic excluded), by verdict reason",
         all_bytes.clone(),
     );
-    let mut sums = [enforcer_common::Counter::default(); Reason::COUNT as usize];
-    for per_reason in counters.iter().skip(1) {
-        for (sum, c) in sums.iter_mut().zip(per_reason) {
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-        }
-    }
     for reason in Reason::ALL {
-        let c = sums[reason as usize];
+        let c = sums.by_reason[reason as usize];
         if c.packets == 0 {
             continue;
         }
@@ -161,25 +233,29 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         all_packets.get_or_create(&label).inc_by(c.packets);
         all_bytes.get_or_create(&label).inc_by(c.bytes);
     }
-    let busiest = busiest(&counters, info.top_agents);
-    for (id, per_reason) in counters.iter().enumerate() {
-        let id = id as u32;
-        if id != 0 && !busiest.contains(&id) {
-            continue;
-        }
-        let name = if id == 0 {
-            Some("(unknown)".to_string())
+    let reported: Vec<(u32, AgentCounters)> = std::iter::once((0, unknown))
+        .chain(busiest.into_sorted())
+        .collect();
+    let agent_name = |id: u32| {
+        if id == 0 {
+            "(unknown)".to_string()
         } else {
-            info.agents.get(&id).cloned()
-        };
+            info.agents
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("agent-{id}"))
+        }
+    };
+    for (id, c) in &reported {
+        let name = agent_name(*id);
         for reason in Reason::ALL {
-            let c = per_reason[reason as usize];
+            let c = c.by_reason[reason as usize];
             if c.packets == 0 {
                 continue;
             }
             let labels = AgentReason {
-                agent: name.clone().unwrap_or_else(|| format!("agent-{id}")),
-                agent_id: id,
+                agent: name.clone(),
+                agent_id: *id,
                 reason: reason.name().to_string(),
             };
             packets.get_or_create(&labels).inc_by(c.packets);
@@ -294,29 +370,17 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         lost.clone(),
     );
     // As for packets: series for unknown traffic and the busiest agents, sums for all.
-    let (mut all_suppressed, mut all_lost) = (0, 0);
-    for a in crate::audit::collect_stats(maps, &info.agents)? {
-        if a.id != 0 {
-            all_suppressed += a.suppressed;
-            all_lost += a.lost;
-        }
-        if (a.suppressed == 0 && a.lost == 0)
-            || (a.id != 0 && busiest.binary_search(&a.id).is_err())
-        {
+    let (all_suppressed, all_lost) = (sums.audit.suppressed, sums.audit.lost);
+    for (id, c) in &reported {
+        if c.audit == enforcer_common::AuditStats::default() {
             continue;
         }
         let label = AgentLabel {
-            agent: a.name.unwrap_or_else(|| {
-                if a.id == 0 {
-                    "(unknown)".into()
-                } else {
-                    format!("agent-{}", a.id)
-                }
-            }),
-            agent_id: a.id,
+            agent: agent_name(*id),
+            agent_id: *id,
         };
-        suppressed.get_or_create(&label).inc_by(a.suppressed);
-        lost.get_or_create(&label).inc_by(a.lost);
+        suppressed.get_or_create(&label).inc_by(c.audit.suppressed);
+        lost.get_or_create(&label).inc_by(c.audit.lost);
     }
 
     for (name, help, n) in [
@@ -407,20 +471,30 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
-    use enforcer_common::Counter;
-
     use super::*;
 
     #[test]
     fn busiest_agents_by_packets_with_ties_to_the_lower_id() {
-        let mut counters = vec![[Counter::default(); Reason::COUNT as usize]; 6];
-        for (id, packets) in [(0, 1_000), (1, 5), (2, 50), (3, 0), (4, 50), (5, 7)] {
-            counters[id][Reason::Allowed as usize].packets = packets;
-        }
-        // Unknown traffic (id 0) is not an agent; agent 3 judged nothing.
-        assert_eq!(busiest(&counters, 10), [1, 2, 4, 5]);
-        assert_eq!(busiest(&counters, 3), [2, 4, 5]);
-        assert_eq!(busiest(&counters, 1), [2]);
-        assert_eq!(busiest(&counters, 0), Vec::<u32>::new());
+        let busiest = |n| {
+            let mut b = Busiest::new(n);
+            for (id, packets) in [(1, 5), (2, 50), (3, 0), (4, 50), (5, 7)] {
+                let mut c = AgentCounters::default();
+                c.by_reason[Reason::Allowed as usize].packets = packets;
+                b.offer(id, &c);
+            }
+            b.into_sorted()
+                .into_iter()
+                .map(|(id, c)| {
+                    assert!(c.by_reason[Reason::Allowed as usize].packets > 0);
+                    id
+                })
+                .collect::<Vec<u32>>()
+        };
+        // Agent 3 judged nothing.
+        assert_eq!(busiest(10), [1, 2, 4, 5]);
+        assert_eq!(busiest(3), [2, 4, 5]);
+        assert_eq!(busiest(2), [2, 4]);
+        assert_eq!(busiest(1), [2]);
+        assert_eq!(busiest(0), Vec::<u32>::new());
     }
 }

@@ -1,6 +1,6 @@
 //! The audit trail through the real XDP program: packets run with BPF_PROG_TEST_RUN against
 //! a compiled policy, and the test reads what reached the `AUDIT` ring buffer and the
-//! per-agent `AUDIT_STATS`, then runs the reader task end to end into a hash-chained log.
+//! per-agent audit stats (in `COUNTERS`), then runs the reader task end to end into a hash-chained log.
 
 use std::{
     collections::BTreeMap,

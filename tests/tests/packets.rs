@@ -20,8 +20,8 @@ use enforcer::{
     testrun::{SkbMeta, run_tc, run_xdp},
 };
 use enforcer_common::{
-    AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps, programs,
-    src_key_v4, src_key_v6, table_bucket,
+    AgentCounters, AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps,
+    programs, src_key_v4, src_key_v6, table_bucket,
 };
 use etherparse::{PacketBuilder, VlanId};
 use integration_tests::in_sandbox_netns;
@@ -2255,8 +2255,9 @@ fn verifier_headroom_on_this_kernel() {
     });
 }
 
-/// Pinned counters made for another number of reasons (a build before a reason was added)
-/// are not reused at the wrong indices: the load starts them afresh, sized for this build.
+/// Pinned counters made for another layout (a build before a reason was added, or one that
+/// kept a 16-byte entry per (agent, reason)) are not reused at the wrong places: the load
+/// starts them afresh, sized for this build.
 #[test]
 fn counters_of_another_reason_layout_start_afresh() {
     if !require_root("counters_of_another_reason_layout_start_afresh") {
@@ -2271,31 +2272,83 @@ fn counters_of_another_reason_layout_start_afresh() {
         let stride = limits.max_agents + 1;
         let maps_dir = bpffs.path().join("maps");
         std::fs::create_dir_all(&maps_dir).unwrap();
-        // What an older build left: the same agents, counters for two reasons fewer.
-        let old_counters = stride * (Reason::COUNT - 2);
         drop(
             aya::EbpfLoader::new()
                 .default_map_pin_directory(&maps_dir)
                 .map_max_entries(maps::AGENTS, 2 * stride)
-                .map_max_entries(maps::COUNTERS, old_counters)
                 .load(dataplane::EBPF_OBJECT)
                 .unwrap(),
         );
         let counters_pin = maps_dir.join(maps::COUNTERS);
-        assert_eq!(
-            aya::maps::MapInfo::from_pin(&counters_pin)
-                .unwrap()
-                .max_entries(),
-            old_counters
-        );
-        let dp = load(&bpffs, POLICY, None);
-        assert_eq!(
-            aya::maps::MapInfo::from_pin(&counters_pin)
-                .unwrap()
-                .max_entries(),
-            stride * Reason::COUNT,
-            "the counters were not made afresh for this build's reasons"
-        );
-        drop(dp);
+        let layout = |pin: &std::path::Path| {
+            let info = aya::maps::MapInfo::from_pin(pin).unwrap();
+            (info.max_entries(), info.value_size())
+        };
+        // Two layouts older builds left, each with the same agents.
+        let this_build = (stride, size_of::<AgentCounters>() as u32);
+        for (what, old) in [
+            (
+                "a counter per (agent, reason)",
+                (stride * Reason::COUNT, 16),
+            ),
+            ("two reasons fewer", (stride, 16 * (Reason::COUNT - 2))),
+        ] {
+            std::fs::remove_file(&counters_pin).unwrap();
+            pin_percpu_array(&counters_pin, old.0, old.1);
+            assert_eq!(layout(&counters_pin), old);
+            let dp = load(&bpffs, POLICY, None);
+            assert_eq!(
+                layout(&counters_pin),
+                this_build,
+                "{what}: the counters were not made afresh for this build's layout"
+            );
+            let mut dp = dp;
+            let packet = udp4("10.2.0.5", "10.9.9.9", 5000, 32);
+            assert_eq!(Hook::Xdp.run(&dp, &packet, None).unwrap(), XDP_PASS);
+            assert_eq!(
+                counter(&mut dp, 2, Reason::Allowed).packets,
+                1,
+                "{what}: the fresh counters do not count"
+            );
+            drop(dp);
+        }
     });
+}
+
+/// Creates a per-CPU array (`BPF_MAP_CREATE`) of `entries` values of `value_size` bytes and
+/// pins it at `pin` (`BPF_OBJ_PIN`): a map no build of this code's ELF would make.
+fn pin_percpu_array(pin: &std::path::Path, entries: u32, value_size: u32) {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[
+        6, /* BPF_MAP_TYPE_PERCPU_ARRAY */
+        4, value_size, entries,
+    ]);
+    // SAFETY: bpf(2) with a zero-padded attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, create.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor that nothing else owns; closed when this returns.
+    let map = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    // union bpf_attr for BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
+    let attr = [
+        path.as_ptr() as u64,
+        u64::from(std::os::fd::AsRawFd::as_raw_fd(&map) as u32),
+    ];
+    // SAFETY: bpf(2) with an attr of the size passed; the path outlives the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, 6 /* BPF_OBJ_PIN */, attr.as_ptr(), 16)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_OBJ_PIN {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
 }
