@@ -807,7 +807,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Logs a failed sd_notify: systemd would then time the start out, which the log explains.
-fn warn_notify(result: Result<bool, notify::NotifyError>) {
+fn warn_notify(result: Result<(), notify::NotifyError>) {
     if let Err(error) = result {
         tracing::warn!(error = %error_chain(&error), "notifying systemd");
     }
