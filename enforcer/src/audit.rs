@@ -318,34 +318,16 @@ pub fn clock_ns(clock: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
-/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-28T10:00:00.123456789Z`.
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-28T10:00:00.123456789Z` (ISO 8601's
+/// default format in the `time` crate: always nine fractional digits, `Z` for UTC). A time
+/// outside the years -9999 to 9999 cannot be written so and comes out as
+/// `@<nanoseconds since the epoch>`, which no clock of this century produces.
 pub fn rfc3339(unix_ns: i128) -> String {
-    let secs = unix_ns.div_euclid(1_000_000_000);
-    let nanos = unix_ns.rem_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400) as i64;
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
-}
-
-/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian; H. Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    use time::format_description::well_known::Iso8601;
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
+        .ok()
+        .and_then(|t| t.format(&Iso8601::DEFAULT).ok())
+        .unwrap_or_else(|| format!("@{unix_ns}"))
 }
 
 /// Name of an IP protocol number, or the number itself.
@@ -1534,6 +1516,7 @@ mod tests {
             "2026-12-31T23:59:59.999999999Z"
         );
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(rfc3339(i128::MAX), format!("@{}", i128::MAX));
     }
 
     #[test]
