@@ -13,13 +13,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use enforcer::{
-    api::{ApiError, Client, Request, Response},
-    config::Config,
-    daemon::{self, Status, error_chain},
-    dataplane::{self, Dataplane, KernelMaps},
+    dataplane::{self, Dataplane, KernelMaps, stats},
+    error::error_chain,
     lab::BpffsMount,
+    node::{
+        api::{ApiError, Client, Request, Response},
+        config::Config,
+        daemon::{self, Status},
+    },
     policy::{self, Mode},
-    stats,
 };
 use serde_json::Value;
 
@@ -531,7 +533,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     verdict,
                 },
         } => {
-            let filter = enforcer::audit::TailFilter {
+            let filter = enforcer::node::audit::TailFilter {
                 agent: agent.clone(),
                 reason: reason.clone(),
                 verdict: verdict.clone(),
@@ -563,7 +565,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .and_then(|r| r["seq"].as_u64())
                 .unwrap_or(0);
             let path = PathBuf::from(v["file"].as_str().unwrap_or_default());
-            let mut follower = enforcer::audit::Follower::new(&path, after).with_context(
+            let mut follower = enforcer::node::audit::Follower::new(&path, after).with_context(
                 || "following the audit log (reading it needs the daemon's file permissions)",
             )?;
             let stdout = std::io::stdout();
@@ -582,7 +584,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit {
             command: AuditCommand::Verify { files, continued },
-        } => match enforcer::audit::verify_set(files, *continued) {
+        } => match enforcer::node::audit::verify_set(files, *continued) {
             Ok(report) => {
                 let names = files
                     .iter()
@@ -665,7 +667,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { dir } => {
-            let keys = enforcer::bundle::keygen(dir)?;
+            let keys = enforcer::controlplane::bundle::keygen(dir)?;
             println!(
                 "private key {} (keep it on the control plane only)",
                 keys.private_key.display()
@@ -688,7 +690,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         } => {
             let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
             let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
-            let paths = enforcer::certs::generate(dir, &names, &clients)?;
+            let paths = enforcer::controlplane::certs::generate(dir, &names, &clients)?;
             println!("CA      {}", paths.ca.cert.display());
             println!(
                 "server  {} ({})",
@@ -757,7 +759,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { seconds } => {
-            enforcer::demo::run(Duration::from_secs(*seconds))?;
+            enforcer::cli::demo::run(Duration::from_secs(*seconds))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -899,7 +901,7 @@ fn policy_command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<ExitCode
             let policy = policy::load(file).map_err(|e| bad(error_chain(&e)))?;
             // Interfaces may live in another network namespace than the checker's; their
             // existence is checked when the daemon applies the policy.
-            let compiled = enforcer::compile::compile(&policy, &limits, &|_| Some(1))
+            let compiled = enforcer::dataplane::compile::compile(&policy, &limits, &|_| Some(1))
                 .map_err(|e| bad(format!("{}: {}", file.display(), error_chain(&e))))?;
             println!(
                 "{}: ok: {} agents, {} source entries, {} destination entries",

@@ -19,9 +19,9 @@ use std::{
 };
 
 use enforcer::{
-    daemon::Status,
     dataplane::KernelMaps,
     lab::{self, BpffsMount, ChildGuard, Netns},
+    node::daemon::Status,
 };
 
 /// Runs `f` on a thread inside a fresh network namespace that holds an interface `sbx0`
@@ -372,26 +372,28 @@ impl Drop for Lab {
 #[derive(Clone)]
 pub struct CraftedControlPlane {
     /// The bundles, in order.
-    pub bundles: Vec<enforcer::proto::Bundle>,
+    pub bundles: Vec<enforcer::controlplane::proto::Bundle>,
     /// Where the node's messages go.
-    pub heard: tokio::sync::mpsc::UnboundedSender<enforcer::proto::node_message::Kind>,
+    pub heard:
+        tokio::sync::mpsc::UnboundedSender<enforcer::controlplane::proto::node_message::Kind>,
 }
 
 #[tonic::async_trait]
-impl enforcer::proto::policy_sync_server::PolicySync for CraftedControlPlane {
+impl enforcer::controlplane::proto::policy_sync_server::PolicySync for CraftedControlPlane {
     type SyncStream = std::pin::Pin<
         Box<
-            dyn tokio_stream::Stream<Item = Result<enforcer::proto::Bundle, tonic::Status>>
-                + Send
+            dyn tokio_stream::Stream<
+                    Item = Result<enforcer::controlplane::proto::Bundle, tonic::Status>,
+                > + Send
                 + 'static,
         >,
     >;
 
     async fn sync(
         &self,
-        request: tonic::Request<tonic::Streaming<enforcer::proto::NodeMessage>>,
+        request: tonic::Request<tonic::Streaming<enforcer::controlplane::proto::NodeMessage>>,
     ) -> Result<tonic::Response<Self::SyncStream>, tonic::Status> {
-        use enforcer::proto::NodeMessage;
+        use enforcer::controlplane::proto::NodeMessage;
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(self.bundles.len().max(1));
         let bundles = self.bundles.clone();
@@ -425,8 +427,8 @@ impl enforcer::proto::policy_sync_server::PolicySync for CraftedControlPlane {
 
     async fn nodes(
         &self,
-        _: tonic::Request<enforcer::proto::NodesRequest>,
-    ) -> Result<tonic::Response<enforcer::proto::NodesResponse>, tonic::Status> {
+        _: tonic::Request<enforcer::controlplane::proto::NodesRequest>,
+    ) -> Result<tonic::Response<enforcer::controlplane::proto::NodesResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented(
             "a crafted control plane only streams",
         ))

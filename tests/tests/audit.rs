@@ -12,14 +12,18 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use enforcer::{
-    audit::{self, AuditContext, AuditLog, AuditRate, Record},
-    compile::{self, Limits},
-    daemon::agent_names,
-    dataplane::Dataplane,
+    dataplane::{
+        Dataplane,
+        compile::{self, Limits},
+        testrun::run_xdp,
+    },
     lab::{self, BpffsMount, require_root},
-    netlink::if_index,
+    node::{
+        audit::{self, AuditContext, AuditLog, AuditRate, Record},
+        daemon::agent_names,
+        netlink::if_index,
+    },
     policy,
-    testrun::run_xdp,
 };
 use enforcer_common::{
     AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditEvent, AuditStats, Reason,

@@ -9,10 +9,10 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
-use enforcer::{
+use enforcer::controlplane::{
+    self, ControlPlaneConfig, ControlPlaneError, NodeStatus,
     bundle::{self, SigningKey},
     certs::{self, CertPaths},
-    controlplane::{self, ControlPlaneConfig, ControlPlaneError, NodeStatus},
     proto::{
         Ack, NodeMessage, node_message::Kind, policy_sync_client::PolicySyncClient,
         policy_sync_server::PolicySyncServer,

@@ -198,7 +198,7 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    enforcer::audit::sha256_hex(bytes)
+    enforcer::node::audit::sha256_hex(bytes)
 }
 
 /// Serves one request and records it (also when the connection breaks in the middle).
@@ -310,7 +310,8 @@ struct Setup {
 fn setup() -> Setup {
     let mut lab = Lab::new(1);
     let upstream =
-        enforcer::certs::generate(&lab.dir.join("upstream"), &[ALLOWED, DENIED], &[]).unwrap();
+        enforcer::controlplane::certs::generate(&lab.dir.join("upstream"), &[ALLOWED, DENIED], &[])
+            .unwrap();
     let mut config = fs::OpenOptions::new()
         .append(true)
         .open(lab.config_path())

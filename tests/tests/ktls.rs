@@ -1,4 +1,4 @@
-//! The kTLS hook (`enforcer::ktls`): the `sk_msg` detectors in the kernel, the "no kTLS"
+//! The kTLS hook (`enforcer::inspect::ktls`): the `sk_msg` detectors in the kernel, the "no kTLS"
 //! fallback signal, and, in the VM (`cargo xtask vmtest`), real TLS connections spliced in
 //! the kernel through kTLS.
 //!
@@ -15,7 +15,7 @@ use std::{
 };
 
 use enforcer::{
-    ktls::{Inspector, Ktls, KtlsError, Marker},
+    inspect::ktls::{Inspector, Ktls, KtlsError, Marker},
     lab::require_root,
 };
 use enforcer_common::inspect::InspectReason;
@@ -218,7 +218,7 @@ fn ktls_load_says_when_the_kernel_has_no_ktls() {
 mod vm {
     use std::sync::Arc;
 
-    use enforcer::ktls::{Direction, HandshakeCork, Hit, Ktls, SpliceReport};
+    use enforcer::inspect::ktls::{Direction, HandshakeCork, Hit, Ktls, SpliceReport};
     use ring::digest::{Context, SHA256};
     use rustls::{
         ClientConfig, RootCertStore, ServerConfig,
@@ -431,7 +431,7 @@ mod vm {
                 .unwrap();
             match proxy {
                 Proxy::Inspected(ktls) => ktls.splice(agent_tls, upstream_tls).await.unwrap(),
-                _ => enforcer::ktls::splice_uninspected(agent_tls, upstream_tls)
+                _ => enforcer::inspect::ktls::splice_uninspected(agent_tls, upstream_tls)
                     .await
                     .unwrap(),
             }

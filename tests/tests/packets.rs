@@ -11,13 +11,15 @@ use aya::{
     maps::{MapData, RingBuf},
 };
 use enforcer::{
-    audit,
-    compile::{self, Limits},
-    dataplane::{self, Dataplane, VERIFIER_INSN_LIMIT},
+    dataplane::{
+        self, Dataplane, VERIFIER_INSN_LIMIT,
+        compile::{self, Limits},
+        table,
+        testrun::{SkbMeta, run_tc, run_xdp},
+    },
     lab::{BpffsMount, require_root},
-    netlink::if_index,
-    policy, table,
-    testrun::{SkbMeta, run_tc, run_xdp},
+    node::{audit, netlink::if_index},
+    policy,
 };
 use enforcer_common::{
     AgentCounters, AuditEvent, AuditStats, Clock, Counter, Reason, TIME_SHIFT, UNKNOWN_AGENT, maps,

@@ -10,10 +10,12 @@ use std::{
 };
 
 use enforcer::{
-    bundle::{self, SigningKey},
-    certs,
+    controlplane::{
+        bundle::{self, SigningKey},
+        certs,
+        proto::{node_message::Kind, policy_sync_server::PolicySyncServer},
+    },
     lab::{ChildGuard, UdpSink, require_root, spawn_in_netns, udp_send},
-    proto::{node_message::Kind, policy_sync_server::PolicySyncServer},
 };
 use integration_tests::{CraftedControlPlane, Lab, SERVER_V4, enforcer_bin, sa};
 use serde_json::Value;

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer::{config::Config, lab::unique_name};
+use enforcer::{lab::unique_name, node::config::Config};
 use integration_tests::{Lab, enforcer_bin};
 use xtask::install::{self, Install, Outcome, Step};
 

@@ -8,8 +8,8 @@ use std::{
 };
 
 use enforcer::{
-    daemon::Status,
     lab::{self, Netns, TcpEchoServer, UdpSink, require_root, tcp_probe, udp_send},
+    node::daemon::Status,
 };
 use enforcer_common::Reason;
 use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4, SERVER_V6, sa};

@@ -15,12 +15,14 @@ use std::{
 };
 
 use enforcer::{
-    compile::{self, Limits},
-    dataplane::Dataplane,
+    dataplane::{
+        Dataplane,
+        compile::{self, Limits},
+        testrun::run_xdp,
+    },
     lab::{BpffsMount, UdpSink, require_root, udp_send},
-    netlink::if_index,
+    node::netlink::if_index,
     policy,
-    testrun::run_xdp,
 };
 use enforcer_common::{Reason, programs};
 use etherparse::PacketBuilder;
@@ -402,7 +404,7 @@ fn set_ulp(socket: &TcpStream) -> std::io::Result<()> {
 /// `sk_psock(sk)` check at the top of `do_tls_setsockopt_conf`), and accepted on the same
 /// socket, ULP already set, once it has left the map; and a socket with the TLS ULP, keys
 /// or not, cannot join a sockmap. No order gives a kTLS socket an `sk_msg` program. If a
-/// kernel ever changes this, this test fails and `enforcer::ktls` needs another look.
+/// kernel ever changes this, this test fails and `enforcer::inspect::ktls` needs another look.
 #[test]
 #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
 fn ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap() {

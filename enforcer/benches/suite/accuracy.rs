@@ -5,8 +5,10 @@
 use std::{thread, time::Instant};
 
 use enforcer::{
-    compile::{self, Limits},
-    dataplane::{AttachMode, Dataplane, HookChoice},
+    dataplane::{
+        AttachMode, Dataplane, HookChoice,
+        compile::{self, Limits},
+    },
     lab::BpffsMount,
     policy,
 };

@@ -10,11 +10,13 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use enforcer::{
-    compile::{self, Limits},
-    dataplane::Dataplane,
+    dataplane::{
+        Dataplane,
+        compile::{self, Limits},
+        testrun::run_xdp,
+    },
     lab::BpffsMount,
     policy,
-    testrun::run_xdp,
 };
 use enforcer_common::{Bucket, TIME_SHIFT, maps, programs};
 use serde::{Deserialize, Serialize};

@@ -13,8 +13,10 @@ use std::{
 
 use aya::programs::{Xdp, xdp::XdpMode};
 use enforcer::{
-    compile::{self, Compiled, Limits},
-    dataplane::{AttachMode, Dataplane, HookChoice},
+    dataplane::{
+        AttachMode, Dataplane, HookChoice,
+        compile::{self, Compiled, Limits},
+    },
     lab::{BpffsMount, Netns},
     policy,
 };

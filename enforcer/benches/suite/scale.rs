@@ -18,11 +18,9 @@ use std::{
 };
 
 use enforcer::{
-    compile::Limits,
-    daemon::Status,
-    dataplane::{Dataplane, KernelMaps},
+    dataplane::{Dataplane, KernelMaps, compile::Limits, testrun::run_xdp},
     lab::{self, BpffsMount, ChildGuard, Netns},
-    testrun::run_xdp,
+    node::daemon::Status,
 };
 use enforcer_common::programs;
 use serde::{Deserialize, Serialize};

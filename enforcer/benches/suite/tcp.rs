@@ -21,8 +21,10 @@ use std::{
 };
 
 use enforcer::{
-    compile::{self, Compiled, Limits},
-    dataplane::{AttachMode, Dataplane, HookChoice, KernelMaps},
+    dataplane::{
+        AttachMode, Dataplane, HookChoice, KernelMaps,
+        compile::{self, Compiled, Limits},
+    },
     lab::{self, BpffsMount, Netns},
     policy,
 };

@@ -61,7 +61,7 @@ use tokio::{
 
 pub use self::learned::{FakeSink, Learned, NameSink, Rules};
 use crate::{
-    audit::{UserAudit, UserEvent, UserSource},
+    node::audit::{UserAudit, UserEvent, UserSource},
     policy::{Agent, Mode, Policy},
 };
 
@@ -215,7 +215,7 @@ pub fn identify<'p>(policy: &'p Policy, origin: &Origin) -> Option<&'p Agent> {
 /// `enforcer_dns_audit_suppressed_total`.
 #[derive(Debug)]
 struct AuditBudget {
-    rate: crate::audit::AuditRate,
+    rate: crate::node::audit::AuditRate,
     /// Per agent: tokens left and when they were last topped up.
     agents: Mutex<std::collections::HashMap<u32, (f64, std::time::Instant)>>,
 }
@@ -280,7 +280,7 @@ impl<S: NameSink> Resolver<S> {
         config: DnsConfig,
         sink: S,
         policy: watch::Receiver<Option<Arc<Policy>>>,
-        audit: (UserAudit, crate::audit::AuditRate),
+        audit: (UserAudit, crate::node::audit::AuditRate),
         metrics: DnsMetrics,
     ) -> Self {
         let (audit, rate) = audit;
@@ -355,7 +355,7 @@ impl<S: NameSink> Resolver<S> {
         let name = query.name.as_deref().expect("a planned name is valid");
         let mut answer = answer;
         if let Err(e) = self.admit(agent.id, name, question, &answer, rules) {
-            tracing::error!(agent = agent.id, name, error = %crate::daemon::error_chain(&e), "admitting the answer's addresses");
+            tracing::error!(agent = agent.id, name, error = %crate::error::error_chain(&e), "admitting the answer's addresses");
             let answer = message::empty_answer(&query.message, ResponseCode::ServFail);
             return self.finish(Some(agent), answer, origin, payload);
         }
@@ -500,7 +500,7 @@ impl<S: NameSink> Resolver<S> {
         let now = net::monotonic_ns();
         let (expired, len) = self.with_state(|learned, sink| {
             let expired = learned.sweep(sink, now).unwrap_or_else(|e| {
-                tracing::error!(error = %crate::daemon::error_chain(&e), "withdrawing expired addresses");
+                tracing::error!(error = %crate::error::error_chain(&e), "withdrawing expired addresses");
                 0
             });
             (expired, learned.len())
@@ -526,7 +526,7 @@ impl<S: NameSink> Resolver<S> {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::error!(error = %crate::daemon::error_chain(&e), "applying a new policy to learned addresses")
+                tracing::error!(error = %crate::error::error_chain(&e), "applying a new policy to learned addresses")
             }
         }
         let len = self.with_state(|learned, _| learned.len());

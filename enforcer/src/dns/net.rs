@@ -287,7 +287,7 @@ pub async fn write_framed(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()
 /// so expiries written to the kernel mean the same instant there.
 pub fn monotonic_ns() -> u64 {
     // Nanoseconds since boot: positive and far below u64::MAX.
-    crate::audit::clock_ns(libc::CLOCK_MONOTONIC) as u64
+    crate::node::audit::clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tokio::{
 
 use super::{message::tests::query_bytes, *};
 use crate::{
-    audit::UserEvent,
+    node::audit::UserEvent,
     policy::{PortRange, Proto},
 };
 
@@ -194,7 +194,7 @@ fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
             policy_rx,
             (
                 audit,
-                crate::audit::AuditRate {
+                crate::node::audit::AuditRate {
                     events_per_sec: 1,
                     burst: 3,
                 },

@@ -11,12 +11,13 @@
 //! After both handshakes the bytes are moved by one of two paths, chosen once at start
 //! ([`InspectPath`]), logged once and exported as `enforcer_inspect_path{path}`: the
 //! kernel's (kTLS on both sockets, a sockmap BPF program running the same detectors and
-//! splicing the sockets, `enforcer::ktls`) when the kernel can run it, otherwise user space
+//! splicing the sockets, `enforcer::inspect::ktls`) when the kernel can run it, otherwise user space
 //! ([`relay`]), with the same detectors and the same outcomes. Current kernels cannot:
-//! Linux made TLS and sockmap mutually exclusive (see `enforcer::ktls`).
+//! Linux made TLS and sockmap mutually exclusive (see `enforcer::inspect::ktls`).
 
 pub mod ca;
 pub mod detect;
+pub mod ktls;
 pub mod proxy;
 pub mod redirect;
 pub mod relay;
@@ -81,14 +82,14 @@ impl InspectPath {
     }
 
     /// Chooses the path for this run by asking the kernel for the whole kernel path:
-    /// [`Ktls::load`](crate::ktls::Ktls::load) checks for kTLS, loads the sockmap object and
+    /// [`Ktls::load`](crate::inspect::ktls::Ktls::load) checks for kTLS, loads the sockmap object and
     /// gives kTLS keys to a loopback socket in its sockmap. Linux refuses that last step
     /// wherever TLS and sockmap are mutually exclusive (Debian's 6.1 and 6.12 among them;
-    /// see `enforcer::ktls`), so there the answer is user space, and `why` carries the
+    /// see `enforcer::inspect::ktls`), so there the answer is user space, and `why` carries the
     /// kernel's words.
     pub fn choose() -> InspectPath {
-        let why = match crate::ktls::Ktls::load(&[], |_| false) {
-            Err(e) => crate::daemon::error_chain(&e),
+        let why = match crate::inspect::ktls::Ktls::load(&[], |_| false) {
+            Err(e) => crate::error::error_chain(&e),
             // No kernel that still combines them was available to test the hand-off of the
             // proxy's connections on, so it is not wired in; the log says so.
             Ok(_) => "the kernel combines kTLS and sockmap, but the proxy's kernel hand-off is \

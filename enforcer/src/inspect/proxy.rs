@@ -57,7 +57,7 @@ use super::{
     relay::{self, Direction},
 };
 use crate::{
-    audit::{UserAudit, UserEvent, UserSource},
+    node::audit::{UserAudit, UserEvent, UserSource},
     policy::{Agent, DetectorAction, Mode, Policy, Proto, normalize_name},
 };
 
@@ -359,7 +359,7 @@ impl Proxy {
                     }
                     self.policy.borrow_and_update();
                     if let Err(e) = self.update_redirect() {
-                        tracing::error!(error = %crate::daemon::error_chain(&e), "updating the transparent redirect");
+                        tracing::error!(error = %crate::error::error_chain(&e), "updating the transparent redirect");
                     }
                 }
                 accepted = accept(self.connect.as_ref()) => {
@@ -417,7 +417,7 @@ impl Shared {
                 Ok(newer) => *current = newer,
                 // Not reachable within the policy's limits on detectors; say so loudly.
                 Err(e) => tracing::error!(
-                    error = %crate::daemon::error_chain(&e),
+                    error = %crate::error::error_chain(&e),
                     "compiling the detectors; keeping the previous ones"
                 ),
             }
@@ -636,7 +636,7 @@ impl Shared {
         let leaf = match self.ca.leaf(&name) {
             Ok(leaf) => leaf,
             Err(e) => {
-                tracing::error!(name, error = %crate::daemon::error_chain(&e), "proxy: minting a leaf");
+                tracing::error!(name, error = %crate::error::error_chain(&e), "proxy: minting a leaf");
                 self.stats.connection(who.agent.id, Outcome::AgentFailed);
                 return;
             }

@@ -56,10 +56,7 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{
-    compile::Limits,
-    dataplane::{AttachMode, HookChoice},
-};
+use crate::dataplane::{AttachMode, HookChoice, compile::Limits};
 
 /// Errors reading the configuration.
 #[derive(Debug, Error)]
@@ -129,7 +126,7 @@ struct RawConfig {
     audit_burst: u32,
     #[serde(default)]
     limits: RawLimits,
-    control_plane: Option<crate::sync::SyncConfig>,
+    control_plane: Option<crate::controlplane::sync::SyncConfig>,
     dns: Option<RawDns>,
     inspect: Option<RawInspect>,
 }
@@ -274,9 +271,9 @@ pub struct Config {
     /// The hash-chained audit log.
     pub audit_log: PathBuf,
     /// Per-agent audit event budget.
-    pub audit_rate: crate::audit::AuditRate,
+    pub audit_rate: crate::node::audit::AuditRate,
     /// Where policy comes from, when a control plane manages it (paths resolved).
-    pub control_plane: Option<crate::sync::SyncConfig>,
+    pub control_plane: Option<crate::controlplane::sync::SyncConfig>,
     /// Map capacities.
     pub limits: Limits,
     /// The agents' DNS resolver, when configured.
@@ -405,7 +402,7 @@ impl Config {
                 cp.validate().map_err(|e| ConfigError::Invalid {
                     path: path.to_path_buf(),
                     field: "control_plane",
-                    message: crate::daemon::error_chain(&e),
+                    message: crate::error::error_chain(&e),
                 })?;
                 Some(cp)
             }
@@ -423,7 +420,7 @@ impl Config {
             metrics_top_agents: raw.metrics_top_agents,
             audit_log: base.join(&raw.audit_log),
             control_plane,
-            audit_rate: crate::audit::AuditRate {
+            audit_rate: crate::node::audit::AuditRate {
                 events_per_sec: raw.audit_events_per_sec,
                 burst: raw.audit_burst,
             },

@@ -32,6 +32,11 @@
 //! version is not re-sent on the same stream; a reconnecting node gets it again. `Nodes`
 //! lists every node seen since the server started.
 
+pub mod bundle;
+pub mod certs;
+pub mod proto;
+pub mod sync;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
@@ -55,15 +60,17 @@ use tonic::{
 };
 
 use crate::{
-    bundle::{KeyError, SigningKey},
-    policy,
-    proto::{
-        self, Bundle, NodeMessage, NodesRequest, NodesResponse,
-        node_message::Kind,
-        policy_sync_client::PolicySyncClient,
-        policy_sync_server::{PolicySync, PolicySyncServer},
+    controlplane::{
+        bundle::{KeyError, SigningKey},
+        proto::{
+            Bundle, NodeMessage, NodesRequest, NodesResponse,
+            node_message::Kind,
+            policy_sync_client::PolicySyncClient,
+            policy_sync_server::{PolicySync, PolicySyncServer},
+        },
+        sync::{ClientEndpoint, SyncError},
     },
-    sync::{ClientEndpoint, SyncError},
+    policy,
 };
 
 /// Default interval between two scans of the policy directory.
@@ -109,7 +116,7 @@ const NODES_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ControlPlaneConfig {
     /// The policy directory.
     pub dir: PathBuf,
-    /// The Ed25519 signing key (`signing.key` from [`crate::bundle::keygen`]).
+    /// The Ed25519 signing key (`signing.key` from [`crate::controlplane::bundle::keygen`]).
     pub signing_key: PathBuf,
     /// Address to listen on (only read by [`serve`]; [`serve_on`] takes a listener).
     pub listen: SocketAddr,
@@ -463,7 +470,7 @@ async fn poll(shared: Arc<Shared>, interval: Duration) {
         match scan(shared.dir.clone()).await {
             Ok(files) => shared.apply_scan(files),
             Err(e) => tracing::warn!(
-                error = %crate::daemon::error_chain(&e),
+                error = %crate::error::error_chain(&e),
                 "policy directory unreadable; published policies stay as they are"
             ),
         }

@@ -16,14 +16,13 @@ use anyhow::{Context as _, bail};
 use enforcer_common::{Counter, Reason};
 
 use crate::{
-    daemon::Status,
-    dataplane::KernelMaps,
+    dataplane::{KernelMaps, stats},
     lab::{self, BpffsMount, ChildGuard, Netns, TcpEchoServer, UdpSink},
-    stats,
+    node::daemon::Status,
 };
 
 /// The demo's policy, also a worked example of the policy format.
-pub const POLICY: &str = include_str!("../demo/policy.toml");
+pub const POLICY: &str = include_str!("../../demo/policy.toml");
 
 const SERVER: &str = "10.77.100.2";
 const METADATA: &str = "169.254.169.254";
@@ -193,10 +192,10 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     // The daemon drained the ring into the log on exit: show the trail and prove it.
     let log = dir.join("audit.jsonl");
     println!("\n== audit trail ({}), last 3 records", log.display());
-    for line in crate::audit::tail(&log, 3)? {
+    for line in crate::node::audit::tail(&log, 3)? {
         println!("  {line}");
     }
-    let report = crate::audit::verify(&log)?;
+    let report = crate::node::audit::verify(&log)?;
     println!(
         "  `enforcer audit verify`: ok, {} records, hash chain intact\n",
         report.lines

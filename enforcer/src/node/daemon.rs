@@ -24,18 +24,25 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Call, Request, Response},
-    audit::{self, AuditContext, AuditLog, UserAudit},
-    bundle::BundleStore,
-    compile::{self, CompileError, Compiled, Limits},
-    config::Config,
-    dataplane::{ApplyError, Dataplane, DataplaneError, KernelMaps},
-    metrics::{self, DaemonInfo},
-    netlink::{self, LinkEvent, if_index},
-    notify,
+    controlplane::{
+        bundle::BundleStore,
+        sync::{self, ConnectionState, PolicyUpdate},
+    },
+    dataplane::{
+        ApplyError, Dataplane, DataplaneError, KernelMaps,
+        compile::{self, CompileError, Compiled, Limits},
+        stats,
+    },
+    error::error_chain,
+    node::{
+        api::{self, Call, Request, Response},
+        audit::{self, AuditContext, AuditLog, UserAudit},
+        config::Config,
+        metrics::{self, DaemonInfo},
+        netlink::{self, LinkEvent, if_index},
+        notify,
+    },
     policy::{self, Mode, Policy, PolicyError},
-    stats,
-    sync::{self, ConnectionState, PolicyUpdate},
 };
 
 /// Errors that stop the daemon.
@@ -792,18 +799,6 @@ pub fn policy_diff(old: &Policy, old_text: &str, new: &Policy, new_text: &str) -
         "unknown_traffic_changed": old.unknown() != new.unknown(),
         "diff": unified,
     })
-}
-
-/// Renders an error and its sources on one line, as the CLI and logs show them.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 /// Logs a failed sd_notify: systemd would then time the start out, which the log explains.

@@ -1,5 +1,5 @@
 //! Loading the XDP program, pinning its maps and links, and writing compiled policies into
-//! the maps: the thin layer under [`crate::compile`].
+//! the maps: the thin layer under [`crate::dataplane::compile`].
 //!
 //! # Atomic apply
 //! Policy maps hold two slots (see `enforcer_common`). [`apply`] clears the inactive slot,
@@ -12,10 +12,16 @@
 //!
 //! # Audit maps
 //! The program also reports denials through the ring buffer `AUDIT`, which the daemon's
-//! reader ([`crate::audit::run`]) takes with [`Dataplane::take_audit_ring`]; the per-agent
+//! reader ([`crate::node::audit::run`]) takes with [`Dataplane::take_audit_ring`]; the per-agent
 //! suppressed and lost counts (in each agent's `COUNTERS` entry) are read through
 //! [`KernelMaps`], and the
 //! audit limiter's parameters set with [`KernelMaps::set_audit_config`].
+
+pub mod compile;
+pub mod stats;
+pub mod table;
+pub mod testrun;
+pub mod verifier;
 
 use std::{
     fs, io,
@@ -51,12 +57,16 @@ use enforcer_common::{
 use thiserror::Error;
 
 use crate::{
-    audit::AuditRate,
-    compile::{Compiled, Limits, name_rule_set},
-    netlink::{self, XdpAttachMode},
+    dataplane::{
+        compile::{Compiled, Limits, name_rule_set},
+        table::Table,
+        verifier::{VerifierError, VerifierStats},
+    },
+    node::{
+        audit::AuditRate,
+        netlink::{self, XdpAttachMode},
+    },
     policy::{PortRange, Proto},
-    table::{self, Table},
-    verifier::{self, VerifierError, VerifierStats},
 };
 
 /// The XDP object built by `build.rs`.
@@ -520,7 +530,7 @@ pub struct VerifierCost {
     /// (`bpf_prog_info.verified_insns`, Linux 5.16); `None` on an older kernel.
     pub processed: Option<u32>,
     /// What the verifier log says when a copy is verified again (peak states, stack
-    /// depth; see [`crate::verifier`]).
+    /// depth; see [`crate::dataplane::verifier`]).
     pub stats: VerifierStats,
 }
 
@@ -729,7 +739,7 @@ impl Dataplane {
         })
     }
 
-    /// Takes the audit ring buffer out of the loaded object, for [`crate::audit::run`]. A
+    /// Takes the audit ring buffer out of the loaded object, for [`crate::node::audit::run`]. A
     /// ring has one reader: a second call fails with [`DataplaneError::MissingMap`].
     pub fn take_audit_ring(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
         let name = maps::AUDIT;
@@ -2206,7 +2216,7 @@ mod tests {
         assert_eq!(slot_config(&c).flags, SLOT_UNKNOWN_DROP);
         c.interfaces.push((3, 1));
         c.source_prefixes_v6.push((
-            crate::compile::Prefix {
+            crate::dataplane::compile::Prefix {
                 addr: [0; 16],
                 len: 64,
             },

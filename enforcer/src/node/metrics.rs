@@ -437,8 +437,8 @@ pub async fn serve(listener: TcpListener, bpffs: PathBuf, info: watch::Receiver<
                     // Map reads are syscalls: keep them off the async threads.
                     let rendered = tokio::task::spawn_blocking(move || {
                         let maps = KernelMaps::from_pins(&bpffs)
-                            .map_err(|e| crate::daemon::error_chain(&e))?;
-                        render(&maps, &info).map_err(|e| crate::daemon::error_chain(&e))
+                            .map_err(|e| crate::error::error_chain(&e))?;
+                        render(&maps, &info).map_err(|e| crate::error::error_chain(&e))
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));

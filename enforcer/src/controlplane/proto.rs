@@ -1,7 +1,7 @@
 //! Messages, client and server of the `enforcer.v1.PolicySync` gRPC service, generated at
 //! build time from `enforcer/proto/enforcer/v1/sync.proto` (the doc comments come from it).
 //!
-//! [`bundle`](crate::bundle) signs and verifies [`Bundle`]s, [`sync`](crate::sync) is the
+//! [`bundle`](crate::controlplane::bundle) signs and verifies [`Bundle`]s, [`sync`](crate::controlplane::sync) is the
 //! node's client and [`controlplane`](crate::controlplane) the server.
 
 #![allow(

@@ -61,8 +61,8 @@ use ring::{
 use thiserror::Error;
 
 use crate::{
+    controlplane::proto::Bundle,
     policy::{self, Policy},
-    proto::Bundle,
 };
 
 /// Prefix of every signed message, so a bundle signature can never be mistaken for a
@@ -627,7 +627,7 @@ impl VerifiedBundle {
 ///
 /// The daemon saves a bundle after applying it and before replying `Ok` to the sync client,
 /// so an ACK means the bundle is enforcing *and* on disk; at start-up it loads the bundle,
-/// applies it, and passes its version to [`crate::sync::run`] as the held version.
+/// applies it, and passes its version to [`crate::controlplane::sync::run`] as the held version.
 #[derive(Clone, Debug)]
 pub struct BundleStore {
     path: PathBuf,
@@ -945,7 +945,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            crate::daemon::error_chain(&e),
+            crate::error::error_chain(&e),
             format!(
                 "stored bundle {} failed verification: bad signature on version 6 (key id {})",
                 store.path().display(),

@@ -21,7 +21,7 @@
 //!
 //! # Daemon integration
 //!
-//! The daemon owns persistence: [`BundleStore`](crate::bundle::BundleStore) in its state
+//! The daemon owns persistence: [`BundleStore`](crate::controlplane::bundle::BundleStore) in its state
 //! directory. It saves a bundle *after* applying it and *before* replying `Ok`, so an ACK
 //! means "enforcing and on disk", and the held version the client tracks never runs ahead
 //! of the store. (The client cannot do this itself: only the daemon knows whether the apply
@@ -76,7 +76,7 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::{
+use crate::controlplane::{
     bundle::{KeyError, VerifiedBundle, Verifier},
     proto::{
         Ack, Bundle, Hello, Nack, NodeMessage, node_message::Kind,
@@ -726,7 +726,7 @@ impl Client {
     }
 }
 
-/// Renders an error and its sources on one line, like [`error_chain`](crate::daemon::error_chain), but readable for
+/// Renders an error and its sources on one line, like [`error_chain`](crate::error::error_chain), but readable for
 /// gRPC errors: a [`Status`] shows as `code: message` (its own `Display` embeds the `Debug`
 /// of its source), and a source whose text the line already ends with is not repeated
 /// (rustls errors reach us wrapped in I/O errors that display the same text).
@@ -757,7 +757,7 @@ fn message(kind: Kind) -> NodeMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::error_chain;
+    use crate::error::error_chain;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
