@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use enforcer::{
+    cli::table,
     dataplane::{self, Dataplane, KernelMaps, stats},
     error::error_chain,
     lab::BpffsMount,
@@ -379,9 +380,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&v);
             } else {
-                println!(
-                    "{:>6}  {:<20} {:<8} {:<24} {:>12} {:>12}",
-                    "ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"
+                let mut rows = table::new(
+                    &["ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"],
+                    &[0, 4, 5],
                 );
                 for a in v.as_array().into_iter().flatten() {
                     let mut matched = join(&a["interfaces"]);
@@ -392,16 +393,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                         }
                         matched.push_str(&prefixes);
                     }
-                    println!(
-                        "{:>6}  {:<20} {:<8} {:<24} {:>12} {:>12}",
-                        a["id"],
-                        a["name"].as_str().unwrap_or(""),
-                        a["mode"].as_str().unwrap_or(""),
+                    rows.add_row(vec![
+                        a["id"].to_string(),
+                        a["name"].as_str().unwrap_or("").to_string(),
+                        a["mode"].as_str().unwrap_or("").to_string(),
                         matched,
-                        a["passed_packets"],
-                        a["dropped_packets"]
-                    );
+                        a["passed_packets"].to_string(),
+                        a["dropped_packets"].to_string(),
+                    ]);
                 }
+                print!("{}", table::render(&rows));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -435,11 +436,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
                 println!("  counters");
+                let mut rows = table::new(&["REASON", "PACKETS", "BYTES"], &[1, 2]);
                 for (reason, c) in v["counters"].as_object().into_iter().flatten() {
-                    println!(
-                        "    {reason:<28} {:>12} pkts {:>14} bytes",
-                        c["packets"], c["bytes"]
-                    );
+                    rows.add_row(vec![
+                        reason.clone(),
+                        c["packets"].to_string(),
+                        c["bytes"].to_string(),
+                    ]);
+                }
+                for line in table::render(&rows).lines() {
+                    println!("    {line}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -494,7 +500,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::to_value(&agents)?);
             } else {
                 println!("policy generation {generation}");
-                print!("{}", stats::table(&agents));
+                print!("{}", table::stats(&agents));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -741,20 +747,20 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&serde_json::to_value(&nodes)?);
             } else {
-                println!(
-                    "{:<20} {:<9} {:>15} {:>15}  LAST NACK",
-                    "NODE", "CONNECTED", "SENT", "ACKED"
+                let mut rows = table::new(
+                    &["NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"],
+                    &[2, 3],
                 );
                 for n in nodes {
-                    println!(
-                        "{:<20} {:<9} {:>15} {:>15}  {}",
+                    rows.add_row(vec![
                         n.node_id,
-                        n.connected,
-                        n.version_sent,
-                        n.version_acked,
-                        n.last_nack_reason.unwrap_or_default()
-                    );
+                        n.connected.to_string(),
+                        n.version_sent.to_string(),
+                        n.version_acked.to_string(),
+                        n.last_nack_reason.unwrap_or_default(),
+                    ]);
                 }
+                print!("{}", table::render(&rows));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -867,18 +873,26 @@ fn top(cli: &Cli, interval: Duration, count: Option<u64>) -> anyhow::Result<Exit
                 "enforcer top - every {:.1}s, Ctrl-C to quit",
                 interval.as_secs_f64()
             );
-            let _ = writeln!(
-                screen,
-                "{:>6}  {:<20} {:>14} {:>14} {:>14}",
-                "ID", "NAME", "PASSED pkt/s", "DROPPED pkt/s", "PASSED bit/s"
+            let mut lines = table::new(
+                &[
+                    "ID",
+                    "NAME",
+                    "PASSED pkt/s",
+                    "DROPPED pkt/s",
+                    "PASSED bit/s",
+                ],
+                &[0, 2, 3, 4],
             );
             for r in &rows {
-                let _ = writeln!(
-                    screen,
-                    "{:>6}  {:<20} {:>14.0} {:>14.0} {:>14.0}",
-                    r.0, r.1, r.2, r.3, r.4
-                );
+                lines.add_row(vec![
+                    r.0.to_string(),
+                    r.1.clone(),
+                    format!("{:.0}", r.2),
+                    format!("{:.0}", r.3),
+                    format!("{:.0}", r.4),
+                ]);
             }
+            screen.push_str(&table::render(&lines));
             print!("{screen}");
             let _ = std::io::stdout().flush();
         }

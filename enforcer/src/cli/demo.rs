@@ -182,7 +182,10 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     let names = Status::read(&runtime_dir)
         .map(|s| s.agents)
         .unwrap_or_default();
-    print!("{}", stats::table(&stats::collect(&maps, &names)?));
+    print!(
+        "{}",
+        crate::cli::table::stats(&stats::collect(&maps, &names)?)
+    );
 
     println!(
         "\n== stopping the daemon (SIGTERM leaves the pinned program enforcing) and cleaning up"

@@ -1,6 +1,7 @@
-//! Per-agent counters read from the pinned maps, as a table for people or JSON for scripts.
+//! Per-agent counters read from the pinned maps, summed by verdict, for the API's JSON and
+//! the CLI's tables ([`crate::cli::table::stats`]).
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::collections::BTreeMap;
 
 use enforcer_common::{Counter, Reason, UNKNOWN_AGENT};
 use serde::{Deserialize, Serialize};
@@ -81,32 +82,6 @@ fn summarize(id: u32, names: &BTreeMap<u32, String>, counters: &[Counter]) -> Ag
     stats
 }
 
-/// Renders the stats as an aligned table, one line per agent, then one indented line per
-/// reason seen.
-pub fn table(stats: &[AgentStats]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>6}  {:<20} {:>14} {:>14}",
-        "AGENT", "NAME", "PASSED", "DROPPED"
-    );
-    for a in stats {
-        let _ = writeln!(
-            out,
-            "{:>6}  {:<20} {:>14} {:>14}",
-            a.id, a.name, a.passed_packets, a.dropped_packets
-        );
-        for (reason, c) in &a.reasons {
-            let _ = writeln!(
-                out,
-                "{:>8}{:<28} {:>12} pkts {:>14} bytes",
-                "", reason, c.packets, c.bytes
-            );
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,8 +107,6 @@ mod tests {
         assert_eq!(s.passed_packets, 7);
         assert_eq!(s.dropped_packets, 3);
         assert_eq!(s.reasons.len(), 3);
-        let t = table(&[s]);
-        assert!(t.contains("rate_limited_bytes"), "{t}");
         assert_eq!(summarize(0, &names, &counters).name, "(unknown)");
         assert_eq!(summarize(9, &names, &counters).name, "agent-9");
     }
