@@ -631,9 +631,20 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Stop { detach } => {
             let config = load_config(&cli.config)?;
-            if let Some(status) = Status::read(&config.runtime_dir).filter(Status::daemon_alive) {
-                // SAFETY: plain kill(2) on a pid we read from our own status file.
-                unsafe { libc::kill(status.pid as i32, libc::SIGTERM) };
+            let status = Status::read(&config.runtime_dir);
+            if let Some(reused) = status.as_ref().and_then(Status::reused_pid) {
+                // A daemon killed outright leaves its pid in status.json; the pid may since
+                // belong to anything. Not ours to signal.
+                eprintln!(
+                    "no daemon to stop: {}/status.json names a daemon that is gone ({reused}); not signalling it",
+                    config.runtime_dir.display()
+                );
+            }
+            if let Some(status) = status
+                && status
+                    .signal_daemon(libc::SIGTERM)
+                    .with_context(|| format!("signalling daemon {}", status.pid))?
+            {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while status.daemon_alive() && Instant::now() < deadline {
                     thread::sleep(Duration::from_millis(50));

@@ -534,3 +534,56 @@ fn audit_tail_follows_with_filters_across_rotation() {
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
     let _ = child.terminate(Duration::from_secs(2));
 }
+
+/// `enforcer stop` after the daemon was killed outright (SIGKILL leaves its pid in
+/// status.json) and its pid given to another process: that process is not signalled, for a
+/// status file of this build (pid and start time) and of an older one (pid only).
+#[test]
+fn stop_never_signals_a_pid_the_daemon_no_longer_holds() {
+    if !require_root("stop_never_signals_a_pid_the_daemon_no_longer_holds") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(POLICY);
+    lab.start_daemon();
+    let daemon = lab.status();
+    assert!(
+        daemon.pid_start.is_some(),
+        "status.json names the daemon by pid and start time: {daemon:?}"
+    );
+    lab.stop_daemon(libc::SIGKILL);
+    assert_eq!(
+        lab.status().pid,
+        daemon.pid,
+        "a killed daemon leaves its pid"
+    );
+
+    // The kernel cannot be made to reuse a pid on demand: the status file is pointed at a
+    // bystander instead, as if the daemon's pid had been handed to it.
+    let mut bystander = ChildGuard::new(Command::new("sleep").arg("300").spawn().unwrap());
+    let config = lab.config_path();
+    for (what, pid_start) in [("this build", daemon.pid_start), ("an older build", None)] {
+        let status = enforcer::node::daemon::Status {
+            pid: bystander.id(),
+            pid_start,
+            ..daemon.clone()
+        };
+        std::fs::write(
+            lab.runtime_dir().join("status.json"),
+            serde_json::to_string(&status).unwrap(),
+        )
+        .unwrap();
+        let out = lab.cli(&["--config", config.to_str().unwrap(), "stop"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: stop failed: {stderr}");
+        assert!(
+            stderr.contains("not signalling"),
+            "{what}: stop should say why it signals nothing: {stderr}"
+        );
+        assert!(
+            bystander.child_mut().try_wait().unwrap().is_none(),
+            "{what}: enforcer stop signalled pid {}, which is not the daemon",
+            bystander.id()
+        );
+    }
+}

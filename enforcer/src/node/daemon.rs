@@ -149,6 +149,12 @@ pub struct Status {
     /// The daemon's pid, written once start-up is complete (policy, proxy and its
     /// redirect, metrics, DNS); 0 while it starts and once it exited.
     pub pid: u32,
+    /// When that process started, in clock ticks since boot (`/proc/PID/stat`, field 22).
+    /// With the pid it names one process: a daemon killed with SIGKILL leaves its pid here,
+    /// and the kernel may give that pid to any later process, which `enforcer stop` must
+    /// not signal. Absent in status files of older daemons.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     /// Policy generation enforcing now.
     pub generation: u64,
     /// The policy file.
@@ -189,11 +195,92 @@ impl Status {
         )
     }
 
-    /// Whether the daemon that wrote this is still running.
+    /// Whether the daemon that wrote this is still running: its pid exists and is the same
+    /// process (see [`Status::pid_start`]), not a later one the pid was given to.
     pub fn daemon_alive(&self) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        self.pid != 0 && unsafe { libc::kill(self.pid as i32, 0) } == 0
+        self.pid != 0 && self.reused_pid().is_none() && process_start(self.pid).is_some()
     }
+
+    /// When the pid this names is held by another process than the daemon that wrote it:
+    /// what that process is, to say so. `None` when the pid is the daemon's or is gone.
+    pub fn reused_pid(&self) -> Option<String> {
+        if self.pid == 0 {
+            return None;
+        }
+        let started = process_start(self.pid)?;
+        let comm = fs::read_to_string(format!("/proc/{}/comm", self.pid))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        let same = match self.pid_start {
+            Some(recorded) => started == recorded,
+            // An older daemon recorded no start time: the command name is the best check.
+            None => comm == "enforcer",
+        };
+        (!same).then(|| {
+            format!(
+                "pid {} is now {comm:?}, started at tick {started}",
+                self.pid
+            )
+        })
+    }
+}
+
+impl Status {
+    /// Sends `signal` to the daemon that wrote this, if it still runs; `Ok(false)` when it
+    /// does not (gone, or its pid now held by another process). The pid is pinned with a
+    /// pidfd (Linux 5.3) before its start time is checked, so it cannot be handed to
+    /// another process between the check and the signal.
+    pub fn signal_daemon(&self, signal: libc::c_int) -> std::io::Result<bool> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        if self.pid == 0 {
+            return Ok(false);
+        }
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ESRCH) {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        if !self.daemon_alive() {
+            return Ok(false);
+        }
+        // SAFETY: pidfd_send_signal(2) with our pidfd, no siginfo, no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc == 0 {
+            Ok(true)
+        } else {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/PID/stat`, field 22), or `None`
+/// when there is no such process. The command name in field 2 may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the name: field 22 is the 20th.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
@@ -1096,6 +1183,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     // Ready: what waits on status.json (the demo, tests, scripts) may now rely on all of it.
     daemon.status.pid = std::process::id();
+    daemon.status.pid_start = process_start(daemon.status.pid);
     daemon.status.write(&daemon.config.runtime_dir)?;
     warn_notify(notify::ready(&daemon.status.summary()));
     tracing::info!(
@@ -1164,6 +1252,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     tracing::info!("exiting; the pinned program keeps enforcing the last good policy");
     let _ = fs::remove_file(&daemon.config.socket);
     daemon.status.pid = 0;
+    daemon.status.pid_start = None;
     daemon.status.write(&daemon.config.runtime_dir)
 }
 
@@ -1176,5 +1265,39 @@ fn release_freed_heap() {
     // SAFETY: malloc_trim only hands free heap pages back; it touches no live allocation.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_start_reads_field_22_after_the_command_name() {
+        let me = std::process::id();
+        let started = process_start(me).expect("this process has a start time");
+        assert!(started > 0);
+        assert_eq!(
+            process_start(me),
+            Some(started),
+            "a start time does not change"
+        );
+        let status = Status {
+            pid: me,
+            pid_start: Some(started),
+            ..Status::default()
+        };
+        assert!(status.daemon_alive() && status.reused_pid().is_none());
+        // The same pid with another start time: a later process, never the daemon.
+        let reused = Status {
+            pid_start: Some(started + 1),
+            ..status.clone()
+        };
+        assert!(!reused.daemon_alive());
+        assert!(
+            reused
+                .reused_pid()
+                .is_some_and(|r| r.contains(&me.to_string()))
+        );
     }
 }
