@@ -11,14 +11,15 @@
 //!   client that receives them;
 //! - [`inspect`]: the inspecting TLS proxy and its kernel-TLS hand-off;
 //! - [`dns`]: the per-agent resolver behind host-name rules;
-//! - [`cli`]: what only the command line uses (the demo);
-//! - at the top: the [`policy`] model, [`error`] helpers, and the network-namespace [`lab`]
-//!   the demo, tests and benchmarks share.
+//! - [`cli`]: what only the command line uses (the demo and its tables);
+//! - at the top: the [`policy`] model, [`error`] helpers, [`durable`] file replacement, and
+//!   the network-namespace [`lab`] the demo, tests and benchmarks share.
 
 pub mod cli;
 pub mod controlplane;
 pub mod dataplane;
 pub mod dns;
+pub mod durable;
 pub mod error;
 pub mod inspect;
 pub mod lab;

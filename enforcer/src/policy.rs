@@ -766,6 +766,20 @@ pub fn parse(origin: &str, text: &str) -> Result<Policy, PolicyError> {
         location: lines.locate(e.span().map_or(0, |s| s.start)),
         message: e.message().trim_end().to_owned(),
     })?;
+    // A document with nothing in it (zero length, or blanks and comments only) is refused:
+    // a crash or a full disk that emptied the file must not leave a server enforcing
+    // nothing. A policy with no agents says so: `agents = []`.
+    if tree.get_ref().is_empty() {
+        return Err(PolicyError::Invalid {
+            issues: vec![Issue {
+                location: lines.locate(0),
+                field: String::new(),
+                message: "the policy is empty; a policy with no agents says so explicitly \
+                          (`agents = []`)"
+                    .to_owned(),
+            }],
+        });
+    }
     // The tree is consumed, not cloned: a spanned tree is several kilobytes per agent (a
     // second copy took a 100,000-agent apply's peak from ~260 to ~530 MB). Only an error
     // needs it again, and then it is parsed again.
@@ -1548,6 +1562,24 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
     }
 
     #[test]
+    fn an_empty_policy_is_an_error_and_no_agents_is_said_explicitly() {
+        for text in ["", "\n  \n", "# only a comment\n"] {
+            let e = parse("policy.toml", text).unwrap_err().to_string();
+            assert!(
+                e.contains("policy.toml:1:1") && e.contains("the policy is empty"),
+                "{text:?}: {e}"
+            );
+        }
+        assert!(
+            parse("policy.toml", "agents = []\n")
+                .unwrap()
+                .agents()
+                .is_empty()
+        );
+        assert!(parse("policy.toml", "[defaults]\nunknown = \"drop\"\n").is_ok());
+    }
+
+    #[test]
     fn documented_example_parses() {
         let p = parse("policy.toml", EXAMPLE).unwrap();
         assert_eq!(p.unknown(), UnknownTraffic::Pass);
@@ -1606,7 +1638,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         // A bare address is a host route.
         assert_eq!(a.sources, vec![net("10.0.0.1/32"), net("fd00::/8")]);
 
-        let p = parse("p.toml", "").unwrap();
+        let p = parse("p.toml", "agents = []\n").unwrap();
         assert!(p.agents().is_empty());
     }
 

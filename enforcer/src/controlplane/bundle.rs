@@ -649,29 +649,12 @@ impl BundleStore {
     /// Replaces the stored bundle atomically: write a temporary file, sync it, rename it
     /// over the old one, sync the directory. A crash leaves the old bundle or the new one.
     pub fn save(&self, bundle: &VerifiedBundle) -> Result<(), StoreError> {
-        let tmp = self.path.with_extension("pb.tmp");
-        let write_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Write { path, source }
-        };
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(write_err(&tmp))?;
-        file.write_all(&bundle.bundle.encode_to_vec())
-            .and_then(|()| file.sync_all())
-            .map_err(write_err(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, &self.path).map_err(write_err(&self.path))?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(write_err(dir))?;
-        }
-        Ok(())
+        crate::durable::replace(&self.path, &bundle.bundle.encode_to_vec(), 0o644).map_err(
+            |source| StoreError::Write {
+                path: self.path.clone(),
+                source,
+            },
+        )
     }
 
     /// Loads and re-verifies the stored bundle; `Ok(None)` when there is none.

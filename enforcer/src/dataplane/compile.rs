@@ -1110,7 +1110,7 @@ ports = 8443
     #[test]
     fn unknown_drop() {
         assert!(ok("[defaults]\nunknown = \"drop\"\n").unknown_drop);
-        assert!(!ok("").unknown_drop);
+        assert!(!ok("agents = []\n").unknown_drop);
     }
 
     #[test]

@@ -283,14 +283,13 @@ pub fn process_start(pid: u32) -> Option<u64> {
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Replaces a file of the daemon's (status, overrides, the policy file) durably: a crash
+/// leaves the old contents or the new (see [`crate::durable`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|source| DaemonError::State {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::durable::replace(path, bytes, 0o644).map_err(|source| DaemonError::State {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Names of the agents in a policy, by id, for status and stats.
