@@ -375,6 +375,19 @@ pub struct AgentCounters {
 }
 const _: () = assert!(size_of::<AgentCounters>() == 16 * Reason::COUNT as usize + 16);
 
+impl AgentCounters {
+    /// Adds `other` into `self`, reason by reason: one CPU's values into a sum, or one
+    /// agent's into a total (user space).
+    pub fn add(&mut self, other: &AgentCounters) {
+        for (total, c) in self.by_reason.iter_mut().zip(&other.by_reason) {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+        self.audit.suppressed += other.audit.suppressed;
+        self.audit.lost += other.audit.lost;
+    }
+}
+
 /// [`AuditEvent::family`]: the frame's IP header could not be read; addresses, protocol and
 /// ports are zero.
 pub const AUDIT_FAMILY_NONE: u8 = 0;

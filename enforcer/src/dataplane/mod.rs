@@ -2258,12 +2258,7 @@ fn possible_cpus(map: &'static str) -> Result<usize, MapsError> {
 fn sum_counters(per_cpu: &[AgentCounters]) -> AgentCounters {
     let mut sum = AgentCounters::default();
     for cpu in per_cpu {
-        for (total, c) in sum.by_reason.iter_mut().zip(&cpu.by_reason) {
-            total.packets += c.packets;
-            total.bytes += c.bytes;
-        }
-        sum.audit.suppressed += cpu.audit.suppressed;
-        sum.audit.lost += cpu.audit.lost;
+        sum.add(cpu);
     }
     sum
 }

@@ -199,12 +199,7 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
                 unknown = *c;
                 return;
             }
-            for (sum, c) in sums.by_reason.iter_mut().zip(&c.by_reason) {
-                sum.packets += c.packets;
-                sum.bytes += c.bytes;
-            }
-            sums.audit.suppressed += c.audit.suppressed;
-            sums.audit.lost += c.audit.lost;
+            sums.add(c);
             busiest.offer(id, c);
         },
     )?;
