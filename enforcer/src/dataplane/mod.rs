@@ -415,25 +415,48 @@ fn measure_clock(probe: &Xdp) -> Result<Clock, Box<dyn std::error::Error + Send 
     // read: that reading is a lower bound of the tick's time, which keeps the tick clock
     // from ever running ahead. (A reading taken after the `jiffies` read is no bound: the
     // tick's interrupt can land between the two and last long.)
+    //
+    // The kernel advances `jiffies` in the tick's interrupt, which can come late (a busy or
+    // virtual CPU; under an emulator by hundreds of microseconds). A late tick makes that
+    // bound late too, and the tick clock would then run ahead by the delay whenever later
+    // ticks come on time. So several ticks are watched and the earliest implied start of
+    // tick `jiffies = 0` kept: one tick on time is enough.
+    const TICKS: u32 = 5;
+    let tick_units = tick_ns << TIME_SHIFT;
     let (mut jiffies, mut before_ns) = sample()?;
-    // One tick at most; a second is far beyond any HZ.
+    // A few ticks; a second is far beyond them at any HZ.
     let deadline = before_ns + 1_000_000_000;
-    loop {
+    let mut offset: Option<u64> = None;
+    let mut seen = 0;
+    while seen < TICKS {
         let (j, ns) = sample()?;
         if j != jiffies {
-            let tick_units = tick_ns << TIME_SHIFT;
-            return Ok(Clock {
-                tick_units,
-                offset: j
-                    .wrapping_mul(tick_units)
-                    .wrapping_sub(before_ns << TIME_SHIFT),
-            });
+            let this = j
+                .wrapping_mul(tick_units)
+                .wrapping_sub(before_ns << TIME_SHIFT);
+            // The largest offset is the earliest start: the tick clock that lags most.
+            // Offsets of one boot differ by far less than half the u64 range, so their
+            // wrapping difference orders them.
+            offset = Some(offset.map_or(this, |o| {
+                if (this.wrapping_sub(o) as i64) > 0 {
+                    this
+                } else {
+                    o
+                }
+            }));
+            seen += 1;
         }
         if ns > deadline {
-            return Err(format!("jiffies stayed at {jiffies} for a second").into());
+            return Err(
+                format!("jiffies advanced {seen} times in a second, from {jiffies}").into(),
+            );
         }
         (jiffies, before_ns) = (j, ns);
     }
+    Ok(Clock {
+        tick_units,
+        offset: offset.expect("TICKS > 0 ticks were seen"),
+    })
 }
 
 /// Buckets per slot of a table for at most `keys` keys: room for one key per bucket (see
