@@ -195,6 +195,14 @@ enum AuditCommand {
         /// chain that starts after seq 1, and say where.
         #[arg(long)]
         continued: bool,
+        /// The chain head the daemon saved outside the log (`audit-head.json`): the files
+        /// must still reach it, so records cut from the end are caught. By default the
+        /// daemon's, when the last file given is the configured audit log.
+        #[arg(long, conflicts_with = "no_head")]
+        head: Option<PathBuf>,
+        /// Do not check against a saved chain head.
+        #[arg(long)]
+        no_head: bool,
     },
 }
 
@@ -248,6 +256,42 @@ fn main() -> ExitCode {
 /// Bad input: a message naming the place, reported with the distinct exit code.
 fn bad(message: String) -> anyhow::Error {
     BadInputError(message).into()
+}
+
+/// The chain head `audit verify` checks the files against: `--head`, or the daemon's when
+/// the last file is the configured log and a head was saved; none with `--no-head`.
+fn verify_head(
+    cli: &Cli,
+    files: &[PathBuf],
+    head: Option<&Path>,
+    no_head: bool,
+) -> Result<Option<(PathBuf, enforcer::node::audit::Head)>, enforcer::node::audit::AuditError> {
+    use enforcer::node::audit::{Head, head::FILE_NAME};
+    if no_head {
+        return Ok(None);
+    }
+    if let Some(path) = head {
+        return match Head::load(path)? {
+            Some(h) => Ok(Some((path.to_path_buf(), h))),
+            None => Err(enforcer::node::audit::AuditError::Io {
+                op: "reading the chain head of",
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            }),
+        };
+    }
+    let Ok(config) = Config::load(&cli.config) else {
+        return Ok(None);
+    };
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !files.last().is_some_and(|f| same(f, &config.audit_log)) {
+        return Ok(None);
+    }
+    let path = config.state_dir.join(FILE_NAME);
+    Ok(Head::load(&path)?.map(|h| (path, h)))
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
@@ -362,6 +406,26 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("last apply  {} us", v["apply_micros"]);
                 if let Some(e) = v["last_error"].as_str() {
                     println!("last error  {e} (the previous policy keeps enforcing)");
+                }
+                let audit = &v["audit"];
+                println!(
+                    "audit log   {} at seq {}, head {}",
+                    audit["file"].as_str().unwrap_or("-"),
+                    audit["seq"],
+                    audit["head"].as_str().unwrap_or("-")
+                );
+                if let Some(e) = audit["last_error"].as_str() {
+                    println!(
+                        "audit error {e} (failing since {}; {} events not written, retrying)",
+                        audit["failing_since"].as_str().unwrap_or("?"),
+                        audit["events_unwritten"]
+                    );
+                }
+                if let Some(e) = audit["head_error"].as_str() {
+                    println!("audit error {e}");
+                }
+                for found in audit["recovered"].as_array().into_iter().flatten() {
+                    println!("audit start {}", found.as_str().unwrap_or_default());
                 }
                 if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
                     println!(
@@ -589,9 +653,24 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit {
-            command: AuditCommand::Verify { files, continued },
-        } => match enforcer::node::audit::verify_set(files, *continued) {
-            Ok(report) => {
+            command:
+                AuditCommand::Verify {
+                    files,
+                    continued,
+                    head,
+                    no_head,
+                },
+        } => match verify_head(cli, files, head.as_deref(), *no_head).and_then(|anchor| {
+            Ok((
+                enforcer::node::audit::verify_anchored(
+                    files,
+                    *continued,
+                    anchor.as_ref().map(|a| &a.1),
+                )?,
+                anchor,
+            ))
+        }) {
+            Ok((report, anchor)) => {
                 let names = files
                     .iter()
                     .map(|f| f.display().to_string())
@@ -605,6 +684,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                         "last_seq": report.last_seq,
                         "starts_after": report.starts_after,
                         "head": report.head,
+                        "head_file": anchor.as_ref().map(|a| &a.0),
+                        "head_checked_seq": report.anchor_checked,
                     }));
                 } else {
                     println!(
@@ -616,6 +697,20 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                             "the chain starts at seq {}, after a line hashing to {} (in an older rotated file, not given)",
                             report.first_seq, report.starts_after
                         );
+                    }
+                    match (&anchor, report.anchor_checked) {
+                        (Some((file, _)), Some(seq)) => println!(
+                            "the log reaches the head saved in {} (seq {seq}): nothing was cut from its end",
+                            file.display()
+                        ),
+                        (Some((file, a)), None) => println!(
+                            "the head saved in {} (seq {}) lies before the files given: their end is not checked",
+                            file.display(),
+                            a.seq
+                        ),
+                        (None, _) => println!(
+                            "no saved chain head checked: records cut from the end would not show (see --head)"
+                        ),
                     }
                 }
                 Ok(ExitCode::SUCCESS)

@@ -551,7 +551,12 @@ fn reader_task_writes_a_verifiable_chained_log() {
         let program = dp.program(programs::ENFORCE).unwrap();
         let summary = runtime.block_on(async {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let log = AuditLog::open(&path).unwrap();
+            let log = audit::Writer::new(
+                AuditLog::open(&path).unwrap(),
+                Vec::new(),
+                None,
+                audit::SharedHealth::default(),
+            );
             let (user, user_rx) = audit::UserAudit::channel();
             let (_reopen, reopen_rx) = tokio::sync::mpsc::channel(1);
             let reader = tokio::spawn(audit::run(

@@ -36,7 +36,9 @@ use crate::{
     error::error_chain,
     node::{
         api::{self, Call, Request, Response},
-        audit::{self, AuditContext, AuditLog, UserAudit},
+        audit::{
+            self, AuditContext, AuditLog, Head, NoticeRecord, SharedHealth, UserAudit, Writer,
+        },
         config::Config,
         metrics::{self, DaemonInfo},
         netlink::{self, LinkEvent, if_index},
@@ -317,6 +319,8 @@ struct Daemon {
     current: Option<Enforcing>,
     info: watch::Sender<DaemonInfo>,
     audit: watch::Sender<AuditContext>,
+    /// How writing the audit log goes.
+    audit_health: SharedHealth,
     /// Where user-space components (DNS resolver, inspecting proxy) record audit events.
     user_audit: UserAudit,
     /// The enforcing policy, for the inspecting proxy (names, detectors, who is inspected)
@@ -670,6 +674,7 @@ impl Daemon {
                 "pending": self.status.pending,
                 "hooks": self.dataplane.hooks(),
                 "overrides": self.status.overrides,
+                "audit": self.audit_health,
                 "bpffs": self.config.bpffs,
                 "control_plane": self.control_plane.as_ref().map(|state| json!({
                     "url": self.config.control_plane.as_ref().map(|c| c.url.clone()),
@@ -948,6 +953,44 @@ fn start_dns(daemon: &mut Daemon) -> Result<Option<DnsTask>, DaemonError> {
     Ok(Some((stop, task)))
 }
 
+/// Opens the audit log where the chain head saved in the state directory says it ended
+/// (see [`audit::head`]); what opening finds (a torn tail, a cut one, an unreadable head)
+/// becomes the first records the writer appends.
+fn open_audit(config: &Config) -> Result<Writer, DaemonError> {
+    let head_file = config.state_dir.join(audit::head::FILE_NAME);
+    let mut notices = Vec::new();
+    let head = match Head::load(&head_file) {
+        Ok(head) => head.filter(|h| {
+            let ours = h.log == config.audit_log;
+            if !ours {
+                tracing::info!(head = %head_file.display(), log = %h.log.display(), "the saved audit chain head is of another log file; starting from this one's end");
+            }
+            ours
+        }),
+        Err(e) => {
+            let detail = format!(
+                "{}; the log's tail cannot be checked against it",
+                error_chain(&e)
+            );
+            tracing::error!("{detail}");
+            notices.push(NoticeRecord::new("chain_head_unreadable", 0, detail));
+            None
+        }
+    };
+    let (log, found) =
+        AuditLog::open_at(&config.audit_log, head.as_ref()).map_err(|e| DaemonError::Audit {
+            path: config.audit_log.clone(),
+            source: e,
+        })?;
+    notices.extend(found);
+    Ok(Writer::new(
+        log,
+        notices,
+        Some(head_file),
+        SharedHealth::default(),
+    ))
+}
+
 /// Whether `dir` is on a tmpfs (`/run`, `/tmp` on most systems): emptied at every boot.
 fn on_tmpfs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
@@ -1077,10 +1120,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         .maps()
         .set_audit_config(config.audit_rate.config())?;
     let ring = dataplane.take_audit_ring()?;
-    let log = AuditLog::open(&config.audit_log).map_err(|e| DaemonError::Audit {
-        path: config.audit_log.clone(),
-        source: e,
-    })?;
+    let writer = open_audit(&config)?;
+    let audit_health = writer.health().clone();
+    info.send_modify(|i| i.audit = Some(audit_health.clone()));
     let (audit_ctx, audit_rx) =
         watch::channel(AuditContext::new(pinned_generation, "", BTreeMap::new()));
     let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1088,7 +1130,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let (audit_reopen, audit_reopen_rx) = mpsc::channel::<()>(1);
     let audit_task = tokio::spawn(audit::run(
         ring,
-        log,
+        writer,
         audit_rx,
         user_audit_rx,
         audit_reopen_rx,
@@ -1113,6 +1155,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         current: None,
         info,
         audit: audit_ctx,
+        audit_health,
         user_audit,
         inspect_policy: watch::channel(None).0,
         store,

@@ -48,6 +48,8 @@ pub struct DaemonInfo {
     pub dns: Option<crate::dns::DnsMetrics>,
     /// The inspecting proxy's counters, when it runs.
     pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
+    /// How writing the audit log goes.
+    pub audit: Option<crate::node::audit::SharedHealth>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -395,6 +397,9 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         registry.register(name, help, c);
     }
 
+    if let Some(health) = &info.audit {
+        register_audit_writer(&mut registry, &health.get());
+    }
     if let Some(dns) = &info.dns {
         dns.register(&mut registry);
     }
@@ -405,6 +410,57 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     Ok(out)
+}
+
+/// The audit writer's families: whether writing fails, what it cost, and the chain's head
+/// (its `seq`, and the first 52 bits of its hash as a number a collector can keep; the
+/// full hash is in `status`).
+fn register_audit_writer(registry: &mut Registry, health: &crate::node::audit::Health) {
+    let gauge = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    registry.register(
+        "audit_log_failing",
+        "1 while appending to the audit log fails (see status for the error); events are counted, not written",
+        gauge(i64::from(health.last_error.is_some())),
+    );
+    registry.register(
+        "audit_log_write_errors",
+        "Attempts to append to the audit log that failed, retries included",
+        counter(health.write_errors),
+    );
+    registry.register(
+        "audit_events_unwritten",
+        "Audit events not written because appending to the log failed; the chain records each gap",
+        counter(health.events_unwritten),
+    );
+    registry.register(
+        "audit_chain_seq",
+        "seq of the last record in the audit log's hash chain",
+        gauge(i64::try_from(health.seq).unwrap_or(i64::MAX)),
+    );
+    let prefix = health
+        .head
+        .get(..13)
+        .and_then(|h| i64::from_str_radix(h, 16).ok())
+        .unwrap_or(0);
+    registry.register(
+        "audit_chain_head_prefix",
+        "The first 13 hex digits (52 bits) of the hash of the audit log's last record, as a number",
+        gauge(prefix),
+    );
+    registry.register(
+        "audit_chain_head_saved_seq",
+        "seq of the chain head last saved outside the log (state_dir/audit-head.json)",
+        gauge(i64::try_from(health.head_saved_seq).unwrap_or(i64::MAX)),
+    );
 }
 
 /// Serves `GET /metrics` on `listen` until the task is dropped, reading the maps pinned

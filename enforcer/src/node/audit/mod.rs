@@ -35,8 +35,13 @@
 //! re-serializes, so there is no canonical-form question: whatever bytes the writer wrote
 //! are what is chained. Changing, inserting or deleting any line but the last breaks the
 //! chain at a line [`verify`] names. What a chain alone cannot show: removal of lines at the
-//! end, or a whole file rewritten from scratch; anchor [`VerifyReport::head`] somewhere the
-//! host cannot rewrite (remote log, ticket) to cover those.
+//! end, or a last line edited; the writer keeps the chain's head outside the log for that
+//! ([`head`], checked by [`verify_anchored`]). A whole file rewritten from scratch, head
+//! file included, needs the head collected off the host (`status`, `/metrics`).
+//!
+//! # Faults
+//! A write error does not stop the trail: see [`writer`]. A damaged end found at start is
+//! set aside, not refused: see [`AuditLog::open_at`].
 //!
 //! # Rotation
 //! logrotate (or anything) renames the file and signals the daemon (SIGHUP or SIGUSR1),
@@ -73,6 +78,12 @@ use tokio::{
 };
 
 use crate::dataplane::{KernelMaps, MapsError};
+
+pub mod head;
+pub mod writer;
+
+pub use head::Head;
+pub use writer::{Health, SharedHealth, Writer};
 
 /// `prev` of the first line of a file.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -124,12 +135,10 @@ pub enum AuditError {
         problem: Problem,
     },
     /// Appending a record failed; the file was cut back to its last whole record.
-    #[error("appending to audit log {path} ({unwritten} events of the batch not written)")]
+    #[error("appending to audit log {path}")]
     Write {
         /// The log file.
         path: PathBuf,
-        /// Events read from the ring that this call could not write.
-        unwritten: usize,
         /// The underlying error.
         #[source]
         source: io::Error,
@@ -140,6 +149,14 @@ pub enum AuditError {
         /// The underlying error.
         #[source]
         source: serde_json::Error,
+    },
+    /// The chain head saved outside the log is not one.
+    #[error("{path} is not an audit chain head: {message}")]
+    Head {
+        /// The head file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
     },
     /// Registering or polling the ring buffer's file descriptor failed.
     #[error("polling the audit ring buffer (BPF_MAP_TYPE_RINGBUF, Linux 5.8)")]
@@ -192,6 +209,30 @@ pub enum Problem {
     /// truncated.
     #[error("the last line is truncated (no newline at its end)")]
     Truncated,
+    /// The log ends before the head recorded outside it: records were cut from its end.
+    #[error(
+        "the log ends at seq {last_seq}, but the chain head recorded outside it is seq {recorded_seq} ({recorded_hash}): records were cut from the end"
+    )]
+    CutTail {
+        /// `seq` of the log's last record.
+        last_seq: u64,
+        /// `seq` of the recorded head.
+        recorded_seq: u64,
+        /// Hash of the recorded head.
+        recorded_hash: String,
+    },
+    /// The record at the recorded head's `seq` is not the one that was written there.
+    #[error(
+        "seq {seq} hashes to {actual}, but the chain head recorded outside the log says {recorded}: the record was changed (and the lines after it, if any, rewritten)"
+    )]
+    HeadMismatch {
+        /// `seq` of the recorded head.
+        seq: u64,
+        /// SHA-256 of the line as it is now.
+        actual: String,
+        /// The recorded hash.
+        recorded: String,
+    },
 }
 
 /// The audit limiter's budget per agent, as operators write it.
@@ -446,6 +487,8 @@ pub enum UserSource {
     Dns,
     /// The inspecting TLS proxy.
     Proxy,
+    /// The audit writer, about the log itself ([`NoticeRecord`]).
+    Audit,
 }
 
 /// A decision made in user space rather than by the XDP program: a refused DNS name, a
@@ -519,6 +562,36 @@ impl UserRecord {
     }
 }
 
+/// The body of a line the writer adds about the log itself: events it could not write
+/// (`events_lost`), a damaged tail it set aside at start (`tail_set_aside`), a log that
+/// no longer reaches the head recorded outside it (`chain_head_mismatch`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeRecord {
+    /// RFC 3339 UTC wall-clock time the writer wrote it.
+    pub time: String,
+    /// Always [`UserSource::Audit`].
+    pub source: UserSource,
+    /// What happened.
+    pub reason: String,
+    /// Events not written (`events_lost`; 0 for the other reasons).
+    pub events_lost: u64,
+    /// What happened, in words, with the file names and counts to follow it up.
+    pub detail: String,
+}
+
+impl NoticeRecord {
+    /// A notice of `reason`, timed now.
+    pub fn new(reason: &str, events_lost: u64, detail: String) -> Self {
+        NoticeRecord {
+            time: rfc3339(time::OffsetDateTime::now_utc().unix_timestamp_nanos()),
+            source: UserSource::Audit,
+            reason: reason.into(),
+            events_lost,
+            detail,
+        }
+    }
+}
+
 /// Events queued for the writer before [`UserAudit::record`] starts counting them lost.
 pub const USER_QUEUE: usize = 4096;
 
@@ -586,12 +659,32 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
+    /// [`AuditLog::open_at`] without a recorded head, writing the notices it returns: for
+    /// tools and tests that write a log of their own.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let (mut log, notices) = AuditLog::open_at(path, None)?;
+        for notice in &notices {
+            log.append(notice)?;
+        }
+        Ok(log)
+    }
+
     /// Opens `path` for appending, creating it with mode [`LOG_MODE`] (less the umask). An
     /// existing file's chain continues from its last line, so a restarted daemon extends
-    /// the same chain. Only the last line is read (the whole file is [`verify`]'s job); a
-    /// last line without a newline is refused as [`Problem::Truncated`] rather than
-    /// extended, which would bury the damage in the middle of the chain.
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    /// the same chain; an empty file continues `anchor`, the head recorded outside the log
+    /// (a log rotated away while the daemon was stopped). Only the end of the file is read
+    /// (the whole file is [`verify`]'s job).
+    ///
+    /// A damaged end does not stop the opening, which would stop the daemon: a last line
+    /// cut short (a crash or a full disk during a write) or not an audit record is moved to
+    /// a side file beside the log (`<log>.tail-<unix seconds>`) and the log cut back to its
+    /// last whole record. A log that no longer reaches `anchor` (records cut from its end,
+    /// or its last one changed) continues its own last line. Each finding is returned as a
+    /// [`NoticeRecord`] for the writer to append first, so the chain says what happened.
+    pub fn open_at(
+        path: &Path,
+        anchor: Option<&Head>,
+    ) -> Result<(Self, Vec<NoticeRecord>), AuditError> {
         let io_err = |op| {
             move |source| AuditError::Io {
                 op,
@@ -625,43 +718,161 @@ impl AuditLog {
             last_seq: 0,
             head: GENESIS.to_string(),
         };
-        if len == 0 {
-            return Ok(log);
+        let mut notices = Vec::new();
+        if len > 0 {
+            let mut last = [0u8];
+            log.file
+                .seek(SeekFrom::Start(len - 1))
+                .and_then(|_| log.file.read_exact(&mut last))
+                .map_err(io_err("reading"))?;
+            if last[0] != b'\n' {
+                let piece = last_line(&mut log.file, len).map_err(io_err("reading"))?;
+                notices.push(log.set_aside(
+                    len - piece.len() as u64,
+                    "the last line was cut short (a write interrupted by a crash or a full disk)",
+                )?);
+            }
         }
-        let corrupt = |line, problem| AuditError::Corrupt {
-            path: path.to_path_buf(),
-            line,
-            problem,
+        if log.len > 0 {
+            let line = last_line(&mut log.file, log.len - 1).map_err(io_err("reading"))?;
+            match serde_json::from_slice::<ChainFields>(&line) {
+                Ok(fields) => {
+                    log.last_seq = fields.seq;
+                    log.head = sha256_hex(&line);
+                }
+                Err(e) => {
+                    notices.push(log.set_aside(
+                        log.len - line.len() as u64 - 1,
+                        &format!("the last line is not an audit record ({e})"),
+                    )?);
+                    log.read_last_strictly()?;
+                }
+            }
+        }
+        if let Some(anchor) = anchor.filter(|a| a.seq > 0) {
+            if log.len == 0 {
+                log.last_seq = anchor.seq;
+                log.head = anchor.hash.clone();
+            } else if !log.reaches(anchor).map_err(io_err("reading"))? {
+                tracing::error!(path = %path.display(), log_seq = log.last_seq, head_seq = anchor.seq, "the audit log does not reach the chain head recorded outside it");
+                notices.push(NoticeRecord::new(
+                    "chain_head_mismatch",
+                    0,
+                    format!(
+                        "the log ends at seq {} ({}), but the chain head recorded outside it is seq {} ({}): records were cut from the end or changed; the chain continues from the log's last record",
+                        log.last_seq, log.head, anchor.seq, anchor.hash
+                    ),
+                ));
+            }
+        }
+        Ok((log, notices))
+    }
+
+    /// Moves the bytes from `from` to the end into a new side file and cuts the log back to
+    /// `from`; returns the notice that says so.
+    fn set_aside(&mut self, from: u64, why: &str) -> Result<NoticeRecord, AuditError> {
+        let io_err = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Io { op, path, source }
         };
-        let mut last = [0u8];
-        log.file
-            .seek(SeekFrom::Start(len - 1))
-            .and_then(|_| log.file.read_exact(&mut last))
-            .map_err(io_err("reading"))?;
-        if last[0] != b'\n' {
-            let lines = count_lines(&mut log.file).map_err(io_err("reading"))?;
-            return Err(corrupt(lines + 1, Problem::Truncated));
+        let mut piece = vec![0; (self.len - from) as usize];
+        self.file
+            .seek(SeekFrom::Start(from))
+            .and_then(|_| self.file.read_exact(&mut piece))
+            .map_err(io_err("reading", &self.path))?;
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut side = PathBuf::from(format!("{}.tail-{stamp}", self.path.display()));
+        for n in 1.. {
+            if !side.exists() {
+                break;
+            }
+            side = PathBuf::from(format!("{}.tail-{stamp}-{n}", self.path.display()));
         }
-        let line = last_line(&mut log.file, len - 1).map_err(io_err("reading"))?;
+        // The bytes are safe in the side file before the log loses them.
+        crate::durable::replace(&side, &piece, LOG_MODE)
+            .map_err(io_err("setting aside the damaged tail of", &self.path))?;
+        self.file
+            .set_len(from)
+            .and_then(|()| self.file.sync_all())
+            .map_err(io_err("cutting the damaged tail of", &self.path))?;
+        self.len = from;
+        let detail = format!(
+            "{why}: {} bytes after seq {} moved to {}",
+            piece.len(),
+            self.last_whole_seq(),
+            side.display()
+        );
+        tracing::warn!(path = %self.path.display(), "{detail}");
+        Ok(NoticeRecord::new("tail_set_aside", 0, detail))
+    }
+
+    /// `seq` of the last line if it reads as a record, else 0 (for messages only).
+    fn last_whole_seq(&mut self) -> u64 {
+        if self.len == 0 {
+            return 0;
+        }
+        last_line(&mut self.file, self.len - 1)
+            .ok()
+            .and_then(|l| serde_json::from_slice::<ChainFields>(&l).ok())
+            .map_or(0, |f| f.seq)
+    }
+
+    /// Takes the chain's head from the last line, which must be a record.
+    fn read_last_strictly(&mut self) -> Result<(), AuditError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let line = last_line(&mut self.file, self.len - 1).map_err(|source| AuditError::Io {
+            op: "reading",
+            path: self.path.clone(),
+            source,
+        })?;
         let fields: ChainFields = serde_json::from_slice(&line).map_err(|e| {
-            let lines = count_lines(&mut log.file).unwrap_or(0);
-            corrupt(
-                lines,
-                Problem::Unparsable {
+            let lines = count_lines(&mut self.file).unwrap_or(0);
+            AuditError::Corrupt {
+                path: self.path.clone(),
+                line: lines,
+                problem: Problem::Unparsable {
                     message: e.to_string(),
                 },
-            )
+            }
         })?;
-        log.last_seq = fields.seq;
-        log.head = sha256_hex(&line);
-        Ok(log)
+        self.last_seq = fields.seq;
+        self.head = sha256_hex(&line);
+        Ok(())
+    }
+
+    /// Whether the log still holds `anchor`: the line with its `seq` hashes to its hash.
+    /// The log may be ahead of it (records written after the last save of the head); the
+    /// lines after it are walked back from the end.
+    fn reaches(&mut self, anchor: &Head) -> io::Result<bool> {
+        if self.last_seq < anchor.seq {
+            return Ok(false);
+        }
+        let mut end = self.len - 1;
+        let mut line = last_line(&mut self.file, end)?;
+        loop {
+            let Ok(fields) = serde_json::from_slice::<ChainFields>(&line) else {
+                return Ok(false);
+            };
+            if fields.seq <= anchor.seq {
+                return Ok(fields.seq == anchor.seq && sha256_hex(&line) == anchor.hash);
+            }
+            let start = end - line.len() as u64;
+            if start == 0 {
+                return Ok(false);
+            }
+            end = start - 1;
+            line = last_line(&mut self.file, end)?;
+        }
     }
 
     /// Opens the path again if the file there is no longer the one being written (it was
-    /// rotated away); returns whether it did. A new empty file continues this chain (next
-    /// `seq`, `prev` the last line written); a non-empty one continues its own last line, as
-    /// [`AuditLog::open`] would. On an error the current file stays in use.
-    pub fn reopen(&mut self) -> Result<bool, AuditError> {
+    /// rotated away); returns the notices of [`AuditLog::open_at`] if it did. A new empty
+    /// file continues this chain (next `seq`, `prev` the last line written); a non-empty
+    /// one continues its own last line, with a notice that it does not continue this chain.
+    /// On an error the current file stays in use.
+    pub fn reopen(&mut self) -> Result<Option<Vec<NoticeRecord>>, AuditError> {
         use std::os::unix::fs::MetadataExt as _;
         let current = self.file.metadata().map_err(|source| AuditError::Io {
             op: "reading",
@@ -671,17 +882,18 @@ impl AuditLog {
         if let Ok(there) = std::fs::metadata(&self.path)
             && (there.dev(), there.ino()) == (current.dev(), current.ino())
         {
-            return Ok(false);
+            return Ok(None);
         }
-        let mut next = AuditLog::open(&self.path)?;
-        if next.len == 0 {
-            next.last_seq = self.last_seq;
-            next.head = self.head.clone();
-        }
+        let anchor = Head {
+            log: self.path.clone(),
+            seq: self.last_seq,
+            hash: self.head.clone(),
+        };
+        let (next, notices) = AuditLog::open_at(&self.path, Some(&anchor))?;
         // The rotated file keeps what was written; make sure it reached the disk.
         let _ = self.sync();
         *self = next;
-        Ok(true)
+        Ok(Some(notices))
     }
 
     /// Appends `body` (which must serialize to a JSON object, like [`Record`]) as the next
@@ -704,7 +916,6 @@ impl AuditLog {
             let _ = self.file.set_len(self.len);
             return Err(AuditError::Write {
                 path: self.path.clone(),
-                unwritten: 1,
                 source,
             });
         }
@@ -792,6 +1003,9 @@ pub struct VerifyReport {
     /// Hex SHA-256 of the last line ([`GENESIS`] for an empty file): record it outside the
     /// host to make later truncation of the log detectable.
     pub head: String,
+    /// `seq` of the recorded head [`verify_anchored`] found in the log and matched; `None`
+    /// when none was given or it lies before the files given (rotated away).
+    pub anchor_checked: Option<u64>,
 }
 
 /// One line as [`verify`] reads it.
@@ -823,10 +1037,23 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
 /// [`VerifyReport::starts_after`]). Without it, lines cut from the start are caught.
 /// Errors name the file and its line.
 pub fn verify_set(paths: &[PathBuf], continued: bool) -> Result<VerifyReport, AuditError> {
+    verify_anchored(paths, continued, None)
+}
+
+/// [`verify_set`], and with `anchor` (the chain head the writer recorded outside the log,
+/// [`Head`]) also that nothing was cut from the end: the set must reach the anchor's `seq`
+/// ([`Problem::CutTail`]), and the line there must hash to the anchor's hash
+/// ([`Problem::HeadMismatch`]), which also catches a changed last line. Lines after the
+/// anchor are accepted: the writer saves the head a little after it writes.
+pub fn verify_anchored(
+    paths: &[PathBuf],
+    continued: bool,
+    anchor: Option<&Head>,
+) -> Result<VerifyReport, AuditError> {
     let mut report: Option<VerifyReport> = None;
     for path in paths {
         let from = report.as_ref().map(|r| (r.last_seq, r.head.clone()));
-        let part = verify_file(path, from, continued)?;
+        let part = verify_file(path, from, continued, anchor)?;
         report = Some(match report {
             None => part,
             Some(r) => VerifyReport {
@@ -840,16 +1067,34 @@ pub fn verify_set(paths: &[PathBuf], continued: bool) -> Result<VerifyReport, Au
                     part.last_seq
                 },
                 head: if part.lines == 0 { r.head } else { part.head },
+                anchor_checked: r.anchor_checked.or(part.anchor_checked),
             },
         });
     }
-    Ok(report.unwrap_or(VerifyReport {
+    let report = report.unwrap_or(VerifyReport {
         lines: 0,
         first_seq: 0,
         starts_after: GENESIS.to_string(),
         last_seq: 0,
         head: GENESIS.to_string(),
-    }))
+        anchor_checked: None,
+    });
+    if let Some(anchor) = anchor.filter(|a| a.seq > report.last_seq) {
+        let last = paths.last().cloned().unwrap_or_default();
+        let lines = File::open(&last)
+            .and_then(|mut f| count_lines(&mut f))
+            .unwrap_or(0);
+        return Err(AuditError::Corrupt {
+            path: last,
+            line: lines + 1,
+            problem: Problem::CutTail {
+                last_seq: report.last_seq,
+                recorded_seq: anchor.seq,
+                recorded_hash: anchor.hash.clone(),
+            },
+        });
+    }
+    Ok(report)
 }
 
 /// One file of a chain; `from` is the previous file's `(last seq, head)`, `None` for the
@@ -858,6 +1103,7 @@ fn verify_file(
     path: &Path,
     from: Option<(u64, String)>,
     continued: bool,
+    anchor: Option<&Head>,
 ) -> Result<VerifyReport, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Io {
         op: "opening",
@@ -896,6 +1142,7 @@ fn verify_file(
     let anchored = from.is_some() || !continued;
     let (mut prev_seq, mut prev_hash) = from.unwrap_or((0, GENESIS.to_string()));
     let mut first_seq = 0;
+    let mut anchor_checked = None;
     let mut starts_after = prev_hash.clone();
     let mut n = 0;
     let mut next = read(1)?;
@@ -953,6 +1200,19 @@ fn verify_file(
                 )
             });
         }
+        if let Some(anchor) = anchor.filter(|a| a.seq == fields.seq) {
+            if line.hash != anchor.hash {
+                return Err(corrupt(
+                    n,
+                    Problem::HeadMismatch {
+                        seq: anchor.seq,
+                        actual: line.hash,
+                        recorded: anchor.hash.clone(),
+                    },
+                ));
+            }
+            anchor_checked = Some(anchor.seq);
+        }
         prev_hash = line.hash;
         prev_seq = fields.seq;
     }
@@ -962,6 +1222,7 @@ fn verify_file(
         starts_after,
         last_seq: prev_seq,
         head: prev_hash,
+        anchor_checked,
     })
 }
 
@@ -1184,6 +1445,8 @@ pub struct RunSummary {
     /// Ring records of the wrong size, skipped (an object and a daemon from different
     /// builds); each is also logged as a warning.
     pub malformed: u64,
+    /// Events not written because writing the log failed ([`writer`]).
+    pub unwritten: u64,
 }
 
 /// Recent contexts by generation.
@@ -1221,21 +1484,21 @@ impl Contexts {
     }
 }
 
-/// The reader task: appends every event of the ring buffer to `log` until `shutdown`
-/// completes, then drains what the ring holds at that moment and returns.
+/// The reader task: appends every event of the ring buffer to the log through `writer`
+/// until `shutdown` completes, then drains what the ring holds at that moment and returns.
 ///
 /// Wakes on the ring's epoll readiness (tokio `AsyncFd`, no polling interval). Events are
 /// named from `context`: the daemon sends an [`AuditContext`] after each successful apply;
 /// events of a generation newer than any context seen are held up to [`CONTEXT_WAIT`] for
 /// it, then written without names. Each batch ends with an `fdatasync`.
 ///
-/// Returns the first error writing the log (the events of the batch in hand are then not
-/// written, and the error says how many): the caller decides whether to restart. While no
-/// reader runs, the kernel keeps filling the pinned ring and then counts *lost* events, so
-/// nothing disappears unseen.
+/// A write error does not end the task: the [`Writer`] counts what it cannot write and
+/// retries with backoff (see [`writer`]). Only a failing ring ends it with an error; while
+/// no reader runs, the kernel keeps filling the pinned ring and then counts *lost* events,
+/// so nothing disappears unseen.
 pub async fn run(
     ring: RingBuf<MapData>,
-    mut log: AuditLog,
+    mut writer: Writer,
     mut context: watch::Receiver<AuditContext>,
     mut user: mpsc::Receiver<UserEvent>,
     mut reopen: mpsc::Receiver<()>,
@@ -1256,6 +1519,8 @@ pub async fn run(
     let mut summary = RunSummary::default();
     tokio::pin!(shutdown);
     loop {
+        let retry_at = writer.retry_at();
+        let save_due = writer.save_due();
         tokio::select! {
             () = &mut shutdown => break,
             event = user.recv(), if user_open => match event {
@@ -1264,15 +1529,22 @@ pub async fn run(
                     while let Ok(more) = user.try_recv() {
                         events.push(more);
                     }
-                    write_user(events, &mut log, &contexts, &mut summary)?;
+                    write_user(events, &mut writer, &contexts, &mut summary);
                 }
                 None => user_open = false,
             },
             asked = reopen.recv(), if reopen_open => match asked {
                 // A failed reopen keeps writing the file it has: nothing is lost.
-                Some(()) => match log.reopen() {
-                    Ok(true) => tracing::info!(path = %log.path().display(), seq = log.last_seq() + 1, "audit log reopened; the chain continues"),
-                    Ok(false) => {}
+                Some(()) => match writer.log().reopen() {
+                    Ok(Some(notices)) => {
+                        let log = writer.log();
+                        tracing::info!(path = %log.path().display(), seq = log.last_seq() + 1, "audit log reopened; the chain continues");
+                        for notice in &notices {
+                            writer.append(notice);
+                        }
+                        writer.finish();
+                    }
+                    Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "reopening the audit log; still writing the old file"),
                 },
                 None => reopen_open = false,
@@ -1282,6 +1554,13 @@ pub async fn run(
                 // The daemon dropped the sender: keep the last context and stop asking.
                 Err(_) => context_open = false,
             },
+            // Writing failed: retry even when no event comes to try with.
+            () = sleep_until(retry_at), if retry_at.is_some() => {
+                if writer.ready() {
+                    writer.finish();
+                }
+            },
+            () = sleep_until(save_due), if save_due.is_some() => writer.save_head(),
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(|source| AuditError::Ring { source })?;
                 // Clear, then drain: an event committed after the drain's last read raises
@@ -1290,7 +1569,7 @@ pub async fn run(
                 // later event would wait too.)
                 guard.clear_ready();
                 let batch = drain(guard.get_inner_mut(), &mut summary);
-                write_batch(&batch, &mut log, &mut context, &mut contexts, &mut context_open, &mut summary).await?;
+                write_batch(&batch, &mut writer, &mut context, &mut contexts, &mut context_open, &mut summary).await;
             }
         }
     }
@@ -1298,18 +1577,28 @@ pub async fn run(
     while let Ok(more) = user.try_recv() {
         events.push(more);
     }
-    write_user(events, &mut log, &contexts, &mut summary)?;
+    write_user(events, &mut writer, &contexts, &mut summary);
     let batch = drain(fd.get_mut(), &mut summary);
     write_batch(
         &batch,
-        &mut log,
+        &mut writer,
         &mut context,
         &mut contexts,
         &mut context_open,
         &mut summary,
     )
-    .await?;
+    .await;
+    summary.unwritten = writer.health().get().events_unwritten;
+    writer.close();
     Ok(summary)
+}
+
+/// Sleeps until `at` (forever without one: the `select!` arm is disabled then anyway).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Takes every event the ring holds now.
@@ -1334,32 +1623,38 @@ fn drain(ring: &mut RingBuf<MapData>, summary: &mut RunSummary) -> Vec<AuditEven
 /// Appends user-space events, named from the newest context, and syncs.
 fn write_user(
     events: Vec<UserEvent>,
-    log: &mut AuditLog,
+    writer: &mut Writer,
     contexts: &Contexts,
     summary: &mut RunSummary,
-) -> Result<(), AuditError> {
+) {
     if events.is_empty() {
-        return Ok(());
+        return;
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     let context = contexts.recent.back();
     for event in events {
-        log.append(&UserRecord::new(event, context, now))?;
-        summary.records += 1;
+        if writer.append(&UserRecord::new(event, context, now)) {
+            summary.records += 1;
+        }
     }
-    log.sync()
+    writer.finish();
 }
 
 async fn write_batch(
     batch: &[AuditEvent],
-    log: &mut AuditLog,
+    writer: &mut Writer,
     context: &mut watch::Receiver<AuditContext>,
     contexts: &mut Contexts,
     context_open: &mut bool,
     summary: &mut RunSummary,
-) -> Result<(), AuditError> {
+) {
     if batch.is_empty() {
-        return Ok(());
+        return;
+    }
+    if !writer.ready() {
+        // Writing fails and the retry is not due: count, do not wait for names.
+        writer.lose(batch.len() as u64);
+        return;
     }
     let newest_event = batch.iter().map(|e| e.generation).max().unwrap_or(0);
     if newest_event > contexts.newest() && newest_event > contexts.waited_for && *context_open {
@@ -1380,20 +1675,14 @@ async fn write_batch(
         if i > 0 {
             tokio::task::yield_now().await;
         }
-        for (j, event) in chunk.iter().enumerate() {
+        for event in chunk {
             let record = Record::new(event, contexts.get(event.generation), &clock);
-            log.append(&record).map_err(|e| match e {
-                AuditError::Write { path, source, .. } => AuditError::Write {
-                    path,
-                    unwritten: batch.len() - i * WRITE_CHUNK - j,
-                    source,
-                },
-                other => other,
-            })?;
-            summary.records += 1;
+            if writer.append(&record) {
+                summary.records += 1;
+            }
         }
     }
-    log.sync()
+    writer.finish();
 }
 
 #[cfg(test)]
@@ -1626,7 +1915,8 @@ mod tests {
                 first_seq: 0,
                 starts_after: GENESIS.into(),
                 last_seq: 0,
-                head: GENESIS.into()
+                head: GENESIS.into(),
+                anchor_checked: None,
             }
         );
     }
@@ -1643,12 +1933,12 @@ mod tests {
                 .unwrap();
         }
         // Nothing rotated: reopening is a no-op.
-        assert!(!log.reopen().unwrap());
+        assert!(log.reopen().unwrap().is_none());
         // Rotated twice, logrotate style: rename, then the daemon is signalled.
         let (one, two) = (dir.file("audit.jsonl.1"), dir.file("audit.jsonl.2"));
         for rotated in [&two, &one] {
             fs::rename(&path, rotated).unwrap();
-            assert!(log.reopen().unwrap());
+            assert!(log.reopen().unwrap().is_some());
             for i in 0..2 {
                 log.append(&Record::new(&event(i), Some(&ctx), &clock))
                     .unwrap();
@@ -1775,27 +2065,188 @@ mod tests {
         }
     }
 
+    /// The notices opening `path` against `anchor` found, after appending them.
+    fn open_with(path: &Path, anchor: Option<&Head>) -> Vec<NoticeRecord> {
+        let (mut log, notices) = AuditLog::open_at(path, anchor).unwrap();
+        for n in &notices {
+            log.append(n).unwrap();
+        }
+        notices
+    }
+
+    fn side_files(dir: &TempDir) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".tail-"))
+            .collect();
+        found.sort();
+        found
+    }
+
     #[test]
-    fn truncated_last_line_is_reported_and_not_extended() {
+    fn a_torn_last_line_is_set_aside_and_the_chain_goes_on() {
         let dir = TempDir::new("trunc");
         let path = dir.file("audit.log");
         write(&path, 4);
-        let len = fs::metadata(&path).unwrap().len();
+        let whole = fs::read(&path).unwrap();
+        let len = whole.len() as u64;
         File::options()
             .write(true)
             .open(&path)
             .unwrap()
             .set_len(len - 10)
             .unwrap();
+        // verify is strict: the damage is named.
         assert_eq!(corrupt_at(&path), (4, Problem::Truncated));
-        match AuditLog::open(&path) {
-            Err(AuditError::Corrupt {
-                line: 4,
-                problem: Problem::Truncated,
-                ..
-            }) => {}
-            other => panic!("{other:?}"),
+        // Opening sets the torn bytes aside and records that, instead of refusing to start.
+        let notices = open_with(&path, None);
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].reason, "tail_set_aside");
+        assert!(notices[0].detail.contains("after seq 3"), "{notices:?}");
+        let side = side_files(&dir);
+        assert_eq!(side.len(), 1, "{side:?}");
+        let start = whole[..whole.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1;
+        assert_eq!(
+            fs::read(&side[0]).unwrap(),
+            whole[start..whole.len() - 10],
+            "the side file holds exactly the torn bytes"
+        );
+        let report = verify(&path).unwrap();
+        assert_eq!((report.lines, report.last_seq), (4, 4));
+        let last: NoticeRecord = serde_json::from_str(&tail(&path, 1).unwrap()[0]).unwrap();
+        assert_eq!(last.source, UserSource::Audit);
+        assert!(last.detail.contains(&side[0].display().to_string()));
+    }
+
+    #[test]
+    fn an_unparsable_last_line_is_set_aside() {
+        let dir = TempDir::new("garbage");
+        let path = dir.file("audit.log");
+        write(&path, 2);
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"not a record\n")
+            .unwrap();
+        let notices = open_with(&path, None);
+        assert_eq!(notices.len(), 1);
+        assert!(
+            notices[0].detail.contains("not an audit record"),
+            "{notices:?}"
+        );
+        assert_eq!(fs::read(&side_files(&dir)[0]).unwrap(), b"not a record\n");
+        assert_eq!(verify(&path).unwrap().last_seq, 3);
+    }
+
+    fn head_of(path: &Path) -> Head {
+        let report = verify(path).unwrap();
+        Head {
+            log: path.to_path_buf(),
+            seq: report.last_seq,
+            hash: report.head,
         }
+    }
+
+    fn cut_lines(path: &Path, n: usize) {
+        let all = lines(path);
+        fs::write(path, all[..all.len() - n].concat()).unwrap();
+    }
+
+    #[test]
+    fn verify_against_the_saved_head_catches_a_cut_or_changed_tail() {
+        let dir = TempDir::new("anchor");
+        let path = dir.file("audit.log");
+        write(&path, 5);
+        let original = fs::read(&path).unwrap();
+        let head = head_of(&path);
+        let checked =
+            |anchor: &Head| verify_anchored(std::slice::from_ref(&path), false, Some(anchor));
+        assert_eq!(checked(&head).unwrap().anchor_checked, Some(5));
+        for cut in [1, 2] {
+            cut_lines(&path, cut);
+            // The chain alone cannot tell.
+            assert!(verify(&path).is_ok());
+            match checked(&head) {
+                Err(AuditError::Corrupt {
+                    line,
+                    problem:
+                        Problem::CutTail {
+                            last_seq,
+                            recorded_seq: 5,
+                            ..
+                        },
+                    ..
+                }) => assert_eq!((line, last_seq), (6 - cut as u64, 5 - cut as u64)),
+                other => panic!("cut {cut}: {other:?}"),
+            }
+            fs::write(&path, &original).unwrap();
+        }
+        edit_line(&path, 5, |l| {
+            let at = l.windows(5).position(|w| w == b"40000").unwrap();
+            l[at] = b'5';
+        });
+        assert!(
+            verify(&path).is_ok(),
+            "an edited last line passes the chain"
+        );
+        assert!(matches!(
+            checked(&head),
+            Err(AuditError::Corrupt {
+                line: 5,
+                problem: Problem::HeadMismatch { seq: 5, .. },
+                ..
+            })
+        ));
+        // A log ahead of its saved head (records written after the last save) is fine.
+        fs::write(&path, &original).unwrap();
+        write(&path, 2);
+        assert_eq!(checked(&head).unwrap().anchor_checked, Some(5));
+        // A head older than the files given cannot be checked, and says so.
+        let old = Head {
+            seq: 0,
+            ..head.clone()
+        };
+        assert_eq!(checked(&old).unwrap().anchor_checked, None);
+    }
+
+    #[test]
+    fn opening_a_log_short_of_its_saved_head_records_the_mismatch() {
+        let dir = TempDir::new("short");
+        let path = dir.file("audit.log");
+        write(&path, 4);
+        let head = head_of(&path);
+        // Ahead of the head, or at it: nothing to say.
+        write(&path, 1);
+        assert!(open_with(&path, Some(&head)).is_empty());
+        cut_lines(&path, 3);
+        let notices = open_with(&path, Some(&head));
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].reason, "chain_head_mismatch");
+        assert!(notices[0].detail.contains("seq 2"), "{notices:?}");
+        // The chain goes on from the log's own last record, the break recorded in it.
+        assert_eq!(verify(&path).unwrap().last_seq, 3);
+    }
+
+    #[test]
+    fn an_empty_log_continues_the_saved_head() {
+        let dir = TempDir::new("rotated");
+        let path = dir.file("audit.log");
+        write(&path, 3);
+        let head = head_of(&path);
+        fs::rename(&path, dir.file("audit.log.1")).unwrap();
+        let (mut log, notices) = AuditLog::open_at(&path, Some(&head)).unwrap();
+        assert!(notices.is_empty());
+        assert_eq!(log.last_seq(), 3);
+        log.append(&Record::new(&event(9), None, &WallClock::with_offset(0)))
+            .unwrap();
+        let set = verify_set(&[dir.file("audit.log.1"), path.clone()], false).unwrap();
+        assert_eq!(set.last_seq, 4);
     }
 
     #[test]

@@ -1,0 +1,360 @@
+//! The audit log under faults: a full file system, a torn last line, records cut from the
+//! end. The daemon keeps enforcing and starting, and the chain says what happened.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use enforcer::lab::{require_root, udp_send};
+use integration_tests::{Lab, SERVER_V4, sa};
+use serde_json::Value;
+
+/// Agent 1 may send UDP to the server's port 9000 only: every packet to 9001 is a denial,
+/// so an audit record.
+const POLICY: &str = r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "deny"
+rate = { packets_per_sec = 100000 }
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+"#;
+
+/// A tmpfs of a given size mounted on a directory of the lab, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let tmpfs = Tmpfs(dir.to_path_buf());
+        tmpfs.mount_with(0, size);
+        tmpfs
+    }
+
+    /// Changes the size of the mounted file system (the daemon, in another mount namespace
+    /// made before, sees the same file system).
+    fn resize(&self, size: &str) {
+        self.mount_with(libc::MS_REMOUNT, size);
+    }
+
+    fn mount_with(&self, flags: libc::c_ulong, size: &str) {
+        let target = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        let data = CString::new(format!("size={size},mode=0755")).unwrap();
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mounting a tmpfs on {}: {}",
+            self.0.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: umount2(2) with a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// `enforcer --json --config <lab> ARGS`, parsed; panics if it fails.
+fn cli_json(lab: &Lab, args: &[&str]) -> Value {
+    let config = lab.config_path();
+    let mut all = vec!["--json", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = lab.cli(&all);
+    assert!(
+        out.status.success(),
+        "enforcer {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `enforcer audit verify ARGS` with the lab's configuration: success and what it printed.
+fn verify(lab: &Lab, args: &[&str]) -> (bool, String) {
+    let config = lab.config_path();
+    let mut all = vec!["--config", config.to_str().unwrap(), "audit", "verify"];
+    all.extend_from_slice(args);
+    let out = lab.cli(&all);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Sends `n` denied datagrams from agent 1.
+fn deny(lab: &Lab, n: u64) {
+    let sent = udp_send(
+        lab.agent(1),
+        sa(SERVER_V4, 9001),
+        None,
+        b"no",
+        n,
+        Duration::from_micros(200),
+    )
+    .unwrap();
+    assert_eq!(sent, n);
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Polls `done` (sending `n` denials between polls, when `n > 0`) until it holds; the
+/// deadline only bounds a hang.
+fn wait_until(lab: &Lab, what: &str, n: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after 30 s");
+        if n > 0 {
+            deny(lab, n);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A lab with one agent whose audit log is `log` (relative to the lab directory) and
+/// whose audit budget lets every denial through.
+fn lab_with_log(log: &str) -> Lab {
+    let lab = Lab::new(1);
+    let config = fs::read_to_string(lab.config_path()).unwrap().replace(
+        "audit_log = \"audit.jsonl\"\n",
+        &format!("audit_log = \"{log}\"\naudit_events_per_sec = 100000\naudit_burst = 100000\n"),
+    );
+    fs::write(lab.config_path(), config).unwrap();
+    lab.write_policy(POLICY);
+    lab
+}
+
+#[test]
+fn audit_writing_resumes_after_a_full_disk_and_records_the_gap() {
+    if !require_root("audit_writing_resumes_after_a_full_disk_and_records_the_gap") {
+        return;
+    }
+    let mut lab = lab_with_log("full/audit.jsonl");
+    // Dropped before the lab: unmounted before the lab's directory is removed.
+    let disk = Tmpfs::mount(&lab.dir.join("full"), "64k");
+    let log = lab.dir.join("full/audit.jsonl");
+    lab.start_daemon();
+
+    // Fill the file system: the failure shows in status at once, and enforcing goes on.
+    let mut failing = Value::Null;
+    wait_until(&lab, "status reports the audit log failing", 100, || {
+        failing = cli_json(&lab, &["status"])["audit"].clone();
+        !failing["last_error"].is_null()
+    });
+    assert!(
+        failing["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{failing}"
+    );
+    assert!(failing["failing_since"].is_string(), "{failing}");
+    assert!(failing["write_errors"].as_u64().unwrap() >= 1, "{failing}");
+    let written_before = records(&log).len();
+    assert!(
+        written_before > 50,
+        "the log took records until it was full"
+    );
+    // Denied while the disk is full: the data plane still drops, the writer counts.
+    let dropped = || {
+        cli_json(&lab, &["agents"])[0]["dropped_packets"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = dropped();
+    deny(&lab, 300);
+    assert!(dropped() >= before + 300, "the program keeps enforcing");
+    wait_until(&lab, "events counted as unwritten", 0, || {
+        cli_json(&lab, &["status"])["audit"]["events_unwritten"]
+            .as_u64()
+            .unwrap()
+            >= 300
+    });
+
+    // Space returns: writing resumes by itself (retry with backoff), first with a record
+    // of how many events were lost, then with new denials.
+    disk.resize("4m");
+    wait_until(&lab, "the audit log writable again", 20, || {
+        cli_json(&lab, &["status"])["audit"]["last_error"].is_null()
+    });
+    deny(&lab, 5);
+    wait_until(&lab, "new denials in the log", 5, || {
+        records(&log)
+            .last()
+            .is_some_and(|r| r["reason"] == "egress_denied" && r["source"].is_null())
+            && records(&log).len() > written_before + 1
+    });
+    let all = records(&log);
+    let gaps: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["reason"] == "events_lost")
+        .collect();
+    assert!(!gaps.is_empty(), "a record says events were lost");
+    let lost: u64 = gaps
+        .iter()
+        .map(|r| r["events_lost"].as_u64().unwrap())
+        .sum();
+    let unwritten = cli_json(&lab, &["status"])["audit"]["events_unwritten"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        lost, unwritten,
+        "the chain's gap records account for every unwritten event"
+    );
+    assert!(lost >= 300, "{lost}");
+    assert_eq!(gaps[0]["source"], "audit");
+    assert!(
+        gaps[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{}",
+        gaps[0]
+    );
+    let (ok, out) = verify(&lab, &[log.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    drop(lab);
+    drop(disk);
+}
+
+#[test]
+fn a_torn_audit_line_is_set_aside_and_the_daemon_starts() {
+    if !require_root("a_torn_audit_line_is_set_aside_and_the_daemon_starts") {
+        return;
+    }
+    let mut lab = lab_with_log("audit.jsonl");
+    let log = lab.dir.join("audit.jsonl");
+    lab.start_daemon();
+    deny(&lab, 3);
+    wait_until(&lab, "three records", 0, || records(&log).len() >= 3);
+    lab.stop_daemon(libc::SIGTERM);
+    let written = records(&log).len();
+    // A write cut short by a crash: part of a line, no newline.
+    let torn = br#"{"seq":99,"time":"2026-12-07T01:"#;
+    let mut bytes = fs::read(&log).unwrap();
+    bytes.extend_from_slice(torn);
+    fs::write(&log, &bytes).unwrap();
+
+    // Starts (start_daemon panics if it exits), and says what it found.
+    lab.start_daemon();
+    let status = cli_json(&lab, &["status"]);
+    let recovered = status["audit"]["recovered"].as_array().unwrap();
+    assert_eq!(recovered.len(), 1, "{status}");
+    let side: Vec<PathBuf> = fs::read_dir(&lab.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("audit.jsonl.tail-"))
+        .collect();
+    assert_eq!(side.len(), 1, "{side:?}");
+    assert_eq!(fs::read(&side[0]).unwrap(), torn, "the torn bytes, kept");
+    let all = records(&log);
+    assert_eq!(all.len(), written + 1);
+    let notice = &all[written];
+    assert_eq!(notice["reason"], "tail_set_aside");
+    assert_eq!(notice["source"], "audit");
+    assert!(
+        notice["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&side[0].display().to_string()),
+        "{notice}"
+    );
+    // The chain goes on through the notice.
+    deny(&lab, 2);
+    wait_until(&lab, "records after the notice", 0, || {
+        records(&log).len() >= written + 3
+    });
+    let (ok, out) = verify(&lab, &[log.to_str().unwrap()]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn audit_verify_catches_a_cut_tail_against_the_saved_head() {
+    if !require_root("audit_verify_catches_a_cut_tail_against_the_saved_head") {
+        return;
+    }
+    let mut lab = lab_with_log("audit.jsonl");
+    let log = lab.dir.join("audit.jsonl");
+    let log_s = log.to_str().unwrap().to_string();
+    lab.start_daemon();
+    deny(&lab, 5);
+    wait_until(&lab, "five records", 0, || records(&log).len() >= 5);
+    // status and the head file name the head, for collection off the host.
+    wait_until(&lab, "the head saved", 0, || {
+        cli_json(&lab, &["status"])["audit"]["head_saved_seq"] == 5
+    });
+    let status = cli_json(&lab, &["status"]);
+    lab.stop_daemon(libc::SIGTERM);
+    let saved: Value =
+        serde_json::from_slice(&fs::read(lab.state_dir().join("audit-head.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["seq"], 5);
+    assert_eq!(saved["hash"], status["audit"]["head"]);
+
+    let original = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    let (ok, out) = verify(&lab, &[&log_s]);
+    assert!(ok && out.contains("seq 5"), "{out}");
+    for cut in [1, 2] {
+        fs::write(&log, lines[..lines.len() - cut].join("\n") + "\n").unwrap();
+        // The chain alone still holds: only the saved head shows the cut.
+        assert!(verify(&lab, &["--no-head", &log_s]).0);
+        let (ok, out) = verify(&lab, &[&log_s]);
+        assert!(!ok, "cut {cut}: {out}");
+        assert!(out.contains("cut from the end"), "{out}");
+    }
+    let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_string()).collect();
+    let last = edited.last_mut().unwrap();
+    *last = last.replace("10.200.1.2", "10.200.1.3");
+    fs::write(&log, edited.join("\n") + "\n").unwrap();
+    assert!(verify(&lab, &["--no-head", &log_s]).0);
+    let (ok, out) = verify(&lab, &[&log_s]);
+    assert!(!ok && out.contains("was changed"), "{out}");
+
+    // A daemon started on a cut log records the mismatch in the chain and goes on.
+    fs::write(&log, lines[..3].join("\n") + "\n").unwrap();
+    lab.start_daemon();
+    let status = cli_json(&lab, &["status"]);
+    assert!(
+        status["audit"]["recovered"][0]
+            .as_str()
+            .unwrap()
+            .contains("seq 5"),
+        "{status}"
+    );
+    let all = records(&log);
+    assert_eq!(all[3]["reason"], "chain_head_mismatch");
+    assert_eq!(all[3]["seq"], 4);
+}
