@@ -49,6 +49,9 @@ fn compile_protos() -> anyhow::Result<()> {
     // Sorted maps: labels print and compare the same way every time.
     config.btree_map(["."]);
     println!("cargo:rerun-if-env-changed=PROTOC");
+    // The other rerun-if lines of this script turn cargo's default (rerun on any change in
+    // the package) off: without this one an edited .proto is not compiled again.
+    println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

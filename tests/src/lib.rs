@@ -80,6 +80,64 @@ pub fn enforcer_bin() -> PathBuf {
     bin
 }
 
+/// A tmpfs mounted on a directory (created if missing), unmounted on drop: a file system
+/// a test can fill or make read-only under the daemon.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`64k`, `4m`) on `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let tmpfs = Tmpfs(dir.to_path_buf());
+        tmpfs.mount_with(0, &format!("size={size},mode=0755"));
+        tmpfs
+    }
+
+    /// Changes the mounted file system's options (`size=4m`, `ro`, `rw`): a daemon in a
+    /// mount namespace made after [`Tmpfs::mount`] (`ip netns exec`) sees the change too,
+    /// since it is the same file system.
+    pub fn remount(&self, options: &str) {
+        let flags = if options.split(',').any(|o| o == "ro") {
+            libc::MS_RDONLY
+        } else {
+            0
+        };
+        self.mount_with(libc::MS_REMOUNT | flags, options);
+    }
+
+    fn mount_with(&self, flags: libc::c_ulong, data: &str) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let target = std::ffi::CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        let data = std::ffi::CString::new(data).unwrap();
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mounting a tmpfs on {}: {}",
+            self.0.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let target = std::ffi::CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: umount2(2) with a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// Agents, a gateway running the enforcer, and a server, in fresh namespaces.
 pub struct Lab {
     /// The gateway: where the XDP program is attached and the daemon runs.

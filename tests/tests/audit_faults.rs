@@ -2,15 +2,13 @@
 //! end. The daemon keeps enforcing and starting, and the chain says what happened.
 
 use std::{
-    ffi::CString,
     fs,
-    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use enforcer::lab::{require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, sa};
+use integration_tests::{Lab, SERVER_V4, Tmpfs, sa};
 use serde_json::Value;
 
 /// Agent 1 may send UDP to the server's port 9000 only: every packet to 9001 is a denial,
@@ -28,54 +26,6 @@ to = ["10.200.100.2"]
 proto = "udp"
 ports = "9000"
 "#;
-
-/// A tmpfs of a given size mounted on a directory of the lab, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let tmpfs = Tmpfs(dir.to_path_buf());
-        tmpfs.mount_with(0, size);
-        tmpfs
-    }
-
-    /// Changes the size of the mounted file system (the daemon, in another mount namespace
-    /// made before, sees the same file system).
-    fn resize(&self, size: &str) {
-        self.mount_with(libc::MS_REMOUNT, size);
-    }
-
-    fn mount_with(&self, flags: libc::c_ulong, size: &str) {
-        let target = CString::new(self.0.as_os_str().as_bytes()).unwrap();
-        let data = CString::new(format!("size={size},mode=0755")).unwrap();
-        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mounting a tmpfs on {}: {}",
-            self.0.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.as_os_str().as_bytes()).unwrap();
-        // SAFETY: umount2(2) with a NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
 
 /// `enforcer --json --config <lab> ARGS`, parsed; panics if it fails.
 fn cli_json(lab: &Lab, args: &[&str]) -> Value {
@@ -205,7 +155,7 @@ fn audit_writing_resumes_after_a_full_disk_and_records_the_gap() {
 
     // Space returns: writing resumes by itself (retry with backoff), first with a record
     // of how many events were lost, then with new denials.
-    disk.resize("4m");
+    disk.remount("size=4m");
     wait_until(&lab, "the audit log writable again", 20, || {
         cli_json(&lab, &["status"])["audit"]["last_error"].is_null()
     });

@@ -10,7 +10,7 @@ use std::{
 };
 
 use enforcer::lab::{ChildGuard, UdpSink, in_netns, require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, enforcer_bin, sa};
+use integration_tests::{Lab, SERVER_V4, Tmpfs, enforcer_bin, sa};
 use serde_json::Value;
 
 const POLICY: &str = r#"
@@ -586,4 +586,91 @@ fn stop_never_signals_a_pid_the_daemon_no_longer_holds() {
             bystander.id()
         );
     }
+}
+
+/// Runs the CLI with the lab's configuration: success and what it printed.
+fn cli_outcome(lab: &Lab, args: &[&str]) -> (bool, String) {
+    let config = lab.config_path();
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = lab.cli(&all);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `policy apply` and `mode` change nothing when the change cannot be saved: what enforces
+/// is what a restart (or a SIGHUP) would read, and the exit code says so.
+#[test]
+fn a_change_that_cannot_be_saved_is_not_enforced() {
+    if !require_root("a_change_that_cannot_be_saved_is_not_enforced") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    // The policy file and the state directory on a file system made read-only under the
+    // running daemon, as a remount after an I/O error does.
+    let disk = Tmpfs::mount(&lab.dir.join("ro"), "1m");
+    std::fs::create_dir_all(lab.dir.join("ro/state")).unwrap();
+    std::fs::write(lab.dir.join("ro/policy.toml"), POLICY).unwrap();
+    let config = std::fs::read_to_string(lab.config_path())
+        .unwrap()
+        .replace("policy = \"policy.toml\"", "policy = \"ro/policy.toml\"")
+        .replace("state_dir = \"state\"", "state_dir = \"ro/state\"");
+    std::fs::write(lab.config_path(), config).unwrap();
+    lab.start_daemon();
+    disk.remount("ro");
+    let before = cli_json(&lab, &["status"]);
+    let denied = || {
+        cli_json(&lab, &["agents"])[0]["dropped_packets"]
+            .as_u64()
+            .unwrap()
+    };
+    let send_denied = || {
+        udp_send(
+            lab.agent(1),
+            sa(SERVER_V4, 9001),
+            None,
+            b"no",
+            5,
+            Duration::from_millis(1),
+        )
+        .unwrap()
+    };
+
+    let (ok, out) = cli_outcome(&lab, &["mode", "coder", "monitor"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("not changed") && out.contains("Read-only"),
+        "{out}"
+    );
+    let agents = cli_json(&lab, &["agents"]);
+    assert!(agents[0]["override"].is_null(), "{agents}");
+    let dropped = denied();
+    send_denied();
+    assert_eq!(denied(), dropped + 5, "still enforcing, not monitoring");
+
+    let allow_all = POLICY.replace("ports = \"9000\"", "ports = \"9000-9001\"");
+    let candidate = lab.write_file("candidate.toml", &allow_all);
+    let (ok, out) = cli_outcome(&lab, &["policy", "apply", candidate.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not applied"), "{out}");
+    let after = cli_json(&lab, &["status"]);
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(after["policy_digest"], before["policy_digest"], "{after}");
+
+    // Writable again: the change is saved, enforced, and survives a restart.
+    disk.remount("rw");
+    let (ok, out) = cli_outcome(&lab, &["mode", "coder", "monitor"]);
+    assert!(ok, "{out}");
+    lab.stop_daemon(libc::SIGTERM);
+    lab.start_daemon();
+    let agents = cli_json(&lab, &["agents"]);
+    assert_eq!(agents[0]["override"], "monitor", "{agents}");
+    drop(lab);
+    drop(disk);
 }

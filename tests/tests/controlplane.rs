@@ -180,7 +180,15 @@ impl RunningClient {
     fn start(cfg: SyncConfig, held_version: u64) -> RunningClient {
         let (updates_tx, updates) = mpsc::channel(1);
         let (state_tx, state) = watch::channel(ConnectionState::default());
-        let task = tokio::spawn(sync::run(cfg, held_version, updates_tx, state_tx));
+        let task = tokio::spawn(sync::run(
+            cfg,
+            sync::Held {
+                version: held_version,
+                floor_only: false,
+            },
+            updates_tx,
+            state_tx,
+        ));
         RunningClient {
             updates,
             state,

@@ -137,6 +137,97 @@ fn add_control_plane_to_config(lab: &Lab, table: &str) {
     std::fs::write(lab.config_path(), text).unwrap();
 }
 
+/// A [`CraftedControlPlane`] serving `bundles` on 127.0.0.1:7444 in the gateway namespace,
+/// where the daemon runs; stopped on drop.
+struct Crafted {
+    heard: mpsc::UnboundedReceiver<Kind>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<enforcer::lab::NetnsThread<()>>,
+}
+
+impl Crafted {
+    fn serve(lab: &Lab, bundles: Vec<enforcer::controlplane::proto::Bundle>) -> Crafted {
+        let (heard_tx, heard) = mpsc::unbounded_channel();
+        let crafted = CraftedControlPlane {
+            bundles,
+            heard: heard_tx,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = spawn_in_netns(&lab.gw, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:7444")
+                    .await
+                    .unwrap();
+                let _ = tonic::transport::Server::builder()
+                    .serve_with_incoming_shutdown(
+                        PolicySyncServer::new(crafted),
+                        TcpListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await;
+            });
+        })
+        .unwrap();
+        Crafted {
+            heard,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// The first `n` messages the node sends (hello, then one answer per bundle), as text.
+    fn hear(&mut self, n: usize) -> Vec<String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut answers = Vec::new();
+        runtime.block_on(async {
+            while answers.len() < n {
+                let kind = tokio::time::timeout(Duration::from_secs(30), self.heard.recv())
+                    .await
+                    .expect("the daemon answers every bundle")
+                    .unwrap();
+                answers.push(match kind {
+                    Kind::Hello(h) => format!(
+                        "hello {}{}",
+                        h.version,
+                        if h.floor_only { " floor_only" } else { "" }
+                    ),
+                    Kind::Ack(a) => format!("ack {}", a.version),
+                    Kind::Nack(n) => format!("nack {}: {}", n.version, n.reason),
+                });
+            }
+        });
+        answers
+    }
+}
+
+impl Drop for Crafted {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+/// `[control_plane]` for a [`Crafted`] server, trusting `key_file`'s public key.
+fn crafted_config(key_file: &Path) -> String {
+    format!(
+        "\n[control_plane]\nurl = \"http://127.0.0.1:7444\"\ninsecure = true\nnode_id = \"edge-1\"\ntrusted_keys = [\"{}\"]\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n",
+        std::fs::read_to_string(key_file).unwrap().trim()
+    )
+}
+
 #[test]
 fn pushed_policy_enforces_and_survives_control_plane_loss() {
     if !require_root("pushed_policy_enforces_and_survives_control_plane_loss") {
@@ -268,65 +359,13 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
         14,
         "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"sometimes\"\n",
     );
-    let (heard_tx, mut heard) = mpsc::unbounded_channel();
-    let crafted = CraftedControlPlane {
-        bundles: vec![good, bad_signature, unknown_key, old, unsigned, malformed],
-        heard: heard_tx,
-    };
-    // The crafted control plane listens in the gateway namespace, where the daemon runs.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = spawn_in_netns(&lab.gw, move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:7444")
-                .await
-                .unwrap();
-            let _ = tonic::transport::Server::builder()
-                .serve_with_incoming_shutdown(
-                    PolicySyncServer::new(crafted),
-                    TcpListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                )
-                .await;
-        });
-    })
-    .unwrap();
-    add_control_plane_to_config(
+    let mut crafted = Crafted::serve(
         &lab,
-        &format!(
-            "\n[control_plane]\nurl = \"http://127.0.0.1:7444\"\ninsecure = true\nnode_id = \"edge-1\"\ntrusted_keys = [\"{}\"]\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n",
-            std::fs::read_to_string(&keys.public_key).unwrap().trim()
-        ),
+        vec![good, bad_signature, unknown_key, old, unsigned, malformed],
     );
+    add_control_plane_to_config(&lab, &crafted_config(&keys.public_key));
     lab.start_daemon();
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut answers = Vec::new();
-    runtime.block_on(async {
-        while answers.len() < 7 {
-            let kind = tokio::time::timeout(Duration::from_secs(30), heard.recv())
-                .await
-                .expect("the daemon answers every bundle")
-                .unwrap();
-            answers.push(kind);
-        }
-    });
-    let text: Vec<String> = answers
-        .iter()
-        .map(|k| match k {
-            Kind::Hello(h) => format!("hello {}", h.version),
-            Kind::Ack(a) => format!("ack {}", a.version),
-            Kind::Nack(n) => format!("nack {}: {}", n.version, n.reason),
-        })
-        .collect();
+    let text = crafted.hear(7);
     assert_eq!(text[0], "hello 0");
     assert_eq!(text[1], "ack 10");
     assert!(text[2].starts_with("nack 11: bad signature"), "{text:#?}");
@@ -343,6 +382,74 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
     assert_eq!(s["policy_origin"], "crafted.toml@v10", "{s}");
     assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 0]);
     drop(lab);
-    let _ = stop.send(());
-    let _ = server.join();
+    drop(crafted);
+}
+
+#[test]
+fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
+    if !require_root("a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(DENY_ALL);
+    let old_keys = bundle::keygen(&lab.dir.join("old-keys")).unwrap();
+    let new_keys = bundle::keygen(&lab.dir.join("new-keys")).unwrap();
+    let sign = |keys: &bundle::KeyPaths, version: u64, policy: &str| {
+        SigningKey::load(&keys.private_key)
+            .unwrap()
+            .sign(
+                version,
+                1_700_000_000_000,
+                "crafted.toml",
+                policy.as_bytes().to_vec(),
+            )
+            .unwrap()
+    };
+    let config = std::fs::read_to_string(lab.config_path()).unwrap();
+
+    // Version 10 under the old key: applied and stored.
+    let mut crafted = Crafted::serve(&lab, vec![sign(&old_keys, 10, &allow_ports("9000"))]);
+    std::fs::write(
+        lab.config_path(),
+        config.clone() + &crafted_config(&old_keys.public_key),
+    )
+    .unwrap();
+    lab.start_daemon();
+    assert_eq!(crafted.hear(2), ["hello 0", "ack 10"]);
+    lab.stop_daemon(libc::SIGTERM);
+    drop(crafted);
+
+    // The old key rotated out: the stored bundle no longer verifies, the local file
+    // enforces, and status says why. An older bundle under the new key is still a rollback.
+    let mut crafted = Crafted::serve(
+        &lab,
+        vec![
+            sign(&new_keys, 5, &allow_ports("9000-9001")),
+            sign(&new_keys, 11, &allow_ports("9001")),
+        ],
+    );
+    std::fs::write(
+        lab.config_path(),
+        config + &crafted_config(&new_keys.public_key),
+    )
+    .unwrap();
+    lab.start_daemon();
+    let text = crafted.hear(3);
+    assert_eq!(text[0], "hello 10 floor_only", "{text:#?}");
+    assert!(text[1].starts_with("nack 5: rollback"), "{text:#?}");
+    assert_eq!(text[2], "ack 11", "{text:#?}");
+    let s = status(&lab);
+    let cp = &s["control_plane"];
+    assert!(
+        cp["stored_bundle_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown key id")),
+        "{s}"
+    );
+    assert_eq!(cp["rollback_floor"], 11, "{s}");
+    assert_eq!(cp["enforcing_local_file"], false, "{s}");
+    assert_eq!(s["policy_origin"], "crafted.toml@v11", "{s}");
+    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![0, 10]);
+    drop(lab);
+    drop(crafted);
 }

@@ -78,6 +78,10 @@ pub const PUBLIC_KEY_FILE: &str = "signing.pub";
 /// File name of the stored bundle inside the daemon's state directory.
 pub const STORE_FILE: &str = "bundle.pb";
 
+/// The store's rollback floor in the state directory: the highest bundle version the node
+/// ever applied, as decimal text. Kept apart from the bundle, which can stop verifying.
+pub const FLOOR_FILE: &str = "bundle.floor";
+
 /// Length in bytes of an Ed25519 public key.
 const PUBLIC_KEY_LEN: usize = 32;
 
@@ -238,6 +242,14 @@ pub enum StoreError {
         /// The decoder's complaint.
         #[source]
         source: prost::DecodeError,
+    },
+    /// The rollback floor file holds no version.
+    #[error("{}: not a bundle version: {text:?}", path.display())]
+    Floor {
+        /// The file.
+        path: PathBuf,
+        /// What it holds.
+        text: String,
     },
     /// The stored bundle does not verify with the configured keys: it was altered on disk,
     /// or the trusted keys changed since it was stored.
@@ -625,20 +637,83 @@ impl VerifiedBundle {
 
 /// The last bundle the daemon applied, kept in its state directory.
 ///
-/// The daemon saves a bundle after applying it and before replying `Ok` to the sync client,
-/// so an ACK means the bundle is enforcing *and* on disk; at start-up it loads the bundle,
-/// applies it, and passes its version to [`crate::controlplane::sync::run`] as the held version.
+/// The daemon saves a bundle before applying it (and puts the previous one back if the apply
+/// fails), so an ACK means the bundle is enforcing *and* on disk; at start-up it loads the
+/// bundle, applies it, and passes its version to [`crate::controlplane::sync::run`] as the
+/// held version. Beside it, the rollback floor ([`FLOOR_FILE`]) is never lowered: when the
+/// stored bundle no longer verifies, the floor still refuses every older version.
 #[derive(Clone, Debug)]
 pub struct BundleStore {
     path: PathBuf,
+    floor: PathBuf,
 }
 
 impl BundleStore {
-    /// The store in `state_dir` (file [`STORE_FILE`]).
+    /// The store in `state_dir` (files [`STORE_FILE`] and [`FLOOR_FILE`]).
     pub fn new(state_dir: &Path) -> BundleStore {
         BundleStore {
             path: state_dir.join(STORE_FILE),
+            floor: state_dir.join(FLOOR_FILE),
         }
+    }
+
+    /// The highest version ever applied (0: none recorded). A missing file is 0; an
+    /// unreadable or garbled one is an error, for the caller to report.
+    pub fn floor(&self) -> Result<u64, StoreError> {
+        let text = match fs::read_to_string(&self.floor) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.floor.clone(),
+                    source,
+                });
+            }
+        };
+        text.trim().parse().map_err(|_| StoreError::Floor {
+            path: self.floor.clone(),
+            text,
+        })
+    }
+
+    /// Raises the rollback floor to `version`; never lowers it.
+    pub fn raise_floor(&self, version: u64) -> Result<(), StoreError> {
+        if version <= self.floor().unwrap_or(0) {
+            return Ok(());
+        }
+        crate::durable::replace(&self.floor, format!("{version}\n").as_bytes(), 0o644).map_err(
+            |source| StoreError::Write {
+                path: self.floor.clone(),
+                source,
+            },
+        )
+    }
+
+    /// The stored bundle's bytes as they are, to put back with [`BundleStore::restore`].
+    pub fn read_raw(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match fs::read(&self.path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Puts back what [`BundleStore::read_raw`] returned (`None`: no bundle).
+    pub fn restore(&self, previous: Option<&[u8]>) -> Result<(), StoreError> {
+        let restored = match previous {
+            Some(bytes) => crate::durable::replace(&self.path, bytes, 0o644),
+            None => match fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => crate::durable::sync_dir(&self.path),
+            },
+        };
+        restored.map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// The file the bundle is kept in.

@@ -640,7 +640,9 @@ impl Shared {
 
     /// Decides what to send a node that holds version `held` and was last sent version
     /// `sent` on this stream; re-signs the node's bundle above `held` when it is older.
-    fn due(&self, node_id: &str, held: u64, sent: u64) -> Option<Bundle> {
+    /// With `floor_only` the node does not enforce `held` (only refuses versions up to it),
+    /// so a bundle of that very version is due too, re-signed above it.
+    fn due(&self, node_id: &str, held: u64, sent: u64, floor_only: bool) -> Option<Bundle> {
         let mut state = self.state.lock().unwrap();
         let source = state.source_for(node_id);
         if let Some(node) = state.nodes.get_mut(node_id) {
@@ -651,7 +653,7 @@ impl Shared {
         let version = current.version;
         // Equality, not order, for `sent`: after a switch of source the node may be due a
         // bundle older than the last one sent (which it may have rejected).
-        if version == sent || version == held {
+        if version == sent || (version == held && !floor_only) {
             return None;
         }
         if version > held {
@@ -802,13 +804,15 @@ async fn stream_task(
     tracing::info!(node_id, held = hello.version, ?peer, "node connected");
 
     let mut held = hello.version;
+    // Until the node applies a bundle, it enforces its local file whatever it holds.
+    let mut floor_only = hello.floor_only;
     let mut sent = 0u64;
     let mut changed = shared.changed.subscribe();
     changed.mark_changed();
     let ended = loop {
         tokio::select! {
             _ = changed.changed() => {
-                if let Some(bundle) = shared.due(&node_id, held, sent) {
+                if let Some(bundle) = shared.due(&node_id, held, sent, floor_only) {
                     sent = bundle.version;
                     tracing::info!(node_id, version = sent, source = %bundle.source, "sending bundle");
                     shared.record_sent(&node_id, sent);
@@ -835,6 +839,7 @@ async fn stream_task(
                         tracing::info!(node_id, version = ack.version, "node applied bundle");
                         node.version_acked = ack.version;
                         held = held.max(ack.version);
+                        floor_only = false;
                     }
                     Kind::Nack(nack) => {
                         tracing::warn!(node_id, version = nack.version, reason = %nack.reason, "node rejected bundle");
@@ -890,19 +895,22 @@ mod tests {
         let shared = shared(dir.path());
         fs::write(dir.path().join("default.toml"), GOOD).unwrap();
         shared.apply_scan(scan_blocking(dir.path()).unwrap());
-        let first = shared.due("n1", 0, 0).unwrap();
+        let first = shared.due("n1", 0, 0, false).unwrap();
         assert_eq!(first.source, "default.toml");
         assert!(first.version >= now_unix_ms() as u64 - 60_000);
         // Held or already sent: nothing due.
-        assert!(shared.due("n1", first.version, 0).is_none());
-        assert!(shared.due("n1", 0, first.version).is_none());
+        assert!(shared.due("n1", first.version, 0, false).is_none());
+        assert!(shared.due("n1", 0, first.version, false).is_none());
 
         // An invalid node file is not published, and the node does not fall back.
         fs::create_dir(dir.path().join("nodes")).unwrap();
         fs::write(dir.path().join("nodes/n1.toml"), "[[agents]]\nid = 0\n").unwrap();
         shared.apply_scan(scan_blocking(dir.path()).unwrap());
-        assert!(shared.due("n1", 0, 0).is_none());
-        assert_eq!(shared.due("n2", 0, 0).unwrap().version, first.version);
+        assert!(shared.due("n1", 0, 0, false).is_none());
+        assert_eq!(
+            shared.due("n2", 0, 0, false).unwrap().version,
+            first.version
+        );
 
         // Fixed: published with a higher version.
         fs::write(
@@ -911,22 +919,42 @@ mod tests {
         )
         .unwrap();
         shared.apply_scan(scan_blocking(dir.path()).unwrap());
-        let own = shared.due("n1", first.version, 0).unwrap();
+        let own = shared.due("n1", first.version, 0, false).unwrap();
         assert_eq!(own.source, "nodes/n1.toml");
         assert!(own.version > first.version);
 
         // Removed again: back to the default, re-signed above what the node holds.
         fs::remove_file(dir.path().join("nodes/n1.toml")).unwrap();
         shared.apply_scan(scan_blocking(dir.path()).unwrap());
-        let back = shared.due("n1", own.version, own.version).unwrap();
+        let back = shared.due("n1", own.version, own.version, false).unwrap();
         assert_eq!(back.source, "default.toml");
         assert!(back.version > own.version);
         assert_eq!(back.policy, GOOD.as_bytes());
         // Unchanged content is not re-published by a scan.
         shared.apply_scan(scan_blocking(dir.path()).unwrap());
-        assert_eq!(shared.due("n2", 0, 0).unwrap().version, back.version);
+        assert_eq!(shared.due("n2", 0, 0, false).unwrap().version, back.version);
 
         // A version from the far future is not honoured.
-        assert!(shared.due("n3", u64::MAX, 0).is_none());
+        assert!(shared.due("n3", u64::MAX, 0, false).is_none());
+    }
+
+    #[test]
+    fn a_node_on_its_floor_only_gets_its_bundle_re_signed_above_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        fs::write(dir.path().join("default.toml"), GOOD).unwrap();
+        shared.apply_scan(scan_blocking(dir.path()).unwrap());
+        let current = shared.due("n1", 0, 0, false).unwrap();
+        // The node refuses everything up to the version it holds, yet enforces its local
+        // file: the same bundle, re-signed above its floor.
+        let again = shared.due("n1", current.version, 0, true).unwrap();
+        assert!(again.version > current.version);
+        assert_eq!(again.policy, current.policy);
+        // Once it applied that, the usual rule: nothing due.
+        assert!(
+            shared
+                .due("n1", again.version, again.version, false)
+                .is_none()
+        );
     }
 }

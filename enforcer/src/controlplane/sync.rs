@@ -8,8 +8,8 @@
 //! # Protocol, node side
 //!
 //! 1. Connect (TLS with the control plane's CA pinned; a client certificate when
-//!    configured), open `PolicySync.Sync`, send `Hello { node_id, labels, version }` with
-//!    the version the node holds.
+//!    configured), open `PolicySync.Sync`, send `Hello { node_id, labels, version,
+//!    floor_only }` with the version the node holds ([`Held`]).
 //! 2. For each `Bundle`: [`Verifier::verify`] it against the trusted keys and the held
 //!    version. A rejected bundle is NACKed with the reason and never reaches the daemon.
 //!    A verified one goes to the daemon as a [`PolicyUpdate`]; the client waits for the
@@ -22,10 +22,13 @@
 //! # Daemon integration
 //!
 //! The daemon owns persistence: [`BundleStore`](crate::controlplane::bundle::BundleStore) in its state
-//! directory. It saves a bundle *after* applying it and *before* replying `Ok`, so an ACK
-//! means "enforcing and on disk", and the held version the client tracks never runs ahead
-//! of the store. (The client cannot do this itself: only the daemon knows whether the apply
-//! succeeded, and a node without a control plane still restarts from the store.)
+//! directory. It saves a bundle *before* applying it and puts the previous one back if the
+//! apply fails, so an ACK means "enforcing and on disk" and a NACK neither, and the held
+//! version the client tracks never runs ahead of the store. It also raises the store's
+//! rollback floor, kept in a file of its own: a stored bundle that stops verifying (its key
+//! rotated out) must not reopen the door to older bundles. (The client cannot do this
+//! itself: only the daemon knows whether the apply succeeded, and a node without a control
+//! plane still restarts from the store.)
 //!
 //! ```ignore
 //! let verifier = Verifier::new(&cfg.trusted_keys)?;
@@ -38,15 +41,12 @@
 //! };
 //! let (updates_tx, mut updates) = tokio::sync::mpsc::channel(1);
 //! let (state_tx, state) = tokio::sync::watch::channel(ConnectionState::default());
-//! tokio::spawn(sync::run(cfg, held, updates_tx, state_tx));
+//! tokio::spawn(sync::run(cfg, Held { version: held, floor_only: false }, updates_tx, state_tx));
 //! while let Some(PolicyUpdate { bundle, reply }) = updates.recv().await {
 //!     let outcome = bundle
 //!         .parse_policy()
 //!         .map_err(|e| e.to_string()) // "malformed policy: default.toml@v42:3:1: ..."
 //!         .and_then(|policy| compile_and_apply(&policy).map_err(|e| error_chain(&e)));
-//!     if outcome.is_ok() {
-//!         if let Err(e) = store.save(&bundle) { tracing::error!(error = %error_chain(&e)); }
-//!     }
 //!     let _ = reply.send(outcome); // Ok(generation) or Err(reason)
 //! }
 //! ```
@@ -551,12 +551,12 @@ impl Backoff {
 /// Runs the client: connects, streams, verifies, hands bundles to the daemon through
 /// `updates` and reconnects forever, publishing progress on `state`.
 ///
-/// `held_version` is the version of the bundle the daemon enforces (0: none), normally the
+/// `held` is what the daemon holds (see [`Held`]), normally the
 /// stored bundle's. Returns `Err` at once if the configuration can never work, `Ok(())`
 /// when the `updates` receiver is dropped; see the module documentation.
 pub async fn run(
     cfg: SyncConfig,
-    held_version: u64,
+    held: Held,
     updates: mpsc::Sender<PolicyUpdate>,
     state: watch::Sender<ConnectionState>,
 ) -> Result<(), SyncError> {
@@ -566,7 +566,8 @@ pub async fn run(
     let mut client = Client {
         cfg,
         verifier,
-        held: held_version,
+        held: held.version,
+        floor_only: held.floor_only,
         updates,
         state,
     };
@@ -621,10 +622,23 @@ enum SessionEnd {
     },
 }
 
+/// What the node holds when the client starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The version of the bundle the node enforces; with `floor_only`, its rollback floor
+    /// (the highest version it ever accepted) instead. Bundles up to it are refused.
+    pub version: u64,
+    /// The node enforces its local policy file, not bundle `version` (the stored bundle
+    /// failed verification): the control plane sends its bundle even at this version.
+    pub floor_only: bool,
+}
+
 struct Client {
     cfg: SyncConfig,
     verifier: Verifier,
     held: u64,
+    /// See [`Held::floor_only`]; false once a bundle was applied.
+    floor_only: bool,
     updates: mpsc::Sender<PolicyUpdate>,
     state: watch::Sender<ConnectionState>,
 }
@@ -651,6 +665,7 @@ impl Client {
             node_id: self.cfg.node_id.clone(),
             labels: self.cfg.labels.clone(),
             version: self.held,
+            floor_only: self.floor_only,
         }));
         outbound
             .try_send(hello)
@@ -713,6 +728,7 @@ impl Client {
             Ok(Ok(generation)) => {
                 tracing::info!(version, generation, "bundle applied");
                 self.held = version;
+                self.floor_only = false;
                 Some(message(Kind::Ack(Ack { version })))
             }
             Ok(Err(reason)) => {

@@ -328,6 +328,10 @@ struct Daemon {
     inspect_policy: watch::Sender<Option<Arc<Policy>>>,
     /// The last applied control-plane bundle, persisted for fail-static restarts.
     store: Option<BundleStore>,
+    /// The bundle version held (the rollback floor), and whether only as a floor.
+    held: sync::Held,
+    /// Why the stored bundle was not used at start, if it was not.
+    stored_bundle_error: Option<String>,
     /// The control-plane connection, when one is configured.
     control_plane: Option<watch::Receiver<ConnectionState>>,
     reloads_ok: u64,
@@ -525,21 +529,46 @@ impl Daemon {
         result
     }
 
-    /// Applies a verified control-plane bundle; it is persisted before the answer, so an
-    /// ACK means both enforcing and surviving a restart.
+    /// Applies a verified control-plane bundle. It is saved first, so what enforces is what a
+    /// restart loads; if the kernel then refuses it, the previous bundle is put back. An ACK
+    /// (`Ok`) means enforcing and on disk, a NACK neither.
     fn apply_bundle(&mut self, update: PolicyUpdate) {
         let bundle = update.bundle;
         let origin = bundle.origin();
         let result = std::str::from_utf8(bundle.policy())
             .map_err(|e| format!("malformed policy: {origin}: not UTF-8: {e}"))
-            .and_then(|text| self.apply_text(&origin, text))
-            .and_then(|generation| match &self.store {
-                Some(store) => store
-                    .save(&bundle)
-                    .map(|()| generation)
-                    .map_err(|e| format!("applied, but persisting it failed: {}", error_chain(&e))),
-                None => Ok(generation),
+            .and_then(|text| {
+                let Some(store) = self.store.clone() else {
+                    return self.apply_text(&origin, text);
+                };
+                let previous = store
+                    .read_raw()
+                    .and_then(|previous| store.save(&bundle).map(|()| previous))
+                    .map_err(|e| {
+                        format!(
+                            "not applied: the bundle cannot be saved ({})",
+                            error_chain(&e)
+                        )
+                    })?;
+                let applied = self.apply_text(&origin, text);
+                if applied.is_err()
+                    && let Err(e) = store.restore(previous.as_deref())
+                {
+                    tracing::error!(error = %error_chain(&e), "putting the previous bundle back");
+                }
+                let generation = applied?;
+                if let Err(e) = store.raise_floor(bundle.version()) {
+                    // The saved bundle holds the version too, while it verifies.
+                    tracing::error!(error = %error_chain(&e), "recording the rollback floor");
+                }
+                Ok(generation)
             });
+        if result.is_ok() {
+            self.held = sync::Held {
+                version: bundle.version(),
+                floor_only: false,
+            };
+        }
         let _ = update.reply.send(result);
     }
 
@@ -680,6 +709,9 @@ impl Daemon {
                     "url": self.config.control_plane.as_ref().map(|c| c.url.clone()),
                     "state": state.borrow().to_string(),
                     "connected": matches!(*state.borrow(), ConnectionState::Connected { .. }),
+                    "rollback_floor": self.held.version,
+                    "enforcing_local_file": self.held.floor_only,
+                    "stored_bundle_error": self.stored_bundle_error,
                 })),
             })),
             Request::Agents => {
@@ -827,22 +859,33 @@ impl Daemon {
             }
             Request::Mode { agent, mode } => {
                 let id = self.find_agent(&agent)?.id;
-                let previous = self.status.overrides.insert(id, mode);
-                let text = self
+                let (origin, text) = self
                     .current
                     .as_ref()
-                    .map(|c| (c.origin.clone(), c.text.clone()));
-                let (origin, text) = text.ok_or("no policy of this daemon is enforcing yet")?;
+                    .map(|c| (c.origin.clone(), c.text.clone()))
+                    .ok_or("no policy of this daemon is enforcing yet")?;
+                let previous = self.status.overrides.insert(id, mode);
+                let put_back = |daemon: &mut Daemon| match previous {
+                    Some(p) => daemon.status.overrides.insert(id, p),
+                    None => daemon.status.overrides.remove(&id),
+                };
+                // Saved first, so what enforces is what a restart reads; if the kernel then
+                // refuses the change, the saved overrides are put back.
+                if let Err(e) = self.persist_overrides() {
+                    put_back(self);
+                    return Err(format!(
+                        "not changed: the mode overrides cannot be saved ({e}); under the systemd unit state_dir must be below ReadWritePaths="
+                    ));
+                }
                 match self.apply_text(&origin, &text) {
                     Ok(generation) => {
-                        self.persist_overrides()?;
                         Ok(json!({"agent": id, "mode": mode, "generation": generation}))
                     }
                     Err(e) => {
-                        match previous {
-                            Some(p) => self.status.overrides.insert(id, p),
-                            None => self.status.overrides.remove(&id),
-                        };
+                        put_back(self);
+                        if let Err(saved) = self.persist_overrides() {
+                            tracing::error!(error = %saved, "putting the previous mode overrides back");
+                        }
                         Err(e)
                     }
                 }
@@ -1045,31 +1088,54 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
     // Fail-static: with a control plane, the last bundle this node applied (re-verified
-    // with the configured keys) enforces before any connection is attempted.
-    let mut held_version = 0;
+    // with the configured keys) enforces before any connection is attempted. The rollback
+    // floor stands whether or not the bundle still verifies.
+    let mut held = sync::Held::default();
     let mut stored = None;
+    let mut stored_bundle_error = None;
     let store = config
         .control_plane
         .as_ref()
         .map(|_| BundleStore::new(&config.state_dir));
     if let (Some(cp), Some(store)) = (&config.control_plane, &store) {
+        let floor = store.floor().unwrap_or_else(|e| {
+            tracing::error!(error = %error_chain(&e), "reading the rollback floor; taking the stored bundle's version");
+            0
+        });
         match cp
             .validate()
             .map_err(|e| error_chain(&e))
             .and_then(|verifier| store.load(&verifier).map_err(|e| error_chain(&e)))
         {
             Ok(Some(bundle)) => {
-                held_version = bundle.version();
+                held.version = bundle.version().max(floor);
+                held.floor_only = floor > bundle.version();
+                // A store written before the floor existed: the bundle's version seeds it.
+                if let Err(e) = store.raise_floor(bundle.version()) {
+                    tracing::error!(error = %error_chain(&e), "recording the rollback floor");
+                }
                 match String::from_utf8(bundle.policy().to_vec()) {
                     Ok(text) => stored = Some((bundle.origin(), text)),
                     Err(e) => {
-                        tracing::error!(error = %e, "stored bundle is not UTF-8; ignoring it")
+                        tracing::error!(error = %e, "stored bundle is not UTF-8; ignoring it");
+                        stored_bundle_error = Some(format!("not UTF-8: {e}"));
+                        held.floor_only = true;
                     }
                 }
             }
-            Ok(None) => {}
+            Ok(None) => {
+                held = sync::Held {
+                    version: floor,
+                    floor_only: floor > 0,
+                };
+            }
             Err(e) => {
-                tracing::error!(error = %e, "stored bundle rejected; starting from the policy file")
+                tracing::error!(error = %e, rollback_floor = floor, "stored bundle rejected; starting from the policy file, still refusing bundle versions up to the floor");
+                stored_bundle_error = Some(e);
+                held = sync::Held {
+                    version: floor,
+                    floor_only: floor > 0,
+                };
             }
         }
     }
@@ -1159,6 +1225,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         user_audit,
         inspect_policy: watch::channel(None).0,
         store,
+        held,
+        stored_bundle_error,
         control_plane: None,
         reloads_ok: 0,
         reloads_rejected: 0,
@@ -1216,7 +1284,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         let (state_tx, state_rx) = watch::channel(ConnectionState::default());
         daemon.control_plane = Some(state_rx);
         tokio::spawn(async move {
-            if let Err(e) = sync::run(cp, held_version, updates_tx, state_tx).await {
+            if let Err(e) = sync::run(cp, held, updates_tx, state_tx).await {
                 tracing::error!(error = %sync::error_text(&e), "the control-plane client stopped");
             }
         });
