@@ -1,13 +1,15 @@
 //! DNS messages as the resolver reads and writes them, on top of hickory-proto: the one
-//! question of a query, the answers it synthesizes (REFUSED, NODATA, SERVFAIL), and what it
-//! takes from and changes in an upstream's answer (addresses along the CNAME chain, TTL
-//! caps, truncation for UDP).
+//! question of a query, the answers it synthesizes (REFUSED, NODATA, SERVFAIL), the query
+//! as asked upstream (own id, 0x20) and the check of its answer, and what it takes from and
+//! changes in an upstream's answer (the agent's id and question back, addresses along the
+//! CNAME chain, TTL caps, truncation for UDP).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
+    op::{Message, MessageType, OpCode, Query as Question, ResponseCode},
     rr::{Name, RData, RecordType},
+    serialize::binary::BinEncodable,
 };
 
 /// Why a message could not be used.
@@ -85,20 +87,160 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, MessageError> {
         .map_err(|e| MessageError::Malformed(e.to_string()))
 }
 
-/// Checks that `answer` answers `query`: a response, same id, same question.
-pub fn matches(query: &Message, answer: &Message) -> bool {
-    answer.metadata.message_type == MessageType::Response
-        && answer.metadata.id == query.metadata.id
-        && answer.queries.len() == query.queries.len()
-        && answer
-            .queries
-            .iter()
-            .zip(&query.queries)
-            .all(|(a, q)| a.query_type == q.query_type && eq_name(&a.name, &q.name))
+/// Why a datagram from an upstream is not the answer to the query asked: the resolver
+/// drops it, counts it and keeps waiting, so a forged datagram cannot end the wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// It came from another address or port than the query went to.
+    Source,
+    /// It does not parse as a DNS message.
+    Malformed,
+    /// It is a query, not a response.
+    NotAResponse,
+    /// Its id is not the query's.
+    Id,
+    /// Its question is not the query's (name, its letter case under 0x20, type, class).
+    Question,
 }
 
-fn eq_name(a: &Name, b: &Name) -> bool {
-    key(a) == key(b)
+impl Rejected {
+    /// The `reason` label of `enforcer_dns_upstream_answers_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejected::Source => "source",
+            Rejected::Malformed => "malformed",
+            Rejected::NotAResponse => "not_a_response",
+            Rejected::Id => "id",
+            Rejected::Question => "question",
+        }
+    }
+}
+
+/// Offset of the question's name: right after the 12-byte header (RFC 1035 4.1.1).
+const QNAME: usize = 12;
+
+/// One upstream attempt at an agent's query: the agent's bytes with an id of the
+/// resolver's own and, under 0x20, the question name's letters in random case. An answer
+/// forged by someone who sees only the agent's side (the agent itself, choosing its id)
+/// must guess both, on top of the source port.
+#[derive(Clone, Debug)]
+pub struct UpstreamQuery {
+    /// What goes on the wire.
+    pub bytes: Vec<u8>,
+    /// The id sent.
+    pub id: u16,
+    /// The question sent, its name in the case sent.
+    pub question: Question,
+    /// Whether the answer must echo the name byte for byte (0x20 on); without 0x20 an
+    /// upstream that changes the case is still believed.
+    pub exact_case: bool,
+}
+
+impl UpstreamQuery {
+    /// Builds the attempt from `agent`, a query [`parse_query`] accepted, with `id`; with
+    /// `case` (0x20, draft-vixie-dnsext-dns0x20), each letter of the question name takes its
+    /// case from bit 0x20 of the byte of `case` at the letter's offset in the name.
+    pub fn new(agent: &[u8], id: u16, case: Option<&[u8]>) -> Result<Self, MessageError> {
+        let mut bytes = agent.to_vec();
+        let header = bytes
+            .get_mut(..2)
+            .ok_or_else(|| MessageError::Malformed("no header".into()))?;
+        header.copy_from_slice(&id.to_be_bytes());
+        if let Some(case) = case {
+            let name = name_at_qname(&bytes)
+                .ok_or(MessageError::Unsupported("compressed or cut question name"))?;
+            for (i, b) in bytes[QNAME..QNAME + name].iter_mut().enumerate() {
+                // Length octets are below 64, never letters; a letter's case is its 0x20 bit.
+                if b.is_ascii_alphabetic() {
+                    *b = (*b & !0x20) | (case.get(i).copied().unwrap_or(0) & 0x20);
+                }
+            }
+        }
+        let message =
+            Message::from_vec(&bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        let [question] = <[Question; 1]>::try_from(message.queries)
+            .map_err(|_| MessageError::Unsupported("not exactly one question"))?;
+        Ok(UpstreamQuery {
+            bytes,
+            id,
+            question,
+            exact_case: case.is_some(),
+        })
+    }
+
+    /// Checks that `answer` answers this attempt: a response with its id and its one
+    /// question: type, class and name, the name byte for byte under 0x20.
+    pub fn check(&self, answer: &Message) -> Result<(), Rejected> {
+        if answer.metadata.message_type != MessageType::Response {
+            return Err(Rejected::NotAResponse);
+        }
+        if answer.metadata.id != self.id {
+            return Err(Rejected::Id);
+        }
+        let [question] = answer.queries.as_slice() else {
+            return Err(Rejected::Question);
+        };
+        let same_name = if self.exact_case {
+            question.name.eq_case(&self.question.name)
+        } else {
+            question.name == self.question.name
+        };
+        if !same_name
+            || question.query_type != self.question.query_type
+            || question.query_class != self.question.query_class
+        {
+            return Err(Rejected::Question);
+        }
+        Ok(())
+    }
+}
+
+/// The length of the uncompressed name at [`QNAME`], its terminating zero included, or
+/// `None` when it is compressed or runs past the end.
+fn name_at_qname(bytes: &[u8]) -> Option<usize> {
+    let mut at = QNAME;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        at += 1 + len;
+        if len == 0 {
+            return (at <= bytes.len()).then_some(at - QNAME);
+        }
+    }
+}
+
+/// Gives the agent its own id and question back in an upstream's answer, the name in the
+/// agent's letter case, also where it owns records. `answer` is the parsed answer; `raw`
+/// (the bytes as received, relayed as they are to agents without names) gets the id, and
+/// the name when it is written in full right after the header, as servers write it:
+/// compressed owner names point there.
+pub fn restore(answer: &mut Message, raw: &mut [u8], agent: &Message) {
+    answer.metadata.id = agent.metadata.id;
+    if let Some(original) = agent.queries.first() {
+        for record in answer
+            .answers
+            .iter_mut()
+            .chain(answer.authorities.iter_mut())
+            .chain(answer.additionals.iter_mut())
+        {
+            if record.name == original.name {
+                record.name = original.name.clone();
+            }
+        }
+    }
+    answer.queries.clone_from(&agent.queries);
+    if let Some(header) = raw.get_mut(..2) {
+        header.copy_from_slice(&agent.metadata.id.to_be_bytes());
+    }
+    let wire = agent.queries.first().and_then(|q| q.name.to_bytes().ok());
+    if let (Some(wire), Some(len)) = (wire, name_at_qname(raw))
+        && len == wire.len()
+        && raw[QNAME..QNAME + len].eq_ignore_ascii_case(&wire)
+    {
+        raw[QNAME..QNAME + len].copy_from_slice(&wire);
+    }
 }
 
 fn key(name: &Name) -> String {
@@ -255,7 +397,6 @@ pub(crate) mod tests {
         assert!(back.metadata.recursion_desired);
         assert_eq!(back.queries, q.message.queries);
         assert!(back.answers.is_empty());
-        assert!(matches(&q.message, &back));
     }
 
     fn answer_with(records: Vec<Record>) -> Message {

@@ -17,7 +17,11 @@
 //!    allowed names with NODATA, so no ECH configuration reaches the agent (the XDP SNI
 //!    check drops ECH ClientHellos, whose outer name is not the real one); and forwards
 //!    the rest to the upstreams (UDP with a timeout, each upstream in turn, the list
-//!    twice; TCP when the answer is truncated or the agent asked over TCP);
+//!    twice; TCP when the answer is truncated or the agent asked over TCP). Each upstream
+//!    query carries a fresh random id, never the agent's, and with `case_randomization`
+//!    its name's letters in random case (0x20); an answer counts only from the address
+//!    and port asked, with that id and that question (byte for byte under 0x20), and
+//!    other datagrams do not end the wait. The agent gets its own id and question back;
 //! 4. takes every A/AAAA record of the answer that the question's CNAME chain reaches and
 //!    admits its address for the agent in the kernel (`learn_name`) until now + min(TTL,
 //!    `max_ttl_secs`) + `grace_secs`, with the protocols and ports of every rule whose
@@ -52,6 +56,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
@@ -60,6 +65,7 @@ use tokio::{
 };
 
 pub use self::learned::{FakeSink, Learned, NameSink, Rules};
+use self::message::UpstreamQuery;
 use crate::{
     node::audit::{UserAudit, UserEvent, UserSource},
     policy::{Agent, Mode, Policy},
@@ -87,6 +93,10 @@ pub struct DnsConfig {
     pub grace: Duration,
     /// Longest TTL an answer keeps (and an address stays admitted before the grace).
     pub max_ttl_secs: u32,
+    /// Whether upstream queries carry their name's letters in random case (0x20), which
+    /// the answer must echo exactly: more for a forger to guess than the id alone. Off
+    /// only for an upstream that does not echo the question as asked.
+    pub case_randomization: bool,
 }
 
 /// Errors of the resolver.
@@ -115,6 +125,12 @@ pub struct DnsMetrics {
     suppressed: Family<AgentLabel, Counter>,
     learned: Gauge,
     expired: Counter,
+    rejected: Family<RejectedLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectedLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,6 +176,16 @@ impl DnsMetrics {
             "Names whose admitted address expired (TTL plus grace) and was withdrawn",
             self.expired.clone(),
         );
+        registry.register(
+            "dns_upstream_answers_rejected",
+            "Datagrams from upstreams dropped as no answer to the query asked, by reason (source, malformed, not_a_response, id, question)",
+            self.rejected.clone(),
+        );
+    }
+
+    /// Upstream datagrams rejected for `reason` so far (tests read this).
+    pub fn rejected(&self, reason: &'static str) -> u64 {
+        self.rejected.get_or_create(&RejectedLabel { reason }).get()
     }
 
     /// Queries counted for `agent_id` with `outcome` so far (tests read this).
@@ -261,6 +287,8 @@ pub struct Resolver<S> {
     metrics: DnsMetrics,
     /// Wakes the sweeper when an entry with an earlier expiry than it sleeps for appears.
     learned_changed: Notify,
+    /// The upstream queries' ids and 0x20 case: the kernel's CSPRNG (`getrandom`).
+    random: SystemRandom,
 }
 
 /// What the resolver does with a query before any upstream is asked.
@@ -298,6 +326,7 @@ impl<S: NameSink> Resolver<S> {
             },
             metrics,
             learned_changed: Notify::new(),
+            random: SystemRandom::new(),
         }
     }
 
@@ -337,13 +366,14 @@ impl<S: NameSink> Resolver<S> {
             Plan::Relay => None,
             Plan::Learn(rules) => Some(rules),
         };
-        let Some((answer, raw)) = self.forward(&query.message, bytes, origin.tcp).await else {
+        let Some((mut answer, mut raw)) = self.forward(bytes, origin.tcp).await else {
             let answer = message::empty_answer(&query.message, ResponseCode::ServFail);
             return self.finish(agent, answer, origin, payload);
         };
+        message::restore(&mut answer, &mut raw, &query.message);
         let (Some(agent), Some(rules)) = (agent, rules) else {
-            // Relayed as the upstream sent it: an agent without names is governed by its
-            // address rules alone.
+            // Relayed as the upstream sent it (but for the agent's id and question): an
+            // agent without names is governed by its address rules alone.
             self.metrics
                 .count(agent, outcome(answer.metadata.response_code));
             if origin.tcp {
@@ -353,7 +383,6 @@ impl<S: NameSink> Resolver<S> {
         };
         let question = &query.message.queries[0].name;
         let name = query.name.as_deref().expect("a planned name is valid");
-        let mut answer = answer;
         if let Err(e) = self.admit(agent.id, name, question, &answer, rules) {
             tracing::error!(agent = agent.id, name, error = %crate::error::error_chain(&e), "admitting the answer's addresses");
             let answer = message::empty_answer(&query.message, ResponseCode::ServFail);
@@ -465,22 +494,31 @@ impl<S: NameSink> Resolver<S> {
         }
     }
 
-    /// Asks the upstreams: each in turn with [`UPSTREAM_TIMEOUT`], the whole list twice.
-    /// Over TCP when the agent asked over TCP or a UDP answer came back truncated.
-    async fn forward(
-        &self,
-        query: &Message,
-        bytes: &[u8],
-        tcp: bool,
-    ) -> Option<(Message, Vec<u8>)> {
+    /// Asks the upstreams the agent's query `bytes`: each in turn with
+    /// [`UPSTREAM_TIMEOUT`], the whole list twice, each time as a new [`UpstreamQuery`]
+    /// (fresh id and case). Over TCP when the agent asked over TCP or a UDP answer came back
+    /// truncated. The answer still carries the id and question sent.
+    async fn forward(&self, bytes: &[u8], tcp: bool) -> Option<(Message, Vec<u8>)> {
         for round in 0..2 {
             for &upstream in &self.config.upstreams {
+                let rejected = |why: message::Rejected| {
+                    self.metrics
+                        .rejected
+                        .get_or_create(&RejectedLabel {
+                            reason: why.reason(),
+                        })
+                        .inc();
+                    tracing::debug!(%upstream, reason = why.reason(), "upstream datagram rejected");
+                };
                 let result = if tcp {
-                    net::ask_tcp(upstream, query, bytes, UPSTREAM_TIMEOUT).await
+                    let query = self.upstream_query(bytes)?;
+                    net::ask_tcp(upstream, &query, UPSTREAM_TIMEOUT, &rejected).await
                 } else {
-                    match net::ask_udp(upstream, query, bytes, UPSTREAM_TIMEOUT).await {
+                    let query = self.upstream_query(bytes)?;
+                    match net::ask_udp(upstream, &query, UPSTREAM_TIMEOUT, &rejected).await {
                         Ok((answer, _)) if answer.metadata.truncation => {
-                            net::ask_tcp(upstream, query, bytes, UPSTREAM_TIMEOUT).await
+                            let query = self.upstream_query(bytes)?;
+                            net::ask_tcp(upstream, &query, UPSTREAM_TIMEOUT, &rejected).await
                         }
                         other => other,
                     }
@@ -493,6 +531,23 @@ impl<S: NameSink> Resolver<S> {
         }
         tracing::warn!(upstreams = ?self.config.upstreams, "no upstream answered");
         None
+    }
+
+    /// The agent's query `bytes` as one upstream attempt: a random id and, with
+    /// `case_randomization`, random letter case. `None` (answered SERVFAIL) when the
+    /// kernel gives no random bytes or the name cannot be rewritten in place.
+    fn upstream_query(&self, bytes: &[u8]) -> Option<UpstreamQuery> {
+        // Two bytes of id, then one per byte of the longest name (255, RFC 1035 2.3.4).
+        let mut random = [0u8; 2 + 255];
+        if self.random.fill(&mut random).is_err() {
+            tracing::error!("no random bytes from the kernel for an upstream query id");
+            return None;
+        }
+        let id = u16::from_be_bytes([random[0], random[1]]);
+        let case = self.config.case_randomization.then_some(&random[2..]);
+        UpstreamQuery::new(bytes, id, case)
+            .inspect_err(|e| tracing::debug!(error = %e, "query not forwarded"))
+            .ok()
     }
 
     /// Withdraws every name whose time has come; returns how many expired.

@@ -203,57 +203,74 @@ pub fn interface_for_peer(peer: IpAddr) -> Option<String> {
 }
 
 /// Asks `upstream` over UDP from a fresh socket (a random source port per query) and
-/// returns the first datagram that answers `query`; others are ignored, so a spoofed or
-/// stale datagram cannot stand in for the answer.
+/// returns the first datagram that answers `query` (see [`message::UpstreamQuery::check`]).
+/// Every other datagram goes to `rejected` and the wait goes on until `wait` is up, so a
+/// forged or stale datagram can neither stand in for the answer nor end the wait.
 pub async fn ask_udp(
     upstream: SocketAddr,
-    query: &Message,
-    bytes: &[u8],
+    query: &message::UpstreamQuery,
     wait: Duration,
+    rejected: impl Fn(message::Rejected),
 ) -> io::Result<(Message, Vec<u8>)> {
     let local: SocketAddr = match upstream {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let socket = UdpSocket::bind(local).await?;
+    // Connected: the kernel drops datagrams from any other address or port before they
+    // reach us, and reports an upstream's ICMP refusal, so a dead one is skipped at once.
     socket.connect(upstream).await?;
-    socket.send(bytes).await?;
+    socket.send(&query.bytes).await?;
     let deadline = Instant::now() + wait;
     let mut buf = vec![0u8; 65_535];
     loop {
-        let n = timeout_at(deadline, socket.recv(&mut buf))
+        let (n, from) = timeout_at(deadline, socket.recv_from(&mut buf))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
-        if let Ok(answer) = Message::from_vec(&buf[..n])
-            && message::matches(query, &answer)
-        {
-            return Ok((answer, buf[..n].to_vec()));
+        // The source rule stated here too, not left to how the socket was set up.
+        if (from.ip(), from.port()) != (upstream.ip(), upstream.port()) {
+            rejected(message::Rejected::Source);
+            continue;
+        }
+        let Ok(answer) = Message::from_vec(&buf[..n]) else {
+            rejected(message::Rejected::Malformed);
+            continue;
+        };
+        match query.check(&answer) {
+            Ok(()) => return Ok((answer, buf[..n].to_vec())),
+            Err(why) => rejected(why),
         }
     }
 }
 
-/// Asks `upstream` over TCP (two-byte length prefix, RFC 1035 4.2.2).
+/// Asks `upstream` over TCP (two-byte length prefix, RFC 1035 4.2.2); an answer that does
+/// not answer `query` goes to `rejected` and fails the attempt (one query per connection:
+/// nothing else can follow on it).
 pub async fn ask_tcp(
     upstream: SocketAddr,
-    query: &Message,
-    bytes: &[u8],
+    query: &message::UpstreamQuery,
     wait: Duration,
+    rejected: impl Fn(message::Rejected),
 ) -> io::Result<(Message, Vec<u8>)> {
     let exchange = async {
         let mut stream = TcpStream::connect(upstream).await?;
-        write_framed(&mut stream, bytes).await?;
+        write_framed(&mut stream, &query.bytes).await?;
         let answer = read_framed(&mut stream)
             .await?
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed"))?;
-        let parsed = Message::from_vec(&answer)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        if !message::matches(query, &parsed) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "answer does not match the query",
-            ));
+        let checked = Message::from_vec(&answer)
+            .map_err(|_| message::Rejected::Malformed)
+            .and_then(|parsed| query.check(&parsed).map(|()| parsed));
+        match checked {
+            Ok(parsed) => Ok((parsed, answer)),
+            Err(why) => {
+                rejected(why);
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("answer rejected ({})", why.reason()),
+                ))
+            }
         }
-        Ok((parsed, answer))
     };
     timeout(wait, exchange)
         .await

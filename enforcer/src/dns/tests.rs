@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -86,6 +86,8 @@ struct Upstream {
     addr: SocketAddr,
     udp_queries: Arc<AtomicU64>,
     tcp_queries: Arc<AtomicU64>,
+    /// Every query's id and question name as received, and whether it came over TCP.
+    asked: Arc<Mutex<Vec<(u16, String, bool)>>>,
 }
 
 impl Upstream {
@@ -100,10 +102,16 @@ impl Upstream {
         };
         let addr = udp.local_addr().unwrap();
         let (udp_queries, tcp_queries) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let answer = {
-            let table = table.clone();
-            move |bytes: &[u8], truncate: bool| {
+            let (table, asked) = (table.clone(), asked.clone());
+            move |bytes: &[u8], truncate: bool, tcp: bool| {
                 let query = Message::from_vec(bytes).unwrap();
+                asked.lock().unwrap().push((
+                    query.metadata.id,
+                    query.queries[0].name.to_ascii(),
+                    tcp,
+                ));
                 let mut response = Message::response(query.metadata.id, query.metadata.op_code);
                 response.metadata.recursion_desired = query.metadata.recursion_desired;
                 response.add_queries(query.queries.iter().cloned());
@@ -137,11 +145,15 @@ impl Upstream {
                 let mut buf = [0u8; 4096];
                 while let Ok((len, from)) = udp.recv_from(&mut buf).await {
                     count.fetch_add(1, Ordering::Relaxed);
+                    // Names compare ignoring case: the resolver randomizes it (0x20).
                     let name = Message::from_vec(&buf[..len]).unwrap().queries[0]
                         .name
-                        .to_ascii();
+                        .to_ascii()
+                        .to_ascii_lowercase();
                     let truncate = tcp_only.contains(&name.trim_end_matches('.'));
-                    let _ = udp.send_to(&answer(&buf[..len], truncate), from).await;
+                    let _ = udp
+                        .send_to(&answer(&buf[..len], truncate, false), from)
+                        .await;
                 }
             });
         }
@@ -151,7 +163,7 @@ impl Upstream {
                 while let Ok((mut stream, _)) = tcp.accept().await {
                     count.fetch_add(1, Ordering::Relaxed);
                     let query = net::read_framed(&mut stream).await.unwrap().unwrap();
-                    net::write_framed(&mut stream, &answer(&query, false))
+                    net::write_framed(&mut stream, &answer(&query, false, true))
                         .await
                         .unwrap();
                 }
@@ -161,6 +173,7 @@ impl Upstream {
             addr,
             udp_queries,
             tcp_queries,
+            asked,
         }
     }
 
@@ -186,6 +199,7 @@ fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
         upstreams,
         grace: Duration::from_secs(grace_secs),
         max_ttl_secs,
+        case_randomization: true,
     };
     Rig {
         resolver: Resolver::new(
@@ -251,14 +265,17 @@ fn table() -> BTreeMap<&'static str, Vec<Record>> {
     ])
 }
 
+/// The id every query of the agent carries in these tests.
+const AGENT_ID: u16 = 0x4242;
+
 async fn ask(rig: &Rig, name: &str, qtype: RecordType, origin: &Origin) -> Message {
     let bytes = rig
         .resolver
-        .answer(&query_bytes(0x4242, name, qtype), origin)
+        .answer(&query_bytes(AGENT_ID, name, qtype), origin)
         .await
         .expect("an answer");
     let answer = Message::from_vec(&bytes).unwrap();
-    assert_eq!(answer.metadata.id, 0x4242);
+    assert_eq!(answer.metadata.id, AGENT_ID);
     answer
 }
 
@@ -515,4 +532,279 @@ async fn the_sweeper_withdraws_on_time_and_follows_the_policy() {
     assert_eq!(rig.metrics.expired.get(), 1);
     let _ = stop_tx.send(());
     maintain.await.unwrap();
+}
+
+/// `question` with `edit` applied (hickory's `Query` is non-exhaustive).
+fn edited(
+    question: &hickory_proto::op::Query,
+    edit: impl FnOnce(&mut hickory_proto::op::Query),
+) -> hickory_proto::op::Query {
+    let mut question = question.clone();
+    edit(&mut question);
+    question
+}
+
+#[tokio::test]
+async fn upstream_queries_carry_fresh_ids_and_random_case_and_the_agent_gets_its_own_back() {
+    let up = Upstream::start(table(), &[]).await;
+    let rig = rig(vec![up.addr], 5, 3600);
+    let over_tcp = Origin {
+        tcp: true,
+        ..from_agent1()
+    };
+    for origin in [from_agent1(), over_tcp] {
+        for _ in 0..3 {
+            // `ask` checks the answer carries AGENT_ID.
+            let answer = ask(&rig, "Api.Example.Test.", RecordType::A, &origin).await;
+            assert_eq!(answer.queries[0].name.to_ascii(), "Api.Example.Test.");
+            assert_eq!(answer.answers[0].name.to_ascii(), "Api.Example.Test.");
+            assert_eq!(
+                answer.answers[0].data,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 10)))
+            );
+        }
+    }
+    let asked = up.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 6, "{asked:?}");
+    for tcp in [false, true] {
+        let (ids, names): (Vec<u16>, Vec<&str>) = asked
+            .iter()
+            .filter(|(_, _, t)| *t == tcp)
+            .map(|(id, name, _)| (*id, name.as_str()))
+            .unzip();
+        // Random: any one may hit the agent's id or case by chance, not all three.
+        assert!(ids.iter().any(|&id| id != AGENT_ID), "tcp {tcp}: {ids:?}");
+        assert!(ids.iter().any(|&id| id != ids[0]), "tcp {tcp}: {ids:?}");
+        assert!(
+            names.iter().any(|&n| n != "Api.Example.Test."),
+            "tcp {tcp}: {names:?}"
+        );
+        for name in names {
+            assert!(name.eq_ignore_ascii_case("api.example.test."), "{name}");
+        }
+    }
+    assert_eq!(
+        rig.metrics.rejected("id") + rig.metrics.rejected("question"),
+        0
+    );
+}
+
+/// An upstream on 127.0.0.1 that answers each query with forgeries first, each carrying
+/// `FORGED`, then the genuine answer with `GENUINE`: a wrong id; the right id with the
+/// name's case flipped, with another type, with another class; a query instead of a
+/// response; bytes that are no DNS message; and a perfect copy from another port.
+/// Returns its address and the queries it got.
+async fn spoofing_upstream() -> (SocketAddr, Arc<Mutex<Vec<Message>>>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other_port = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+            let query = Message::from_vec(&buf[..len]).unwrap();
+            seen.lock().unwrap().push(query.clone());
+            let answer = |id: u16, question: hickory_proto::op::Query, ip: [u8; 4]| {
+                let mut m = Message::response(id, query.metadata.op_code);
+                m.add_answer(a(&question.name.to_ascii(), 60, ip));
+                m.add_query(question);
+                m
+            };
+            let (id, question) = (query.metadata.id, query.queries[0].clone());
+            let flipped = {
+                let text: String = question
+                    .name
+                    .to_ascii()
+                    .chars()
+                    .map(|c| match c {
+                        c if c.is_ascii_lowercase() => c.to_ascii_uppercase(),
+                        c => c.to_ascii_lowercase(),
+                    })
+                    .collect();
+                edited(&question, |q| q.name = n(&text))
+            };
+            let other_type = edited(&question, |q| q.query_type = RecordType::AAAA);
+            let other_class = edited(&question, |q| {
+                q.query_class = hickory_proto::rr::DNSClass::CH
+            });
+            let mut not_a_response = answer(id, question.clone(), FORGED);
+            not_a_response.metadata.message_type = hickory_proto::op::MessageType::Query;
+            for forged in [
+                answer(id ^ 1, question.clone(), FORGED),
+                answer(id, flipped, FORGED),
+                answer(id, other_type, FORGED),
+                answer(id, other_class, FORGED),
+                not_a_response,
+            ] {
+                socket
+                    .send_to(&forged.to_vec().unwrap(), from)
+                    .await
+                    .unwrap();
+            }
+            socket.send_to(&[0x12], from).await.unwrap();
+            let copy = answer(id, question.clone(), FORGED).to_vec().unwrap();
+            other_port.send_to(&copy, from).await.unwrap();
+            let genuine = answer(id, question, GENUINE).to_vec().unwrap();
+            socket.send_to(&genuine, from).await.unwrap();
+        }
+    });
+    (addr, asked)
+}
+
+const GENUINE: [u8; 4] = [192, 0, 2, 10];
+const FORGED: [u8; 4] = [203, 0, 113, 66];
+
+#[tokio::test]
+async fn forged_upstream_answers_are_rejected_and_only_the_genuine_address_is_admitted() {
+    let (upstream, asked) = spoofing_upstream().await;
+    let rig = rig(vec![upstream], 5, 3600);
+    let answer = ask(&rig, "api.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(answer.queries[0].name.to_ascii(), "api.example.test.");
+    assert_eq!(
+        answer
+            .answers
+            .iter()
+            .map(|r| r.data.clone())
+            .collect::<Vec<_>>(),
+        vec![RData::A(A(Ipv4Addr::from(GENUINE)))]
+    );
+    rig.resolver.with_state(|_, sink| {
+        assert_eq!(
+            sink.entries.keys().collect::<Vec<_>>(),
+            vec![&(1, IpAddr::from(GENUINE))],
+            "the forged address is not admitted"
+        );
+    });
+    // The copy from another port never reaches the resolver: its socket is connected.
+    for (reason, count) in [
+        ("id", 1),
+        ("question", 3),
+        ("not_a_response", 1),
+        ("malformed", 1),
+        ("source", 0),
+    ] {
+        assert_eq!(rig.metrics.rejected(reason), count, "{reason}");
+    }
+    let asked = asked.lock().unwrap();
+    assert_eq!(
+        asked.len(),
+        1,
+        "one query: the forgeries did not end the wait"
+    );
+    assert_eq!(asked[0].queries[0].query_type, RecordType::A);
+}
+
+mod matching {
+    use hickory_proto::{
+        op::{MessageType, OpCode, Query as Question},
+        rr::DNSClass,
+    };
+
+    use super::*;
+    use crate::dns::message::{Rejected, UpstreamQuery, restore};
+
+    const AGENT: &str = "api.Example.test.";
+
+    fn agent_query() -> Vec<u8> {
+        query_bytes(AGENT_ID, AGENT, RecordType::A)
+    }
+
+    /// Every letter's case from alternating 0x00 (upper) and 0x20 (lower).
+    fn alternating() -> Vec<u8> {
+        (0..255)
+            .map(|i| if i % 2 == 0 { 0x00 } else { 0x20 })
+            .collect()
+    }
+
+    fn answer_to(id: u16, question: Question) -> Message {
+        let mut m = Message::response(id, OpCode::Query);
+        m.add_answer(a(&question.name.to_ascii(), 60, GENUINE));
+        m.add_query(question);
+        m
+    }
+
+    #[test]
+    fn an_upstream_query_changes_only_the_id_and_the_case_of_the_name() {
+        let agent = agent_query();
+        let asked = UpstreamQuery::new(&agent, 0x1234, Some(&alternating())).unwrap();
+        assert_eq!(asked.id, 0x1234);
+        assert_eq!(asked.bytes[..2], [0x12, 0x34]);
+        // By offset in the name on the wire, length octets included: 1 `a` odd (lower),
+        // 2 `p` even (upper), ...
+        assert_eq!(asked.question.name.to_ascii(), "aPi.eXaMpLe.tEsT.");
+        assert_eq!(asked.bytes.len(), agent.len());
+        assert_eq!(asked.bytes[2..12], agent[2..12], "flags and counts");
+        let name_end = 12 + "api.example.test.".len() + 1;
+        assert_eq!(
+            asked.bytes[name_end..],
+            agent[name_end..],
+            "type, class, EDNS"
+        );
+        assert!(asked.exact_case);
+
+        let plain = UpstreamQuery::new(&agent, 0x1234, None).unwrap();
+        assert_eq!(plain.question.name.to_ascii(), AGENT);
+        assert_eq!(plain.bytes[2..], agent[2..]);
+        assert!(!plain.exact_case);
+    }
+
+    #[test]
+    fn an_answer_must_echo_the_id_and_the_question_byte_for_byte() {
+        let asked = UpstreamQuery::new(&agent_query(), 0x1234, Some(&alternating())).unwrap();
+        let question = asked.question.clone();
+        assert_eq!(asked.check(&answer_to(0x1234, question.clone())), Ok(()));
+        assert_eq!(
+            asked.check(&answer_to(AGENT_ID, question.clone())),
+            Err(Rejected::Id),
+            "the agent's id is not the one asked"
+        );
+        let lower = edited(&question, |q| q.name = n("api.example.test."));
+        assert_eq!(
+            asked.check(&answer_to(0x1234, lower.clone())),
+            Err(Rejected::Question),
+            "under 0x20 the case must be the one sent"
+        );
+        for other in [
+            edited(&question, |q| q.query_type = RecordType::AAAA),
+            edited(&question, |q| q.query_class = DNSClass::CH),
+            edited(&question, |q| q.name = n("api.example.test.evil.")),
+        ] {
+            assert_eq!(
+                asked.check(&answer_to(0x1234, other.clone())),
+                Err(Rejected::Question),
+                "{other:?}"
+            );
+        }
+        let mut none = answer_to(0x1234, question.clone());
+        none.queries.clear();
+        assert_eq!(asked.check(&none), Err(Rejected::Question));
+        let mut two = answer_to(0x1234, question.clone());
+        two.add_query(question.clone());
+        assert_eq!(asked.check(&two), Err(Rejected::Question));
+        let mut query = answer_to(0x1234, question);
+        query.metadata.message_type = MessageType::Query;
+        assert_eq!(asked.check(&query), Err(Rejected::NotAResponse));
+
+        // Without 0x20 the case is not part of the match.
+        let plain = UpstreamQuery::new(&agent_query(), 0x1234, None).unwrap();
+        assert_eq!(plain.check(&answer_to(0x1234, lower)), Ok(()));
+    }
+
+    #[test]
+    fn the_agent_gets_its_id_and_question_back_in_its_own_case() {
+        let agent = message::parse_query(&agent_query()).unwrap().message;
+        let asked = UpstreamQuery::new(&agent_query(), 0x1234, Some(&alternating())).unwrap();
+        let mut answer = answer_to(0x1234, asked.question.clone());
+        // hickory compresses the record's owner name to a pointer at the question.
+        let mut raw = answer.to_vec().unwrap();
+        restore(&mut answer, &mut raw, &agent);
+        for restored in [answer, Message::from_vec(&raw).unwrap()] {
+            assert_eq!(restored.metadata.id, AGENT_ID);
+            assert_eq!(restored.queries[0].name.to_ascii(), AGENT);
+            assert_eq!(restored.answers[0].name.to_ascii(), AGENT);
+            assert_eq!(restored.queries, agent.queries);
+        }
+    }
 }

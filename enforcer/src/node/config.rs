@@ -29,6 +29,8 @@
 //! upstreams = ["192.0.2.53:53"]          # forwarded to, in order
 //! grace_secs = 5                         # admitted addresses outlive their TTL by this
 //! max_ttl_secs = 3600                    # TTLs in answers are capped at this
+//! case_randomization = true              # 0x20: upstream queries' names in random case,
+//!                                        # which answers must echo (off for upstreams that don't)
 //!
 //! [inspect]                              # optional: the inspecting TLS proxy (see enforcer::inspect)
 //! listen = "0.0.0.0:3128"                # explicit CONNECT proxy; "" disables it
@@ -140,6 +142,8 @@ struct RawDns {
     grace_secs: u32,
     #[serde(default = "d_max_ttl")]
     max_ttl_secs: u32,
+    #[serde(default = "d_case_randomization")]
+    case_randomization: bool,
 }
 
 fn d_grace() -> u32 {
@@ -147,6 +151,11 @@ fn d_grace() -> u32 {
 }
 fn d_max_ttl() -> u32 {
     3600
+}
+/// On: dnsmasq (the integration tests' upstream), unbound and BIND echo the question as
+/// asked.
+fn d_case_randomization() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -496,6 +505,7 @@ fn validate_dns(
         upstreams: raw.upstreams,
         grace: std::time::Duration::from_secs(u64::from(raw.grace_secs)),
         max_ttl_secs: raw.max_ttl_secs,
+        case_randomization: raw.case_randomization,
     })
 }
 
@@ -578,6 +588,13 @@ mod tests {
         assert_eq!(dns.upstreams.len(), 2);
         assert_eq!(dns.grace, std::time::Duration::from_secs(5));
         assert_eq!(dns.max_ttl_secs, 3600);
+        assert!(dns.case_randomization);
+        let off = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[dns]\nlisten = [\"10.200.0.53:53\"]\nupstreams = [\"10.200.100.2:53\"]\ncase_randomization = false\n",
+        )
+        .unwrap();
+        assert!(!off.dns.unwrap().case_randomization);
         assert_eq!(
             Config::parse(Path::new("e.toml"), "policy = \"p\"\n")
                 .unwrap()
