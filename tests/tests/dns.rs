@@ -5,17 +5,26 @@
 //!
 //! dnsmasq runs with `--no-resolv --no-hosts --conf-file=/dev/null`, bound to the server
 //! namespace's address only: it reads nothing of the host's and answers only the names the
-//! test gives it.
+//! test gives it. One test puts a forging upstream of its own in dnsmasq's place.
 
 use std::{
     fs,
+    net::{IpAddr, Ipv4Addr, UdpSocket},
     process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use enforcer::lab::{self, ChildGuard, Netns, TcpEchoServer};
 use enforcer_common::Reason;
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{Name, RData, Record, RecordType, rdata::A},
+};
 use integration_tests::{Lab, PUBLIC, SERVER_V4, sa};
 
 /// Where the daemon's resolver listens (on the gateway's loopback).
@@ -49,13 +58,18 @@ ports = "443"
 /// The lab with the resolver configured and dnsmasq serving in the server namespace.
 struct DnsLab {
     // Field order: dnsmasq and the echo server stop before the lab's namespaces go.
-    _dnsmasq: ChildGuard,
+    _dnsmasq: Option<ChildGuard>,
     _echo: TcpEchoServer,
     lab: Lab,
 }
 
 impl DnsLab {
     fn start() -> DnsLab {
+        Self::start_with_dnsmasq(true)
+    }
+
+    /// Without dnsmasq the test serves `SERVER_V4:53`, the configured upstream, itself.
+    fn start_with_dnsmasq(dnsmasq: bool) -> DnsLab {
         let mut lab = Lab::new(1);
         lab::add_address(&lab.gw, "lo", &format!("{RESOLVER}/32")).unwrap();
         let mut config = fs::read_to_string(lab.config_path()).unwrap();
@@ -64,7 +78,7 @@ impl DnsLab {
         ));
         fs::write(lab.config_path(), config).unwrap();
         lab.write_policy(POLICY);
-        let dnsmasq = start_dnsmasq(&lab.server, &lab.dir);
+        let dnsmasq = dnsmasq.then(|| start_dnsmasq(&lab.server, &lab.dir));
         let echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", PORT)).unwrap();
         lab.start_daemon();
         DnsLab {
@@ -441,4 +455,213 @@ fn https_by_name_passes_and_another_name_on_the_same_address_is_dropped_at_sni()
     assert!(after > before, "sni_denied counted {before} -> {after}");
     // And its name is refused by the resolver in the first place.
     assert!(!curl(lab.agent(), "other.example.test", &[]));
+}
+
+/// The id the agent gives its own queries in the spoofing test.
+const AGENT_ID: u16 = 0x4242;
+
+/// An upstream at `SERVER_V4:53` (the resolver's configured one, in dnsmasq's place) that
+/// answers every query first with forgeries that put [`PUBLIC`] under the name asked, then
+/// with the genuine answer, [`SERVER_V4`]: what an accomplice spraying answers at the
+/// resolver would try, made easy by sending them after each query. The forgeries: the
+/// wrong id; the right id with the name's letter case flipped; the right id with another
+/// query type; and a perfect copy from another port of the server.
+struct SpoofingUpstream {
+    stop: Arc<AtomicBool>,
+    asked: Arc<Mutex<Vec<Message>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Forgeries per query that reach the resolver's socket (the copy from another port is
+/// dropped by the kernel: the socket is connected to the upstream).
+const FORGERIES_DELIVERED: u64 = 3;
+
+impl SpoofingUpstream {
+    fn spawn(server: &Netns) -> SpoofingUpstream {
+        let (socket, other_port) = lab::in_netns(server, || {
+            (
+                UdpSocket::bind(sa(SERVER_V4, 53)).unwrap(),
+                UdpSocket::bind(sa(SERVER_V4, 0)).unwrap(),
+            )
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let thread = thread::spawn({
+            let (stop, asked) = (stop.clone(), asked.clone());
+            move || {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let query = Message::from_vec(&buf[..len]).unwrap();
+                    asked.lock().unwrap().push(query.clone());
+                    let (id, question) = (query.metadata.id, query.queries[0].clone());
+                    let flipped = Name::from_ascii(flip_case(&question.name.to_ascii())).unwrap();
+                    let mut other_type = question.clone();
+                    other_type.query_type = RecordType::AAAA;
+                    let mut flipped_question = question.clone();
+                    flipped_question.name = flipped;
+                    for forged in [
+                        answer(id ^ 0x8000, &question, PUBLIC),
+                        answer(id, &flipped_question, PUBLIC),
+                        answer(id, &other_type, PUBLIC),
+                    ] {
+                        socket.send_to(&forged, from).unwrap();
+                    }
+                    other_port
+                        .send_to(&answer(id, &question, PUBLIC), from)
+                        .unwrap();
+                    socket
+                        .send_to(&answer(id, &question, SERVER_V4), from)
+                        .unwrap();
+                }
+            }
+        });
+        SpoofingUpstream {
+            stop,
+            asked,
+            thread: Some(thread),
+        }
+    }
+
+    /// The queries it got, in order.
+    fn asked(&self) -> Vec<Message> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SpoofingUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn flip_case(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// A response with `id` and `question`, giving `ip` for the question's name.
+fn answer(id: u16, question: &Query, ip: &str) -> Vec<u8> {
+    let mut m = Message::response(id, OpCode::Query);
+    m.metadata.recursion_available = true;
+    m.add_query(question.clone());
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    m.add_answer(Record::from_rdata(
+        question.name.clone(),
+        TTL,
+        RData::A(A(ip)),
+    ));
+    m.to_vec().unwrap()
+}
+
+/// The agent's own query, id [`AGENT_ID`], for `name` (type A) to the resolver over UDP;
+/// the answer it gets.
+fn ask_as_agent(ns: &Netns, name: &str) -> Message {
+    let mut query = Message::new(AGENT_ID, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let bytes = query.to_vec().unwrap();
+    let answer = lab::in_netns(ns, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        socket.connect(sa(RESOLVER, 53)).unwrap();
+        socket.send(&bytes).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("an answer from the resolver");
+        buf[..n].to_vec()
+    });
+    Message::from_vec(&answer).unwrap()
+}
+
+#[test]
+fn forged_upstream_answers_are_rejected_and_only_the_genuine_address_is_admitted() {
+    if !lab::require_root(
+        "forged_upstream_answers_are_rejected_and_only_the_genuine_address_is_admitted",
+    ) {
+        return;
+    }
+    let lab = DnsLab::start_with_dnsmasq(false);
+    let upstream = SpoofingUpstream::spawn(&lab.lab.server);
+    assert!(!lab.reaches(SERVER_V4) && !lab.reaches(PUBLIC));
+
+    // Twice, the same id from the agent each time: the resolver's ids are its own.
+    const ASKED: &str = "Api.Example.Test.";
+    for _ in 0..2 {
+        let answer = ask_as_agent(lab.agent(), ASKED);
+        let addresses: Vec<IpAddr> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            addresses,
+            vec![SERVER_V4.parse::<IpAddr>().unwrap()],
+            "the genuine answer, not a forged one"
+        );
+        assert_eq!(answer.metadata.id, AGENT_ID, "the agent's id comes back");
+        assert_eq!(
+            answer.queries[0].name.to_ascii(),
+            ASKED,
+            "the agent's question comes back, in its own case"
+        );
+    }
+
+    let learned: Vec<(u32, IpAddr)> = lab
+        .lab
+        .maps()
+        .learned_names()
+        .unwrap()
+        .into_iter()
+        .map(|(agent, addr, _)| (agent, addr))
+        .collect();
+    assert_eq!(learned, vec![(1, SERVER_V4.parse().unwrap())]);
+    assert!(lab.reaches(SERVER_V4), "the genuine address is admitted");
+    assert!(!lab.reaches(PUBLIC), "the forged address is not");
+
+    let asked = upstream.asked();
+    assert_eq!(
+        asked.len(),
+        2,
+        "one upstream query per agent query: no forgery ended a wait"
+    );
+    let ids: Vec<u16> = asked.iter().map(|q| q.metadata.id).collect();
+    // Random ids: one may equal the agent's by chance, both only once in 2^32 runs.
+    assert!(ids.iter().any(|&id| id != AGENT_ID), "upstream saw {ids:?}");
+    for q in &asked {
+        let name = q.queries[0].name.to_ascii();
+        assert!(name.eq_ignore_ascii_case(ASKED), "{name}");
+    }
+    let rejected: f64 = ["id", "question", "source", "not_a_response", "malformed"]
+        .iter()
+        .map(|reason| {
+            lab.metric(&format!(
+                "enforcer_dns_upstream_answers_rejected_total{{reason=\"{reason}\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(rejected, (2 * FORGERIES_DELIVERED) as f64);
+    assert_eq!(
+        lab.metric("enforcer_dns_upstream_answers_rejected_total{reason=\"id\"}"),
+        2.0
+    );
 }
