@@ -307,9 +307,23 @@ impl Cli {
         })
     }
 
-    /// Sends one request to the daemon; an error answer becomes an error.
+    /// The read-only socket: the configuration's, or `enforcer-ro.sock` beside the socket.
+    fn read_socket(&self) -> PathBuf {
+        match (&self.socket, Config::load(&self.config)) {
+            (None, Ok(c)) => c.read_socket,
+            _ => self.socket().with_file_name("enforcer-ro.sock"),
+        }
+    }
+
+    /// Sends one request to the daemon; an error answer becomes an error. A request that
+    /// only reads goes to the read-only socket when the admin socket refuses this user.
     fn call(&self, request: Request) -> anyhow::Result<Value> {
-        let mut client = Client::connect(&self.socket())?;
+        let mut client = match Client::connect(&self.socket()) {
+            Err(ApiError::PermissionDenied { .. }) if request.read_only() => {
+                Client::connect(&self.read_socket())?
+            }
+            connected => connected?,
+        };
         match client.call(&request)? {
             Response::Ok(value) => Ok(value),
             Response::Error(message) => bail!("{message}"),

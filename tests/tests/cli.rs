@@ -229,15 +229,29 @@ fn cli_reports_and_controls_a_running_daemon() {
     drop(denied);
 }
 
+/// The admin socket lets in root and its group only; the read-only socket serves anyone
+/// status and stats, never a change; every change is audited with who asked; a policy over
+/// `max_policy_bytes` is refused.
 #[test]
-fn the_socket_refuses_users_outside_its_group() {
-    if !require_root("the_socket_refuses_users_outside_its_group") {
+fn the_admin_socket_refuses_outsiders_and_the_read_only_one_serves_them() {
+    if !require_root("the_admin_socket_refuses_outsiders_and_the_read_only_one_serves_them") {
         return;
     }
     let mut lab = Lab::new(1);
+    let config = std::fs::read_to_string(lab.config_path()).unwrap().replace(
+        "audit_log = \"audit.jsonl\"\n",
+        "audit_log = \"audit.jsonl\"\nmax_policy_bytes = 4096\n",
+    );
+    std::fs::write(lab.config_path(), config).unwrap();
     lab.write_policy(POLICY);
     lab.start_daemon();
     let socket = lab.runtime_dir().join("enforcer.sock");
+    let read_socket = lab.runtime_dir().join("enforcer-ro.sock");
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!((mode(&socket), mode(&read_socket)), (0o660, 0o666));
     // The lab directory must be traversable for the refusal to come from the socket itself.
     for dir in [lab.dir.clone(), lab.runtime_dir()] {
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -246,25 +260,82 @@ fn the_socket_refuses_users_outside_its_group() {
     // A copy nobody can execute wherever the checkout lives.
     let cli = lab.dir.join("enforcer-cli");
     std::fs::copy(enforcer_bin(), &cli).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&cli)
-        .args(["status", "--socket"])
-        .arg(&socket)
-        .output()
-        .expect("setpriv (util-linux) runs the CLI as nobody");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&cli)
+            .args(args)
+            .args(["--socket", socket.to_str().unwrap()])
+            .output()
+            .expect("setpriv (util-linux) runs the CLI as nobody");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = as_nobody(&["mode", "coder", "monitor"]);
+    assert!(!ok, "{out}");
     assert!(
-        stderr.contains("permission denied connecting to") && stderr.contains("socket's group"),
-        "{stderr}"
+        out.contains("permission denied connecting to") && out.contains("socket's group"),
+        "{out}"
     );
-    // Root is let in.
-    let out = lab.cli(&["status", "--socket", socket.to_str().unwrap()]);
+    // Monitoring needs no group: status and stats through the read-only socket.
+    for read in [&["status"][..], &["--json", "stats"]] {
+        let (ok, out) = as_nobody(read);
+        assert!(ok, "{read:?}: {out}");
+    }
+    // Root is let in, and its changes are audited with its uid and pid.
+    let out = lab.cli(&[
+        "mode",
+        "coder",
+        "monitor",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let big = format!("{POLICY}\n{}\n", "# padding\n".repeat(500));
+    let file = lab.write_file("big.toml", &big);
+    let config = lab.config_path();
+    let out = lab.cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "policy",
+        "apply",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_policy_bytes (4096)"), "{stderr}");
+    let records = wait_records(&lab, 2);
+    let changes: Vec<Value> = records
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["source"] == "api")
+        .collect();
+    assert_eq!(changes.len(), 2, "{records:#?}");
+    assert_eq!(changes[0]["reason"], "mode_change");
+    assert_eq!(changes[0]["verdict"], "applied");
+    assert_eq!(changes[0]["agent"], 1);
+    assert_eq!(changes[0]["actor"]["uid"], 0);
+    assert!(
+        changes[0]["actor"]["pid"].as_u64().unwrap() > 0,
+        "{}",
+        changes[0]
+    );
+    assert_eq!(changes[1]["reason"], "policy_apply");
+    assert_eq!(changes[1]["verdict"], "refused");
+    assert!(
+        changes[1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_policy_bytes"),
+        "{}",
+        changes[1]
     );
 }
 

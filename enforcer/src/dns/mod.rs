@@ -422,6 +422,7 @@ impl<S: NameSink> Resolver<S> {
                         "no allow rule names this host (query type {})",
                         query.qtype
                     )),
+                    actor: None,
                 });
             }
             return if monitor {

@@ -453,6 +453,7 @@ impl Shared {
             dst: Some(dst),
             name,
             detail: Some(why),
+            actor: None,
         });
         self.stats.connection(who.agent.id, Outcome::NameDenied);
     }
@@ -705,6 +706,7 @@ impl Shared {
                     dst: Some(dst.clone()),
                     name: Some(name.clone()),
                     detail: Some(written.name.clone()),
+                    actor: None,
                 });
             }
         };
@@ -736,6 +738,7 @@ impl Shared {
                     dst: Some(dst),
                     name: Some(name),
                     detail: Some(detector),
+                    actor: None,
                 });
             }
             None => {

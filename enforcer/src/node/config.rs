@@ -12,6 +12,12 @@
 //! xdp_mode = "auto"                      # at XDP: auto (native, else generic) | native | generic
 //! socket = "/run/enforcer/enforcer.sock" # local API (default: <runtime_dir>/enforcer.sock)
 //! socket_group = "enforcer"              # group allowed to use it (mode 0660); default: root only
+//! read_socket = "/run/enforcer/enforcer-ro.sock"  # status, agents, agent, stats only
+//! read_socket_group = "monitoring"       # group allowed to read (mode 0660); default: everyone (0666)
+//! api_max_connections = 64               # per socket; one more is refused
+//! api_idle_timeout_ms = 30000            # per request line and per answer
+//! max_policy_bytes = 13631488            # a larger policy is refused from any source; default
+//!                                        # 1 MiB + 1 KiB per max_agents + 64 B per max prefix
 //! metrics_listen = "127.0.0.1:9464"      # Prometheus /metrics; "" disables it
 //! metrics_top_agents = 100               # per-agent series for the busiest N; sums for all
 //! audit_log = "/var/log/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
@@ -116,6 +122,13 @@ struct RawConfig {
     xdp_mode: AttachMode,
     socket: Option<PathBuf>,
     socket_group: Option<String>,
+    read_socket: Option<PathBuf>,
+    read_socket_group: Option<String>,
+    #[serde(default = "default_api_max_connections")]
+    api_max_connections: usize,
+    #[serde(default = "default_api_idle_timeout_ms")]
+    api_idle_timeout_ms: u64,
+    max_policy_bytes: Option<usize>,
     #[serde(default = "default_metrics")]
     metrics_listen: String,
     #[serde(default = "default_metrics_top_agents")]
@@ -188,6 +201,23 @@ fn default_metrics_top_agents() -> usize {
 
 fn default_audit_log() -> PathBuf {
     PathBuf::from("/var/log/enforcer/audit.jsonl")
+}
+
+fn default_api_max_connections() -> usize {
+    64
+}
+
+fn default_api_idle_timeout_ms() -> u64 {
+    30_000
+}
+
+/// The default `max_policy_bytes` for `limits`: room for every agent and prefix the maps
+/// can hold, written out at length, and no more (a 45 MB policy once took the daemon to
+/// 1.3 GB while it parsed).
+pub fn default_max_policy_bytes(limits: &Limits) -> usize {
+    (1 << 20)
+        + 1024 * limits.max_agents as usize
+        + 64 * (limits.max_source_prefixes as usize + limits.max_destination_prefixes as usize)
 }
 
 fn default_audit_rate() -> u32 {
@@ -273,6 +303,14 @@ pub struct Config {
     pub socket: PathBuf,
     /// Group that may use the socket besides root.
     pub socket_group: Option<String>,
+    /// The read-only API socket (status, agents, agent, stats).
+    pub read_socket: PathBuf,
+    /// Group that may use the read-only socket (mode 0660); `None`: everyone (0666).
+    pub read_socket_group: Option<String>,
+    /// Limits of each API socket's server.
+    pub api: crate::node::api::ApiLimits,
+    /// The largest policy text accepted, from the file, the API or the control plane.
+    pub max_policy_bytes: usize,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Agents with series of their own on `/metrics`: the busiest N by packets judged.
@@ -418,12 +456,40 @@ impl Config {
             None => None,
         };
         let dns = raw.dns.map(|d| validate_dns(d, &invalid)).transpose()?;
+        let socket = raw
+            .socket
+            .map(|s| base.join(s))
+            .unwrap_or_else(|| runtime_dir.join("enforcer.sock"));
+        if raw.api_max_connections == 0 {
+            return Err(invalid("api_max_connections", "must be at least 1".into()));
+        }
+        if raw.api_idle_timeout_ms == 0 {
+            return Err(invalid("api_idle_timeout_ms", "must be at least 1".into()));
+        }
+        let limits = Limits {
+            max_agents: l.max_agents,
+            max_interfaces: l.max_interfaces,
+            max_source_prefixes: l.max_source_prefixes,
+            max_destination_prefixes: l.max_destination_prefixes,
+            audit_ring_bytes: l.audit_ring_bytes,
+        };
+        let max_policy_bytes = raw
+            .max_policy_bytes
+            .unwrap_or_else(|| default_max_policy_bytes(&limits));
         Ok(Config {
             dns,
-            socket: raw
-                .socket
+            read_socket: raw
+                .read_socket
                 .map(|s| base.join(s))
-                .unwrap_or_else(|| runtime_dir.join("enforcer.sock")),
+                .unwrap_or_else(|| socket.with_file_name("enforcer-ro.sock")),
+            read_socket_group: raw.read_socket_group,
+            api: crate::node::api::ApiLimits {
+                max_connections: raw.api_max_connections,
+                idle_timeout: std::time::Duration::from_millis(raw.api_idle_timeout_ms),
+                max_request_bytes: max_policy_bytes.saturating_mul(2).saturating_add(64 << 10),
+            },
+            max_policy_bytes,
+            socket,
             socket_group: raw.socket_group,
             metrics_listen,
             metrics_top_agents: raw.metrics_top_agents,
@@ -443,13 +509,7 @@ impl Config {
             hooks: raw.hooks,
             xdp_mode: raw.xdp_mode,
             inspect,
-            limits: Limits {
-                max_agents: l.max_agents,
-                max_interfaces: l.max_interfaces,
-                max_source_prefixes: l.max_source_prefixes,
-                max_destination_prefixes: l.max_destination_prefixes,
-                audit_ring_bytes: l.audit_ring_bytes,
-            },
+            limits,
         })
     }
 }

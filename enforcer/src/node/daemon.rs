@@ -35,9 +35,10 @@ use crate::{
     },
     error::error_chain,
     node::{
-        api::{self, Call, Request, Response},
+        api::{self, Access, Call, Peer, Request, Response},
         audit::{
-            self, AuditContext, AuditLog, Head, NoticeRecord, SharedHealth, UserAudit, Writer,
+            self, AuditContext, AuditLog, Head, NoticeRecord, SharedHealth, UserAudit, UserEvent,
+            UserSource, Writer,
         },
         config::Config,
         metrics::{self, DaemonInfo},
@@ -460,6 +461,13 @@ impl Daemon {
         self.status.attempts += 1;
         let started = Instant::now();
         let outcome = (|| -> Result<(Policy, Compiled, u64), String> {
+            if text.len() > self.config.max_policy_bytes {
+                return Err(format!(
+                    "{origin}: the policy is {} bytes, more than max_policy_bytes ({}) allows",
+                    text.len(),
+                    self.config.max_policy_bytes
+                ));
+            }
             let mut policy = policy::parse(origin, text).map_err(|e| error_chain(&e))?;
             for (id, mode) in &self.status.overrides {
                 policy.set_mode(*id, *mode);
@@ -677,8 +685,41 @@ impl Daemon {
         .map_err(|e| error_chain(&e))
     }
 
-    fn handle(&mut self, request: Request) -> Response {
-        match self.answer(request) {
+    fn handle(&mut self, request: Request, peer: Peer) -> Response {
+        // Changes are audited with who asked, whether they took effect or not.
+        let change = match &request {
+            Request::PolicyApply { origin, .. } => Some(("policy_apply", None, origin.clone())),
+            Request::Mode { agent, mode } => Some((
+                "mode_change",
+                self.find_agent(agent).ok().map(|a| a.id),
+                format!(
+                    "agent {agent} to {} mode",
+                    match mode {
+                        Mode::Enforce => "enforce",
+                        Mode::Monitor => "monitor",
+                    }
+                ),
+            )),
+            _ => None,
+        };
+        let answer = self.answer(request);
+        if let Some((reason, agent, what)) = change {
+            self.user_audit.record(UserEvent {
+                source: UserSource::Api,
+                agent: agent.unwrap_or(0),
+                reason,
+                verdict: if answer.is_ok() { "applied" } else { "refused" },
+                src: None,
+                dst: None,
+                name: None,
+                detail: Some(match &answer {
+                    Ok(_) => what,
+                    Err(e) => format!("{what}: {e}"),
+                }),
+                actor: Some(peer),
+            });
+        }
+        match answer {
             Ok(value) => Response::Ok(value),
             Err(message) => Response::Error(message),
         }
@@ -1034,6 +1075,31 @@ fn open_audit(config: &Config) -> Result<Writer, DaemonError> {
     ))
 }
 
+/// Raises the soft descriptor limit to the hard one (systemd gives 1024 of 524288): the
+/// soft limit is a guard for programs that use `select(2)`, which this one does not, and
+/// each inspected connection holds two descriptors.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = limit.rlim_max,
+                    "raised the descriptor limit"
+                );
+            }
+        }
+    }
+}
+
 /// Whether `dir` is on a tmpfs (`/run`, `/tmp` on most systems): emptied at every boot.
 fn on_tmpfs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
@@ -1065,6 +1131,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
              will not survive a reboot (the default is /var/lib/enforcer)"
         );
     }
+    raise_descriptor_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1079,8 +1146,24 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
-    let listener = api::bind(&config.socket, config.socket_group.as_deref())?;
-    tokio::spawn(api::serve(listener, calls_tx));
+    let admin = api::bind(&config.socket, config.socket_group.as_deref(), 0o660)?;
+    let read_mode = if config.read_socket_group.is_some() {
+        0o660
+    } else {
+        0o666
+    };
+    let read = api::bind(
+        &config.read_socket,
+        config.read_socket_group.as_deref(),
+        read_mode,
+    )?;
+    tokio::spawn(api::serve(
+        admin,
+        Access::Admin,
+        config.api,
+        calls_tx.clone(),
+    ));
+    tokio::spawn(api::serve(read, Access::ReadOnly, config.api, calls_tx));
 
     let overrides: BTreeMap<u32, Mode> =
         fs::read_to_string(config.state_dir.join("overrides.json"))
@@ -1331,7 +1414,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                 daemon.publish();
             }
             Some(call) = calls.recv() => {
-                let response = daemon.handle(call.request);
+                let response = daemon.handle(call.request, call.peer);
                 let _ = call.reply.send(response);
             }
             _ = term.recv() => break,

@@ -489,6 +489,8 @@ pub enum UserSource {
     Proxy,
     /// The audit writer, about the log itself ([`NoticeRecord`]).
     Audit,
+    /// The local API: a policy or mode change, with who asked.
+    Api,
 }
 
 /// A decision made in user space rather than by the XDP program: a refused DNS name, a
@@ -512,6 +514,8 @@ pub struct UserEvent {
     pub name: Option<String>,
     /// What matched or why, e.g. the detector's name.
     pub detail: Option<String>,
+    /// Who asked, for a change made through the local API.
+    pub actor: Option<crate::node::api::Peer>,
 }
 
 /// The body of a [`UserEvent`]'s log line (the writer adds `seq` and `prev`).
@@ -537,6 +541,10 @@ pub struct UserRecord {
     pub name: Option<String>,
     /// What matched or why.
     pub detail: Option<String>,
+    /// Who asked (uid, gid, pid), for a change made through the local API; absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<crate::node::api::Peer>,
     /// Newest policy generation the writer knows.
     pub policy_generation: u64,
     /// Hex SHA-256 of that policy's text.
@@ -556,6 +564,7 @@ impl UserRecord {
             dst: event.dst,
             name: event.name,
             detail: event.detail,
+            actor: event.actor,
             policy_generation: context.map_or(0, |c| c.generation),
             policy_digest: context.map(|c| c.digest.clone()),
         }
