@@ -308,3 +308,63 @@ fn audit_verify_catches_a_cut_tail_against_the_saved_head() {
     assert_eq!(all[3]["reason"], "chain_head_mismatch");
     assert_eq!(all[3]["seq"], 4);
 }
+
+#[test]
+fn a_flood_over_the_global_budget_becomes_summaries() {
+    if !require_root("a_flood_over_the_global_budget_becomes_summaries") {
+        return;
+    }
+    let mut lab = lab_with_log("audit.jsonl");
+    let config = fs::read_to_string(lab.config_path()).unwrap().replace(
+        "audit_burst = 100000\n",
+        "audit_burst = 100000\naudit_global_events_per_sec = 20\naudit_summary_interval_secs = 1\n",
+    );
+    fs::write(lab.config_path(), config).unwrap();
+    let log = lab.dir.join("audit.jsonl");
+    lab.start_daemon();
+    deny(&lab, 500);
+    // Every denial is in a record of its own or counted in a summary: none is lost.
+    let mut counted = 0;
+    wait_until(&lab, "all 500 denials accounted for", 0, || {
+        let all = records(&log);
+        let alone = all
+            .iter()
+            .filter(|r| r["reason"] == "egress_denied")
+            .count() as u64;
+        let folded: u64 = all
+            .iter()
+            .filter(|r| r["reason"] == "summary")
+            .map(|r| r["events"].as_u64().unwrap())
+            .sum();
+        counted = alone + folded;
+        counted >= 500
+    });
+    assert_eq!(counted, 500);
+    let all = records(&log);
+    let alone = all
+        .iter()
+        .filter(|r| r["reason"] == "egress_denied")
+        .count();
+    assert!(
+        alone < 250,
+        "most of the flood is summarized, not written alone: {alone} records"
+    );
+    let summaries: Vec<&Value> = all.iter().filter(|r| r["reason"] == "summary").collect();
+    assert!(!summaries.is_empty());
+    for s in &summaries {
+        assert_eq!(s["source"], "audit");
+        assert_eq!(s["agent"], 1);
+        assert_eq!(s["agent_name"], "coder");
+        assert_eq!(s["event_reason"], "egress_denied");
+        assert_eq!(s["first"]["dst"], "10.200.100.2:9001");
+        assert_eq!(s["last"]["proto"], "udp");
+    }
+    let health = &cli_json(&lab, &["status"])["audit"];
+    assert_eq!(
+        health["events_summarized"].as_u64().unwrap() as usize,
+        500 - alone,
+        "{health}"
+    );
+    let (ok, out) = verify(&lab, &[log.to_str().unwrap()]);
+    assert!(ok, "{out}");
+}

@@ -23,6 +23,8 @@
 //! audit_log = "/var/log/enforcer/audit.jsonl"  # hash-chained JSON lines of denials
 //! audit_events_per_sec = 100             # per-agent audit budget (0 turns events off)
 //! audit_burst = 100
+//! audit_global_events_per_sec = 1000     # all agents together; the rest become summaries
+//! audit_summary_interval_secs = 10       # one summary record per agent and reason per interval
 //!
 //! [control_plane]                        # optional: policy pushed by `enforcer control-plane`
 //! url = "https://cp.example:7443"
@@ -139,6 +141,10 @@ struct RawConfig {
     audit_events_per_sec: u32,
     #[serde(default = "default_audit_rate")]
     audit_burst: u32,
+    #[serde(default = "default_audit_global")]
+    audit_global_events_per_sec: u32,
+    #[serde(default = "default_audit_summary_interval")]
+    audit_summary_interval_secs: u64,
     #[serde(default)]
     limits: RawLimits,
     control_plane: Option<crate::controlplane::sync::SyncConfig>,
@@ -218,6 +224,16 @@ pub fn default_max_policy_bytes(limits: &Limits) -> usize {
     (1 << 20)
         + 1024 * limits.max_agents as usize
         + 64 * (limits.max_source_prefixes as usize + limits.max_destination_prefixes as usize)
+}
+
+fn default_audit_global() -> u32 {
+    crate::node::audit::GlobalBudget::default().events_per_sec
+}
+
+fn default_audit_summary_interval() -> u64 {
+    crate::node::audit::GlobalBudget::default()
+        .interval
+        .as_secs()
 }
 
 fn default_audit_rate() -> u32 {
@@ -319,6 +335,8 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Per-agent audit event budget.
     pub audit_rate: crate::node::audit::AuditRate,
+    /// The budget of all agents together, and the summary window.
+    pub audit_budget: crate::node::audit::GlobalBudget,
     /// Where policy comes from, when a control plane manages it (paths resolved).
     pub control_plane: Option<crate::controlplane::sync::SyncConfig>,
     /// Map capacities.
@@ -460,6 +478,12 @@ impl Config {
             .socket
             .map(|s| base.join(s))
             .unwrap_or_else(|| runtime_dir.join("enforcer.sock"));
+        if raw.audit_summary_interval_secs == 0 {
+            return Err(invalid(
+                "audit_summary_interval_secs",
+                "must be at least 1".into(),
+            ));
+        }
         if raw.api_max_connections == 0 {
             return Err(invalid("api_max_connections", "must be at least 1".into()));
         }
@@ -495,6 +519,10 @@ impl Config {
             metrics_top_agents: raw.metrics_top_agents,
             audit_log: base.join(&raw.audit_log),
             control_plane,
+            audit_budget: crate::node::audit::GlobalBudget {
+                events_per_sec: raw.audit_global_events_per_sec,
+                interval: std::time::Duration::from_secs(raw.audit_summary_interval_secs),
+            },
             audit_rate: crate::node::audit::AuditRate {
                 events_per_sec: raw.audit_events_per_sec,
                 burst: raw.audit_burst,

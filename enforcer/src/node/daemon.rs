@@ -1067,12 +1067,10 @@ fn open_audit(config: &Config) -> Result<Writer, DaemonError> {
             source: e,
         })?;
     notices.extend(found);
-    Ok(Writer::new(
-        log,
-        notices,
-        Some(head_file),
-        SharedHealth::default(),
-    ))
+    Ok(
+        Writer::new(log, notices, Some(head_file), SharedHealth::default())
+            .with_budget(config.audit_budget),
+    )
 }
 
 /// Raises the soft descriptor limit to the hard one (systemd gives 1024 of 524288): the

@@ -442,6 +442,16 @@ fn register_audit_writer(registry: &mut Registry, health: &crate::node::audit::H
         counter(health.events_unwritten),
     );
     registry.register(
+        "audit_events_summarized",
+        "Audit events over the global budget, counted in summary records instead of written alone",
+        counter(health.events_summarized),
+    );
+    registry.register(
+        "audit_summaries",
+        "Summary records written (one per agent and reason per interval while over the global budget)",
+        counter(health.summaries),
+    );
+    registry.register(
         "audit_chain_seq",
         "seq of the last record in the audit log's hash chain",
         gauge(i64::try_from(health.seq).unwrap_or(i64::MAX)),

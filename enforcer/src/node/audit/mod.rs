@@ -79,9 +79,11 @@ use tokio::{
 
 use crate::dataplane::{KernelMaps, MapsError};
 
+pub mod budget;
 pub mod head;
 pub mod writer;
 
+pub use budget::{GlobalBudget, SummaryRecord};
 pub use head::Head;
 pub use writer::{Health, SharedHealth, Writer};
 
@@ -1456,6 +1458,8 @@ pub struct RunSummary {
     pub malformed: u64,
     /// Events not written because writing the log failed ([`writer`]).
     pub unwritten: u64,
+    /// Events over the global budget, folded into summaries ([`budget`]).
+    pub summarized: u64,
 }
 
 /// Recent contexts by generation.
@@ -1530,6 +1534,7 @@ pub async fn run(
     loop {
         let retry_at = writer.retry_at();
         let save_due = writer.save_due();
+        let summaries_due = writer.summaries_due();
         tokio::select! {
             () = &mut shutdown => break,
             event = user.recv(), if user_open => match event {
@@ -1570,6 +1575,7 @@ pub async fn run(
                 }
             },
             () = sleep_until(save_due), if save_due.is_some() => writer.save_head(),
+            () = sleep_until(summaries_due), if summaries_due.is_some() => writer.write_summaries(),
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(|source| AuditError::Ring { source })?;
                 // Clear, then drain: an event committed after the drain's last read raises
@@ -1686,7 +1692,9 @@ async fn write_batch(
         }
         for event in chunk {
             let record = Record::new(event, contexts.get(event.generation), &clock);
-            if writer.append(&record) {
+            if !writer.admit(&record) {
+                summary.summarized += 1;
+            } else if writer.append(&record) {
                 summary.records += 1;
             }
         }

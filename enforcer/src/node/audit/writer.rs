@@ -19,7 +19,11 @@ use std::{
 use serde::{Serialize, Serializer};
 use tokio::time::Instant;
 
-use super::{AuditLog, NoticeRecord, head::Head};
+use super::{
+    AuditLog, NoticeRecord, Record,
+    budget::{Budget, GlobalBudget},
+    head::Head,
+};
 use crate::error::error_chain;
 
 /// The first retry after a write error.
@@ -47,6 +51,11 @@ pub struct Health {
     pub write_errors: u64,
     /// Events not written because writing failed, since the daemon started.
     pub events_unwritten: u64,
+    /// Events over the global budget, folded into summary records, since the daemon
+    /// started.
+    pub events_summarized: u64,
+    /// Summary records written.
+    pub summaries: u64,
     /// Why the head could not be saved, if the last save failed.
     pub head_error: Option<String>,
     /// What opening the log found and recorded (a torn tail set aside, a cut tail).
@@ -99,6 +108,8 @@ pub struct Writer {
     saved_seq: u64,
     save_due: Option<Instant>,
     last_save: Option<Instant>,
+    /// The global budget of the kernel's events (see [`super::budget`]).
+    budget: Budget,
 }
 
 fn now_ns() -> i128 {
@@ -129,6 +140,10 @@ impl Writer {
             saved_seq: 0,
             save_due: None,
             last_save: None,
+            budget: Budget::new(GlobalBudget {
+                events_per_sec: 0,
+                ..GlobalBudget::default()
+            }),
         };
         if !writer.notices.is_empty() {
             // Written at once, with the failure handling of any other record.
@@ -139,6 +154,44 @@ impl Writer {
             writer.finish();
         }
         writer
+    }
+
+    /// Limits the kernel's events to `budget`; without this call there is no global
+    /// limit.
+    pub fn with_budget(mut self, budget: GlobalBudget) -> Self {
+        self.budget = Budget::new(budget);
+        self
+    }
+
+    /// Whether `record` may be written alone under the global budget; if not, it was
+    /// folded into its summary.
+    pub fn admit(&mut self, record: &Record) -> bool {
+        let admitted = self.budget.admit(record);
+        if !admitted {
+            self.health.update(|h| h.events_summarized += 1);
+        }
+        admitted
+    }
+
+    /// When the open summaries are due.
+    pub fn summaries_due(&self) -> Option<Instant> {
+        self.budget.due()
+    }
+
+    /// Writes the open summaries (a record each) and syncs.
+    pub fn write_summaries(&mut self) {
+        let summaries = self.budget.close(&super::rfc3339(now_ns()));
+        if summaries.is_empty() {
+            return;
+        }
+        let mut written = 0;
+        for summary in &summaries {
+            if self.append(summary) {
+                written += 1;
+            }
+        }
+        self.health.update(|h| h.summaries += written);
+        self.finish();
     }
 
     /// The log.
@@ -325,8 +378,9 @@ impl Writer {
         self.lose(lost);
     }
 
-    /// At shutdown: one last try to record a gap, then the head.
+    /// At shutdown: the open summaries, one last try to record a gap, then the head.
     pub fn close(mut self) -> AuditLog {
+        self.write_summaries();
         if self.failure.is_some() {
             if let Some(f) = &mut self.failure {
                 f.retry_at = Instant::now();
