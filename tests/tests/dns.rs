@@ -70,14 +70,19 @@ impl DnsLab {
 
     /// Without dnsmasq the test serves `SERVER_V4:53`, the configured upstream, itself.
     fn start_with_dnsmasq(dnsmasq: bool) -> DnsLab {
-        let mut lab = Lab::new(1);
+        Self::build(1, dnsmasq, "", POLICY)
+    }
+
+    /// `agents` agents under `policy`, with `dns_extra` appended to the `[dns]` section.
+    fn build(agents: usize, dnsmasq: bool, dns_extra: &str, policy: &str) -> DnsLab {
+        let mut lab = Lab::new(agents);
         lab::add_address(&lab.gw, "lo", &format!("{RESOLVER}/32")).unwrap();
         let mut config = fs::read_to_string(lab.config_path()).unwrap();
         config.push_str(&format!(
-            "\n[dns]\nlisten = [\"{RESOLVER}:53\"]\nupstreams = [\"{SERVER_V4}:53\"]\ngrace_secs = {GRACE}\nmax_ttl_secs = 3600\n"
+            "\n[dns]\nlisten = [\"{RESOLVER}:53\"]\nupstreams = [\"{SERVER_V4}:53\"]\ngrace_secs = {GRACE}\nmax_ttl_secs = 3600\n{dns_extra}"
         ));
         fs::write(lab.config_path(), config).unwrap();
-        lab.write_policy(POLICY);
+        lab.write_policy(policy);
         let dnsmasq = dnsmasq.then(|| start_dnsmasq(&lab.server, &lab.dir));
         let echo = TcpEchoServer::spawn(&lab.server, sa("0.0.0.0", PORT)).unwrap();
         lab.start_daemon();
@@ -219,6 +224,8 @@ fn start_dnsmasq(server: &Netns, dir: &std::path::Path) -> ChildGuard {
             &format!("--host-record=api.example.test,{SERVER_V4}"),
             &format!("--host-record=other.example.test,{SERVER_V4}"),
             &format!("--host-record=img.cdn.example.test,{PUBLIC}"),
+            // Every name under flood.test, as a wildcard zone would answer.
+            &format!("--address=/flood.test/{PUBLIC}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -664,4 +671,83 @@ fn forged_upstream_answers_are_rejected_and_only_the_genuine_address_is_admitted
         lab.metric("enforcer_dns_upstream_answers_rejected_total{reason=\"id\"}"),
         2.0
     );
+}
+
+#[test]
+fn an_agent_flooding_subdomains_hits_its_learned_cap_while_another_still_resolves() {
+    if !lab::require_root(
+        "an_agent_flooding_subdomains_hits_its_learned_cap_while_another_still_resolves",
+    ) {
+        return;
+    }
+    let policy = r#"
+[[agents]]
+id = 1
+name = "flooder"
+interfaces = ["gwa1"]
+
+[[agents.egress]]
+action = "allow"
+to = ["*.flood.test"]
+proto = "tcp"
+ports = "8080"
+
+[[agents]]
+id = 2
+name = "neighbour"
+interfaces = ["gwa2"]
+
+[[agents.egress]]
+action = "allow"
+to = ["*.flood.test"]
+proto = "tcp"
+ports = "8080"
+"#;
+    let lab = DnsLab::build(2, true, "max_learned_per_agent = 3\n", policy);
+    let (flooder, neighbour) = (lab.lab.agent(1), lab.lab.agent(2));
+    // Well within TTL + grace (5 s), so nothing expires to make room meanwhile.
+    for i in 1..=3 {
+        let name = format!("x{i}.flood.test");
+        assert_eq!(
+            status(flooder, RESOLVER, &[&name, "A"]).as_deref(),
+            Some("NOERROR"),
+            "{name}"
+        );
+    }
+    // Asked again, a held name is renewed, not counted again.
+    assert_eq!(
+        status(flooder, RESOLVER, &["x1.flood.test", "A"]).as_deref(),
+        Some("NOERROR")
+    );
+    assert_eq!(
+        status(flooder, RESOLVER, &["x4.flood.test", "A"]).as_deref(),
+        Some("REFUSED")
+    );
+    assert_eq!(
+        lab.metric("enforcer_dns_learned_cap_refusals_total{agent=\"flooder\",agent_id=\"1\"}"),
+        1.0
+    );
+    // The other agent's names still resolve and are admitted in the kernel.
+    assert_eq!(
+        dig(neighbour, RESOLVER, &["x4.flood.test", "A", "+short"]).trim(),
+        PUBLIC
+    );
+    assert!(lab::tcp_probe(
+        neighbour,
+        sa(PUBLIC, PORT),
+        Duration::from_secs(2)
+    ));
+    assert_eq!(
+        lab.metric("enforcer_dns_learned_cap_refusals_total{agent=\"neighbour\",agent_id=\"2\"}"),
+        0.0
+    );
+    let log = lab.lab.dir.join("audit.jsonl");
+    wait_until("the cap refusal in the audit log", || {
+        fs::read_to_string(&log).is_ok_and(|t| {
+            t.lines().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["reason"] == "dns_learned_cap" && v["agent"] == 1 && v["name"] == "x4.flood.test"
+            })
+        })
+    });
 }

@@ -92,6 +92,9 @@ pub struct Learned {
     entries: BTreeMap<(u32, IpAddr), BTreeMap<String, NameEntry>>,
     /// (expiry, agent, address, name), ordered so the sweeper finds what is due in order.
     expiries: BTreeSet<(u64, u32, IpAddr, String)>,
+    /// Per agent, the (name, address) pairs it holds: what `[dns] max_learned_per_agent`
+    /// caps. Kept as a count so the check before each admission costs no walk.
+    held: BTreeMap<u32, usize>,
 }
 
 impl Learned {
@@ -103,6 +106,29 @@ impl Learned {
     /// Whether nothing is learned.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The (name, address) pairs `agent` holds now. Each kernel entry holds at least one,
+    /// so this also bounds the agent's share of the kernel map.
+    pub fn held(&self, agent: u32) -> usize {
+        self.held.get(&agent).copied().unwrap_or(0)
+    }
+
+    /// How many (name, address) pairs learning `name` with `addrs` would add for `agent`:
+    /// a pair already held is a renewal and adds nothing, and a repeated address counts
+    /// once.
+    pub fn new_pairs(&self, agent: u32, name: &str, addrs: &[IpAddr]) -> usize {
+        addrs
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|&&addr| {
+                !self
+                    .entries
+                    .get(&(agent, addr))
+                    .is_some_and(|names| names.contains_key(name))
+            })
+            .count()
     }
 
     /// The earliest expiry, for the sweeper to sleep until.
@@ -137,9 +163,12 @@ impl Learned {
         rules: Rules,
     ) -> Result<(), MapsError> {
         let names = self.entries.entry((agent, addr)).or_default();
-        let entry = names.entry(name.to_string()).or_insert(NameEntry {
-            expires_ns,
-            rules: Rules::new(),
+        let entry = names.entry(name.to_string()).or_insert_with(|| {
+            *self.held.entry(agent).or_default() += 1;
+            NameEntry {
+                expires_ns,
+                rules: Rules::new(),
+            }
         });
         self.expiries
             .remove(&(entry.expires_ns, agent, addr, name.to_string()));
@@ -160,8 +189,10 @@ impl Learned {
             && first.0 <= now_ns
         {
             let (_, agent, addr, name) = self.expiries.pop_first().expect("non-empty");
-            if let Some(names) = self.entries.get_mut(&(agent, addr)) {
-                names.remove(&name);
+            if let Some(names) = self.entries.get_mut(&(agent, addr))
+                && names.remove(&name).is_some()
+            {
+                release(&mut self.held, agent);
             }
             touched.insert((agent, addr));
             expired += 1;
@@ -189,6 +220,7 @@ impl Learned {
                 if now.is_empty() {
                     self.expiries
                         .remove(&(entry.expires_ns, agent, addr, name.clone()));
+                    release(&mut self.held, agent);
                     dropped += 1;
                     changed = true;
                     false
@@ -231,6 +263,16 @@ impl Learned {
             }
         }
         sink.learn_name(agent, addr, expires, &union)
+    }
+}
+
+/// One (name, address) pair of `agent` is gone from `held`.
+fn release(held: &mut BTreeMap<u32, usize>, agent: u32) {
+    if let Some(count) = held.get_mut(&agent) {
+        *count -= 1;
+        if *count == 0 {
+            held.remove(&agent);
+        }
     }
 }
 
@@ -311,6 +353,49 @@ mod tests {
         t.sweep(&mut sink, 1_500).unwrap();
         assert!(!sink.entries.contains_key(&(1, addr)));
         assert_eq!(sink.entries[&(2, addr)], (2_000, vec![TCP80]));
+    }
+
+    #[test]
+    fn held_counts_each_name_and_address_once_until_it_goes() {
+        let (mut t, mut sink) = (Learned::default(), FakeSink::default());
+        let (x, y) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        t.learn(&mut sink, 1, x, "a.test", 1_000, vec![TCP443])
+            .unwrap();
+        assert_eq!(
+            t.new_pairs(1, "a.test", &[x, x]),
+            0,
+            "a renewal adds nothing"
+        );
+        assert_eq!(t.new_pairs(1, "a.test", &[x, y, y]), 1);
+        assert_eq!(
+            t.new_pairs(1, "b.test", &[x]),
+            1,
+            "another name on x is another pair"
+        );
+        assert_eq!(
+            t.new_pairs(2, "a.test", &[x]),
+            1,
+            "agents are counted apart"
+        );
+        t.learn(&mut sink, 1, x, "a.test", 2_000, vec![TCP443])
+            .unwrap();
+        t.learn(&mut sink, 1, x, "b.test", 1_000, vec![TCP443])
+            .unwrap();
+        t.learn(&mut sink, 1, y, "b.test", 3_000, vec![TCP443])
+            .unwrap();
+        t.learn(&mut sink, 2, x, "a.test", 1_000, vec![TCP443])
+            .unwrap();
+        assert_eq!((t.held(1), t.held(2)), (3, 1));
+        assert_eq!(t.sweep(&mut sink, 1_000).unwrap(), 2);
+        assert_eq!((t.held(1), t.held(2)), (2, 0));
+        t.reconcile(&mut sink, |_, name| match name {
+            "a.test" => vec![TCP443],
+            _ => vec![],
+        })
+        .unwrap();
+        assert_eq!(t.held(1), 1);
+        assert_eq!(t.sweep(&mut sink, 3_000).unwrap(), 1);
+        assert_eq!(t.held(1), 0);
     }
 
     #[test]

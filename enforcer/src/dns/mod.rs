@@ -26,7 +26,11 @@
 //!    admits its address for the agent in the kernel (`learn_name`) until now + min(TTL,
 //!    `max_ttl_secs`) + `grace_secs`, with the protocols and ports of every rule whose
 //!    pattern matches the question's name, and only then sends the answer, with its TTLs
-//!    capped at `max_ttl_secs`, so the agent cannot race its own connection.
+//!    capped at `max_ttl_secs`, so the agent cannot race its own connection. An agent
+//!    already holding `max_learned_per_agent` (name, address) pairs gets `REFUSED` for an
+//!    answer that would add more (a `dns_learned_cap` audit record and a metric): random
+//!    subdomains under an allowed wildcard would otherwise pile up until one agent filled
+//!    the kernel map all agents share. Renewing a pair it holds adds nothing.
 //!
 //! What was admitted is kept in [`learned::Learned`]; a sweeper removes each name at its
 //! expiry (narrowing the kernel entry when other names still hold the address) and a new
@@ -97,7 +101,16 @@ pub struct DnsConfig {
     /// the answer must echo exactly: more for a forger to guess than the id alone. Off
     /// only for an upstream that does not echo the question as asked.
     pub case_randomization: bool,
+    /// Most (name, address) pairs one agent may hold learned at once; an answer that
+    /// would take it past this is refused. Each kernel entry holds at least one pair, so
+    /// this also bounds the agent's share of the learned-address map every agent shares.
+    pub max_learned_per_agent: usize,
 }
+
+/// Default for [`DnsConfig::max_learned_per_agent`]: room for a busy agent's working set
+/// (hundreds of names, a few addresses each), while 64 agents at the cap together hold at
+/// most the 65,536 entries of the kernel map.
+pub const DEFAULT_MAX_LEARNED_PER_AGENT: usize = 1024;
 
 /// Errors of the resolver.
 #[derive(Debug, Error)]
@@ -126,6 +139,7 @@ pub struct DnsMetrics {
     learned: Gauge,
     expired: Counter,
     rejected: Family<RejectedLabel, Counter>,
+    cap_refusals: Family<AgentLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,6 +195,21 @@ impl DnsMetrics {
             "Datagrams from upstreams dropped as no answer to the query asked, by reason (source, malformed, not_a_response, id, question)",
             self.rejected.clone(),
         );
+        registry.register(
+            "dns_learned_cap_refusals",
+            "Answers not admitted because the agent held max_learned_per_agent learned (name, address) pairs, by agent",
+            self.cap_refusals.clone(),
+        );
+    }
+
+    /// Answers refused to `agent_id` at its learned cap so far (tests read this).
+    pub fn cap_refusals(&self, agent: &str, agent_id: u32) -> u64 {
+        self.cap_refusals
+            .get_or_create(&AgentLabel {
+                agent: agent.to_string(),
+                agent_id,
+            })
+            .get()
     }
 
     /// Upstream datagrams rejected for `reason` so far (tests read this).
@@ -301,6 +330,14 @@ enum Plan {
     Learn(Rules),
 }
 
+/// What became of an answer's addresses.
+enum Admission {
+    /// All admitted (or there were none).
+    Admitted,
+    /// None admitted: the agent holds `held` pairs and the answer would add `new`.
+    OverCap { held: usize, new: usize },
+}
+
 impl<S: NameSink> Resolver<S> {
     /// A resolver writing admitted addresses through `sink` and refusals to `audit`, at
     /// most `audit_rate` of them per agent.
@@ -383,10 +420,46 @@ impl<S: NameSink> Resolver<S> {
         };
         let question = &query.message.queries[0].name;
         let name = query.name.as_deref().expect("a planned name is valid");
-        if let Err(e) = self.admit(agent.id, name, question, &answer, rules) {
-            tracing::error!(agent = agent.id, name, error = %crate::error::error_chain(&e), "admitting the answer's addresses");
-            let answer = message::empty_answer(&query.message, ResponseCode::ServFail);
-            return self.finish(Some(agent), answer, origin, payload);
+        match self.admit(agent.id, name, question, &answer, rules) {
+            Ok(Admission::Admitted) => {}
+            Ok(Admission::OverCap { held, new }) => {
+                let monitor = agent.mode == Mode::Monitor;
+                self.metrics
+                    .cap_refusals
+                    .get_or_create(&agent_label(agent))
+                    .inc();
+                self.audit_refusal(
+                    agent,
+                    UserEvent {
+                        source: UserSource::Dns,
+                        agent: agent.id,
+                        reason: "dns_learned_cap",
+                        verdict: if monitor { "pass" } else { "drop" },
+                        src: Some(origin.src),
+                        dst: None,
+                        name: Some(query.raw_name.clone()),
+                        detail: Some(format!(
+                            "agent holds {held} learned (name, address) pairs, the answer would add {new}, max_learned_per_agent is {}",
+                            self.config.max_learned_per_agent
+                        )),
+                        actor: None,
+                    },
+                );
+                // REFUSED, not SERVFAIL (which admit errors get): this is the resolver's
+                // policy for this agent, as for a name not allowed, not a server failure;
+                // and caching resolvers may keep a SERVFAIL for a while (RFC 2308 §7.1,
+                // RFC 9520) when the cap lifts as soon as an expiry frees room. In monitor
+                // mode the answer goes out unadmitted, as a denied name's does.
+                if !monitor {
+                    let answer = message::empty_answer(&query.message, ResponseCode::Refused);
+                    return self.finish(Some(agent), answer, origin, payload);
+                }
+            }
+            Err(e) => {
+                tracing::error!(agent = agent.id, name, error = %crate::error::error_chain(&e), "admitting the answer's addresses");
+                let answer = message::empty_answer(&query.message, ResponseCode::ServFail);
+                return self.finish(Some(agent), answer, origin, payload);
+            }
         }
         message::cap_ttls(&mut answer, self.config.max_ttl_secs);
         self.finish(Some(agent), answer, origin, payload)
@@ -404,13 +477,9 @@ impl<S: NameSink> Resolver<S> {
             .unwrap_or_default();
         if rules.is_empty() {
             let monitor = agent.mode == Mode::Monitor;
-            if !self.budget.take(agent.id) {
-                self.metrics
-                    .suppressed
-                    .get_or_create(&agent_label(agent))
-                    .inc();
-            } else {
-                self.audit.record(UserEvent {
+            self.audit_refusal(
+                agent,
+                UserEvent {
                     source: UserSource::Dns,
                     agent: agent.id,
                     reason: "dns_refused",
@@ -423,8 +492,8 @@ impl<S: NameSink> Resolver<S> {
                         query.qtype
                     )),
                     actor: None,
-                });
-            }
+                },
+            );
             return if monitor {
                 Plan::Relay
             } else {
@@ -437,7 +506,23 @@ impl<S: NameSink> Resolver<S> {
         Plan::Learn(rules)
     }
 
-    /// Admits every address the answer gives for `question` and wakes the sweeper.
+    /// Writes `event` to the audit log if `agent`'s audit budget allows, else counts it
+    /// as suppressed.
+    fn audit_refusal(&self, agent: &Agent, event: UserEvent) {
+        if self.budget.take(agent.id) {
+            self.audit.record(event);
+        } else {
+            self.metrics
+                .suppressed
+                .get_or_create(&agent_label(agent))
+                .inc();
+        }
+    }
+
+    /// Admits every address the answer gives for `question` and wakes the sweeper, or
+    /// none of them when that would take the agent past `max_learned_per_agent`: the
+    /// check and the writes happen under one lock, so concurrent answers cannot both
+    /// slip under the cap.
     fn admit(
         &self,
         agent: u32,
@@ -445,23 +530,30 @@ impl<S: NameSink> Resolver<S> {
         question: &hickory_proto::rr::Name,
         answer: &Message,
         rules: Rules,
-    ) -> Result<(), crate::dataplane::MapsError> {
+    ) -> Result<Admission, crate::dataplane::MapsError> {
         let addresses = message::addresses(question, answer);
         if addresses.is_empty() {
-            return Ok(());
+            return Ok(Admission::Admitted);
         }
         let now = net::monotonic_ns();
         let grace = self.config.grace.as_nanos() as u64;
-        let learned = self.with_state(|learned, sink| {
+        let admission = self.with_state(|learned, sink| {
+            let addrs: Vec<_> = addresses.iter().map(|&(addr, _)| addr).collect();
+            let (held, new) = (learned.held(agent), learned.new_pairs(agent, name, &addrs));
+            if new > 0 && held + new > self.config.max_learned_per_agent {
+                return Ok(Admission::OverCap { held, new });
+            }
             for (addr, ttl) in addresses {
                 let ttl = u64::from(ttl.min(self.config.max_ttl_secs)) * 1_000_000_000;
                 learned.learn(sink, agent, addr, name, now + ttl + grace, rules.clone())?;
             }
-            Ok::<_, crate::dataplane::MapsError>(learned.len())
+            self.metrics.learned.set(learned.len() as i64);
+            Ok::<_, crate::dataplane::MapsError>(Admission::Admitted)
         })?;
-        self.metrics.learned.set(learned as i64);
-        self.learned_changed.notify_one();
-        Ok(())
+        if matches!(admission, Admission::Admitted) {
+            self.learned_changed.notify_one();
+        }
+        Ok(admission)
     }
 
     /// Serializes an answer for the agent's transport (over UDP, `payload` is the most the

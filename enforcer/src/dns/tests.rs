@@ -67,6 +67,17 @@ action = "allow"
 to = ["api.example.test"]
 proto = "tcp"
 ports = "443"
+
+[[agents]]
+id = 4
+name = "neighbour"
+prefixes = ["10.7.0.0/24"]
+
+[[agents.egress]]
+action = "allow"
+to = ["*.cdn.example.test"]
+proto = "tcp"
+ports = "443"
 "#;
 
 const TCP443: (Proto, PortRange) = (Proto::Tcp, PortRange { lo: 443, hi: 443 });
@@ -190,6 +201,20 @@ struct Rig {
 }
 
 fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
+    capped_rig(
+        upstreams,
+        grace_secs,
+        max_ttl_secs,
+        DEFAULT_MAX_LEARNED_PER_AGENT,
+    )
+}
+
+fn capped_rig(
+    upstreams: Vec<SocketAddr>,
+    grace_secs: u64,
+    max_ttl_secs: u32,
+    max_learned_per_agent: usize,
+) -> Rig {
     let policy = crate::policy::parse("policy.toml", POLICY).unwrap();
     let (policy_tx, policy_rx) = watch::channel(Some(Arc::new(policy)));
     let (audit, audit_rx) = UserAudit::channel();
@@ -200,6 +225,7 @@ fn rig(upstreams: Vec<SocketAddr>, grace_secs: u64, max_ttl_secs: u32) -> Rig {
         grace: Duration::from_secs(grace_secs),
         max_ttl_secs,
         case_randomization: true,
+        max_learned_per_agent,
     };
     Rig {
         resolver: Resolver::new(
@@ -532,6 +558,133 @@ async fn the_sweeper_withdraws_on_time_and_follows_the_policy() {
     assert_eq!(rig.metrics.expired.get(), 1);
     let _ = stop_tx.send(());
     maintain.await.unwrap();
+}
+
+/// Subdomains under agent 1's and agent 4's wildcard, one address each (`n.cdn.example.test`
+/// → 192.0.2.10n), and `two.cdn.example.test` with two.
+fn subdomains() -> BTreeMap<&'static str, Vec<Record>> {
+    let mut table = table();
+    for (name, ip) in [
+        ("n1.cdn.example.test", 101),
+        ("n2.cdn.example.test", 102),
+        ("n3.cdn.example.test", 103),
+    ] {
+        table.insert(name, vec![a(&format!("{name}."), 60, [192, 0, 2, ip])]);
+    }
+    table.insert(
+        "two.cdn.example.test",
+        vec![
+            a("two.cdn.example.test.", 60, [192, 0, 2, 111]),
+            a("two.cdn.example.test.", 60, [192, 0, 2, 112]),
+        ],
+    );
+    table
+}
+
+fn neighbour() -> Origin {
+    from_src("10.7.0.9:1000", false)
+}
+
+#[tokio::test]
+async fn an_agent_at_its_learned_cap_is_refused_and_others_are_not() {
+    let up = Upstream::start(subdomains(), &[]).await;
+    let mut rig = capped_rig(vec![up.addr], 5, 3600, 2);
+    let code = |m: Message| m.metadata.response_code;
+    assert_eq!(
+        code(ask(&rig, "n1.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    // Renewing a name it holds is no new entry.
+    assert_eq!(
+        code(ask(&rig, "n1.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    rig.resolver
+        .with_state(|learned, _| assert_eq!(learned.held(1), 1, "a renewal counted twice"));
+    // Two new addresses with one free: the whole answer is refused, none admitted.
+    assert_eq!(
+        code(ask(&rig, "two.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::Refused
+    );
+    assert_eq!(
+        code(ask(&rig, "n2.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    // At the cap: a renewal still answers, a new name does not.
+    assert_eq!(
+        code(ask(&rig, "n2.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    let refused = ask(&rig, "n3.cdn.example.test.", RecordType::A, &from_agent1()).await;
+    assert_eq!(code(refused.clone()), ResponseCode::Refused);
+    assert!(refused.answers.is_empty(), "no address the agent could use");
+    let n3: IpAddr = "192.0.2.103".parse().unwrap();
+    rig.resolver.with_state(|learned, sink| {
+        assert_eq!(learned.held(1), 2);
+        assert_eq!(
+            sink.entries.keys().filter(|(agent, _)| *agent == 1).count(),
+            2
+        );
+        assert!(!sink.entries.contains_key(&(1, n3)));
+    });
+    assert_eq!(rig.metrics.cap_refusals("coder", 1), 2);
+    assert_eq!(rig.metrics.queries("coder", 1, "refused"), 2);
+    for name in ["two.cdn.example.test", "n3.cdn.example.test"] {
+        let event = rig.audit.try_recv().unwrap();
+        assert_eq!(
+            (event.reason, event.verdict, event.agent),
+            ("dns_learned_cap", "drop", 1)
+        );
+        assert_eq!(event.name.as_deref(), Some(name));
+    }
+    assert!(rig.audit.try_recv().is_err());
+
+    // Another agent with the same wildcard (and the same cap) is not held to the first
+    // one's count: the name refused to agent 1, and one agent 1 holds.
+    for name in ["n3.cdn.example.test.", "n1.cdn.example.test."] {
+        let answer = ask(&rig, name, RecordType::A, &neighbour()).await;
+        assert_eq!(
+            answer.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+        assert!(!answer.answers.is_empty());
+    }
+    rig.resolver.with_state(|learned, sink| {
+        assert_eq!((learned.held(1), learned.held(4)), (2, 2));
+        assert_eq!(sink.entries[&(4, n3)].1, vec![TCP443]);
+    });
+    assert_eq!(rig.metrics.cap_refusals("neighbour", 4), 0);
+}
+
+#[tokio::test]
+async fn expired_learned_entries_free_room_under_the_cap() {
+    let up = Upstream::start(subdomains(), &[]).await;
+    // Grace 0 and max TTL 0: what is admitted is due at once.
+    let rig = capped_rig(vec![up.addr], 0, 0, 1);
+    let code = |m: Message| m.metadata.response_code;
+    assert_eq!(
+        code(ask(&rig, "n1.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    assert_eq!(
+        code(ask(&rig, "n2.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::Refused
+    );
+    assert_eq!(rig.resolver.sweep(), 1);
+    rig.resolver
+        .with_state(|learned, _| assert_eq!(learned.held(1), 0));
+    assert_eq!(
+        code(ask(&rig, "n2.cdn.example.test.", RecordType::A, &from_agent1()).await),
+        ResponseCode::NoError
+    );
+    rig.resolver.with_state(|_, sink| {
+        assert_eq!(
+            sink.entries.keys().collect::<Vec<_>>(),
+            vec![&(1, "192.0.2.102".parse::<IpAddr>().unwrap())]
+        );
+    });
+    assert_eq!(rig.metrics.cap_refusals("coder", 1), 1);
 }
 
 /// `question` with `edit` applied (hickory's `Query` is non-exhaustive).

@@ -39,6 +39,8 @@
 //! max_ttl_secs = 3600                    # TTLs in answers are capped at this
 //! case_randomization = true              # 0x20: upstream queries' names in random case,
 //!                                        # which answers must echo (off for upstreams that don't)
+//! max_learned_per_agent = 1024           # learned (name, address) pairs one agent may hold;
+//!                                        # an answer past it is refused (dns_learned_cap)
 //!
 //! [inspect]                              # optional: the inspecting TLS proxy (see enforcer::inspect)
 //! listen = "0.0.0.0:3128"                # explicit CONNECT proxy; "" disables it
@@ -163,6 +165,8 @@ struct RawDns {
     max_ttl_secs: u32,
     #[serde(default = "d_case_randomization")]
     case_randomization: bool,
+    #[serde(default = "d_max_learned_per_agent")]
+    max_learned_per_agent: usize,
 }
 
 fn d_grace() -> u32 {
@@ -175,6 +179,9 @@ fn d_max_ttl() -> u32 {
 /// asked.
 fn d_case_randomization() -> bool {
     true
+}
+fn d_max_learned_per_agent() -> usize {
+    crate::dns::DEFAULT_MAX_LEARNED_PER_AGENT
 }
 
 #[derive(Debug, Deserialize)]
@@ -588,12 +595,19 @@ fn validate_dns(
             format!("expected 0..=3600, got {}", raw.grace_secs),
         ));
     }
+    if raw.max_learned_per_agent == 0 {
+        return Err(invalid(
+            "dns.max_learned_per_agent",
+            "expected at least 1, got 0".into(),
+        ));
+    }
     Ok(crate::dns::DnsConfig {
         listen: raw.listen,
         upstreams: raw.upstreams,
         grace: std::time::Duration::from_secs(u64::from(raw.grace_secs)),
         max_ttl_secs: raw.max_ttl_secs,
         case_randomization: raw.case_randomization,
+        max_learned_per_agent: raw.max_learned_per_agent,
     })
 }
 
@@ -677,6 +691,7 @@ mod tests {
         assert_eq!(dns.grace, std::time::Duration::from_secs(5));
         assert_eq!(dns.max_ttl_secs, 3600);
         assert!(dns.case_randomization);
+        assert_eq!(dns.max_learned_per_agent, 1024);
         let off = Config::parse(
             Path::new("e.toml"),
             "policy = \"p\"\n[dns]\nlisten = [\"10.200.0.53:53\"]\nupstreams = [\"10.200.100.2:53\"]\ncase_randomization = false\n",
@@ -705,6 +720,10 @@ mod tests {
             (
                 "listen = [\"10.0.0.2:53\"]\nupstreams = [\"10.0.0.1:53\"]\nmax_ttl_secs = 0",
                 "e.toml: dns.max_ttl_secs: expected 1..=86400, got 0",
+            ),
+            (
+                "listen = [\"10.0.0.2:53\"]\nupstreams = [\"10.0.0.1:53\"]\nmax_learned_per_agent = 0",
+                "e.toml: dns.max_learned_per_agent: expected at least 1, got 0",
             ),
         ] {
             let err = Config::parse(
