@@ -727,6 +727,26 @@ pub fn markdown(r: &Report, stem: &str) -> String {
             s.scrape_latency_ms.median,
             s.scrape_bytes
         );
+        if let Some(f) = &s.flood {
+            let _ = writeln!(
+                md,
+                "\n\nAudit flood: {} agents send denied packets flat out (test runs on the daemon's pinned program), \
+                 each far over its own audit budget: {:.0} packets/s offered, {:.0} audit events/s delivered by the ring, \
+                 {:.0}/s written as records of their own (the global budget), the rest in summaries. Daemon CPU {:.1}% of \
+                 one CPU ({:.1}x idle in the same run), {:.1} ns per offered packet. Log growth {:.1} kB/s, {:.3}x what a \
+                 record per event would write ({:.1} kB/s).",
+                f.agents,
+                f.offered_per_sec,
+                f.events_per_sec,
+                f.records_per_sec,
+                f.cpu_percent,
+                f.cpu_percent / f.idle_cpu_percent.max(1e-3),
+                f.cpu_ns_per_offered,
+                f.log_bytes_per_sec / 1e3,
+                f.log_bytes_per_sec / f.per_event_log_bytes_per_sec.max(1.0),
+                f.per_event_log_bytes_per_sec / 1e3
+            );
+        }
     }
     if let Some(t) = &r.tcp {
         let _ = write!(

@@ -87,6 +87,33 @@ pub struct ScaleResult {
     pub scrape_agents: u32,
     /// Length of the idle and scrape measurements (s).
     pub seconds: f64,
+    /// The daemon under an audit flood (`None` in results of older runs).
+    #[serde(default)]
+    pub flood: Option<FloodResult>,
+}
+
+/// The daemon while agents flood denied traffic, every one over its own audit budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FloodResult {
+    /// Agents flooding.
+    pub agents: u32,
+    /// Denied packets offered per second (test runs on the daemon's pinned program).
+    pub offered_per_sec: f64,
+    /// Audit events the ring delivered per second (per-agent budgets spent).
+    pub events_per_sec: f64,
+    /// Of those, written as records of their own (the global budget).
+    pub records_per_sec: f64,
+    /// Daemon CPU, percent of one CPU.
+    pub cpu_percent: f64,
+    /// Daemon CPU per offered packet (ns).
+    pub cpu_ns_per_offered: f64,
+    /// Audit log growth (bytes/s).
+    pub log_bytes_per_sec: f64,
+    /// What a record per event would have written (bytes/s): events x the mean size of a
+    /// record of one event in the same log.
+    pub per_event_log_bytes_per_sec: f64,
+    /// Daemon CPU while idle in the same run, percent of one CPU (the baseline).
+    pub idle_cpu_percent: f64,
 }
 
 /// CPU time of every thread of `pid` (ns), from schedstat.
@@ -393,6 +420,16 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     }
     let busy = (cpu_ns(pid) - c1) as f64;
     let elapsed = t1.elapsed().as_nanos() as f64;
+    super::common::check_interrupted();
+    let flood = flood(
+        &lab,
+        &config,
+        &limits,
+        pid,
+        scrape_agents.min(1000),
+        period,
+        idle_cpu_percent,
+    );
     let result = ScaleResult {
         limits: BTreeMap::from([
             ("max_agents".to_owned(), limits.max_agents),
@@ -413,7 +450,20 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
         scrape_bytes,
         scrape_agents,
         seconds,
+        flood: Some(flood.clone()),
     };
+    println!(
+        "  audit flood from {} agents: {:.0} packets/s offered, {:.0} events/s delivered, {:.0} written alone; daemon CPU {:.1}% ({:.1}x idle, {:.0} ns per offered packet); log {:.0} kB/s ({:.3}x a record per event)",
+        flood.agents,
+        flood.offered_per_sec,
+        flood.events_per_sec,
+        flood.records_per_sec,
+        flood.cpu_percent,
+        flood.cpu_percent / flood.idle_cpu_percent.max(1e-3),
+        flood.cpu_ns_per_offered,
+        flood.log_bytes_per_sec / 1e3,
+        flood.log_bytes_per_sec / flood.per_event_log_bytes_per_sec.max(1.0)
+    );
     println!(
         "  maps: {:.0} bytes per agent, {:.0} bytes per prefix; daemon CPU idle {:.3}%, scraping {} agents every second {:.2}% ({:.1} ms CPU per scrape, latency {:.1} ms, {} bytes)",
         result.bytes_per_agent,
@@ -426,4 +476,90 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
         result.scrape_bytes
     );
     result
+}
+
+/// The daemon's audit health from `enforcer status`.
+fn audit_health(lab: &DaemonLab, config: &std::path::Path) -> serde_json::Value {
+    let out = lab
+        .ns
+        .command(ENFORCER)
+        .args(["--json", "--config"])
+        .arg(config)
+        .arg("status")
+        .output()
+        .expect("enforcer status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    status["audit"].clone()
+}
+
+/// `agents` agents send denied packets flat out for `period`, each far over its own audit
+/// budget: the daemon's CPU and the log's growth under the global budget.
+fn flood(
+    lab: &DaemonLab,
+    config: &std::path::Path,
+    limits: &Limits,
+    pid: u32,
+    agents: u32,
+    period: Duration,
+    idle_cpu_percent: f64,
+) -> FloodResult {
+    let log = lab.dir.join("audit.jsonl");
+    let dp = Dataplane::load(lab.pins.path(), limits).expect("loading on the pins");
+    let prog = dp.program(programs::ENFORCE).expect("loaded");
+    let packets: Vec<Vec<u8>> = (1..=agents)
+        .map(|id| tcp_v4(agent_v4(id), Ipv4Addr::new(192, 0, 2, 99)))
+        .collect();
+    // A second of flood first: every agent's audit burst is spent before the measurement.
+    let flood_for = |d: Duration| {
+        let start = Instant::now();
+        let mut offered = 0u64;
+        while start.elapsed() < d {
+            for p in &packets {
+                run_xdp(prog, p, None, 20).expect("test run");
+                offered += 20;
+            }
+        }
+        offered
+    };
+    flood_for(Duration::from_secs(1));
+    thread::sleep(Duration::from_millis(500));
+    let h0 = audit_health(lab, config);
+    let (b0, c0, t0) = (
+        fs::metadata(&log).map_or(0, |m| m.len()),
+        cpu_ns(pid),
+        Instant::now(),
+    );
+    let offered = flood_for(period);
+    // The reader catches up with what the ring holds; its summaries close within their
+    // interval (10 s by default), written after the window, so the bytes are of records
+    // alone plus the summaries that closed inside it.
+    thread::sleep(Duration::from_millis(500));
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ns(pid) - c0) as f64;
+    let bytes = fs::metadata(&log).map_or(0, |m| m.len()) - b0;
+    let h1 = audit_health(lab, config);
+    let count = |h: &serde_json::Value, k: &str| h[k].as_u64().unwrap_or(0);
+    let summarized = count(&h1, "events_summarized") - count(&h0, "events_summarized");
+    let records =
+        count(&h1, "seq") - count(&h0, "seq") - (count(&h1, "summaries") - count(&h0, "summaries"));
+    // The mean size of a record of one event, from the log's last lines.
+    let tail = enforcer::node::audit::tail(&log, 200).unwrap_or_default();
+    let singles: Vec<usize> = tail
+        .iter()
+        .filter(|l| l.contains("\"reason\":\"egress_denied\""))
+        .map(|l| l.len() + 1)
+        .collect();
+    let mean = singles.iter().sum::<usize>() as f64 / singles.len().max(1) as f64;
+    let events = (records + summarized) as f64;
+    FloodResult {
+        agents,
+        offered_per_sec: offered as f64 / elapsed,
+        events_per_sec: events / elapsed,
+        records_per_sec: records as f64 / elapsed,
+        cpu_percent: cpu / (elapsed * 1e9) * 100.0,
+        cpu_ns_per_offered: cpu / offered.max(1) as f64,
+        log_bytes_per_sec: bytes as f64 / elapsed,
+        per_event_log_bytes_per_sec: events * mean / elapsed,
+        idle_cpu_percent,
+    }
 }
