@@ -19,7 +19,7 @@ use std::{
 };
 
 use enforcer::lab::{self, require_root};
-use integration_tests::{Lab, SERVER_V4};
+use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4};
 use rustls::{
     ServerConfig, ServerConnection, StreamOwned,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
@@ -59,6 +59,9 @@ id = 1
 name = "coder"
 interfaces = ["gwa1"]
 inspect = true
+[[agents.egress]]
+action = "deny"
+to = ["@metadata"]
 [[agents.egress]]
 action = "allow"
 to = ["{ALLOWED}"]
@@ -699,6 +702,85 @@ fn detectors_and_names() {
         "{}{}",
         stderr(&out),
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The proxy dials only addresses the agent's egress rules allow: a CONNECT to the
+/// metadata address (denied by a rule) is a 403, and one to an address no rule allows and
+/// the allowed name does not resolve to is closed after the SNI. Both with the allowed
+/// server name, both audited and counted, and nothing reaches listeners on either address.
+#[test]
+fn connect_to_addresses_the_policy_denies_is_refused_despite_an_allowed_name() {
+    if !require_root("connect_to_addresses_the_policy_denies_is_refused_despite_an_allowed_name") {
+        return;
+    }
+    let s = setup();
+    let listeners: Vec<TcpListener> = [METADATA, PUBLIC]
+        .into_iter()
+        .map(|ip| {
+            let l = lab::in_netns(&s.lab.server, || {
+                TcpListener::bind(SocketAddr::new(ip.parse().unwrap(), 443)).unwrap()
+            });
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
+    let connect = |to: &str| {
+        s.lab
+            .agent(1)
+            .command("curl")
+            .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+            .arg(&s.node_ca)
+            .arg("--proxy")
+            .arg(format!("http://{GATEWAY}:{CONNECT_PORT}"))
+            .arg("--connect-to")
+            .arg(format!("{ALLOWED}:443:{to}:443"))
+            .arg(format!("https://{ALLOWED}/download/10"))
+            .output()
+            .unwrap()
+    };
+    // The same request to the allowed address works: the refusals below are the address.
+    let out = connect(SERVER_V4);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = connect(METADATA);
+    assert!(!out.status.success(), "the metadata address was reached");
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    let records = s.proxy_records(1);
+    let r = &records[0];
+    assert_eq!(r["reason"], "proxy_egress_denied", "{r}");
+    assert_eq!(r["verdict"], "drop", "{r}");
+    assert_eq!(r["dst"], format!("{METADATA}:443"), "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("an egress rule denies it"),
+        "{r}"
+    );
+
+    let out = connect(PUBLIC);
+    assert!(!out.status.success(), "{PUBLIC} was reached");
+    let records = s.proxy_records(2);
+    let r = &records[1];
+    assert_eq!(r["reason"], "proxy_egress_denied", "{r}");
+    assert_eq!(r["dst"], format!("{PUBLIC}:443"), "{r}");
+    assert_eq!(r["name"], ALLOWED, "{r}");
+
+    for (ip, listener) in [METADATA, PUBLIC].into_iter().zip(&listeners) {
+        match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("a connection reached {ip}:443: {other:?}"),
+        }
+    }
+    let metrics = s.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "enforcer_inspect_connections_total{agent=\"coder\",agent_id=\"1\",result=\"egress_denied\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
     );
 }
 

@@ -381,7 +381,166 @@ fn restricted(agent: &Agent) -> bool {
         || agent.egress.iter().any(|r| r.action == Action::Deny)
 }
 
-/// Flags and GCRA parameters of one agent.
+/// One agent's destination rules as the XDP program holds them, for user space to judge an
+/// address the way the program judges a packet to it: the inspecting proxy checks every
+/// address it is about to dial with it. Built by the same [`destinations`] that fills the
+/// maps, so the rule model is written once, and judged by the same walk as
+/// `rule_verdict` in `enforcer-ebpf/src/egress.rs` (longest prefix, then first rule whose
+/// protocol and ports match).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationRules {
+    /// Whether some destination may be denied at all (see [`restricted`]); an unrestricted
+    /// agent's packets skip the lookup.
+    restricted: bool,
+    /// Whether allow rules name hosts (`AGENT_NAMES`): DNS goes to the resolver only and
+    /// learned addresses count.
+    names: bool,
+    /// `egress_default = "allow"`.
+    default_allow: bool,
+    v4: Vec<(Prefix<4>, RuleSet)>,
+    v6: Vec<(Prefix<16>, RuleSet)>,
+}
+
+/// How [`DestinationRules::judge`] decided, for messages and audit records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// The agent has no deny rule and a default of allow: nothing is looked up.
+    Unrestricted,
+    /// A rule on the longest matching prefix allows it.
+    RuleAllows,
+    /// A rule on the longest matching prefix denies it (`@private`, `@metadata`, ...).
+    RuleDenies,
+    /// No rule matches; the address was learned for an allowed host name.
+    NameAdmits,
+    /// No rule matches; `egress_default = "allow"`.
+    DefaultAllows,
+    /// No rule matches, no allowed name admits it, and `egress_default = "deny"`.
+    DefaultDenies,
+    /// DNS (tcp or udp 53, tcp 853) of an agent with names goes only to the enforcer's
+    /// resolver, which user space never dials on an agent's behalf.
+    DnsBypass,
+}
+
+impl Judgement {
+    /// Whether the packet would pass.
+    pub const fn allowed(self) -> bool {
+        matches!(
+            self,
+            Judgement::Unrestricted
+                | Judgement::RuleAllows
+                | Judgement::NameAdmits
+                | Judgement::DefaultAllows
+        )
+    }
+
+    /// Why, in words.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Judgement::Unrestricted => "the agent has no deny rule and egress_default is allow",
+            Judgement::RuleAllows => "an egress rule allows it",
+            Judgement::RuleDenies => "an egress rule denies it",
+            Judgement::NameAdmits => "an allowed host name resolved to it",
+            Judgement::DefaultAllows => "no egress rule matches and egress_default is allow",
+            Judgement::DefaultDenies => {
+                "no egress rule matches, no allowed host name resolved to it, and \
+                 egress_default is deny"
+            }
+            Judgement::DnsBypass => {
+                "DNS of an agent with host names goes to the enforcer's resolver only"
+            }
+        }
+    }
+}
+
+impl DestinationRules {
+    /// Compiles `agent`'s destination rules (errors as [`compile`] would give them).
+    pub fn new(agent: &Agent) -> Result<DestinationRules, CompileError> {
+        let mut out = DestinationRules {
+            restricted: restricted(agent),
+            names: agent.has_names(),
+            default_allow: agent.egress_default == EgressDefault::Allow,
+            v4: Vec::new(),
+            v6: Vec::new(),
+        };
+        if out.restricted {
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            destinations(agent, IPPROTO_ICMP, prefix_v4, &mut v4)?;
+            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut v6)?;
+            out.v4 = v4.into_iter().map(|(_, p, r)| (p, r)).collect();
+            out.v6 = v6.into_iter().map(|(_, p, r)| (p, r)).collect();
+        }
+        Ok(out)
+    }
+
+    /// The verdict of the agent's static rules for a packet to `dst` (`proto`, destination
+    /// `port`, ignored for ICMP): the first rule of the longest prefix containing `dst`
+    /// whose protocol and ports match, `None` if there is none. `Proto::Any` stands for a
+    /// protocol only rules for every protocol match.
+    pub fn rule(&self, dst: IpAddr, proto: Proto, port: u16) -> Option<Action> {
+        let (set, icmp) = match dst.to_canonical() {
+            IpAddr::V4(a) => (longest(&self.v4, a.octets()), IPPROTO_ICMP),
+            IpAddr::V6(a) => (longest(&self.v6, a.octets()), IPPROTO_ICMPV6),
+        };
+        let (number, port) = match proto {
+            Proto::Any => (PROTO_ANY, None),
+            Proto::Tcp => (IPPROTO_TCP, Some(port)),
+            Proto::Udp => (IPPROTO_UDP, Some(port)),
+            Proto::Icmp => (icmp, None),
+        };
+        let set = set?;
+        set.rules[..set.len as usize]
+            .iter()
+            .find(|r| {
+                (r.proto == PROTO_ANY || r.proto == number)
+                    && match port {
+                        Some(port) => (r.port_lo..=r.port_hi).contains(&port),
+                        // No ports: only a rule for every port decides it.
+                        None => r.any_port(),
+                    }
+            })
+            .map(|r| {
+                if r.action == ACTION_ALLOW {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                }
+            })
+    }
+
+    /// The XDP program's verdict for a packet to `dst`: static rules first (a deny there
+    /// wins over everything), then, if `learned` (`dst` is an address an allowed host
+    /// name resolved to, for this protocol and port) and the agent has names, the name's
+    /// admission, then `egress_default`.
+    pub fn judge(&self, dst: IpAddr, proto: Proto, port: u16, learned: bool) -> Judgement {
+        if !self.restricted {
+            return Judgement::Unrestricted;
+        }
+        let dns = (port == 53 && matches!(proto, Proto::Tcp | Proto::Udp))
+            || (port == 853 && proto == Proto::Tcp);
+        if self.names && dns {
+            return Judgement::DnsBypass;
+        }
+        match self.rule(dst, proto, port) {
+            Some(Action::Allow) => Judgement::RuleAllows,
+            Some(Action::Deny) => Judgement::RuleDenies,
+            None if learned && self.names => Judgement::NameAdmits,
+            None if self.default_allow => Judgement::DefaultAllows,
+            None => Judgement::DefaultDenies,
+        }
+    }
+}
+
+/// The rule set of the longest of `prefixes` containing `addr`: what the probes (or the
+/// LPM trie) find.
+fn longest<const N: usize>(prefixes: &[(Prefix<N>, RuleSet)], addr: [u8; N]) -> Option<&RuleSet> {
+    prefixes
+        .iter()
+        .filter(|(p, _)| mask(addr, p.len) == p.addr)
+        .max_by_key(|(p, _)| p.len)
+        .map(|(_, set)| set)
+}
+
 /// Chooses, per agent and family, how the kernel finds a destination's rules: probing the
 /// hash map once per distinct prefix length (longest first), or, with more than
 /// `MAX_DST_PROBES` lengths, the LPM trie.
@@ -416,6 +575,7 @@ fn destination_lookup(out: &mut Compiled) {
     }
 }
 
+/// Flags and GCRA parameters of one agent.
 fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
     let out_of_range = |field, value| CompileError::RateOutOfRange {
         agent: agent.name.clone(),
@@ -918,6 +1078,96 @@ ports = 8443
                 ])
             )]
         );
+    }
+
+    /// The rules of agent 1 of `text`, as the inspecting proxy judges addresses with them.
+    fn rules_of(text: &str) -> DestinationRules {
+        DestinationRules::new(&parse("t", text).unwrap().agents()[0]).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn user_space_judges_addresses_like_the_packet_tables() {
+        let r = rules_of(&agent(
+            1,
+            "[[agents.egress]]\naction = \"deny\"\nto = [\"@metadata\", \"@private\"]\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"0.0.0.0/0\", \"::/0\"]\nproto = \"tcp\"\nports = 8443\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"api.example.test\"]\nproto = \"tcp\"\nports = 443\n",
+        ));
+        let j = |dst: &str, port: u16, learned: bool| r.judge(ip(dst), Proto::Tcp, port, learned);
+        // The metadata address is denied even when an allowed name resolved to it.
+        assert_eq!(j("169.254.169.254", 443, false), Judgement::RuleDenies);
+        assert_eq!(j("169.254.169.254", 443, true), Judgement::RuleDenies);
+        assert_eq!(j("169.254.169.254", 8443, true), Judgement::RuleDenies);
+        // The longer prefix decides: 10.1/16 allows 443 inside @private's 10/8 ...
+        assert_eq!(j("10.1.2.3", 443, false), Judgement::RuleAllows);
+        // ... and on its other ports the covering deny still holds.
+        assert_eq!(j("10.1.2.3", 80, true), Judgement::RuleDenies);
+        assert_eq!(j("10.2.0.1", 443, true), Judgement::RuleDenies);
+        // Elsewhere: 8443 is allowed everywhere, 443 only through a learned name.
+        assert_eq!(j("198.18.0.2", 8443, false), Judgement::RuleAllows);
+        assert_eq!(j("198.18.0.2", 443, false), Judgement::DefaultDenies);
+        assert_eq!(j("198.18.0.2", 443, true), Judgement::NameAdmits);
+        assert_eq!(j("2001:db8::1", 8443, false), Judgement::RuleAllows);
+        assert_eq!(j("2001:db8::1", 443, false), Judgement::DefaultDenies);
+        // IPv4-mapped IPv6 is judged as the IPv4 address.
+        assert_eq!(
+            j("::ffff:169.254.169.254", 8443, true),
+            Judgement::RuleDenies
+        );
+        // DNS of an agent with names goes to the resolver only.
+        assert_eq!(j("198.18.0.2", 853, true), Judgement::DnsBypass);
+        assert!(!Judgement::DnsBypass.allowed());
+        // Protocols: ICMP matches only rules for every port; udp is not tcp.
+        assert_eq!(r.rule(ip("10.0.0.1"), Proto::Icmp, 0), Some(Action::Deny));
+        assert_eq!(r.rule(ip("198.18.0.2"), Proto::Udp, 8443), None);
+
+        // A deny-list: no match falls to the default allow, names or not.
+        let r = rules_of(&agent(
+            1,
+            "egress_default = \"allow\"\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"@metadata\"]\nproto = \"tcp\"\nports = 80\n",
+        ));
+        assert_eq!(
+            r.judge(ip("169.254.169.254"), Proto::Tcp, 80, true),
+            Judgement::RuleDenies
+        );
+        assert_eq!(
+            r.judge(ip("169.254.169.254"), Proto::Tcp, 443, false),
+            Judgement::DefaultAllows
+        );
+        // Without a deny rule the program skips the lookup.
+        let r = rules_of(&agent(1, "egress_default = \"allow\"\n"));
+        assert_eq!(
+            r.judge(ip("169.254.169.254"), Proto::Tcp, 80, false),
+            Judgement::Unrestricted
+        );
+        // An allow-list without names: a learned address means nothing.
+        let r = rules_of(&agent(1, ""));
+        assert_eq!(
+            r.judge(ip("198.18.0.2"), Proto::Tcp, 443, true),
+            Judgement::DefaultDenies
+        );
+    }
+
+    #[test]
+    fn user_space_judgement_takes_the_longest_prefix_with_covering_rules() {
+        let text = agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\nports = 443\n\
+             [[agents.egress]]\naction = \"deny\"\nto = [\"10.0.0.0/24\"]\nproto = \"tcp\"\n\
+             [[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.7\"]\n",
+        );
+        let r = rules_of(&text);
+        // The host allows everything, its /24 denies tcp, the /8 allows 443.
+        assert_eq!(r.rule(ip("10.0.0.7"), Proto::Tcp, 443), Some(Action::Allow));
+        assert_eq!(r.rule(ip("10.0.0.8"), Proto::Tcp, 443), Some(Action::Deny));
+        assert_eq!(r.rule(ip("10.0.1.8"), Proto::Tcp, 443), Some(Action::Allow));
+        assert_eq!(r.rule(ip("10.0.1.8"), Proto::Tcp, 80), None);
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub enum Outcome {
     Blocked,
     /// Refused: the name (CONNECT host or SNI) is not allowed for the agent.
     NameDenied,
+    /// Refused: the agent's egress rules do not allow the address the proxy would dial.
+    EgressDenied,
     /// Refused: no inspected agent owns the connection.
     AgentDenied,
     /// The upstream connection or its certificate failed.
@@ -124,6 +126,7 @@ impl Outcome {
             Outcome::Relayed => "relayed",
             Outcome::Blocked => "blocked",
             Outcome::NameDenied => "name_denied",
+            Outcome::EgressDenied => "egress_denied",
             Outcome::AgentDenied => "agent_denied",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::AgentFailed => "agent_failed",

@@ -19,6 +19,21 @@
 //!   connects to that address and verifies the certificate against the SNI, so the
 //!   address cannot be used to reach anything that is not that host.
 //!
+//! **Which addresses.** The proxy dials from the host, where the XDP program never sees the
+//! connection, so before dialling it judges the exact address and port (TCP) with the
+//! agent's own compiled egress rules ([`DestinationRules`], the entries the program reads):
+//! the address must be one the program would let a packet of the agent's reach, or one the
+//! allowed name resolved to; a rule that denies the address (`@private`, `@metadata`, ...)
+//! wins over the name. Refusals are `proxy_egress_denied` records naming the address.
+//!
+//! - `CONNECT name:port`: each address the host's resolver gives is admitted by the name
+//!   unless a rule denies it; none left is a 403.
+//! - `CONNECT ip:port`: a 403 if a rule denies it; allowed by a rule or the default, it is
+//!   dialled; otherwise it is admitted only if the SNI's name resolves to it.
+//! - Transparent: the program already judged the original destination (learned addresses
+//!   included) before the redirect, so it counts as name-admitted; a denying rule still
+//!   refuses it (an agent in monitor mode gets that far).
+//!
 //! **Handshakes.** The agent's ClientHello is read first (rustls' lazy acceptor), the
 //! upstream handshake is done with the agent's ALPN list, and only then is the agent's
 //! handshake finished with a leaf for the name and the protocol the upstream chose, so
@@ -57,6 +72,7 @@ use super::{
     relay::{self, Direction},
 };
 use crate::{
+    dataplane::compile::{DestinationRules, Judgement},
     node::audit::{UserAudit, UserEvent, UserSource},
     policy::{Agent, DetectorAction, Mode, Policy, Proto, normalize_name},
 };
@@ -391,6 +407,31 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 struct Admitted {
     agent: Agent,
     peer: SocketAddr,
+    /// The agent's destination rules, which every address the proxy dials for it must
+    /// pass (see [`Admitted::judge`]).
+    rules: DestinationRules,
+}
+
+impl Admitted {
+    /// `agent`'s connection from `peer`, with its rules compiled; `None` (logged) if they
+    /// do not compile, which the daemon's own compile of the same policy rules out.
+    fn new(agent: Agent, peer: SocketAddr) -> Option<Admitted> {
+        match DestinationRules::new(&agent) {
+            Ok(rules) => Some(Admitted { agent, peer, rules }),
+            Err(e) => {
+                tracing::error!(agent = agent.name, error = %e, "proxy: compiling the agent's egress rules");
+                None
+            }
+        }
+    }
+
+    /// The XDP program's verdict for a TCP packet of this agent to `addr`: the proxy dials
+    /// from the host, where the program does not see it, so it applies the same rules
+    /// itself. `learned`: an allowed name this connection asked for resolved to `addr`.
+    fn judge(&self, addr: SocketAddr, learned: bool) -> Judgement {
+        self.rules
+            .judge(addr.ip(), Proto::Tcp, addr.port(), learned)
+    }
 }
 
 /// The target of a CONNECT request.
@@ -458,6 +499,24 @@ impl Shared {
         self.stats.connection(who.agent.id, Outcome::NameDenied);
     }
 
+    /// Audits and counts an address the agent's egress rules do not let the proxy dial.
+    fn deny_egress(&self, who: &Admitted, name: Option<String>, addr: SocketAddr, why: Judgement) {
+        let why = format!("{addr}: {}", why.describe());
+        tracing::debug!(agent = who.agent.name, ?name, why, "proxy: address refused");
+        self.record(UserEvent {
+            source: UserSource::Proxy,
+            agent: who.agent.id,
+            reason: "proxy_egress_denied",
+            verdict: "drop",
+            src: Some(who.peer),
+            dst: Some(addr.to_string()),
+            name,
+            detail: Some(why),
+            actor: None,
+        });
+        self.stats.connection(who.agent.id, Outcome::EgressDenied);
+    }
+
     async fn connect_mode(&self, mut tcp: TcpStream, peer: SocketAddr) {
         let local = match tcp.local_addr() {
             Ok(a) => a,
@@ -468,7 +527,11 @@ impl Shared {
             let _ = respond(&mut tcp, 403, "no inspected agent owns this connection").await;
             return;
         };
-        let who = Admitted { agent, peer };
+        let Some(who) = Admitted::new(agent, peer) else {
+            self.stats.connection(0, Outcome::AgentDenied);
+            let _ = respond(&mut tcp, 403, "the agent's egress rules do not compile").await;
+            return;
+        };
         let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut tcp)).await {
             Ok(Ok(head)) => head,
             Ok(Err(message)) => {
@@ -489,7 +552,10 @@ impl Shared {
                 return;
             }
         };
-        let (name, addrs) = match &target {
+        // Every address is judged before the 200: explicit denies and addresses no rule
+        // allows are refused with a 403. A literal address that only an allowed name could
+        // admit (`needs_name`) waits for the SNI.
+        let (name, addrs, needs_name) = match &target {
             Target::Name(name, port) => {
                 let dst = format!("{name}:{port}");
                 if !who.agent.allows_name(name, Proto::Tcp, *port) {
@@ -498,16 +564,39 @@ impl Shared {
                     self.deny_name(&who, Some(name.clone()), dst, why);
                     return;
                 }
-                match tokio::net::lookup_host((name.as_str(), *port)).await {
-                    Ok(addrs) => (Some(name.clone()), addrs.collect::<Vec<_>>()),
+                let resolved = match tokio::net::lookup_host((name.as_str(), *port)).await {
+                    Ok(addrs) => addrs.collect::<Vec<_>>(),
                     Err(e) => {
                         self.stats.connection(who.agent.id, Outcome::UpstreamFailed);
                         let _ = respond(&mut tcp, 502, &format!("resolving {name}: {e}")).await;
                         return;
                     }
+                };
+                // The allowed name resolved to these, so each is admitted unless a rule
+                // for it denies it.
+                let (allowed, denied): (Vec<_>, Vec<_>) = resolved
+                    .into_iter()
+                    .partition(|a| who.judge(*a, true).allowed());
+                if let (true, Some(first)) = (allowed.is_empty(), denied.first()) {
+                    let why = who.judge(*first, true);
+                    let message = format!("{first}: {}", why.describe());
+                    let _ = respond(&mut tcp, 403, &message).await;
+                    self.deny_egress(&who, Some(name.clone()), *first, why);
+                    return;
                 }
+                (Some(name.clone()), allowed, false)
             }
-            Target::Addr(addr) => (None, vec![*addr]),
+            Target::Addr(addr) => {
+                let as_named = who.judge(*addr, true);
+                if !as_named.allowed() {
+                    // Denied even if an allowed name resolved to it.
+                    let message = format!("{addr}: {}", as_named.describe());
+                    let _ = respond(&mut tcp, 403, &message).await;
+                    self.deny_egress(&who, None, *addr, as_named);
+                    return;
+                }
+                (None, vec![*addr], !who.judge(*addr, false).allowed())
+            }
         };
         if respond(&mut tcp, 200, "").await.is_err() {
             return;
@@ -533,6 +622,21 @@ impl Shared {
                     self.deny_name(&who, Some(sni), dst, why);
                     return;
                 }
+                if let (true, Some(addr)) = (needs_name, addrs.first().copied()) {
+                    // Admitted only if the allowed name resolves to it, as the kernel
+                    // admits only addresses learned for an allowed name.
+                    let learned = match tokio::net::lookup_host((sni.as_str(), port)).await {
+                        Ok(mut resolved) => {
+                            resolved.any(|a| a.ip().to_canonical() == addr.ip().to_canonical())
+                        }
+                        Err(_) => false,
+                    };
+                    let why = who.judge(addr, learned);
+                    if !why.allowed() {
+                        self.deny_egress(&who, Some(sni), addr, why);
+                        return;
+                    }
+                }
                 sni
             }
             (None, None) => {
@@ -553,7 +657,18 @@ impl Shared {
             self.stats.connection(0, Outcome::AgentDenied);
             return;
         };
-        let who = Admitted { agent, peer };
+        let Some(who) = Admitted::new(agent, peer) else {
+            self.stats.connection(0, Outcome::AgentDenied);
+            return;
+        };
+        // The XDP program judged this destination before the redirect, learned addresses
+        // included, so it counts as learned here; a rule denying it still wins (an agent
+        // in monitor mode gets that far).
+        let why = who.judge(original, true);
+        if !why.allowed() {
+            self.deny_egress(&who, None, original, why);
+            return;
+        }
         let Some((start, sni)) = self.client_hello(&who, tcp).await else {
             return;
         };
