@@ -311,7 +311,12 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let mut lab = Lab::new(1);
+    setup_with(1, "", &policy())
+}
+
+/// The lab with `agents` agents, `extra` lines in `[inspect]` and `policy`.
+fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
+    let mut lab = Lab::new(agents);
     let upstream =
         enforcer::controlplane::certs::generate(&lab.dir.join("upstream"), &[ALLOWED, DENIED], &[])
             .unwrap();
@@ -321,12 +326,12 @@ fn setup() -> Setup {
         .unwrap();
     write!(
         config,
-        "\n[inspect]\nlisten = \"0.0.0.0:{CONNECT_PORT}\"\ntransparent_port = {TRANSPARENT_PORT}\nupstream_roots = \"{}\"\n",
+        "\n[inspect]\nlisten = \"0.0.0.0:{CONNECT_PORT}\"\ntransparent_port = {TRANSPARENT_PORT}\nupstream_roots = \"{}\"\n{extra}",
         upstream.ca.cert.display()
     )
     .unwrap();
     drop(config);
-    lab.write_policy(&policy());
+    lab.write_policy(policy);
     let server = HttpsServer::spawn(&lab, &upstream.server.cert, &upstream.server.key);
     lab.start_daemon();
     // What an operator does to provision a sandbox's trust.
@@ -780,6 +785,94 @@ fn connect_to_addresses_the_policy_denies_is_refused_despite_an_allowed_name() {
             "enforcer_inspect_connections_total{agent=\"coder\",agent_id=\"1\",result=\"egress_denied\"}"
         ),
         Some(2.0),
+        "{metrics}"
+    );
+}
+
+/// An agent holding `max_connections_per_agent` idle connections has its next one closed
+/// at once (counted and audited as `proxy_connection_cap`), while another inspected agent
+/// still gets through, and so does the first once it lets a connection go.
+#[test]
+fn one_agent_at_its_connection_cap_is_refused_while_another_connects() {
+    if !require_root("one_agent_at_its_connection_cap_is_refused_while_another_connects") {
+        return;
+    }
+    let policy = format!(
+        r#"{}
+[[agents]]
+id = 2
+name = "reviewer"
+interfaces = ["gwa2"]
+inspect = true
+[[agents.egress]]
+action = "allow"
+to = ["{ALLOWED}", "{SERVER_V4}"]
+proto = "tcp"
+ports = "443"
+[[agents.egress]]
+action = "allow"
+to = ["10.200.2.1"]
+proto = "tcp"
+ports = "{CONNECT_PORT}"
+"#,
+        policy()
+    );
+    let s = setup_with(2, "max_connections_per_agent = 2\n", &policy);
+    let proxy = SocketAddr::new(GATEWAY.parse().unwrap(), CONNECT_PORT);
+    let open = move || {
+        let tcp = TcpStream::connect(proxy).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp
+    };
+    // Two idle connections: the proxy waits for their request heads.
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| lab::in_netns(s.lab.agent(1), open))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let mut third = lab::in_netns(s.lab.agent(1), open);
+    let mut byte = [0u8; 1];
+    match third.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection over the cap was not closed at once: {other:?}"),
+    }
+    let records = s.proxy_records(1);
+    let r = &records[0];
+    assert_eq!(r["reason"], "proxy_connection_cap", "{r}");
+    assert_eq!(r["agent"], 1, "{r}");
+
+    let curl = |agent: usize, gateway: &str| {
+        s.lab
+            .agent(agent)
+            .command("curl")
+            .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+            .arg(&s.node_ca)
+            .arg("--proxy")
+            .arg(format!("http://{gateway}:{CONNECT_PORT}"))
+            .arg("--connect-to")
+            .arg(format!("{ALLOWED}:443:{SERVER_V4}:443"))
+            .arg(format!("https://{ALLOWED}/download/10"))
+            .output()
+            .unwrap()
+    };
+    let out = curl(2, "10.200.2.1");
+    assert!(out.status.success(), "agent 2: {}", stderr(&out));
+    drop(idle);
+    thread::sleep(Duration::from_millis(300));
+    let out = curl(1, GATEWAY);
+    assert!(
+        out.status.success(),
+        "agent 1 after closing: {}",
+        stderr(&out)
+    );
+
+    let metrics = s.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "enforcer_inspect_connections_total{agent=\"coder\",agent_id=\"1\",result=\"cap_refused\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
 }

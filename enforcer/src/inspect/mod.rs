@@ -40,6 +40,8 @@ use std::{
 /// transparent_port = 3129        # where the agents' TLS ports are redirected; 0 disables it
 /// upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # PEM roots the upstream certificates are verified with
 /// ca_dir = "/var/lib/enforcer"   # where the node CA lives (default: state_dir); keep it on persistent storage
+/// max_connections_per_agent = 256 # open proxied connections one agent may hold
+/// max_connections = 4096         # open proxied connections in all; lowered to fit the descriptor limit
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InspectConfig {
@@ -54,6 +56,120 @@ pub struct InspectConfig {
     /// Directory of the node CA's files. It must outlive reboots: every sandbox trusts
     /// the CA, and a new one means provisioning them all again.
     pub ca_dir: PathBuf,
+    /// Most open proxied connections one agent may hold; more are closed at once.
+    pub max_connections_per_agent: usize,
+    /// Most open proxied connections in all, before [`connection_cap`] fits it to the
+    /// descriptor limit.
+    pub max_connections: usize,
+}
+
+/// Default of `[inspect].max_connections_per_agent`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 256;
+/// Default of `[inspect].max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Descriptors kept for the daemon itself (maps, status and audit files, the API, the
+/// resolver) whatever the proxy holds: an agent filling the proxy must not stop the daemon
+/// from writing `status.json` or answering a legitimate CONNECT of another agent.
+pub const DESCRIPTOR_RESERVE: u64 = 512;
+
+/// The total cap in force: `configured`, lowered so that two descriptors per connection
+/// (the agent's and the upstream's) plus [`DESCRIPTOR_RESERVE`] fit in `nofile`, the soft
+/// `RLIMIT_NOFILE`; at least 1.
+pub fn connection_cap(configured: usize, nofile: u64) -> usize {
+    let fits = nofile.saturating_sub(DESCRIPTOR_RESERVE) / 2;
+    configured
+        .min(usize::try_from(fits).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// The soft descriptor limit of this process (`None` if unlimited or unknown).
+pub fn descriptor_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid struct.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// Open proxied connections, per agent and in all, against their caps. A [`Slot`] is
+/// held for a connection's life and gives its place back when dropped.
+#[derive(Debug)]
+pub struct Slots {
+    per_agent: usize,
+    total: usize,
+    open: Mutex<(usize, BTreeMap<u32, usize>)>,
+}
+
+/// Which cap refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapHit {
+    /// The agent holds `max_connections_per_agent`.
+    Agent(usize),
+    /// The proxy holds `max_connections` (after fitting the descriptor limit).
+    Total(usize),
+}
+
+impl std::fmt::Display for CapHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CapHit::Agent(n) => write!(
+                f,
+                "the agent holds {n} proxied connections (max_connections_per_agent)"
+            ),
+            CapHit::Total(n) => write!(f, "the proxy holds {n} connections (max_connections)"),
+        }
+    }
+}
+
+impl Slots {
+    /// Caps of `per_agent` connections per agent and `total` in all.
+    pub fn new(per_agent: usize, total: usize) -> Slots {
+        Slots {
+            per_agent,
+            total,
+            open: Mutex::new((0, BTreeMap::new())),
+        }
+    }
+
+    /// A place for one more connection of `agent`, or the cap that is full.
+    pub fn acquire(self: &std::sync::Arc<Self>, agent: u32) -> Result<Slot, CapHit> {
+        let mut open = self.open.lock().expect("slots lock");
+        let held = open.1.get(&agent).copied().unwrap_or(0);
+        if held >= self.per_agent {
+            return Err(CapHit::Agent(held));
+        }
+        if open.0 >= self.total {
+            return Err(CapHit::Total(open.0));
+        }
+        open.0 += 1;
+        *open.1.entry(agent).or_default() += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            agent,
+        })
+    }
+}
+
+/// One connection's place in [`Slots`].
+#[derive(Debug)]
+pub struct Slot {
+    slots: std::sync::Arc<Slots>,
+    agent: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().expect("slots lock");
+        open.0 -= 1;
+        if let Some(held) = open.1.get_mut(&self.agent) {
+            *held -= 1;
+            if *held == 0 {
+                open.1.remove(&self.agent);
+            }
+        }
+    }
 }
 
 /// Default of `[inspect].listen`.
@@ -113,6 +229,8 @@ pub enum Outcome {
     EgressDenied,
     /// Refused: no inspected agent owns the connection.
     AgentDenied,
+    /// Closed at once: the agent's or the proxy's connection cap is full.
+    CapRefused,
     /// The upstream connection or its certificate failed.
     UpstreamFailed,
     /// The agent's side failed (handshake, protocol, reset).
@@ -128,6 +246,7 @@ impl Outcome {
             Outcome::NameDenied => "name_denied",
             Outcome::EgressDenied => "egress_denied",
             Outcome::AgentDenied => "agent_denied",
+            Outcome::CapRefused => "cap_refused",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::AgentFailed => "agent_failed",
         }
@@ -290,4 +409,36 @@ pub fn register_metrics(
         "Plaintext bytes relayed by the inspecting proxy (up: to servers, down: to agents)",
         bytes,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn one_agent_at_its_cap_is_refused_while_another_connects() {
+        let slots = Arc::new(Slots::new(2, 3));
+        let a1 = slots.acquire(1).unwrap();
+        let a2 = slots.acquire(1).unwrap();
+        assert_eq!(slots.acquire(1).unwrap_err(), CapHit::Agent(2));
+        let b1 = slots.acquire(2).unwrap();
+        // Three in all: the total cap refuses agent 3 too.
+        assert_eq!(slots.acquire(3).unwrap_err(), CapHit::Total(3));
+        // A closed connection gives its place back.
+        drop(a1);
+        let a3 = slots.acquire(1).unwrap();
+        drop((a2, a3, b1));
+        assert_eq!(*slots.open.lock().unwrap(), (0, BTreeMap::new()));
+    }
+
+    #[test]
+    fn the_total_cap_leaves_descriptors_for_the_daemon() {
+        // Two descriptors a connection, DESCRIPTOR_RESERVE kept back.
+        assert_eq!(connection_cap(4096, 1024), 256);
+        assert_eq!(connection_cap(4096, 1 << 20), 4096);
+        assert_eq!(connection_cap(100, 1 << 20), 100);
+        assert_eq!(connection_cap(4096, 100), 1);
+    }
 }

@@ -65,7 +65,7 @@ use tokio::{
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::{
-    InspectConfig, InspectPath, Outcome, Stats,
+    CapHit, InspectConfig, InspectPath, Outcome, Slots, Stats,
     ca::{CaError, NodeCa},
     detect::{DetectError, Detectors},
     redirect,
@@ -189,6 +189,8 @@ struct Shared {
     policy: watch::Receiver<Option<Arc<Policy>>>,
     /// The newest policy seen and its compiled detectors (see [`Shared::current`]).
     current: Mutex<Current>,
+    /// Open connections against `max_connections_per_agent` and `max_connections`.
+    slots: Arc<Slots>,
 }
 
 /// The enforcing policy and its detectors.
@@ -310,6 +312,17 @@ impl Proxy {
         }
         stats.set_path(&path);
         let current = Current::new(policy.borrow().clone())?;
+        let total = super::connection_cap(
+            config.max_connections,
+            super::descriptor_limit().unwrap_or(u64::MAX),
+        );
+        if total < config.max_connections {
+            tracing::warn!(
+                configured = config.max_connections,
+                total,
+                "inspecting proxy: max_connections lowered to fit the descriptor limit"
+            );
+        }
         let mut proxy = Proxy {
             shared: Arc::new(Shared {
                 ca,
@@ -320,6 +333,7 @@ impl Proxy {
                 path,
                 policy: policy.clone(),
                 current: Mutex::new(current),
+                slots: Arc::new(Slots::new(config.max_connections_per_agent, total)),
             }),
             connect,
             transparent,
@@ -499,6 +513,23 @@ impl Shared {
         self.stats.connection(who.agent.id, Outcome::NameDenied);
     }
 
+    /// Audits and counts a connection closed because a cap is full.
+    fn refuse_cap(&self, who: &Admitted, hit: CapHit) {
+        tracing::debug!(agent = who.agent.name, %hit, "proxy: connection cap");
+        self.record(UserEvent {
+            source: UserSource::Proxy,
+            agent: who.agent.id,
+            reason: "proxy_connection_cap",
+            verdict: "drop",
+            src: Some(who.peer),
+            dst: None,
+            name: None,
+            detail: Some(hit.to_string()),
+            actor: None,
+        });
+        self.stats.connection(who.agent.id, Outcome::CapRefused);
+    }
+
     /// Audits and counts an address the agent's egress rules do not let the proxy dial.
     fn deny_egress(&self, who: &Admitted, name: Option<String>, addr: SocketAddr, why: Judgement) {
         let why = format!("{addr}: {}", why.describe());
@@ -531,6 +562,14 @@ impl Shared {
             self.stats.connection(0, Outcome::AgentDenied);
             let _ = respond(&mut tcp, 403, "the agent's egress rules do not compile").await;
             return;
+        };
+        // Held until the connection ends; refused ones are closed before anything is read.
+        let _slot = match self.slots.acquire(who.agent.id) {
+            Ok(slot) => slot,
+            Err(hit) => {
+                self.refuse_cap(&who, hit);
+                return;
+            }
         };
         let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut tcp)).await {
             Ok(Ok(head)) => head,
@@ -660,6 +699,13 @@ impl Shared {
         let Some(who) = Admitted::new(agent, peer) else {
             self.stats.connection(0, Outcome::AgentDenied);
             return;
+        };
+        let _slot = match self.slots.acquire(who.agent.id) {
+            Ok(slot) => slot,
+            Err(hit) => {
+                self.refuse_cap(&who, hit);
+                return;
+            }
         };
         // The XDP program judged this destination before the redirect, learned addresses
         // included, so it counts as learned here; a rule denying it still wins (an agent

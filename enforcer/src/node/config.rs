@@ -47,6 +47,8 @@
 //! transparent_port = 3129                # redirect target for inspected agents' TLS ports; 0 disables
 //! upstream_roots = "/etc/ssl/certs/ca-certificates.crt"  # roots for upstream certificates
 //! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
+//! max_connections_per_agent = 256        # open proxied connections per agent; more are closed
+//! max_connections = 4096                 # in all; lowered to fit RLIMIT_NOFILE with a reserve
 //!
 //! [hooks]                                # per interface, overriding `hook`
 //! eth1 = "tc"
@@ -194,6 +196,18 @@ struct RawInspect {
     #[serde(default = "default_upstream_roots")]
     upstream_roots: PathBuf,
     ca_dir: Option<PathBuf>,
+    #[serde(default = "default_max_connections_per_agent")]
+    max_connections_per_agent: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+fn default_max_connections_per_agent() -> usize {
+    crate::inspect::DEFAULT_MAX_CONNECTIONS_PER_AGENT
+}
+
+fn default_max_connections() -> usize {
+    crate::inspect::DEFAULT_MAX_CONNECTIONS
 }
 
 fn default_inspect_listen() -> String {
@@ -459,11 +473,24 @@ impl Config {
                             .into(),
                     ));
                 }
+                for (field, value) in [
+                    (
+                        "inspect.max_connections_per_agent",
+                        i.max_connections_per_agent,
+                    ),
+                    ("inspect.max_connections", i.max_connections),
+                ] {
+                    if value == 0 {
+                        return Err(invalid(field, "expected at least 1, got 0".into()));
+                    }
+                }
                 Some(crate::inspect::InspectConfig {
                     listen,
                     transparent_port,
                     upstream_roots: base.join(i.upstream_roots),
                     ca_dir: i.ca_dir.map_or_else(|| state_dir.clone(), |d| base.join(d)),
+                    max_connections_per_agent: i.max_connections_per_agent,
+                    max_connections: i.max_connections,
                 })
             }
             None => None,
@@ -774,7 +801,19 @@ mod tests {
                 transparent_port: Some(3129),
                 upstream_roots: PathBuf::from("/etc/e/roots.pem"),
                 ca_dir: PathBuf::from("/var/lib/enforcer"),
+                max_connections_per_agent: 256,
+                max_connections: 4096,
             })
+        );
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[inspect]\nmax_connections_per_agent = 0\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("e.toml: inspect.max_connections_per_agent: expected at least 1"),
+            "{err}"
         );
         let err = Config::parse(
             Path::new("e.toml"),
