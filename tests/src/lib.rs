@@ -80,6 +80,22 @@ pub fn enforcer_bin() -> PathBuf {
     bin
 }
 
+/// Agent 1 (`coder`, on `gwa1`) may send UDP to the server's port 9000 only: a datagram to
+/// any other port is a denial, so an audit record.
+pub const UDP_9000_POLICY: &str = r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "deny"
+rate = { packets_per_sec = 100000 }
+[[agents.egress]]
+action = "allow"
+to = ["10.200.100.2"]
+proto = "udp"
+ports = "9000"
+"#;
+
 /// A tmpfs mounted on a directory (created if missing), unmounted on drop: a file system
 /// a test can fill or make read-only under the daemon.
 pub struct Tmpfs(PathBuf);
@@ -405,6 +421,26 @@ impl Lab {
     /// Runs the `enforcer` CLI in the gateway namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.gw.command(enforcer_bin()).args(args).output().unwrap()
+    }
+
+    /// `enforcer --json --config <the lab's> ARGS`, parsed; panics if it fails.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let config = self.config_path();
+        let mut all = vec!["--json", "--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "enforcer {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "enforcer {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// The pinned maps, opened the way `enforcer stats` does.

@@ -8,38 +8,11 @@ use std::{
 };
 
 use enforcer::lab::{require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, Tmpfs, sa};
+use integration_tests::{Lab, SERVER_V4, Tmpfs, UDP_9000_POLICY as POLICY, sa};
 use serde_json::Value;
 
-/// Agent 1 may send UDP to the server's port 9000 only: every packet to 9001 is a denial,
-/// so an audit record.
-const POLICY: &str = r#"
-[[agents]]
-id = 1
-name = "coder"
-interfaces = ["gwa1"]
-egress_default = "deny"
-rate = { packets_per_sec = 100000 }
-[[agents.egress]]
-action = "allow"
-to = ["10.200.100.2"]
-proto = "udp"
-ports = "9000"
-"#;
-
-/// `enforcer --json --config <lab> ARGS`, parsed; panics if it fails.
 fn cli_json(lab: &Lab, args: &[&str]) -> Value {
-    let config = lab.config_path();
-    let mut all = vec!["--json", "--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = lab.cli(&all);
-    assert!(
-        out.status.success(),
-        "enforcer {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    lab.cli_json(args)
 }
 
 /// `enforcer audit verify ARGS` with the lab's configuration: success and what it printed.

@@ -10,39 +10,11 @@ use std::{
 };
 
 use enforcer::lab::{ChildGuard, UdpSink, in_netns, require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, Tmpfs, enforcer_bin, sa};
+use integration_tests::{Lab, SERVER_V4, Tmpfs, UDP_9000_POLICY as POLICY, enforcer_bin, sa};
 use serde_json::Value;
 
-const POLICY: &str = r#"
-[[agents]]
-id = 1
-name = "coder"
-interfaces = ["gwa1"]
-egress_default = "deny"
-rate = { packets_per_sec = 100000 }
-[[agents.egress]]
-action = "allow"
-to = ["10.200.100.2"]
-proto = "udp"
-ports = "9000"
-"#;
-
 fn cli_json(lab: &Lab, args: &[&str]) -> Value {
-    let config = lab.config_path();
-    let mut all = vec!["--json", "--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = lab.cli(&all);
-    assert!(
-        out.status.success(),
-        "enforcer {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "enforcer {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    lab.cli_json(args)
 }
 
 /// Parses the Prometheus text format into `series -> value` (the series key is the metric
