@@ -1,0 +1,137 @@
+//! Commands for keys, certificates, the control plane and the inspection CA, and the
+//! generated man pages and completions.
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::Context as _;
+
+use super::{Cli, bad, load_config, print_json, table};
+
+/// `enforcer inspect ca`.
+pub(super) fn inspect_ca(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(&cli.config)?;
+    let dir = config
+        .inspect
+        .map_or(config.state_dir, |inspect| inspect.ca_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = crate::inspect::ca::NodeCa::load_or_create(&dir)?;
+    print!("{}", ca.cert_pem());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer keygen`.
+pub(super) fn keygen(dir: &Path) -> anyhow::Result<ExitCode> {
+    let keys = crate::controlplane::bundle::keygen(dir)?;
+    println!(
+        "private key {} (keep it on the control plane only)",
+        keys.private_key.display()
+    );
+    println!(
+        "public key  {} (key id {})",
+        keys.public_key.display(),
+        keys.key_id
+    );
+    println!(
+        "trust it on nodes: trusted_keys = [\"{}\"]",
+        std::fs::read_to_string(&keys.public_key)?.trim()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer certs`.
+pub(super) fn certs(
+    dir: &Path,
+    server_names: &[String],
+    clients: &[String],
+) -> anyhow::Result<ExitCode> {
+    let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
+    let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+    let paths = crate::controlplane::certs::generate(dir, &names, &clients)?;
+    println!("CA      {}", paths.ca.cert.display());
+    println!(
+        "server  {} ({})",
+        paths.server.cert.display(),
+        names.join(", ")
+    );
+    for (name, p) in &paths.clients {
+        println!("client  {} ({name})", p.cert.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer control-plane serve FILE`.
+pub(super) fn serve(file: &Path) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut cfg: crate::controlplane::ControlPlaneConfig =
+        toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", file.display())))?;
+    cfg.resolve_paths(file.parent().unwrap_or(Path::new(".")));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::controlplane::serve(cfg, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer control-plane nodes`.
+pub(super) fn nodes(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(&cli.config)?;
+    let cp = config.control_plane.ok_or_else(|| {
+        bad(format!(
+            "{}: no [control_plane] table",
+            cli.config.display()
+        ))
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nodes = runtime.block_on(crate::controlplane::nodes(&cp.endpoint()))?;
+    if cli.json {
+        print_json(&serde_json::to_value(&nodes)?);
+    } else {
+        let mut rows = table::new(
+            &["NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"],
+            &[2, 3],
+        );
+        for n in nodes {
+            rows.add_row(vec![
+                n.node_id,
+                n.connected.to_string(),
+                n.version_sent.to_string(),
+                n.version_acked.to_string(),
+                n.last_nack_reason.unwrap_or_default(),
+            ]);
+        }
+        print!("{}", table::render(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Man pages (one per command and subcommand, clap_mangen) into `dir/man` and completions
+/// for bash, zsh and fish (clap_complete) into `dir/completions`.
+pub(super) fn generate(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "enforcer", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Commands that show the daemon's state: `status`, `agents`, `agent`, `stats`, `doctor`,
+//! and `mode`, which changes one agent's.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use super::{Cli, ModeArg, is_not_running, join, load_config, print_json, table};
+use crate::{
+    dataplane::{self, Dataplane, KernelMaps, stats},
+    lab::BpffsMount,
+    node::{api::Request, daemon::Status},
+    policy::Mode,
+};
+
+/// `enforcer status`.
+pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let v = cli.call(Request::Status)?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        println!(
+            "daemon pid {}, policy generation {}",
+            v["pid"], v["generation"]
+        );
+        println!(
+            "policy      {} (sha256 {})",
+            v["policy_origin"].as_str().unwrap_or("-"),
+            v["policy_digest"].as_str().unwrap_or("-")
+        );
+        println!("agents      {}", v["agents"]);
+        print_hooks(&v["hooks"]);
+        if v["pending"].as_array().is_some_and(|p| !p.is_empty()) {
+            println!(
+                "pending     {} (not present yet: attached when they appear)",
+                join(&v["pending"])
+            );
+        }
+        println!("last apply  {} us", v["apply_micros"]);
+        if let Some(e) = v["last_error"].as_str() {
+            println!("last error  {e} (the previous policy keeps enforcing)");
+        }
+        let audit = &v["audit"];
+        println!(
+            "audit log   {} at seq {}, head {}",
+            audit["file"].as_str().unwrap_or("-"),
+            audit["seq"],
+            audit["head"].as_str().unwrap_or("-")
+        );
+        if let Some(e) = audit["last_error"].as_str() {
+            println!(
+                "audit error {e} (failing since {}; {} events not written, retrying)",
+                audit["failing_since"].as_str().unwrap_or("?"),
+                audit["events_unwritten"]
+            );
+        }
+        if let Some(e) = audit["head_error"].as_str() {
+            println!("audit error {e}");
+        }
+        for found in audit["recovered"].as_array().into_iter().flatten() {
+            println!("audit start {}", found.as_str().unwrap_or_default());
+        }
+        if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
+            println!(
+                "overrides   {}",
+                o.iter()
+                    .map(|(k, m)| format!("agent {k}: {}", m.as_str().unwrap_or("?")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer agents`.
+pub(super) fn agents(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let v = cli.call(Request::Agents)?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        let mut rows = table::new(
+            &["ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"],
+            &[0, 4, 5],
+        );
+        for a in v.as_array().into_iter().flatten() {
+            let mut matched = join(&a["interfaces"]);
+            let prefixes = join(&a["prefixes"]);
+            if !prefixes.is_empty() {
+                if !matched.is_empty() {
+                    matched.push_str(", ");
+                }
+                matched.push_str(&prefixes);
+            }
+            rows.add_row(vec![
+                a["id"].to_string(),
+                a["name"].as_str().unwrap_or("").to_string(),
+                a["mode"].as_str().unwrap_or("").to_string(),
+                matched,
+                a["passed_packets"].to_string(),
+                a["dropped_packets"].to_string(),
+            ]);
+        }
+        print!("{}", table::render(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer agent ID|NAME`.
+pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
+    let v = cli.call(Request::Agent {
+        agent: agent.to_owned(),
+    })?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        println!(
+            "agent {} {:?} ({})",
+            v["id"],
+            v["name"].as_str().unwrap_or(""),
+            v["mode"].as_str().unwrap_or("")
+        );
+        println!("  interfaces  {}", join(&v["interfaces"]));
+        println!("  prefixes    {}", join(&v["prefixes"]));
+        println!("  rate        {}", v["rate"]);
+        println!(
+            "  egress      default {}",
+            v["egress_default"].as_str().unwrap_or("")
+        );
+        for r in v["egress"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<5} {:<5} ports {:<11} to {}",
+                r["action"].as_str().unwrap_or(""),
+                r["proto"].as_str().unwrap_or(""),
+                r["ports"].as_str().unwrap_or(""),
+                join(&r["to"])
+            );
+        }
+        println!("  counters");
+        let mut rows = table::new(&["REASON", "PACKETS", "BYTES"], &[1, 2]);
+        for (reason, c) in v["counters"].as_object().into_iter().flatten() {
+            rows.add_row(vec![
+                reason.clone(),
+                c["packets"].to_string(),
+                c["bytes"].to_string(),
+            ]);
+        }
+        for line in table::render(&rows).lines() {
+            println!("    {line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer doctor`.
+pub(super) fn doctor(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(&cli.config)?;
+    // A bpffs of its own, so nothing of the running daemon's pins is touched.
+    let bpffs = BpffsMount::new().context("mounting a private bpffs")?;
+    let mut dataplane = Dataplane::load(bpffs.path(), &config.limits)
+        .context("loading the data plane on this kernel")?;
+    dataplane
+        .load_tc()
+        .context("loading the tc programs on this kernel")?;
+    let costs = dataplane.verifier_costs()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if cli.json {
+        print_json(&serde_json::json!({ "kernel": release, "programs": costs }));
+    } else {
+        print!("{}", dataplane::verifier_table(&release, &costs));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer stats`: from the daemon, else from the pinned maps.
+pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let (generation, agents) = match cli.call(Request::Stats) {
+        Ok(v) => (
+            v["generation"].as_u64().unwrap_or(0),
+            serde_json::from_value::<Vec<stats::AgentStats>>(v["agents"].clone())?,
+        ),
+        Err(e) if is_not_running(&e) => {
+            // The pinned program keeps enforcing without a daemon: read its maps.
+            let config = load_config(&cli.config)?;
+            let maps = KernelMaps::from_pins(&config.bpffs).with_context(|| {
+                format!(
+                    "no daemon, and no pinned maps under {}",
+                    config.bpffs.display()
+                )
+            })?;
+            let names = Status::read(&config.runtime_dir)
+                .map(|s| s.agents)
+                .unwrap_or_default();
+            (
+                maps.current_state()?.generation,
+                stats::collect(&maps, &names)?,
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    if cli.json {
+        print_json(&serde_json::to_value(&agents)?);
+    } else {
+        println!("policy generation {generation}");
+        print!("{}", table::stats(&agents));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer mode AGENT monitor|enforce`.
+pub(super) fn mode(cli: &Cli, agent: &str, mode: ModeArg) -> anyhow::Result<ExitCode> {
+    let mode = match mode {
+        ModeArg::Monitor => Mode::Monitor,
+        ModeArg::Enforce => Mode::Enforce,
+    };
+    let v = cli.call(Request::Mode {
+        agent: agent.to_owned(),
+        mode,
+    })?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        println!(
+            "agent {} now in {} mode (generation {})",
+            v["agent"],
+            v["mode"].as_str().unwrap_or(""),
+            v["generation"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per hooked interface: the mode the kernel reports and whether the program
+/// running there is this daemon's.
+pub(super) fn print_hooks(hooks: &serde_json::Value) {
+    let hooks = hooks.as_array().map(Vec::as_slice).unwrap_or_default();
+    if hooks.is_empty() {
+        println!("attached    (no interface)");
+    }
+    let width = hooks
+        .iter()
+        .filter_map(|h| h["interface"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    for (i, h) in hooks.iter().enumerate() {
+        let label = if i == 0 { "attached" } else { "" };
+        let interface = h["interface"].as_str().unwrap_or("?");
+        let state = match (h["mode"].as_str(), h["problem"].as_str()) {
+            (_, Some(problem)) => format!("NOT ENFORCING: {problem}"),
+            (Some(mode), None) => {
+                let whose = if h["ours"] == true {
+                    "this daemon's program"
+                } else {
+                    "ANOTHER program"
+                };
+                let hook = h["hook"].as_str().unwrap_or("?");
+                format!("{hook} {mode:<8} program {} ({whose})", h["program_id"])
+            }
+            (None, None) => "unknown".to_string(),
+        };
+        println!("{label:<11} {interface:<width$}  {state}");
+    }
+}
