@@ -13,6 +13,7 @@ use super::{Cli, print_json};
 use crate::{
     error::error_chain,
     node::{api::Request, config::Config},
+    outln,
 };
 
 /// `enforcer audit tail`.
@@ -45,7 +46,7 @@ pub(super) fn tail(
         .collect();
     let shown: Vec<&str> = got.iter().copied().filter(|l| filter.matches(l)).collect();
     for line in &shown[shown.len().saturating_sub(lines)..] {
-        println!("{line}");
+        outln!("{line}");
     }
     if !follow {
         return Ok(ExitCode::SUCCESS);
@@ -106,27 +107,29 @@ pub(super) fn verify(
                     "head_checked_seq": report.anchor_checked,
                 }));
             } else {
-                println!(
+                outln!(
                     "{names}: ok: {} records, chain head {}",
-                    report.lines, report.head
+                    report.lines,
+                    report.head
                 );
                 if report.first_seq > 1 {
-                    println!(
+                    outln!(
                         "the chain starts at seq {}, after a line hashing to {} (in an older rotated file, not given)",
-                        report.first_seq, report.starts_after
+                        report.first_seq,
+                        report.starts_after
                     );
                 }
                 match (&anchor, report.anchor_checked) {
-                    (Some((file, _)), Some(seq)) => println!(
+                    (Some((file, _)), Some(seq)) => outln!(
                         "the log reaches the head saved in {} (seq {seq}): nothing was cut from its end",
                         file.display()
                     ),
-                    (Some((file, a)), None) => println!(
+                    (Some((file, a)), None) => outln!(
                         "the head saved in {} (seq {}) lies before the files given: their end is not checked",
                         file.display(),
                         a.seq
                     ),
-                    (None, _) => println!(
+                    (None, _) => outln!(
                         "no saved chain head checked: records cut from the end would not show (see --head)"
                     ),
                 }

@@ -19,6 +19,7 @@ use crate::{
     dataplane::{KernelMaps, stats},
     lab::{self, BpffsMount, ChildGuard, Netns, TcpEchoServer, UdpSink},
     node::daemon::Status,
+    out, outln,
 };
 
 /// The demo's policy, also a worked example of the policy format.
@@ -79,7 +80,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root");
     }
-    println!("== building the lab: 3 agents -> gateway (enforcer) -> server");
+    outln!("== building the lab: 3 agents -> gateway (enforcer) -> server");
     let topo = build().context("building the demo network namespaces")?;
     let bpffs = BpffsMount::new().context("mounting a private bpffs for the demo's pins")?;
     let dir = std::env::temp_dir().join(lab::unique_name("enfdemo"));
@@ -96,7 +97,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     )?;
 
     let exe = std::env::current_exe()?;
-    println!(
+    outln!(
         "== starting `enforcer run --config {}` in the gateway",
         config.display()
     );
@@ -131,7 +132,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
             .1
     };
 
-    println!("\n== egress allow-lists (TCP connect + echo, 1 s timeout)");
+    outln!("\n== egress allow-lists (TCP connect + echo, 1 s timeout)");
     let checks = [
         ("coder", SERVER, "allowed: the team API", true),
         ("coder", METADATA, "denied: not on its list", false),
@@ -152,13 +153,13 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
         if got != expect {
             surprises += 1;
         }
-        println!(
+        outln!(
             "  {mark}{name:<8} -> {dst:<16} {:<9} ({what})",
             if got { "connected" } else { "blocked" }
         );
     }
 
-    println!(
+    outln!(
         "\n== rate limit: `coder` floods UDP from both CPUs for {} s (limit 5000 packets/s)",
         flood.as_secs()
     );
@@ -170,36 +171,36 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     let admitted = allowed(&bpffs_path)?.packets - before.packets;
     thread::sleep(Duration::from_millis(200));
     let (received, _) = sink.stop();
-    println!(
+    outln!(
         "  sent {:.0}/s, admitted {:.0}/s by XDP, server received {:.0}/s",
         sent as f64 / secs,
         admitted as f64 / secs,
         received as f64 / secs
     );
 
-    println!("\n== `enforcer stats`");
+    outln!("\n== `enforcer stats`");
     let maps = KernelMaps::from_pins(&bpffs_path)?;
     let names = Status::read(&runtime_dir)
         .map(|s| s.agents)
         .unwrap_or_default();
-    print!(
+    out!(
         "{}",
         crate::cli::table::stats(&stats::collect(&maps, &names)?)
     );
 
-    println!(
+    outln!(
         "\n== stopping the daemon (SIGTERM leaves the pinned program enforcing) and cleaning up"
     );
     daemon.terminate(Duration::from_secs(5))?;
 
     // The daemon drained the ring into the log on exit: show the trail and prove it.
     let log = dir.join("audit.jsonl");
-    println!("\n== audit trail ({}), last 3 records", log.display());
+    outln!("\n== audit trail ({}), last 3 records", log.display());
     for line in crate::node::audit::tail(&log, 3)? {
-        println!("  {line}");
+        outln!("  {line}");
     }
     let report = crate::node::audit::verify(&log)?;
-    println!(
+    outln!(
         "  `enforcer audit verify`: ok, {} records, hash chain intact\n",
         report.lines
     );
@@ -208,7 +209,7 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     if surprises > 0 {
         bail!("{surprises} demo checks did not behave as the policy says");
     }
-    println!("done: namespaces, pins and files removed");
+    outln!("done: namespaces, pins and files removed");
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::{path::Path, process::ExitCode};
 use anyhow::Context as _;
 
 use super::{Cli, bad, load_config, print_json, table};
+use crate::{out, outln};
 
 /// `enforcer inspect ca`.
 pub(super) fn inspect_ca(cli: &Cli) -> anyhow::Result<ExitCode> {
@@ -15,23 +16,23 @@ pub(super) fn inspect_ca(cli: &Cli) -> anyhow::Result<ExitCode> {
         .map_or(config.state_dir, |inspect| inspect.ca_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = crate::inspect::ca::NodeCa::load_or_create(&dir)?;
-    print!("{}", ca.cert_pem());
+    out!("{}", ca.cert_pem());
     Ok(ExitCode::SUCCESS)
 }
 
 /// `enforcer keygen`.
 pub(super) fn keygen(dir: &Path) -> anyhow::Result<ExitCode> {
     let keys = crate::controlplane::bundle::keygen(dir)?;
-    println!(
+    outln!(
         "private key {} (keep it on the control plane only)",
         keys.private_key.display()
     );
-    println!(
+    outln!(
         "public key  {} (key id {})",
         keys.public_key.display(),
         keys.key_id
     );
-    println!(
+    outln!(
         "trust it on nodes: trusted_keys = [\"{}\"]",
         std::fs::read_to_string(&keys.public_key)?.trim()
     );
@@ -47,14 +48,14 @@ pub(super) fn certs(
     let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
     let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
     let paths = crate::controlplane::certs::generate(dir, &names, &clients)?;
-    println!("CA      {}", paths.ca.cert.display());
-    println!(
+    outln!("CA      {}", paths.ca.cert.display());
+    outln!(
         "server  {} ({})",
         paths.server.cert.display(),
         names.join(", ")
     );
     for (name, p) in &paths.clients {
-        println!("client  {} ({name})", p.cert.display());
+        outln!("client  {} ({name})", p.cert.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -109,7 +110,7 @@ pub(super) fn nodes(cli: &Cli) -> anyhow::Result<ExitCode> {
                 n.last_nack_reason.unwrap_or_default(),
             ]);
         }
-        print!("{}", table::render(&rows));
+        out!("{}", table::render(&rows));
     }
     Ok(ExitCode::SUCCESS)
 }

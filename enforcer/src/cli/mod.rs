@@ -11,6 +11,7 @@ use serde_json::Value;
 pub use self::args::{
     AuditCommand, Cli, Command, ControlPlaneCommand, InspectCommand, ModeArg, PolicyCommand,
 };
+use self::output::print_json;
 use crate::{
     error::error_chain,
     node::{
@@ -24,6 +25,7 @@ pub mod args;
 mod audit;
 pub mod demo;
 mod fleet;
+pub mod output;
 mod policy;
 mod show;
 mod stop;
@@ -37,31 +39,60 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 pub fn main() -> ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
-    match dispatch(&cli) {
-        Ok(code) => code,
-        Err(e) if e.downcast_ref::<BadInputError>().is_some() => {
-            eprintln!("{e}");
-            ExitCode::from(EXIT_BAD_INPUT)
-        }
-        Err(e) => {
-            eprintln!("error: {}", error_chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
+    let e = match dispatch(&cli) {
+        Ok(code) => return code,
+        Err(e) => e,
+    };
+    let (message, code, issues) = match e.downcast_ref::<BadInputError>() {
+        Some(bad) => (bad.message.clone(), EXIT_BAD_INPUT, bad.issues.as_slice()),
+        None => (format!("error: {}", error_chain(e.as_ref())), 1, &[][..]),
+    };
+    if cli.json {
+        // One JSON document on stdout, failure included: a script reads one place.
+        print_json(&output::error_json(&message, code, issues));
+    } else {
+        eprintln!("{message}");
     }
+    ExitCode::from(code)
 }
 
 /// Bad input: a message naming the place, reported with the distinct exit code.
 fn bad(message: String) -> anyhow::Error {
-    BadInputError(message).into()
+    BadInputError {
+        message,
+        issues: Vec::new(),
+    }
+    .into()
 }
 
-/// Marks an error as bad input (exit code 2).
+/// A policy that cannot be used: its message, and its issues by place for `--json`.
+fn bad_policy(e: &crate::policy::PolicyError) -> anyhow::Error {
+    let issues = match e {
+        crate::policy::PolicyError::Invalid { issues } => issues.clone(),
+        crate::policy::PolicyError::Syntax { location, message } => vec![crate::policy::Issue {
+            location: location.clone(),
+            field: String::new(),
+            message: message.clone(),
+        }],
+        crate::policy::PolicyError::Read { .. } => Vec::new(),
+    };
+    BadInputError {
+        message: error_chain(e),
+        issues,
+    }
+    .into()
+}
+
+/// Marks an error as bad input (exit code 2), with the policy issues behind it if any.
 #[derive(Debug)]
-struct BadInputError(String);
+struct BadInputError {
+    message: String,
+    issues: Vec<crate::policy::Issue>,
+}
 
 impl std::fmt::Display for BadInputError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -102,13 +133,6 @@ impl Cli {
             Response::Error(message) => bail!("{message}"),
         }
     }
-}
-
-fn print_json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("json values serialize")
-    );
 }
 
 fn join(v: &Value) -> String {

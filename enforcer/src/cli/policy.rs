@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{Cli, PolicyCommand, bad, is_not_running, load_config, print_json};
+use super::{Cli, PolicyCommand, bad, bad_policy, is_not_running, load_config, print_json};
 use crate::{
     dataplane::Dataplane,
     error::error_chain,
@@ -13,7 +13,7 @@ use crate::{
         api::Request,
         daemon::{self, Status},
     },
-    policy,
+    out, outln, policy,
 };
 
 pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<ExitCode> {
@@ -24,12 +24,12 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             } else {
                 Default::default()
             };
-            let policy = policy::load(file).map_err(|e| bad(error_chain(&e)))?;
+            let policy = policy::load(file).map_err(|e| bad_policy(&e))?;
             // Interfaces may live in another network namespace than the checker's; their
             // existence is checked when the daemon applies the policy.
             let compiled = crate::dataplane::compile::compile(&policy, &limits, &|_| Some(1))
                 .map_err(|e| bad(format!("{}: {}", file.display(), error_chain(&e))))?;
-            println!(
+            outln!(
                 "{}: ok: {} agents, {} source entries, {} destination entries",
                 file.display(),
                 compiled.agents.len(),
@@ -47,14 +47,17 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                 .with_context(|| format!("reading {}", file.display()))?;
             // Validate here first, so errors name the file as the operator wrote it.
             let (policy, compiled) =
-                daemon::load_policy(file, &config.limits).map_err(|e| bad(error_chain(&e)))?;
+                daemon::load_policy(file, &config.limits).map_err(|e| match &e {
+                    daemon::LoadError::Policy(p) => bad_policy(p),
+                    daemon::LoadError::Compile { .. } => bad(error_chain(&e)),
+                })?;
             let origin = file.display().to_string();
             match cli.call(Request::PolicyApply { text, origin }) {
                 Ok(v) => {
                     if cli.json {
                         print_json(&v);
                     } else {
-                        println!("applied: generation {}", v["generation"]);
+                        outln!("applied: generation {}", v["generation"]);
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -73,7 +76,7 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                         config.runtime_dir.join("status.json"),
                         serde_json::to_string_pretty(&status)?,
                     )?;
-                    println!(
+                    outln!(
                         "applied to the pinned maps (no daemon running): generation {generation}"
                     );
                     Ok(ExitCode::SUCCESS)
@@ -86,23 +89,23 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             if cli.json {
                 print_json(&v);
             } else {
-                println!(
+                outln!(
                     "# {} (generation {}, sha256 {})",
                     v["origin"].as_str().unwrap_or(""),
                     v["generation"],
                     v["digest"].as_str().unwrap_or("")
                 );
                 if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
-                    println!("# runtime mode overrides: {}", Value::Object(o.clone()));
+                    outln!("# runtime mode overrides: {}", Value::Object(o.clone()));
                 }
-                print!("{}", v["text"].as_str().unwrap_or(""));
+                out!("{}", v["text"].as_str().unwrap_or(""));
             }
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Diff { file } => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            policy::parse(&file.display().to_string(), &text).map_err(|e| bad(error_chain(&e)))?;
+            policy::parse(&file.display().to_string(), &text).map_err(|e| bad_policy(&e))?;
             let v = cli.call(Request::PolicyDiff {
                 text,
                 origin: file.display().to_string(),
@@ -116,16 +119,16 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                     ("agents_changed", "changed"),
                 ] {
                     for a in v[key].as_array().into_iter().flatten() {
-                        println!("{label:<8} agent {} {}", a["id"], a["name"]);
+                        outln!("{label:<8} agent {} {}", a["id"], a["name"]);
                     }
                 }
-                print!("{}", v["diff"].as_str().unwrap_or(""));
+                out!("{}", v["diff"].as_str().unwrap_or(""));
             }
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Presets => {
             for (name, prefixes) in policy::PRESETS {
-                println!("{name:<13} {}", prefixes.join(", "));
+                outln!("{name:<13} {}", prefixes.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }

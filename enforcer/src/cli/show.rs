@@ -10,6 +10,7 @@ use crate::{
     dataplane::{self, Dataplane, KernelMaps, stats},
     lab::BpffsMount,
     node::{api::Request, daemon::Status},
+    out, outln,
     policy::Mode,
 };
 
@@ -19,49 +20,50 @@ pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&v);
     } else {
-        println!(
+        outln!(
             "daemon pid {}, policy generation {}",
-            v["pid"], v["generation"]
+            v["pid"],
+            v["generation"]
         );
-        println!(
+        outln!(
             "policy      {} (sha256 {})",
             v["policy_origin"].as_str().unwrap_or("-"),
             v["policy_digest"].as_str().unwrap_or("-")
         );
-        println!("agents      {}", v["agents"]);
+        outln!("agents      {}", v["agents"]);
         print_hooks(&v["hooks"]);
         if v["pending"].as_array().is_some_and(|p| !p.is_empty()) {
-            println!(
+            outln!(
                 "pending     {} (not present yet: attached when they appear)",
                 join(&v["pending"])
             );
         }
-        println!("last apply  {} us", v["apply_micros"]);
+        outln!("last apply  {} us", v["apply_micros"]);
         if let Some(e) = v["last_error"].as_str() {
-            println!("last error  {e} (the previous policy keeps enforcing)");
+            outln!("last error  {e} (the previous policy keeps enforcing)");
         }
         let audit = &v["audit"];
-        println!(
+        outln!(
             "audit log   {} at seq {}, head {}",
             audit["file"].as_str().unwrap_or("-"),
             audit["seq"],
             audit["head"].as_str().unwrap_or("-")
         );
         if let Some(e) = audit["last_error"].as_str() {
-            println!(
+            outln!(
                 "audit error {e} (failing since {}; {} events not written, retrying)",
                 audit["failing_since"].as_str().unwrap_or("?"),
                 audit["events_unwritten"]
             );
         }
         if let Some(e) = audit["head_error"].as_str() {
-            println!("audit error {e}");
+            outln!("audit error {e}");
         }
         for found in audit["recovered"].as_array().into_iter().flatten() {
-            println!("audit start {}", found.as_str().unwrap_or_default());
+            outln!("audit start {}", found.as_str().unwrap_or_default());
         }
         if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
-            println!(
+            outln!(
                 "overrides   {}",
                 o.iter()
                     .map(|(k, m)| format!("agent {k}: {}", m.as_str().unwrap_or("?")))
@@ -101,7 +103,7 @@ pub(super) fn agents(cli: &Cli) -> anyhow::Result<ExitCode> {
                 a["dropped_packets"].to_string(),
             ]);
         }
-        print!("{}", table::render(&rows));
+        out!("{}", table::render(&rows));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -114,21 +116,21 @@ pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&v);
     } else {
-        println!(
+        outln!(
             "agent {} {:?} ({})",
             v["id"],
             v["name"].as_str().unwrap_or(""),
             v["mode"].as_str().unwrap_or("")
         );
-        println!("  interfaces  {}", join(&v["interfaces"]));
-        println!("  prefixes    {}", join(&v["prefixes"]));
-        println!("  rate        {}", v["rate"]);
-        println!(
+        outln!("  interfaces  {}", join(&v["interfaces"]));
+        outln!("  prefixes    {}", join(&v["prefixes"]));
+        outln!("  rate        {}", v["rate"]);
+        outln!(
             "  egress      default {}",
             v["egress_default"].as_str().unwrap_or("")
         );
         for r in v["egress"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "    {:<5} {:<5} ports {:<11} to {}",
                 r["action"].as_str().unwrap_or(""),
                 r["proto"].as_str().unwrap_or(""),
@@ -136,7 +138,7 @@ pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
                 join(&r["to"])
             );
         }
-        println!("  counters");
+        outln!("  counters");
         let mut rows = table::new(&["REASON", "PACKETS", "BYTES"], &[1, 2]);
         for (reason, c) in v["counters"].as_object().into_iter().flatten() {
             rows.add_row(vec![
@@ -146,7 +148,7 @@ pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
             ]);
         }
         for line in table::render(&rows).lines() {
-            println!("    {line}");
+            outln!("    {line}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -170,7 +172,7 @@ pub(super) fn doctor(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&serde_json::json!({ "kernel": release, "programs": costs }));
     } else {
-        print!("{}", dataplane::verifier_table(&release, &costs));
+        out!("{}", dataplane::verifier_table(&release, &costs));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -204,8 +206,8 @@ pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&serde_json::to_value(&agents)?);
     } else {
-        println!("policy generation {generation}");
-        print!("{}", table::stats(&agents));
+        outln!("policy generation {generation}");
+        out!("{}", table::stats(&agents));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -223,7 +225,7 @@ pub(super) fn mode(cli: &Cli, agent: &str, mode: ModeArg) -> anyhow::Result<Exit
     if cli.json {
         print_json(&v);
     } else {
-        println!(
+        outln!(
             "agent {} now in {} mode (generation {})",
             v["agent"],
             v["mode"].as_str().unwrap_or(""),
@@ -238,7 +240,7 @@ pub(super) fn mode(cli: &Cli, agent: &str, mode: ModeArg) -> anyhow::Result<Exit
 pub(super) fn print_hooks(hooks: &serde_json::Value) {
     let hooks = hooks.as_array().map(Vec::as_slice).unwrap_or_default();
     if hooks.is_empty() {
-        println!("attached    (no interface)");
+        outln!("attached    (no interface)");
     }
     let width = hooks
         .iter()
@@ -262,6 +264,6 @@ pub(super) fn print_hooks(hooks: &serde_json::Value) {
             }
             (None, None) => "unknown".to_string(),
         };
-        println!("{label:<11} {interface:<width$}  {state}");
+        outln!("{label:<11} {interface:<width$}  {state}");
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{Cli, load_config};
-use crate::{dataplane, node::daemon::Status};
+use crate::{dataplane, node::daemon::Status, outln};
 
 /// `enforcer stop [--detach]`.
 pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
@@ -35,7 +35,7 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
         if status.daemon_alive() {
             bail!("daemon {} did not exit within 10 s of SIGTERM", status.pid);
         }
-        println!(
+        outln!(
             "daemon {} stopped; the pinned program keeps enforcing",
             status.pid
         );
@@ -43,7 +43,7 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
     if detach {
         dataplane::remove_pins(&config.bpffs)
             .with_context(|| format!("removing pins under {}", config.bpffs.display()))?;
-        println!(
+        outln!(
             "detached: removed every pin under {}",
             config.bpffs.display()
         );

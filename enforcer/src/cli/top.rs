@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 
 use super::{Cli, table};
-use crate::{dataplane::stats, node::api::Request};
+use crate::{dataplane::stats, node::api::Request, out, outln};
 
 /// Refreshes per-agent rates in place: counters are sampled each interval and the
 /// difference divided by the time between samples.
@@ -56,7 +56,7 @@ pub(super) fn top(cli: &Cli, interval: Duration, count: Option<u64>) -> anyhow::
         rows.sort_by(|a, b| (b.2 + b.3).total_cmp(&(a.2 + a.3)));
         if cli.json {
             let v: Vec<Value> = rows.iter().map(|r| serde_json::json!({"id": r.0, "name": r.1, "passed_pps": r.2, "dropped_pps": r.3, "passed_bps": r.4})).collect();
-            println!("{}", serde_json::to_string(&v)?);
+            outln!("{}", serde_json::to_string(&v)?);
         } else {
             let mut screen = String::from("\x1b[H\x1b[2J");
             let _ = writeln!(
@@ -84,7 +84,7 @@ pub(super) fn top(cli: &Cli, interval: Duration, count: Option<u64>) -> anyhow::
                 ]);
             }
             screen.push_str(&table::render(&lines));
-            print!("{screen}");
+            out!("{screen}");
             let _ = std::io::stdout().flush();
         }
         (t0, before) = (t1, after);
