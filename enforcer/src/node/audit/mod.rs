@@ -373,11 +373,14 @@ pub fn rfc3339(unix_ns: i128) -> String {
         .unwrap_or_else(|| format!("@{unix_ns}"))
 }
 
-/// Name of an IP protocol number, or the number itself.
+/// Name of an IP protocol number, or the number itself. The names are IANA's keywords in
+/// lower case, except 4 (keyword "IPv4", IPv4 in IPv4), named `ipip` as `ip tunnel` and
+/// `/etc/protocols` do, so it does not read as "an IPv4 packet".
 pub fn proto_name(proto: u8) -> String {
     match proto {
         1 => "icmp".into(),
         2 => "igmp".into(),
+        4 => "ipip".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
         41 => "ipv6".into(),
@@ -1786,6 +1789,15 @@ mod tests {
             Err(AuditError::Corrupt { line, problem, .. }) => (line, problem),
             other => panic!("expected a corrupt log, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn tunnel_protocols_are_named() {
+        // 4 was written as "4" beside "gre" and "ipv6" (issue 15).
+        assert_eq!(proto_name(4), "ipip");
+        assert_eq!(proto_name(41), "ipv6");
+        assert_eq!(proto_name(47), "gre");
+        assert_eq!(proto_name(200), "200");
     }
 
     #[test]
