@@ -61,38 +61,77 @@ use toml::{
     de::{DeTable, DeValue},
 };
 
-/// Destination presets usable in `to` lists: name (with its `@`) and the prefixes it stands
-/// for. Public so the CLI can list them.
-pub const PRESETS: &[(&str, &[&str])] = &[
-    (
-        "@rfc1918",
-        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
-    ),
-    ("@ula", &["fc00::/7"]),
-    ("@link-local", &["169.254.0.0/16", "fe80::/10"]),
-    (
-        "@private",
-        &[
+/// A destination preset usable in `to` lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preset {
+    /// Its name, with its `@`.
+    pub name: &'static str,
+    /// The prefixes it stands for.
+    pub prefixes: &'static [&'static str],
+    /// What it covers, for `enforcer policy presets`.
+    pub description: &'static str,
+}
+
+/// Every destination preset. Public so the CLI can list them.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "@rfc1918",
+        prefixes: &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        description: "IPv4 private networks (RFC 1918)",
+    },
+    Preset {
+        name: "@ula",
+        prefixes: &["fc00::/7"],
+        description: "IPv6 unique local addresses (RFC 4193)",
+    },
+    Preset {
+        name: "@link-local",
+        prefixes: &["169.254.0.0/16", "fe80::/10"],
+        description: "link-local addresses, where most clouds' metadata services answer",
+    },
+    Preset {
+        name: "@shared",
+        prefixes: &["100.64.0.0/10"],
+        description: "RFC 6598 shared address space (carrier-grade NAT); some clouds run \
+                      metadata and internal services there (Alibaba Cloud 100.100.100.200)",
+    },
+    Preset {
+        name: "@private",
+        prefixes: &[
             "10.0.0.0/8",
             "172.16.0.0/12",
             "192.168.0.0/16",
             "fc00::/7",
             "169.254.0.0/16",
             "fe80::/10",
+            "100.64.0.0/10",
         ],
-    ),
-    (
-        "@metadata",
-        &[
-            // AWS/GCP/Azure IMDS, AWS ECS task metadata, Alibaba Cloud, AWS IMDS over IPv6.
+        description: "every non-public range above: @rfc1918, @ula, @link-local and @shared \
+                      (RFC 6598 100.64.0.0/10, included since some clouds' metadata \
+                      services live there)",
+    },
+    Preset {
+        name: "@metadata",
+        // AWS/GCP/Azure IMDS, AWS ECS task metadata, Alibaba Cloud, AWS IMDS over IPv6.
+        prefixes: &[
             "169.254.169.254/32",
             "169.254.170.2/32",
             "100.100.100.200/32",
             "fd00:ec2::254/128",
         ],
-    ),
-    ("@loopback", &["127.0.0.0/8", "::1/128"]),
-    ("@any", &["0.0.0.0/0", "::/0"]),
+        description: "cloud instance metadata services: AWS, GCP and Azure IMDS, AWS ECS task \
+                      metadata, Alibaba Cloud, AWS IMDS over IPv6",
+    },
+    Preset {
+        name: "@loopback",
+        prefixes: &["127.0.0.0/8", "::1/128"],
+        description: "loopback addresses",
+    },
+    Preset {
+        name: "@any",
+        prefixes: &["0.0.0.0/0", "::/0"],
+        description: "every address",
+    },
 ];
 
 /// Highest `packets_per_sec`: the per-packet cost in rate-limiter time units must stay
@@ -1431,8 +1470,13 @@ fn valid_ifname(name: &str) -> bool {
 /// One `to` entry: a preset or a prefix.
 fn destination(text: &str) -> Result<Destination, String> {
     if text.starts_with('@') {
-        let Some((name, nets)) = PRESETS.iter().find(|(name, _)| *name == text) else {
-            let known: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
+        let Some(Preset {
+            name,
+            prefixes: nets,
+            ..
+        }) = PRESETS.iter().find(|p| p.name == text)
+        else {
+            let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
             return Err(format!(
                 "unknown preset \"{text}\"; known presets: {}",
                 known.join(", ")
@@ -1695,43 +1739,38 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
 
     #[test]
     fn presets_expand_and_parse() {
-        for (name, nets) in PRESETS {
-            let Ok(Destination::Preset {
-                name: n,
-                nets: parsed,
-            }) = destination(name)
-            else {
-                panic!("{name} did not expand");
+        for preset in PRESETS {
+            let Ok(Destination::Preset { name, nets }) = destination(preset.name) else {
+                panic!("{} did not expand", preset.name);
             };
-            assert_eq!(n, *name);
-            assert_eq!(parsed.len(), nets.len());
-            for (text, parsed) in nets.iter().zip(&parsed) {
+            assert_eq!(name, preset.name);
+            assert_eq!(nets.len(), preset.prefixes.len());
+            for (text, parsed) in preset.prefixes.iter().zip(&nets) {
                 assert_eq!(text.parse::<IpNet>().as_ref(), Ok(parsed));
             }
+            assert!(!preset.description.is_empty());
         }
-        // @private is exactly the union of the three private presets.
-        let union: Vec<&str> = ["@rfc1918", "@ula", "@link-local"]
+        let prefixes = |name: &str| {
+            let mut p = PRESETS
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap()
+                .prefixes
+                .to_vec();
+            p.sort();
+            p
+        };
+        // @private is exactly the union of the four non-public presets, RFC 6598's shared
+        // space included, and says so.
+        let mut union: Vec<&str> = ["@rfc1918", "@ula", "@link-local", "@shared"]
             .iter()
-            .flat_map(|p| {
-                PRESETS
-                    .iter()
-                    .find(|(n, _)| n == p)
-                    .unwrap()
-                    .1
-                    .iter()
-                    .copied()
-            })
+            .flat_map(|p| prefixes(p))
             .collect();
-        let mut private = PRESETS
-            .iter()
-            .find(|(n, _)| *n == "@private")
-            .unwrap()
-            .1
-            .to_vec();
-        let mut union = union;
         union.sort();
-        private.sort();
-        assert_eq!(private, union);
+        assert_eq!(prefixes("@private"), union);
+        assert!(prefixes("@private").contains(&"100.64.0.0/10"));
+        let private = PRESETS.iter().find(|p| p.name == "@private").unwrap();
+        assert!(private.description.contains("RFC 6598"));
     }
 
     #[test]
@@ -1888,7 +1927,8 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
                 "p.toml:7:7: agents[0].egress[0].to[0]: 10.0.0.1/24 has host bits set; did you \
                  mean 10.0.0.0/24?",
                 "p.toml:7:22: agents[0].egress[0].to[1]: unknown preset \"@nope\"; known \
-                 presets: @rfc1918, @ula, @link-local, @private, @metadata, @loopback, @any",
+                 presets: @rfc1918, @ula, @link-local, @shared, @private, @metadata, @loopback, \
+                 @any",
                 "p.toml:7:39: agents[0].egress[0].to[3]: expected an IP address or CIDR like \
                  \"10.0.0.0/8\" or \"fd00::/8\", got \"x\"",
                 "p.toml:10:6: agents[0].egress[1].to: expected at least one destination (a \

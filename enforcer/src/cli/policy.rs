@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::{Cli, PolicyCommand, bad, bad_policy, is_not_running, load_config, print_json};
 use crate::{
@@ -127,8 +127,23 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Presets => {
-            for (name, prefixes) in policy::PRESETS {
-                outln!("{name:<13} {}", prefixes.join(", "));
+            if cli.json {
+                let presets: serde_json::Map<String, Value> = policy::PRESETS
+                    .iter()
+                    .map(|p| {
+                        let preset = json!({
+                            "prefixes": p.prefixes,
+                            "description": p.description,
+                        });
+                        (p.name.to_owned(), preset)
+                    })
+                    .collect();
+                print_json(&Value::Object(presets));
+                return Ok(ExitCode::SUCCESS);
+            }
+            for p in policy::PRESETS {
+                outln!("{:<13} {}", p.name, p.prefixes.join(", "));
+                outln!("{:<13} {}", "", p.description);
             }
             Ok(ExitCode::SUCCESS)
         }

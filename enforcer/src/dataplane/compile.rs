@@ -1108,6 +1108,10 @@ ports = 8443
         // ... and on its other ports the covering deny still holds.
         assert_eq!(j("10.1.2.3", 80, true), Judgement::RuleDenies);
         assert_eq!(j("10.2.0.1", 443, true), Judgement::RuleDenies);
+        // @private holds RFC 6598's shared space, where some clouds serve metadata.
+        assert_eq!(j("100.64.0.1", 8443, true), Judgement::RuleDenies);
+        assert_eq!(j("100.127.255.254", 443, false), Judgement::RuleDenies);
+        assert_eq!(j("100.128.0.1", 8443, false), Judgement::RuleAllows);
         // Elsewhere: 8443 is allowed everywhere, 443 only through a learned name.
         assert_eq!(j("198.18.0.2", 8443, false), Judgement::RuleAllows);
         assert_eq!(j("198.18.0.2", 443, false), Judgement::DefaultDenies);
@@ -1221,6 +1225,7 @@ ports = 8443
             c.destinations_v4,
             vec![
                 (1, v4("10.0.0.0/8"), d),
+                (1, v4("100.64.0.0/10"), d),
                 (1, v4("169.254.0.0/16"), d),
                 (1, v4("172.16.0.0/12"), d),
                 (1, v4("192.168.0.0/16"), d),
@@ -1505,12 +1510,12 @@ ports = 8443
         let err = compile(
             &v6_policy,
             &Limits {
-                max_destination_prefixes: 4,
+                max_destination_prefixes: 5,
                 ..Limits::default()
             },
             &ifindex,
         );
-        assert!(err.is_ok(), "4 v4 and 2 v6 destinations fit 4 per family");
+        assert!(err.is_ok(), "5 v4 and 2 v6 destinations fit 5 per family");
     }
 
     #[test]
