@@ -762,13 +762,25 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
-    /// The text is not valid TOML.
-    #[error("{location}: {message}")]
-    Syntax {
-        /// Where the parser gave up.
+    /// The file is not text: a policy is TOML, which is UTF-8.
+    #[error("{location}: {}", not_text(.offset, .byte))]
+    NotText {
+        /// Where the first byte that is not UTF-8 is (line and column of the text before it).
         location: Location,
-        /// The parser's complaint.
-        message: String,
+        /// Its offset in bytes from the start of the file.
+        offset: usize,
+        /// The byte.
+        byte: u8,
+    },
+    /// The text is not valid TOML. One error per line when displayed, with a note when
+    /// there are several: the parser recovers after an error, so later ones may be echoes.
+    #[error("{}", syntax_lines(issues, *more))]
+    Syntax {
+        /// Every syntax error found, in document order, at most one per line and at most
+        /// [`MAX_SYNTAX_ERRORS`].
+        issues: Vec<Issue>,
+        /// Errors found past [`MAX_SYNTAX_ERRORS`], not listed.
+        more: usize,
     },
     /// The TOML does not describe a valid policy. One issue per line when displayed.
     #[error("{}", lines(issues))]
@@ -777,6 +789,50 @@ pub enum PolicyError {
         /// unknown field, so a document with such a problem reports just that one.
         issues: Vec<Issue>,
     },
+}
+
+impl PolicyError {
+    /// The problems by place, for machine-readable reports; none for a file that could not
+    /// be read.
+    pub fn issues(&self) -> Vec<Issue> {
+        match self {
+            PolicyError::Invalid { issues } | PolicyError::Syntax { issues, .. } => issues.clone(),
+            PolicyError::NotText {
+                location,
+                offset,
+                byte,
+            } => vec![Issue {
+                location: location.clone(),
+                field: String::new(),
+                message: not_text(offset, byte),
+            }],
+            PolicyError::Read { .. } => Vec::new(),
+        }
+    }
+}
+
+fn not_text(offset: &usize, byte: &u8) -> String {
+    format!("not UTF-8 text (byte 0x{byte:02x} at offset {offset}); a policy is a TOML file")
+}
+
+/// Most syntax errors one report lists: past a few dozen, a file is not TOML at all.
+pub const MAX_SYNTAX_ERRORS: usize = 20;
+
+fn syntax_lines(issues: &[Issue], more: usize) -> String {
+    let mut out = lines(issues);
+    if more > 0 {
+        out.push_str(&format!(
+            "\n{} syntax errors, the first {} shown; later ones may follow from earlier ones",
+            issues.len() + more,
+            issues.len()
+        ));
+    } else if issues.len() > 1 {
+        out.push_str(&format!(
+            "\n{} syntax errors; later ones may follow from earlier ones",
+            issues.len()
+        ));
+    }
+    out
 }
 
 fn lines(issues: &[Issue]) -> String {
@@ -789,11 +845,79 @@ fn lines(issues: &[Issue]) -> String {
 
 /// Reads and validates the policy file at `path`.
 pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-    let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
+    let text = read(path)?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// Reads the policy file at `path` as text; a file that is not UTF-8 (a binary, another
+/// encoding) is an error naming the first byte that is not.
+pub fn read(path: &Path) -> Result<String, PolicyError> {
+    let bytes = fs::read(path).map_err(|source| PolicyError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(&path.display().to_string(), &text)
+    String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        // The text before the bad byte is valid, so it can be counted in lines and columns.
+        let before = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+        let origin = path.display().to_string();
+        PolicyError::NotText {
+            location: Lines::new(&origin, before).locate(offset),
+            offset,
+            byte: bytes[offset],
+        }
+    })
+}
+
+/// An issue at `field` (a path like `agents[3].rate.packets_burst`) of the document
+/// `text`, located at the field's value, or at the deepest part of the path that exists.
+/// For problems found after validation, such as a policy that does not fit the maps.
+pub fn issue_at(origin: &str, text: &str, field: String, message: String) -> Issue {
+    let offset = DeTable::parse(text)
+        .map(|tree| span_of(tree.get_ref(), &field))
+        .unwrap_or(0);
+    Issue {
+        location: Lines::new(origin, text).locate(offset),
+        field,
+        message,
+    }
+}
+
+/// The byte offset of `path`'s value in `root`: keys separated by `.`, array indices in
+/// brackets.
+fn span_of(root: &DeTable<'_>, path: &str) -> usize {
+    let mut table = root;
+    let mut offset = 0;
+    for part in path.split('.') {
+        let (key, indices) = part
+            .split_once('[')
+            .map_or((part, ""), |(k, rest)| (k, rest));
+        let Some((_, mut value)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+            return offset;
+        };
+        offset = value.span().start;
+        for index in indices.split('[').filter(|i| !i.is_empty()) {
+            let item = index
+                .trim_end_matches(']')
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| match value.get_ref() {
+                    DeValue::Array(items) => items.get(i),
+                    _ => None,
+                });
+            let Some(item) = item else {
+                return offset;
+            };
+            value = item;
+            offset = value.span().start;
+        }
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => return offset,
+        }
+    }
+    offset
 }
 
 /// Parses and validates a policy document. `origin` names it in messages (a file path).
@@ -801,9 +925,17 @@ pub fn parse(origin: &str, text: &str) -> Result<Policy, PolicyError> {
     let lines = Lines::new(origin, text);
     // Parse to a spanned tree once: it feeds serde, and it maps the byte span of a serde
     // error back to the field path, which toml's error does not expose.
-    let tree = DeTable::parse(text).map_err(|e| PolicyError::Syntax {
-        location: lines.locate(e.span().map_or(0, |s| s.start)),
-        message: e.message().trim_end().to_owned(),
+    let tree = DeTable::parse(text).map_err(|e| {
+        let (mut issues, more) = syntax_errors(&lines, text);
+        if issues.is_empty() {
+            // The recovering parse found nothing the strict one did: report the strict one.
+            issues.push(Issue {
+                location: lines.locate(e.span().map_or(0, |s| s.start)),
+                field: String::new(),
+                message: e.message().trim_end().to_owned(),
+            });
+        }
+        PolicyError::Syntax { issues, more }
     })?;
     // A document with nothing in it (zero length, or blanks and comments only) is refused:
     // a crash or a full disk that emptied the file must not leave a server enforcing
@@ -847,6 +979,29 @@ pub fn parse(origin: &str, text: &str) -> Result<Policy, PolicyError> {
             issues: checker.issues,
         })
     }
+}
+
+/// Every syntax error of `text` the parser finds, recovering after each: at most one per
+/// line (recovery often reports the rest of a broken line again) and at most
+/// [`MAX_SYNTAX_ERRORS`], with the number of errors past those.
+fn syntax_errors(lines: &Lines<'_>, text: &str) -> (Vec<Issue>, usize) {
+    let (_, errors) = DeTable::parse_recoverable(text);
+    let mut issues: Vec<Issue> = Vec::new();
+    for e in errors {
+        let location = lines.locate(e.span().map_or(0, |s| s.start));
+        if issues.iter().any(|i| i.location.line == location.line) {
+            continue;
+        }
+        issues.push(Issue {
+            location,
+            field: String::new(),
+            message: e.message().trim_end().to_owned(),
+        });
+    }
+    issues.sort_by_key(|i| (i.location.line, i.location.column));
+    let more = issues.len().saturating_sub(MAX_SYNTAX_ERRORS);
+    issues.truncate(MAX_SYNTAX_ERRORS);
+    (issues, more)
 }
 
 /// Turns byte offsets into `origin:line:column`.
@@ -1816,14 +1971,92 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
     #[test]
     fn syntax_error_has_location() {
         let err = parse("p.toml", "[[agents]]\nid = = 1\n").unwrap_err();
-        let PolicyError::Syntax { location, .. } = &err else {
+        let PolicyError::Syntax { issues, .. } = &err else {
             panic!("{err}");
         };
+        assert_eq!(issues.len(), 1, "{err}");
+        let location = &issues[0].location;
         assert_eq!((location.line, location.column), (2, 6), "{err}");
         assert!(err.to_string().starts_with("p.toml:2:6: "), "{err}");
+        assert!(!err.to_string().contains("syntax errors"), "{err}");
 
         let err = parse("p.toml", "a = 1\na = 2\n").unwrap_err();
         assert!(err.to_string().starts_with("p.toml:2:1: "), "{err}");
+    }
+
+    #[test]
+    fn every_syntax_error_is_reported() {
+        // Three broken lines between good ones: each is reported where it is, in order,
+        // with a note that later errors may be echoes of earlier ones.
+        let text = "[[agents]]\nid = = 1\nname = \"a\"\nprefixes = [\"10.0.0.1\"]\n\
+                    mode = enforce\n[[agents]]\nid = 2\nname = \"b\" x\n";
+        let err = parse("p.toml", text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p.toml:2:6: extra `=`, expected nothing\n\
+             p.toml:5:8: string values must be quoted, expected literal string\n\
+             p.toml:8:12: unexpected key or value, expected newline, `#`\n\
+             3 syntax errors; later ones may follow from earlier ones"
+        );
+        assert_eq!(err.issues().len(), 3);
+
+        // A file that is not TOML at all is cut short, and says so.
+        let junk = "= = =\n".repeat(100);
+        let err = parse("p.toml", &junk).unwrap_err();
+        let PolicyError::Syntax { issues, more } = &err else {
+            panic!("not a syntax error: {err}");
+        };
+        assert_eq!((issues.len(), *more), (MAX_SYNTAX_ERRORS, 80));
+        assert!(
+            err.to_string().ends_with(
+                "\n100 syntax errors, the first 20 shown; later ones may follow from earlier ones"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn binary_file_names_its_first_bad_byte() {
+        let path = std::env::temp_dir().join(format!("enforcer-policy-{}.bin", std::process::id()));
+        fs::write(&path, b"[defaults]\nunknown = \"dr\xffop\"\n").unwrap();
+        let err = load(&path).unwrap_err();
+        fs::remove_file(&path).unwrap();
+        let PolicyError::NotText {
+            location,
+            offset,
+            byte,
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!((*offset, *byte), (24, 0xff));
+        assert_eq!((location.line, location.column), (2, 14));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:2:14: not UTF-8 text (byte 0xff at offset 24); a policy is a TOML file",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn issues_found_after_validation_point_at_their_field() {
+        let text = "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.0.0.1\"]\n\
+                    [[agents]]\nid = 7\nname = \"b\"\nprefixes = [\"10.0.0.2\", \"10.0.0.3\"]\n\
+                    rate = { packets_per_sec = 5 }\n";
+        let at = |field: &str| issue_at("p.toml", text, field.into(), "m".into()).to_string();
+        assert_eq!(at("agents[1].id"), "p.toml:6:6: agents[1].id: m");
+        assert_eq!(
+            at("agents[1].prefixes[1]"),
+            "p.toml:8:25: agents[1].prefixes[1]: m"
+        );
+        assert_eq!(
+            at("agents[1].rate.packets_per_sec"),
+            "p.toml:9:28: agents[1].rate.packets_per_sec: m"
+        );
+        // A path that goes further than the document stops at the deepest part there.
+        assert_eq!(at("agents[1].egress"), "p.toml:5:1: agents[1].egress: m");
     }
 
     #[test]

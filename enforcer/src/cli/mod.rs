@@ -67,18 +67,9 @@ fn bad(message: String) -> anyhow::Error {
 
 /// A policy that cannot be used: its message, and its issues by place for `--json`.
 fn bad_policy(e: &crate::policy::PolicyError) -> anyhow::Error {
-    let issues = match e {
-        crate::policy::PolicyError::Invalid { issues } => issues.clone(),
-        crate::policy::PolicyError::Syntax { location, message } => vec![crate::policy::Issue {
-            location: location.clone(),
-            field: String::new(),
-            message: message.clone(),
-        }],
-        crate::policy::PolicyError::Read { .. } => Vec::new(),
-    };
     BadInputError {
         message: error_chain(e),
-        issues,
+        issues: e.issues(),
     }
     .into()
 }
