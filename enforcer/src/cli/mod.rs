@@ -74,6 +74,25 @@ fn bad_policy(e: &crate::policy::PolicyError) -> anyhow::Error {
     .into()
 }
 
+/// A valid policy that does not fit the maps or the host, reported like a policy issue:
+/// `file:line:column: field: message`, the field found in `text` (the policy's document).
+fn bad_compile(
+    origin: &str,
+    text: &str,
+    policy: &crate::policy::Policy,
+    e: &crate::dataplane::compile::CompileError,
+) -> anyhow::Error {
+    let Some(field) = e.field(policy) else {
+        return bad(format!("{origin}: {e}"));
+    };
+    let issue = crate::policy::issue_at(origin, text, field, e.to_string());
+    BadInputError {
+        message: issue.to_string(),
+        issues: vec![issue],
+    }
+    .into()
+}
+
 /// Marks an error as bad input (exit code 2), with the policy issues behind it if any.
 #[derive(Debug)]
 struct BadInputError {

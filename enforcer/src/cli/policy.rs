@@ -1,20 +1,40 @@
 //! `enforcer policy check|apply|show|diff|presets`.
 
-use std::process::ExitCode;
+use std::{path::Path, process::ExitCode};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use super::{Cli, PolicyCommand, bad, bad_policy, is_not_running, load_config, print_json};
+use super::{Cli, PolicyCommand, bad_compile, bad_policy, is_not_running, load_config, print_json};
 use crate::{
-    dataplane::Dataplane,
-    error::error_chain,
+    dataplane::{
+        Dataplane,
+        compile::{Compiled, Limits, compile},
+    },
     node::{
         api::Request,
         daemon::{self, Status},
+        netlink::if_index,
     },
     out, outln, policy,
 };
+
+/// A policy file read, validated and compiled against this host's interfaces, every
+/// failure reported as bad input that names the file, and for a policy that does not fit,
+/// the line, column and field.
+fn compile_file(
+    file: &Path,
+    limits: &Limits,
+) -> anyhow::Result<(String, policy::Policy, Compiled)> {
+    let origin = file.display().to_string();
+    let text = policy::read(file).map_err(|e| bad_policy(&e))?;
+    let policy = policy::parse(&origin, &text).map_err(|e| bad_policy(&e))?;
+    // Names that do not resolve here are pending, not errors: the sandbox may come later,
+    // or live in another network namespace than this command's.
+    let compiled = compile(&policy, limits, &if_index)
+        .map_err(|e| bad_compile(&origin, &text, &policy, &e))?;
+    Ok((text, policy, compiled))
+}
 
 pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -24,33 +44,43 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             } else {
                 Default::default()
             };
-            let policy = policy::load(file).map_err(|e| bad_policy(&e))?;
-            // Interfaces may live in another network namespace than the checker's; their
-            // existence is checked when the daemon applies the policy.
-            let compiled = crate::dataplane::compile::compile(&policy, &limits, &|_| Some(1))
-                .map_err(|e| bad(format!("{}: {}", file.display(), error_chain(&e))))?;
+            let (_, _, compiled) = compile_file(file, &limits)?;
+            let sources = compiled.source_hosts_v4.len()
+                + compiled.source_hosts_v6.len()
+                + compiled.source_prefixes_v4.len()
+                + compiled.source_prefixes_v6.len();
+            let destinations = compiled.destinations_v4.len() + compiled.destinations_v6.len();
+            if cli.json {
+                print_json(&json!({
+                    "ok": true,
+                    "file": file.display().to_string(),
+                    "agents": compiled.agents.len(),
+                    "interface_entries": compiled.interfaces.len(),
+                    "source_entries": sources,
+                    "destination_entries": destinations,
+                    "server_name_entries": compiled.server_names.len(),
+                    "unchecked_interfaces": compiled.pending,
+                }));
+                return Ok(ExitCode::SUCCESS);
+            }
             outln!(
-                "{}: ok: {} agents, {} source entries, {} destination entries",
+                "{}: ok: {} agents, {sources} source entries, {destinations} destination entries",
                 file.display(),
                 compiled.agents.len(),
-                compiled.source_hosts_v4.len()
-                    + compiled.source_hosts_v6.len()
-                    + compiled.source_prefixes_v4.len()
-                    + compiled.source_prefixes_v6.len(),
-                compiled.destinations_v4.len() + compiled.destinations_v6.len(),
             );
+            if !compiled.pending.is_empty() {
+                outln!(
+                    "{}: not on this host: {}; checked when the daemon applies it",
+                    file.display(),
+                    compiled.pending.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Apply { file } => {
             let config = load_config(&cli.config)?;
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
             // Validate here first, so errors name the file as the operator wrote it.
-            let (policy, compiled) =
-                daemon::load_policy(file, &config.limits).map_err(|e| match &e {
-                    daemon::LoadError::Policy(p) => bad_policy(p),
-                    daemon::LoadError::Compile { .. } => bad(error_chain(&e)),
-                })?;
+            let (text, policy, compiled) = compile_file(file, &config.limits)?;
             let origin = file.display().to_string();
             match cli.call(Request::PolicyApply { text, origin }) {
                 Ok(v) => {
@@ -76,9 +106,19 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                         config.runtime_dir.join("status.json"),
                         serde_json::to_string_pretty(&status)?,
                     )?;
-                    outln!(
-                        "applied to the pinned maps (no daemon running): generation {generation}"
-                    );
+                    if cli.json {
+                        print_json(&json!({
+                            "generation": generation,
+                            "to": "pinned maps",
+                            "installed": config.policy.display().to_string(),
+                            "pending_interfaces": compiled.pending,
+                        }));
+                    } else {
+                        outln!(
+                            "applied to the pinned maps (no daemon running): generation \
+                             {generation}"
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => Err(e),
@@ -103,8 +143,7 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Diff { file } => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let text = policy::read(file).map_err(|e| bad_policy(&e))?;
             policy::parse(&file.display().to_string(), &text).map_err(|e| bad_policy(&e))?;
             let v = cli.call(Request::PolicyDiff {
                 text,

@@ -181,7 +181,59 @@ pub enum CompileError {
         needed: usize,
         /// Entries the maps hold.
         max: u32,
+        /// The agent, in document order, whose entries go past the capacity.
+        agent: String,
+        /// Its field that holds them, like `prefixes[3]` (the first entry that does not
+        /// fit) or `egress` (destinations come from several rules).
+        field: String,
     },
+}
+
+impl CompileError {
+    /// The field of `policy` (the policy that failed to compile) the error is about, as
+    /// the validator names fields: `agents[2].id`, `agents[0].egress[1].to[0]`. `None`
+    /// only if the error names no agent of `policy`.
+    pub fn field(&self, policy: &Policy) -> Option<String> {
+        let index = |name: &str| policy.agents().iter().position(|a| a.name == name);
+        let agent_field =
+            |name: &str, field: &str| Some(format!("agents[{}].{field}", index(name)?));
+        // The first `to` entry of `agent` that `hit` picks, as `egress[k].to[m]`.
+        let destination = |name: &str, hit: &dyn Fn(&Destination) -> bool| {
+            let i = index(name)?;
+            let agent = &policy.agents()[i];
+            let at = agent.egress.iter().enumerate().find_map(|(k, rule)| {
+                let m = rule.to.iter().position(hit)?;
+                Some(format!("egress[{k}].to[{m}]"))
+            });
+            Some(format!("agents[{i}].{}", at.as_deref().unwrap_or("egress")))
+        };
+        match self {
+            CompileError::AgentIdTooLarge { agent, .. } => agent_field(agent, "id"),
+            CompileError::SameInterface {
+                other_agent,
+                other_interface,
+                ..
+            } => {
+                let i = index(other_agent)?;
+                let j = policy.agents()[i]
+                    .interfaces
+                    .iter()
+                    .position(|n| n == other_interface)?;
+                Some(format!("agents[{i}].interfaces[{j}]"))
+            }
+            CompileError::TooManyRules { agent, prefix, .. } => {
+                destination(agent, &|d| d.nets().contains(prefix))
+            }
+            CompileError::TooManyNameRules { agent, name, .. } => destination(
+                agent,
+                &|d| matches!(d, Destination::Name(p) if p.to_string() == *name),
+            ),
+            CompileError::RateOutOfRange { agent, field, .. } => {
+                agent_field(agent, &format!("rate.{field}"))
+            }
+            CompileError::LimitExceeded { agent, field, .. } => agent_field(agent, field),
+        }
+    }
 }
 
 /// A map capacity from [`Limits`] that a policy can exceed.
@@ -206,6 +258,42 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    /// Every kind, in the order the capacities are checked.
+    pub const ALL: [LimitKind; 8] = [
+        LimitKind::Interfaces,
+        LimitKind::SourceHostsV4,
+        LimitKind::SourceHostsV6,
+        LimitKind::SourcePrefixesV4,
+        LimitKind::SourcePrefixesV6,
+        LimitKind::DestinationsV4,
+        LimitKind::DestinationsV6,
+        LimitKind::ServerNames,
+    ];
+
+    /// The field of `agent` that holds its entry number `nth` (from 0) of this kind: the
+    /// source prefix itself, or the list the entries come from.
+    fn field(self, agent: &Agent, nth: usize) -> String {
+        let source = |v4: bool, host: bool| {
+            agent
+                .sources
+                .iter()
+                .enumerate()
+                .filter(|(_, net)| net.addr().is_ipv4() == v4 && net.is_host() == host)
+                .nth(nth)
+                .map_or_else(|| "prefixes".to_owned(), |(j, _)| format!("prefixes[{j}]"))
+        };
+        match self {
+            LimitKind::Interfaces => "interfaces".to_owned(),
+            LimitKind::SourceHostsV4 => source(true, true),
+            LimitKind::SourceHostsV6 => source(false, true),
+            LimitKind::SourcePrefixesV4 => source(true, false),
+            LimitKind::SourcePrefixesV6 => source(false, false),
+            LimitKind::DestinationsV4 | LimitKind::DestinationsV6 | LimitKind::ServerNames => {
+                "egress".to_owned()
+            }
+        }
+    }
+
     /// The [`Limits`] field that sets this capacity.
     pub const fn setting(self) -> &'static str {
         match self {
@@ -262,8 +350,12 @@ pub fn compile(
     }
     // ifindex -> (agent, interface name), to name both sides if two names share an index.
     let mut iface_owner: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
+    // Entries of each kind (in `LimitKind::ALL` order) each agent adds, in document order:
+    // an error about a capacity names the agent whose entries go past it.
+    let mut added: Vec<(&Agent, [usize; LimitKind::ALL.len()])> = Vec::new();
 
     for agent in policy.agents() {
+        let before = out.entries();
         if agent.id > limits.max_agents {
             return Err(CompileError::AgentIdTooLarge {
                 agent: agent.name.clone(),
@@ -312,6 +404,8 @@ pub fn compile(
             destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut out.destinations_v6)?;
             server_names(agent, &mut out.server_names)?;
         }
+        let after = out.entries();
+        added.push((agent, std::array::from_fn(|k| after[k] - before[k])));
     }
     out.server_names
         .sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
@@ -330,48 +424,61 @@ pub fn compile(
     out.destinations_v6
         .sort_by_key(|&(id, prefix, _)| (id, prefix));
 
-    let source = limits.max_source_prefixes;
-    let destination = limits.max_destination_prefixes;
-    for (limit, needed, max) in [
-        (
-            LimitKind::Interfaces,
-            out.interfaces.len(),
-            limits.max_interfaces,
-        ),
-        (LimitKind::SourceHostsV4, out.source_hosts_v4.len(), source),
-        (LimitKind::SourceHostsV6, out.source_hosts_v6.len(), source),
-        (
-            LimitKind::SourcePrefixesV4,
-            out.source_prefixes_v4.len(),
-            source,
-        ),
-        (
-            LimitKind::SourcePrefixesV6,
-            out.source_prefixes_v6.len(),
-            source,
-        ),
-        (
-            LimitKind::DestinationsV4,
-            out.destinations_v4.len(),
-            destination,
-        ),
-        (
-            LimitKind::DestinationsV6,
-            out.destinations_v6.len(),
-            destination,
-        ),
-        (
-            LimitKind::ServerNames,
-            out.server_names.len(),
-            MAX_SERVER_NAMES,
-        ),
-    ] {
+    let entries = out.entries();
+    for (k, limit) in LimitKind::ALL.into_iter().enumerate() {
+        let max = match limit {
+            LimitKind::Interfaces => limits.max_interfaces,
+            LimitKind::SourceHostsV4
+            | LimitKind::SourceHostsV6
+            | LimitKind::SourcePrefixesV4
+            | LimitKind::SourcePrefixesV6 => limits.max_source_prefixes,
+            LimitKind::DestinationsV4 | LimitKind::DestinationsV6 => {
+                limits.max_destination_prefixes
+            }
+            LimitKind::ServerNames => MAX_SERVER_NAMES,
+        };
+        let needed = entries[k];
         // usize -> u64 is lossless on every target Rust supports.
-        if needed as u64 > u64::from(max) {
-            return Err(CompileError::LimitExceeded { limit, needed, max });
+        if needed as u64 <= u64::from(max) {
+            continue;
         }
+        // The agent holding entry number `max` (counted from 0), the first that does not fit.
+        let mut fit = max as usize;
+        let (agent, nth) = added
+            .iter()
+            .find_map(|(agent, counts)| {
+                if fit < counts[k] {
+                    return Some((*agent, fit));
+                }
+                fit -= counts[k];
+                None
+            })
+            .expect("entries beyond the capacity belong to some agent");
+        return Err(CompileError::LimitExceeded {
+            limit,
+            needed,
+            max,
+            agent: agent.name.clone(),
+            field: limit.field(agent, nth),
+        });
     }
     Ok(out)
+}
+
+impl Compiled {
+    /// How many entries of each kind, in [`LimitKind::ALL`] order.
+    fn entries(&self) -> [usize; LimitKind::ALL.len()] {
+        [
+            self.interfaces.len(),
+            self.source_hosts_v4.len(),
+            self.source_hosts_v6.len(),
+            self.source_prefixes_v4.len(),
+            self.source_prefixes_v6.len(),
+            self.destinations_v4.len(),
+            self.destinations_v6.len(),
+            self.server_names.len(),
+        ]
+    }
 }
 
 /// Whether some destination may be denied. An agent whose default is allow and that has no
@@ -1311,6 +1418,13 @@ ports = 8443
                 value: 9_000_000_000,
             })
         );
+        let text = agent(
+            1,
+            "rate = { packets_per_sec = 1, packets_burst = 9_000_000_000 }\n",
+        );
+        let policy = parse("p.toml", &text).unwrap();
+        let err = compile(&policy, &Limits::default(), &ifindex).unwrap_err();
+        assert_eq!(err.field(&policy).unwrap(), "agents[0].rate.packets_burst");
         let err = compile_text(&agent(
             1,
             "rate = { bytes_per_sec = 1, bytes_burst = 2_000_000_000 }\n",
@@ -1398,6 +1512,16 @@ ports = 8443
                 other_interface: "if01".into(),
             }
         );
+        let policy = parse(
+            "p.toml",
+            &format!(
+                "{}[[agents]]\nid = 2\nname = \"b\"\ninterfaces = [\"if7\", \"if01\"]\n",
+                agent(1, "")
+            ),
+        )
+        .unwrap();
+        let err = compile(&policy, &Limits::default(), &ifindex).unwrap_err();
+        assert_eq!(err.field(&policy).unwrap(), "agents[1].interfaces[1]");
     }
 
     #[test]
@@ -1419,6 +1543,9 @@ ports = 8443
             "agent \"a1\": destination 10.0.0.0/8 has 17 rules once the rules of every prefix \
              containing it are merged in, more than the 16 a destination entry holds"
         );
+        // The first rule that names the overfull prefix.
+        let policy = parse("p.toml", &text).unwrap();
+        assert_eq!(err.field(&policy).unwrap(), "agents[0].egress[0].to[0]");
     }
 
     #[test]
@@ -1449,44 +1576,62 @@ ports = 8443
         assert!(compile(&policy, &fits, &ifindex).is_ok());
 
         let fail = |limits: Limits| compile(&policy, &limits, &ifindex).unwrap_err();
+        // Each error names the field it is about, as the validator's issues do.
+        let field = |e: &CompileError| e.field(&policy).unwrap();
+        let err = fail(Limits {
+            max_agents: 4,
+            ..fits
+        });
         assert_eq!(
-            fail(Limits {
-                max_agents: 4,
-                ..fits
-            }),
+            err,
             CompileError::AgentIdTooLarge {
                 agent: "a5".into(),
                 id: 5,
                 max_agents: 4
             }
         );
+        assert_eq!(field(&err), "agents[0].id");
+        let err = fail(Limits {
+            max_interfaces: 1,
+            ..fits
+        });
         assert_eq!(
-            fail(Limits {
-                max_interfaces: 1,
-                ..fits
-            })
-            .to_string(),
+            err.to_string(),
             "policy needs 2 interface entries, but the maps hold 1 (max_interfaces)"
         );
         assert_eq!(
-            fail(Limits {
-                max_source_prefixes: 1,
-                ..fits
-            }),
+            field(&err),
+            "agents[1].interfaces",
+            "b's interface is the second"
+        );
+        let err = fail(Limits {
+            max_source_prefixes: 1,
+            ..fits
+        });
+        assert_eq!(
+            err,
             CompileError::LimitExceeded {
                 limit: LimitKind::SourceHostsV4,
                 needed: 2,
-                max: 1
+                max: 1,
+                agent: "a5".into(),
+                field: "prefixes[1]".into(),
             }
         );
+        assert_eq!(field(&err), "agents[0].prefixes[1]");
+        let err = fail(Limits {
+            max_destination_prefixes: 3,
+            ..fits
+        });
         assert_eq!(
-            fail(Limits {
-                max_destination_prefixes: 3,
-                ..fits
-            })
-            .to_string(),
+            err.to_string(),
             "policy needs 4 IPv4 destination entries, but the maps hold 3 \
              (max_destination_prefixes)"
+        );
+        assert_eq!(
+            field(&err),
+            "agents[1].egress",
+            "a5 fills the 3, b adds the 4th"
         );
         // v6 source prefixes and destinations are counted apart from v4.
         let v6_policy = parse("p.toml", &agent(1, "prefixes = [\"fd00::/64\", \"fd01::/64\"]\n[[agents.egress]]\naction = \"allow\"\nto = [\"@private\"]\n")).unwrap();
@@ -1504,7 +1649,9 @@ ports = 8443
             CompileError::LimitExceeded {
                 limit: LimitKind::SourcePrefixesV6,
                 needed: 2,
-                max: 1
+                max: 1,
+                agent: "a1".into(),
+                field: "prefixes[1]".into(),
             }
         );
         let err = compile(
