@@ -186,6 +186,12 @@ pub fn apply(maps: &mut impl PolicyMaps, compiled: &Compiled) -> Result<u64, App
 /// Errors loading the program or attaching it.
 #[derive(Debug, Error)]
 pub enum DataplaneError {
+    /// The pin path is on another file system than bpffs: every pin would fail.
+    #[error("{path} is not a bpf filesystem (mount one: mount -t bpf bpf {path})")]
+    NotBpffs {
+        /// The configured pin path (or the directory it would be created in).
+        path: PathBuf,
+    },
     /// The pin directory could not be created.
     #[error("creating pin directory {path}")]
     PinDir {
@@ -620,6 +626,7 @@ impl Dataplane {
                 release: release.to_owned(),
             });
         }
+        check_bpffs(bpffs)?;
         let maps_dir = bpffs.join("maps");
         for dir in [&maps_dir, &bpffs.join("links")] {
             fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
@@ -1467,6 +1474,36 @@ fn prune_stages(bpffs: &Path) {
         if id.is_none_or(|id| !live.contains(&id)) {
             let _ = fs::remove_file(entry.path());
         }
+    }
+}
+
+/// Fails unless `bpffs`, or the directory it would be created in, is on a bpf file system.
+/// Pinning anywhere else fails map by map, with aya's `requested pinning. pinning failed`
+/// and EPERM, which names neither the path nor the cause; and nothing is created there.
+fn check_bpffs(bpffs: &Path) -> Result<(), DataplaneError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `BPF_FS_MAGIC` from `linux/magic.h`.
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    // The nearest directory that exists: the pin directory itself is made below.
+    let Some(existing) = bpffs.ancestors().find(|p| p.exists()) else {
+        return Ok(());
+    };
+    let Ok(path) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statfs(2) with a NUL-terminated path and a zeroed struct it fills.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
+        // Unknowable here: let the load say what fails.
+        return Ok(());
+    }
+    if fs.f_type as i64 == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(DataplaneError::NotBpffs {
+            path: bpffs.to_path_buf(),
+        })
     }
 }
 
