@@ -63,12 +63,17 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Switch an agent between monitor and enforce mode (kept across reloads and restarts).
+    /// Switch an agent between monitor and enforce mode (kept across reloads and restarts),
+    /// or with --clear put it back in the policy's mode.
     Mode {
         /// Agent id or name.
         agent: String,
         /// The mode.
-        mode: ModeArg,
+        #[arg(required_unless_present = "clear")]
+        mode: Option<ModeArg>,
+        /// Drop the runtime override: the agent runs in the mode its policy names.
+        #[arg(long, conflicts_with = "mode")]
+        clear: bool,
     },
     /// The audit trail of denials.
     Audit {

@@ -184,7 +184,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             top::top(cli, Duration::from_secs_f64(interval.max(0.1)), *count)
         }
         Command::Policy { command } => policy::command(cli, command),
-        Command::Mode { agent, mode } => show::mode(cli, agent, *mode),
+        Command::Mode { agent, mode, .. } => show::mode(cli, agent, *mode),
         Command::Audit {
             command:
                 AuditCommand::Tail {

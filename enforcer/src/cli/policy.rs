@@ -162,6 +162,24 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                     }
                 }
                 out!("{}", v["diff"].as_str().unwrap_or(""));
+                // Runtime state, not the file's: `mode AGENT --clear` drops one.
+                let overrides: Vec<String> = v["overrides"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|o| {
+                        let who = o["name"]
+                            .as_str()
+                            .map_or_else(|| o["id"].to_string(), str::to_string);
+                        format!("agent {who}: {}", o["mode"].as_str().unwrap_or("?"))
+                    })
+                    .collect();
+                if !overrides.is_empty() {
+                    outln!(
+                        "runtime overrides (not in the file): {}",
+                        overrides.join(", ")
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -212,25 +212,43 @@ pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `enforcer mode AGENT monitor|enforce`.
-pub(super) fn mode(cli: &Cli, agent: &str, mode: ModeArg) -> anyhow::Result<ExitCode> {
-    let mode = match mode {
-        ModeArg::Monitor => Mode::Monitor,
-        ModeArg::Enforce => Mode::Enforce,
+/// `enforcer mode AGENT monitor|enforce`, or `--clear` (`mode` is `None`): back to the
+/// policy's mode.
+pub(super) fn mode(cli: &Cli, agent: &str, mode: Option<ModeArg>) -> anyhow::Result<ExitCode> {
+    let request = match mode {
+        Some(ModeArg::Monitor) => Request::Mode {
+            agent: agent.to_owned(),
+            mode: Mode::Monitor,
+        },
+        Some(ModeArg::Enforce) => Request::Mode {
+            agent: agent.to_owned(),
+            mode: Mode::Enforce,
+        },
+        None => Request::ModeClear {
+            agent: agent.to_owned(),
+        },
     };
-    let v = cli.call(Request::Mode {
-        agent: agent.to_owned(),
-        mode,
-    })?;
+    let v = cli.call(request)?;
     if cli.json {
         print_json(&v);
     } else {
-        outln!(
-            "agent {} now in {} mode (generation {})",
-            v["agent"],
-            v["mode"].as_str().unwrap_or(""),
-            v["generation"]
-        );
+        let now = v["mode"].as_str().unwrap_or("");
+        match (mode, v["cleared"].as_bool()) {
+            (None, Some(true)) => outln!(
+                "agent {} back in the policy's {now} mode: override cleared (generation {})",
+                v["agent"],
+                v["generation"]
+            ),
+            (None, _) => outln!(
+                "agent {} has no override: it is in the policy's {now} mode",
+                v["agent"]
+            ),
+            (Some(_), _) => outln!(
+                "agent {} now in {now} mode (generation {})",
+                v["agent"],
+                v["generation"]
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

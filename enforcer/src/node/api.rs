@@ -87,6 +87,11 @@ pub enum Request {
         /// The new mode.
         mode: Mode,
     },
+    /// Drop an agent's runtime mode override: it is back in the policy's mode.
+    ModeClear {
+        /// Id or name.
+        agent: String,
+    },
     /// The last lines of the audit log.
     AuditTail {
         /// How many lines.

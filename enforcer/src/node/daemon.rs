@@ -685,6 +685,63 @@ impl Daemon {
         .map_err(|e| error_chain(&e))
     }
 
+    /// Sets (`Some`) or clears (`None`) an agent's runtime mode override and applies the
+    /// enforcing policy with it. Saved first, so what enforces is what a restart reads; if
+    /// the kernel then refuses the change, the saved overrides are put back.
+    fn set_override(&mut self, agent: &str, mode: Option<Mode>) -> Result<Value, String> {
+        let (id, policy_mode) = self.find_agent(agent).map(|a| (a.id, a.mode))?;
+        let (origin, text) = self
+            .current
+            .as_ref()
+            .map(|c| (c.origin.clone(), c.text.clone()))
+            .ok_or("no policy of this daemon is enforcing yet")?;
+        let previous = match mode {
+            Some(mode) => self.status.overrides.insert(id, mode),
+            None => match self.status.overrides.remove(&id) {
+                Some(previous) => Some(previous),
+                // Nothing to clear: the agent already runs in the policy's mode.
+                None => {
+                    return Ok(json!({
+                        "agent": id,
+                        "mode": policy_mode,
+                        "override": null,
+                        "cleared": false,
+                        "generation": self.status.generation,
+                    }));
+                }
+            },
+        };
+        let put_back = |daemon: &mut Daemon| match previous {
+            Some(p) => daemon.status.overrides.insert(id, p),
+            None => daemon.status.overrides.remove(&id),
+        };
+        if let Err(e) = self.persist_overrides() {
+            put_back(self);
+            return Err(format!(
+                "not changed: the mode overrides cannot be saved ({e}); under the systemd unit state_dir must be below ReadWritePaths="
+            ));
+        }
+        match self.apply_text(&origin, &text) {
+            Ok(generation) => {
+                let now = self.find_agent(agent).map(|a| a.mode).ok();
+                Ok(json!({
+                    "agent": id,
+                    "mode": now,
+                    "override": mode,
+                    "cleared": mode.is_none(),
+                    "generation": generation,
+                }))
+            }
+            Err(e) => {
+                put_back(self);
+                if let Err(saved) = self.persist_overrides() {
+                    tracing::error!(error = %saved, "putting the previous mode overrides back");
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn handle(&mut self, request: Request, peer: Peer) -> Response {
         // Changes are audited with who asked, whether they took effect or not.
         let change = match &request {
@@ -699,6 +756,11 @@ impl Daemon {
                         Mode::Monitor => "monitor",
                     }
                 ),
+            )),
+            Request::ModeClear { agent } => Some((
+                "mode_change",
+                self.find_agent(agent).ok().map(|a| a.id),
+                format!("agent {agent} back to the policy's mode (override cleared)"),
             )),
             _ => None,
         };
@@ -857,12 +919,22 @@ impl Daemon {
                     .current
                     .as_ref()
                     .ok_or("no policy of this daemon is enforcing yet")?;
-                Ok(policy_diff(
-                    &current.policy,
-                    &current.text,
-                    &candidate,
-                    &text,
-                ))
+                // The enforcing policy carries the runtime mode overrides; the file does
+                // not. Compared as the file says, an override is no change of the file's
+                // (it showed as a changed agent with an empty diff): listed apart instead.
+                let file =
+                    policy::parse(&current.origin, &current.text).map_err(|e| error_chain(&e))?;
+                let mut diff = policy_diff(&file, &current.text, &candidate, &text);
+                diff["overrides"] = self
+                    .status
+                    .overrides
+                    .iter()
+                    .map(|(id, mode)| {
+                        let name = file.agents().iter().find(|a| a.id == *id).map(|a| &a.name);
+                        json!({"id": id, "name": name, "mode": mode})
+                    })
+                    .collect();
+                Ok(diff)
             }
             Request::PolicyApply { text, origin } => {
                 if let Some(cp) = &self.config.control_plane {
@@ -898,39 +970,8 @@ impl Daemon {
                     }
                 }
             }
-            Request::Mode { agent, mode } => {
-                let id = self.find_agent(&agent)?.id;
-                let (origin, text) = self
-                    .current
-                    .as_ref()
-                    .map(|c| (c.origin.clone(), c.text.clone()))
-                    .ok_or("no policy of this daemon is enforcing yet")?;
-                let previous = self.status.overrides.insert(id, mode);
-                let put_back = |daemon: &mut Daemon| match previous {
-                    Some(p) => daemon.status.overrides.insert(id, p),
-                    None => daemon.status.overrides.remove(&id),
-                };
-                // Saved first, so what enforces is what a restart reads; if the kernel then
-                // refuses the change, the saved overrides are put back.
-                if let Err(e) = self.persist_overrides() {
-                    put_back(self);
-                    return Err(format!(
-                        "not changed: the mode overrides cannot be saved ({e}); under the systemd unit state_dir must be below ReadWritePaths="
-                    ));
-                }
-                match self.apply_text(&origin, &text) {
-                    Ok(generation) => {
-                        Ok(json!({"agent": id, "mode": mode, "generation": generation}))
-                    }
-                    Err(e) => {
-                        put_back(self);
-                        if let Err(saved) = self.persist_overrides() {
-                            tracing::error!(error = %saved, "putting the previous mode overrides back");
-                        }
-                        Err(e)
-                    }
-                }
-            }
+            Request::Mode { agent, mode } => self.set_override(&agent, Some(mode)),
+            Request::ModeClear { agent } => self.set_override(&agent, None),
             Request::AuditTail { lines } => {
                 let lines =
                     audit::tail(&self.config.audit_log, lines).map_err(|e| error_chain(&e))?;
