@@ -87,7 +87,7 @@ fn cli_reports_and_controls_a_running_daemon() {
     assert!(agent["counters"]["allowed"]["packets"].as_u64().unwrap() >= 30);
 
     let stats = cli_json(&lab, &["stats"]);
-    let coder = stats
+    let coder = stats["agents"]
         .as_array()
         .unwrap()
         .iter()

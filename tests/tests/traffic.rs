@@ -204,7 +204,7 @@ fn allowed_and_denied(hook: &str, want_hook: &str, want_mode: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let coder = stats
+    let coder = stats["agents"]
         .as_array()
         .unwrap()
         .iter()

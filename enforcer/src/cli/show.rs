@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use enforcer_common::Reason;
 
 use super::{Cli, ModeArg, is_not_running, join, load_config, print_json, table};
 use crate::{
@@ -16,7 +17,11 @@ use crate::{
 
 /// `enforcer status`.
 pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
-    let v = cli.call(Request::Status)?;
+    let v = match cli.call(Request::Status) {
+        Ok(v) => v,
+        Err(e) if is_not_running(&e) => return pinned_status(cli, &e),
+        Err(e) => return Err(e),
+    };
     if cli.json {
         print_json(&v);
     } else {
@@ -38,14 +43,28 @@ pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
                 join(&v["pending"])
             );
         }
-        outln!("last apply  {} us", v["apply_micros"]);
+        outln!(
+            "last apply  {}",
+            v["apply_micros"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |us| format!("{:.1} ms", us / 1000.0))
+        );
         if let Some(e) = v["last_error"].as_str() {
             outln!("last error  {e} (the previous policy keeps enforcing)");
         }
+        outln!(
+            "metrics     {}",
+            v["metrics_listen"]
+                .as_str()
+                .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"))
+        );
         let audit = &v["audit"];
         outln!(
             "audit log   {} at seq {}, head {}",
-            audit["file"].as_str().unwrap_or("-"),
+            audit["file"]
+                .as_str()
+                .or(v["audit_log"].as_str())
+                .unwrap_or("-"),
             audit["seq"],
             audit["head"].as_str().unwrap_or("-")
         );
@@ -73,6 +92,87 @@ pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit code of `status` when no daemon answers (as LSB `status` actions and `systemctl
+/// status` use 3 for "not running"): whatever the pinned program still does is printed.
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+/// `enforcer status` with no daemon: what the pinned program still enforces, from the
+/// pinned maps (generation), the kernel (what runs on each pinned interface) and the
+/// status.json the last daemon left (policy digest, agents), as `cilium status` reports
+/// the datapath while its agent is down. Exits with [`EXIT_NOT_RUNNING`].
+fn pinned_status(cli: &Cli, not_running: &anyhow::Error) -> anyhow::Result<ExitCode> {
+    // Without a configuration there is no pin path to look at: the socket error says it.
+    let Ok(config) = crate::node::config::Config::load(&cli.config) else {
+        return Err(anyhow::anyhow!(
+            "{}",
+            crate::error::error_chain(not_running.as_ref())
+        ));
+    };
+    let generation = KernelMaps::from_pins(&config.bpffs)
+        .ok()
+        .and_then(|maps| maps.current_state().ok())
+        .map(|state| state.generation);
+    let hooks = dataplane::pinned_hooks(&config.bpffs);
+    let last = Status::read(&config.runtime_dir);
+    let enforcing = generation.is_some() && hooks.iter().any(|h| h.problem.is_none());
+    let reason = crate::error::error_chain(not_running.as_ref());
+    if cli.json {
+        print_json(&serde_json::json!({
+            "daemon": null,
+            "not_running": reason,
+            "source": "pinned maps",
+            "bpffs": config.bpffs,
+            "enforcing": enforcing,
+            "generation": generation,
+            "policy_digest": last.as_ref().map(|s| s.digest.clone()),
+            "agents": last.as_ref().map(|s| s.agents.len()),
+            "hooks": hooks,
+        }));
+    } else {
+        outln!("daemon      not running: {reason}");
+        match (generation, &last) {
+            (None, _) => outln!(
+                "enforcing   nothing: no pinned maps under {}",
+                config.bpffs.display()
+            ),
+            (Some(generation), Some(last)) if last.generation == generation => outln!(
+                "pinned      policy generation {generation} (sha256 {}, {} agent{}), from the maps under {}",
+                last.digest,
+                last.agents.len(),
+                if last.agents.len() == 1 { "" } else { "s" },
+                config.bpffs.display()
+            ),
+            (Some(generation), _) => outln!(
+                "pinned      policy generation {generation}, from the maps under {}",
+                config.bpffs.display()
+            ),
+        }
+        if hooks.is_empty() {
+            outln!("attached    (no interface): nothing enforces");
+        }
+        let width = hooks.iter().map(|h| h.interface.len()).max().unwrap_or(0);
+        for (i, h) in hooks.iter().enumerate() {
+            let label = if i == 0 { "attached" } else { "" };
+            let state = match (&h.problem, h.mode) {
+                (Some(problem), _) => format!("NOT ENFORCING: {problem}"),
+                (None, mode) => format!(
+                    "{} {:<8} program {} (pinned, running without a daemon)",
+                    h.hook,
+                    mode.unwrap_or("?"),
+                    h.program_id
+                ),
+            };
+            outln!("{label:<11} {:<width$}  {state}", h.interface);
+        }
+        if enforcing {
+            outln!(
+                "            the policy cannot change until a daemon runs: `enforcer run`, or `enforcer policy apply` writes the pinned maps"
+            );
+        }
+    }
+    Ok(ExitCode::from(EXIT_NOT_RUNNING))
 }
 
 /// `enforcer agents`.
@@ -177,8 +277,9 @@ pub(super) fn doctor(cli: &Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `enforcer stats`: from the daemon, else from the pinned maps.
+/// `enforcer stats`: from the daemon, else from the pinned maps (and it says which).
 pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let mut pins = None;
     let (generation, agents) = match cli.call(Request::Stats) {
         Ok(v) => (
             v["generation"].as_u64().unwrap_or(0),
@@ -196,6 +297,7 @@ pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
             let names = Status::read(&config.runtime_dir)
                 .map(|s| s.agents)
                 .unwrap_or_default();
+            pins = Some(config.bpffs);
             (
                 maps.current_state()?.generation,
                 stats::collect(&maps, &names)?,
@@ -204,12 +306,39 @@ pub(super) fn stats(cli: &Cli) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e),
     };
     if cli.json {
-        print_json(&serde_json::to_value(&agents)?);
+        let mut agents = serde_json::to_value(&agents)?;
+        // Each reason says what happened to its packets, so a reader needs no list.
+        for agent in agents.as_array_mut().into_iter().flatten() {
+            for (reason, count) in agent["reasons"].as_object_mut().into_iter().flatten() {
+                count["verdict"] = verdict(reason).into();
+            }
+        }
+        print_json(&serde_json::json!({
+            "source": if pins.is_some() { "pinned maps" } else { "daemon" },
+            "generation": generation,
+            "agents": agents,
+        }));
     } else {
-        outln!("policy generation {generation}");
+        match &pins {
+            Some(bpffs) => outln!(
+                "policy generation {generation}, from the pinned maps under {} (no daemon running)",
+                bpffs.display()
+            ),
+            None => outln!("policy generation {generation}"),
+        }
         out!("{}", table::stats(&agents));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `drop` or `pass` for a reason's name (`pass` for monitor mode's would-drops, which
+/// passed); `?` for a name this build does not know.
+pub(super) fn verdict(reason: &str) -> &'static str {
+    match Reason::ALL.iter().find(|r| r.name() == reason) {
+        Some(r) if r.is_drop() => "drop",
+        Some(_) => "pass",
+        None => "?",
+    }
 }
 
 /// `enforcer mode AGENT monitor|enforce`, or `--clear` (`mode` is `None`): back to the

@@ -32,27 +32,37 @@ pub fn render(table: &Table) -> String {
 
 /// Per-agent counters: a line per agent with its totals and first reason, then a line per
 /// further reason it has counted.
+/// Counts are scaled (`1.23K`, `12.0 MB`); VERDICT says whether a reason's packets were
+/// dropped or passed (monitor mode's would-drops passed).
 pub fn stats(stats: &[AgentStats]) -> String {
+    use crate::cli::output::{bytes, count};
     let mut table = new(
         &[
-            "AGENT", "NAME", "PASSED", "DROPPED", "REASON", "PACKETS", "BYTES",
+            "AGENT", "NAME", "PASSED", "DROPPED", "REASON", "VERDICT", "PACKETS", "BYTES",
         ],
-        &[0, 2, 3, 5, 6],
+        &[0, 2, 3, 6, 7],
     );
     for a in stats {
         let mut reasons = a.reasons.iter();
         let first = reasons.next();
         let reason_cells = |r: Option<(&String, &crate::dataplane::stats::ReasonCount)>| {
             r.map_or_else(
-                || vec![String::new(); 3],
-                |(reason, c)| vec![reason.clone(), c.packets.to_string(), c.bytes.to_string()],
+                || vec![String::new(); 4],
+                |(reason, c)| {
+                    vec![
+                        reason.clone(),
+                        crate::cli::show::verdict(reason).to_string(),
+                        count(c.packets as f64),
+                        bytes(c.bytes as f64),
+                    ]
+                },
             )
         };
         let mut row = vec![
             a.id.to_string(),
             a.name.clone(),
-            a.passed_packets.to_string(),
-            a.dropped_packets.to_string(),
+            count(a.passed_packets as f64),
+            count(a.dropped_packets as f64),
         ];
         row.extend(reason_cells(first));
         table.add_row(row);
@@ -112,11 +122,15 @@ mod tests {
         // Every row's PASSED column ends where the header's does, however long the name.
         let end = lines[0].find("PASSED").unwrap() + "PASSED".len();
         assert_eq!(&lines[1][end - 1..end], "5", "{text}");
-        assert_eq!(&lines[3][end - 6..end], "123456", "{text}");
+        assert_eq!(&lines[3][end - 4..end], "123K", "scaled: {text}");
         assert!(
             lines[2].trim_start().starts_with("rate_limited_bytes"),
             "{text}"
         );
+        let verdict = lines[0].find("VERDICT").unwrap();
+        assert_eq!(&lines[1][verdict..verdict + 4], "pass", "{text}");
+        assert_eq!(&lines[2][verdict..verdict + 4], "drop", "{text}");
+        assert!(lines[2].ends_with("4.50 kB"), "{text}");
         assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
     }
 }

@@ -1507,6 +1507,16 @@ fn check_bpffs(bpffs: &Path) -> Result<(), DataplaneError> {
     }
 }
 
+/// What the kernel runs on each interface with a pinned link under `bpffs`, for
+/// `enforcer status` with no daemon: no program of this process to compare with, so
+/// `ours` is false throughout.
+pub fn pinned_hooks(bpffs: &Path) -> Vec<Hook> {
+    attached_interfaces(bpffs)
+        .into_iter()
+        .map(|interface| hook_state(bpffs, interface, None, None))
+        .collect()
+}
+
 /// Interfaces with a pinned enforcer link under `bpffs`.
 pub fn attached_interfaces(bpffs: &Path) -> Vec<String> {
     let mut names: Vec<String> = ["links", "tc"]

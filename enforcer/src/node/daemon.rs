@@ -791,6 +791,9 @@ impl Daemon {
         match request {
             Request::Status => Ok(json!({
                 "pid": std::process::id(),
+                "pid_start": self.status.pid_start,
+                "metrics_listen": self.config.metrics_listen,
+                "audit_log": self.config.audit_log,
                 "generation": self.status.generation,
                 "policy_file": self.config.policy,
                 "policy_origin": self.current.as_ref().map(|c| c.origin.clone()),
