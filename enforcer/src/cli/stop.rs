@@ -1,29 +1,37 @@
-//! `enforcer stop`.
+//! `enforcer stop`: one line (or one JSON document) that says what was stopped, what was
+//! detached, and what still enforces.
 
 use std::{
+    path::{Path, PathBuf},
     process::ExitCode,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use serde_json::json;
 
-use super::{Cli, load_config};
-use crate::{dataplane, node::daemon::Status, outln};
+use super::{Cli, bad, is_not_running, load_config, print_json};
+use crate::{
+    dataplane::{self, KernelMaps},
+    error::error_chain,
+    node::{api::Request, daemon::Status},
+    outln,
+};
+
+/// The daemon to stop, and where its pins are.
+struct Target {
+    /// What names the daemon (pid and start time), if one may be running.
+    status: Option<Status>,
+    /// The pin directory, if known.
+    bpffs: Option<PathBuf>,
+}
 
 /// `enforcer stop [--detach]`.
 pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(&cli.config)?;
-    let status = Status::read(&config.runtime_dir);
-    if let Some(reused) = status.as_ref().and_then(Status::reused_pid) {
-        // A daemon killed outright leaves its pid in status.json; the pid may since
-        // belong to anything. Not ours to signal.
-        eprintln!(
-            "no daemon to stop: {}/status.json names a daemon that is gone ({reused}); not signalling it",
-            config.runtime_dir.display()
-        );
-    }
-    if let Some(status) = status
+    let target = find(cli, detach)?;
+    let mut stopped = None;
+    if let Some(status) = target.status
         && status
             .signal_daemon(libc::SIGTERM)
             .with_context(|| format!("signalling daemon {}", status.pid))?
@@ -35,18 +43,147 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
         if status.daemon_alive() {
             bail!("daemon {} did not exit within 10 s of SIGTERM", status.pid);
         }
-        outln!(
-            "daemon {} stopped; the pinned program keeps enforcing",
-            status.pid
-        );
+        stopped = Some(status.pid);
     }
-    if detach {
-        dataplane::remove_pins(&config.bpffs)
-            .with_context(|| format!("removing pins under {}", config.bpffs.display()))?;
-        outln!(
-            "detached: removed every pin under {}",
-            config.bpffs.display()
-        );
+    // What the pins hold once the daemon is gone: what keeps enforcing, or what detaching
+    // takes away.
+    let (interfaces, generation, pinned) = match &target.bpffs {
+        Some(bpffs) => (
+            dataplane::attached_interfaces(bpffs),
+            KernelMaps::from_pins(bpffs)
+                .ok()
+                .and_then(|m| m.current_state().ok())
+                .map(|s| s.generation),
+            has_pins(bpffs),
+        ),
+        None => (Vec::new(), None, false),
+    };
+    let mut removed = false;
+    if detach && let Some(bpffs) = &target.bpffs {
+        if pinned {
+            dataplane::remove_pins(bpffs)
+                .with_context(|| format!("removing pins under {}", bpffs.display()))?;
+            removed = true;
+        }
+        // The daemon made the pin directory; empty now, it goes too. A mount point (or a
+        // directory holding anything else) stays.
+        let _ = std::fs::remove_dir(bpffs);
+    }
+    let pins = target
+        .bpffs
+        .as_deref()
+        .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+    let on = if interfaces.is_empty() {
+        "no interface".to_string()
+    } else {
+        interfaces.join(", ")
+    };
+    let generation_text = generation.map_or_else(|| "?".to_string(), |g| g.to_string());
+    let daemon = match stopped {
+        Some(pid) => format!("daemon {pid} stopped"),
+        None => "no daemon running".to_string(),
+    };
+    let message = match (stopped, detach, removed, pinned) {
+        // Only the socket was known, and no daemon answers there.
+        (None, ..) if target.bpffs.is_none() => {
+            format!("nothing to stop: no daemon at {}", cli.socket().display())
+        }
+        (_, true, true, _) => {
+            format!("{daemon} and the program detached from {on}: pins under {pins} removed")
+        }
+        (None, true, false, _) | (None, false, _, false) => {
+            format!("nothing to stop: no daemon and no pins under {pins}")
+        }
+        (Some(_), true, false, _) => format!("{daemon}; no pins under {pins} to remove"),
+        (Some(_), false, _, true) => format!(
+            "{daemon}; the pinned program keeps enforcing (generation {generation_text} on {on})"
+        ),
+        (Some(_), false, _, false) => format!("{daemon}; nothing pinned under {pins}"),
+        (None, false, _, true) => format!(
+            "nothing to stop: no daemon running; the pinned program keeps enforcing (generation {generation_text} on {on}); `enforcer stop --detach` removes it"
+        ),
+    };
+    if cli.json {
+        print_json(&json!({
+            "stopped_pid": stopped,
+            "detached": removed,
+            "bpffs": target.bpffs,
+            "interfaces": interfaces,
+            "generation": generation,
+            "still_enforcing": !removed && pinned,
+            "message": message,
+        }));
+    } else {
+        outln!("{message}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Finds the daemon and its pins: from the configuration's status.json, or, when the
+/// configuration cannot be read and `--socket` is given, from the daemon's own answer.
+fn find(cli: &Cli, detach: bool) -> anyhow::Result<Target> {
+    let config = match (load_config(&cli.config), &cli.socket) {
+        (Ok(config), _) => config,
+        (Err(e), None) => return Err(e),
+        (Err(config_error), Some(socket)) => return from_socket(cli, socket, detach, config_error),
+    };
+    let status = Status::read(&config.runtime_dir);
+    if let Some(reused) = status.as_ref().and_then(Status::reused_pid) {
+        // A daemon killed outright leaves its pid in status.json; the pid may since
+        // belong to anything. Not ours to signal.
+        eprintln!(
+            "no daemon to stop: {}/status.json names a daemon that is gone ({reused}); not signalling it",
+            config.runtime_dir.display()
+        );
+    }
+    Ok(Target {
+        status,
+        bpffs: Some(config.bpffs),
+    })
+}
+
+/// [`find`] through the socket: the daemon's status names its pid, start time and pins.
+fn from_socket(
+    cli: &Cli,
+    socket: &Path,
+    detach: bool,
+    config_error: anyhow::Error,
+) -> anyhow::Result<Target> {
+    let v = match cli.call(Request::Status) {
+        Ok(v) => v,
+        Err(e) if is_not_running(&e) && !detach => {
+            return Ok(Target {
+                status: None,
+                bpffs: None,
+            });
+        }
+        Err(e) => {
+            return Err(bad(format!(
+                "error: no daemon answers at {} ({}), and without a configuration ({}) the pins are unknown: give --config",
+                socket.display(),
+                error_chain(e.as_ref()),
+                error_chain(config_error.as_ref()).trim_start_matches("error: ")
+            )));
+        }
+    };
+    let pid = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let Some(pid) = pid else {
+        bail!("the daemon at {} did not say its pid", socket.display());
+    };
+    Ok(Target {
+        status: Some(Status {
+            pid,
+            // Absent from older daemons' answers: then the command name is checked.
+            pid_start: v["pid_start"].as_u64(),
+            ..Status::default()
+        }),
+        bpffs: v["bpffs"].as_str().map(PathBuf::from),
+    })
+}
+
+/// Whether anything of the enforcer is pinned under `bpffs`.
+fn has_pins(bpffs: &Path) -> bool {
+    ["links", "tc", "stages", "maps"].iter().any(|sub| {
+        std::fs::read_dir(bpffs.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
+    })
 }

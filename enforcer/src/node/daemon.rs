@@ -200,8 +200,13 @@ impl Status {
 
     /// Whether the daemon that wrote this is still running: its pid exists and is the same
     /// process (see [`Status::pid_start`]), not a later one the pid was given to.
+    /// A zombie (exited, not yet reaped by its parent) is not running: `enforcer stop`
+    /// waits for the exit, not for the parent's `wait`.
     pub fn daemon_alive(&self) -> bool {
-        self.pid != 0 && self.reused_pid().is_none() && process_start(self.pid).is_some()
+        self.pid != 0
+            && self.reused_pid().is_none()
+            && process_start(self.pid).is_some()
+            && !is_zombie(self.pid)
     }
 
     /// When the pid this names is held by another process than the daemon that wrote it:
@@ -284,6 +289,16 @@ pub fn process_start(pid: u32) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     // Field 3 (state) is the first after the name: field 22 is the 20th.
     after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` has exited and waits for its parent to reap it (state `Z` in
+/// `/proc/PID/stat`, the field after the command name).
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            == Some("Z")
+    })
 }
 
 /// Replaces a file of the daemon's (status, overrides, the policy file) durably: a crash
