@@ -83,25 +83,31 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
         Some(pid) => format!("daemon {pid} stopped"),
         None => "no daemon running".to_string(),
     };
-    let message = match (stopped, detach, removed, pinned) {
+    // Pins with no attached interface (a daemon that never attached) enforce nothing.
+    let enforcing = !removed && !interfaces.is_empty();
+    let message = match (stopped, detach) {
         // Only the socket was known, and no daemon answers there.
-        (None, ..) if target.bpffs.is_none() => {
+        (None, _) if target.bpffs.is_none() => {
             format!("nothing to stop: no daemon at {}", cli.socket().display())
         }
-        (_, true, true, _) => {
+        (_, true) if removed => {
             format!("{daemon} and the program detached from {on}: pins under {pins} removed")
         }
-        (None, true, false, _) | (None, false, _, false) => {
-            format!("nothing to stop: no daemon and no pins under {pins}")
-        }
-        (Some(_), true, false, _) => format!("{daemon}; no pins under {pins} to remove"),
-        (Some(_), false, _, true) => format!(
+        (Some(_), true) => format!("{daemon}; no pins under {pins} to remove"),
+        (Some(_), false) if enforcing => format!(
             "{daemon}; the pinned program keeps enforcing (generation {generation_text} on {on})"
         ),
-        (Some(_), false, _, false) => format!("{daemon}; nothing pinned under {pins}"),
-        (None, false, _, true) => format!(
+        (Some(_), false) if pinned => {
+            format!("{daemon}; the program is attached to no interface: nothing enforces")
+        }
+        (Some(_), false) => format!("{daemon}; nothing pinned under {pins}"),
+        (None, false) if enforcing => format!(
             "nothing to stop: no daemon running; the pinned program keeps enforcing (generation {generation_text} on {on}); `enforcer stop --detach` removes it"
         ),
+        (None, false) if pinned => format!(
+            "nothing to stop: no daemon running and no interface attached; `enforcer stop --detach` removes the pins under {pins}"
+        ),
+        (None, _) => format!("nothing to stop: no daemon and no pins under {pins}"),
     };
     if cli.json {
         print_json(&json!({
@@ -110,7 +116,7 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
             "bpffs": target.bpffs,
             "interfaces": interfaces,
             "generation": generation,
-            "still_enforcing": !removed && pinned,
+            "still_enforcing": enforcing,
             "message": message,
         }));
     } else {
@@ -170,6 +176,15 @@ fn from_socket(
     let Some(pid) = pid else {
         bail!("the daemon at {} did not say its pid", socket.display());
     };
+    let bpffs = v["bpffs"].as_str().map(PathBuf::from);
+    if detach && bpffs.is_none() {
+        // An older daemon's answer: stopping it and then finding nothing to detach
+        // would leave its program enforcing while saying otherwise.
+        return Err(bad(format!(
+            "error: the daemon at {} does not say where its pins are: give --config to detach",
+            socket.display()
+        )));
+    }
     Ok(Target {
         status: Some(Status {
             pid,
@@ -177,7 +192,7 @@ fn from_socket(
             pid_start: v["pid_start"].as_u64(),
             ..Status::default()
         }),
-        bpffs: v["bpffs"].as_str().map(PathBuf::from),
+        bpffs,
     })
 }
 
