@@ -69,46 +69,17 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
         // directory holding anything else) stays.
         let _ = std::fs::remove_dir(bpffs);
     }
-    let pins = target
-        .bpffs
-        .as_deref()
-        .map_or_else(|| "-".to_string(), |p| p.display().to_string());
-    let on = if interfaces.is_empty() {
-        "no interface".to_string()
-    } else {
-        interfaces.join(", ")
+    let outcome = Outcome {
+        stopped,
+        detach,
+        removed,
+        pinned,
+        bpffs: target.bpffs.as_deref(),
+        interfaces: &interfaces,
+        generation,
     };
-    let generation_text = generation.map_or_else(|| "?".to_string(), |g| g.to_string());
-    let daemon = match stopped {
-        Some(pid) => format!("daemon {pid} stopped"),
-        None => "no daemon running".to_string(),
-    };
-    // Pins with no attached interface (a daemon that never attached) enforce nothing.
-    let enforcing = !removed && !interfaces.is_empty();
-    let message = match (stopped, detach) {
-        // Only the socket was known, and no daemon answers there.
-        (None, _) if target.bpffs.is_none() => {
-            format!("nothing to stop: no daemon at {}", cli.socket().display())
-        }
-        (_, true) if removed => {
-            format!("{daemon} and the program detached from {on}: pins under {pins} removed")
-        }
-        (Some(_), true) => format!("{daemon}; no pins under {pins} to remove"),
-        (Some(_), false) if enforcing => format!(
-            "{daemon}; the pinned program keeps enforcing (generation {generation_text} on {on})"
-        ),
-        (Some(_), false) if pinned => {
-            format!("{daemon}; the program is attached to no interface: nothing enforces")
-        }
-        (Some(_), false) => format!("{daemon}; nothing pinned under {pins}"),
-        (None, false) if enforcing => format!(
-            "nothing to stop: no daemon running; the pinned program keeps enforcing (generation {generation_text} on {on}); `enforcer stop --detach` removes it"
-        ),
-        (None, false) if pinned => format!(
-            "nothing to stop: no daemon running and no interface attached; `enforcer stop --detach` removes the pins under {pins}"
-        ),
-        (None, _) => format!("nothing to stop: no daemon and no pins under {pins}"),
-    };
+    let message = outcome.message(&cli.socket());
+    let enforcing = outcome.enforcing();
     if cli.json {
         print_json(&json!({
             "stopped_pid": stopped,
@@ -123,6 +94,77 @@ pub(super) fn stop(cli: &Cli, detach: bool) -> anyhow::Result<ExitCode> {
         outln!("{message}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `stop` did and found, for its one line.
+#[derive(Clone, Copy)]
+struct Outcome<'a> {
+    /// The daemon stopped, if any.
+    stopped: Option<u32>,
+    /// Whether --detach was asked for.
+    detach: bool,
+    /// Whether pins were removed.
+    removed: bool,
+    /// Whether anything was pinned (before any removal).
+    pinned: bool,
+    /// The pin directory, if known.
+    bpffs: Option<&'a Path>,
+    /// Interfaces with a pinned link (before any removal).
+    interfaces: &'a [String],
+    /// The pinned maps' policy generation.
+    generation: Option<u64>,
+}
+
+impl Outcome<'_> {
+    /// Whether a program still enforces: pins with no attached interface (a daemon that
+    /// never attached) enforce nothing.
+    fn enforcing(&self) -> bool {
+        !self.removed && !self.interfaces.is_empty()
+    }
+
+    /// The one line `stop` prints; `socket` is where a daemon was looked for.
+    fn message(&self, socket: &Path) -> String {
+        let pins = self
+            .bpffs
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+        let on = if self.interfaces.is_empty() {
+            "no interface".to_string()
+        } else {
+            self.interfaces.join(", ")
+        };
+        let generation = self
+            .generation
+            .map_or_else(|| "?".to_string(), |g| g.to_string());
+        let daemon = match self.stopped {
+            Some(pid) => format!("daemon {pid} stopped"),
+            None => "no daemon running".to_string(),
+        };
+        let enforcing = self.enforcing();
+        match (self.stopped, self.detach) {
+            // Only the socket was known, and no daemon answers there.
+            (None, _) if self.bpffs.is_none() => {
+                format!("nothing to stop: no daemon at {}", socket.display())
+            }
+            (_, true) if self.removed => {
+                format!("{daemon} and the program detached from {on}: pins under {pins} removed")
+            }
+            (Some(_), true) => format!("{daemon}; no pins under {pins} to remove"),
+            (Some(_), false) if enforcing => format!(
+                "{daemon}; the pinned program keeps enforcing (generation {generation} on {on})"
+            ),
+            (Some(_), false) if self.pinned => {
+                format!("{daemon}; the program is attached to no interface: nothing enforces")
+            }
+            (Some(_), false) => format!("{daemon}; nothing pinned under {pins}"),
+            (None, false) if enforcing => format!(
+                "nothing to stop: no daemon running; the pinned program keeps enforcing (generation {generation} on {on}); `enforcer stop --detach` removes it"
+            ),
+            (None, false) if self.pinned => format!(
+                "nothing to stop: no daemon running and no interface attached; `enforcer stop --detach` removes the pins under {pins}"
+            ),
+            (None, _) => format!("nothing to stop: no daemon and no pins under {pins}"),
+        }
+    }
 }
 
 /// Finds the daemon and its pins: from the configuration's status.json, or, when the
@@ -201,4 +243,105 @@ fn has_pins(bpffs: &Path) -> bool {
     ["links", "tc", "stages", "maps"].iter().any(|sub| {
         std::fs::read_dir(bpffs.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every case of the one line: what stopped, what was removed, what still enforces.
+    #[test]
+    fn one_line_says_what_stopped_and_what_still_enforces() {
+        let pins = Path::new("/sys/fs/bpf/enforcer");
+        let one = ["eth1".to_string()];
+        let socket = Path::new("/run/enforcer/enforcer.sock");
+        let base = Outcome {
+            stopped: Some(42),
+            detach: false,
+            removed: false,
+            pinned: true,
+            bpffs: Some(pins),
+            interfaces: &one,
+            generation: Some(7),
+        };
+        let cases = [
+            (
+                base,
+                "daemon 42 stopped; the pinned program keeps enforcing (generation 7 on eth1)",
+            ),
+            (
+                Outcome {
+                    detach: true,
+                    removed: true,
+                    ..base
+                },
+                "daemon 42 stopped and the program detached from eth1: pins under /sys/fs/bpf/enforcer removed",
+            ),
+            (
+                Outcome {
+                    interfaces: &[],
+                    ..base
+                },
+                "daemon 42 stopped; the program is attached to no interface: nothing enforces",
+            ),
+            (
+                Outcome {
+                    detach: true,
+                    pinned: false,
+                    interfaces: &[],
+                    ..base
+                },
+                "daemon 42 stopped; no pins under /sys/fs/bpf/enforcer to remove",
+            ),
+            (
+                Outcome {
+                    stopped: None,
+                    ..base
+                },
+                "nothing to stop: no daemon running; the pinned program keeps enforcing (generation 7 on eth1); `enforcer stop --detach` removes it",
+            ),
+            (
+                Outcome {
+                    stopped: None,
+                    interfaces: &[],
+                    ..base
+                },
+                "nothing to stop: no daemon running and no interface attached; `enforcer stop --detach` removes the pins under /sys/fs/bpf/enforcer",
+            ),
+            (
+                Outcome {
+                    stopped: None,
+                    detach: true,
+                    pinned: false,
+                    interfaces: &[],
+                    generation: None,
+                    ..base
+                },
+                "nothing to stop: no daemon and no pins under /sys/fs/bpf/enforcer",
+            ),
+            (
+                Outcome {
+                    stopped: None,
+                    pinned: false,
+                    bpffs: None,
+                    interfaces: &[],
+                    generation: None,
+                    ..base
+                },
+                "nothing to stop: no daemon at /run/enforcer/enforcer.sock",
+            ),
+        ];
+        for (outcome, line) in cases {
+            assert_eq!(outcome.message(socket), line);
+        }
+        assert!(base.enforcing());
+        assert!(
+            !Outcome {
+                detach: true,
+                removed: true,
+                ..base
+            }
+            .enforcing()
+        );
+    }
 }
