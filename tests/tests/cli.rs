@@ -98,12 +98,12 @@ fn cli_reports_and_controls_a_running_daemon() {
     // The same numbers through /metrics.
     let metrics = scrape(&lab);
     assert_eq!(
-        metrics[r#"enforcer_packets_total{agent="coder",agent_id="1",reason="egress_denied"}"#],
+        metrics[r#"enforcer_packets_total{agent="coder",agent_id="1",reason="egress_denied",verdict="drop"}"#],
         40.0
     );
     // The sums over all agents (one agent here: the same number).
     assert_eq!(
-        metrics[r#"enforcer_agents_packets_total{reason="egress_denied"}"#],
+        metrics[r#"enforcer_agents_packets_total{reason="egress_denied",verdict="drop"}"#],
         40.0
     );
     assert_eq!(metrics[r#"enforcer_interfaces{state="attached"}"#], 1.0);

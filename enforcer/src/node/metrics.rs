@@ -2,6 +2,8 @@
 //! pinned counters in batches (a few syscalls whatever the number of agents) and encodes
 //! typed families with `prometheus-client`; series of reasons an agent never hit are
 //! omitted, so the output grows with the traffic seen, not with agents x reasons.
+//! Packet and byte series carry a `verdict` label ("pass" or "drop") beside the reason, so
+//! `sum by (verdict)` needs no list of which reasons drop.
 
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf};
 
@@ -10,7 +12,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
@@ -52,9 +54,11 @@ pub struct DaemonInfo {
     pub audit: Option<crate::node::audit::SharedHealth>,
 }
 
+/// A verdict reason and what it did to the packet.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
+    verdict: Verdict,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +71,37 @@ struct AgentReason {
     agent: String,
     agent_id: u32,
     reason: String,
+    verdict: Verdict,
+}
+
+/// The `verdict` label: whether the reason passes the packet or drops it (monitor mode's
+/// would-drops pass, under reasons of their own).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+// By hand: the derive writes the variant's name as it is spelled (`Pass`), and label values
+// are lowercase like the reasons beside them.
+impl EncodeLabelValue for Verdict {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+        })
+    }
+}
+
+impl From<Reason> for Verdict {
+    fn from(reason: Reason) -> Self {
+        if reason.is_drop() {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,6 +261,7 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         }
         let label = ReasonLabel {
             reason: reason.name().to_string(),
+            verdict: reason.into(),
         };
         all_packets.get_or_create(&label).inc_by(c.packets);
         all_bytes.get_or_create(&label).inc_by(c.bytes);
@@ -254,6 +290,7 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
                 agent: name.clone(),
                 agent_id: *id,
                 reason: reason.name().to_string(),
+                verdict: reason.into(),
             };
             packets.get_or_create(&labels).inc_by(c.packets);
             bytes.get_or_create(&labels).inc_by(c.bytes);
@@ -533,6 +570,37 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packet_series_carry_their_verdict() {
+        let mut registry = Registry::default();
+        let packets = Family::<AgentReason, Counter>::default();
+        registry.register("packets", "test", packets.clone());
+        for reason in [Reason::Allowed, Reason::EgressDenied] {
+            packets
+                .get_or_create(&AgentReason {
+                    agent: "coder".into(),
+                    agent_id: 1,
+                    reason: reason.name().into(),
+                    verdict: reason.into(),
+                })
+                .inc_by(3);
+        }
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"packets_total{agent="coder",agent_id="1",reason="allowed",verdict="pass"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"packets_total{agent="coder",agent_id="1",reason="egress_denied",verdict="drop"} 3"#
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn busiest_agents_by_packets_with_ties_to_the_lower_id() {
