@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use enforcer_common::Reason;
 
-use super::{Cli, ModeArg, is_not_running, join, load_config, print_json, table};
+use super::{Cli, ModeArg, is_not_running, join, load_config, output, print_json, table};
 use crate::{
     dataplane::{self, Dataplane, KernelMaps, stats},
     lab::BpffsMount,
@@ -181,31 +181,36 @@ pub(super) fn agents(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&v);
     } else {
-        let mut rows = table::new(
-            &["ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"],
-            &[0, 4, 5],
-        );
-        for a in v.as_array().into_iter().flatten() {
-            let mut matched = join(&a["interfaces"]);
-            let prefixes = join(&a["prefixes"]);
-            if !prefixes.is_empty() {
-                if !matched.is_empty() {
-                    matched.push_str(", ");
-                }
-                matched.push_str(&prefixes);
-            }
-            rows.add_row(vec![
-                a["id"].to_string(),
-                a["name"].as_str().unwrap_or("").to_string(),
-                a["mode"].as_str().unwrap_or("").to_string(),
-                matched,
-                a["passed_packets"].to_string(),
-                a["dropped_packets"].to_string(),
-            ]);
-        }
-        out!("{}", table::render(&rows));
+        out!("{}", agents_table(&v));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `agents` table: one line per agent, totals scaled and right-aligned.
+fn agents_table(v: &serde_json::Value) -> String {
+    let mut rows = table::new(
+        &["ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"],
+        &[0, 4, 5],
+    );
+    for a in v.as_array().into_iter().flatten() {
+        let mut matched = join(&a["interfaces"]);
+        let prefixes = join(&a["prefixes"]);
+        if !prefixes.is_empty() {
+            if !matched.is_empty() {
+                matched.push_str(", ");
+            }
+            matched.push_str(&prefixes);
+        }
+        rows.add_row(vec![
+            a["id"].to_string(),
+            a["name"].as_str().unwrap_or("").to_string(),
+            mode_text(a),
+            matched,
+            number(&a["passed_packets"], output::count),
+            number(&a["dropped_packets"], output::count),
+        ]);
+    }
+    table::render(&rows)
 }
 
 /// `enforcer agent ID|NAME`.
@@ -216,42 +221,107 @@ pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
     if cli.json {
         print_json(&v);
     } else {
-        outln!(
-            "agent {} {:?} ({})",
-            v["id"],
-            v["name"].as_str().unwrap_or(""),
-            v["mode"].as_str().unwrap_or("")
-        );
-        outln!("  interfaces  {}", join(&v["interfaces"]));
-        outln!("  prefixes    {}", join(&v["prefixes"]));
-        outln!("  rate        {}", v["rate"]);
-        outln!(
-            "  egress      default {}",
-            v["egress_default"].as_str().unwrap_or("")
-        );
-        for r in v["egress"].as_array().into_iter().flatten() {
-            outln!(
-                "    {:<5} {:<5} ports {:<11} to {}",
-                r["action"].as_str().unwrap_or(""),
-                r["proto"].as_str().unwrap_or(""),
-                r["ports"].as_str().unwrap_or(""),
-                join(&r["to"])
-            );
-        }
-        outln!("  counters");
-        let mut rows = table::new(&["REASON", "PACKETS", "BYTES"], &[1, 2]);
-        for (reason, c) in v["counters"].as_object().into_iter().flatten() {
-            rows.add_row(vec![
-                reason.clone(),
-                c["packets"].to_string(),
-                c["bytes"].to_string(),
-            ]);
-        }
-        for line in table::render(&rows).lines() {
-            outln!("    {line}");
-        }
+        out!("{}", agent_text(&v));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `agent` prints: identity, limits as people read them, rules, counters by reason.
+fn agent_text(v: &serde_json::Value) -> String {
+    let mut text = format!(
+        "agent {} {:?} ({})\n",
+        v["id"],
+        v["name"].as_str().unwrap_or(""),
+        mode_text(v)
+    );
+    let none = |s: String| if s.is_empty() { "-".to_string() } else { s };
+    text += &format!("  interfaces  {}\n", none(join(&v["interfaces"])));
+    text += &format!("  prefixes    {}\n", none(join(&v["prefixes"])));
+    text += &format!("  rate        {}\n", rate_text(&v["rate"]));
+    text += &format!(
+        "  egress      default {}\n",
+        v["egress_default"].as_str().unwrap_or("")
+    );
+    let mut rules = table::new(&["ACTION", "PROTO", "PORTS", "TO"], &[]);
+    for r in v["egress"].as_array().into_iter().flatten() {
+        rules.add_row(vec![
+            r["action"].as_str().unwrap_or("").to_string(),
+            r["proto"].as_str().unwrap_or("").to_string(),
+            ports_text(r),
+            join(&r["to"]),
+        ]);
+    }
+    if v["egress"].as_array().is_some_and(|r| !r.is_empty()) {
+        for line in table::render(&rules).lines() {
+            text += &format!("    {line}\n");
+        }
+    }
+    text += "  counters\n";
+    let mut rows = table::new(&["REASON", "VERDICT", "PACKETS", "BYTES"], &[2, 3]);
+    for (reason, c) in v["counters"].as_object().into_iter().flatten() {
+        let drop = enforcer_common::Reason::ALL
+            .iter()
+            .any(|r| r.name() == reason && r.is_drop());
+        rows.add_row(vec![
+            reason.clone(),
+            if drop { "drop" } else { "pass" }.to_string(),
+            number(&c["packets"], output::count),
+            number(&c["bytes"], output::bytes),
+        ]);
+    }
+    for line in table::render(&rows).lines() {
+        text += &format!("    {line}\n");
+    }
+    text
+}
+
+/// The agent's mode, with the mark of a runtime override (`enforcer mode`) if it has one:
+/// `monitor (override)`.
+fn mode_text(a: &serde_json::Value) -> String {
+    match a["override"].as_str() {
+        Some(o) => format!("{o} (override)"),
+        None => a["mode"].as_str().unwrap_or("").to_string(),
+    }
+}
+
+/// A JSON number scaled by `scale`; anything else as it is.
+fn number(v: &serde_json::Value, scale: fn(f64) -> String) -> String {
+    v.as_f64().map_or_else(|| v.to_string(), scale)
+}
+
+/// Rate limits as people read them: `50 pps (burst 20), 1.00 MB/s (burst 64.0 kB)`, or
+/// `unlimited`.
+fn rate_text(rate: &serde_json::Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(pps) = rate["packets_per_sec"].as_f64() {
+        let mut s = format!("{} pps", output::count(pps));
+        if let Some(burst) = rate["packets_burst"].as_f64() {
+            s += &format!(" (burst {})", output::count(burst));
+        }
+        parts.push(s);
+    }
+    if let Some(bps) = rate["bytes_per_sec"].as_f64() {
+        let mut s = format!("{}/s", output::bytes(bps));
+        if let Some(burst) = rate["bytes_burst"].as_f64() {
+            s += &format!(" (burst {})", output::bytes(burst));
+        }
+        parts.push(s);
+    }
+    if parts.is_empty() {
+        "unlimited".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// A rule's ports: none for ICMP (it has none, and a policy may not name any), `all` for
+/// the whole range, as a policy omits them.
+fn ports_text(rule: &serde_json::Value) -> String {
+    match rule["ports"].as_str() {
+        _ if rule["proto"] == "icmp" => String::new(),
+        None | Some("0-65535") => "all".to_string(),
+        Some(p) => p.to_string(),
+    }
 }
 
 /// `enforcer doctor`.
@@ -412,5 +482,84 @@ pub(super) fn print_hooks(hooks: &serde_json::Value) {
             (None, None) => "unknown".to_string(),
         };
         outln!("{label:<11} {interface:<width$}  {state}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn rates_read_as_people_say_them() {
+        assert_eq!(
+            rate_text(&json!({"packets_per_sec": 50, "packets_burst": 20,
+                "bytes_per_sec": 1_000_000, "bytes_burst": 64_000})),
+            "50 pps (burst 20), 1.00 MB/s (burst 64.0 kB)"
+        );
+        assert_eq!(
+            rate_text(
+                &json!({"packets_per_sec": 100_000, "packets_burst": 100_000,
+                "bytes_per_sec": null, "bytes_burst": null})
+            ),
+            "100K pps (burst 100K)"
+        );
+        assert_eq!(
+            rate_text(&json!({"packets_per_sec": null, "packets_burst": null,
+                "bytes_per_sec": null, "bytes_burst": null})),
+            "unlimited"
+        );
+    }
+
+    #[test]
+    fn agents_scale_align_and_mark_overrides() {
+        let v = json!([
+            {"id": 1, "name": "coder", "mode": "enforce", "override": null,
+             "interfaces": ["gwa1"], "prefixes": [], "passed_packets": 1_234_567,
+             "dropped_packets": 40},
+            {"id": 12, "name": "b", "mode": "monitor", "override": "monitor",
+             "interfaces": [], "prefixes": ["10.0.0.0/24"], "passed_packets": 5,
+             "dropped_packets": 0},
+        ]);
+        let text = agents_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].ends_with("1.23M       40"), "{text}");
+        assert!(lines[2].ends_with("    5        0"), "{text}");
+        assert!(lines[2].contains("monitor (override)"), "{text}");
+        assert!(!lines[1].contains("override"), "{text}");
+    }
+
+    #[test]
+    fn icmp_rules_show_no_ports() {
+        let v = json!({"id": 1, "name": "coder", "mode": "enforce", "override": "monitor",
+            "interfaces": ["gwa1"], "prefixes": [], "egress_default": "deny",
+            "rate": {"packets_per_sec": null, "packets_burst": null,
+                     "bytes_per_sec": null, "bytes_burst": null},
+            "egress": [
+                {"action": "allow", "proto": "icmp", "ports": null, "to": ["10.0.0.1"]},
+                {"action": "allow", "proto": "udp", "ports": "9000", "to": ["10.0.0.2"]},
+                {"action": "deny", "proto": "any", "ports": "0-65535", "to": ["0.0.0.0/0"]},
+            ],
+            "counters": {"allowed": {"packets": 2000, "bytes": 3_000_000}}});
+        let text = agent_text(&v);
+        assert!(
+            text.starts_with("agent 1 \"coder\" (monitor (override))\n"),
+            "{text}"
+        );
+        assert!(text.contains("  rate        unlimited\n"), "{text}");
+        assert!(!text.contains("0-65535"), "{text}");
+        let icmp = text.lines().find(|l| l.contains("icmp")).unwrap();
+        assert_eq!(
+            icmp.split_whitespace().collect::<Vec<_>>(),
+            ["allow", "icmp", "10.0.0.1"]
+        );
+        assert!(text.contains("9000"), "{text}");
+        let allowed = text.lines().find(|l| l.contains("allowed")).unwrap();
+        assert_eq!(
+            allowed.split_whitespace().collect::<Vec<_>>(),
+            ["allowed", "pass", "2.00K", "3.00", "MB"]
+        );
     }
 }

@@ -907,7 +907,8 @@ impl Daemon {
                         "action": format!("{:?}", r.action).to_lowercase(),
                         "to": r.to.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "proto": r.proto.name(),
-                        "ports": r.ports.to_string(),
+                        // ICMP has no ports (and a policy may not name any).
+                        "ports": (r.proto != policy::Proto::Icmp).then(|| r.ports.to_string()),
                     })).collect::<Vec<_>>(),
                     "counters": reasons,
                 }))
