@@ -49,7 +49,9 @@ pub enum Command {
     /// Load every program of the data plane on this kernel, in a private bpffs, and print
     /// what the verifier spent on each against its 1,000,000-instruction limit.
     Doctor,
-    /// Live per-agent packet and byte rates, refreshing in place.
+    /// Live per-agent packet and bit rates, passed and dropped: refreshing in place on a
+    /// terminal, a block per sample under a timestamp elsewhere, a JSON line per sample
+    /// with --json.
     Top {
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 1.0)]
@@ -57,6 +59,10 @@ pub enum Command {
         /// Stop after this many refreshes (default: until interrupted).
         #[arg(long)]
         count: Option<u64>,
+        /// Row order: by agent id (stable), by name, or busiest first by passed or dropped
+        /// packets per second.
+        #[arg(long, value_enum, default_value_t = TopSort::Id)]
+        sort: TopSort,
     },
     /// Check, apply, show or diff policies.
     Policy {
@@ -191,6 +197,14 @@ pub enum AuditCommand {
         #[arg(long)]
         no_head: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TopSort {
+    Id,
+    Name,
+    Passed,
+    Dropped,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

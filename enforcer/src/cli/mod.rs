@@ -180,9 +180,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Agent { agent } => show::agent(cli, agent),
         Command::Doctor => show::doctor(cli),
         Command::Stats => show::stats(cli),
-        Command::Top { interval, count } => {
-            top::top(cli, Duration::from_secs_f64(interval.max(0.1)), *count)
-        }
+        Command::Top {
+            interval,
+            count,
+            sort,
+        } => top::top(
+            cli,
+            Duration::from_secs_f64(interval.max(0.1)),
+            *count,
+            *sort,
+        ),
         Command::Policy { command } => policy::command(cli, command),
         Command::Mode { agent, mode, .. } => show::mode(cli, agent, *mode),
         Command::Audit {
