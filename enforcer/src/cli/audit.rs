@@ -1,7 +1,6 @@
 //! `enforcer audit tail` and `audit verify`.
 
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -45,8 +44,21 @@ pub(super) fn tail(
         .filter_map(Value::as_str)
         .collect();
     let shown: Vec<&str> = got.iter().copied().filter(|l| filter.matches(l)).collect();
-    for line in &shown[shown.len().saturating_sub(lines)..] {
-        outln!("{line}");
+    let shown = &shown[shown.len().saturating_sub(lines)..];
+    // A table by default, the way `hubble observe` reads; with --json the records as the
+    // log stores them, one per line.
+    let print = |line: &str| {
+        if cli.json {
+            outln!("{line}");
+        } else {
+            outln!("{}", tail_row(line));
+        }
+    };
+    if !cli.json && (follow || !shown.is_empty()) {
+        outln!("{}", tail_header());
+    }
+    for line in shown {
+        print(line);
     }
     if !follow {
         return Ok(ExitCode::SUCCESS);
@@ -60,19 +72,135 @@ pub(super) fn tail(
     let mut follower = crate::node::audit::Follower::new(&path, after).with_context(
         || "following the audit log (reading it needs the daemon's file permissions)",
     )?;
-    let stdout = std::io::stdout();
     loop {
         for line in follower.poll()? {
             if filter.matches(&line) {
-                let mut out = stdout.lock();
-                // A closed pipe (`| head`) ends the command.
-                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                    return Ok(ExitCode::SUCCESS);
-                }
+                // outln! flushes each line, and a closed pipe (`| head`) ends the command.
+                print(&line);
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Column widths of the `audit tail` table. Fixed, so the rows `-f` adds later line up
+/// with the first ones; a longer cell pushes the rest of its row to the right.
+const TIME_W: usize = 23;
+const AGENT_W: usize = 12;
+const VERDICT_W: usize = 7;
+const REASON_W: usize = 20;
+const PROTO_W: usize = 5;
+
+/// The header line of the `audit tail` table.
+fn tail_header() -> String {
+    tail_cells("TIME", "AGENT", "VERDICT", "REASON", "PROTO", "FLOW", "")
+}
+
+fn tail_cells(
+    time: &str,
+    agent: &str,
+    verdict: &str,
+    reason: &str,
+    proto: &str,
+    flow: &str,
+    detail: &str,
+) -> String {
+    let mut line = format!(
+        "{time:<TIME_W$}  {agent:<AGENT_W$}  {verdict:<VERDICT_W$}  {reason:<REASON_W$}  {proto:<PROTO_W$}  {flow}"
+    );
+    if !detail.is_empty() {
+        line.push_str("  ");
+        line.push_str(detail);
+    }
+    line.trim_end().to_string()
+}
+
+/// One audit record as a row: time, agent, verdict, reason, protocol, `src -> dst`, and
+/// what else the kind of record has (a summary's count, a notice's or a change's words).
+/// A line that is not a record is shown as it is, never hidden.
+fn tail_row(line: &str) -> String {
+    let Ok(r) = serde_json::from_str::<Value>(line) else {
+        return line.to_string();
+    };
+    if !r.is_object() {
+        return line.to_string();
+    }
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    // `2026-12-07T04:50:00.123456789Z` as `2026-12-07 04:50:00.123`.
+    let time =
+        r["time"]
+            .as_str()
+            .map_or_else(String::new, |t| match (t.get(..10), t.get(11..23)) {
+                (Some(day), Some(clock)) => format!("{day} {clock}"),
+                _ => t.to_string(),
+            });
+    let agent = match (&r["agent_name"], &r["agent"]) {
+        (Value::String(name), _) => name.clone(),
+        (_, Value::Number(n)) if n.as_u64() == Some(0) => "(unknown)".to_string(),
+        (_, Value::Number(n)) => format!("agent {n}"),
+        _ => "-".to_string(),
+    };
+    let flow = |src: &Value, dst: &Value| match (text(src), text(dst)) {
+        (Some(s), Some(d)) => format!("{s} -> {d}"),
+        (None, Some(d)) => format!("-> {d}"),
+        (Some(s), None) => format!("{s} ->"),
+        (None, None) => String::new(),
+    };
+    let verdict = text(&r["verdict"]).unwrap_or_else(|| "-".to_string());
+    let reason = text(&r["reason"]).unwrap_or_default();
+    let dash = |s: Option<String>| s.unwrap_or_else(|| "-".to_string());
+    if reason == "summary" {
+        // Events over the global budget, folded into one record.
+        let event_reason = dash(text(&r["event_reason"]));
+        return tail_cells(
+            &time,
+            &agent,
+            &verdict,
+            &event_reason,
+            &dash(text(&r["last"]["proto"])),
+            &flow(&r["last"]["src"], &r["last"]["dst"]),
+            &format!(
+                "(summary: {} events in {}s, first at {})",
+                r["events"],
+                r["window_secs"],
+                r["first"]["time"].as_str().unwrap_or("?")
+            ),
+        );
+    }
+    let mut details = Vec::new();
+    if r.get("ktime_ns").is_none() {
+        // Decided in user space (the resolver, the proxy, the API) or about the log itself.
+        if let Some(source) = text(&r["source"]) {
+            details.push(format!("[{source}]"));
+        }
+    }
+    if let Some(name) = text(&r["name"]) {
+        details.push(format!("name {name}"));
+    }
+    if let Some(lost) = r["events_lost"].as_u64().filter(|&n| n > 0) {
+        details.push(format!("{lost} events lost"));
+    }
+    if let Some(detail) = text(&r["detail"]) {
+        details.push(detail);
+    }
+    if let Some(uid) = r["actor"]["uid"].as_u64() {
+        details.push(format!("by uid {uid}"));
+    }
+    // A notice of the audit writer concerns no agent.
+    let agent = if r.get("agent").is_none() {
+        "-".to_string()
+    } else {
+        agent
+    };
+    tail_cells(
+        &time,
+        &agent,
+        &verdict,
+        &reason,
+        &dash(text(&r["proto"])),
+        &flow(&r["src"], &r["dst"]),
+        &details.join(" "),
+    )
 }
 
 /// `enforcer audit verify`.
@@ -181,4 +309,106 @@ fn verify_head(
     }
     let path = config.state_dir.join(FILE_NAME);
     Ok(Head::load(&path)?.map(|h| (path, h)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<&str> {
+        s.split_whitespace().collect()
+    }
+
+    #[test]
+    fn records_of_every_kind_read_as_rows() {
+        let denial = r#"{"seq":7,"time":"2026-12-07T04:50:00.123456789Z","ktime_ns":5,"agent":1,"agent_name":"coder","reason":"egress_denied","verdict":"drop","proto":"udp","src":"10.200.1.2:4000","dst":"10.200.100.2:9001","ifindex":3,"len":44,"policy_generation":1,"policy_digest":"ab","prev":"cd"}"#;
+        let row = tail_row(denial);
+        assert_eq!(
+            words(&row),
+            [
+                "2026-12-07",
+                "04:50:00.123",
+                "coder",
+                "drop",
+                "egress_denied",
+                "udp",
+                "10.200.1.2:4000",
+                "->",
+                "10.200.100.2:9001"
+            ]
+        );
+        // Columns start where the header's do.
+        let header = tail_header();
+        for title in ["AGENT", "VERDICT", "REASON", "PROTO", "FLOW"] {
+            let at = header.find(title).unwrap();
+            assert_ne!(&row[at..=at], " ", "{title}: {header}\n{row}");
+            assert_eq!(&row[at - 1..at], " ", "{title}: {header}\n{row}");
+        }
+
+        let change = r#"{"seq":1,"time":"2026-12-07T04:49:00.000000000Z","source":"api","agent":0,"agent_name":null,"reason":"policy_apply","verdict":"applied","src":null,"dst":null,"name":null,"detail":"/etc/enforcer/policy.toml","actor":{"uid":0,"gid":0,"pid":12},"policy_generation":1,"policy_digest":"ab","prev":"00"}"#;
+        assert_eq!(
+            words(&tail_row(change)),
+            [
+                "2026-12-07",
+                "04:49:00.000",
+                "(unknown)",
+                "applied",
+                "policy_apply",
+                "-",
+                "[api]",
+                "/etc/enforcer/policy.toml",
+                "by",
+                "uid",
+                "0"
+            ]
+        );
+
+        let notice = r#"{"seq":2,"time":"2026-12-07T04:49:01.000000000Z","source":"audit","reason":"events_lost","events_lost":12,"detail":"the ring buffer was full","prev":"00"}"#;
+        assert_eq!(
+            words(&tail_row(notice)),
+            [
+                "2026-12-07",
+                "04:49:01.000",
+                "-",
+                "-",
+                "events_lost",
+                "-",
+                "[audit]",
+                "12",
+                "events",
+                "lost",
+                "the",
+                "ring",
+                "buffer",
+                "was",
+                "full"
+            ]
+        );
+
+        let summary = r#"{"seq":3,"time":"2026-12-07T04:49:10.000000000Z","source":"audit","reason":"summary","agent":1,"agent_name":"coder","event_reason":"egress_denied","verdict":"drop","events":37,"first":{"time":"2026-12-07T04:49:00.5Z","proto":"udp","src":"a:1","dst":"b:2"},"last":{"time":"2026-12-07T04:49:09Z","proto":"udp","src":"a:1","dst":"b:3"},"window_secs":10,"policy_generation":1,"prev":"00"}"#;
+        assert_eq!(
+            words(&tail_row(summary)),
+            [
+                "2026-12-07",
+                "04:49:10.000",
+                "coder",
+                "drop",
+                "egress_denied",
+                "udp",
+                "a:1",
+                "->",
+                "b:3",
+                "(summary:",
+                "37",
+                "events",
+                "in",
+                "10s,",
+                "first",
+                "at",
+                "2026-12-07T04:49:00.5Z)"
+            ]
+        );
+
+        assert_eq!(tail_row("not json {"), "not json {");
+    }
 }
