@@ -188,14 +188,14 @@ fn cli_reports_and_controls_a_running_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rates: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let coder = rates
+    let coder = rates["agents"]
         .as_array()
         .unwrap()
         .iter()
         .find(|r| r["id"] == 1)
         .unwrap();
     assert_eq!(coder["name"], "coder");
-    assert!(coder["passed_pps"].as_f64().unwrap() >= 0.0);
+    assert!(coder["passed_packets_per_sec"].as_f64().unwrap() >= 0.0);
 
     assert_eq!(allowed.stop().0, 30);
     drop(denied);
@@ -376,6 +376,7 @@ fn audit_trail_records_denials_and_detects_tampering() {
     let out = lab.cli(&[
         "--config",
         config.to_str().unwrap(),
+        "--json",
         "audit",
         "tail",
         "-n",
@@ -517,7 +518,9 @@ fn audit_tail_follows_with_filters_across_rotation() {
         lab.gw
             .command(enforcer_bin())
             .args(["--config", config.to_str().unwrap()])
-            .args(["audit", "tail", "-n", "0", "-f", "--agent", "coder"])
+            .args([
+                "--json", "audit", "tail", "-n", "0", "-f", "--agent", "coder",
+            ])
             .args(["--verdict", "drop"])
             .stdout(std::process::Stdio::piped())
             .spawn()

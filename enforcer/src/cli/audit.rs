@@ -186,8 +186,9 @@ fn tail_row(line: &str) -> String {
     if let Some(uid) = r["actor"]["uid"].as_u64() {
         details.push(format!("by uid {uid}"));
     }
-    // A notice of the audit writer concerns no agent.
-    let agent = if r.get("agent").is_none() {
+    // A notice of the audit writer concerns no agent, nor does agent 0 of a record made in
+    // user space (a policy apply); agent 0 of the kernel's is traffic of no known agent.
+    let agent = if r.get("agent").is_none() || (r.get("ktime_ns").is_none() && r["agent"] == 0) {
         "-".to_string()
     } else {
         agent
@@ -351,7 +352,7 @@ mod tests {
             [
                 "2026-12-07",
                 "04:49:00.000",
-                "(unknown)",
+                "-",
                 "applied",
                 "policy_apply",
                 "-",

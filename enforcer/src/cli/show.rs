@@ -229,7 +229,7 @@ pub(super) fn agent(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
 /// What `agent` prints: identity, limits as people read them, rules, counters by reason.
 fn agent_text(v: &serde_json::Value) -> String {
     let mut text = format!(
-        "agent {} {:?} ({})\n",
+        "agent {} {:?}, mode {}\n",
         v["id"],
         v["name"].as_str().unwrap_or(""),
         mode_text(v)
@@ -545,7 +545,7 @@ mod tests {
             "counters": {"allowed": {"packets": 2000, "bytes": 3_000_000}}});
         let text = agent_text(&v);
         assert!(
-            text.starts_with("agent 1 \"coder\" (monitor (override))\n"),
+            text.starts_with("agent 1 \"coder\", mode monitor (override)\n"),
             "{text}"
         );
         assert!(text.contains("  rate        unlimited\n"), "{text}");
