@@ -287,6 +287,50 @@ fn top_fits_sixty_columns_sorts_and_prints_blocks_off_a_terminal() {
     assert_eq!(words(lines[4])[..2], ["2", LONG_NAME], "{wide}");
 }
 
+/// On a terminal 60 columns wide (a pty from `script`, sized with `stty`), `top` redraws
+/// the screen in place and its lines fit the terminal's width, found with TIOCGWINSZ.
+#[test]
+fn top_on_a_terminal_clears_the_screen_and_fits_its_width() {
+    if !require_root("top_on_a_terminal_clears_the_screen_and_fits_its_width") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config_path();
+    let command = format!(
+        "stty cols 60 rows 40; {} --config {} top --count 2 --interval 0.2",
+        integration_tests::enforcer_bin().display(),
+        config.display()
+    );
+    let out = lab
+        .gw
+        .command("script")
+        .env_remove("COLUMNS")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap().replace('\r', "");
+    let screens: Vec<&str> = text.split("\x1b[H\x1b[2J").collect();
+    // Nothing before the first screen, then two screens.
+    assert_eq!(screens.len(), 3, "{text:?}");
+    assert_eq!(screens[0], "", "{text:?}");
+    for screen in &screens[1..] {
+        let rows: Vec<&str> = screen.lines().collect();
+        // The title is whole: the quit hint is left out where it would not fit.
+        assert!(rows[0].ends_with("every 0.2s"), "{screen}");
+        assert_eq!(rows.len(), 5, "{screen}");
+        for line in &rows {
+            assert!(
+                line.chars().count() <= 60,
+                "{line:?} is wider than 60: {screen}"
+            );
+        }
+        assert!(!screen.contains(LONG_NAME), "{screen}");
+        assert!(rows[4].starts_with(" 2  a-rather"), "{screen}");
+        assert!(words(rows[4])[1].ends_with('…'), "{screen}");
+    }
+}
+
 #[test]
 fn top_json_prints_a_line_per_sample_with_time_and_units() {
     if !require_root("top_json_prints_a_line_per_sample_with_time_and_units") {
@@ -503,6 +547,7 @@ fn metrics_label_packets_and_bytes_with_their_verdict_and_give_build_info() {
     }
     let lab = lab();
     deny(&lab, 1, 25);
+    // A listener, so no port-unreachable answer fails the sender's next send.
     let sink = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
     let sent = udp_send(
         lab.agent(1),
@@ -513,7 +558,6 @@ fn metrics_label_packets_and_bytes_with_their_verdict_and_give_build_info() {
         Duration::ZERO,
     );
     assert_eq!(sent.unwrap(), 15);
-    assert_eq!(sink.stop().0, 15);
     let denied = lab.cli_json(&["agent", "coder"])["counters"]["egress_denied"].clone();
     let m = scrape(&lab);
     let series = |name: &str, reason: &str, verdict: &str| {
@@ -567,4 +611,5 @@ fn metrics_label_packets_and_bytes_with_their_verdict_and_give_build_info() {
         )),
         "{key}"
     );
+    drop(sink);
 }

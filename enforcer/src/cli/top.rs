@@ -103,12 +103,13 @@ pub(super) fn top(
             outln!("{}", sample_json(&now, secs, &rows));
         } else {
             let time = now.get(..19).map_or(now.clone(), |s| format!("{s}Z"));
-            let title = format!(
-                "enforcer top  {time}  every {:.1}s{}",
-                interval.as_secs_f64(),
-                if terminal { ", Ctrl-C to quit" } else { "" }
-            );
             let width = width(terminal);
+            let mut title = format!("enforcer top  {time}  every {:.1}s", interval.as_secs_f64());
+            // The hint only where it fits whole.
+            const HINT: &str = ", Ctrl-C to quit";
+            if terminal && width.is_none_or(|w| title.len() + HINT.len() <= w) {
+                title.push_str(HINT);
+            }
             let mut text = String::new();
             for line in std::iter::once(title).chain(render(&rows, width)) {
                 text += &fit(&line, width);
