@@ -63,6 +63,33 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
+/// The directory of the CLI's JSON schemas, one file per command (`enforcer/schema/`).
+pub fn schema_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer/schema")
+}
+
+/// Checks `value` against `enforcer/schema/<name>.json`; panics naming every place that
+/// does not match, with the document.
+pub fn check_schema(name: &str, value: &serde_json::Value) {
+    let path = schema_dir().join(format!("{name}.json"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let validator = jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("{} is not a valid schema: {e}", path.display()));
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("  at {}: {e}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "output does not match {}:\n{}\n{}",
+        path.display(),
+        errors.join("\n"),
+        serde_json::to_string_pretty(value).unwrap()
+    );
+}
+
 /// The `enforcer` binary cargo built next to this test binary.
 pub fn enforcer_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -446,6 +446,8 @@ async fn mtls_server_rejects_clients_without_a_certificate() {
     .await;
     let nodes = controlplane::nodes(&endpoint).await.unwrap();
     assert!(nodes.iter().all(|n| n.node_id != "anonymous"), "{nodes:?}");
+    // What `enforcer control-plane nodes --json` prints: these nodes, serialized.
+    integration_tests::check_schema("nodes", &serde_json::to_value(&nodes).unwrap());
 
     anonymous.stop().await;
     client.stop().await;

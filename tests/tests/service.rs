@@ -468,6 +468,7 @@ fn package_holds_the_service_and_installs_on_debian_12() {
         "/usr/share/zsh/vendor-completions/_enforcer",
         "/usr/share/fish/vendor_completions.d/enforcer.fish",
         "/usr/share/doc/enforcer/copyright",
+        "/usr/share/doc/enforcer/schema/status.json",
     ] {
         assert!(entry(path).starts_with("-rw-r--r-- root/root"), "{path}");
     }

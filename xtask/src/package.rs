@@ -10,6 +10,7 @@
 //! | `/usr/share/man/man1/enforcer*.1.gz`             | `enforcer generate` (clap_mangen, from the CLI definition) |
 //! | bash, zsh and fish completions                   | `enforcer generate` (clap_complete)    |
 //! | `/usr/share/doc/enforcer/copyright`              | the workspace licence                  |
+//! | `/usr/share/doc/enforcer/schema/*.json`          | `enforcer/schema/`: the CLI's `--json` documents |
 //!
 //! The daemon is a system administration tool, hence `/usr/sbin` (Debian policy 9.1.1).
 //! `Depends: libc6 (>= V)` names the newest glibc symbol version the binary uses, read from
@@ -142,6 +143,20 @@ pub fn build_as(p: &Package, version: &str) -> Result<PathBuf> {
          On Debian systems the Apache License 2.0 is in /usr/share/common-licenses/Apache-2.0.\n",
         0o644,
     )?;
+    // The JSON Schemas of the CLI's --json output, for whoever scripts against it.
+    let schemas = p.packaging.join("../enforcer/schema");
+    let mut names: Vec<_> = fs::read_dir(&schemas)
+        .with_context(|| format!("reading {}", schemas.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for name in names {
+        copy(
+            &schemas.join(&name),
+            &stage.join("usr/share/doc/enforcer/schema").join(&name),
+            0o644,
+        )?;
+    }
     fs::remove_dir_all(&generated)?;
 
     let debian = stage.join("DEBIAN");

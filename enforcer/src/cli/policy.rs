@@ -85,7 +85,11 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
             match cli.call(Request::PolicyApply { text, origin }) {
                 Ok(v) => {
                     if cli.json {
-                        print_json(&v);
+                        print_json(&json!({
+                            "generation": v["generation"],
+                            "to": "daemon",
+                            "pending_interfaces": compiled.pending,
+                        }));
                     } else {
                         outln!("applied: generation {}", v["generation"]);
                     }
