@@ -124,7 +124,7 @@ wait_enforcing() {
 
 # The agent's egress_denied packet counter, from the pinned maps through the CLI.
 denied_counter() {
-	enforcer --json stats | jq -r '.[] | select(.id == 1) | .reasons.egress_denied.packets // 0'
+	enforcer --json stats | jq -r '.agents[] | select(.id == 1) | .reasons.egress_denied.packets // 0'
 }
 
 active() { systemctl is-active --quiet enforcer; }
