@@ -13,7 +13,8 @@ use std::{
     fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Output,
+    process::{Output, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -122,6 +123,29 @@ to = ["10.200.100.2"]
 proto = "udp"
 ports = "9000"
 "#;
+
+/// How a CLI command ended: [`Lab::run_cli`].
+#[derive(Debug)]
+pub struct CliRun {
+    /// The exit code (-1 if a signal ended it).
+    pub code: i32,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// stdout then stderr, for messages that may be on either.
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// Whether it exited 0, and [`CliRun::output`].
+    pub fn ok_output(&self) -> (bool, String) {
+        (self.code == 0, self.output())
+    }
+}
 
 /// A tmpfs mounted on a directory (created if missing), unmounted on drop: a file system
 /// a test can fill or make read-only under the daemon.
@@ -448,6 +472,93 @@ impl Lab {
     /// Runs the `enforcer` CLI in the gateway namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.gw.command(enforcer_bin()).args(args).output().unwrap()
+    }
+
+    /// `enforcer --config <the lab's> ARGS`: what it printed and how it ended.
+    pub fn run_cli(&self, args: &[&str]) -> CliRun {
+        let config = self.config_path();
+        let mut all = vec!["--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        CliRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// [`Lab::run_cli`] with `--json`: the exit code and the one JSON document on stdout
+    /// (panics if stdout is not one), for commands expected to fail as well.
+    pub fn run_cli_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let run = self.run_cli(&all);
+        let doc = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
+            panic!(
+                "enforcer {args:?}: stdout is not one JSON document ({e}):\n{}\nstderr:\n{}",
+                run.stdout, run.stderr
+            )
+        });
+        (run.code, doc)
+    }
+
+    /// Starts `enforcer --config <the lab's> ARGS` (a following command: `audit tail -f`,
+    /// `top`) in the gateway namespace; its stdout lines arrive on the receiver. The
+    /// process is killed when the guard drops.
+    pub fn follow_cli(&self, args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+        use std::io::BufRead as _;
+        let config = self.config_path();
+        let mut child = ChildGuard::new(
+            self.gw
+                .command(enforcer_bin())
+                .args(["--config", config.to_str().unwrap()])
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = child.child_mut().stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+
+    /// Scrapes the daemon's `/metrics` (the lab's `127.0.0.1:9464` in the gateway
+    /// namespace) into `series -> value`, the series being the metric name with its labels
+    /// exactly as printed.
+    pub fn scrape_metrics(&self) -> BTreeMap<String, f64> {
+        use std::io::{Read as _, Write as _};
+        let text = lab::in_netns(&self.gw, || {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        });
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (series, value) = l
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+                (series.to_string(), value)
+            })
+            .collect()
     }
 
     /// `enforcer --json --config <the lab's> ARGS`, parsed; panics if it fails.

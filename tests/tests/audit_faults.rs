@@ -17,18 +17,9 @@ fn cli_json(lab: &Lab, args: &[&str]) -> Value {
 
 /// `enforcer audit verify ARGS` with the lab's configuration: success and what it printed.
 fn verify(lab: &Lab, args: &[&str]) -> (bool, String) {
-    let config = lab.config_path();
-    let mut all = vec!["--config", config.to_str().unwrap(), "audit", "verify"];
+    let mut all = vec!["audit", "verify"];
     all.extend_from_slice(args);
-    let out = lab.cli(&all);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    lab.run_cli(&all).ok_output()
 }
 
 /// Sends `n` denied datagrams from agent 1.

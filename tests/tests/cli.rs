@@ -1,53 +1,14 @@
 //! The local CLI against a running daemon (over its Unix socket), and the Prometheus
 //! endpoint, with real traffic behind them.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use enforcer::lab::{ChildGuard, UdpSink, in_netns, require_root, udp_send};
+use enforcer::lab::{ChildGuard, UdpSink, require_root, udp_send};
 use integration_tests::{Lab, SERVER_V4, Tmpfs, UDP_9000_POLICY as POLICY, enforcer_bin, sa};
 use serde_json::Value;
 
 fn cli_json(lab: &Lab, args: &[&str]) -> Value {
     lab.cli_json(args)
-}
-
-/// Parses the Prometheus text format into `series -> value` (the series key is the metric
-/// name with its labels exactly as printed).
-fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (series, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad metrics line {l:?}"));
-            (
-                series.to_string(),
-                value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad value in {l:?}")),
-            )
-        })
-        .collect()
-}
-
-fn scrape(lab: &Lab) -> BTreeMap<String, f64> {
-    let text = in_netns(&lab.gw, || {
-        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    parse_prometheus(body)
 }
 
 #[test]
@@ -96,7 +57,7 @@ fn cli_reports_and_controls_a_running_daemon() {
     assert_eq!(coder["reasons"]["egress_denied"]["packets"], 40);
 
     // The same numbers through /metrics.
-    let metrics = scrape(&lab);
+    let metrics = lab.scrape_metrics();
     assert_eq!(
         metrics[r#"enforcer_packets_total{agent="coder",agent_id="1",reason="egress_denied",verdict="drop"}"#],
         40.0
@@ -513,32 +474,18 @@ fn audit_tail_follows_with_filters_across_rotation() {
     // Records from before the follow starts are not followed (-n 0 shows none of them).
     deny(1, 2);
     wait_records(&lab, 2);
-    let config = lab.config_path();
-    let mut child = ChildGuard::new(
-        lab.gw
-            .command(enforcer_bin())
-            .args(["--config", config.to_str().unwrap()])
-            .args([
-                "--json", "audit", "tail", "-n", "0", "-f", "--agent", "coder",
-            ])
-            .args(["--verdict", "drop"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.child_mut().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut child, rx) = lab.follow_cli(&[
+        "--json",
+        "audit",
+        "tail",
+        "-n",
+        "0",
+        "-f",
+        "--agent",
+        "coder",
+        "--verdict",
+        "drop",
+    ]);
     let collect = |n: usize| -> Vec<Value> {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut got = Vec::new();
@@ -634,22 +581,6 @@ fn stop_never_signals_a_pid_the_daemon_no_longer_holds() {
     }
 }
 
-/// Runs the CLI with the lab's configuration: success and what it printed.
-fn cli_outcome(lab: &Lab, args: &[&str]) -> (bool, String) {
-    let config = lab.config_path();
-    let mut all = vec!["--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = lab.cli(&all);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `policy apply` and `mode` change nothing when the change cannot be saved: what enforces
 /// is what a restart (or a SIGHUP) would read, and the exit code says so.
 #[test]
@@ -688,7 +619,7 @@ fn a_change_that_cannot_be_saved_is_not_enforced() {
         .unwrap()
     };
 
-    let (ok, out) = cli_outcome(&lab, &["mode", "coder", "monitor"]);
+    let (ok, out) = lab.run_cli(&["mode", "coder", "monitor"]).ok_output();
     assert!(!ok, "{out}");
     assert!(
         out.contains("not changed") && out.contains("Read-only"),
@@ -702,7 +633,9 @@ fn a_change_that_cannot_be_saved_is_not_enforced() {
 
     let allow_all = POLICY.replace("ports = \"9000\"", "ports = \"9000-9001\"");
     let candidate = lab.write_file("candidate.toml", &allow_all);
-    let (ok, out) = cli_outcome(&lab, &["policy", "apply", candidate.to_str().unwrap()]);
+    let (ok, out) = lab
+        .run_cli(&["policy", "apply", candidate.to_str().unwrap()])
+        .ok_output();
     assert!(!ok, "{out}");
     assert!(out.contains("not applied"), "{out}");
     let after = cli_json(&lab, &["status"]);
@@ -711,7 +644,7 @@ fn a_change_that_cannot_be_saved_is_not_enforced() {
 
     // Writable again: the change is saved, enforced, and survives a restart.
     disk.remount("rw");
-    let (ok, out) = cli_outcome(&lab, &["mode", "coder", "monitor"]);
+    let (ok, out) = lab.run_cli(&["mode", "coder", "monitor"]).ok_output();
     assert!(ok, "{out}");
     lab.stop_daemon(libc::SIGTERM);
     lab.start_daemon();

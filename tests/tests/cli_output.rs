@@ -3,17 +3,14 @@
 //! running daemon with real traffic from agent namespaces.
 
 use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, Read as _, Write as _},
-    net::TcpStream,
-    process::{Output, Stdio},
+    process::Output,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use enforcer::{
     cli::output,
-    lab::{ChildGuard, UdpSink, in_netns, require_root, udp_send},
+    lab::{UdpSink, require_root, udp_send},
 };
 use integration_tests::{Lab, SERVER_V4, sa};
 use serde_json::Value;
@@ -478,28 +475,7 @@ fn audit_tail_prints_a_table_json_with_json_and_follows_in_the_same_format() {
     }
 
     // -f: the header, then each new record as a row like the ones above.
-    let config = lab.config_path();
-    let mut child = ChildGuard::new(
-        lab.gw
-            .command(integration_tests::enforcer_bin())
-            .args(["--config", config.to_str().unwrap()])
-            .args(["audit", "tail", "-n", "0", "-f"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.child_mut().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (_child, rx) = lab.follow_cli(&["audit", "tail", "-n", "0", "-f"]);
     let next = || {
         rx.recv_timeout(Duration::from_secs(20))
             .expect("a line from audit tail -f")
@@ -517,27 +493,6 @@ fn audit_tail_prints_a_table_json_with_json_and_follows_in_the_same_format() {
         serde_json::from_str::<Value>(&followed).is_err(),
         "{followed}"
     );
-}
-
-/// Parses the Prometheus text format into `series -> value`.
-fn scrape(lab: &Lab) -> BTreeMap<String, f64> {
-    let text = in_netns(&lab.gw, || {
-        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_string(), value.parse().unwrap())
-        })
-        .collect()
 }
 
 #[test]
@@ -559,7 +514,7 @@ fn metrics_label_packets_and_bytes_with_their_verdict_and_give_build_info() {
     );
     assert_eq!(sent.unwrap(), 15);
     let denied = lab.cli_json(&["agent", "coder"])["counters"]["egress_denied"].clone();
-    let m = scrape(&lab);
+    let m = lab.scrape_metrics();
     let series = |name: &str, reason: &str, verdict: &str| {
         let key = format!(
             r#"enforcer_{name}_total{{agent="coder",agent_id="1",reason="{reason}",verdict="{verdict}"}}"#

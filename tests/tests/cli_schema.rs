@@ -4,7 +4,7 @@
 //! schemas forbid undocumented fields where the shape is fixed, so output that grows a
 //! field fails here until the schema (the documentation) says what it is.
 
-use std::{process::Output, time::Duration};
+use std::time::Duration;
 
 use enforcer::lab::{require_root, udp_send};
 use integration_tests::{Lab, SERVER_V4, UDP_9000_POLICY as POLICY, check_schema, sa, schema_dir};
@@ -32,31 +32,10 @@ const SCHEMAS: &[&str] = &[
     "top",
 ];
 
-/// `enforcer --json --config <lab> ARGS`: the output and the one JSON document on stdout.
-fn run(lab: &Lab, args: &[&str]) -> (Output, Value) {
-    let config = lab.config_path();
-    let mut all = vec!["--json", "--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = lab.cli(&all);
-    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "enforcer {all:?}: stdout is not one JSON document ({e}):\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out, doc)
-}
-
 /// Runs `args`, expects `code`, and checks the document against `schema`.
 fn check(lab: &Lab, args: &[&str], code: i32, schema: &str) -> Value {
-    let (out, doc) = run(lab, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "enforcer {args:?}: {doc}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (got, doc) = lab.run_cli_json(args);
+    assert_eq!(got, code, "enforcer {args:?}: {doc}");
     check_schema(schema, &doc);
     doc
 }

@@ -15,10 +15,8 @@ use serde_json::Value;
 
 /// `enforcer --config <the lab's> ARGS`: exit code, stdout, stderr.
 fn run(lab: &Lab, args: &[&str]) -> (i32, String, String) {
-    let config = lab.config_path();
-    let mut all = vec!["--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    outcome(&lab.cli(&all))
+    let run = lab.run_cli(args);
+    (run.code, run.stdout, run.stderr)
 }
 
 fn outcome(out: &Output) -> (i32, String, String) {
@@ -27,16 +25,6 @@ fn outcome(out: &Output) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// [`run`] with `--json`: the exit code and the one document printed.
-fn run_json(lab: &Lab, args: &[&str]) -> (i32, Value) {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, stdout, stderr) = run(lab, &all);
-    let v = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}{stderr}"));
-    (code, v)
 }
 
 /// Points the lab's configuration at another pin directory.
@@ -92,7 +80,7 @@ fn mode_overrides_stay_out_of_policy_diff_and_clear_restores_the_policy_mode() {
         "runtime overrides (not in the file): agent coder: monitor",
         "{out}"
     );
-    let (_, diff) = run_json(&lab, &["policy", "diff", file]);
+    let (_, diff) = lab.run_cli_json(&["policy", "diff", file]);
     assert_eq!(diff["agents_changed"], serde_json::json!([]), "{diff}");
     assert_eq!(
         diff["overrides"],
@@ -100,7 +88,7 @@ fn mode_overrides_stay_out_of_policy_diff_and_clear_restores_the_policy_mode() {
     );
     // A real change of the file's still shows.
     let changed = lab.write_file("changed.toml", &POLICY.replace("9000", "9002"));
-    let (_, diff) = run_json(&lab, &["policy", "diff", changed.to_str().unwrap()]);
+    let (_, diff) = lab.run_cli_json(&["policy", "diff", changed.to_str().unwrap()]);
     assert_eq!(diff["agents_changed"][0]["name"], "coder", "{diff}");
 
     // --clear: back to the policy's mode, saved and audited.
@@ -170,7 +158,7 @@ fn status_stats_and_stop_say_what_the_pinned_program_does() {
         out.contains(&format!("audit log   {}", audit_log.display())),
         "{out}"
     );
-    let (_, stats) = run_json(&lab, &["stats"]);
+    let (_, stats) = lab.run_cli_json(&["stats"]);
     assert_eq!(stats["source"], "daemon");
 
     // stop: one line, naming what keeps enforcing.
@@ -204,7 +192,7 @@ fn status_stats_and_stop_say_what_the_pinned_program_does() {
         attached.contains("gwa1") && attached.contains("tc ") && !attached.contains("NOT"),
         "{out}"
     );
-    let (code, status) = run_json(&lab, &["status"]);
+    let (code, status) = lab.run_cli_json(&["status"]);
     assert_eq!(code, 3);
     assert_eq!(status["daemon"], Value::Null);
     assert_eq!(status["source"], "pinned maps");
@@ -230,7 +218,7 @@ fn status_stats_and_stop_say_what_the_pinned_program_does() {
     assert_eq!(&denied[verdict..verdict + 4], "drop", "{out}");
     let allowed = out.lines().find(|l| l.contains("allowed")).unwrap();
     assert_eq!(&allowed[verdict..verdict + 4], "pass", "{out}");
-    let (_, stats) = run_json(&lab, &["stats"]);
+    let (_, stats) = lab.run_cli_json(&["stats"]);
     assert_eq!(stats["source"], "pinned maps");
     let coder = stats["agents"]
         .as_array()
@@ -251,7 +239,7 @@ fn status_stats_and_stop_say_what_the_pinned_program_does() {
     );
 
     // --detach: one line; the pins and the directory made for them are gone.
-    let (code, v) = run_json(&lab, &["stop", "--detach"]);
+    let (code, v) = lab.run_cli_json(&["stop", "--detach"]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["detached"], true);
     assert_eq!(v["stopped_pid"], Value::Null);
@@ -275,7 +263,7 @@ fn status_stats_and_stop_say_what_the_pinned_program_does() {
         )
     );
     assert!(!pins.exists());
-    let (code, status) = run_json(&lab, &["status"]);
+    let (code, status) = lab.run_cli_json(&["status"]);
     assert_eq!((code, &status["enforcing"]), (3, &Value::Bool(false)));
 }
 
