@@ -474,6 +474,30 @@ impl Lab {
         self.gw.command(enforcer_bin()).args(args).output().unwrap()
     }
 
+    /// Under [`UDP_9000_POLICY`]: agent 1 sends `allowed` datagrams to the server's port
+    /// 9000 and `denied` to 9001, each to a listener (an ICMP port unreachable would fail
+    /// the next send on the connected socket). The listeners are returned, to count what
+    /// arrived.
+    pub fn udp_9000_traffic(&self, allowed: u64, denied: u64) -> (lab::UdpSink, lab::UdpSink) {
+        let sinks = (
+            lab::UdpSink::spawn(&self.server, sa("0.0.0.0", 9000)).unwrap(),
+            lab::UdpSink::spawn(&self.server, sa("0.0.0.0", 9001)).unwrap(),
+        );
+        for (port, n) in [(9000, allowed), (9001, denied)] {
+            let sent = lab::udp_send(
+                self.agent(1),
+                sa(SERVER_V4, port),
+                None,
+                b"x",
+                n,
+                Duration::ZERO,
+            )
+            .unwrap();
+            assert_eq!(sent, n, "datagrams sent to port {port}");
+        }
+        sinks
+    }
+
     /// `enforcer --config <the lab's> ARGS`: what it printed and how it ended.
     pub fn run_cli(&self, args: &[&str]) -> CliRun {
         let config = self.config_path();

@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use enforcer::lab::{ChildGuard, UdpSink, require_root, udp_send};
+use enforcer::lab::{ChildGuard, require_root, udp_send};
 use integration_tests::{Lab, SERVER_V4, Tmpfs, UDP_9000_POLICY as POLICY, enforcer_bin, sa};
 use serde_json::Value;
 
@@ -19,17 +19,8 @@ fn cli_reports_and_controls_a_running_daemon() {
     let mut lab = Lab::new(1);
     lab.write_policy(POLICY);
     lab.start_daemon();
-    let allowed = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
-    let denied = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
+    let (allowed, denied) = lab.udp_9000_traffic(30, 40);
     let a1 = lab.agent(1);
-    assert_eq!(
-        udp_send(a1, sa(SERVER_V4, 9000), None, b"ok", 30, Duration::ZERO).unwrap(),
-        30
-    );
-    assert_eq!(
-        udp_send(a1, sa(SERVER_V4, 9001), None, b"no", 40, Duration::ZERO).unwrap(),
-        40
-    );
 
     let status = cli_json(&lab, &["status"]);
     assert_eq!(status["generation"], 1);

@@ -4,10 +4,8 @@
 //! schemas forbid undocumented fields where the shape is fixed, so output that grows a
 //! field fails here until the schema (the documentation) says what it is.
 
-use std::time::Duration;
-
-use enforcer::lab::{require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, UDP_9000_POLICY as POLICY, check_schema, sa, schema_dir};
+use enforcer::lab::require_root;
+use integration_tests::{Lab, UDP_9000_POLICY as POLICY, check_schema, schema_dir};
 use serde_json::Value;
 
 /// Every schema file and where its command's output is checked: here, unless named.
@@ -74,9 +72,7 @@ fn every_command_prints_json_that_matches_its_schema() {
     let mut lab = Lab::new(1);
     lab.write_policy(POLICY);
     lab.start_daemon();
-    let a1 = lab.agent(1);
-    udp_send(a1, sa(SERVER_V4, 9000), None, b"ok", 3, Duration::ZERO).unwrap();
-    udp_send(a1, sa(SERVER_V4, 9001), None, b"no", 4, Duration::ZERO).unwrap();
+    lab.udp_9000_traffic(3, 4);
     let candidate = lab.write_file("candidate.toml", POLICY);
     let candidate = candidate.to_str().unwrap();
 

@@ -6,11 +6,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Output,
-    time::Duration,
 };
 
-use enforcer::lab::{UdpSink, require_root, udp_send};
-use integration_tests::{Lab, SERVER_V4, Tmpfs, UDP_9000_POLICY as POLICY, enforcer_bin, sa};
+use enforcer::lab::require_root;
+use integration_tests::{Lab, Tmpfs, UDP_9000_POLICY as POLICY, enforcer_bin};
 use serde_json::Value;
 
 /// `enforcer --config <the lab's> ARGS`: exit code, stdout, stderr.
@@ -40,20 +39,9 @@ fn set_bpffs(lab: &Lab, bpffs: &Path) {
     .unwrap();
 }
 
-/// Sends the agent's 5 allowed and 7 denied datagrams (to listeners: an ICMP port
-/// unreachable would fail the next send on the connected socket).
+/// The agent's 5 allowed and 7 denied datagrams.
 fn traffic(lab: &Lab) {
-    let _allowed = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9000)).unwrap();
-    let _denied = UdpSink::spawn(&lab.server, sa("0.0.0.0", 9001)).unwrap();
-    let a1 = lab.agent(1);
-    assert_eq!(
-        udp_send(a1, sa(SERVER_V4, 9000), None, b"ok", 5, Duration::ZERO).unwrap(),
-        5
-    );
-    assert_eq!(
-        udp_send(a1, sa(SERVER_V4, 9001), None, b"no", 7, Duration::ZERO).unwrap(),
-        7
-    );
+    lab.udp_9000_traffic(5, 7);
 }
 
 #[test]
