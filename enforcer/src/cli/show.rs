@@ -259,12 +259,9 @@ fn agent_text(v: &serde_json::Value) -> String {
     text += "  counters\n";
     let mut rows = table::new(&["REASON", "VERDICT", "PACKETS", "BYTES"], &[2, 3]);
     for (reason, c) in v["counters"].as_object().into_iter().flatten() {
-        let drop = enforcer_common::Reason::ALL
-            .iter()
-            .any(|r| r.name() == reason && r.is_drop());
         rows.add_row(vec![
             reason.clone(),
-            if drop { "drop" } else { "pass" }.to_string(),
+            verdict(reason).to_string(),
             number(&c["packets"], output::count),
             number(&c["bytes"], output::bytes),
         ]);

@@ -41,9 +41,7 @@ impl Totals {
     fn of(a: &stats::AgentStats) -> Totals {
         let mut t = Totals::default();
         for (reason, c) in &a.reasons {
-            let drop = enforcer_common::Reason::ALL
-                .iter()
-                .any(|r| r.name() == *reason && r.is_drop());
+            let drop = super::show::verdict(reason) == "drop";
             if drop {
                 t.dropped_packets += c.packets;
                 t.dropped_bytes += c.bytes;
