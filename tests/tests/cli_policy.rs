@@ -6,7 +6,7 @@
 use std::process::Output;
 
 use enforcer::lab::require_root;
-use integration_tests::{Lab, UDP_9000_POLICY};
+use integration_tests::{Lab, UDP_9000_POLICY, enforcer_bin};
 use serde_json::Value;
 
 /// Two agents on the lab's two gateway veths, and one on an interface no host has.
@@ -225,6 +225,26 @@ fn capacity_errors_name_file_line_column_and_field() {
     assert_eq!(e["issues"][0]["field"], "agents[1].id", "{e}");
     assert_eq!(e["issues"][0]["line"], 7, "{e}");
     assert_eq!(e["issues"][0]["column"], 6, "{e}");
+    // The daemon refuses to start on it with the same located line (a bound on the run
+    // in case it started anyway).
+    std::fs::copy(file, lab.config_path().with_file_name("policy.toml")).unwrap();
+    let out = lab
+        .gw
+        .command("timeout")
+        .arg("30")
+        .arg(enforcer_bin())
+        .args(["--config", lab.config_path().to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).ends_with(&format!(
+            "policy.toml:7:6: agents[1].id: agent \"b\" has id 1000, but the maps hold agent \
+             ids up to 64 (max_agents)\n"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Room for two source hosts: the third, agents[1].prefixes[1], is the one that does
     // not fit.

@@ -169,6 +169,18 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli.config)?;
             match daemon::run(config) {
                 Ok(()) => Ok(ExitCode::SUCCESS),
+                // A policy that does not fit: located in its file, as `policy check` does.
+                Err(daemon::DaemonError::Policy(daemon::LoadError::Compile { origin, source })) => {
+                    let parsed = std::fs::read_to_string(&origin).ok().and_then(|text| {
+                        crate::policy::parse(&origin, &text)
+                            .ok()
+                            .map(|policy| (text, policy))
+                    });
+                    Err(match parsed {
+                        Some((text, policy)) => bad_compile(&origin, &text, &policy, &source),
+                        None => bad(format!("error: {origin}: {}", error_chain(&*source))),
+                    })
+                }
                 Err(daemon::DaemonError::Policy(e)) => {
                     Err(bad(format!("error: {}", error_chain(&e))))
                 }
