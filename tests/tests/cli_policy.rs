@@ -238,10 +238,10 @@ fn capacity_errors_name_file_line_column_and_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).ends_with(&format!(
+        text(&out.stderr).ends_with(
             "policy.toml:7:6: agents[1].id: agent \"b\" has id 1000, but the maps hold agent \
              ids up to 64 (max_agents)\n"
-        )),
+        ),
         "{}",
         text(&out.stderr)
     );
