@@ -14,8 +14,11 @@ const SCHEMAS: &[&str] = &[
     "agents",
     "audit-record",
     "audit-verify",
+    "certs",
     "doctor",
     "error",
+    "inspect-ca",
+    "keygen",
     "mode",
     // tests/controlplane.rs checks `control-plane nodes`' document.
     "nodes",
@@ -64,6 +67,26 @@ fn every_schema_file_is_a_valid_schema_that_a_test_checks() {
     }
 }
 
+/// A closed pipe (`enforcer ... | head`) ends a command quietly with success: Rust's
+/// `println!` panicked there (exit 101, "failed printing to stdout").
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(integration_tests::enforcer_bin())
+        .args(["policy", "presets"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn every_command_prints_json_that_matches_its_schema() {
     if !require_root("every_command_prints_json_that_matches_its_schema") {
@@ -84,6 +107,30 @@ fn every_command_prints_json_that_matches_its_schema() {
     check(&lab, &["policy", "show"], 0, "policy-show");
     check(&lab, &["policy", "check", candidate], 0, "policy-check");
     check(&lab, &["policy", "presets"], 0, "policy-presets");
+    check(&lab, &["inspect", "ca"], 0, "inspect-ca");
+    let keys = lab.state_dir().join("keys");
+    check(
+        &lab,
+        &["keygen", "--dir", keys.to_str().unwrap()],
+        0,
+        "keygen",
+    );
+    let certs = lab.state_dir().join("certs");
+    let made = check(
+        &lab,
+        &[
+            "certs",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--server-name",
+            "127.0.0.1",
+            "--client",
+            "node-1",
+        ],
+        0,
+        "certs",
+    );
+    assert!(std::path::Path::new(made["clients"]["node-1"]["cert"].as_str().unwrap()).exists());
     check(&lab, &["mode", "coder", "monitor"], 0, "mode");
     check(&lab, &["policy", "diff", candidate], 0, "policy-diff");
     check(&lab, &["policy", "apply", candidate], 0, "policy-apply");

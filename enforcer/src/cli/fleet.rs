@@ -4,6 +4,7 @@
 use std::{path::Path, process::ExitCode};
 
 use anyhow::Context as _;
+use serde_json::json;
 
 use super::{Cli, bad, load_config, print_json, table};
 use crate::{out, outln};
@@ -16,13 +17,27 @@ pub(super) fn inspect_ca(cli: &Cli) -> anyhow::Result<ExitCode> {
         .map_or(config.state_dir, |inspect| inspect.ca_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = crate::inspect::ca::NodeCa::load_or_create(&dir)?;
-    out!("{}", ca.cert_pem());
+    if cli.json {
+        print_json(&json!({ "dir": dir, "cert_pem": ca.cert_pem() }));
+    } else {
+        out!("{}", ca.cert_pem());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `enforcer keygen`.
-pub(super) fn keygen(dir: &Path) -> anyhow::Result<ExitCode> {
+pub(super) fn keygen(cli: &Cli, dir: &Path) -> anyhow::Result<ExitCode> {
     let keys = crate::controlplane::bundle::keygen(dir)?;
+    let public = std::fs::read_to_string(&keys.public_key)?;
+    if cli.json {
+        print_json(&json!({
+            "private_key": keys.private_key,
+            "public_key": keys.public_key,
+            "key_id": keys.key_id,
+            "trusted_key": public.trim(),
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
     outln!(
         "private key {} (keep it on the control plane only)",
         keys.private_key.display()
@@ -32,15 +47,13 @@ pub(super) fn keygen(dir: &Path) -> anyhow::Result<ExitCode> {
         keys.public_key.display(),
         keys.key_id
     );
-    outln!(
-        "trust it on nodes: trusted_keys = [\"{}\"]",
-        std::fs::read_to_string(&keys.public_key)?.trim()
-    );
+    outln!("trust it on nodes: trusted_keys = [\"{}\"]", public.trim());
     Ok(ExitCode::SUCCESS)
 }
 
 /// `enforcer certs`.
 pub(super) fn certs(
+    cli: &Cli,
     dir: &Path,
     server_names: &[String],
     clients: &[String],
@@ -48,6 +61,17 @@ pub(super) fn certs(
     let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
     let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
     let paths = crate::controlplane::certs::generate(dir, &names, &clients)?;
+    if cli.json {
+        let pair =
+            |p: &crate::controlplane::certs::CertKeyPaths| json!({"cert": p.cert, "key": p.key});
+        print_json(&json!({
+            "ca": pair(&paths.ca),
+            "server": pair(&paths.server),
+            "server_names": names,
+            "clients": paths.clients.iter().map(|(n, p)| (n.clone(), pair(p))).collect::<serde_json::Map<_, _>>(),
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
     outln!("CA      {}", paths.ca.cert.display());
     outln!(
         "server  {} ({})",

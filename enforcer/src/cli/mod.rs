@@ -231,12 +231,12 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             fleet::generate(dir)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen { dir } => fleet::keygen(dir),
+        Command::Keygen { dir } => fleet::keygen(cli, dir),
         Command::Certs {
             dir,
             server_names,
             clients,
-        } => fleet::certs(dir, server_names, clients),
+        } => fleet::certs(cli, dir, server_names, clients),
         Command::ControlPlane {
             command: ControlPlaneCommand::Serve { file },
         } => fleet::serve(file),
