@@ -7,6 +7,7 @@
 //! prints one object per sample and line.
 
 use std::{
+    io::IsTerminal as _,
     process::ExitCode,
     thread,
     time::{Duration, Instant},
@@ -65,8 +66,7 @@ pub(super) fn top(
         let v = cli.call(Request::Stats)?;
         Ok((Instant::now(), serde_json::from_value(v["agents"].clone())?))
     };
-    // SAFETY: isatty only reads the descriptor's state.
-    let terminal = unsafe { libc::isatty(libc::STDOUT_FILENO) } == 1;
+    let terminal = std::io::stdout().is_terminal();
     let (mut t0, mut before) = sample()?;
     let mut n = 0;
     loop {
@@ -178,8 +178,10 @@ fn width(terminal: bool) -> Option<usize> {
     if !terminal {
         return None;
     }
-    // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
+    // The standard library has no terminal size; comfy-table's needs crossterm.
+    // SAFETY: winsize is plain integers, all-zero is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize through the pointer, which lives across the call.
     let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
     (ok && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
 }
