@@ -92,7 +92,7 @@ const REASON_W: usize = 20;
 const PROTO_W: usize = 5;
 
 /// The header line of the `audit tail` table.
-fn tail_header() -> String {
+pub(super) fn tail_header() -> String {
     tail_cells("TIME", "AGENT", "VERDICT", "REASON", "PROTO", "FLOW", "")
 }
 
@@ -118,7 +118,7 @@ fn tail_cells(
 /// One audit record as a row: time, agent, verdict, reason, protocol, `src -> dst`, and
 /// what else the kind of record has (a summary's count, a notice's or a change's words).
 /// A line that is not a record is shown as it is, never hidden.
-fn tail_row(line: &str) -> String {
+pub(super) fn tail_row(line: &str) -> String {
     let Ok(r) = serde_json::from_str::<Value>(line) else {
         return line.to_string();
     };

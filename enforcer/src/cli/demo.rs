@@ -196,8 +196,10 @@ pub fn run(flood: Duration) -> anyhow::Result<()> {
     // The daemon drained the ring into the log on exit: show the trail and prove it.
     let log = dir.join("audit.jsonl");
     outln!("\n== audit trail ({}), last 3 records", log.display());
+    // As `enforcer audit tail` shows them.
+    outln!("  {}", super::audit::tail_header());
     for line in crate::node::audit::tail(&log, 3)? {
-        outln!("  {line}");
+        outln!("  {}", super::audit::tail_row(&line));
     }
     let report = crate::node::audit::verify(&log)?;
     outln!(
