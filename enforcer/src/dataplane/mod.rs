@@ -18,6 +18,8 @@
 //! audit limiter's parameters set with [`KernelMaps::set_audit_config`].
 
 pub mod compile;
+mod incremental;
+pub use incremental::SlotEntries;
 pub mod stats;
 pub mod table;
 pub mod testrun;
@@ -27,8 +29,9 @@ use std::{
     fs, io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -59,6 +62,7 @@ use thiserror::Error;
 use crate::{
     dataplane::{
         compile::{Compiled, Limits, name_rule_set},
+        incremental::RuleIndex,
         table::Table,
         verifier::{VerifierError, VerifierStats},
     },
@@ -152,15 +156,79 @@ pub trait PolicyMaps {
     fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError>;
     /// Writes every entry of `compiled` into `slot`.
     fn write_slot(&mut self, slot: u32, compiled: &Compiled) -> Result<(), MapsError>;
+    /// Rewrites `slot` from `from`, which it holds, to `to`, touching only the entries that
+    /// differ. `Ok(false)`, before any write, when it cannot be done in place; then [`apply`]
+    /// clears and writes the slot whole.
+    fn update_slot(&mut self, slot: u32, from: &Compiled, to: &Compiled)
+    -> Result<bool, MapsError>;
+}
+
+/// What this process wrote into each slot, so the next apply to it writes only the
+/// difference, and when the active slot last changed.
+#[derive(Debug, Default)]
+pub struct Slots {
+    /// Per slot, the policy written there and the generation it was written for.
+    images: [Option<(Arc<Compiled>, u64)>; 2],
+    /// The last flip this process made: its generation and time.
+    flipped: Option<(u64, Instant)>,
+    /// How the last apply wrote its slot.
+    last_write: Option<SlotWrite>,
+}
+
+/// How an apply wrote the inactive slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotWrite {
+    /// Cleared and written whole: the first applies of a process, or a table outgrown.
+    Whole,
+    /// Only the entries that differ from what the slot held.
+    Changes,
+}
+
+impl Slots {
+    /// How the last apply wrote its slot.
+    pub fn last_write(&self) -> Option<SlotWrite> {
+        self.last_write
+    }
 }
 
 /// Applies `compiled` atomically (see the module docs) and returns the new generation.
-pub fn apply(maps: &mut impl PolicyMaps, compiled: &Compiled) -> Result<u64, ApplyError> {
+///
+/// The inactive slot holds the policy of two applies ago, or, after a failed apply or in a
+/// new process, something this process does not know: a known slot gets only the entries
+/// that differ ([`PolicyMaps::update_slot`]), an unknown one is cleared and written whole.
+/// Either way the running policy is untouched until the flip. A flip made by another
+/// process (the generation is not the one this process flipped to) makes both slots unknown.
+pub fn apply(
+    maps: &mut impl PolicyMaps,
+    slots: &mut Slots,
+    compiled: &Compiled,
+) -> Result<u64, ApplyError> {
     let state = maps.state().map_err(ApplyError::State)?;
     let target = (state.active_slot ^ 1) & 1;
-    let written = maps
-        .clear_slot(target)
-        .and_then(|()| maps.write_slot(target, compiled));
+    match slots.flipped {
+        Some((generation, at)) if generation == state.generation => {
+            // Packets that began on the target slot before the flip may still read it.
+            let since = at.elapsed();
+            if since < GRACE {
+                thread::sleep(GRACE - since);
+            }
+        }
+        Some(_) => slots.images = [None, None],
+        None => {}
+    }
+    let image = slots.images[target as usize].take();
+    let mut how = SlotWrite::Whole;
+    let written = (|| {
+        if let Some((image, _)) = &image
+            && maps.update_slot(target, image, compiled)?
+        {
+            how = SlotWrite::Changes;
+            return Ok(());
+        }
+        maps.clear_slot(target)?;
+        maps.write_slot(target, compiled)
+    })();
     if let Err(source) = written {
         // Best effort: leave no half-written slot behind. The active slot is untouched
         // either way.
@@ -179,7 +247,9 @@ pub fn apply(maps: &mut impl PolicyMaps, compiled: &Compiled) -> Result<u64, App
         slot: target,
         source,
     })?;
-    thread::sleep(GRACE);
+    slots.flipped = Some((next.generation, Instant::now()));
+    slots.last_write = Some(how);
+    slots.images[target as usize] = Some((Arc::new(compiled.clone()), next.generation));
     Ok(next.generation)
 }
 
@@ -613,6 +683,8 @@ pub struct Dataplane {
     attached: bool,
     /// Whether the tc programs are loaded (see [`Dataplane::load_tc`]).
     tc_loaded: bool,
+    /// What this load wrote into each policy slot.
+    slots: Slots,
 }
 
 impl Dataplane {
@@ -766,6 +838,7 @@ impl Dataplane {
             stages_pins,
             attached: false,
             tc_loaded: false,
+            slots: Slots::default(),
         })
     }
 
@@ -793,7 +866,18 @@ impl Dataplane {
 
     /// Applies a compiled policy atomically; returns the new generation.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<u64, ApplyError> {
-        apply(&mut self.kernel, compiled)
+        apply(&mut self.kernel, &mut self.slots, compiled)
+    }
+
+    /// How the last apply wrote its slot.
+    pub fn last_write(&self) -> Option<SlotWrite> {
+        self.slots.last_write()
+    }
+
+    /// Forgets what the slots hold, so the next two applies write whole, as after a restart
+    /// (the churn tests compare both ways).
+    pub fn forget_slots(&mut self) {
+        self.slots = Slots::default();
     }
 
     /// What the verifier spent on each program of this load (the tc ones once
@@ -1583,6 +1667,9 @@ pub struct KernelMaps {
     names_v4: HashMap<MapData, NameV4Key, NameEntry>,
     names_v6: HashMap<MapData, NameV6Key, NameEntry>,
     sni: HashMap<MapData, SniKey, RuleSet>,
+    /// Per slot, the `RULES` indices of its rule sets, when this process wrote the slot
+    /// whole (see [`incremental`]).
+    rule_index: [Option<RuleIndex>; 2],
 }
 
 /// Where [`KernelMaps`] gets its maps from: a freshly loaded object or the pins.
@@ -1670,6 +1757,7 @@ impl KernelMaps {
             names_v4: typed(source, maps::NAMES_V4)?,
             names_v6: typed(source, maps::NAMES_V6)?,
             sni: typed(source, maps::SNI)?,
+            rule_index: [None, None],
         })
     }
 
@@ -1811,6 +1899,7 @@ impl PolicyMaps for KernelMaps {
     }
 
     fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.rule_index[slot as usize] = None;
         self.slots
             .set(slot, SlotConfig::default(), 0)
             .map_err(err("clearing", maps::SLOTS))?;
@@ -1860,7 +1949,18 @@ impl PolicyMaps for KernelMaps {
         Ok(())
     }
 
+    fn update_slot(
+        &mut self,
+        slot: u32,
+        from: &Compiled,
+        to: &Compiled,
+    ) -> Result<bool, MapsError> {
+        self.update_in_place(slot, from, to)
+    }
+
     fn write_slot(&mut self, slot: u32, c: &Compiled) -> Result<(), MapsError> {
+        // Known again once the whole slot is written.
+        self.rule_index[slot as usize] = None;
         let base = slot * self.stride;
         for (id, policy) in &c.agents {
             self.agents
@@ -1941,19 +2041,7 @@ impl PolicyMaps for KernelMaps {
         let uses = |agent: &u32, flag| flags.get(agent).is_some_and(|f| f & flag != 0);
         // Hash-probed destinations go to the tables, their rule sets to `RULES` (each
         // distinct set once, index 0 unused); what does not fit goes to the hash maps.
-        let mut indices: std::collections::HashMap<RuleSet, u32> = Default::default();
-        let room = self.rules.len() / 2;
-        let mut index = |rules: &RuleSet| -> Option<u32> {
-            let next = indices.len() as u32 + 1;
-            match indices.get(rules) {
-                Some(&i) => Some(i),
-                None if next < room => {
-                    indices.insert(*rules, next);
-                    Some(next)
-                }
-                None => None,
-            }
-        };
+        let mut index = RuleIndex::new(self.rules.len() / 2);
         let mut hashed = Vec::new();
         for entry @ (agent, p, rules) in &c.destinations_v4 {
             if !uses(agent, AGENT_DST_LPM_V4) {
@@ -1977,7 +2065,7 @@ impl PolicyMaps for KernelMaps {
                 let (owner, len) = (owner_word(slot, *agent), u32::from(p.len));
                 (
                     dst_key_v4(owner, len, u32::from_be_bytes(p.addr)),
-                    index(rules),
+                    index.acquire(rules).map(|(i, _)| i),
                 )
             })
             .collect();
@@ -1990,6 +2078,10 @@ impl PolicyMaps for KernelMaps {
             &keys,
         )? {
             let (agent, p, rules) = hashed[at];
+            // In the hash map the entry carries its rule set: it holds no index.
+            if keys[at].1.is_some() {
+                index.release(rules);
+            }
             let key = DstV4Key {
                 owner: owner_word(slot, *agent),
                 len: u32::from(p.len),
@@ -2022,7 +2114,10 @@ impl PolicyMaps for KernelMaps {
                 let (owner, len) = (owner_word(slot, *agent), u32::from(p.len));
                 // The address's halves, as the source key has them.
                 let [hi, lo] = src_key_v6(p.addr);
-                (dst_key_v6(owner, len, hi, lo), index(rules))
+                (
+                    dst_key_v6(owner, len, hi, lo),
+                    index.acquire(rules).map(|(i, _)| i),
+                )
             })
             .collect();
         let target = (&mut tables, TABLE_DST_V6);
@@ -2034,6 +2129,9 @@ impl PolicyMaps for KernelMaps {
             &keys,
         )? {
             let (agent, p, rules) = hashed[at];
+            if keys[at].1.is_some() {
+                index.release(rules);
+            }
             let key = DstV6Key {
                 owner: owner_word(slot, *agent),
                 len: u32::from(p.len),
@@ -2043,11 +2141,12 @@ impl PolicyMaps for KernelMaps {
                 .insert(key, rules, 0)
                 .map_err(err("writing", maps::DST_HASH_V6))?;
         }
-        for (rules, i) in &indices {
+        for (rules, i) in index.sets() {
             self.rules
                 .set(i << 1 | slot, rules, 0)
                 .map_err(err("writing", maps::RULES))?;
         }
+        self.rule_index[slot as usize] = Some(index);
         // Last: the program reads the tables only through this.
         self.tables
             .set(slot, tables, 0)
@@ -2201,8 +2300,10 @@ pub struct FakeMaps {
     pub slots: [Option<Compiled>; 2],
     /// When set, `write_slot` fails (after clearing) to simulate a full map.
     pub fail_writes: bool,
-    /// Every slot written, in order.
+    /// Every slot written whole, in order.
     pub writes: Vec<u32>,
+    /// Every slot updated in place, in order.
+    pub updates: Vec<u32>,
 }
 
 impl PolicyMaps for FakeMaps {
@@ -2227,6 +2328,25 @@ impl PolicyMaps for FakeMaps {
         }
         self.slots[slot as usize] = Some(compiled.clone());
         Ok(())
+    }
+
+    fn update_slot(
+        &mut self,
+        slot: u32,
+        from: &Compiled,
+        to: &Compiled,
+    ) -> Result<bool, MapsError> {
+        assert_eq!(
+            self.slots[slot as usize].as_ref(),
+            Some(from),
+            "an update starts from what the slot holds"
+        );
+        self.updates.push(slot);
+        if self.fail_writes {
+            return Err(MapsError::Injected { map: maps::DST_V4 });
+        }
+        self.slots[slot as usize] = Some(to.clone());
+        Ok(true)
     }
 }
 
@@ -2256,10 +2376,11 @@ mod tests {
     #[test]
     fn apply_writes_the_inactive_slot_then_flips() {
         let mut maps = FakeMaps::default();
-        assert_eq!(apply(&mut maps, &policy(true)).unwrap(), 1);
+        let mut slots = Slots::default();
+        assert_eq!(apply(&mut maps, &mut slots, &policy(true)).unwrap(), 1);
         assert_eq!(maps.state.active_slot, 1);
         assert_eq!(maps.slots[1], Some(policy(true)));
-        assert_eq!(apply(&mut maps, &policy(false)).unwrap(), 2);
+        assert_eq!(apply(&mut maps, &mut slots, &policy(false)).unwrap(), 2);
         assert_eq!(maps.state.active_slot, 0);
         assert_eq!(maps.slots[0], Some(policy(false)));
         // The previous policy stays intact in the other slot until the next apply.
@@ -2270,14 +2391,41 @@ mod tests {
     #[test]
     fn failed_write_keeps_the_running_policy() {
         let mut maps = FakeMaps::default();
-        apply(&mut maps, &policy(true)).unwrap();
+        let mut slots = Slots::default();
+        apply(&mut maps, &mut slots, &policy(true)).unwrap();
         maps.fail_writes = true;
-        let err = apply(&mut maps, &policy(false)).unwrap_err();
+        let err = apply(&mut maps, &mut slots, &policy(false)).unwrap_err();
         assert!(matches!(err, ApplyError::Write { slot: 0, .. }), "{err:?}");
         assert_eq!(maps.state.active_slot, 1);
         assert_eq!(maps.state.generation, 1);
         assert_eq!(maps.slots[1], Some(policy(true)));
         assert_eq!(maps.slots[0], None, "a half-written slot is cleared");
+    }
+
+    #[test]
+    fn known_slots_get_only_changes_and_unknown_ones_are_written_whole() {
+        let mut maps = FakeMaps::default();
+        let mut slots = Slots::default();
+        // A new process knows neither slot: the first two applies write whole.
+        for p in [policy(true), policy(false), policy(true), policy(false)] {
+            apply(&mut maps, &mut slots, &p).unwrap();
+        }
+        assert_eq!(maps.writes, [1, 0]);
+        assert_eq!(maps.updates, [1, 0]);
+        assert_eq!(slots.last_write(), Some(SlotWrite::Changes));
+        assert_eq!(maps.slots[0], Some(policy(false)));
+        // A failed update leaves its slot unknown: the next apply to it writes whole.
+        maps.fail_writes = true;
+        apply(&mut maps, &mut slots, &policy(true)).unwrap_err();
+        maps.fail_writes = false;
+        apply(&mut maps, &mut slots, &policy(true)).unwrap();
+        assert_eq!(maps.writes, [1, 0, 1]);
+        assert_eq!(slots.last_write(), Some(SlotWrite::Whole));
+        // Another process flipped: neither slot is known any more.
+        maps.state.generation += 1;
+        maps.state.active_slot ^= 1;
+        apply(&mut maps, &mut slots, &policy(false)).unwrap();
+        assert_eq!(maps.writes, [1, 0, 1, 1]);
     }
 
     #[test]
