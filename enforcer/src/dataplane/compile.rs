@@ -294,6 +294,21 @@ impl LimitKind {
         }
     }
 
+    /// How many entries of this kind the maps hold under `limits`.
+    pub const fn capacity(self, limits: &Limits) -> u32 {
+        match self {
+            LimitKind::Interfaces => limits.max_interfaces,
+            LimitKind::SourceHostsV4
+            | LimitKind::SourceHostsV6
+            | LimitKind::SourcePrefixesV4
+            | LimitKind::SourcePrefixesV6 => limits.max_source_prefixes,
+            LimitKind::DestinationsV4 | LimitKind::DestinationsV6 => {
+                limits.max_destination_prefixes
+            }
+            LimitKind::ServerNames => MAX_SERVER_NAMES,
+        }
+    }
+
     /// The [`Limits`] field that sets this capacity.
     pub const fn setting(self) -> &'static str {
         match self {
@@ -341,6 +356,19 @@ pub fn compile(
     limits: &Limits,
     ifindex: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<Compiled, CompileError> {
+    compile_agents(policy, policy.agents(), limits, ifindex)
+}
+
+/// Compiles `agents` under `policy`'s defaults: with `policy.agents()` the whole policy
+/// ([`compile`]), with a few agents the fragment [`Compiled::replace_agents`] puts in place
+/// of theirs, so an agent that comes, goes or changes costs its own entries, not the
+/// policy's.
+pub fn compile_agents<'a>(
+    policy: &Policy,
+    agents: impl IntoIterator<Item = &'a Agent>,
+    limits: &Limits,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Compiled, CompileError> {
     let mut out = Compiled {
         unknown_drop: policy.unknown() == UnknownTraffic::Drop,
         ..Compiled::default()
@@ -354,7 +382,7 @@ pub fn compile(
     // an error about a capacity names the agent whose entries go past it.
     let mut added: Vec<(&Agent, [usize; LimitKind::ALL.len()])> = Vec::new();
 
-    for agent in policy.agents() {
+    for agent in agents {
         let before = out.entries();
         if agent.id > limits.max_agents {
             return Err(CompileError::AgentIdTooLarge {
@@ -426,17 +454,7 @@ pub fn compile(
 
     let entries = out.entries();
     for (k, limit) in LimitKind::ALL.into_iter().enumerate() {
-        let max = match limit {
-            LimitKind::Interfaces => limits.max_interfaces,
-            LimitKind::SourceHostsV4
-            | LimitKind::SourceHostsV6
-            | LimitKind::SourcePrefixesV4
-            | LimitKind::SourcePrefixesV6 => limits.max_source_prefixes,
-            LimitKind::DestinationsV4 | LimitKind::DestinationsV6 => {
-                limits.max_destination_prefixes
-            }
-            LimitKind::ServerNames => MAX_SERVER_NAMES,
-        };
+        let max = limit.capacity(limits);
         let needed = entries[k];
         // usize -> u64 is lossless on every target Rust supports.
         if needed as u64 <= u64::from(max) {
@@ -466,6 +484,88 @@ pub fn compile(
 }
 
 impl Compiled {
+    /// Puts `fragment` (from [`compile_agents`]) in place of the entries of the agents
+    /// `gone` (ids; their interface names `gone_interfaces` leave `pending`): for one agent
+    /// that comes, goes or changes, the result equals compiling the whole policy again.
+    /// Refused, with `self` unchanged, when the result would not fit the maps (`who` names
+    /// the agent for the message) or an interface of the fragment is already another
+    /// agent's.
+    pub fn replace_agents(
+        &mut self,
+        gone: &BTreeSet<u32>,
+        gone_interfaces: &[String],
+        fragment: Compiled,
+        limits: &Limits,
+        who: &str,
+    ) -> Result<(), CompileError> {
+        let mut ids = gone.clone();
+        ids.extend(fragment.agents.iter().map(|(id, _)| *id));
+        let keep = |id: &u32| !ids.contains(id);
+        let mut next = self.clone();
+        next.agents.retain(|(id, _)| keep(id));
+        next.interfaces.retain(|(_, id)| keep(id));
+        next.source_hosts_v4.retain(|(_, id)| keep(id));
+        next.source_hosts_v6.retain(|(_, id)| keep(id));
+        next.source_prefixes_v4.retain(|(_, id)| keep(id));
+        next.source_prefixes_v6.retain(|(_, id)| keep(id));
+        next.destinations_v4.retain(|(id, _, _)| keep(id));
+        next.destinations_v6.retain(|(id, _, _)| keep(id));
+        next.server_names.retain(|(id, _, _, _)| keep(id));
+        next.pending.retain(|name| !gone_interfaces.contains(name));
+        for &(ifindex, agent) in &fragment.interfaces {
+            if let Some(&(_, other)) = next.interfaces.iter().find(|(i, _)| *i == ifindex) {
+                return Err(CompileError::SameInterface {
+                    ifindex,
+                    agent: format!("agent {other}"),
+                    interface: format!("ifindex {ifindex}"),
+                    other_agent: format!("agent {agent}"),
+                    other_interface: format!("ifindex {ifindex}"),
+                });
+            }
+        }
+        // Each list is sorted and the fragment's part is short: sorting again finds the
+        // two runs and merges them.
+        next.agents.extend(fragment.agents);
+        next.agents.sort_by_key(|&(id, _)| id);
+        next.interfaces.extend(fragment.interfaces);
+        next.interfaces.sort();
+        next.pending.extend(fragment.pending);
+        next.pending.sort();
+        next.pending.dedup();
+        next.source_hosts_v4.extend(fragment.source_hosts_v4);
+        next.source_hosts_v4.sort();
+        next.source_hosts_v6.extend(fragment.source_hosts_v6);
+        next.source_hosts_v6.sort();
+        next.source_prefixes_v4.extend(fragment.source_prefixes_v4);
+        next.source_prefixes_v4.sort();
+        next.source_prefixes_v6.extend(fragment.source_prefixes_v6);
+        next.source_prefixes_v6.sort();
+        next.destinations_v4.extend(fragment.destinations_v4);
+        next.destinations_v4
+            .sort_by_key(|&(id, prefix, _)| (id, prefix));
+        next.destinations_v6.extend(fragment.destinations_v6);
+        next.destinations_v6
+            .sort_by_key(|&(id, prefix, _)| (id, prefix));
+        next.server_names.extend(fragment.server_names);
+        next.server_names
+            .sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+        let entries = next.entries();
+        for (k, limit) in LimitKind::ALL.into_iter().enumerate() {
+            let max = limit.capacity(limits);
+            if entries[k] as u64 > u64::from(max) {
+                return Err(CompileError::LimitExceeded {
+                    limit,
+                    needed: entries[k],
+                    max,
+                    agent: who.to_string(),
+                    field: limit.setting().to_string(),
+                });
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
     /// How many entries of each kind, in [`LimitKind::ALL`] order.
     fn entries(&self) -> [usize; LimitKind::ALL.len()] {
         [
@@ -1003,6 +1103,74 @@ mod tests {
     /// An agent `name` with id `id` on interface `if<id>`, then `extra` lines.
     fn agent(id: u32, extra: &str) -> String {
         format!("[[agents]]\nid = {id}\nname = \"a{id}\"\ninterfaces = [\"if{id}\"]\n{extra}")
+    }
+
+    #[test]
+    fn replacing_one_agent_equals_compiling_the_whole_policy_again() {
+        let body = |id: u32| {
+            agent(
+                id,
+                &format!(
+                    "prefixes = [\"10.0.0.{id}\", \"fd00::{id}\", \"10.{id}.0.0/16\"]\n\
+                     egress_default = \"deny\"\n\
+                     [[agents.egress]]\naction = \"allow\"\nto = [\"192.0.2.0/24\", \"2001:db8::/32\", \"api{id}.example.com\"]\nproto = \"tcp\"\nports = 443\n"
+                ),
+            )
+        };
+        let text = |ids: &[u32]| ids.iter().map(|&id| body(id)).collect::<String>();
+        let policy = parse("p.toml", &text(&[1, 2, 3, 4, 5, 6])).unwrap();
+        // Only interfaces 2 and 6 exist, so the others are pending.
+        let exists = |name: &str| ifindex(name).filter(|n| *n == 2 || *n == 6);
+        let all = compile(&policy, &Limits::default(), &exists).unwrap();
+        // Agent 3 goes.
+        let mut without = all.clone();
+        without
+            .replace_agents(
+                &BTreeSet::from([3]),
+                &["if3".to_owned()],
+                Compiled::default(),
+                &Limits::default(),
+                "a3",
+            )
+            .unwrap();
+        assert_eq!(without.agents.len(), 5);
+        let expected = parse("p.toml", &text(&[1, 2, 4, 5, 6])).unwrap();
+        assert_eq!(
+            without,
+            compile(&expected, &Limits::default(), &exists).unwrap()
+        );
+        // It comes back; agent 6 goes.
+        let fragment =
+            compile_agents(&policy, &policy.agents()[2..3], &Limits::default(), &exists).unwrap();
+        without
+            .replace_agents(
+                &BTreeSet::from([6]),
+                &["if6".to_owned()],
+                fragment,
+                &Limits::default(),
+                "a3",
+            )
+            .unwrap();
+        let expected = parse("p.toml", &text(&[1, 2, 3, 4, 5])).unwrap();
+        assert_eq!(
+            without,
+            compile(&expected, &Limits::default(), &exists).unwrap()
+        );
+        // One more agent than the maps hold is refused, and nothing changes.
+        let tight = Limits {
+            max_source_prefixes: 5,
+            ..Limits::default()
+        };
+        let before = without.clone();
+        let fragment = compile_agents(&policy, &policy.agents()[5..], &tight, &exists).unwrap();
+        let e = without
+            .replace_agents(&BTreeSet::new(), &[], fragment, &tight, "a6")
+            .unwrap_err();
+        assert!(
+            matches!(e, CompileError::LimitExceeded { ref agent, needed: 6, max: 5, .. } if agent == "a6"),
+            "{e:?}"
+        );
+        assert_eq!(without, before);
     }
 
     #[test]
