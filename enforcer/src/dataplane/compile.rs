@@ -487,21 +487,20 @@ impl Compiled {
     /// Puts `fragment` (from [`compile_agents`]) in place of the entries of the agents
     /// `gone` (ids; their interface names `gone_interfaces` leave `pending`): for one agent
     /// that comes, goes or changes, the result equals compiling the whole policy again.
-    /// Refused, with `self` unchanged, when the result would not fit the maps (`who` names
-    /// the agent for the message) or an interface of the fragment is already another
-    /// agent's.
+    /// Refused when the result would not fit the maps (`who` names the agent for the
+    /// message) or an interface of the fragment is already another agent's.
     pub fn replace_agents(
-        &mut self,
+        self,
         gone: &BTreeSet<u32>,
         gone_interfaces: &[String],
         fragment: Compiled,
         limits: &Limits,
         who: &str,
-    ) -> Result<(), CompileError> {
+    ) -> Result<Compiled, CompileError> {
         let mut ids = gone.clone();
         ids.extend(fragment.agents.iter().map(|(id, _)| *id));
         let keep = |id: &u32| !ids.contains(id);
-        let mut next = self.clone();
+        let mut next = self;
         next.agents.retain(|(id, _)| keep(id));
         next.interfaces.retain(|(_, id)| keep(id));
         next.source_hosts_v4.retain(|(_, id)| keep(id));
@@ -562,8 +561,7 @@ impl Compiled {
                 });
             }
         }
-        *self = next;
-        Ok(())
+        Ok(next)
     }
 
     /// How many entries of each kind, in [`LimitKind::ALL`] order.
@@ -1123,8 +1121,8 @@ mod tests {
         let exists = |name: &str| ifindex(name).filter(|n| *n == 2 || *n == 6);
         let all = compile(&policy, &Limits::default(), &exists).unwrap();
         // Agent 3 goes.
-        let mut without = all.clone();
-        without
+        let without = all
+            .clone()
             .replace_agents(
                 &BTreeSet::from([3]),
                 &["if3".to_owned()],
@@ -1142,7 +1140,7 @@ mod tests {
         // It comes back; agent 6 goes.
         let fragment =
             compile_agents(&policy, &policy.agents()[2..3], &Limits::default(), &exists).unwrap();
-        without
+        let without = without
             .replace_agents(
                 &BTreeSet::from([6]),
                 &["if6".to_owned()],
@@ -1161,16 +1159,15 @@ mod tests {
             max_source_prefixes: 5,
             ..Limits::default()
         };
-        let before = without.clone();
         let fragment = compile_agents(&policy, &policy.agents()[5..], &tight, &exists).unwrap();
         let e = without
+            .clone()
             .replace_agents(&BTreeSet::new(), &[], fragment, &tight, "a6")
             .unwrap_err();
         assert!(
             matches!(e, CompileError::LimitExceeded { ref agent, needed: 6, max: 5, .. } if agent == "a6"),
             "{e:?}"
         );
-        assert_eq!(without, before);
     }
 
     #[test]
