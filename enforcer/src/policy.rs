@@ -37,6 +37,24 @@
 //! An agent needs at least one interface or source prefix. Destination presets are listed in
 //! [`PRESETS`].
 //!
+//! Sandboxes that come and go get a *profile* instead of one agent entry each: every
+//! interface matching one of its patterns becomes an agent instance of its own, with an id
+//! the daemon allocates and the name `<profile>/<interface>` (see
+//! [`crate::node::instances`]). Runtimes that name sandboxes themselves attach a profile
+//! with `enforcer agent add --profile`, which is why its pattern list may be empty.
+//!
+//! ```toml
+//! [[profiles]]
+//! name = "coder"            # unique among profiles and agents, [A-Za-z0-9_.-]{1,64}
+//! interfaces = ["agt-coder-*", "fc-tap?"]   # patterns of 1 to 15 bytes: '*' any run, '?' one byte (optional)
+//! mode = "monitor"          # mode, egress_default, rate, egress and inspect as for agents
+//! egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
+//! ```
+//!
+//! A profile has no `id` or `prefixes`: each instance gets its own id, and an instance added
+//! by hand its own prefixes. An interface a static agent names stays that agent's even when
+//! a pattern matches it.
+//!
 //! Parsing happens in two passes. Serde reads the document into raw types that keep every
 //! field's byte span ([`toml::Spanned`]) and reject unknown fields, so a typo is an error
 //! rather than a silently ignored rule. Then a validation pass checks everything serde cannot
@@ -163,12 +181,15 @@ pub const MAX_TLS_PORTS: usize = enforcer_common::MAX_TLS_PORTS;
 
 /// A validated policy. Only [`parse`] and [`load`] make one, so its invariants hold: agent
 /// ids and names are unique and in range, no interface or source prefix belongs to two
-/// agents, every agent has an identity, and rates are in range with bursts resolved.
+/// agents, every agent has an identity, rates are in range with bursts resolved, and profile
+/// names are unique and distinct from agent names. [`Policy::with_agents`] adds agents whose
+/// uniqueness its caller vouches for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     unknown: UnknownTraffic,
     tls_ports: Vec<u16>,
     agents: Vec<Agent>,
+    profiles: Vec<Profile>,
     detectors: Vec<Detector>,
 }
 
@@ -181,6 +202,48 @@ impl Policy {
     /// The agents, in document order.
     pub fn agents(&self) -> &[Agent] {
         &self.agents
+    }
+
+    /// The profiles, in document order; names are unique and no agent has one.
+    pub fn profiles(&self) -> &[Profile] {
+        &self.profiles
+    }
+
+    /// The profile called `name`.
+    pub fn profile(&self, name: &str) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// The profile whose instance a sandbox interface becomes: the first in document order
+    /// with a pattern matching `interface`. None when a static agent names the interface:
+    /// static agents win over patterns, so an operator can single out one sandbox of a
+    /// family (`agt-coder-7` as an agent of its own beside `agt-coder-*`) without an error.
+    pub fn profile_for(&self, interface: &str) -> Option<&Profile> {
+        if self.agent_by_interface(interface).is_some() {
+            return None;
+        }
+        self.profiles.iter().find(|p| p.matches(interface))
+    }
+
+    /// A copy with `extra` appended to the agents: the static agents plus the daemon's
+    /// agent instances, which is what the data plane is compiled from. The invariants are
+    /// the caller's to keep: `extra` must have ids, names, interfaces and source prefixes no
+    /// other agent has (the instance table checks them when it makes instances).
+    pub fn with_agents(&self, extra: impl IntoIterator<Item = Agent>) -> Policy {
+        let mut policy = self.clone();
+        policy.agents.extend(extra);
+        debug_assert!(
+            {
+                let mut ids = std::collections::HashSet::new();
+                let mut names = std::collections::HashSet::new();
+                policy
+                    .agents
+                    .iter()
+                    .all(|a| ids.insert(a.id) && names.insert(a.name.as_str()))
+            },
+            "with_agents was given an agent whose id or name is taken"
+        );
+        policy
     }
 
     /// The inspecting proxy's detectors, in document order; names are unique.
@@ -247,6 +310,86 @@ pub struct Agent {
     pub egress: Vec<EgressRule>,
     /// Whether the agent's TLS goes through the inspecting proxy.
     pub inspect: bool,
+}
+
+/// A template for agents that come and go (`[[profiles]]`): every sandbox interface
+/// matching one of its patterns, or named by `enforcer agent add`, becomes an agent
+/// instance with the profile's mode, limits and rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    /// Unique name among profiles and agents; without `/`, which separates it from the
+    /// interface in instance names.
+    pub name: String,
+    /// Interface name patterns (`*` any run of bytes, `?` one byte), in document order.
+    pub patterns: Vec<String>,
+    /// Enforce or only count.
+    pub mode: Mode,
+    /// Verdict for destinations that no rule matches.
+    pub egress_default: EgressDefault,
+    /// Rate limits of each instance, with bursts resolved.
+    pub rate: Rate,
+    /// Egress rules, in document order.
+    pub egress: Vec<EgressRule>,
+    /// Whether the instances' TLS goes through the inspecting proxy.
+    pub inspect: bool,
+}
+
+impl Profile {
+    /// Whether one of the patterns matches `interface`.
+    pub fn matches(&self, interface: &str) -> bool {
+        self.patterns.iter().any(|p| glob_match(p, interface))
+    }
+
+    /// The agent that instance `id` of this profile on `interface` is: named
+    /// `<profile>/<interface>`, identified by the interface and the source `prefixes`, with
+    /// everything else from the profile. A `/` cannot occur in an agent's or a profile's
+    /// name, so an instance's name is never an agent's.
+    pub fn instance(&self, id: u32, interface: &str, prefixes: &[IpNet]) -> Agent {
+        Agent {
+            id,
+            name: format!("{}/{interface}", self.name),
+            interfaces: vec![interface.to_owned()],
+            sources: prefixes.to_vec(),
+            mode: self.mode,
+            egress_default: self.egress_default,
+            rate: self.rate,
+            egress: self.egress.clone(),
+            inspect: self.inspect,
+        }
+    }
+}
+
+/// Whether `name` matches the shell-style `pattern`, byte by byte: `*` matches any run of
+/// bytes (the empty one too), `?` exactly one, every other byte itself, and the whole name
+/// must match. Iterative, backtracking only to the last `*`, so a pattern full of stars
+/// costs at most `pattern.len() * name.len()` steps and no stack.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    // The last star seen and the name position it is matched up to, to resume from when a
+    // later byte fails: letting that star eat one more byte is the only other choice.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    star = Some((sp, sn + 1));
+                    pi = sp + 1;
+                    ni = sn + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 /// Most detectors a policy may have: every one is searched in every byte of inspected
@@ -628,6 +771,21 @@ impl IpNet {
         self.addr.is_ipv4() == other.addr.is_ipv4()
             && self.len <= other.len
             && mask(other.addr, self.len) == self.addr
+    }
+}
+
+/// Written as its text form (`10.0.0.0/8`), as in the policy, for files the daemon keeps.
+impl serde::Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Read from its text form, with [`IpNet::from_str`]'s checks.
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(de::Error::custom)
     }
 }
 
@@ -1128,7 +1286,33 @@ struct RawPolicy {
     #[serde(default)]
     agents: Vec<Spanned<RawAgent>>,
     #[serde(default)]
+    profiles: Vec<Spanned<RawProfile>>,
+    #[serde(default)]
     detectors: Vec<Spanned<RawDetector>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: Spanned<String>,
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    egress_default: EgressDefault,
+    #[serde(default)]
+    rate: Option<RawRate>,
+    #[serde(default)]
+    egress: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    inspect: bool,
+    // Fields of an agent that a profile cannot have: read (whatever their type) so that the
+    // checker can say why, rather than serde's bare "unknown field".
+    #[serde(default)]
+    id: Option<Spanned<de::IgnoredAny>>,
+    #[serde(default)]
+    prefixes: Option<Spanned<de::IgnoredAny>>,
 }
 
 #[derive(Deserialize)]
@@ -1376,13 +1560,124 @@ impl Checker<'_> {
         }
 
         let tls_ports = self.tls_ports(raw.defaults.tls_ports.as_ref());
+        let profiles = self.profiles(&raw.profiles, &names);
         let detectors = self.detectors(&raw.detectors);
         Policy {
             unknown: raw.defaults.unknown,
             tls_ports,
             agents,
+            profiles,
             detectors,
         }
+    }
+
+    /// The `[[profiles]]`; `agents` holds the agents' names, which profiles may not take.
+    fn profiles(
+        &mut self,
+        raw: &[Spanned<RawProfile>],
+        agents: &HashMap<&str, Claim<'_>>,
+    ) -> Vec<Profile> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        // Pattern -> the profile that lists it first: the same pattern in a later profile
+        // could never match, as the first profile in document order wins.
+        let mut patterns: HashMap<&str, usize> = HashMap::new();
+        let mut profiles = Vec::with_capacity(raw.len());
+        for (i, spanned) in raw.iter().enumerate() {
+            let p = spanned.get_ref();
+            let at = |field: &str| format!("profiles[{i}].{field}");
+            let before = self.issues.len();
+
+            let name = p.name.get_ref().as_str();
+            if name.contains('/') {
+                let msg = format!(
+                    "a profile name cannot hold '/', which separates the profile from the \
+                     interface in instance names (\"coder/agt-coder-1\"), got \"{name}\""
+                );
+                self.issue(p.name.span(), at("name"), msg);
+            } else {
+                self.agent_name(&p.name, at("name"));
+            }
+            if let Some(first) = names.get(name) {
+                let msg = format!("name \"{name}\" is already used by profiles[{first}]");
+                self.issue(p.name.span(), at("name"), msg);
+            } else if let Some(agent) = agents.get(name) {
+                let msg = format!(
+                    "name \"{name}\" is already used by {agent}; profiles and agents share \
+                     one namespace (the CLI and metrics find either by name)"
+                );
+                self.issue(p.name.span(), at("name"), msg);
+            } else {
+                names.insert(name, i);
+            }
+
+            for (field, value) in [("id", &p.id), ("prefixes", &p.prefixes)] {
+                if let Some(value) = value {
+                    let msg = format!(
+                        "a profile has no {field}: each of its instances gets its own (ids \
+                         from the daemon, prefixes from `enforcer agent add --prefix`)"
+                    );
+                    self.issue(value.span(), at(field), msg);
+                }
+            }
+
+            let mut profile_patterns = Vec::with_capacity(p.interfaces.len());
+            for (j, pattern) in p.interfaces.iter().enumerate() {
+                let field = at(&format!("interfaces[{j}]"));
+                let text = pattern.get_ref().as_str();
+                // '*' and '?' are bytes an interface name may hold, so the name check is
+                // the pattern check too.
+                if !valid_ifname(text) {
+                    let msg = format!(
+                        "expected an interface name pattern of 1 to {MAX_IFNAME_LEN} bytes \
+                         without '/', ':' or whitespace ('*' matches any run, '?' one byte), \
+                         got \"{text}\""
+                    );
+                    self.issue(pattern.span(), field, msg);
+                    continue;
+                }
+                match patterns.get(text) {
+                    Some(&first) if first == i => {
+                        let msg = format!("pattern \"{text}\" is listed twice");
+                        self.issue(pattern.span(), field, msg);
+                    }
+                    Some(&first) => {
+                        let msg = format!(
+                            "pattern \"{text}\" is already listed by profiles[{first}], which \
+                             comes first and so would take every interface it matches"
+                        );
+                        self.issue(pattern.span(), field, msg);
+                    }
+                    None => {
+                        patterns.insert(text, i);
+                        profile_patterns.push(text.to_owned());
+                    }
+                }
+            }
+
+            let rate = match &p.rate {
+                Some(r) => self.rate(r, &at("rate")),
+                None => Rate::default(),
+            };
+            let egress = p
+                .egress
+                .iter()
+                .enumerate()
+                .filter_map(|(j, rule)| self.rule(rule, &at(&format!("egress[{j}]"))))
+                .collect();
+
+            if self.issues.len() == before {
+                profiles.push(Profile {
+                    name: name.to_owned(),
+                    patterns: profile_patterns,
+                    mode: p.mode,
+                    egress_default: p.egress_default,
+                    rate,
+                    egress,
+                    inspect: p.inspect,
+                });
+            }
+        }
+        profiles
     }
 
     fn detectors(&mut self, raw: &[Spanned<RawDetector>]) -> Vec<Detector> {
@@ -1612,8 +1907,9 @@ impl Checker<'_> {
 }
 
 /// Linux's `dev_valid_name`: not empty, shorter than `IFNAMSIZ`, not `.` or `..`, and no
-/// `/`, `:` or whitespace.
-fn valid_ifname(name: &str) -> bool {
+/// `/`, `:` or whitespace. Crate-visible for interfaces named outside a policy file
+/// (`enforcer agent add`).
+pub(crate) fn valid_ifname(name: &str) -> bool {
     (1..=MAX_IFNAME_LEN).contains(&name.len())
         && name != "."
         && name != ".."
@@ -2070,7 +2366,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
             "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
-             `agents`, `detectors`"
+             `agents`, `profiles`, `detectors`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -2394,5 +2690,189 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             .contains("at most 4")
         );
         assert!(normalize_name(&"a".repeat(254)).is_err());
+    }
+    /// The profile example of the module documentation, with an agent beside it.
+    const PROFILES: &str = r#"[[agents]]
+id = 1
+name = "coder-7"
+interfaces = ["agt-coder-7"]
+
+[[profiles]]
+name = "coder"
+interfaces = ["agt-coder-*", "fc-tap?"]
+mode = "monitor"
+egress_default = "deny"
+rate = { packets_per_sec = 1000 }
+egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
+inspect = true
+
+[[profiles]]
+name = "any-agent"
+interfaces = ["agt-*"]
+
+[[profiles]]
+name = "by-hand"
+"#;
+
+    #[test]
+    fn profiles_parse() {
+        let p = parse("p.toml", PROFILES).unwrap();
+        let names: Vec<&str> = p.profiles().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["coder", "any-agent", "by-hand"]);
+        let coder = p.profile("coder").unwrap();
+        assert_eq!(coder.patterns, ["agt-coder-*", "fc-tap?"]);
+        assert_eq!(coder.mode, Mode::Monitor);
+        assert_eq!(coder.egress_default, EgressDefault::Deny);
+        assert_eq!(
+            coder.rate.packets,
+            Some(Limit {
+                per_sec: 1000,
+                burst: 100
+            })
+        );
+        assert_eq!(coder.egress.len(), 1);
+        assert_eq!(coder.egress[0].ports, PortRange { lo: 53, hi: 53 });
+        assert!(coder.inspect);
+        let by_hand = p.profile("by-hand").unwrap();
+        assert!(by_hand.patterns.is_empty());
+        assert_eq!(
+            (by_hand.mode, by_hand.rate, by_hand.inspect),
+            (Mode::Enforce, Rate::default(), false)
+        );
+        assert!(p.profile("coder-7").is_none(), "agents are not profiles");
+        // Profiles are not agents: nothing that reads agents sees them.
+        assert_eq!(p.agents().len(), 1);
+    }
+
+    #[test]
+    fn profile_for_takes_the_first_match_and_leaves_static_agents_alone() {
+        let p = parse("p.toml", PROFILES).unwrap();
+        let profile = |iface: &str| p.profile_for(iface).map(|p| p.name.as_str());
+        // Both "agt-coder-*" and "agt-*" match; coder comes first in the document.
+        assert_eq!(profile("agt-coder-1"), Some("coder"));
+        assert_eq!(profile("agt-other"), Some("any-agent"));
+        assert_eq!(profile("fc-tap3"), Some("coder"));
+        assert_eq!(profile("fc-tap33"), None);
+        assert_eq!(profile("eth0"), None);
+        // A static agent names agt-coder-7: it stays the agent's.
+        assert_eq!(profile("agt-coder-7"), None);
+        assert!(p.profile("coder").unwrap().matches("agt-coder-7"));
+    }
+
+    #[test]
+    fn an_instance_is_an_agent_of_its_profile() {
+        let p = parse("p.toml", PROFILES).unwrap();
+        let coder = p.profile("coder").unwrap();
+        let a = coder.instance(4000, "agt-coder-1", &[net("10.9.0.2/32")]);
+        assert_eq!(
+            a,
+            Agent {
+                id: 4000,
+                name: "coder/agt-coder-1".into(),
+                interfaces: vec!["agt-coder-1".into()],
+                sources: vec![net("10.9.0.2/32")],
+                mode: coder.mode,
+                egress_default: coder.egress_default,
+                rate: coder.rate,
+                egress: coder.egress.clone(),
+                inspect: coder.inspect,
+            }
+        );
+        let all = p.with_agents([a.clone()]);
+        assert_eq!(all.agents().len(), 2);
+        assert_eq!(all.agent_by_interface("agt-coder-1"), Some(&a));
+        assert_eq!(all.profiles(), p.profiles());
+        assert_eq!(p.agents().len(), 1, "the original is unchanged");
+    }
+
+    #[test]
+    fn glob_matching() {
+        let cases = [
+            ("*", "", true),
+            ("*", "eth0", true),
+            ("agt-*", "agt-", true),
+            ("agt-*", "agt-x", true),
+            ("agt-*", "xagt-x", false),
+            ("*-tap", "fc-tap", true),
+            ("*-tap", "fc-tap0", false),
+            ("fc-tap?", "fc-tap1", true),
+            ("fc-tap?", "fc-tap", false),
+            ("fc-tap?", "fc-tap12", false),
+            ("??", "ab", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("a*bc", "abcbc", true),
+            ("veth0", "veth0", true),
+            ("veth0", "veth01", false),
+            ("veth0", "veth", false),
+            ("", "", true),
+            ("", "a", false),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(glob_match(pattern, name), expected, "{pattern:?} {name:?}");
+        }
+        // Many stars against a long mismatch: quadratic at worst, and no recursion.
+        let pattern = "*a".repeat(1000) + "b";
+        assert!(!glob_match(&pattern, &"a".repeat(5000)));
+    }
+
+    /// A valid agent named "a", then one profile with `lines` in its table.
+    fn profile(lines: &str) -> String {
+        format!("{}[[profiles]]\n{lines}", agent(""))
+    }
+
+    #[test]
+    fn bad_profiles_are_located() {
+        assert_eq!(
+            issues(&profile(
+                "name = \"p\"\ninterfaces = [\"agt coder\", \"agt-coder-*-long\", \"ok-*\", \"ok-*\"]\n\
+                 [[profiles]]\nname = \"p\"\ninterfaces = [\"ok-*\"]\n\
+                 [[profiles]]\nname = \"a\"\n\
+                 [[profiles]]\nname = \"x/y\"\n\
+                 [[profiles]]\nname = \"q\"\nid = 3\nprefixes = [\"10.0.0.1\"]\n\
+                 rate = { packets_per_sec = 0 }\n"
+            )),
+            vec![
+                "p.toml:7:15: profiles[0].interfaces[0]: expected an interface name pattern of \
+                 1 to 15 bytes without '/', ':' or whitespace ('*' matches any run, '?' one \
+                 byte), got \"agt coder\"",
+                "p.toml:7:28: profiles[0].interfaces[1]: expected an interface name pattern of \
+                 1 to 15 bytes without '/', ':' or whitespace ('*' matches any run, '?' one \
+                 byte), got \"agt-coder-*-long\"",
+                "p.toml:7:56: profiles[0].interfaces[3]: pattern \"ok-*\" is listed twice",
+                "p.toml:9:8: profiles[1].name: name \"p\" is already used by profiles[0]",
+                "p.toml:10:15: profiles[1].interfaces[0]: pattern \"ok-*\" is already listed by \
+                 profiles[0], which comes first and so would take every interface it matches",
+                "p.toml:12:8: profiles[2].name: name \"a\" is already used by agent \"a\" \
+                 (agents[0]); profiles and agents share one namespace (the CLI and metrics \
+                 find either by name)",
+                "p.toml:14:8: profiles[3].name: a profile name cannot hold '/', which separates \
+                 the profile from the interface in instance names (\"coder/agt-coder-1\"), got \
+                 \"x/y\"",
+                "p.toml:17:6: profiles[4].id: a profile has no id: each of its instances gets \
+                 its own (ids from the daemon, prefixes from `enforcer agent add --prefix`)",
+                "p.toml:18:12: profiles[4].prefixes: a profile has no prefixes: each of its \
+                 instances gets its own (ids from the daemon, prefixes from `enforcer agent \
+                 add --prefix`)",
+                "p.toml:19:28: profiles[4].rate.packets_per_sec: expected 1 to 1000000000 (omit \
+                 the field for no limit), got 0",
+            ]
+        );
+        assert_eq!(
+            issue(&profile("name = \"p\"\ninterface = [\"x\"]\n")),
+            "p.toml:7:1: profiles[0].interface: unknown field `interface`, expected one of \
+             `name`, `interfaces`, `mode`, `egress_default`, `rate`, `egress`, `inspect`, `id`, \
+             `prefixes`"
+        );
+        assert_eq!(
+            issue(&profile("interfaces = [\"x\"]\n")),
+            "p.toml:5:1: profiles[0]: missing field `name`"
+        );
+        assert_eq!(
+            issue(&profile("name = \"bad name\"\n")),
+            "p.toml:6:8: profiles[0].name: expected 1 to 64 characters from A-Z a-z 0-9 _ . -, \
+             got \"bad name\""
+        );
     }
 }
