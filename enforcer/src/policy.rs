@@ -2714,6 +2714,23 @@ interfaces = ["agt-*"]
 name = "by-hand"
 "#;
 
+    /// The profile example from the module documentation, verbatim.
+    const PROFILE_EXAMPLE: &str = r#"[[profiles]]
+name = "coder"            # unique among profiles and agents, [A-Za-z0-9_.-]{1,64}
+interfaces = ["agt-coder-*", "fc-tap?"]   # patterns of 1 to 15 bytes: '*' any run, '?' one byte (optional)
+mode = "monitor"          # mode, egress_default, rate, egress and inspect as for agents
+egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
+"#;
+
+    #[test]
+    fn documented_profile_example_parses() {
+        let p = parse("policy.toml", PROFILE_EXAMPLE).unwrap();
+        assert!(p.agents().is_empty());
+        let coder = p.profile("coder").unwrap();
+        assert_eq!(coder.mode, Mode::Monitor);
+        assert_eq!(p.profile_for("fc-tap1"), Some(coder));
+    }
+
     #[test]
     fn profiles_parse() {
         let p = parse("p.toml", PROFILES).unwrap();
