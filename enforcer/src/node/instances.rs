@@ -472,7 +472,8 @@ impl Instances {
 
     /// Makes an instance of `profile` on `interface` by hand (`enforcer agent add`). It has
     /// no ifindex and stays until [`Instances::remove`]: the interface may not exist yet,
-    /// or may go and come back with the sandbox.
+    /// or may go and come back with the sandbox. `origin` is [`Origin::Added`]: a pattern
+    /// instance without an ifindex would go at the next reconcile.
     pub fn add(
         &mut self,
         policy: &Policy,
