@@ -182,13 +182,17 @@ pub const MAX_TLS_PORTS: usize = enforcer_common::MAX_TLS_PORTS;
 /// A validated policy. Only [`parse`] and [`load`] make one, so its invariants hold: agent
 /// ids and names are unique and in range, no interface or source prefix belongs to two
 /// agents, every agent has an identity, rates are in range with bursts resolved, and profile
-/// names are unique and distinct from agent names. [`Policy::with_agents`] adds agents whose
+/// names are unique and distinct from agent names. [`Policy::set_instances`] adds agents whose
 /// uniqueness its caller vouches for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     unknown: UnknownTraffic,
     tls_ports: Vec<u16>,
+    /// The document's agents, then the instances of its profiles (see
+    /// [`Policy::set_instances`]).
     agents: Vec<Agent>,
+    /// How many of `agents` the document itself names.
+    own: usize,
     profiles: Vec<Profile>,
     detectors: Vec<Detector>,
 }
@@ -219,10 +223,28 @@ impl Policy {
     /// static agents win over patterns, so an operator can single out one sandbox of a
     /// family (`agt-coder-7` as an agent of its own beside `agt-coder-*`) without an error.
     pub fn profile_for(&self, interface: &str) -> Option<&Profile> {
-        if self.agent_by_interface(interface).is_some() {
+        // The document's agents only: an instance's own interface still matches its profile.
+        if self
+            .own_agents()
+            .iter()
+            .any(|a| a.interfaces.iter().any(|i| i == interface))
+        {
             return None;
         }
         self.profiles.iter().find(|p| p.matches(interface))
+    }
+
+    /// Puts `instances` (agents made from this policy's profiles) after the document's own
+    /// agents, in place of the ones there: the daemon keeps one policy and changes only
+    /// its instances as sandboxes come and go. Callers guarantee distinct ids and names.
+    pub fn set_instances(&mut self, instances: impl IntoIterator<Item = Agent>) {
+        self.agents.truncate(self.own);
+        self.agents.extend(instances);
+    }
+
+    /// The agents the document itself names, without instances.
+    pub fn own_agents(&self) -> &[Agent] {
+        &self.agents[..self.own]
     }
 
     /// A copy with `extra` appended to the agents: the static agents plus the daemon's
@@ -1565,6 +1587,7 @@ impl Checker<'_> {
         Policy {
             unknown: raw.defaults.unknown,
             tls_ports,
+            own: agents.len(),
             agents,
             profiles,
             detectors,

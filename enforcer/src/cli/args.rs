@@ -31,6 +31,39 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `enforcer agent add|remove|wait`: agents of sandboxes, for runtimes and orchestrators.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Make an agent of a profile of the enforcing policy for a sandbox interface (it may
+    /// come later). Kept across daemon restarts until removed; returns once enforced.
+    Add {
+        /// The profile (`[[profiles]]` of the policy).
+        #[arg(long)]
+        profile: String,
+        /// The sandbox's host-side interface.
+        #[arg(long)]
+        interface: String,
+        /// A source prefix that is the agent's too (repeatable).
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+    },
+    /// Remove an agent made by `agent add` or by a profile's pattern (by name, interface
+    /// or id); returns once no longer enforced.
+    Remove {
+        /// Agent name, interface or id.
+        agent: String,
+    },
+    /// Wait until an interface's agent is enforced and its hook attached: what a runtime
+    /// runs before it brings a sandbox's link up, so the first packet meets the policy.
+    Wait {
+        /// The sandbox's host-side interface.
+        interface: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon: load, pin and attach the XDP program and enforce the policy.
@@ -39,10 +72,15 @@ pub enum Command {
     Status,
     /// The agents of the enforcing policy with packet totals.
     Agents,
-    /// One agent, by id or name: identity, rules, limits, counters by reason.
+    /// One agent, by id, name or interface: identity, rules, limits, counters by reason.
+    /// `agent add`, `agent remove` and `agent wait` manage the agents of sandboxes.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Agent {
-        /// Agent id or name.
-        agent: String,
+        /// Agent id, name or interface.
+        #[arg(required = true)]
+        agent: Option<String>,
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
     },
     /// Per-agent counters by reason (from the pinned maps if no daemon runs).
     Stats,

@@ -9,7 +9,8 @@ use anyhow::bail;
 use serde_json::Value;
 
 pub use self::args::{
-    AuditCommand, Cli, Command, ControlPlaneCommand, InspectCommand, ModeArg, PolicyCommand,
+    AgentCommand, AuditCommand, Cli, Command, ControlPlaneCommand, InspectCommand, ModeArg,
+    PolicyCommand,
 };
 use self::output::print_json;
 use crate::{
@@ -189,7 +190,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status => show::status(cli),
         Command::Agents => show::agents(cli),
-        Command::Agent { agent } => show::agent(cli, agent),
+        Command::Agent {
+            command: Some(command),
+            ..
+        } => show::agent_command(cli, command),
+        Command::Agent { agent, .. } => show::agent(cli, agent.as_deref().unwrap_or_default()),
         Command::Doctor => show::doctor(cli),
         Command::Stats => show::stats(cli),
         Command::Top {

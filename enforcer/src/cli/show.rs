@@ -1,12 +1,18 @@
 //! Commands that show the daemon's state: `status`, `agents`, `agent`, `stats`, `doctor`,
 //! and `mode`, which changes one agent's.
 
-use std::process::ExitCode;
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use enforcer_common::Reason;
+use serde_json::json;
 
-use super::{Cli, ModeArg, is_not_running, join, load_config, output, print_json, table};
+use super::{
+    AgentCommand, Cli, ModeArg, is_not_running, join, load_config, output, print_json, table,
+};
 use crate::{
     dataplane::{self, Dataplane, KernelMaps, stats},
     lab::BpffsMount,
@@ -445,6 +451,94 @@ pub(super) fn mode(cli: &Cli, agent: &str, mode: Option<ModeArg>) -> anyhow::Res
                 v["generation"]
             ),
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agent add`, `agent remove`, `agent wait`.
+pub(super) fn agent_command(cli: &Cli, command: &AgentCommand) -> anyhow::Result<ExitCode> {
+    let (v, what) = match command {
+        AgentCommand::Add {
+            profile,
+            interface,
+            prefixes,
+        } => (
+            cli.call(Request::AgentAdd {
+                profile: profile.clone(),
+                interface: interface.clone(),
+                prefixes: prefixes.clone(),
+            })?,
+            "added",
+        ),
+        AgentCommand::Remove { agent } => (
+            cli.call(Request::AgentRemove {
+                agent: agent.clone(),
+            })?,
+            "removed",
+        ),
+        AgentCommand::Wait { interface, timeout } => {
+            let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+            loop {
+                let status = cli.call(Request::Status)?;
+                let attached = status["interfaces"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|i| i == interface.as_str()));
+                let agent = cli
+                    .call(Request::Agent {
+                        agent: interface.clone(),
+                    })
+                    .ok();
+                if let Some(agent) = agent.filter(|_| attached) {
+                    let v = json!({
+                        "id": agent["id"],
+                        "name": agent["name"],
+                        "interface": interface,
+                        "generation": status["generation"],
+                        "attached": true,
+                    });
+                    if cli.json {
+                        print_json(&v);
+                    } else {
+                        outln!(
+                            "agent {} (id {}) enforced on {interface} (generation {})",
+                            v["name"].as_str().unwrap_or(""),
+                            v["id"],
+                            v["generation"]
+                        );
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "{interface}: no agent enforced there after {timeout} s ({})",
+                        if attached {
+                            "attached, but no agent names it"
+                        } else {
+                            "not attached: is the interface there, and does a profile or agent name it?"
+                        }
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    if cli.json {
+        print_json(&v);
+    } else {
+        let state = if v["attached"].as_bool() == Some(true) {
+            "attached"
+        } else if v["pending"].as_bool() == Some(true) {
+            "pending: enforced once the interface appears"
+        } else {
+            "not attached"
+        };
+        outln!(
+            "{what} agent {} (id {}) on {}: {state} (generation {})",
+            v["name"].as_str().unwrap_or(""),
+            v["id"],
+            v["interface"].as_str().unwrap_or(""),
+            v["generation"]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -712,6 +712,52 @@ impl KernelMaps {
     }
 }
 
+impl KernelMaps {
+    /// Clears what the kernel keeps for agent `id` outside the policy slots: its rate
+    /// buckets (full again), its counters and audit budget (zero), the addresses learned
+    /// for it. For an id handed to a new agent, which must not inherit any of it; called
+    /// before the apply that introduces the agent.
+    pub fn reset_agent(&mut self, id: u32) -> Result<(), MapsError> {
+        self.reset_bucket(id)?;
+        self.reset_audit_limiter(id)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
+            map: maps::COUNTERS,
+            source,
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![
+            enforcer_common::AgentCounters::default(
+            );
+            cpus
+        ])
+        .map_err(|source| MapsError::Batch {
+            map: maps::COUNTERS,
+            source,
+        })?;
+        self.counters
+            .set(id, zeros, 0)
+            .map_err(err("writing", maps::COUNTERS))?;
+        let stale_v4: Vec<_> = self
+            .names_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.agent == id)
+            .collect();
+        for key in stale_v4 {
+            gone(self.names_v4.remove(&key), maps::NAMES_V4)?;
+        }
+        let stale_v6: Vec<_> = self
+            .names_v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.agent == id)
+            .collect();
+        for key in stale_v6 {
+            gone(self.names_v6.remove(&key), maps::NAMES_V6)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything a slot holds that the program can reach, as mappings rather than placement:
 /// two slots holding one policy give equal `SlotEntries` whatever their table seeds, sizes
 /// and `RULES` indices. What the churn tests compare and count.

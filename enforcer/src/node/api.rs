@@ -92,6 +92,22 @@ pub enum Request {
         /// Id or name.
         agent: String,
     },
+    /// Make an agent of `profile` for a sandbox interface the caller names (kept across
+    /// restarts until removed).
+    AgentAdd {
+        /// The profile of the enforcing policy.
+        profile: String,
+        /// The sandbox's host-side interface (it may come later).
+        interface: String,
+        /// Source prefixes that are the agent's too.
+        #[serde(default)]
+        prefixes: Vec<String>,
+    },
+    /// Remove an agent instance (by name, interface or id).
+    AgentRemove {
+        /// Name, interface or id.
+        agent: String,
+    },
     /// The last lines of the audit log.
     AuditTail {
         /// How many lines.

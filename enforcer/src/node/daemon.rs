@@ -41,6 +41,7 @@ use crate::{
             UserSource, Writer,
         },
         config::Config,
+        instances::Instances,
         metrics::{self, DaemonInfo},
         netlink::{self, LinkEvent, if_index},
         notify,
@@ -355,7 +356,13 @@ struct Daemon {
     /// Each wanted interface's index when last attached (`None`: pending), to tell which
     /// rtnetlink events change what is enforced.
     resolved: BTreeMap<String, Option<u32>>,
+    /// The agent instances of the policy's profiles (see [`agents`]).
+    instances: Instances,
+    /// Every interface of this namespace, name to index, kept from rtnetlink events.
+    links: BTreeMap<String, u32>,
 }
+
+mod agents;
 
 impl Daemon {
     /// Interfaces to attach to: the configuration's plus every agent interface.
@@ -377,41 +384,81 @@ impl Daemon {
     /// interface that fails does not keep the rest unattached; the first error is returned.
     fn attach(&mut self) -> Result<(), DataplaneError> {
         let wanted = self.wanted_interfaces();
-        let mut first_error = None;
         self.resolved.clear();
+        let mut first_error = None;
         for interface in &wanted {
-            let index = if_index(interface);
-            self.resolved.insert(interface.clone(), index);
-            if index.is_none() {
-                // Not there (yet): attached when rtnetlink reports it. A pin from the
-                // interface's previous life is stale: the kernel detached with the device.
-                if let Err(error) = self.dataplane.detach(interface) {
-                    tracing::warn!(interface, %error, "removing the pin of a vanished interface");
-                }
-                continue;
-            }
-            match self.dataplane.attach(
-                interface,
-                self.config.hook_of(interface),
-                self.config.xdp_mode,
-            ) {
-                Ok(how) => tracing::info!(interface, ?how, "attached"),
-                Err(e) => {
-                    tracing::error!(interface, error = %error_chain(&e), "attaching");
-                    first_error.get_or_insert(e);
-                }
+            if let Err(e) = self.attach_one(interface, true) {
+                first_error.get_or_insert(e);
             }
         }
         for interface in self.dataplane.attached_interfaces() {
             if !wanted.contains(&interface) {
-                match self.dataplane.detach(&interface) {
-                    Ok(()) => {
-                        tracing::info!(interface, "detached: no longer named by config or policy")
-                    }
-                    Err(error) => tracing::warn!(interface, %error, "removing a stale link pin"),
-                }
+                let _ = self.attach_one(&interface, false);
             }
         }
+        self.hooks_changed();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// [`Daemon::attach`] for a few interfaces (those an agent change touched): each is
+    /// attached if wanted and present, detached otherwise. Errors are logged and kept in
+    /// `status.last_error`.
+    fn attach_some(&mut self, interfaces: &[String]) {
+        if interfaces.is_empty() {
+            return;
+        }
+        let wanted = self.wanted_interfaces();
+        for interface in interfaces.iter().collect::<BTreeSet<_>>() {
+            let want = wanted.contains(interface);
+            if !want {
+                self.resolved.remove(interface);
+            }
+            if let Err(e) = self.attach_one(interface, want) {
+                self.status.last_error = Some(error_chain(&e));
+            }
+        }
+        self.hooks_changed();
+    }
+
+    /// Attaches `interface` if `wanted` and present; otherwise removes its hook.
+    fn attach_one(&mut self, interface: &str, wanted: bool) -> Result<(), DataplaneError> {
+        if !wanted {
+            match self.dataplane.detach(interface) {
+                Ok(()) => {
+                    tracing::info!(interface, "detached: no longer named by config or policy")
+                }
+                Err(error) => tracing::warn!(interface, %error, "removing a stale link pin"),
+            }
+            return Ok(());
+        }
+        let index = if_index(interface);
+        self.resolved.insert(interface.to_string(), index);
+        if index.is_none() {
+            // Not there (yet): attached when rtnetlink reports it. A pin from the
+            // interface's previous life is stale: the kernel detached with the device.
+            if let Err(error) = self.dataplane.detach(interface) {
+                tracing::warn!(interface, %error, "removing the pin of a vanished interface");
+            }
+            return Ok(());
+        }
+        match self.dataplane.attach(
+            interface,
+            self.config.hook_of(interface),
+            self.config.xdp_mode,
+        ) {
+            Ok(how) => {
+                tracing::info!(interface, ?how, "attached");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(interface, error = %error_chain(&e), "attaching");
+                Err(e)
+            }
+        }
+    }
+
+    /// Records in `status` which interfaces are attached and which pending.
+    fn hooks_changed(&mut self) {
         self.status.interfaces = self.dataplane.attached_interfaces();
         self.status.pending = self
             .resolved
@@ -420,47 +467,66 @@ impl Daemon {
             .map(|(name, _)| name.clone())
             .collect();
         if !self.status.pending.is_empty() {
-            tracing::info!(pending = ?self.status.pending, "interfaces not present yet: attached when they appear");
+            tracing::debug!(pending = ?self.status.pending, "interfaces not present yet: attached when they appear");
         }
-        first_error.map_or(Ok(()), Err)
     }
 
-    /// Follows an interface change. When an interface the configuration or policy names
-    /// appears, goes away, or comes back under a new index, the enforcing policy is applied
-    /// again: that resolves every name afresh, rewrites the interface map and attaches. Other
-    /// changes (another interface, a link going up or down) change nothing.
+    /// Follows an interface change. The host's link table is kept up to date; when a
+    /// wanted interface appears, goes away, or comes back under a new index, or a link
+    /// appears or goes that a profile's pattern matches, the agents concerned are compiled
+    /// and applied on their own ([`agents`]). Other changes (another interface, a link
+    /// going up or down) change nothing. Lost events re-read every link and apply the
+    /// whole policy again.
     fn on_link(&mut self, event: LinkEvent) {
-        let why = match &event {
-            LinkEvent::Overrun => Some("link events were lost".to_string()),
+        let mut changed = Vec::new();
+        match &event {
+            LinkEvent::Overrun => self.links = agents::host_links(),
             LinkEvent::Changed { ifindex, name } => {
-                let renamed_away = self
-                    .resolved
-                    .iter()
-                    .any(|(n, i)| *i == Some(*ifindex) && n != name);
-                match self.resolved.get(name) {
-                    Some(i) if *i != Some(*ifindex) => Some(format!("{name} appeared")),
-                    _ if renamed_away => Some(format!("interface {ifindex} was renamed {name}")),
-                    _ => None,
+                for (n, i) in &self.resolved {
+                    if (*i == Some(*ifindex) && n != name) || (n == name && *i != Some(*ifindex)) {
+                        changed.push(n.clone());
+                    }
                 }
+                let new_link = self.links.get(name) != Some(ifindex);
+                self.links.retain(|n, i| *i != *ifindex || n == name);
+                self.links.insert(name.clone(), *ifindex);
+                if !new_link && changed.is_empty() {
+                    return;
+                }
+                changed.push(name.clone());
             }
-            LinkEvent::Gone { ifindex, name } => self
-                .resolved
-                .values()
-                .any(|i| *i == Some(*ifindex))
-                .then(|| format!("{name} went away")),
-        };
-        let Some(why) = why else { return };
+            LinkEvent::Gone { ifindex, name } => {
+                for (n, i) in &self.resolved {
+                    if *i == Some(*ifindex) {
+                        changed.push(n.clone());
+                    }
+                }
+                self.links.retain(|_, i| *i != *ifindex);
+                changed.push(name.clone());
+            }
+        }
         let current = self
             .current
             .as_ref()
             .map(|c| (c.origin.clone(), c.text.clone()));
-        match current {
-            Some((origin, text)) => {
-                tracing::info!(why, "interfaces changed: applying the policy again");
+        match (current, &event) {
+            (Some((origin, text)), LinkEvent::Overrun) => {
+                tracing::info!("link events were lost: applying the policy again");
                 let _ = self.apply_text(&origin, &text);
             }
+            (Some(_), _) => {
+                changed.sort();
+                changed.dedup();
+                let why = format!("interfaces changed: {}", changed.join(", "));
+                self.follow(&changed, &why);
+            }
             // Only the pinned policy enforces: its interface map stays, attach what exists.
-            None => {
+            (None, _) => {
+                if changed.iter().all(|n| !self.resolved.contains_key(n))
+                    && !matches!(event, LinkEvent::Overrun)
+                {
+                    return;
+                }
                 if let Err(e) = self.attach() {
                     self.status.last_error = Some(error_chain(&e));
                 }
@@ -475,7 +541,7 @@ impl Daemon {
     fn apply_text(&mut self, origin: &str, text: &str) -> Result<u64, String> {
         self.status.attempts += 1;
         let started = Instant::now();
-        let outcome = (|| -> Result<(Policy, Compiled, u64), String> {
+        let outcome = (|| -> Result<(Policy, Compiled, u64, Instances), String> {
             if text.len() > self.config.max_policy_bytes {
                 return Err(format!(
                     "{origin}: the policy is {} bytes, more than max_policy_bytes ({}) allows",
@@ -484,19 +550,38 @@ impl Daemon {
                 ));
             }
             let mut policy = policy::parse(origin, text).map_err(|e| error_chain(&e))?;
+            // The instances follow the new policy: a static agent may not take what one
+            // holds (a sandbox cannot be moved under its feet), and instances of profiles
+            // it no longer has, or that its patterns no longer match, go.
+            let clashes = self.instances.clashes(&policy);
+            if !clashes.is_empty() {
+                let list: Vec<String> = clashes.iter().map(ToString::to_string).collect();
+                return Err(format!(
+                    "{origin}: {}; remove the instance first (enforcer agent remove NAME)",
+                    list.join("; ")
+                ));
+            }
+            let mut instances = self.instances.clone();
+            let reconciled = instances.reconcile(&policy, &self.links);
+            policy.set_instances(agents::instance_agents(&policy, &instances));
             for (id, mode) in &self.status.overrides {
                 policy.set_mode(*id, *mode);
             }
             let compiled = compile_policy(&policy, origin, &self.config.limits)
                 .map_err(|e| error_chain(&e))?;
+            self.reset_fresh_ids(reconciled.added.iter().map(|i| i.id));
             let generation = self
                 .dataplane
                 .apply(&compiled)
                 .map_err(|e| error_chain(&e))?;
-            Ok((policy, compiled, generation))
+            Ok((policy, compiled, generation, instances))
         })();
         let result = match outcome {
-            Ok((policy, compiled, generation)) => {
+            Ok((policy, compiled, generation, instances)) => {
+                if instances != self.instances {
+                    self.instances = instances;
+                    self.save_instances();
+                }
                 self.status.generation = generation;
                 self.status.agents = agent_names(&policy);
                 self.status.digest = digest(text);
@@ -686,7 +771,11 @@ impl Daemon {
             .policy
             .agents()
             .iter()
-            .find(|a| a.name == key || key.parse::<u32>().ok() == Some(a.id))
+            .find(|a| {
+                a.name == key
+                    || key.parse::<u32>().ok() == Some(a.id)
+                    || a.interfaces.iter().any(|i| i == key)
+            })
             .ok_or_else(|| format!("no agent {key:?} in the enforcing policy"))
     }
 
@@ -777,9 +866,48 @@ impl Daemon {
                 self.find_agent(agent).ok().map(|a| a.id),
                 format!("agent {agent} back to the policy's mode (override cleared)"),
             )),
+            Request::AgentAdd {
+                profile,
+                interface,
+                prefixes,
+            } => Some((
+                "agent_add",
+                None,
+                format!(
+                    "agent of profile {profile} on {interface}{}",
+                    if prefixes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with prefixes {}", prefixes.join(", "))
+                    }
+                ),
+            )),
+            Request::AgentRemove { agent } => Some((
+                "agent_remove",
+                self.find_agent(agent).ok().map(|a| a.id),
+                format!("agent {agent}"),
+            )),
             _ => None,
         };
-        let answer = self.answer(request);
+        let answer = match &request {
+            Request::AgentAdd {
+                profile,
+                interface,
+                prefixes,
+            } => self.add_instance(profile, interface, prefixes, Some(&peer)),
+            _ => self.answer(request),
+        };
+        // An added agent is audited under the id it got.
+        let change = change.map(|(reason, agent, what)| {
+            let id = agent.or_else(|| {
+                answer
+                    .as_ref()
+                    .ok()
+                    .and_then(|v| v["id"].as_u64())
+                    .map(|id| id as u32)
+            });
+            (reason, id, what)
+        });
         if let Some((reason, agent, what)) = change {
             self.user_audit.record(UserEvent {
                 source: UserSource::Api,
@@ -990,6 +1118,8 @@ impl Daemon {
                 }
             }
             Request::Mode { agent, mode } => self.set_override(&agent, Some(mode)),
+            Request::AgentRemove { agent } => self.remove_instance(&agent),
+            Request::AgentAdd { .. } => Err("agent add is answered by handle".into()),
             Request::ModeClear { agent } => self.set_override(&agent, None),
             Request::AuditTail { lines } => {
                 let lines =
@@ -1320,6 +1450,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     };
 
+    // Instances made by an earlier run keep their ids (a pattern instance only while its
+    // interface is the same one); a damaged table is set aside rather than fatal.
+    let instances_path = config.state_dir.join("instances.json");
+    let instances = Instances::load(&instances_path, config.limits.max_agents).unwrap_or_else(|e| {
+        tracing::error!(error = %error_chain(&e), "reading the agent instance table; starting with none (added instances must be added again)");
+        Instances::new(config.limits.max_agents)
+    });
     let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
     let (info, info_rx) = watch::channel(DaemonInfo::default());
     // The audit trail: the kernel's budget, then the reader of the ring into the log.
@@ -1372,6 +1509,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         reloads_ok: 0,
         reloads_rejected: 0,
         resolved: BTreeMap::new(),
+        instances,
+        links: agents::host_links(),
     };
     match first {
         Some((origin, text)) => {

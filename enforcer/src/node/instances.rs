@@ -6,7 +6,7 @@
 //!
 //! Pure bookkeeping: no kernel, no daemon. The daemon turns instances into agents with
 //! [`Profile::instance`](crate::policy::Profile::instance) and compiles
-//! [`Policy::with_agents`] into the maps.
+//! [`Policy::set_instances`] into the maps.
 //!
 //! Ids are in `1..=max_agents` and never one a static agent of the current policy or another
 //! instance holds. An id names counters, rate buckets and audit identity in the maps, so a
@@ -421,7 +421,7 @@ impl Instances {
     /// [`Instances::clashes`] for interfaces and prefixes too.
     pub fn conflicts(&self, policy: &Policy) -> Vec<(u32, String, String)> {
         let mut out: Vec<_> = policy
-            .agents()
+            .own_agents()
             .iter()
             .filter_map(|a| {
                 self.by_id
@@ -435,7 +435,7 @@ impl Instances {
 
     /// Everything static agents of `policy` claim that instances hold: ids (of any
     /// instance), interfaces of added instances, source prefixes. What the daemon must
-    /// refuse before [`Instances::reconcile`] and [`Policy::with_agents`], since the
+    /// refuse before [`Instances::reconcile`] and [`Policy::set_instances`], since the
     /// combined policy would give one thing to two agents.
     pub fn clashes(&self, policy: &Policy) -> Vec<Clash> {
         let mut out: Vec<Clash> = self
@@ -449,7 +449,10 @@ impl Instances {
             .collect();
         for i in self.by_id.values() {
             if matches!(i.origin, Origin::Added { .. })
-                && let Some(agent) = policy.agent_by_interface(&i.interface)
+                && let Some(agent) = policy
+                    .own_agents()
+                    .iter()
+                    .find(|a| a.interfaces.contains(&i.interface))
             {
                 out.push(Clash::Interface {
                     interface: i.interface.clone(),
@@ -458,7 +461,11 @@ impl Instances {
                 });
             }
             for prefix in &i.prefixes {
-                if let Some(agent) = policy.agents().iter().find(|a| a.sources.contains(prefix)) {
+                if let Some(agent) = policy
+                    .own_agents()
+                    .iter()
+                    .find(|a| a.sources.contains(prefix))
+                {
                     out.push(Clash::Prefix {
                         prefix: *prefix,
                         instance: i.name(),
@@ -508,7 +515,7 @@ impl Instances {
                 Some(name.clone())
             } else {
                 policy
-                    .agents()
+                    .own_agents()
                     .iter()
                     .find(|a| a.sources.contains(prefix))
                     .map(|a| a.name.clone())
@@ -562,7 +569,7 @@ impl Instances {
         // Policy::profile_for, with the static interfaces looked up once rather than per
         // link (a policy may have many agents).
         let static_ifaces: HashSet<&str> = policy
-            .agents()
+            .own_agents()
             .iter()
             .flat_map(|a| a.interfaces.iter().map(String::as_str))
             .collect();
@@ -674,7 +681,7 @@ impl Instances {
 }
 
 fn static_ids(policy: &Policy) -> HashSet<u32> {
-    policy.agents().iter().map(|a| a.id).collect()
+    policy.own_agents().iter().map(|a| a.id).collect()
 }
 
 #[cfg(test)]
