@@ -20,7 +20,7 @@ use enforcer::{
     lab::{self, BpffsMount, Netns, UdpSink, require_root, udp_send},
     policy,
 };
-use integration_tests::{Lab, SERVER_V4, in_sandbox_netns, sa};
+use integration_tests::{Lab, SERVER_V4, check_schema, in_sandbox_netns, sa};
 
 /// A small deterministic generator (xorshift), so a failure replays.
 struct Rng(u64);
@@ -279,6 +279,7 @@ fn profile_lab(max_agents: u32) -> Lab {
 fn wait_enforced(lab: &Lab, interface: &str) -> (u32, String) {
     let (code, v) = lab.run_cli_json(&["agent", "wait", interface, "--timeout", "10"]);
     assert_eq!(code, 0, "agent wait {interface}: {v}");
+    check_schema("agent-wait", &v);
     (
         v["id"].as_u64().unwrap() as u32,
         v["name"].as_str().unwrap().to_owned(),
@@ -443,6 +444,7 @@ fn runtime_added_agents_are_enforced_kept_across_restarts_and_audited() {
         "10.202.0.0/24",
     ]);
     assert_eq!(code, 0, "{added}");
+    check_schema("agent-change", &added);
     assert_eq!(added["name"], "sbx/rt1");
     assert_eq!(added["pending"], true, "{added}");
     let id = added["id"].as_u64().unwrap();
@@ -480,6 +482,8 @@ fn runtime_added_agents_are_enforced_kept_across_restarts_and_audited() {
 
     let (code, removed) = lab.run_cli_json(&["agent", "remove", "sbx/rt1"]);
     assert_eq!(code, 0, "{removed}");
+    check_schema("agent-change", &removed);
+    assert_eq!(removed["id"].as_u64(), Some(id));
     assert!(
         lab.run_cli(&["agent", "rt1"]).code != 0,
         "the agent is gone"

@@ -11,6 +11,9 @@ use serde_json::Value;
 /// Every schema file and where its command's output is checked: here, unless named.
 const SCHEMAS: &[&str] = &[
     "agent",
+    // tests/churn.rs checks `agent add`, `agent remove` and `agent wait`.
+    "agent-change",
+    "agent-wait",
     "agents",
     "audit-record",
     "audit-verify",

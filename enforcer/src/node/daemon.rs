@@ -579,8 +579,15 @@ impl Daemon {
         let result = match outcome {
             Ok((policy, compiled, generation, instances)) => {
                 if instances != self.instances {
+                    let gone: Vec<u32> = self
+                        .instances
+                        .iter()
+                        .filter(|i| instances.get(&i.name()).is_none_or(|now| now.id != i.id))
+                        .map(|i| i.id)
+                        .collect();
                     self.instances = instances;
                     self.save_instances();
+                    self.forget_overrides(gone);
                 }
                 self.status.generation = generation;
                 self.status.agents = agent_names(&policy);

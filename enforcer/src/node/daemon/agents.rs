@@ -82,6 +82,18 @@ impl Daemon {
         }
     }
 
+    /// A mode override belongs to the agent, not to its id: a removed instance's goes with
+    /// it, so the next holder of the id starts in its profile's mode.
+    pub(super) fn forget_overrides(&mut self, ids: impl IntoIterator<Item = u32>) {
+        let mut forgot = false;
+        for id in ids {
+            forgot |= self.status.overrides.remove(&id).is_some();
+        }
+        if forgot && let Err(e) = self.persist_overrides() {
+            tracing::error!(error = %e, "saving the mode overrides without a removed agent's");
+        }
+    }
+
     /// Ids handed to new agents start afresh: nothing of a previous holder's rate state,
     /// counters, audit budget or learned addresses.
     pub(super) fn reset_fresh_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
@@ -127,6 +139,8 @@ impl Daemon {
             .map_err(|e| format!("{why}: {}", error_chain(&e)))?;
         let micros = started.elapsed().as_micros() as u64;
         self.instances = instances;
+        let staying: BTreeSet<u32> = now.iter().map(|a| a.id).collect();
+        self.forget_overrides(gone.iter().map(|a| a.id).filter(|id| !staying.contains(id)));
         let current = self.current.as_mut().expect("checked above");
         current.compiled = next;
         let agents = instance_agents(&current.policy, &self.instances);
