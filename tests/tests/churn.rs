@@ -448,6 +448,11 @@ fn runtime_added_agents_are_enforced_kept_across_restarts_and_audited() {
     assert_eq!(added["name"], "sbx/rt1");
     assert_eq!(added["pending"], true, "{added}");
     let id = added["id"].as_u64().unwrap();
+    let shown = lab.cli_json(&["agent", "sbx/rt1"]);
+    assert_eq!(shown["profile"], "sbx");
+    assert_eq!(shown["pending_interfaces"], serde_json::json!(["rt1"]));
+    let table = lab.run_cli(&["agents"]).stdout;
+    assert!(table.contains("rt1 (pending)"), "{table}");
     let sandbox = Sandbox::create(&lab, "rt1", 1);
     assert_eq!(wait_enforced(&lab, "rt1").0 as u64, id);
     sandbox.up(&lab);
@@ -471,6 +476,7 @@ fn runtime_added_agents_are_enforced_kept_across_restarts_and_audited() {
     assert_eq!(wait_enforced(&lab, "rt1").0 as u64, id);
     let shown = lab.cli_json(&["agent", "sbx/rt1"]);
     assert_eq!(shown["prefixes"], serde_json::json!(["10.202.0.0/24"]));
+    assert_eq!(shown["pending_interfaces"], serde_json::json!([]));
 
     // Bad requests name what is wrong and change nothing.
     let run = lab.run_cli(&["agent", "add", "--profile", "nope", "--interface", "rt2"]);

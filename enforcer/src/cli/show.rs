@@ -192,6 +192,25 @@ pub(super) fn agents(cli: &Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An agent's interfaces, those that do not exist yet marked pending.
+fn interfaces_text(a: &serde_json::Value) -> String {
+    let pending = &a["pending_interfaces"];
+    a["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str())
+        .map(|i| {
+            if pending.as_array().is_some_and(|p| p.iter().any(|x| x == i)) {
+                format!("{i} (pending)")
+            } else {
+                i.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The `agents` table: one line per agent, totals scaled and right-aligned.
 fn agents_table(v: &serde_json::Value) -> String {
     let mut rows = table::new(
@@ -199,7 +218,7 @@ fn agents_table(v: &serde_json::Value) -> String {
         &[0, 4, 5],
     );
     for a in v.as_array().into_iter().flatten() {
-        let mut matched = join(&a["interfaces"]);
+        let mut matched = interfaces_text(a);
         let prefixes = join(&a["prefixes"]);
         if !prefixes.is_empty() {
             if !matched.is_empty() {
@@ -241,7 +260,10 @@ fn agent_text(v: &serde_json::Value) -> String {
         mode_text(v)
     );
     let none = |s: String| if s.is_empty() { "-".to_string() } else { s };
-    text += &format!("  interfaces  {}\n", none(join(&v["interfaces"])));
+    text += &format!("  interfaces  {}\n", none(interfaces_text(v)));
+    if let Some(profile) = v["profile"].as_str() {
+        text += &format!("  profile     {profile}\n");
+    }
     text += &format!("  prefixes    {}\n", none(join(&v["prefixes"])));
     text += &format!("  rate        {}\n", rate_text(&v["rate"]));
     text += &format!(

@@ -786,6 +786,16 @@ impl Daemon {
             .ok_or_else(|| format!("no agent {key:?} in the enforcing policy"))
     }
 
+    /// The agent's interfaces that do not exist yet: enforced once they appear.
+    fn pending_of(&self, agent: &policy::Agent) -> Vec<String> {
+        agent
+            .interfaces
+            .iter()
+            .filter(|i| self.status.pending.contains(i))
+            .cloned()
+            .collect()
+    }
+
     fn persist_overrides(&self) -> Result<(), String> {
         write_atomic(
             &self.config.state_dir.join("overrides.json"),
@@ -999,7 +1009,9 @@ impl Daemon {
                                 "name": a.name,
                                 "mode": a.mode,
                                 "override": self.status.overrides.get(&a.id),
+                                "profile": self.instances.get(&a.name).map(|i| &i.profile),
                                 "interfaces": a.interfaces,
+                                "pending_interfaces": self.pending_of(a),
                                 "prefixes": a.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
                                 "egress_rules": a.egress.len(),
                                 "passed_packets": passed,
@@ -1029,7 +1041,9 @@ impl Daemon {
                     "name": a.name,
                     "mode": a.mode,
                     "override": self.status.overrides.get(&a.id),
+                    "profile": self.instances.get(&a.name).map(|i| &i.profile),
                     "interfaces": a.interfaces,
+                    "pending_interfaces": self.pending_of(&a),
                     "prefixes": a.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "egress_default": format!("{:?}", a.egress_default).to_lowercase(),
                     "rate": {
