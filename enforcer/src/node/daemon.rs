@@ -563,7 +563,8 @@ impl Daemon {
             }
             let mut instances = self.instances.clone();
             let reconciled = instances.reconcile(&policy, &self.links);
-            policy.set_instances(agents::instance_agents(&policy, &instances));
+            let agents = instances.agents(&policy);
+            policy.set_instances(agents);
             for (id, mode) in &self.status.overrides {
                 policy.set_mode(*id, *mode);
             }

@@ -416,6 +416,18 @@ impl Instances {
         self.by_id.is_empty()
     }
 
+    /// The instances as agents of `policy`'s profiles, by id (an instance whose profile is
+    /// gone has none: [`Instances::reconcile`] drops it).
+    pub fn agents(&self, policy: &Policy) -> Vec<policy::Agent> {
+        self.iter()
+            .filter_map(|i| {
+                policy
+                    .profile(&i.profile)
+                    .map(|p| p.instance(i.id, &i.interface, &i.prefixes))
+            })
+            .collect()
+    }
+
     /// Ids static agents of `policy` use that an instance holds, as `(id, instance name,
     /// agent name)` by id: a policy bringing one is refused by the daemon. See
     /// [`Instances::clashes`] for interfaces and prefixes too.

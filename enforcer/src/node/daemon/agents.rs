@@ -25,11 +25,10 @@ use crate::{
     error::error_chain,
     node::{
         api::Peer,
-        audit::AuditContext,
         instances::{Instance, Instances, Origin, Reconciled},
         netlink::if_index,
     },
-    policy::{Agent, IpNet, Policy},
+    policy::{Agent, IpNet},
 };
 
 /// Every interface of this network namespace, name to index (`if_nameindex(3)`).
@@ -53,19 +52,6 @@ pub(super) fn host_links() -> BTreeMap<String, u32> {
         libc::if_freenameindex(list);
     }
     links
-}
-
-/// The instances as agents of `policy`'s profiles (an instance whose profile is gone has
-/// none: [`Instances::reconcile`] drops it).
-pub(super) fn instance_agents(policy: &Policy, instances: &Instances) -> Vec<Agent> {
-    instances
-        .iter()
-        .filter_map(|i| {
-            policy
-                .profile(&i.profile)
-                .map(|p| p.instance(i.id, &i.interface, &i.prefixes))
-        })
-        .collect()
 }
 
 impl Daemon {
@@ -143,17 +129,18 @@ impl Daemon {
         self.forget_overrides(gone.iter().map(|a| a.id).filter(|id| !staying.contains(id)));
         let current = self.current.as_mut().expect("checked above");
         current.compiled = next;
-        let agents = instance_agents(&current.policy, &self.instances);
+        let agents = self.instances.agents(&current.policy);
         current.policy.set_instances(agents);
         self.status.generation = generation;
         self.status.agents = super::agent_names(&current.policy);
         self.status.apply_micros = micros;
         tracing::info!(generation, why, micros, "agents applied");
-        self.audit.send_replace(AuditContext::new(
-            generation,
-            &current.text,
-            self.status.agents.clone(),
-        ));
+        // The file's digest is unchanged (instances are not in it): no need to hash it again.
+        let by_id = self.status.agents.clone();
+        self.audit.send_modify(|context| {
+            context.generation = generation;
+            context.agents = by_id;
+        });
         self.inspect_policy
             .send_replace(Some(Arc::new(current.policy.clone())));
         // The maps first, then the hooks: a new interface's first packet meets its policy.
