@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap as StdHashMap, HashSet, hash_map::Entry};
 
-use aya::maps::{Array, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use enforcer_common::{
     AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key, DstV6Key, HostV4Key, HostV6Key,
     IfaceKey, LpmV4, LpmV6, OWNER_BITS, RuleSet, SniKey, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4,
@@ -22,7 +22,7 @@ use enforcer_common::{
 };
 
 use super::{KernelMaps, MapsError, err, slot_config};
-use crate::dataplane::compile::Compiled;
+use crate::dataplane::compile::{Compiled, Prefix};
 
 /// Which `RULES` index each distinct rule set holds in one slot, and how many table entries
 /// point at it. Only entries placed in a table bucket hold an index; an entry in the overflow
@@ -243,6 +243,149 @@ fn gone(result: Result<(), MapError>, map: &'static str) -> Result<(), MapsError
     }
 }
 
+/// One map's entries in the slot's image and in the new policy.
+type FromTo<'a, T> = (&'a [T], &'a [T]);
+
+/// Rewrites one family's exact sources: table ways, or the overflow hash map.
+fn update_hosts<const W: usize, A: Copy + Ord, K: aya::Pod>(
+    mut table: Buckets<'_, W>,
+    (hash, name): (&mut HashMap<MapData, K, u32>, &'static str),
+    (from, to): FromTo<'_, (A, u32)>,
+    table_key: impl Fn(A) -> [u64; W],
+    hash_key: impl Fn(A) -> K,
+) -> Result<(), MapsError>
+where
+    TableBucket<W>: aya::Pod,
+{
+    let (mut out, mut put) = (Vec::new(), Vec::new());
+    diff_sorted(
+        from,
+        to,
+        |(addr, _)| *addr,
+        |a, b| a == b,
+        |&(addr, _)| out.push(addr),
+        |&entry| put.push(entry),
+    );
+    for addr in out {
+        if table.remove(&table_key(addr))? == Place::Overflow {
+            gone(hash.remove(&hash_key(addr)), name)?;
+        }
+    }
+    for (addr, agent) in put {
+        if table.insert(&table_key(addr), Some(agent))? == Place::Overflow {
+            hash.insert(hash_key(addr), agent, 0)
+                .map_err(err("writing", name))?;
+        }
+    }
+    table.write()
+}
+
+/// Rewrites one family's source prefixes in their LPM trie.
+fn update_prefixes<const N: usize, L: aya::Pod>(
+    (trie, name): (&mut LpmTrie<MapData, L, u32>, &'static str),
+    (from, to): FromTo<'_, (Prefix<N>, u32)>,
+    key: impl Fn(Prefix<N>) -> Key<L>,
+) -> Result<(), MapsError> {
+    let (mut out, mut put) = (Vec::new(), Vec::new());
+    diff_sorted(
+        from,
+        to,
+        |(p, _)| *p,
+        |a, b| a == b,
+        |&(p, _)| out.push(p),
+        |&entry| put.push(entry),
+    );
+    for p in out {
+        gone(trie.remove(&key(p)), name)?;
+    }
+    for (p, agent) in put {
+        trie.insert(&key(p), agent, 0)
+            .map_err(err("writing", name))?;
+    }
+    Ok(())
+}
+
+/// The maps one family's destinations live in, and the slot's rule sets.
+struct Destinations<'m, 'i, const W: usize, L: aya::Pod, H: aya::Pod>
+where
+    TableBucket<W>: aya::Pod,
+{
+    table: Buckets<'m, W>,
+    lpm: (&'m mut LpmTrie<MapData, L, RuleSet>, &'static str),
+    hash: (&'m mut HashMap<MapData, H, RuleSet>, &'static str),
+    rules_map: (&'m mut Array<MapData, RuleSet>, u32),
+    index: &'i mut RuleIndex,
+}
+
+/// Rewrites one family's destinations: in the LPM trie for agents with too many prefix
+/// lengths, else in the table (with a `RULES` index) or its overflow hash map (with the
+/// rule set itself).
+fn update_destinations<const W: usize, const N: usize, L: aya::Pod, H: aya::Pod>(
+    maps_of: Destinations<'_, '_, W, L, H>,
+    (from, to): FromTo<'_, (u32, Prefix<N>, RuleSet)>,
+    (lpm_from, lpm_to): (&HashSet<u32>, &HashSet<u32>),
+    lpm_key: impl Fn(u32, Prefix<N>) -> Key<L>,
+    table_key: impl Fn(u32, Prefix<N>) -> [u64; W],
+    hash_key: impl Fn(u32, Prefix<N>) -> H,
+) -> Result<(), MapsError>
+where
+    TableBucket<W>: aya::Pod,
+{
+    let Destinations {
+        mut table,
+        lpm: (trie, trie_name),
+        hash: (hash, hash_name),
+        rules_map: (rules_map, slot),
+        index,
+    } = maps_of;
+    let (mut out, mut put) = (Vec::new(), Vec::new());
+    diff_sorted(
+        from,
+        to,
+        |(agent, p, _)| (*agent, *p),
+        |a, b| a.2 == b.2 && lpm_from.contains(&a.0) == lpm_to.contains(&b.0),
+        |e| out.push((lpm_from.contains(&e.0), e)),
+        |e| put.push((lpm_to.contains(&e.0), e)),
+    );
+    for (lpm, &(agent, p, ref set)) in out {
+        if lpm {
+            gone(trie.remove(&lpm_key(agent, p)), trie_name)?;
+        } else if table.remove(&table_key(agent, p))? == Place::Bucket {
+            index.release(set);
+        } else {
+            gone(hash.remove(&hash_key(agent, p)), hash_name)?;
+        }
+    }
+    let mut new_sets = Vec::new();
+    for (lpm, &(agent, p, ref set)) in put {
+        if lpm {
+            trie.insert(&lpm_key(agent, p), set, 0)
+                .map_err(err("writing", trie_name))?;
+            continue;
+        }
+        let held = index.acquire(set);
+        if let Some((i, true)) = held {
+            new_sets.push((i, *set));
+        }
+        if table.insert(&table_key(agent, p), held.map(|(i, _)| i))? == Place::Overflow {
+            // In the hash map the entry carries its rule set: it holds no index.
+            if held.is_some() {
+                index.release(set);
+            }
+            hash.insert(hash_key(agent, p), set, 0)
+                .map_err(err("writing", hash_name))?;
+        }
+    }
+    // The rule sets before the buckets that point at them (both in the inactive slot, so
+    // the order matters only to a reader of a half-written slot, which nothing is).
+    for (i, set) in new_sets {
+        rules_map
+            .set(i << 1 | slot, set, 0)
+            .map_err(err("writing", maps::RULES))?;
+    }
+    table.write()
+}
+
 impl KernelMaps {
     /// Rewrites `slot`, which holds `from` (written by this process, see
     /// [`super::Slots`]), to hold `to`, touching only entries that differ. `Ok(false)`, before
@@ -381,304 +524,139 @@ impl KernelMaps {
         }
 
         // Exact sources: removals first, so their ways are free for what comes.
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.source_hosts_v4,
-            &to.source_hosts_v4,
-            |(addr, _)| *addr,
-            |a, b| a == b,
-            |&(addr, _)| out.push(addr),
-            |&entry| put.push(entry),
-        );
-        let mut table = Buckets::new(
-            &mut self.src_table_v4,
-            maps::SRC_TABLE_V4,
-            slot,
-            config,
-            TABLE_SRC_V4,
-        );
-        for addr in out {
-            if table.remove(&src_key_v4(addr))? == Place::Overflow {
-                gone(
-                    self.src_host_v4.remove(&HostV4Key { slot, addr }),
-                    maps::SRC_HOST_V4,
-                )?;
-            }
-        }
-        for (addr, agent) in put {
-            if table.insert(&src_key_v4(addr), Some(agent))? == Place::Overflow {
-                self.src_host_v4
-                    .insert(HostV4Key { slot, addr }, agent, 0)
-                    .map_err(err("writing", maps::SRC_HOST_V4))?;
-            }
-        }
-        table.write()?;
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.source_hosts_v6,
-            &to.source_hosts_v6,
-            |(addr, _)| *addr,
-            |a, b| a == b,
-            |&(addr, _)| out.push(addr),
-            |&entry| put.push(entry),
-        );
-        let mut table = Buckets::new(
-            &mut self.src_table_v6,
-            maps::SRC_TABLE_V6,
-            slot,
-            config,
-            TABLE_SRC_V6,
-        );
-        for addr in out {
-            if table.remove(&src_key_v6(addr))? == Place::Overflow {
-                gone(
-                    self.src_host_v6.remove(&HostV6Key { slot, addr }),
-                    maps::SRC_HOST_V6,
-                )?;
-            }
-        }
-        for (addr, agent) in put {
-            if table.insert(&src_key_v6(addr), Some(agent))? == Place::Overflow {
-                self.src_host_v6
-                    .insert(HostV6Key { slot, addr }, agent, 0)
-                    .map_err(err("writing", maps::SRC_HOST_V6))?;
-            }
-        }
-        table.write()?;
+        update_hosts(
+            Buckets::new(
+                &mut self.src_table_v4,
+                maps::SRC_TABLE_V4,
+                slot,
+                config,
+                TABLE_SRC_V4,
+            ),
+            (&mut self.src_host_v4, maps::SRC_HOST_V4),
+            (&from.source_hosts_v4, &to.source_hosts_v4),
+            src_key_v4,
+            |addr| HostV4Key { slot, addr },
+        )?;
+        update_hosts(
+            Buckets::new(
+                &mut self.src_table_v6,
+                maps::SRC_TABLE_V6,
+                slot,
+                config,
+                TABLE_SRC_V6,
+            ),
+            (&mut self.src_host_v6, maps::SRC_HOST_V6),
+            (&from.source_hosts_v6, &to.source_hosts_v6),
+            src_key_v6,
+            |addr| HostV6Key { slot, addr },
+        )?;
 
         // Source prefixes.
-        let slot_owner = slot.to_be_bytes();
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.source_prefixes_v4,
-            &to.source_prefixes_v4,
-            |(p, _)| *p,
-            |a, b| a == b,
-            |&(p, _)| out.push(p),
-            |&entry| put.push(entry),
-        );
-        let key = |p: crate::dataplane::compile::Prefix<4>| {
-            Key::new(
-                OWNER_BITS + u32::from(p.len),
-                LpmV4 {
-                    owner: slot_owner,
-                    addr: p.addr,
-                },
-            )
-        };
-        for p in out {
-            gone(self.src_v4.remove(&key(p)), maps::SRC_V4)?;
-        }
-        for (p, agent) in put {
-            self.src_v4
-                .insert(&key(p), agent, 0)
-                .map_err(err("writing", maps::SRC_V4))?;
-        }
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.source_prefixes_v6,
-            &to.source_prefixes_v6,
-            |(p, _)| *p,
-            |a, b| a == b,
-            |&(p, _)| out.push(p),
-            |&entry| put.push(entry),
-        );
-        let key = |p: crate::dataplane::compile::Prefix<16>| {
-            Key::new(
-                OWNER_BITS + u32::from(p.len),
-                LpmV6 {
-                    owner: slot_owner,
-                    addr: p.addr,
-                },
-            )
-        };
-        for p in out {
-            gone(self.src_v6.remove(&key(p)), maps::SRC_V6)?;
-        }
-        for (p, agent) in put {
-            self.src_v6
-                .insert(&key(p), agent, 0)
-                .map_err(err("writing", maps::SRC_V6))?;
-        }
+        let owner_bytes = slot.to_be_bytes();
+        update_prefixes(
+            (&mut self.src_v4, maps::SRC_V4),
+            (&from.source_prefixes_v4, &to.source_prefixes_v4),
+            |p| {
+                Key::new(
+                    OWNER_BITS + u32::from(p.len),
+                    LpmV4 {
+                        owner: owner_bytes,
+                        addr: p.addr,
+                    },
+                )
+            },
+        )?;
+        update_prefixes(
+            (&mut self.src_v6, maps::SRC_V6),
+            (&from.source_prefixes_v6, &to.source_prefixes_v6),
+            |p| {
+                Key::new(
+                    OWNER_BITS + u32::from(p.len),
+                    LpmV6 {
+                        owner: owner_bytes,
+                        addr: p.addr,
+                    },
+                )
+            },
+        )?;
 
         // Destinations: where an entry lives (LPM trie or table) follows its agent's flag, so
         // an entry whose agent moved between them counts as changed.
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.destinations_v4,
-            &to.destinations_v4,
-            |(agent, p, _)| (*agent, *p),
-            |a, b| a.2 == b.2 && lpm_from_v4.contains(&a.0) == lpm_to_v4.contains(&b.0),
-            |e| out.push((lpm_from_v4.contains(&e.0), e)),
-            |e| put.push((lpm_to_v4.contains(&e.0), e)),
-        );
-        let mut table = Buckets::new(
-            &mut self.dst_table_v4,
-            maps::DST_TABLE_V4,
-            slot,
-            config,
-            TABLE_DST_V4,
-        );
-        for (lpm, (agent, p, set)) in out {
-            if lpm {
-                let key = Key::new(
+        let rules_map = (&mut self.rules, slot);
+        update_destinations(
+            Destinations {
+                table: Buckets::new(
+                    &mut self.dst_table_v4,
+                    maps::DST_TABLE_V4,
+                    slot,
+                    config,
+                    TABLE_DST_V4,
+                ),
+                lpm: (&mut self.dst_v4, maps::DST_V4),
+                hash: (&mut self.dst_hash_v4, maps::DST_HASH_V4),
+                rules_map,
+                index: rules,
+            },
+            (&from.destinations_v4, &to.destinations_v4),
+            (lpm_from_v4, lpm_to_v4),
+            |agent, p| {
+                Key::new(
                     OWNER_BITS + u32::from(p.len),
                     LpmV4 {
-                        owner: owner(slot, *agent),
+                        owner: owner(slot, agent),
                         addr: p.addr,
                     },
-                );
-                gone(self.dst_v4.remove(&key), maps::DST_V4)?;
-                continue;
-            }
-            let word = owner_word(slot, *agent);
-            let tkey = dst_key_v4(word, u32::from(p.len), u32::from_be_bytes(p.addr));
-            match table.remove(&tkey)? {
-                Place::Bucket => rules.release(set),
-                Place::Overflow => gone(
-                    self.dst_hash_v4.remove(&DstV4Key {
-                        owner: word,
-                        len: u32::from(p.len),
-                        addr: p.addr,
-                    }),
-                    maps::DST_HASH_V4,
-                )?,
-            }
-        }
-        let mut new_sets = Vec::new();
-        for (lpm, (agent, p, set)) in put {
-            if lpm {
-                let key = Key::new(
-                    OWNER_BITS + u32::from(p.len),
-                    LpmV4 {
-                        owner: owner(slot, *agent),
-                        addr: p.addr,
-                    },
-                );
-                self.dst_v4
-                    .insert(&key, set, 0)
-                    .map_err(err("writing", maps::DST_V4))?;
-                continue;
-            }
-            let word = owner_word(slot, *agent);
-            let tkey = dst_key_v4(word, u32::from(p.len), u32::from_be_bytes(p.addr));
-            let index = rules.acquire(set);
-            if let Some((i, true)) = index {
-                new_sets.push((i, *set));
-            }
-            if table.insert(&tkey, index.map(|(i, _)| i))? == Place::Overflow {
-                if index.is_some() {
-                    rules.release(set);
-                }
-                self.dst_hash_v4
-                    .insert(
-                        DstV4Key {
-                            owner: word,
-                            len: u32::from(p.len),
-                            addr: p.addr,
-                        },
-                        set,
-                        0,
-                    )
-                    .map_err(err("writing", maps::DST_HASH_V4))?;
-            }
-        }
-        // Rule sets first, then the buckets pointing at them (both in the inactive slot, so
-        // the order only matters for a reader of a half-written slot, which nothing is).
-        for (i, set) in new_sets.drain(..) {
-            self.rules
-                .set(i << 1 | slot, set, 0)
-                .map_err(err("writing", maps::RULES))?;
-        }
-        table.write()?;
-
-        let (mut out, mut put) = (Vec::new(), Vec::new());
-        diff_sorted(
-            &from.destinations_v6,
-            &to.destinations_v6,
-            |(agent, p, _)| (*agent, *p),
-            |a, b| a.2 == b.2 && lpm_from_v6.contains(&a.0) == lpm_to_v6.contains(&b.0),
-            |e| out.push((lpm_from_v6.contains(&e.0), e)),
-            |e| put.push((lpm_to_v6.contains(&e.0), e)),
-        );
-        let mut table = Buckets::new(
-            &mut self.dst_table_v6,
-            maps::DST_TABLE_V6,
-            slot,
-            config,
-            TABLE_DST_V6,
-        );
-        for (lpm, (agent, p, set)) in out {
-            if lpm {
-                let key = Key::new(
+                )
+            },
+            |agent, p| {
+                dst_key_v4(
+                    owner_word(slot, agent),
+                    u32::from(p.len),
+                    u32::from_be_bytes(p.addr),
+                )
+            },
+            |agent, p| DstV4Key {
+                owner: owner_word(slot, agent),
+                len: u32::from(p.len),
+                addr: p.addr,
+            },
+        )?;
+        update_destinations(
+            Destinations {
+                table: Buckets::new(
+                    &mut self.dst_table_v6,
+                    maps::DST_TABLE_V6,
+                    slot,
+                    config,
+                    TABLE_DST_V6,
+                ),
+                lpm: (&mut self.dst_v6, maps::DST_V6),
+                hash: (&mut self.dst_hash_v6, maps::DST_HASH_V6),
+                rules_map: (&mut self.rules, slot),
+                index: rules,
+            },
+            (&from.destinations_v6, &to.destinations_v6),
+            (lpm_from_v6, lpm_to_v6),
+            |agent, p| {
+                Key::new(
                     OWNER_BITS + u32::from(p.len),
                     LpmV6 {
-                        owner: owner(slot, *agent),
+                        owner: owner(slot, agent),
                         addr: p.addr,
                     },
-                );
-                gone(self.dst_v6.remove(&key), maps::DST_V6)?;
-                continue;
-            }
-            let word = owner_word(slot, *agent);
-            let [hi, lo] = src_key_v6(p.addr);
-            let tkey = dst_key_v6(word, u32::from(p.len), hi, lo);
-            match table.remove(&tkey)? {
-                Place::Bucket => rules.release(set),
-                Place::Overflow => gone(
-                    self.dst_hash_v6.remove(&DstV6Key {
-                        owner: word,
-                        len: u32::from(p.len),
-                        addr: p.addr,
-                    }),
-                    maps::DST_HASH_V6,
-                )?,
-            }
-        }
-        for (lpm, (agent, p, set)) in put {
-            if lpm {
-                let key = Key::new(
-                    OWNER_BITS + u32::from(p.len),
-                    LpmV6 {
-                        owner: owner(slot, *agent),
-                        addr: p.addr,
-                    },
-                );
-                self.dst_v6
-                    .insert(&key, set, 0)
-                    .map_err(err("writing", maps::DST_V6))?;
-                continue;
-            }
-            let word = owner_word(slot, *agent);
-            let [hi, lo] = src_key_v6(p.addr);
-            let tkey = dst_key_v6(word, u32::from(p.len), hi, lo);
-            let index = rules.acquire(set);
-            if let Some((i, true)) = index {
-                new_sets.push((i, *set));
-            }
-            if table.insert(&tkey, index.map(|(i, _)| i))? == Place::Overflow {
-                if index.is_some() {
-                    rules.release(set);
-                }
-                self.dst_hash_v6
-                    .insert(
-                        DstV6Key {
-                            owner: word,
-                            len: u32::from(p.len),
-                            addr: p.addr,
-                        },
-                        set,
-                        0,
-                    )
-                    .map_err(err("writing", maps::DST_HASH_V6))?;
-            }
-        }
-        for (i, set) in new_sets {
-            self.rules
-                .set(i << 1 | slot, set, 0)
-                .map_err(err("writing", maps::RULES))?;
-        }
-        table.write()?;
+                )
+            },
+            |agent, p| {
+                // The address's halves, as the source key has them.
+                let [hi, lo] = src_key_v6(p.addr);
+                dst_key_v6(owner_word(slot, agent), u32::from(p.len), hi, lo)
+            },
+            |agent, p| DstV6Key {
+                owner: owner_word(slot, agent),
+                len: u32::from(p.len),
+                addr: p.addr,
+            },
+        )?;
 
         // Server names.
         let (mut out, mut put) = (Vec::new(), Vec::new());
