@@ -1899,6 +1899,7 @@ impl PolicyMaps for KernelMaps {
     }
 
     fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        use aya::maps::IterableMap as _;
         self.rule_index[slot as usize] = None;
         self.slots
             .set(slot, SlotConfig::default(), 0)
@@ -1907,13 +1908,13 @@ impl PolicyMaps for KernelMaps {
         self.tables
             .set(slot, TableConfig::default(), 0)
             .map_err(err("clearing", maps::TABLES))?;
+        // One batch read of the slot's part rather than a syscall per agent: at 100,000
+        // agents a clear was 100,000 reads, however few agents the slot held.
         let base = slot * self.stride;
-        for id in 0..self.stride {
-            let policy = self
-                .agents
-                .get(&(base + id), 0)
-                .map_err(err("reading", maps::AGENTS))?;
-            if policy != AgentPolicy::default() {
+        let all: Vec<AgentPolicy> =
+            lookup_batch(self.agents.map(), base + self.stride, 1, maps::AGENTS)?;
+        for (id, policy) in (0u32..).zip(all.get(base as usize..).unwrap_or_default()) {
+            if *policy != AgentPolicy::default() {
                 self.agents
                     .set(base + id, AgentPolicy::default(), 0)
                     .map_err(err("clearing", maps::AGENTS))?;
