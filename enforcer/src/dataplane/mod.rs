@@ -29,7 +29,10 @@ use std::{
     fs, io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -97,6 +100,15 @@ pub enum MapsError {
     /// A batch lookup failed.
     #[error("reading map {map} in batches (Linux 5.6+)")]
     Batch {
+        /// The map's name.
+        map: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A batch update failed.
+    #[error("writing map {map} in batches (Linux 5.6+)")]
+    BatchWrite {
         /// The map's name.
         map: &'static str,
         /// The underlying error.
@@ -1697,10 +1709,11 @@ where
     TableBucket<W>: aya::Pod,
 {
     let table = Table::build(entries, table::max_bits(map.len() / 2));
-    for (b, bucket) in (0u32..).zip(&table.buckets) {
-        map.set(b << 1 | slot, bucket, 0)
-            .map_err(err("writing", name))?;
-    }
+    let keys: Vec<u32> = (0u32..)
+        .take(table.buckets.len())
+        .map(|b| b << 1 | slot)
+        .collect();
+    update_batch(map, &keys, &table.buckets, name)?;
     (config.seeds[which], config.bits[which]) = (table.seed, table.bits);
     Ok(table.overflow)
 }
@@ -1913,13 +1926,13 @@ impl PolicyMaps for KernelMaps {
         let base = slot * self.stride;
         let all: Vec<AgentPolicy> =
             lookup_batch(self.agents.map(), base + self.stride, 1, maps::AGENTS)?;
-        for (id, policy) in (0u32..).zip(all.get(base as usize..).unwrap_or_default()) {
-            if *policy != AgentPolicy::default() {
-                self.agents
-                    .set(base + id, AgentPolicy::default(), 0)
-                    .map_err(err("clearing", maps::AGENTS))?;
-            }
-        }
+        let used: Vec<u32> = (base..)
+            .zip(all.get(base as usize..).unwrap_or_default())
+            .filter(|(_, policy)| **policy != AgentPolicy::default())
+            .map(|(key, _)| key)
+            .collect();
+        let cleared = vec![AgentPolicy::default(); used.len()];
+        update_batch(&mut self.agents, &used, &cleared, maps::AGENTS)?;
         let slot_owner = slot.to_be_bytes();
         remove_where!(self.ifaces, maps::IFACES, |k: &IfaceKey| k.slot == slot);
         remove_where!(self.src_host_v4, maps::SRC_HOST_V4, |k: &HostV4Key| k.slot
@@ -1963,11 +1976,9 @@ impl PolicyMaps for KernelMaps {
         // Known again once the whole slot is written.
         self.rule_index[slot as usize] = None;
         let base = slot * self.stride;
-        for (id, policy) in &c.agents {
-            self.agents
-                .set(base + id, policy, 0)
-                .map_err(err("writing", maps::AGENTS))?;
-        }
+        let (ids, policies): (Vec<u32>, Vec<AgentPolicy>) =
+            c.agents.iter().map(|(id, p)| (base + id, *p)).unzip();
+        update_batch(&mut self.agents, &ids, &policies, maps::AGENTS)?;
         for &(ifindex, agent) in &c.interfaces {
             self.ifaces
                 .insert(IfaceKey { slot, ifindex }, agent, 0)
@@ -2142,11 +2153,11 @@ impl PolicyMaps for KernelMaps {
                 .insert(key, rules, 0)
                 .map_err(err("writing", maps::DST_HASH_V6))?;
         }
-        for (rules, i) in index.sets() {
-            self.rules
-                .set(i << 1 | slot, rules, 0)
-                .map_err(err("writing", maps::RULES))?;
-        }
+        let (keys, sets): (Vec<u32>, Vec<RuleSet>) = index
+            .sets()
+            .map(|(rules, i)| (i << 1 | slot, *rules))
+            .unzip();
+        update_batch(&mut self.rules, &keys, &sets, maps::RULES)?;
         self.rule_index[slot as usize] = Some(index);
         // Last: the program reads the tables only through this.
         self.tables
@@ -2463,6 +2474,79 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Elements per `BPF_MAP_UPDATE_BATCH` call: the kernel copies keys and values in one go, so
+/// this bounds what one call holds the map's update path for.
+const UPDATE_CHUNK: usize = 4096;
+
+/// Set once the kernel refused `BPF_MAP_UPDATE_BATCH`: later writes go element by element
+/// without asking again.
+static NO_UPDATE_BATCH: AtomicBool = AtomicBool::new(false);
+
+/// Writes `values[i]` at key `keys[i]` of an array map with `BPF_MAP_UPDATE_BATCH` (Linux
+/// 5.6), [`UPDATE_CHUNK`] elements a call: a whole write of 100,000 agents or of a table's
+/// buckets takes tens of syscalls rather than one per element. A kernel that refuses the
+/// command (`EINVAL` before 5.6, `ENOTSUPP` for a map without it) gets one write per
+/// element, now and from then on.
+fn update_batch<V: aya::Pod>(
+    map: &mut Array<MapData, V>,
+    keys: &[u32],
+    values: &[V],
+    name: &'static str,
+) -> Result<(), MapsError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::IterableMap as _;
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    if !NO_UPDATE_BATCH.load(Ordering::Relaxed) {
+        let fd = map.map().fd().as_fd().as_raw_fd() as u32;
+        while done < keys.len() {
+            let count = (keys.len() - done).min(UPDATE_CHUNK);
+            let mut attr = BatchAttr {
+                keys: keys[done..].as_ptr() as u64,
+                values: values[done..].as_ptr() as u64,
+                count: count as u32,
+                map_fd: fd,
+                ..BatchAttr::default()
+            };
+            // SAFETY: attr points at `count` keys and `count` values of the map's key and
+            // value types (u32 and V), which the kernel only reads, valid for the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_UPDATE_BATCH,
+                    &raw mut attr,
+                    size_of::<BatchAttr>(),
+                )
+            };
+            if rc == 0 {
+                done += count;
+                continue;
+            }
+            let errno = io::Error::last_os_error();
+            // 524 is the kernel's ENOTSUPP, which reaches user space as is.
+            if !matches!(
+                errno.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+            ) {
+                return Err(MapsError::BatchWrite {
+                    map: name,
+                    source: errno,
+                });
+            }
+            // Writing an array element again is harmless: the rest, one at a time.
+            tracing::debug!(map = name, error = %errno, "no batch updates: writing element by element");
+            NO_UPDATE_BATCH.store(true, Ordering::Relaxed);
+            break;
+        }
+    }
+    for (key, value) in keys[done..].iter().zip(&values[done..]) {
+        map.set(*key, value, 0).map_err(err("writing", name))?;
+    }
+    Ok(())
+}
 
 /// Reads every element of an array map (`values_per_key` values per key: 1, or the
 /// number of possible CPUs for a per-CPU array) with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6),
