@@ -1698,6 +1698,11 @@ fn typed<M: TryFrom<Map, Error = MapError>>(
 /// the slot's part of `map` (bucket `b` at `b << 1 | slot`), records its seed and size as
 /// table `which` of `config`, and returns the positions of the entries that go to the hash
 /// map instead.
+///
+/// The table fills the slot's part of the map whatever the number of keys: every later
+/// apply, up to the map's capacity, then updates it in place (at most two keys a bucket,
+/// see [`incremental`]) rather than rewriting the slot at a larger size. Writing every
+/// bucket also overwrites whatever an earlier, unknown write left there.
 fn place<const W: usize>(
     map: &mut Array<MapData, TableBucket<W>>,
     name: &'static str,
@@ -1708,7 +1713,14 @@ fn place<const W: usize>(
 where
     TableBucket<W>: aya::Pod,
 {
-    let table = Table::build(entries, table::max_bits(map.len() / 2));
+    use aya::maps::IterableMap as _;
+    // The kernel's size: a map pinned by a run with other limits keeps its own.
+    let entries_in_map = map
+        .map()
+        .info()
+        .map_err(err("reading the size of", name))?
+        .max_entries();
+    let table = Table::build(entries, table::max_bits(entries_in_map / 2));
     let keys: Vec<u32> = (0u32..)
         .take(table.buckets.len())
         .map(|b| b << 1 | slot)
@@ -1969,6 +1981,15 @@ impl PolicyMaps for KernelMaps {
         from: &Compiled,
         to: &Compiled,
     ) -> Result<bool, MapsError> {
+        // In place, each changed entry costs a few syscalls (its bucket read and written,
+        // its agent set); whole, each entry costs a share of a batch, some three times less
+        // (100,000 agents added in place: 450 ms; written whole: 150 ms). The difference in
+        // agents is a lower bound on the changes: when it is a third of the policy or more,
+        // the whole write is faster.
+        let (old, new) = (from.agents.len(), to.agents.len());
+        if old.abs_diff(new) * 3 > old.max(new) {
+            return Ok(false);
+        }
         self.update_in_place(slot, from, to)
     }
 

@@ -42,9 +42,13 @@ pub enum Probe {
 impl<const W: usize> Table<W> {
     /// Builds the table of `entries` (keys distinct; values not 0, `None` for a key whose
     /// value the table cannot hold, such as a rule set beyond `RULES`, which goes straight
-    /// to the hash map) with at most `1 << max_bits` buckets: the smallest power of two
-    /// holding one key per bucket on average, so a bucket of [`TABLE_WAYS`] rarely fills.
-    pub fn build(entries: &[([u64; W], Option<u32>)], max_bits: u32) -> Self {
+    /// to the hash map) with `1 << bits` buckets (`bits` clamped to 1..=[`MAX_TABLE_BITS`]),
+    /// none when there are no entries.
+    ///
+    /// The caller gives the size its map holds rather than the smallest that fits the
+    /// keys, so a later apply adds keys to the table in place (see
+    /// [`crate::dataplane::incremental`]) instead of rewriting it at a larger size.
+    pub fn build(entries: &[([u64; W], Option<u32>)], bits: u32) -> Self {
         if entries.is_empty() {
             return Table {
                 seed: 0,
@@ -53,16 +57,25 @@ impl<const W: usize> Table<W> {
                 overflow: Vec::new(),
             };
         }
-        let bits = entries
-            .len()
-            .next_power_of_two()
-            .trailing_zeros()
-            .clamp(1, max_bits.clamp(1, MAX_TABLE_BITS));
-        SEEDS
-            .iter()
-            .map(|&seed| Self::place(entries, seed, bits))
-            .min_by_key(|t| t.overflow.len())
-            .expect("SEEDS is not empty")
+        let bits = bits.clamp(1, MAX_TABLE_BITS);
+        // The first seed with the fewest overflows wins. Keys without a value overflow under
+        // every seed: a seed that overflows no others cannot be beaten, so the search stops
+        // there (the usual case in a table sized for its map's capacity).
+        let floor = entries.iter().filter(|(_, value)| value.is_none()).count();
+        let mut best: Option<Self> = None;
+        for &seed in &SEEDS {
+            let table = Self::place(entries, seed, bits);
+            if best
+                .as_ref()
+                .is_none_or(|b| table.overflow.len() < b.overflow.len())
+            {
+                best = Some(table);
+            }
+            if best.as_ref().is_some_and(|b| b.overflow.len() == floor) {
+                break;
+            }
+        }
+        best.expect("SEEDS is not empty")
     }
 
     fn place(entries: &[([u64; W], Option<u32>)], seed: u64, bits: u32) -> Self {
@@ -152,9 +165,10 @@ mod tests {
         let entries: Vec<_> = (0..10_000u32)
             .map(|i| (v4(0x6440_0000 + i), Some(i + 1)))
             .collect();
-        let t = Table::build(&entries, 20);
-        assert_eq!(t.buckets.len(), 1 << t.bits);
+        // The smallest table with a bucket per key, the size a map for 10,000 keys has.
+        let t = Table::build(&entries, 14);
         assert_eq!(t.bits, 14);
+        assert_eq!(t.buckets.len(), 1 << 14);
         for &(key, value) in &entries {
             assert_eq!(lookup(&t, &entries, key), value);
         }
@@ -184,7 +198,7 @@ mod tests {
     fn spilled_keys_mark_their_buckets() {
         let mut entries: Vec<_> = (0..100u32).map(|i| (v4(i), Some(i + 1))).collect();
         entries.extend([(v4(1000), None), (v4(2000), None)]);
-        let t = Table::build(&entries, 20);
+        let t = Table::build(&entries, 10);
         for at in [100, 101] {
             let key = entries[at].0;
             let bucket = &t.buckets[table_bucket(&key, t.seed, t.bits) as usize];
@@ -192,6 +206,9 @@ mod tests {
             assert!(t.overflow.contains(&at));
             assert_eq!(t.probe(key), Probe::Overflow);
         }
+        // Only the keys without a value overflow: the first seed did as well as any.
+        assert_eq!(t.overflow, [100, 101]);
+        assert_eq!(t.seed, SEEDS[0]);
     }
 
     #[test]
@@ -214,6 +231,21 @@ mod tests {
         let t = Table::build(&[(src_key_v6(a), Some(3))], 8);
         assert_eq!(t.probe(src_key_v6(a)), Probe::Found(3));
         assert_eq!(t.probe(src_key_v6(b)), Probe::Missing);
+    }
+
+    #[test]
+    fn a_table_has_the_size_asked_whatever_its_keys() {
+        // Sized for its map, not its keys: later keys go in place.
+        let entries: Vec<_> = (0..100u32).map(|i| (v4(i), Some(i + 1))).collect();
+        let t = Table::build(&entries, 16);
+        assert_eq!((t.bits, t.buckets.len()), (16, 1 << 16));
+        assert!(t.overflow.is_empty());
+        // Plenty of room: the first seed places every key, and the search stops there.
+        assert_eq!(t.seed, SEEDS[0]);
+        for &(key, value) in &entries {
+            assert_eq!(lookup(&t, &entries, key), value);
+        }
+        assert_eq!(Table::build(&entries, 0).bits, 1);
     }
 
     #[test]
