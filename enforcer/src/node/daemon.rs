@@ -1123,7 +1123,12 @@ impl Daemon {
                     )
                 })?;
                 match self.apply_text(&origin, &text) {
-                    Ok(generation) => Ok(json!({"generation": generation})),
+                    // The interfaces not on this host, so the CLI need not compile the
+                    // policy again to name them.
+                    Ok(generation) => Ok(json!({
+                        "generation": generation,
+                        "pending_interfaces": self.current.as_ref().map(|c| &c.compiled.pending),
+                    })),
                     Err(message) => {
                         let restored = match previous {
                             Some(bytes) => write_atomic(&path, &bytes),
