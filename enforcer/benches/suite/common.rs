@@ -327,6 +327,15 @@ pub fn policy_text(agents: u32, prefixes: u32, a1: Agent1) -> String {
     s
 }
 
+/// A `[[profiles]]` entry to append to a [`policy_text`]: agents made from it have what
+/// every agent but the first has, one allow rule, here to `to`.
+pub fn profile_text(name: &str, to: Ipv4Addr) -> String {
+    format!(
+        "[[profiles]]\nname = \"{name}\"\negress_default = \"deny\"\n\
+         [[profiles.egress]]\naction = \"allow\"\nto = [\"{to}\"]\n"
+    )
+}
+
 /// An Ethernet + IPv4 + TCP (port 443) frame.
 pub fn tcp_v4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut out = Vec::new();

@@ -301,6 +301,21 @@ pub fn targets(r: &Report) -> Vec<Target> {
             (s.scrape_bytes as f64) < 5e6,
             String::new(),
         );
+        // Issue 16: one agent added to enforcement at 100,000 agents in under 5 ms.
+        if let Some(c) = &s.agent_change {
+            for (what, t) in [("add", &c.add), ("remove", &c.remove)] {
+                push(
+                    format!(
+                        "agent {what} at {} agents, ms to enforcement (median)",
+                        c.agents
+                    ),
+                    "< 5 (at 100000 agents)",
+                    t.to_enforcement_ms.median,
+                    t.to_enforcement_ms.median < 5.0,
+                    format!("max {:.1} ms", t.to_enforcement_ms.max),
+                );
+            }
+        }
     }
     if let Some(section) = &r.tcp {
         tcp_targets(section, &mut push);
@@ -695,6 +710,29 @@ pub fn markdown(r: &Report, stem: &str) -> String {
                 a.daemon_apply_ms,
                 a.daemon_rss_kib as f64 / 1024.0
             );
+        }
+        if let Some(c) = &s.agent_change {
+            let _ = write!(
+                md,
+                "\nOne agent added to and removed from enforcement at {} agents: `enforcer agent add` of an instance \
+                 of a profile for an interface that does not exist (pending; its /32 source prefix enforced), then \
+                 `enforcer agent remove`, alternately, {} times each after {} discarded (the first rewrites the slot \
+                 the previous, smaller policy left). Milliseconds, median (max).\n\n\
+                 | change | to enforcement | command | daemon apply |\n|---|---:|---:|---:|\n",
+                c.agents, c.add.to_enforcement_ms.n, c.discarded
+            );
+            for (what, t) in [("agent add", &c.add), ("agent remove", &c.remove)] {
+                let _ = writeln!(
+                    md,
+                    "| {what} | {:.1} ({:.1}) | {:.1} ({:.1}) | {:.1} ({:.1}) |",
+                    t.to_enforcement_ms.median,
+                    t.to_enforcement_ms.max,
+                    t.command_ms.median,
+                    t.command_ms.max,
+                    t.daemon_apply_ms.median,
+                    t.daemon_apply_ms.max
+                );
+            }
         }
         let _ = write!(
             md,

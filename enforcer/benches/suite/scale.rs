@@ -25,7 +25,9 @@ use enforcer::{
 use enforcer_common::programs;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Agent1, Stat, agent_v4, in_ns, other_dst_v4, policy_text, prefix_v4, tcp_v4};
+use super::common::{
+    Agent1, Stat, agent_v4, in_ns, other_dst_v4, policy_text, prefix_v4, profile_text, tcp_v4,
+};
 
 /// The daemon under test, from this build.
 const ENFORCER: &str = env!("CARGO_BIN_EXE_enforcer");
@@ -45,6 +47,132 @@ pub struct ApplyResult {
     pub daemon_apply_ms: f64,
     /// The daemon's resident memory afterwards (KiB).
     pub daemon_rss_kib: u64,
+}
+
+/// The profile the largest policy carries for [`agent_changes`].
+const PROFILE: &str = "bench";
+/// Adds (and as many removes) measured after the discarded ones.
+const AGENT_ROUNDS: usize = 12;
+/// Changes after the largest apply that are not counted: the first rewrites the slot the
+/// previous, smaller policy left, not one that differs by an agent.
+const AGENT_DISCARDED: usize = 2;
+
+/// Runs `cli`, a command that changes the policy: from its start, the time to the flip of
+/// the active slot (the generation on the pinned state map moves on, polled every `poll`),
+/// the time to its exit, and its standard output. Panics if it fails or takes over 120 s.
+fn timed(
+    maps: &KernelMaps,
+    mut cli: std::process::Command,
+    poll: Duration,
+    what: &str,
+) -> (Duration, Duration, Vec<u8>) {
+    let before = maps.current_state().expect("state").generation;
+    let started = Instant::now();
+    let mut cli = ChildGuard::new(
+        cli.stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}")),
+    );
+    // Read aside, so an output longer than the pipe holds never stops the command.
+    let mut stdout = cli.child_mut().stdout.take().expect("piped");
+    let reader = thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let deadline = started + Duration::from_secs(120);
+    let mut enforced = None;
+    let mut exited = None;
+    while enforced.is_none() || exited.is_none() {
+        if enforced.is_none() && maps.current_state().expect("state").generation > before {
+            enforced = Some(started.elapsed());
+        }
+        if exited.is_none()
+            && let Ok(Some(status)) = cli.wait_timeout(Duration::ZERO)
+        {
+            assert!(status.success(), "enforcer {what} failed: {status}");
+            exited = Some(started.elapsed());
+        }
+        assert!(Instant::now() < deadline, "{what} took over 120 s");
+        thread::sleep(poll);
+    }
+    let out = reader.join().expect("reading the output");
+    (enforced.expect("set"), exited.expect("set"), out)
+}
+
+/// `agent add` and `agent remove` of one instance of [`PROFILE`], alternately, with
+/// `agents` agents enforcing; each names a new interface that does not exist and a /32 no
+/// agent has.
+fn agent_changes(
+    lab: &DaemonLab,
+    config: &std::path::Path,
+    maps: &KernelMaps,
+    agents: u32,
+) -> AgentChangeResult {
+    let mut samples: [[Vec<f64>; 3]; 2] = Default::default();
+    for round in 0..AGENT_ROUNDS + AGENT_DISCARDED / 2 {
+        super::common::check_interrupted();
+        let interface = format!("bch{round}");
+        let name = format!("{PROFILE}/{interface}");
+        let prefix = format!("{}/32", agent_v4(agents + 1 + round as u32));
+        for (kind, add) in [(0, true), (1, false)] {
+            let mut cli = lab.ns.command(ENFORCER);
+            cli.args(["--json", "--config"]).arg(config).args(["agent"]);
+            let what = if add {
+                cli.args(["add", "--profile", PROFILE, "--interface", &interface])
+                    .args(["--prefix", &prefix]);
+                "agent add"
+            } else {
+                cli.args(["remove", &name]);
+                "agent remove"
+            };
+            // Polled more often than an apply: the whole change should take milliseconds.
+            let (enforced, exited, out) = timed(maps, cli, Duration::from_micros(100), what);
+            let answer: serde_json::Value =
+                serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{what} answer: {e}"));
+            assert_eq!(answer["name"], name.as_str(), "{what} answered {answer}");
+            if add {
+                assert_eq!(
+                    answer["pending"], true,
+                    "{what}: {interface} does not exist, so the agent should be pending"
+                );
+            }
+            let status = Status::read(&lab.dir.join("state")).expect("status");
+            assert_eq!(
+                Some(status.generation),
+                answer["generation"].as_u64(),
+                "status.json is of another apply than {what}'s"
+            );
+            if round * 2 + kind < AGENT_DISCARDED {
+                continue;
+            }
+            let s = &mut samples[kind];
+            s[0].push(enforced.as_secs_f64() * 1e3);
+            s[1].push(exited.as_secs_f64() * 1e3);
+            s[2].push(status.apply_micros as f64 / 1e3);
+        }
+    }
+    let times = |s: &[Vec<f64>; 3]| ChangeTimes {
+        to_enforcement_ms: Stat::of(&s[0]),
+        command_ms: Stat::of(&s[1]),
+        daemon_apply_ms: Stat::of(&s[2]),
+    };
+    let r = AgentChangeResult {
+        agents,
+        discarded: AGENT_DISCARDED,
+        add: times(&samples[0]),
+        remove: times(&samples[1]),
+    };
+    for (what, t) in [("add", &r.add), ("remove", &r.remove)] {
+        println!(
+            "  agent {what} at {agents} agents: enforced after {:.1} ms median (max {:.1}), command {:.1} ms, daemon apply {:.1} ms",
+            t.to_enforcement_ms.median,
+            t.to_enforcement_ms.max,
+            t.command_ms.median,
+            t.daemon_apply_ms.median
+        );
+    }
+    r
 }
 
 /// One map's kernel memory.
@@ -90,6 +218,37 @@ pub struct ScaleResult {
     /// The daemon under an audit flood (`None` in results of older runs).
     #[serde(default)]
     pub flood: Option<FloodResult>,
+    /// One agent added and removed at the largest policy (`None` in results of older runs).
+    #[serde(default)]
+    pub agent_change: Option<AgentChangeResult>,
+}
+
+/// Times of one kind of agent change (`agent add` or `agent remove`), over the rounds kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeTimes {
+    /// From starting the command to the flip of the active slot (ms).
+    pub to_enforcement_ms: Stat,
+    /// Until the command returned (ms).
+    pub command_ms: Stat,
+    /// The daemon's own measure of its apply (ms).
+    pub daemon_apply_ms: Stat,
+}
+
+/// One agent added to and removed from enforcement at the largest policy (issue 16: an
+/// added agent enforced in under 5 ms at 100,000 agents): `enforcer agent add` of an
+/// instance of a profile, for an interface that does not exist (the agent is pending, its
+/// source prefix enforced), then `enforcer agent remove`, alternately.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentChangeResult {
+    /// Agents of the policy enforcing when one is added.
+    pub agents: u32,
+    /// Changes made and not counted: the first applies after the daemon's start write each
+    /// slot whole.
+    pub discarded: usize,
+    /// `agent add`.
+    pub add: ChangeTimes,
+    /// `agent remove`.
+    pub remove: ChangeTimes,
 }
 
 /// The daemon while agents flood denied traffic, every one over its own audit budget.
@@ -245,7 +404,8 @@ fn wait_ready(lab: &mut DaemonLab) {
 
 fn limits() -> Limits {
     Limits {
-        max_agents: 100_000,
+        // One id beyond the largest policy's, for the agent `agent_changes` adds.
+        max_agents: 100_000 + 1,
         max_interfaces: 16,
         max_source_prefixes: 131_072,
         max_destination_prefixes: 131_072,
@@ -297,45 +457,29 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
     let pid = lab.daemon.as_ref().expect("started").id();
     let maps = KernelMaps::from_pins(lab.pins.path()).expect("opening the pinned maps");
 
+    let largest = sizes.iter().copied().max().unwrap_or(0);
     let mut applies = Vec::new();
+    let mut agent_change = None;
     for &agents in sizes {
         super::common::check_interrupted();
         let file = lab.dir.join(format!("p{agents}.toml"));
-        fs::write(&file, policy_text(agents, 10, no_v6)).expect("policy");
-        let before = maps.current_state().expect("state").generation;
-        let started = Instant::now();
-        let mut cli = ChildGuard::new(
-            lab.ns
-                .command(ENFORCER)
-                .args(["policy", "apply"])
-                .arg(&file)
-                .arg("--config")
-                .arg(&config)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("starting policy apply"),
-        );
-        let deadline = started + Duration::from_secs(120);
-        let mut enforced = None;
-        let mut exited = None;
-        while enforced.is_none() || exited.is_none() {
-            if enforced.is_none() && maps.current_state().expect("state").generation > before {
-                enforced = Some(started.elapsed());
-            }
-            if exited.is_none()
-                && let Ok(Some(status)) = cli.wait_timeout(Duration::ZERO)
-            {
-                assert!(status.success(), "enforcer policy apply failed: {status}");
-                exited = Some(started.elapsed());
-            }
-            assert!(Instant::now() < deadline, "policy apply took over 120 s");
-            thread::sleep(Duration::from_micros(500));
+        let mut text = policy_text(agents, 10, no_v6);
+        if agents == largest {
+            // Nothing is made of it until `agent add`: the row measures the agents alone.
+            text.push_str(&profile_text(PROFILE, other_dst_v4(agents + 1)));
         }
+        fs::write(&file, text).expect("policy");
+        let mut cli = lab.ns.command(ENFORCER);
+        cli.args(["policy", "apply"])
+            .arg(&file)
+            .arg("--config")
+            .arg(&config);
+        let (enforced, exited, _) = timed(&maps, cli, Duration::from_micros(500), "policy apply");
         let status = Status::read(&lab.dir.join("state")).expect("status");
         let r = ApplyResult {
             agents,
-            to_enforcement_ms: enforced.expect("set").as_secs_f64() * 1e3,
-            command_ms: exited.expect("set").as_secs_f64() * 1e3,
+            to_enforcement_ms: enforced.as_secs_f64() * 1e3,
+            command_ms: exited.as_secs_f64() * 1e3,
             daemon_apply_ms: status.apply_micros as f64 / 1e3,
             daemon_rss_kib: rss_kib(pid),
         };
@@ -347,6 +491,9 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
             r.daemon_rss_kib / 1024
         );
         applies.push(r);
+        if agents == largest {
+            agent_change = Some(agent_changes(&lab, &config, &maps, agents));
+        }
     }
     let memory = map_memory(pid);
     let stride = f64::from(limits.max_agents + 1);
@@ -451,6 +598,7 @@ pub fn run(sizes: &[u32], seconds: f64) -> ScaleResult {
         scrape_agents,
         seconds,
         flood: Some(flood.clone()),
+        agent_change,
     };
     println!(
         "  audit flood from {} agents: {:.0} packets/s offered, {:.0} events/s delivered, {:.0} written alone; daemon CPU {:.1}% ({:.1}x idle, {:.0} ns per offered packet); log {:.0} kB/s ({:.3}x a record per event)",
