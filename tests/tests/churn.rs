@@ -111,7 +111,7 @@ fn incremental_applies_leave_both_slots_as_whole_writes_would() {
         return;
     }
     in_sandbox_netns("churn", || {
-        // Small tables, so buckets overflow into the hash maps and tables outgrow their size.
+        // Small tables, so buckets overflow into the hash maps.
         let limits = Limits {
             max_agents: 512,
             max_interfaces: 256,
@@ -470,8 +470,23 @@ fn runtime_added_agents_are_enforced_kept_across_restarts_and_audited() {
     assert_eq!(denied.stop().0, 0);
     assert_eq!(passed_dropped(&lab, "sbx/rt1").1, 5);
 
-    // Kept across a restart, with its id.
+    // Kept across a restart, with its id; and a policy applied with no daemon running
+    // (straight into the pinned maps) keeps it enforced.
     lab.stop_daemon(libc::SIGTERM);
+    let file = lab.write_file("again.toml", PROFILE_POLICY);
+    let (code, applied) = lab.run_cli_json(&["policy", "apply", file.to_str().unwrap()]);
+    assert_eq!(
+        (code, &applied["to"]),
+        (0, &serde_json::json!("pinned maps")),
+        "{applied}"
+    );
+    let maps = lab.maps();
+    let active = maps.current_state().unwrap().active_slot;
+    let held = maps.slot_entries(active).unwrap();
+    assert!(
+        held.agents.iter().any(|(a, _)| u64::from(*a) == id),
+        "{held:?}"
+    );
     lab.start_daemon();
     assert_eq!(wait_enforced(&lab, "rt1").0 as u64, id);
     let shown = lab.cli_json(&["agent", "sbx/rt1"]);

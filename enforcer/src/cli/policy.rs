@@ -14,6 +14,7 @@ use crate::{
     node::{
         api::Request,
         daemon::{self, Status},
+        instances::Instances,
         netlink::if_index,
     },
     out, outln, policy,
@@ -30,6 +31,41 @@ fn compile_file(file: &Path, limits: &Limits) -> anyhow::Result<(policy::Policy,
     // or live in another network namespace than this command's.
     let compiled = compile(&policy, limits, &if_index)
         .map_err(|e| bad_compile(&origin, &text, &policy, &e))?;
+    Ok((policy, compiled))
+}
+
+/// `policy` with the agent instances the daemon keeps in `state_dir/instances.json`, as
+/// the daemon would compile it; refused when a static agent would take what an instance
+/// holds, as the daemon refuses it.
+fn with_instances(
+    mut policy: policy::Policy,
+    compiled: Compiled,
+    config: &crate::node::config::Config,
+) -> anyhow::Result<(policy::Policy, Compiled)> {
+    let path = config.state_dir.join("instances.json");
+    let instances = Instances::load(&path, config.limits.max_agents)?;
+    if instances.is_empty() {
+        return Ok((policy, compiled));
+    }
+    let clashes: Vec<String> = instances
+        .clashes(&policy)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if !clashes.is_empty() {
+        anyhow::bail!(
+            "not applied: {}; remove the instance first (enforcer agent remove NAME)",
+            clashes.join("; ")
+        );
+    }
+    let agents = instances.agents(&policy);
+    policy.set_instances(agents);
+    let compiled = compile(&policy, &config.limits, &if_index).with_context(|| {
+        format!(
+            "compiling the policy with the instances of {}",
+            path.display()
+        )
+    })?;
     Ok((policy, compiled))
 }
 
@@ -104,7 +140,9 @@ pub(super) fn command(cli: &Cli, command: &PolicyCommand) -> anyhow::Result<Exit
                 return Err(refused);
             }
             // No daemon: the pinned program still enforces; update its maps directly
-            // and install the file for the next daemon start.
+            // and install the file for the next daemon start. The daemon's agent
+            // instances stay enforced (its next start follows the interfaces there are).
+            let (policy, compiled) = with_instances(policy, compiled, &config)?;
             let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
             let generation = dataplane.apply(&compiled)?;
             std::fs::copy(file, &config.policy)

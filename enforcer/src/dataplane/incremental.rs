@@ -5,11 +5,12 @@
 //! there (its *image*, kept by [`super::Slots`]) and, for the destination tables, which
 //! `RULES` index each distinct rule set holds ([`RuleIndex`]). From the image and the new
 //! policy, [`KernelMaps::update_in_place`] removes what the new policy lacks and writes what it
-//! adds or changes, map by map. Exact-match tables keep the seed and size their last full
-//! build chose: a removed key frees its way, a new key takes a free way of its bucket or
-//! goes to the overflow hash map and marks the bucket, as a full build places it. A table
-//! whose keys outgrow its buckets (more than two per bucket on average) is not updated in
-//! place: the slot is rewritten whole, which sizes the tables afresh.
+//! adds or changes, map by map. Exact-match tables keep the seed their last whole build
+//! chose, and their size, which is their map's: a removed key frees its way, a new key takes
+//! a free way of its bucket or goes to the overflow hash map and marks the bucket, as a
+//! whole build places it. A table would hold more than two keys per bucket on average only
+//! past its map's capacity; then, or when so many agents change that writing everything in
+//! batches is cheaper ([`super::PolicyMaps::update_slot`]), the slot is written whole.
 
 use std::collections::{HashMap as StdHashMap, HashSet, hash_map::Entry};
 
