@@ -12,6 +12,7 @@
 
 use core::mem::size_of;
 
+pub mod guard;
 pub mod inspect;
 
 /// Number of policy slots (double buffering).
@@ -100,11 +101,27 @@ pub enum Reason {
     QuicRefused = 21,
     /// Passed in monitor mode; enforce mode would have dropped it as `QuicRefused`.
     MonitorQuicRefused = 22,
+    /// Dropped: a new connection (TCP SYN without ACK) over the agent's connection rate.
+    ConnRateLimited = 23,
+    /// Dropped: one of the agent's quotas (bytes or connections per hour or day) is used up.
+    QuotaExhausted = 24,
+    /// Dropped: over the shared limit of the destination group the matching rule names.
+    SharedLimited = 25,
+    /// Dropped: the agent's circuit breaker is open, or half-open and past its probe rate.
+    BreakerOpen = 26,
+    /// Passed in monitor mode; enforce mode would have dropped it as `ConnRateLimited`.
+    MonitorConnRateLimited = 27,
+    /// Passed in monitor mode; enforce mode would have dropped it as `QuotaExhausted`.
+    MonitorQuotaExhausted = 28,
+    /// Passed in monitor mode; enforce mode would have dropped it as `SharedLimited`.
+    MonitorSharedLimited = 29,
+    /// Passed in monitor mode; enforce mode would have dropped it as `BreakerOpen`.
+    MonitorBreakerOpen = 30,
 }
 
 impl Reason {
     /// Number of reasons; the counters map has this many slots per agent.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 31;
 
     /// All reasons, in numeric order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -131,6 +148,14 @@ impl Reason {
         Reason::MonitorSniInvalid,
         Reason::QuicRefused,
         Reason::MonitorQuicRefused,
+        Reason::ConnRateLimited,
+        Reason::QuotaExhausted,
+        Reason::SharedLimited,
+        Reason::BreakerOpen,
+        Reason::MonitorConnRateLimited,
+        Reason::MonitorQuotaExhausted,
+        Reason::MonitorSharedLimited,
+        Reason::MonitorBreakerOpen,
     ];
 
     /// Whether the packet was dropped.
@@ -147,6 +172,10 @@ impl Reason {
                 | Reason::SniDenied
                 | Reason::SniInvalid
                 | Reason::QuicRefused
+                | Reason::ConnRateLimited
+                | Reason::QuotaExhausted
+                | Reason::SharedLimited
+                | Reason::BreakerOpen
         )
     }
 
@@ -164,6 +193,10 @@ impl Reason {
                 | Reason::MonitorSniDenied
                 | Reason::MonitorSniInvalid
                 | Reason::MonitorQuicRefused
+                | Reason::MonitorConnRateLimited
+                | Reason::MonitorQuotaExhausted
+                | Reason::MonitorSharedLimited
+                | Reason::MonitorBreakerOpen
         )
     }
 
@@ -185,6 +218,10 @@ impl Reason {
             Reason::SniDenied => Reason::MonitorSniDenied,
             Reason::SniInvalid => Reason::MonitorSniInvalid,
             Reason::QuicRefused => Reason::MonitorQuicRefused,
+            Reason::ConnRateLimited => Reason::MonitorConnRateLimited,
+            Reason::QuotaExhausted => Reason::MonitorQuotaExhausted,
+            Reason::SharedLimited => Reason::MonitorSharedLimited,
+            Reason::BreakerOpen => Reason::MonitorBreakerOpen,
             other => other,
         }
     }
@@ -215,6 +252,14 @@ impl Reason {
             Reason::MonitorSniInvalid => "monitor_sni_invalid",
             Reason::QuicRefused => "quic_refused",
             Reason::MonitorQuicRefused => "monitor_quic_refused",
+            Reason::ConnRateLimited => "conn_rate_limited",
+            Reason::QuotaExhausted => "quota_exhausted",
+            Reason::SharedLimited => "shared_limited",
+            Reason::BreakerOpen => "breaker_open",
+            Reason::MonitorConnRateLimited => "monitor_conn_rate_limited",
+            Reason::MonitorQuotaExhausted => "monitor_quota_exhausted",
+            Reason::MonitorSharedLimited => "monitor_shared_limited",
+            Reason::MonitorBreakerOpen => "monitor_breaker_open",
         }
     }
 
@@ -286,6 +331,9 @@ pub const AGENT_COARSE_CLOCK: u32 = 1 << 6;
 /// the addresses its resolver learned (`NAMES_V4/V6`), and TLS-port connections to those
 /// must name an allowed server (`SNI`).
 pub const AGENT_NAMES: u32 = 1 << 7;
+/// [`AgentPolicy::flags`]: the agent has guards (connection rate, quotas, breaker) in
+/// `GUARD_POLICY`, or a rule of it names a shared destination limit.
+pub const AGENT_GUARDED: u32 = 1 << 8;
 
 /// Destination prefix lengths per family that the XDP program probes in the hash maps,
 /// longest first; an agent with more distinct lengths falls back to the LPM trie.
@@ -432,8 +480,13 @@ pub struct AuditEvent {
     pub family: u8,
     /// IP protocol number (the upper-layer protocol for IPv6, after extension headers).
     pub proto: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 2],
+    /// What the record reports: `guard::EVENT_*`. A packet (0, what every record was before
+    /// guards existed) or a guard's transition, which carries the agent, the reason that
+    /// caused it and the time, and no tuple.
+    pub kind: u8,
+    /// The transition's detail: the `QUOTA_*` index of an exhausted quota, the breaker's
+    /// cooldown level; 0 for packets.
+    pub detail: u8,
 }
 const _: () = assert!(size_of::<AuditEvent>() == 72);
 
@@ -743,8 +796,9 @@ pub struct PortRule {
     pub proto: u8,
     /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub action: u8,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// The destination group whose shared limit an allowed packet charges
+    /// (`guard::SharedPolicy`); 0: none.
+    pub group: u16,
     /// Lowest destination port, inclusive.
     pub port_lo: u16,
     /// Highest destination port, inclusive. `0..=65535` means any port, and is the only
@@ -996,8 +1050,18 @@ pub mod maps {
     /// Per-CPU scratch, one element: what the entry program hands the stages it
     /// tail-calls. Kernel-only, and like [`STAGES`] one per loaded object.
     pub const HANDOFF: &str = "HANDOFF";
+    /// [`super::guard::GuardPolicy`], indexed like [`AGENTS`].
+    pub const GUARD_POLICY: &str = "GUARD_POLICY";
+    /// [`super::guard::GuardState`], one per agent id.
+    pub const GUARDS: &str = "GUARDS";
+    /// [`super::guard::SharedPolicy`], indexed `group << 1 | slot`.
+    pub const SHARED_POLICY: &str = "SHARED_POLICY";
+    /// [`super::guard::SharedBucket`], one per destination group.
+    pub const SHARED_BUCKETS: &str = "SHARED_BUCKETS";
+    /// [`super::guard::GuardConfig`], one element.
+    pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
     /// Every map pinned by name, for pinning and clean-up.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 36] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -1029,6 +1093,11 @@ pub mod maps {
         DST_TABLE_V6,
         RULES,
         TABLES,
+        GUARD_POLICY,
+        GUARDS,
+        SHARED_POLICY,
+        SHARED_BUCKETS,
+        GUARD_CONFIG,
     ];
 }
 
@@ -1048,9 +1117,20 @@ pub mod programs {
     pub const STAGE_NAMES: u32 = 0;
     /// Index of [`ENFORCE_FINISH`] in the `STAGES` program array.
     pub const STAGE_FINISH: u32 = 1;
+    /// The guards (breaker, shared limits, connection rate, quotas) and the close after
+    /// them, tail-called by whichever stage would close a packet of an agent with guards.
+    pub const ENFORCE_GUARD: &str = "enforce_guard";
+    /// Index of [`ENFORCE_GUARD`] in the `STAGES` program array (and of its tc twin in
+    /// `STAGES_TC`).
+    pub const STAGE_GUARD: u32 = 3;
+    /// Entries of each stage array: the highest index plus one.
+    pub const STAGE_SLOTS: u32 = 4;
     /// Every tail-called stage, by its index in `STAGES`.
-    pub const STAGES: [(u32, &str); 2] =
-        [(STAGE_NAMES, ENFORCE_NAMES), (STAGE_FINISH, ENFORCE_FINISH)];
+    pub const STAGES: [(u32, &str); 3] = [
+        (STAGE_NAMES, ENFORCE_NAMES),
+        (STAGE_FINISH, ENFORCE_FINISH),
+        (STAGE_GUARD, ENFORCE_GUARD),
+    ];
     /// The enforcer as a tc (`sched_cls`, direct action) program, for the host side of
     /// sandbox veths: the same stages over socket buffers. This entry makes the headers
     /// readable and weighs the packet, then tail-calls [`ENFORCE_DECIDE_TC`].
@@ -1063,12 +1143,15 @@ pub mod programs {
     pub const ENFORCE_NAMES_TC: &str = "enforce_names_tc";
     /// [`ENFORCE_FINISH`] at tc.
     pub const ENFORCE_FINISH_TC: &str = "enforce_finish_tc";
+    /// [`ENFORCE_GUARD`] at tc.
+    pub const ENFORCE_GUARD_TC: &str = "enforce_guard_tc";
     /// Every tail-called stage of [`ENFORCE_TC`], by its index in `STAGES_TC` (the same
     /// indices as [`STAGES`], and the decision after them).
-    pub const STAGES_TC: [(u32, &str); 3] = [
+    pub const STAGES_TC: [(u32, &str); 4] = [
         (STAGE_NAMES, ENFORCE_NAMES_TC),
         (STAGE_FINISH, ENFORCE_FINISH_TC),
         (STAGE_DECIDE, ENFORCE_DECIDE_TC),
+        (STAGE_GUARD, ENFORCE_GUARD_TC),
     ];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";
@@ -1153,4 +1236,9 @@ mod pod {
     unsafe impl aya::Pod for NameEntry {}
     unsafe impl aya::Pod for SniKey {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for guard::GuardPolicy {}
+    unsafe impl aya::Pod for guard::GuardState {}
+    unsafe impl aya::Pod for guard::SharedPolicy {}
+    unsafe impl aya::Pod for guard::SharedBucket {}
+    unsafe impl aya::Pod for guard::GuardConfig {}
 }

@@ -20,6 +20,7 @@
 mod audit;
 mod context;
 mod egress;
+mod guard;
 mod identify;
 mod limits;
 mod maps;
@@ -35,12 +36,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey, MAX_VLAN_TAGS, Reason,
-    SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT,
-    programs::{STAGE_DECIDE, STAGE_NAMES},
+    AGENT_GUARDED, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey,
+    MAX_VLAN_TAGS, Reason, SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT,
+    programs::{STAGE_DECIDE, STAGE_GUARD, STAGE_NAMES},
 };
 
-use crate::{audit::*, context::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
+use crate::{
+    audit::*, context::*, egress::*, guard::*, identify::*, limits::*, maps::*, names::*, parse::*,
+};
 
 /// The enforcer. Fail-open on internal errors, which only a map the loader failed to size
 /// can cause (no packet content reaches the `Err` arm): a broken deploy must not cut a
@@ -165,7 +168,79 @@ fn finish_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
         packets: h.segs,
         bytes: h.len,
     };
-    finish(ctx, agent, policy, verdict, wire, h)
+    finish(ctx, agent, slot, h.stride, policy, verdict, wire, h)
+}
+
+/// The guards of an agent that has them (see [`guard_decide`]), then the close, tail-called
+/// by the stage that would have closed the packet, with everything in [`HANDOFF`]. A stage
+/// of its own so that the verifier walks the guards apart from the paths of the entry
+/// program, whose budget they would otherwise multiply (every decision path of `enforce`
+/// ends here, and Linux 6.1 loses its pruning after a BPF-to-BPF call; see
+/// [`names_stage`]). Fail-open on `Err` like [`enforce`].
+#[xdp]
+pub fn enforce_guard(ctx: XdpContext) -> u32 {
+    match guard_stage(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// [`enforce_guard`] at tc.
+#[classifier]
+pub fn enforce_guard_tc(ctx: TcContext) -> i32 {
+    match guard_stage(&ctx) {
+        Ok(action) => action as i32,
+        Err(()) => TcContext::PASS as i32,
+    }
+}
+
+#[inline(always)]
+fn guard_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
+    let h = HANDOFF.get(0).ok_or(())?;
+    let Some((ethertype, off)) = link_layer(ctx) else {
+        return guard_close(ctx, h, &NoTuple);
+    };
+    match ethertype {
+        ETH_P_IP => match parse_v4(ctx, off) {
+            Some(flow) => guard_close(ctx, h, &flow),
+            None => guard_close(ctx, h, &NoTuple),
+        },
+        ETH_P_IPV6 => match parse_v6(ctx, off) {
+            Some(flow) => guard_close(ctx, h, &flow),
+            None => guard_close(ctx, h, &NoTuple),
+        },
+        _ => guard_close(ctx, h, &NoTuple),
+    }
+}
+
+/// The guards' verdict for the packet the hand-off describes, then the close.
+#[inline(always)]
+fn guard_close<C: Packet, F: AuditTuple>(ctx: &C, h: &Handoff, flow: &F) -> Result<u32, ()> {
+    let slot = ((h.owner >> 32) as u32) & 1;
+    let agent = h.owner as u32;
+    let policy = agent_policy(slot, h.stride, agent).ok_or(())?;
+    let verdict = Reason::from_u32(h.verdict).ok_or(())?;
+    let facts = facts(
+        verdict,
+        false,
+        flow.opens_connection(ctx),
+        policy.flags & AGENT_MONITOR != 0,
+        0,
+        slot,
+    );
+    let out = guard_decide(
+        u64::from(agent),
+        u64::from(slot * h.stride + agent),
+        facts,
+        h.len,
+        h.segs,
+    );
+    let reason = Reason::from_u32(out & 0xff).ok_or(())?;
+    let wire = Wire {
+        packets: h.segs,
+        bytes: h.len,
+    };
+    close(ctx, agent, reason, wire, flow)
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -323,7 +398,7 @@ where
             policy.flags,
         )
     };
-    finish(ctx, agent, policy, verdict, wire, flow)
+    finish(ctx, agent, slot, stride, policy, verdict, wire, flow)
 }
 
 /// Traffic from no known agent follows the slot's default.
@@ -365,21 +440,45 @@ fn undecidable<C: Packet>(
     } else {
         Reason::Allowed
     };
-    finish(ctx, agent, policy, verdict, wire, &NoTuple)
+    finish(ctx, agent, slot, stride, policy, verdict, wire, &NoTuple)
 }
 
-/// Applies the rate limit to packets the egress check allowed, turns would-drops into
-/// passes for monitor-mode agents, counts, reports drops and would-drops to the audit
-/// trail, and returns the XDP action.
+/// Applies the rate limit to packets the egress check allowed (and the guards, for agents
+/// that have them), turns would-drops into passes for monitor-mode agents, counts, reports
+/// drops and would-drops to the audit trail, and returns the XDP action.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined: the arguments are registers"
+)]
 fn finish<C: Packet, F: AuditTuple>(
     ctx: &C,
     agent: u32,
+    slot: u32,
+    stride: u32,
     policy: &AgentPolicy,
     verdict: Reason,
     wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
+    if policy.flags & AGENT_GUARDED != 0 {
+        // The guards run in a stage of their own (see [`guard_stage`]). As little as can be
+        // is done here: the verifier walks this branch once for every path of the entry
+        // program that reaches it, so the stage parses the packet again for what it needs.
+        let h = HANDOFF.get_ptr_mut(0).ok_or(())?;
+        // SAFETY: this CPU's hand-off, owned by this packet until its last stage (see
+        // `Handoff`); a tail call does not return on success.
+        unsafe {
+            (*h).owner = (u64::from(slot) << 32) | u64::from(agent);
+            (*h).stride = stride;
+            (*h).len = wire.bytes;
+            (*h).segs = wire.packets;
+            (*h).verdict = verdict as u32;
+            C::stages().tail_call(ctx, STAGE_GUARD);
+        }
+        // Only a broken load leaves the stage out: fail open, as for a mis-sized map.
+        return Err(());
+    }
     let mut reason = verdict;
     if reason == Reason::Allowed {
         reason = rate_limit(agent, policy, wire)?;
@@ -387,6 +486,19 @@ fn finish<C: Packet, F: AuditTuple>(
     if reason.is_drop() && policy.flags & AGENT_MONITOR != 0 {
         reason = reason.monitored();
     }
+    close(ctx, agent, reason, wire, flow)
+}
+
+/// Counts the packet under its final reason, reports drops and would-drops to the audit
+/// trail, and returns the action.
+#[inline(always)]
+fn close<C: Packet, F: AuditTuple>(
+    ctx: &C,
+    agent: u32,
+    reason: Reason,
+    wire: Wire,
+    flow: &F,
+) -> Result<u32, ()> {
     count(agent, reason, wire);
     // A passed packet pays this one test of the reason and nothing else: no lookup, no
     // clock read, no ring access.

@@ -10,6 +10,7 @@ use enforcer_common::{
     FlowKey, HostV4Key, HostV6Key, IfaceKey, LpmV4, LpmV6, NameEntry, NameV4Key, NameV6Key,
     ResolverKey, RuleSet, SNI_NAME_LEN, SlotConfig, SniKey, State, TableBucket1, TableBucket2,
     TableBucket3, TableConfig, TlsPorts,
+    guard::{GuardConfig, GuardPolicy, GuardState, MAX_SHARED_GROUPS, SharedBucket, SharedPolicy},
 };
 
 // Map sizes here are placeholders: the daemon sets the real ones at load time
@@ -86,6 +87,18 @@ pub(crate) static DST_TABLE_V6: Array<TableBucket3> = Array::pinned(2 * DEFAULT_
 pub(crate) static RULES: Array<RuleSet> = Array::pinned(2 * DEFAULT_AGENTS, 0);
 #[map]
 pub(crate) static TABLES: Array<TableConfig> = Array::pinned(enforcer_common::SLOTS, 0);
+// Guards (see `guard.rs`). Maps of their own, so the layouts of the maps above stay as
+// earlier versions pinned them.
+#[map]
+pub(crate) static GUARD_POLICY: Array<GuardPolicy> = Array::pinned(2 * (DEFAULT_AGENTS + 1), 0);
+#[map]
+pub(crate) static GUARDS: Array<GuardState> = Array::pinned(DEFAULT_AGENTS + 1, 0);
+#[map]
+pub(crate) static SHARED_POLICY: Array<SharedPolicy> = Array::pinned(2 * MAX_SHARED_GROUPS, 0);
+#[map]
+pub(crate) static SHARED_BUCKETS: Array<SharedBucket> = Array::pinned(MAX_SHARED_GROUPS, 0);
+#[map]
+pub(crate) static GUARD_CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
 /// Where the SNI check works: the key it looks up, and the server name as read from the
 /// packet. Kernel-only (user space never reads it), and per CPU because 512 bytes do not
@@ -101,12 +114,12 @@ pub(crate) struct SniScratch {
 /// entry program, so an entry program never jumps into a stage of another build.
 #[map]
 pub(crate) static STAGES: ProgramArray =
-    ProgramArray::with_max_entries(enforcer_common::programs::STAGES.len() as u32, 0);
+    ProgramArray::with_max_entries(enforcer_common::programs::STAGE_SLOTS, 0);
 
 /// [`STAGES`] for the tc programs: a program array holds programs of one type only.
 #[map]
 pub(crate) static STAGES_TC: ProgramArray =
-    ProgramArray::with_max_entries(enforcer_common::programs::STAGES_TC.len() as u32, 0);
+    ProgramArray::with_max_entries(enforcer_common::programs::STAGE_SLOTS, 0);
 
 /// What the entry program hands the stages it tail-calls (see [`Handoff`]).
 #[map]

@@ -699,6 +699,7 @@ impl KernelMaps {
     pub fn reset_agent(&mut self, id: u32) -> Result<(), MapsError> {
         self.reset_bucket(id)?;
         self.reset_audit_limiter(id)?;
+        self.reset_guards(id)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
             map: maps::COUNTERS,
             source,

@@ -58,7 +58,9 @@ use enforcer_common::{
     SLOT_HAS_IFACES, SLOT_SRC_LPM_V4, SLOT_SRC_LPM_V6, SLOT_UNKNOWN_DROP, SlotConfig, SniKey,
     State, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4, TABLE_SRC_V6, TIME_SHIFT, TableBucket,
     TableBucket1, TableBucket2, TableBucket3, TableConfig, TlsPorts, UNKNOWN_AGENT, dst_key_v4,
-    dst_key_v6, maps, owner, owner_word, programs, src_key_v4, src_key_v6,
+    dst_key_v6,
+    guard::{GuardConfig, GuardPolicy, GuardState, SharedBucket, SharedPolicy},
+    maps, owner, owner_word, programs, src_key_v4, src_key_v6,
 };
 use thiserror::Error;
 
@@ -612,20 +614,22 @@ fn rejected(name: &'static str, source: ProgramError) -> DataplaneError {
 }
 
 /// Every program of the object, as [`Dataplane::load`] loads them.
-const XDP_PROGRAMS: [&str; 5] = [
+const XDP_PROGRAMS: [&str; 6] = [
     programs::ENFORCE,
     programs::ENFORCE_NAMES,
     programs::ENFORCE_FINISH,
+    programs::ENFORCE_GUARD,
     programs::PASS_FLOOR,
     programs::CLOCK_PROBE,
 ];
 
 /// The tc (`sched_cls`) programs of the object: the same pipeline for socket buffers.
-const TC_PROGRAMS: [&str; 4] = [
+const TC_PROGRAMS: [&str; 5] = [
     programs::ENFORCE_TC,
     programs::ENFORCE_DECIDE_TC,
     programs::ENFORCE_NAMES_TC,
     programs::ENFORCE_FINISH_TC,
+    programs::ENFORCE_GUARD_TC,
 ];
 
 /// The verifier's budget of processed instructions for one program load
@@ -773,7 +777,9 @@ impl Dataplane {
             .map_max_entries(maps::DST_HASH_V4, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::DST_HASH_V6, 2 * limits.max_destination_prefixes)
             .map_max_entries(maps::AUDIT, limits.audit_ring_bytes)
-            .map_max_entries(maps::AUDIT_LIMITS, stride);
+            .map_max_entries(maps::AUDIT_LIMITS, stride)
+            .map_max_entries(maps::GUARD_POLICY, 2 * stride)
+            .map_max_entries(maps::GUARDS, stride);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
@@ -1679,6 +1685,11 @@ pub struct KernelMaps {
     names_v4: HashMap<MapData, NameV4Key, NameEntry>,
     names_v6: HashMap<MapData, NameV6Key, NameEntry>,
     sni: HashMap<MapData, SniKey, RuleSet>,
+    guard_policy: Array<MapData, GuardPolicy>,
+    guards: Array<MapData, GuardState>,
+    shared_policy: Array<MapData, SharedPolicy>,
+    shared_buckets: Array<MapData, SharedBucket>,
+    guard_config: Array<MapData, GuardConfig>,
     /// Per slot, the `RULES` indices of its rule sets, when this process wrote the slot
     /// whole (see [`incremental`]).
     rule_index: [Option<RuleIndex>; 2],
@@ -1782,6 +1793,11 @@ impl KernelMaps {
             names_v4: typed(source, maps::NAMES_V4)?,
             names_v6: typed(source, maps::NAMES_V6)?,
             sni: typed(source, maps::SNI)?,
+            guard_policy: typed(source, maps::GUARD_POLICY)?,
+            guards: typed(source, maps::GUARDS)?,
+            shared_policy: typed(source, maps::SHARED_POLICY)?,
+            shared_buckets: typed(source, maps::SHARED_BUCKETS)?,
+            guard_config: typed(source, maps::GUARD_CONFIG)?,
             rule_index: [None, None],
         })
     }
@@ -1898,6 +1914,55 @@ impl KernelMaps {
         self.audit_limits
             .set(agent, 0, 0)
             .map_err(err("writing", maps::AUDIT_LIMITS))
+    }
+
+    /// Clears agent `id`'s guard state: breaker closed, connection and probe buckets full,
+    /// quota use zero (see [`KernelMaps::reset_agent`]).
+    pub fn reset_guards(&mut self, id: u32) -> Result<(), MapsError> {
+        self.set_guard_state(id, GuardState::default())
+    }
+
+    /// Agent `id`'s guard state: breaker, buckets, quota words.
+    pub fn guard_state(&self, id: u32) -> Result<GuardState, MapsError> {
+        self.guards
+            .get(&id, 0)
+            .map_err(err("reading", maps::GUARDS))
+    }
+
+    /// Overwrites agent `id`'s guard state: `breaker reset`, and quota use restored after a
+    /// reboot.
+    pub fn set_guard_state(&mut self, id: u32, state: GuardState) -> Result<(), MapsError> {
+        self.guards
+            .set(id, state, 0)
+            .map_err(err("writing", maps::GUARDS))
+    }
+
+    /// The guard state of agents 0 to `last`, in batches.
+    pub fn guard_states_upto(&self, last: u32) -> Result<Vec<GuardState>, MapsError> {
+        use aya::maps::IterableMap as _;
+        lookup_batch(self.guards.map(), last + 1, 1, maps::GUARDS)
+    }
+
+    /// Agent `id`'s guards in the active slot (all zero: none).
+    pub fn guard_policy(&self, id: u32) -> Result<GuardPolicy, MapsError> {
+        let state = self.state()?;
+        self.guard_policy
+            .get(&(state.active_slot * self.stride + id), 0)
+            .map_err(err("reading", maps::GUARD_POLICY))
+    }
+
+    /// A destination group's shared limiter state.
+    pub fn shared_bucket(&self, group: u16) -> Result<SharedBucket, MapsError> {
+        self.shared_buckets
+            .get(&u32::from(group), 0)
+            .map_err(err("reading", maps::SHARED_BUCKETS))
+    }
+
+    /// Sets the global guard settings (the wall clock's offset for quota windows).
+    pub fn set_guard_config(&mut self, config: GuardConfig) -> Result<(), MapsError> {
+        self.guard_config
+            .set(0, config, 0)
+            .map_err(err("writing", maps::GUARD_CONFIG))
     }
 
     /// Unknown-agent counters and every active agent's, keyed by agent id.
