@@ -788,6 +788,12 @@ pub const ACTION_DENY: u8 = 0;
 /// [`PortRule::action`]: allow.
 pub const ACTION_ALLOW: u8 = 1;
 
+/// [`PortRule::guard`]: the bits of the destination group (`guard::MAX_SHARED_GROUPS`).
+pub const RULE_GROUP_MASK: u16 = 0x3ff;
+/// [`PortRule::guard`]: the rule's packets pass an open breaker (the agent's resolver, its
+/// control channel).
+pub const RULE_ALWAYS: u16 = 1 << 15;
+
 /// One egress rule inside a [`RuleSet`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -796,9 +802,10 @@ pub struct PortRule {
     pub proto: u8,
     /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub action: u8,
-    /// The destination group whose shared limit an allowed packet charges
-    /// (`guard::SharedPolicy`); 0: none.
-    pub group: u16,
+    /// What the guards make of the rule (`RULE_*` bits): the destination group whose
+    /// shared limit an allowed packet charges (`guard::SharedPolicy`; 0: none) and whether
+    /// an open breaker lets the rule's packets through.
+    pub guard: u16,
     /// Lowest destination port, inclusive.
     pub port_lo: u16,
     /// Highest destination port, inclusive. `0..=65535` means any port, and is the only

@@ -892,7 +892,7 @@ pub fn name_rule_set(rules: &[(Proto, PortRange)]) -> Result<RuleSet, usize> {
                 Proto::Any | Proto::Icmp => PROTO_ANY,
             },
             action: ACTION_ALLOW,
-            group: 0,
+            guard: 0,
             port_lo: ports.lo,
             port_hi: ports.hi,
         };
@@ -980,7 +980,7 @@ fn destinations<const N: usize>(
                 Proto::Icmp => icmp,
             },
             action,
-            group: 0,
+            guard: 0,
             port_lo: rule.ports.lo,
             port_hi: rule.ports.hi,
         };
@@ -1057,7 +1057,7 @@ mod tests {
         PortRule {
             proto,
             action,
-            group: 0,
+            guard: 0,
             port_lo,
             port_hi,
         }
