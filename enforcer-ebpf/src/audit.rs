@@ -6,7 +6,7 @@ use core::ptr;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{AUDIT_FAMILY_NONE, AUDIT_FAMILY_V4, AUDIT_FAMILY_V6, AuditEvent, Reason};
 
-use crate::{context::*, limits::*, maps::*, names::L4_PORT, parse::*};
+use crate::{context::*, limits::*, maps::*, parse::*};
 
 /// The addresses and ports an audit event records: implemented by both families' flows and
 /// by [`NoTuple`] for frames whose IP header could not be read. Monomorphised and inlined,
@@ -14,17 +14,6 @@ use crate::{context::*, limits::*, maps::*, names::L4_PORT, parse::*};
 pub(crate) trait AuditTuple {
     /// Fills `family`, `proto`, the addresses and the ports of `event`.
     fn fill(&self, event: &mut AuditEvent);
-
-    /// Whether the packet opens a TCP connection (SYN without ACK): what the guards'
-    /// connection limits count. Read from the packet only when a guard asks.
-    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool;
-}
-
-/// Whether the TCP header at `l4_off` is a SYN without ACK.
-#[inline(always)]
-fn syn_at<C: Packet>(ctx: &C, l4_off: usize) -> bool {
-    // Data offset and flags are bytes 12 and 13 of the header.
-    peek::<C, 2>(ctx, l4_off + 12).is_some_and(|b| b[1] & 0x12 == 0x02)
 }
 
 /// Ports of a flow for an audit event: 0 when the protocol has none or they were not read.
@@ -43,11 +32,6 @@ impl AuditTuple for Flow<[u8; 4]> {
         event.dst[..4].copy_from_slice(&self.dst);
         (event.src_port, event.dst_port) = ports(self.l4);
     }
-
-    #[inline(always)]
-    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool {
-        self.proto == IPPROTO_TCP && self.l4.kind == L4Kind::Port && syn_at(ctx, self.l4_off)
-    }
 }
 
 impl AuditTuple for Flow<[u8; 16]> {
@@ -58,11 +42,6 @@ impl AuditTuple for Flow<[u8; 16]> {
         event.src = self.src;
         event.dst = self.dst;
         (event.src_port, event.dst_port) = ports(self.l4);
-    }
-
-    #[inline(always)]
-    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool {
-        self.proto == IPPROTO_TCP && self.l4.kind == L4Kind::Port && syn_at(ctx, self.l4_off)
     }
 }
 
@@ -77,14 +56,6 @@ impl AuditTuple for Handoff {
         event.src_port = self.tuple.src_port;
         event.dst_port = self.tuple.dst_port;
     }
-
-    /// From the packed facts (see `names::learned_admission`).
-    #[inline(always)]
-    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool {
-        (self.l4 >> 32) as u8 == IPPROTO_TCP
-            && self.l4 >> 48 == L4_PORT
-            && syn_at(ctx, ((self.layout >> 32) & OFFSET_MASK) as usize)
-    }
 }
 
 /// No IP header could be read: the event carries agent, reason, interface and length only.
@@ -94,11 +65,6 @@ impl AuditTuple for NoTuple {
     #[inline(always)]
     fn fill(&self, event: &mut AuditEvent) {
         event.family = AUDIT_FAMILY_NONE;
-    }
-
-    #[inline(always)]
-    fn opens_connection<C: Packet>(&self, _ctx: &C) -> bool {
-        false
     }
 }
 

@@ -4,8 +4,9 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     ACTION_ALLOW, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key,
-    DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, OWNER_BITS, PROTO_ANY, Reason,
-    RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4, dst_key_v6, owner, owner_word,
+    DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, OWNER_BITS, PROTO_ANY, PortRule,
+    Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4, dst_key_v6, owner,
+    owner_word,
 };
 
 use crate::{identify::*, maps::*, parse::*};
@@ -163,7 +164,7 @@ pub(crate) fn dst_v6(
 /// Walks a destination's rules: the first rule whose protocol and ports match decides; no
 /// match falls back to the agent's default.
 #[inline(always)]
-pub(crate) fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
+pub(crate) fn egress(rules: Option<&'static RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
     match rule_verdict(rules, proto, l4) {
         Some(reason) => reason,
         None if flags & AGENT_DEFAULT_ALLOW != 0 => Reason::Allowed,
@@ -173,9 +174,28 @@ pub(crate) fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> 
 
 /// The verdict of the first of `rules` whose protocol and ports match, `None` if none does.
 #[inline(always)]
-pub(crate) fn rule_verdict(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option<Reason> {
+pub(crate) fn rule_verdict(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Reason> {
+    match first_match(rules, proto, l4)? {
+        Match::Rule(r) if r.action == ACTION_ALLOW => Some(Reason::Allowed),
+        Match::Rule(_) => Some(Reason::EgressDenied),
+        Match::Decided(reason) => Some(reason),
+    }
+}
+
+/// What [`first_match`] found.
+pub(crate) enum Match {
+    /// The first rule whose protocol and ports match.
+    Rule(&'static PortRule),
+    /// No rule can be matched safely: the transport is undecidable or link control, or a
+    /// non-first fragment meets a rule that depends on the port.
+    Decided(Reason),
+}
+
+/// The first of `rules` whose protocol and ports match, `None` if none does.
+#[inline(always)]
+pub(crate) fn first_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Match> {
     if l4 == L4::Undecidable {
-        return Some(Reason::Malformed);
+        return Some(Match::Decided(Reason::Malformed));
     }
     if let Some(rules) = rules {
         let n = rules.len as usize;
@@ -202,17 +222,13 @@ pub(crate) fn rule_verdict(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option
                 // fragment does not carry: no verdict is safe but a drop.
                 L4Kind::Fragment => {
                     if !r.any_port() {
-                        return Some(Reason::Fragment);
+                        return Some(Match::Decided(Reason::Fragment));
                     }
                 }
-                L4Kind::Undecidable => return Some(Reason::Malformed),
-                L4Kind::LinkControl => return Some(Reason::LinkControl),
+                L4Kind::Undecidable => return Some(Match::Decided(Reason::Malformed)),
+                L4Kind::LinkControl => return Some(Match::Decided(Reason::LinkControl)),
             }
-            return Some(if r.action == ACTION_ALLOW {
-                Reason::Allowed
-            } else {
-                Reason::EgressDenied
-            });
+            return Some(Match::Rule(r));
         }
     }
     None

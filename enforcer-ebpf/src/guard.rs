@@ -10,7 +10,7 @@ use core::{intrinsics::AtomicOrdering, ptr};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{
-    AUDIT_FAMILY_NONE, AuditEvent, Reason, TIME_SHIFT,
+    AUDIT_FAMILY_NONE, AgentPolicy, AuditEvent, RULE_ALWAYS, RULE_GROUP_MASK, Reason, TIME_SHIFT,
     guard::{
         BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_MAX_LEVEL, BREAKER_OPEN, EVENT_BREAKER_CLOSED,
         EVENT_BREAKER_HALF_OPEN, EVENT_BREAKER_OPENED, EVENT_QUOTA_EXHAUSTED, GUARD_BREAKER,
@@ -20,7 +20,60 @@ use enforcer_common::{
     },
 };
 
-use crate::{context::Wire, limits::*, maps::*};
+use crate::{
+    audit::NoTuple,
+    context::{Packet, Wire},
+    egress::{Match, first_match},
+    identify::Family,
+    limits::*,
+    maps::*,
+    parse::{Flow, IPPROTO_TCP, L4Kind, peek},
+};
+
+/// What the guards read of a packet beyond the hand-off, implemented by both families'
+/// flows and by [`NoTuple`] for frames whose headers could not be read.
+pub(crate) trait GuardFacts {
+    /// Whether the packet opens a TCP connection (SYN without ACK): what connection limits
+    /// and quotas count.
+    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool;
+
+    /// The guard bits of the agent's rule that matches the packet (`PortRule::guard`):
+    /// its shared group and whether it passes an open breaker. Looked up again here rather
+    /// than carried from the egress stage, so that stage stays as it was for every agent
+    /// without guards. Host-name rules (learned addresses, server names) carry none.
+    fn rule_guard(&self, slot: u32, agent: u32, policy: &AgentPolicy) -> u16;
+}
+
+impl<A: Family> GuardFacts for Flow<A> {
+    #[inline(always)]
+    fn opens_connection<C: Packet>(&self, ctx: &C) -> bool {
+        // Data offset and flags are bytes 12 and 13 of the header.
+        self.proto == IPPROTO_TCP
+            && self.l4.kind == L4Kind::Port
+            && peek::<C, 2>(ctx, self.l4_off + 12).is_some_and(|b| b[1] & 0x12 == 0x02)
+    }
+
+    #[inline(always)]
+    fn rule_guard(&self, slot: u32, agent: u32, policy: &AgentPolicy) -> u16 {
+        let rules = self.dst.rules(slot, agent, policy, TABLES.get(slot));
+        match first_match(rules, self.proto, self.l4) {
+            Some(Match::Rule(r)) => r.guard,
+            _ => 0,
+        }
+    }
+}
+
+impl GuardFacts for NoTuple {
+    #[inline(always)]
+    fn opens_connection<C: Packet>(&self, _ctx: &C) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn rule_guard(&self, _slot: u32, _agent: u32, _policy: &AgentPolicy) -> u16 {
+        0
+    }
+}
 
 /// [`guard_decide`]'s `facts`: the verdict so far in the low 8 bits, then these flags, then
 /// the destination group in bits 16..32 and the slot in bit 32.
@@ -42,14 +95,19 @@ pub(crate) fn facts(
     reject: bool,
     syn: bool,
     monitor: bool,
-    group: u16,
+    rule_guard: u16,
     slot: u32,
 ) -> u64 {
     (verdict as u64)
         | if reject { FACT_REJECT } else { 0 }
         | if syn { FACT_SYN } else { 0 }
         | if monitor { FACT_MONITOR } else { 0 }
-        | (u64::from(group) << 16)
+        | if rule_guard & RULE_ALWAYS != 0 {
+            FACT_EXEMPT
+        } else {
+            0
+        }
+        | (u64::from(rule_guard & RULE_GROUP_MASK) << 16)
         | (u64::from(slot & 1) << 32)
 }
 

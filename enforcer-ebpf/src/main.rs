@@ -215,7 +215,11 @@ fn guard_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
 
 /// The guards' verdict for the packet the hand-off describes, then the close.
 #[inline(always)]
-fn guard_close<C: Packet, F: AuditTuple>(ctx: &C, h: &Handoff, flow: &F) -> Result<u32, ()> {
+fn guard_close<C: Packet, F: AuditTuple + GuardFacts>(
+    ctx: &C,
+    h: &Handoff,
+    flow: &F,
+) -> Result<u32, ()> {
     let slot = ((h.owner >> 32) as u32) & 1;
     let agent = h.owner as u32;
     let policy = agent_policy(slot, h.stride, agent).ok_or(())?;
@@ -225,7 +229,7 @@ fn guard_close<C: Packet, F: AuditTuple>(ctx: &C, h: &Handoff, flow: &F) -> Resu
         false,
         flow.opens_connection(ctx),
         policy.flags & AGENT_MONITOR != 0,
-        0,
+        flow.rule_guard(slot, agent, policy),
         slot,
     );
     let out = guard_decide(

@@ -93,7 +93,7 @@ pub(crate) fn names<A: NameAddr>(
     agent: u32,
     policy: &AgentPolicy,
     flow: &Flow<A>,
-    rules: Option<&RuleSet>,
+    rules: Option<&'static RuleSet>,
 ) -> NamesVerdict {
     let dport = flow.l4.dst_port().unwrap_or(0);
     let dns = (dport == 53 && (flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_TCP))
