@@ -226,6 +226,43 @@ fn tcp4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     out
 }
 
+/// A TCP SYN (a new connection), IPv4.
+fn syn4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+/// A TCP SYN, IPv6.
+fn syn6(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(v6(src), v6(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+/// A TCP SYN-ACK, IPv4: a server's answer, not a new connection.
+fn syn_ack4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(v4(src), v4(dst), 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .ack(7)
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
 fn udp4(src: &str, dst: &str, dport: u16, payload: usize) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -429,6 +466,8 @@ struct Row {
     verdict: u32,
     agent: u32,
     reason: Reason,
+    /// The guard transition the row causes, as (`AuditEvent::kind`, `detail`), if any.
+    transition: Option<(u8, u8)>,
 }
 
 fn row(
@@ -445,7 +484,14 @@ fn row(
         verdict,
         agent,
         reason,
+        transition: None,
     }
+}
+
+/// The row also causes a guard transition: one audit record of this kind and detail.
+fn with_transition(mut r: Row, kind: u8, detail: u8) -> Row {
+    r.transition = Some((kind, detail));
+    r
 }
 
 /// The row arrives on the sandbox interface `sbx0` (agent 5). Rows without an interface
@@ -1171,7 +1217,24 @@ fn run_rows(
         // Drops and would-drops: exactly one event, of this agent, reason, length and
         // interface (`lo`, index 1 in the test namespace, unless the row names one).
         // Everything else: none. No table row comes near the default per-agent burst.
-        let events: Vec<(u32, u32, u32, u32)> = audit_events(ring)
+        let (transitions, packets): (Vec<AuditEvent>, Vec<AuditEvent>) =
+            audit_events(ring).into_iter().partition(|e| e.kind != 0);
+        let transitions: Vec<(u32, u8, u8)> = transitions
+            .iter()
+            .map(|e| (e.agent, e.kind, e.detail))
+            .collect();
+        let want_transitions: Vec<(u32, u8, u8)> = r
+            .transition
+            .iter()
+            .map(|(kind, detail)| (r.agent, *kind, *detail))
+            .collect();
+        if transitions != want_transitions {
+            failures.push(format!(
+                "{hook:?}: {}: guard transitions (agent, kind, detail) {:?} (want {:?})",
+                r.description, transitions, want_transitions
+            ));
+        }
+        let events: Vec<(u32, u32, u32, u32)> = packets
             .iter()
             .map(|e| (e.agent, e.reason, e.len, e.ifindex))
             .collect();
@@ -2353,4 +2416,349 @@ fn pin_percpu_array(pin: &std::path::Path, entries: u32, value_size: u32) {
         pin.display(),
         std::io::Error::last_os_error()
     );
+}
+
+const GUARD_POLICY: &str = r#"
+[defaults]
+unknown = "pass"
+
+[[shared]]
+name = "mcp"
+rate = { packets_per_sec = 1, packets_burst = 2 }
+
+[[agents]]
+id = 1
+name = "conn-limited"
+prefixes = ["10.1.0.2", "fd01::2"]
+egress_default = "allow"
+connections = { per_sec = 1, burst = 2 }
+
+[[agents]]
+id = 2
+name = "conn-watched"
+prefixes = ["10.2.0.2"]
+mode = "monitor"
+egress_default = "allow"
+connections = { per_sec = 1, burst = 1 }
+
+[[agents]]
+id = 3
+name = "quota"
+prefixes = ["10.3.0.2"]
+egress_default = "allow"
+quota = { connections_per_hour = 2, bytes_per_day = 1000 }
+
+[[agents]]
+id = 4
+name = "swarm-a"
+prefixes = ["10.4.0.2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16"]
+proto = "udp"
+shared = "mcp"
+[[agents.egress]]
+action = "allow"
+to = ["10.8.0.0/16"]
+
+[[agents]]
+id = 5
+name = "swarm-b"
+prefixes = ["10.5.0.2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16"]
+proto = "udp"
+shared = "mcp"
+
+[[agents]]
+id = 6
+name = "breaker"
+prefixes = ["10.6.0.2", "fd06::2"]
+egress_default = "deny"
+breaker = { drops = 2, within_secs = 60, cooldown_secs = 600 }
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16", "fd09::/32"]
+proto = "tcp"
+ports = 443
+[[agents.egress]]
+action = "allow"
+to = ["10.53.0.53"]
+proto = "udp"
+ports = 53
+always = true
+
+[[agents]]
+id = 7
+name = "breaker-watched"
+prefixes = ["10.7.0.2"]
+mode = "monitor"
+egress_default = "deny"
+breaker = { drops = 1, within_secs = 60, cooldown_secs = 600 }
+[[agents.egress]]
+action = "allow"
+to = ["10.9.0.0/16"]
+proto = "tcp"
+ports = 443
+
+[[agents]]
+id = 8
+name = "unguarded"
+prefixes = ["10.8.0.2"]
+egress_default = "allow"
+"#;
+
+/// The guards, row by row through the real programs (the guard stage is tail-called, so
+/// this also proves the stage arrays hold it at both hooks): a new-connection rate in both
+/// modes, quotas that refuse only what does not fit and report each exhaustion once, a
+/// destination group's limit that two agents share, and a breaker that opens on the strike
+/// past its budget, then refuses everything but the rule marked `always`.
+#[test]
+fn guard_table() {
+    use enforcer_common::guard::{
+        EVENT_BREAKER_OPENED, EVENT_QUOTA_EXHAUSTED, QUOTA_BYTES_DAY, QUOTA_CONNS_HOUR,
+    };
+    if !require_root("guard_table") {
+        return;
+    }
+    for_each_hook(|hook| {
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, GUARD_POLICY, None);
+        let mut ring = dp.take_audit_ring().unwrap();
+        let opened = |r| with_transition(r, EVENT_BREAKER_OPENED, 0);
+        let rows = vec![
+            // New connections: a burst of 2, then refused; packets of open connections and
+            // a server's SYN-ACK are not new connections.
+            row(
+                "syn 1 of the burst",
+                syn4("10.1.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                1,
+                Allowed,
+            ),
+            row(
+                "syn 2 of the burst, ipv6",
+                syn6("fd01::2", "fd09::5", 443),
+                XDP_PASS,
+                1,
+                Allowed,
+            ),
+            row(
+                "syn past the burst",
+                syn4("10.1.0.2", "10.9.0.5", 443),
+                XDP_DROP,
+                1,
+                ConnRateLimited,
+            ),
+            row(
+                "data of an open connection",
+                tcp4("10.1.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                1,
+                Allowed,
+            ),
+            row(
+                "syn-ack is no new connection",
+                syn_ack4("10.1.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                1,
+                Allowed,
+            ),
+            // Monitor mode counts the would-drop and passes.
+            row(
+                "watched syn",
+                syn4("10.2.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                2,
+                Allowed,
+            ),
+            row(
+                "watched syn past the burst",
+                syn4("10.2.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                2,
+                MonitorConnRateLimited,
+            ),
+            // Quotas: two connections an hour, 1000 bytes a day.
+            row(
+                "quota syn 1",
+                syn4("10.3.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                3,
+                Allowed,
+            ),
+            row(
+                "quota syn 2",
+                syn4("10.3.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                3,
+                Allowed,
+            ),
+            with_transition(
+                row(
+                    "quota syn 3: connections used up",
+                    syn4("10.3.0.2", "10.9.0.5", 443),
+                    XDP_DROP,
+                    3,
+                    QuotaExhausted,
+                ),
+                EVENT_QUOTA_EXHAUSTED,
+                QUOTA_CONNS_HOUR as u8,
+            ),
+            row(
+                "quota syn 4: reported once",
+                syn4("10.3.0.2", "10.9.0.5", 443),
+                XDP_DROP,
+                3,
+                QuotaExhausted,
+            ),
+            with_transition(
+                row(
+                    "a datagram past the day's bytes",
+                    udp4("10.3.0.2", "10.9.0.5", 53, 900),
+                    XDP_DROP,
+                    3,
+                    QuotaExhausted,
+                ),
+                EVENT_QUOTA_EXHAUSTED,
+                QUOTA_BYTES_DAY as u8,
+            ),
+            row(
+                "a datagram that still fits",
+                udp4("10.3.0.2", "10.9.0.5", 53, 10),
+                XDP_PASS,
+                3,
+                Allowed,
+            ),
+            // One group's limit, shared: a burst of 2 between both agents.
+            row(
+                "group packet 1",
+                udp4("10.4.0.2", "10.9.1.1", 5000, 10),
+                XDP_PASS,
+                4,
+                Allowed,
+            ),
+            row(
+                "group packet 2",
+                udp4("10.4.0.2", "10.9.1.1", 5000, 10),
+                XDP_PASS,
+                4,
+                Allowed,
+            ),
+            row(
+                "group packet 3",
+                udp4("10.4.0.2", "10.9.1.1", 5000, 10),
+                XDP_DROP,
+                4,
+                SharedLimited,
+            ),
+            row(
+                "the other agent shares it",
+                udp4("10.5.0.2", "10.9.1.1", 5000, 10),
+                XDP_DROP,
+                5,
+                SharedLimited,
+            ),
+            row(
+                "a rule without the group",
+                udp4("10.4.0.2", "10.8.1.1", 5000, 10),
+                XDP_PASS,
+                4,
+                Allowed,
+            ),
+            // The breaker: two drops within the minute are its budget, the third opens it.
+            row(
+                "strike 1",
+                tcp4("10.6.0.2", "10.9.1.1", 80),
+                XDP_DROP,
+                6,
+                EgressDenied,
+            ),
+            row(
+                "strike 2",
+                tcp4("10.6.0.2", "10.9.1.1", 80),
+                XDP_DROP,
+                6,
+                EgressDenied,
+            ),
+            opened(row(
+                "strike 3 opens",
+                tcp4("10.6.0.2", "10.9.1.1", 80),
+                XDP_DROP,
+                6,
+                EgressDenied,
+            )),
+            row(
+                "open: an allowed destination is refused",
+                tcp4("10.6.0.2", "10.9.0.5", 443),
+                XDP_DROP,
+                6,
+                BreakerOpen,
+            ),
+            row(
+                "open: ipv6 too",
+                tcp6("fd06::2", "fd09::5", 443),
+                XDP_DROP,
+                6,
+                BreakerOpen,
+            ),
+            row(
+                "open: the rule marked always passes",
+                udp4("10.6.0.2", "10.53.0.53", 53, 30),
+                XDP_PASS,
+                6,
+                Allowed,
+            ),
+            row(
+                "open: a denied packet keeps its reason",
+                tcp4("10.6.0.2", "10.9.1.1", 80),
+                XDP_DROP,
+                6,
+                EgressDenied,
+            ),
+            // Monitor mode: the breaker opens, and its refusals are would-drops.
+            row(
+                "watched strike 1",
+                tcp4("10.7.0.2", "10.9.1.1", 80),
+                XDP_PASS,
+                7,
+                MonitorEgressDenied,
+            ),
+            opened(row(
+                "watched strike 2 opens",
+                tcp4("10.7.0.2", "10.9.1.1", 80),
+                XDP_PASS,
+                7,
+                MonitorEgressDenied,
+            )),
+            row(
+                "watched open: would refuse",
+                tcp4("10.7.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                7,
+                MonitorBreakerOpen,
+            ),
+            // An agent without guards never reaches the guard stage.
+            row(
+                "unguarded",
+                syn4("10.8.0.2", "10.9.0.5", 443),
+                XDP_PASS,
+                8,
+                Allowed,
+            ),
+        ];
+        let failures = run_rows(hook, &mut dp, &mut ring, &rows);
+        assert!(
+            failures.is_empty(),
+            "{} of {} rows failed:\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n")
+        );
+        let state = dp.maps().guard_state(6).unwrap();
+        assert_eq!(state.trips, 1, "the breaker opened once: {state:?}");
+    });
 }
