@@ -3,9 +3,10 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key,
-    DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, OWNER_BITS, PROTO_ANY, Reason,
-    RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4, dst_key_v6, owner, owner_word,
+    ACTION_ALLOW, ACTION_REJECT, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6,
+    AgentPolicy, DstV4Key, DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
+    OWNER_BITS, PROTO_ANY, Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4,
+    dst_key_v6, owner, owner_word,
 };
 
 use crate::{identify::*, maps::*, parse::*};
@@ -160,22 +161,49 @@ pub(crate) fn dst_v6(
     None
 }
 
+/// What the egress rules decided: the reason, and whether a drop is to be answered (a
+/// `reject` rule). Two fields the caller keeps in registers, so an allowed packet pays
+/// nothing for the second.
+#[derive(Clone, Copy)]
+pub(crate) struct Verdict {
+    pub(crate) reason: Reason,
+    pub(crate) reject: bool,
+}
+
+impl Verdict {
+    /// A verdict that answers nobody.
+    #[inline(always)]
+    pub(crate) const fn of(reason: Reason) -> Verdict {
+        Verdict {
+            reason,
+            reject: false,
+        }
+    }
+}
+
 /// Walks a destination's rules: the first rule whose protocol and ports match decides; no
 /// match falls back to the agent's default.
 #[inline(always)]
-pub(crate) fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
-    match rule_verdict(rules, proto, l4) {
-        Some(reason) => reason,
-        None if flags & AGENT_DEFAULT_ALLOW != 0 => Reason::Allowed,
-        None => Reason::EgressDenied,
+pub(crate) fn egress(rules: Option<&RuleSet>, proto: u8, l4: L4, flags: u32) -> Verdict {
+    match rule_match(rules, proto, l4) {
+        Some(verdict) => verdict,
+        None if flags & AGENT_DEFAULT_ALLOW != 0 => Verdict::of(Reason::Allowed),
+        None => Verdict::of(Reason::EgressDenied),
     }
 }
 
 /// The verdict of the first of `rules` whose protocol and ports match, `None` if none does.
+/// A `reject` rule is a denial here: the names stage, which uses this, only drops.
 #[inline(always)]
 pub(crate) fn rule_verdict(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option<Reason> {
+    rule_match(rules, proto, l4).map(|v| v.reason)
+}
+
+/// [`rule_verdict`] with the reject bit of the deciding rule.
+#[inline(always)]
+pub(crate) fn rule_match(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option<Verdict> {
     if l4 == L4::Undecidable {
-        return Some(Reason::Malformed);
+        return Some(Verdict::of(Reason::Malformed));
     }
     if let Some(rules) = rules {
         let n = rules.len as usize;
@@ -202,16 +230,19 @@ pub(crate) fn rule_verdict(rules: Option<&RuleSet>, proto: u8, l4: L4) -> Option
                 // fragment does not carry: no verdict is safe but a drop.
                 L4Kind::Fragment => {
                     if !r.any_port() {
-                        return Some(Reason::Fragment);
+                        return Some(Verdict::of(Reason::Fragment));
                     }
                 }
-                L4Kind::Undecidable => return Some(Reason::Malformed),
-                L4Kind::LinkControl => return Some(Reason::LinkControl),
+                L4Kind::Undecidable => return Some(Verdict::of(Reason::Malformed)),
+                L4Kind::LinkControl => return Some(Verdict::of(Reason::LinkControl)),
             }
             return Some(if r.action == ACTION_ALLOW {
-                Reason::Allowed
+                Verdict::of(Reason::Allowed)
             } else {
-                Reason::EgressDenied
+                Verdict {
+                    reason: Reason::EgressDenied,
+                    reject: r.action == ACTION_REJECT,
+                }
             });
         }
     }

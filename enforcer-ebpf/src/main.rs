@@ -25,6 +25,7 @@ mod limits;
 mod maps;
 mod names;
 mod parse;
+mod reject;
 
 use core::ptr;
 
@@ -40,7 +41,9 @@ use enforcer_common::{
     programs::{STAGE_DECIDE, STAGE_NAMES},
 };
 
-use crate::{audit::*, context::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*};
+use crate::{
+    audit::*, context::*, egress::*, identify::*, limits::*, maps::*, names::*, parse::*, reject::*,
+};
 
 /// The enforcer. Fail-open on internal errors, which only a map the loader failed to size
 /// can cause (no packet content reaches the `Err` arm): a broken deploy must not cut a
@@ -165,7 +168,7 @@ fn finish_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
         packets: h.segs,
         bytes: h.len,
     };
-    finish(ctx, agent, policy, verdict, wire, h)
+    finish(ctx, agent, policy, Verdict::of(verdict), wire, h)
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -260,7 +263,7 @@ fn decide<C: Packet, A: Family>(
     flow: &Flow<A>,
 ) -> Result<u32, ()>
 where
-    Flow<A>: AuditTuple,
+    Flow<A>: AuditTuple + ReplyTarget,
 {
     let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
@@ -277,7 +280,7 @@ where
         return unknown(ctx, slot_cfg, wire, flow);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED == 0 {
-        Reason::Allowed
+        Verdict::of(Reason::Allowed)
     } else if policy.flags & AGENT_NAMES != 0 {
         match names(
             slot,
@@ -286,7 +289,8 @@ where
             flow,
             flow.dst.rules(slot, agent, policy, tables),
         ) {
-            NamesVerdict::Decided(reason) => reason,
+            // Drop-only: a `reject` rule reached through the names checks drops like `deny`.
+            NamesVerdict::Decided(reason) => Verdict::of(reason),
             NamesVerdict::Learned {
                 default,
                 layout,
@@ -365,22 +369,22 @@ fn undecidable<C: Packet>(
     } else {
         Reason::Allowed
     };
-    finish(ctx, agent, policy, verdict, wire, &NoTuple)
+    finish(ctx, agent, policy, Verdict::of(verdict), wire, &NoTuple)
 }
 
 /// Applies the rate limit to packets the egress check allowed, turns would-drops into
 /// passes for monitor-mode agents, counts, reports drops and would-drops to the audit
-/// trail, and returns the XDP action.
+/// trail, answers a drop a `reject` rule decided ([`reject`]), and returns the action.
 #[inline(always)]
-fn finish<C: Packet, F: AuditTuple>(
+fn finish<C: Packet, F: AuditTuple + ReplyTarget>(
     ctx: &C,
     agent: u32,
     policy: &AgentPolicy,
-    verdict: Reason,
+    verdict: Verdict,
     wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
-    let mut reason = verdict;
+    let mut reason = verdict.reason;
     if reason == Reason::Allowed {
         reason = rate_limit(agent, policy, wire)?;
     }
@@ -393,6 +397,14 @@ fn finish<C: Packet, F: AuditTuple>(
     if reason.is_audited() {
         if admit(agent) {
             audit(ctx, agent, reason, wire, flow);
+        }
+        // Only a real drop is answered: a monitor-mode agent's would-drop passes, and a
+        // reply would break what passes.
+        if verdict.reject
+            && reason.is_drop()
+            && let Some(action) = reject(ctx, agent, flow.reply_to())
+        {
+            return Ok(action);
         }
     }
     Ok(if reason.is_drop() { C::DROP } else { C::PASS })
