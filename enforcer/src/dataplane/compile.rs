@@ -10,10 +10,10 @@ use std::{
 };
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW,
-    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy,
-    COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet,
-    SNI_EXACT, SNI_WILDCARD, TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
+    ACTION_ALLOW, ACTION_DENY, ACTION_REJECT, AGENT_ACTIVE, AGENT_COARSE_CLOCK,
+    AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_NAMES,
+    AGENT_RESTRICTED, AgentPolicy, COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
+    PROTO_ANY, PortRule, RuleSet, SNI_EXACT, SNI_WILDCARD, TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
 };
 
 use crate::policy::{
@@ -582,8 +582,7 @@ impl Compiled {
 /// Whether some destination may be denied. An agent whose default is allow and that has no
 /// deny rule allows everything, so the kernel can skip the destination lookup.
 fn restricted(agent: &Agent) -> bool {
-    agent.egress_default == EgressDefault::Deny
-        || agent.egress.iter().any(|r| r.action == Action::Deny)
+    agent.egress_default == EgressDefault::Deny || agent.egress.iter().any(|r| r.action.drops())
 }
 
 /// One agent's destination rules as the XDP program holds them, for user space to judge an
@@ -704,12 +703,10 @@ impl DestinationRules {
                         None => r.any_port(),
                     }
             })
-            .map(|r| {
-                if r.action == ACTION_ALLOW {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                }
+            .map(|r| match r.action {
+                ACTION_ALLOW => Action::Allow,
+                ACTION_REJECT => Action::Reject,
+                _ => Action::Deny,
             })
     }
 
@@ -728,7 +725,7 @@ impl DestinationRules {
         }
         match self.rule(dst, proto, port) {
             Some(Action::Allow) => Judgement::RuleAllows,
-            Some(Action::Deny) => Judgement::RuleDenies,
+            Some(Action::Deny | Action::Reject) => Judgement::RuleDenies,
             None if learned && self.names => Judgement::NameAdmits,
             None if self.default_allow => Judgement::DefaultAllows,
             None => Judgement::DefaultDenies,
@@ -970,6 +967,7 @@ fn destinations<const N: usize>(
     for (index, rule) in agent.egress.iter().enumerate() {
         let (action, rank) = match rule.action {
             Action::Deny => (ACTION_DENY, 0),
+            Action::Reject => (ACTION_REJECT, 0),
             Action::Allow => (ACTION_ALLOW, 1),
         };
         let port_rule = PortRule {
