@@ -64,7 +64,7 @@ pub(crate) trait Packet: EbpfContext {
     /// `dst` must be valid for `len` bytes of writes.
     unsafe fn load_bytes(&self, off: u32, dst: *mut c_void, len: u32) -> i64;
     /// [`reject_reply`] for this context: turns the packet into the answer to a rejected
-    /// packet and returns the action that sends it, or 0 (no reply: drop it).
+    /// packet and returns the action that sends it, or [`Packet::DROP`] (no reply).
     fn reply(&self, agent: u32, to: u64) -> u32;
     /// Copies `len` bytes from `src` into the packet at `off` with the context's helper
     /// (Linux 5.18 for XDP), never by direct access: at tc a direct write makes the verifier

@@ -400,11 +400,8 @@ fn finish<C: Packet, F: AuditTuple + ReplyTarget>(
         }
         // Only a real drop is answered: a monitor-mode agent's would-drop passes, and a
         // reply would break what passes.
-        if verdict.reject
-            && reason.is_drop()
-            && let Some(action) = reject(ctx, agent, flow.reply_to())
-        {
-            return Ok(action);
+        if verdict.reject && reason.is_drop() {
+            return Ok(reject_or_drop(ctx, agent, flow.reply_to()));
         }
     }
     Ok(if reason.is_drop() { C::DROP } else { C::PASS })

@@ -90,34 +90,52 @@ impl ReplyTarget for Handoff {
 /// a resize or write failed (the packet may then be half rewritten: it is dropped anyway).
 /// Not for monitor-mode agents: their packets pass, and a reply would break what passes.
 #[inline(always)]
+#[expect(
+    dead_code,
+    reason = "the entry for stages that branch on the answer; egress closes with reject_or_drop"
+)]
 pub(crate) fn reject<C: Packet>(ctx: &C, agent: u32, to: ReplyTo) -> Option<u32> {
+    let action = reject_or_drop(ctx, agent, to);
+    (action != C::DROP).then_some(action)
+}
+
+/// [`reject`] as the action to return: the reply's, or the drop. What a closing stage
+/// returns as it is: nothing branches on the global function's answer, so Linux 6.1's
+/// verifier has no precision to track back across the call (see `enforce_tc`).
+#[inline(always)]
+pub(crate) fn reject_or_drop<C: Packet>(ctx: &C, agent: u32, to: ReplyTo) -> u32 {
     if to.0 == 0 {
-        return None;
+        return C::DROP;
     }
-    match ctx.reply(agent, to.0) {
-        0 => None,
-        action => Some(action),
-    }
+    ctx.reply(agent, to.0)
 }
 
 /// [`reject`]'s work, as a BPF *global* function: verified once on its own, not along every
 /// path of the entry program that reaches it (the hot path holds only the call), the way
-/// the host-name checks are. Returns the action that sends the reply, or 0. Linux 5.6
-/// (global functions); the helpers it uses are at most 5.18 (`bpf_xdp_store_bytes`).
+/// the host-name checks are. Returns the action that sends the reply, or `XDP_DROP`. Linux
+/// 5.6 (global functions); the helpers it uses are at most 5.18 (`bpf_xdp_store_bytes`).
 ///
 /// It changes the packet, which a global function may: its caller returns its answer at
 /// once and holds no packet pointer across the call.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn reject_reply(ctx: XdpRaw, agent: u64, to: u64) -> u32 {
-    reply_in(&XdpContext::new(ctx), agent as u32, to)
+    or_drop(&XdpContext::new(ctx), agent as u32, to)
 }
 
-/// [`reject_reply`] at tc.
+/// [`reject_reply`] at tc; `TC_ACT_SHOT` when there is no reply.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn reject_reply_tc(ctx: TcRaw, agent: u64, to: u64) -> u32 {
-    reply_in(&TcContext::new(ctx), agent as u32, to)
+    or_drop(&TcContext::new(ctx), agent as u32, to)
+}
+
+#[inline(always)]
+fn or_drop<C: Packet>(ctx: &C, agent: u32, to: u64) -> u32 {
+    match reply_in(ctx, agent, to) {
+        0 => C::DROP,
+        action => action,
+    }
 }
 
 const IPPROTO_ICMP: u8 = 1;
