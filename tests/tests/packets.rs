@@ -2690,6 +2690,26 @@ fn rejects_answer_with_rst_and_icmp() {
                 14,
                 Expect::Unreachable { quote: 52 },
             ),
+            // 40 + 8 + 8 + 8 + 5 bytes: 68 quoted, the extension headers with the rest.
+            (
+                "first udp v6 fragment",
+                with_ipv6_exts(
+                    udp6("fd01::2", "fd09::5", 53),
+                    &[opts_ext(60), fragment_ext(0, true)],
+                ),
+                14,
+                Expect::Unreachable { quote: 68 },
+            ),
+            // The parser calls it NoPorts; the reply's own walk finds the offset.
+            (
+                "non-first icmpv6 fragment",
+                with_ipv6_exts(
+                    icmp6("fd01::2", "fd09::5"),
+                    &[opts_ext(60), fragment_ext(3, false)],
+                ),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
             (
                 "non-first udp fragment",
                 fragment4(udp4("10.1.0.2", "10.9.0.5", 53, 40), false, 3),
