@@ -28,17 +28,23 @@ impl ReplyTo {
     /// A packet that gets no reply.
     pub(crate) const NONE: ReplyTo = ReplyTo(0);
 
-    /// The packet `flow` was parsed from; [`ReplyTo::NONE`] for a non-first fragment or a
-    /// transport the parser could not read.
+    /// The packet `flow` (of `family`, 4 or 6) was parsed from; [`ReplyTo::NONE`] for a
+    /// non-first fragment or a transport the parser could not read.
     #[inline(always)]
     pub(crate) fn of<A>(flow: &Flow<A>, family: u64) -> ReplyTo {
         if flow.l4.kind != L4Kind::Port && flow.l4.kind != L4Kind::NoPorts {
             return ReplyTo::NONE;
         }
+        // The IP end in 16 bits, saturated: it only bounds the quote and a SYN's payload.
+        let ip_end = if flow.ip_end > 0xffff {
+            0xffff
+        } else {
+            flow.ip_end as u64
+        };
         ReplyTo(
             (flow.l3_off as u64) << 48
                 | (flow.l4_off as u64) << 32
-                | (flow.ip_end as u64 & 0xffff) << 16
+                | ip_end << 16
                 | u64::from(flow.proto) << 8
                 | family,
         )
