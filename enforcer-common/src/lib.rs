@@ -787,6 +787,20 @@ pub const PROTO_ANY: u8 = 0;
 pub const ACTION_DENY: u8 = 0;
 /// [`PortRule::action`]: allow.
 pub const ACTION_ALLOW: u8 = 1;
+/// [`PortRule::action`]: deny, and answer the sender so its call fails at once (a TCP RST,
+/// else an ICMP administratively-prohibited error), within [`REJECT_REPLIES_PER_SEC`].
+pub const ACTION_REJECT: u8 = 2;
+
+/// Replies to rejected packets one agent may get per second: the rest are plain drops, so
+/// a flood of rejected packets cannot become a flood of replies.
+pub const REJECT_REPLIES_PER_SEC: u64 = 100;
+/// Replies to rejected packets one agent may get in a burst.
+pub const REJECT_REPLY_BURST: u64 = 100;
+/// The reply limiter's cost of one reply, in the rate limiter's time units (map
+/// `REJECT_LIMITS`, GCRA like the audit limiter).
+pub const REJECT_REPLY_COST: u64 = UNITS_PER_SEC / REJECT_REPLIES_PER_SEC;
+/// The reply limiter's burst in time units.
+pub const REJECT_REPLY_TOLERANCE: u64 = REJECT_REPLY_BURST * REJECT_REPLY_COST;
 
 /// [`PortRule::guard`]: the bits of the destination group (`guard::MAX_SHARED_GROUPS`).
 pub const RULE_GROUP_MASK: u16 = 0x3ff;
@@ -800,7 +814,7 @@ pub const RULE_ALWAYS: u16 = 1 << 15;
 pub struct PortRule {
     /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6) or [`PROTO_ANY`].
     pub proto: u8,
-    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    /// [`ACTION_ALLOW`], [`ACTION_DENY`] or [`ACTION_REJECT`].
     pub action: u8,
     /// What the guards make of the rule (`RULE_*` bits): the destination group whose
     /// shared limit an allowed packet charges (`guard::SharedPolicy`; 0: none) and whether
@@ -1015,6 +1029,9 @@ pub mod maps {
     pub const AUDIT_CONFIG: &str = "AUDIT_CONFIG";
     /// Audit limiter theoretical arrival time (u64), one per agent id.
     pub const AUDIT_LIMITS: &str = "AUDIT_LIMITS";
+    /// Reject reply limiter theoretical arrival time (u64), one per agent id (see
+    /// [`super::REJECT_REPLIES_PER_SEC`]).
+    pub const REJECT_LIMITS: &str = "REJECT_LIMITS";
     /// [`super::TlsPorts`], one per slot.
     pub const TLS_PORTS: &str = "TLS_PORTS";
     /// [`super::ResolverKey`] to u32: where agents with names may send DNS.
@@ -1057,6 +1074,9 @@ pub mod maps {
     /// Per-CPU scratch, one element: what the entry program hands the stages it
     /// tail-calls. Kernel-only, and like [`STAGES`] one per loaded object.
     pub const HANDOFF: &str = "HANDOFF";
+    /// Per-CPU scratch, one element: where a reply to a rejected packet is put together.
+    /// Kernel-only, and like [`HANDOFF`] one per loaded object.
+    pub const REPLY_SCRATCH: &str = "REPLY_SCRATCH";
     /// [`super::guard::GuardPolicy`], indexed like [`AGENTS`].
     pub const GUARD_POLICY: &str = "GUARD_POLICY";
     /// [`super::guard::GuardState`], one per agent id.
@@ -1068,7 +1088,7 @@ pub mod maps {
     /// [`super::guard::GuardConfig`], one element.
     pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
     /// Every map pinned by name, for pinning and clean-up.
-    pub const ALL: [&str; 36] = [
+    pub const ALL: [&str; 37] = [
         STATE,
         SLOTS,
         AGENTS,
@@ -1105,6 +1125,7 @@ pub mod maps {
         SHARED_POLICY,
         SHARED_BUCKETS,
         GUARD_CONFIG,
+        REJECT_LIMITS,
     ];
 }
 

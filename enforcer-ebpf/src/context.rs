@@ -10,12 +10,16 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action, xdp_md},
-    helpers::generated::{bpf_skb_load_bytes, bpf_skb_pull_data, bpf_xdp_load_bytes},
+    helpers::generated::{
+        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_skb_pull_data, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
     maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
 
-use crate::{maps::*, names::*};
+use crate::{maps::*, names::*, reject::*};
 
 /// What the stages need from the context they run in.
 pub(crate) trait Packet: EbpfContext {
@@ -59,6 +63,25 @@ pub(crate) trait Packet: EbpfContext {
     /// # Safety
     /// `dst` must be valid for `len` bytes of writes.
     unsafe fn load_bytes(&self, off: u32, dst: *mut c_void, len: u32) -> i64;
+    /// [`reject_reply`] for this context: turns the packet into the answer to a rejected
+    /// packet and returns the action that sends it, or [`Packet::DROP`] (no reply).
+    fn reply(&self, agent: u32, to: u64) -> u32;
+    /// Copies `len` bytes from `src` into the packet at `off` with the context's helper
+    /// (Linux 5.18 for XDP), never by direct access: at tc a direct write makes the verifier
+    /// add a prologue that uncloses every cloned socket buffer, a copy on every TCP segment.
+    /// False if it failed.
+    ///
+    /// # Safety
+    /// `src` must be valid for `len` bytes of reads.
+    unsafe fn store_bytes(&self, off: u32, src: *const c_void, len: u32) -> bool;
+    /// Adds `len` bytes in front of the packet (their content is undefined); false if it
+    /// could not.
+    fn grow_head(&self, len: u32) -> bool;
+    /// Cuts the packet to `len` bytes from the Ethernet header; false if it could not.
+    fn trim(&self, len: u32) -> bool;
+    /// The action that sends the packet back out of the interface it arrived on: `XDP_TX`;
+    /// at tc a redirect to the interface's egress (`TC_ACT_REDIRECT`).
+    fn send_back(&self) -> u32;
 }
 
 impl Packet for XdpContext {
@@ -120,6 +143,36 @@ impl Packet for XdpContext {
     unsafe fn load_bytes(&self, off: u32, dst: *mut c_void, len: u32) -> i64 {
         // SAFETY: the caller's contract; the helper checks the packet range itself.
         unsafe { bpf_xdp_load_bytes(self.ctx, off, dst, len) }
+    }
+
+    #[inline(always)]
+    fn reply(&self, agent: u32, to: u64) -> u32 {
+        reject_reply(self.ctx, u64::from(agent), to)
+    }
+    #[inline(always)]
+    unsafe fn store_bytes(&self, off: u32, src: *const c_void, len: u32) -> bool {
+        // SAFETY: the caller's contract; the helper (Linux 5.18) checks the packet range.
+        unsafe { bpf_xdp_store_bytes(self.ctx, off, src.cast_mut(), len) == 0 }
+    }
+    #[inline(always)]
+    fn grow_head(&self, len: u32) -> bool {
+        // SAFETY: the helper (Linux 4.10) checks the headroom itself.
+        unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) == 0 }
+    }
+    #[inline(always)]
+    fn trim(&self, len: u32) -> bool {
+        let now = Packet::len(self) as i64;
+        // Through memory: folded into the 32-bit delta, LLVM did the subtraction of the
+        // packet pointers in 32 bits, which the verifier refuses ("32-bit pointer
+        // arithmetic prohibited").
+        // SAFETY: a read of a local.
+        let now = unsafe { ptr::read_volatile(&now) };
+        // SAFETY: the helper (Linux 4.18) refuses a frame cut below an Ethernet header.
+        unsafe { bpf_xdp_adjust_tail(self.ctx, (i64::from(len) - now) as i32) == 0 }
+    }
+    #[inline(always)]
+    fn send_back(&self) -> u32 {
+        xdp_action::XDP_TX
     }
 }
 
@@ -189,6 +242,34 @@ impl Packet for TcContext {
     unsafe fn load_bytes(&self, off: u32, dst: *mut c_void, len: u32) -> i64 {
         // SAFETY: the caller's contract; the helper checks the packet range itself.
         unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), off, dst, len) }
+    }
+    #[inline(always)]
+    fn reply(&self, agent: u32, to: u64) -> u32 {
+        reject_reply_tc(self.skb.skb, u64::from(agent), to)
+    }
+    #[inline(always)]
+    unsafe fn store_bytes(&self, off: u32, src: *const c_void, len: u32) -> bool {
+        // SAFETY: the caller's contract; the helper (Linux 4.1) makes the buffer writable
+        // and checks the range itself.
+        unsafe { bpf_skb_store_bytes(self.skb.skb.cast(), off, src, len, 0) == 0 }
+    }
+    #[inline(always)]
+    fn grow_head(&self, len: u32) -> bool {
+        // SAFETY: the helper (Linux 4.10) reallocates the head as needed; the MAC header
+        // moves to the new start, which the redirect then sends from.
+        unsafe { bpf_skb_change_head(self.skb.skb.cast(), len, 0) == 0 }
+    }
+    #[inline(always)]
+    fn trim(&self, len: u32) -> bool {
+        // SAFETY: the helper (Linux 4.9) trims page fragments too and resets a GSO
+        // super-packet's segmentation.
+        unsafe { bpf_skb_change_tail(self.skb.skb.cast(), len, 0) == 0 }
+    }
+    #[inline(always)]
+    fn send_back(&self) -> u32 {
+        // SAFETY: helper without preconditions (Linux 4.4); egress of the interface the
+        // packet arrived on: the host side of a sandbox veth sends it to the agent.
+        unsafe { bpf_redirect(Packet::ifindex(self), 0) as u32 }
     }
 }
 

@@ -3,10 +3,10 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key,
-    DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, OWNER_BITS, PROTO_ANY, PortRule,
-    Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4, dst_key_v6, owner,
-    owner_word,
+    ACTION_ALLOW, ACTION_REJECT, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6,
+    AgentPolicy, DstV4Key, DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
+    OWNER_BITS, PROTO_ANY, PortRule, Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig,
+    dst_key_v4, dst_key_v6, owner, owner_word,
 };
 
 use crate::{identify::*, maps::*, parse::*};
@@ -161,25 +161,55 @@ pub(crate) fn dst_v6(
     None
 }
 
+/// What the egress rules decided: the reason, and whether a drop is to be answered (a
+/// `reject` rule). Two fields the caller keeps in registers, so an allowed packet pays
+/// nothing for the second.
+#[derive(Clone, Copy)]
+pub(crate) struct Verdict {
+    pub(crate) reason: Reason,
+    pub(crate) reject: bool,
+}
+
+impl Verdict {
+    /// A verdict that answers nobody.
+    #[inline(always)]
+    pub(crate) const fn of(reason: Reason) -> Verdict {
+        Verdict {
+            reason,
+            reject: false,
+        }
+    }
+}
+
 /// Walks a destination's rules: the first rule whose protocol and ports match decides; no
 /// match falls back to the agent's default.
 #[inline(always)]
-pub(crate) fn egress(rules: Option<&'static RuleSet>, proto: u8, l4: L4, flags: u32) -> Reason {
-    match rule_verdict(rules, proto, l4) {
-        Some(reason) => reason,
-        None if flags & AGENT_DEFAULT_ALLOW != 0 => Reason::Allowed,
-        None => Reason::EgressDenied,
+pub(crate) fn egress(rules: Option<&'static RuleSet>, proto: u8, l4: L4, flags: u32) -> Verdict {
+    match rule_match(rules, proto, l4) {
+        Some(verdict) => verdict,
+        None if flags & AGENT_DEFAULT_ALLOW != 0 => Verdict::of(Reason::Allowed),
+        None => Verdict::of(Reason::EgressDenied),
     }
 }
 
 /// The verdict of the first of `rules` whose protocol and ports match, `None` if none does.
+/// A `reject` rule is a denial here: the names stage, which uses this, only drops.
 #[inline(always)]
 pub(crate) fn rule_verdict(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Reason> {
-    match first_match(rules, proto, l4)? {
-        Match::Rule(r) if r.action == ACTION_ALLOW => Some(Reason::Allowed),
-        Match::Rule(_) => Some(Reason::EgressDenied),
-        Match::Decided(reason) => Some(reason),
-    }
+    rule_match(rules, proto, l4).map(|v| v.reason)
+}
+
+/// [`rule_verdict`] with the reject bit of the deciding rule.
+#[inline(always)]
+pub(crate) fn rule_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Verdict> {
+    Some(match first_match(rules, proto, l4)? {
+        Match::Rule(r) if r.action == ACTION_ALLOW => Verdict::of(Reason::Allowed),
+        Match::Rule(r) => Verdict {
+            reason: Reason::EgressDenied,
+            reject: r.action == ACTION_REJECT,
+        },
+        Match::Decided(reason) => Verdict::of(reason),
+    })
 }
 
 /// What [`first_match`] found.

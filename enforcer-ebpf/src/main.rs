@@ -26,6 +26,7 @@ mod limits;
 mod maps;
 mod names;
 mod parse;
+mod reject;
 
 use core::ptr;
 
@@ -43,6 +44,7 @@ use enforcer_common::{
 
 use crate::{
     audit::*, context::*, egress::*, guard::*, identify::*, limits::*, maps::*, names::*, parse::*,
+    reject::*,
 };
 
 /// The enforcer. Fail-open on internal errors, which only a map the loader failed to size
@@ -168,7 +170,16 @@ fn finish_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
         packets: h.segs,
         bytes: h.len,
     };
-    finish(ctx, agent, slot, h.stride, policy, verdict, wire, h)
+    finish(
+        ctx,
+        agent,
+        slot,
+        h.stride,
+        policy,
+        Verdict::of(verdict),
+        wire,
+        h,
+    )
 }
 
 /// The guards of an agent that has them (see [`guard_decide`]), then the close, tail-called
@@ -215,7 +226,7 @@ fn guard_stage<C: Packet>(ctx: &C) -> Result<u32, ()> {
 
 /// The guards' verdict for the packet the hand-off describes, then the close.
 #[inline(always)]
-fn guard_close<C: Packet, F: AuditTuple + GuardFacts>(
+fn guard_close<C: Packet, F: AuditTuple + GuardFacts + ReplyTarget>(
     ctx: &C,
     h: &Handoff,
     flow: &F,
@@ -223,10 +234,10 @@ fn guard_close<C: Packet, F: AuditTuple + GuardFacts>(
     let slot = ((h.owner >> 32) as u32) & 1;
     let agent = h.owner as u32;
     let policy = agent_policy(slot, h.stride, agent).ok_or(())?;
-    let verdict = Reason::from_u32(h.verdict).ok_or(())?;
+    let verdict = Reason::from_u32(h.verdict & 0xff).ok_or(())?;
     let facts = facts(
         verdict,
-        false,
+        h.verdict & VERDICT_REJECT != 0,
         flow.opens_connection(ctx),
         policy.flags & AGENT_MONITOR != 0,
         flow.rule_guard(slot, agent, policy),
@@ -244,7 +255,7 @@ fn guard_close<C: Packet, F: AuditTuple + GuardFacts>(
         packets: h.segs,
         bytes: h.len,
     };
-    close(ctx, agent, reason, wire, flow)
+    close(ctx, agent, reason, out & OUT_REJECT != 0, wire, flow)
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -339,7 +350,7 @@ fn decide<C: Packet, A: Family>(
     flow: &Flow<A>,
 ) -> Result<u32, ()>
 where
-    Flow<A>: AuditTuple,
+    Flow<A>: AuditTuple + ReplyTarget,
 {
     let tables = TABLES.get(slot);
     if agent == UNKNOWN_AGENT {
@@ -356,7 +367,7 @@ where
         return unknown(ctx, slot_cfg, wire, flow);
     };
     let verdict = if policy.flags & AGENT_RESTRICTED == 0 {
-        Reason::Allowed
+        Verdict::of(Reason::Allowed)
     } else if policy.flags & AGENT_NAMES != 0 {
         match names(
             slot,
@@ -365,7 +376,8 @@ where
             flow,
             flow.dst.rules(slot, agent, policy, tables),
         ) {
-            NamesVerdict::Decided(reason) => reason,
+            // Drop-only: a `reject` rule reached through the names checks drops like `deny`.
+            NamesVerdict::Decided(reason) => Verdict::of(reason),
             NamesVerdict::Learned {
                 default,
                 layout,
@@ -444,24 +456,33 @@ fn undecidable<C: Packet>(
     } else {
         Reason::Allowed
     };
-    finish(ctx, agent, slot, stride, policy, verdict, wire, &NoTuple)
+    finish(
+        ctx,
+        agent,
+        slot,
+        stride,
+        policy,
+        Verdict::of(verdict),
+        wire,
+        &NoTuple,
+    )
 }
 
-/// Applies the rate limit to packets the egress check allowed (and the guards, for agents
-/// that have them), turns would-drops into passes for monitor-mode agents, counts, reports
-/// drops and would-drops to the audit trail, and returns the XDP action.
+/// Applies the rate limit to packets the egress check allowed (or hands the packet to the
+/// guard stage, for agents with guards), turns would-drops into passes for monitor-mode
+/// agents, and closes.
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined: the arguments are registers"
 )]
-fn finish<C: Packet, F: AuditTuple>(
+fn finish<C: Packet, F: AuditTuple + ReplyTarget>(
     ctx: &C,
     agent: u32,
     slot: u32,
     stride: u32,
     policy: &AgentPolicy,
-    verdict: Reason,
+    verdict: Verdict,
     wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
@@ -477,29 +498,31 @@ fn finish<C: Packet, F: AuditTuple>(
             (*h).stride = stride;
             (*h).len = wire.bytes;
             (*h).segs = wire.packets;
-            (*h).verdict = verdict as u32;
+            (*h).verdict = verdict.reason as u32 | if verdict.reject { VERDICT_REJECT } else { 0 };
             C::stages().tail_call(ctx, STAGE_GUARD);
         }
         // Only a broken load leaves the stage out: fail open, as for a mis-sized map.
         return Err(());
     }
-    let mut reason = verdict;
+    let mut reason = verdict.reason;
     if reason == Reason::Allowed {
         reason = rate_limit(agent, policy, wire)?;
     }
     if reason.is_drop() && policy.flags & AGENT_MONITOR != 0 {
         reason = reason.monitored();
     }
-    close(ctx, agent, reason, wire, flow)
+    close(ctx, agent, reason, verdict.reject, wire, flow)
 }
 
 /// Counts the packet under its final reason, reports drops and would-drops to the audit
-/// trail, and returns the action.
+/// trail, answers a drop a `reject` rule or breaker decided ([`reject`]), and returns the
+/// action.
 #[inline(always)]
-fn close<C: Packet, F: AuditTuple>(
+fn close<C: Packet, F: AuditTuple + ReplyTarget>(
     ctx: &C,
     agent: u32,
     reason: Reason,
+    reject: bool,
     wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
@@ -509,6 +532,11 @@ fn close<C: Packet, F: AuditTuple>(
     if reason.is_audited() {
         if admit(agent) {
             audit(ctx, agent, reason, wire, flow);
+        }
+        // Only a real drop is answered: a monitor-mode agent's would-drop passes, and a
+        // reply would break what passes.
+        if reject && reason.is_drop() {
+            return Ok(reject_or_drop(ctx, agent, flow.reply_to()));
         }
     }
     Ok(if reason.is_drop() { C::DROP } else { C::PASS })

@@ -57,6 +57,10 @@ pub(crate) static AUDIT_CONFIG: Array<AuditConfig> = Array::pinned(1, 0);
 /// as they were and an upgraded daemon can take over running pins without detaching.
 #[map]
 pub(crate) static AUDIT_LIMITS: Array<u64> = Array::pinned(DEFAULT_AGENTS + 1, 0);
+/// Reject reply limiter state: one GCRA theoretical arrival time per agent id, a map of its
+/// own for the same reason as `AUDIT_LIMITS`.
+#[map]
+pub(crate) static REJECT_LIMITS: Array<u64> = Array::pinned(DEFAULT_AGENTS + 1, 0);
 // Host names. Maps of their own, so the layouts of the maps above stay as earlier versions
 // pinned them.
 #[map]
@@ -120,6 +124,11 @@ pub(crate) static STAGES: ProgramArray =
 #[map]
 pub(crate) static STAGES_TC: ProgramArray =
     ProgramArray::with_max_entries(enforcer_common::programs::STAGE_SLOTS, 0);
+
+/// Where a reply to a rejected packet is put together (see `ReplyScratch`).
+#[map]
+pub(crate) static REPLY_SCRATCH: PerCpuArray<crate::reject::ReplyScratch> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// What the entry program hands the stages it tail-calls (see [`Handoff`]).
 #[map]

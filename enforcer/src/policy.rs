@@ -15,7 +15,7 @@
 //! rate = { packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 1_000_000, bytes_burst = 100_000 }  # optional table, each limit optional; bursts default to max(rate/10, 1 packet) and max(bytes/10, 9000 bytes)
 //!
 //! [[agents.egress]]
-//! action = "allow"          # or "deny"
+//! action = "allow"          # or "deny", or "reject" (a drop answered with a TCP RST or an ICMP unreachable, so the agent's call fails at once)
 //! to = ["10.77.2.0/24", "@metadata"]   # CIDRs, bare addresses, or @presets
 //! proto = "tcp"             # "tcp" | "udp" | "icmp" | "any" (default any)
 //! ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
@@ -587,6 +587,17 @@ pub enum Action {
     Allow,
     /// Drop it.
     Deny,
+    /// Drop it and answer the sender (a TCP RST, else an ICMP administratively-prohibited
+    /// error, within a per-agent reply budget), so its call fails at once instead of
+    /// timing out. Otherwise a deny.
+    Reject,
+}
+
+impl Action {
+    /// Whether the rule drops what it matches (deny or reject).
+    pub fn drops(self) -> bool {
+        matches!(self, Action::Deny | Action::Reject)
+    }
 }
 
 /// Transport protocol an egress rule matches.
@@ -2305,7 +2316,7 @@ impl Checker<'_> {
         let mut to = Vec::with_capacity(r.to.get_ref().len());
         for (k, dest) in r.to.get_ref().iter().enumerate() {
             match destination(dest.get_ref()) {
-                Ok(Destination::Name(_)) if r.action == Action::Deny => {
+                Ok(Destination::Name(_)) if r.action.drops() => {
                     let msg = "host names can only be allowed: a name the agent may not use \
                                is refused by its DNS resolver already; deny addresses with \
                                CIDRs or presets"
@@ -2503,7 +2514,7 @@ egress_default = "deny"   # destination matching no rule: "deny" (default) or "a
 rate = { packets_per_sec = 1000, packets_burst = 100, bytes_per_sec = 1_000_000, bytes_burst = 100_000 }  # optional table, each limit optional; bursts default to max(rate/10, 1 packet) and max(bytes/10, 9000 bytes)
 
 [[agents.egress]]
-action = "allow"          # or "deny"
+action = "allow"          # or "deny", or "reject" (a drop answered with a TCP RST or an ICMP unreachable, so the agent's call fails at once)
 to = ["10.77.2.0/24", "@metadata"]   # CIDRs, bare addresses, or @presets
 proto = "tcp"             # "tcp" | "udp" | "icmp" | "any" (default any)
 ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
@@ -3141,6 +3152,36 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         assert_eq!(
             parse("p.toml", &agent("")).unwrap().tls_ports(),
             DEFAULT_TLS_PORTS
+        );
+    }
+
+    #[test]
+    fn reject_rules_parse_and_follow_the_deny_rules() {
+        let p = parse(
+            "p.toml",
+            &agent(
+                "[[agents.egress]]\naction = \"reject\"\nto = [\"10.0.0.0/8\"]\nproto = \"tcp\"\n\
+                 ports = \"80\"\n",
+            ),
+        )
+        .unwrap();
+        let rule = &p.agents[0].egress[0];
+        assert_eq!(rule.action, Action::Reject);
+        assert!(rule.action.drops() && Action::Deny.drops() && !Action::Allow.drops());
+        assert_eq!(
+            issue(&agent(
+                "[[agents.egress]]\naction = \"reject\"\nto = [\"api.example.test\"]\n\
+                 proto = \"tcp\"\n"
+            )),
+            "p.toml:7:7: agents[0].egress[0].to[0]: host names can only be allowed: a name the \
+             agent may not use is refused by its DNS resolver already; deny addresses with \
+             CIDRs or presets"
+        );
+        assert!(
+            issue(&agent(
+                "[[agents.egress]]\naction = \"refuse\"\nto = [\"10.0.0.0/8\"]\n"
+            ))
+            .contains("reject")
         );
     }
 

@@ -15,7 +15,7 @@ use enforcer::{
         self, Dataplane, VERIFIER_INSN_LIMIT,
         compile::{self, Limits},
         table,
-        testrun::{SkbMeta, run_tc, run_xdp},
+        testrun::{SkbMeta, run_tc, run_tc_frame, run_xdp, run_xdp_frame},
     },
     lab::{BpffsMount, require_root},
     node::{audit, netlink::if_index},
@@ -30,6 +30,9 @@ use integration_tests::in_sandbox_netns;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// `TC_ACT_REDIRECT`: what `bpf_redirect` returns.
+const TC_REDIRECT: u32 = 7;
 /// The tc program's actions: `TC_ACT_UNSPEC` (-1, "no objection": later programs still
 /// run) for a pass, `TC_ACT_SHOT` for a drop.
 const TC_PASS: u32 = u32::MAX;
@@ -49,7 +52,23 @@ impl Hook {
             (Hook::Xdp, a) => a,
             (Hook::Tc, XDP_PASS) => TC_PASS,
             (Hook::Tc, XDP_DROP) => TC_DROP,
+            (Hook::Tc, XDP_TX) => TC_REDIRECT,
             (Hook::Tc, other) => panic!("no tc action for XDP action {other}"),
+        }
+    }
+
+    /// Runs this hook's entry program on `packet` and returns the action with the frame as
+    /// the program left it.
+    fn run_frame(self, dp: &Dataplane, packet: &[u8]) -> (u32, Vec<u8>) {
+        match self {
+            Hook::Xdp => {
+                let program = dp.program(programs::ENFORCE).unwrap();
+                run_xdp_frame(program, packet, None).unwrap()
+            }
+            Hook::Tc => {
+                let program = dp.classifier(programs::ENFORCE_TC).unwrap();
+                run_tc_frame(program, packet, SkbMeta::default()).unwrap()
+            }
         }
     }
 
@@ -2760,5 +2779,435 @@ fn guard_table() {
         );
         let state = dp.maps().guard_state(6).unwrap();
         assert_eq!(state.trips, 1, "the breaker opened once: {state:?}");
+const REJECT_POLICY: &str = r#"
+[defaults]
+unknown = "pass"
+
+[[agents]]
+id = 1
+name = "rejecting"
+prefixes = ["10.1.0.2", "fd01::2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "reject"
+to = ["10.9.0.0/16", "fd09::/32"]
+[[agents.egress]]
+action = "deny"
+to = ["10.8.0.0/16"]
+
+[[agents]]
+id = 3
+name = "watched"
+prefixes = ["10.3.0.2"]
+mode = "monitor"
+egress_default = "deny"
+[[agents.egress]]
+action = "reject"
+to = ["10.9.0.0/16"]
+
+[[agents]]
+id = 4
+name = "flooding"
+prefixes = ["10.4.0.2"]
+egress_default = "deny"
+[[agents.egress]]
+action = "reject"
+to = ["10.9.0.0/16"]
+"#;
+
+/// The Internet checksum of `bytes` (RFC 1071); 0 over a span that holds its own correct
+/// checksum.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The transport checksum of `l4` with its pseudo-header, for an IP header at `ip` of the
+/// frame (either family).
+fn l4_checksum(ip: &[u8], proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    if ip[0] >> 4 == 4 {
+        pseudo.extend_from_slice(&ip[12..20]);
+        pseudo.extend_from_slice(&[0, proto]);
+        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    } else {
+        pseudo.extend_from_slice(&ip[8..40]);
+        pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    }
+    pseudo.extend_from_slice(l4);
+    checksum(&pseudo)
+}
+
+/// A TCP segment with `flags` (etherparse's builder), `seq` and `ack`, from 40000.
+fn tcp_seg(
+    l3: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    dport: u16,
+    syn: bool,
+    ack: Option<u32>,
+    rst: bool,
+) -> Vec<u8> {
+    let mut b = l3.tcp(40000, dport, 1000, 1024);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(n) = ack {
+        b = b.ack(n).psh();
+    }
+    if rst {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, b"hello").unwrap();
+    out
+}
+
+/// What a reply must be, checked field by field against the packet it answers.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// A TCP RST: `seq`, `ack` and flags.
+    Rst { seq: u32, ack: u32, flags: u8 },
+    /// An ICMP (v4: 3/13) or ICMPv6 (1/1) error quoting `quote` bytes of the IP packet.
+    Unreachable { quote: usize },
+    /// No reply: dropped (or, in monitor mode, passed) as it came.
+    Nothing { xdp: u32 },
+}
+
+/// Checks `out`, the frame the program left, against `packet`, the frame it got.
+fn check_reply(what: &str, packet: &[u8], l3: usize, out: &[u8], expect: Expect) {
+    // Link layer: addresses swapped, tags and ethertype as they were.
+    assert_eq!(out[..6], packet[6..12], "{what}: destination MAC");
+    assert_eq!(out[6..12], packet[..6], "{what}: source MAC");
+    assert_eq!(out[12..l3], packet[12..l3], "{what}: tags and ethertype");
+    let (orig, ip) = (&packet[l3..], &out[l3..]);
+    let v4 = orig[0] >> 4 == 4;
+    let (ip_len, orig_l4) = if v4 {
+        assert_eq!(ip[0], 0x45, "{what}: IPv4 header without options");
+        assert_eq!(ip[8], 64, "{what}: TTL");
+        assert_eq!(ip[12..16], orig[16..20], "{what}: source address");
+        assert_eq!(ip[16..20], orig[12..16], "{what}: destination address");
+        assert_eq!(checksum(&ip[..20]), 0, "{what}: IPv4 header checksum");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            ip.len(),
+            "{what}: IPv4 total length"
+        );
+        (20, ((orig[0] & 0x0f) * 4) as usize)
+    } else {
+        assert_eq!(ip[0] >> 4, 6, "{what}: IPv6");
+        assert_eq!(ip[7], 64, "{what}: hop limit");
+        assert_eq!(ip[8..24], orig[24..40], "{what}: source address");
+        assert_eq!(ip[24..40], orig[8..24], "{what}: destination address");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            ip.len() - 40,
+            "{what}: IPv6 payload length"
+        );
+        (40, 40)
+    };
+    let proto = if v4 { ip[9] } else { ip[6] };
+    let l4 = &ip[ip_len..];
+    match expect {
+        Expect::Rst { seq, ack, flags } => {
+            assert_eq!(proto, 6, "{what}: TCP");
+            assert_eq!(l4.len(), 20, "{what}: a bare TCP header");
+            let o = &orig[orig_l4..];
+            assert_eq!(l4[..2], o[2..4], "{what}: source port");
+            assert_eq!(l4[2..4], o[..2], "{what}: destination port");
+            assert_eq!(
+                u32::from_be_bytes(l4[4..8].try_into().unwrap()),
+                seq,
+                "{what}: seq"
+            );
+            assert_eq!(
+                u32::from_be_bytes(l4[8..12].try_into().unwrap()),
+                ack,
+                "{what}: ack"
+            );
+            assert_eq!(l4[12], 5 << 4, "{what}: data offset");
+            assert_eq!(l4[13], flags, "{what}: flags");
+            assert_eq!(l4_checksum(ip, 6, l4), 0, "{what}: TCP checksum");
+        }
+        Expect::Unreachable { quote } => {
+            let (icmp, kind, code) = if v4 { (1, 3, 13) } else { (58, 1, 1) };
+            assert_eq!(proto, icmp, "{what}: ICMP");
+            assert_eq!((l4[0], l4[1]), (kind, code), "{what}: type and code");
+            assert_eq!(l4[4..8], [0; 4], "{what}: unused word");
+            assert_eq!(l4.len(), 8 + quote, "{what}: quote length");
+            assert_eq!(l4[8..], orig[..quote], "{what}: the quoted packet");
+            let sum = if v4 {
+                checksum(l4)
+            } else {
+                l4_checksum(ip, 58, l4)
+            };
+            assert_eq!(sum, 0, "{what}: ICMP checksum");
+        }
+        Expect::Nothing { .. } => unreachable!(),
+    }
+}
+
+#[test]
+fn rejects_answer_with_rst_and_icmp() {
+    if !require_root("rejects_answer_with_rst_and_icmp") {
+        return;
+    }
+    for_each_hook(|hook| {
+        use etherparse::PacketBuilder as B;
+        let bpffs = BpffsMount::new().unwrap();
+        let mut dp = load(&bpffs, REJECT_POLICY, None);
+        if hook == Hook::Tc {
+            dp.load_tc().unwrap();
+        }
+        let mut ring = dp.take_audit_ring().unwrap();
+        let eth = || B::ethernet2(MAC_A, MAC_B);
+        let syn4 = tcp_seg(
+            eth().ipv4(v4("10.1.0.2"), v4("10.9.0.5"), 64),
+            80,
+            true,
+            None,
+            false,
+        );
+        let syn6 = tcp_seg(
+            eth().ipv6(v6("fd01::2"), v6("fd09::5"), 64),
+            80,
+            true,
+            None,
+            false,
+        );
+        let ack4 = tcp_seg(
+            eth().ipv4(v4("10.1.0.2"), v4("10.9.0.5"), 64),
+            80,
+            false,
+            Some(7777),
+            false,
+        );
+        let rst4 = tcp_seg(
+            eth().ipv4(v4("10.1.0.2"), v4("10.9.0.5"), 64),
+            80,
+            false,
+            None,
+            true,
+        );
+        let vlan_syn = tcp_seg(
+            eth()
+                .single_vlan(vlan(10))
+                .ipv4(v4("10.1.0.2"), v4("10.9.0.5"), 64),
+            80,
+            true,
+            None,
+            false,
+        );
+        let mut icmp_error = icmp4("10.1.0.2", "10.9.0.5");
+        icmp_error[34] = 3;
+        let with_opts = with_ipv4_options(udp4("10.1.0.2", "10.9.0.5", 53, 40), &[1, 1, 1, 1]);
+        let rows: Vec<(&str, Vec<u8>, usize, Expect)> = vec![
+            // SYN with 5 bytes of data at seq 1000: everything it occupied is acknowledged.
+            (
+                "tcp syn v4",
+                syn4,
+                14,
+                Expect::Rst {
+                    seq: 0,
+                    ack: 1006,
+                    flags: 0x14,
+                },
+            ),
+            (
+                "tcp syn v6",
+                syn6,
+                14,
+                Expect::Rst {
+                    seq: 0,
+                    ack: 1006,
+                    flags: 0x14,
+                },
+            ),
+            (
+                "tcp ack segment",
+                ack4,
+                14,
+                Expect::Rst {
+                    seq: 7777,
+                    ack: 0,
+                    flags: 0x04,
+                },
+            ),
+            (
+                "vlan tcp syn",
+                vlan_syn,
+                18,
+                Expect::Rst {
+                    seq: 0,
+                    ack: 1006,
+                    flags: 0x14,
+                },
+            ),
+            // 20 + 8 + 40 bytes, all quoted.
+            (
+                "udp v4",
+                udp4("10.1.0.2", "10.9.0.5", 53, 40),
+                14,
+                Expect::Unreachable { quote: 68 },
+            ),
+            // 20 + 8 + 41 bytes: quoted up to a multiple of 4.
+            (
+                "udp v4 odd",
+                udp4("10.1.0.2", "10.9.0.5", 53, 41),
+                14,
+                Expect::Unreachable { quote: 68 },
+            ),
+            // 20 + 8 + 200 bytes: quoted up to the limit, 96.
+            (
+                "udp v4 long",
+                udp4("10.1.0.2", "10.9.0.5", 53, 200),
+                14,
+                Expect::Unreachable { quote: 96 },
+            ),
+            // 40 + 8 + 5 bytes: 52 quoted.
+            (
+                "udp v6",
+                udp6("fd01::2", "fd09::5", 53),
+                14,
+                Expect::Unreachable { quote: 52 },
+            ),
+            // 24 + 8 + 40: the options quoted with the rest.
+            (
+                "udp v4 with options",
+                with_opts,
+                14,
+                Expect::Unreachable { quote: 72 },
+            ),
+            (
+                "icmp echo v4",
+                icmp4("10.1.0.2", "10.9.0.5"),
+                14,
+                Expect::Unreachable { quote: 32 },
+            ),
+            (
+                "icmp echo v6",
+                icmp6("fd01::2", "fd09::5"),
+                14,
+                Expect::Unreachable { quote: 52 },
+            ),
+            // 40 + 8 + 8 + 8 + 5 bytes: 68 quoted, the extension headers with the rest.
+            (
+                "first udp v6 fragment",
+                with_ipv6_exts(
+                    udp6("fd01::2", "fd09::5", 53),
+                    &[opts_ext(60), fragment_ext(0, true)],
+                ),
+                14,
+                Expect::Unreachable { quote: 68 },
+            ),
+            // The parser calls it NoPorts; the reply's own walk finds the offset.
+            (
+                "non-first icmpv6 fragment",
+                with_ipv6_exts(
+                    icmp6("fd01::2", "fd09::5"),
+                    &[opts_ext(60), fragment_ext(3, false)],
+                ),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            (
+                "non-first udp fragment",
+                fragment4(udp4("10.1.0.2", "10.9.0.5", 53, 40), false, 3),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            (
+                "non-first icmp fragment",
+                fragment4(icmp4("10.1.0.2", "10.9.0.5"), false, 3),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            (
+                "icmp error",
+                icmp_error,
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            (
+                "icmpv6 error",
+                icmp6_type("fd01::2", "fd09::5", 1, 64),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            ("rst", rst4, 14, Expect::Nothing { xdp: XDP_DROP }),
+            (
+                "deny rule",
+                tcp4("10.1.0.2", "10.8.0.5", 80),
+                14,
+                Expect::Nothing { xdp: XDP_DROP },
+            ),
+            (
+                "monitor mode",
+                tcp4("10.3.0.2", "10.9.0.5", 80),
+                14,
+                Expect::Nothing { xdp: XDP_PASS },
+            ),
+        ];
+        let before = counter(&mut dp, 1, EgressDenied).packets;
+        let mut drops = 0;
+        for (what, packet, l3, expect) in &rows {
+            let (action, out) = hook.run_frame(&dp, packet);
+            match *expect {
+                Expect::Nothing { xdp } => {
+                    assert_eq!(action, hook.action(xdp), "{hook:?} {what}: action");
+                    assert_eq!(out, *packet, "{hook:?} {what}: the packet is untouched");
+                }
+                e => {
+                    assert_eq!(action, hook.action(XDP_TX), "{hook:?} {what}: action");
+                    check_reply(&format!("{hook:?} {what}"), packet, *l3, &out, e);
+                }
+            }
+            if !what.starts_with("monitor") {
+                drops += 1;
+            }
+        }
+        // Rejected packets are drops like any other: counted and audited.
+        assert_eq!(counter(&mut dp, 1, EgressDenied).packets - before, drops);
+        assert_eq!(counter(&mut dp, 3, MonitorEgressDenied).packets, 1);
+        assert_eq!(audit_events(&mut ring).len() as u64, drops + 1);
+
+        // The reply budget: 100 at once, then plain drops until it refills (100/s).
+        let flood = tcp_seg(
+            eth().ipv4(v4("10.4.0.2"), v4("10.9.0.5"), 64),
+            80,
+            true,
+            None,
+            false,
+        );
+        let start = std::time::Instant::now();
+        let actions: Vec<u32> = (0..150).map(|_| hook.run_frame(&dp, &flood).0).collect();
+        let refill = (start.elapsed().as_secs_f64() * 100.0).ceil() as usize + 1;
+        let replies = actions
+            .iter()
+            .filter(|&&a| a == hook.action(XDP_TX))
+            .count();
+        assert!(
+            actions[..100].iter().all(|&a| a == hook.action(XDP_TX)),
+            "{hook:?}: {actions:?}"
+        );
+        assert!(
+            (100..=100 + refill).contains(&replies),
+            "{hook:?}: {replies} replies"
+        );
+        assert!(
+            actions
+                .iter()
+                .all(|&a| a == hook.action(XDP_TX) || a == hook.action(XDP_DROP)),
+            "{hook:?}: {actions:?}"
+        );
+        assert_eq!(counter(&mut dp, 4, EgressDenied).packets, 150);
+        // A reset agent has its budget back.
+        dp.maps().reset_agent(4).unwrap();
+        assert_eq!(hook.run_frame(&dp, &flood).0, hook.action(XDP_TX));
     });
 }

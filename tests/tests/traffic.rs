@@ -857,3 +857,152 @@ fn send_frames(ns: &Netns, ifname: &str, frame: &[u8], count: usize) {
         }
     });
 }
+
+fn policy_reject() -> String {
+    r#"
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+egress_default = "allow"
+[[agents.egress]]
+action = "reject"
+to = ["10.200.100.2", "fd20:100::2"]
+proto = "tcp"
+ports = "8081"
+[[agents.egress]]
+action = "reject"
+to = ["10.200.100.2", "fd20:100::2"]
+proto = "udp"
+ports = "9001"
+[[agents.egress]]
+action = "deny"
+to = ["10.200.100.2"]
+proto = "tcp"
+ports = "8082"
+"#
+    .to_string()
+}
+
+/// The error a connected UDP socket in `ns` reports after sending one datagram to `dst`
+/// (`None`: no error, the datagram went unanswered for 2 s or was answered).
+fn udp_error_after_send(ns: &Netns, dst: std::net::SocketAddr) -> Option<i32> {
+    lab::in_netns(ns, move || {
+        let bind = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let socket = std::net::UdpSocket::bind(bind).unwrap();
+        socket.connect(dst).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        socket.send(b"knock").unwrap();
+        let mut buf = [0u8; 64];
+        match socket.recv(&mut buf) {
+            Ok(_) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => e.raw_os_error(),
+        }
+    })
+}
+
+/// `connect()` from `ns` to `dst` with a timeout, as its error kind (`None`: connected).
+fn connect_error(
+    ns: &Netns,
+    dst: std::net::SocketAddr,
+    timeout: Duration,
+) -> Option<std::io::ErrorKind> {
+    lab::in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&dst, timeout)
+            .err()
+            .map(|e| e.kind())
+    })
+}
+
+/// A `reject` rule makes the agent's calls fail at once: `connect()` is refused by the RST
+/// the enforcer sends back, and a connected UDP socket gets the ICMP unreachable's error,
+/// while a `deny` rule to a listening port times out. Servers listen on every rejected
+/// port, so a refusal can only come from the enforcer.
+fn rejects_fail_calls_at_once(hook: &str, xdp_mode: &str) {
+    let mut lab = Lab::new(1);
+    lab.set_hook(hook);
+    lab.set_xdp_mode(xdp_mode);
+    lab.write_policy(&policy_reject());
+    lab.start_daemon();
+    let want = if hook == "auto" { "tc" } else { "xdp" };
+    let hooks = lab.hooks();
+    assert_eq!(hooks["gwa1"]["hook"], want, "{hooks:?}");
+    let rejected = TcpEchoServer::spawn(&lab.server, sa("::", 8081)).unwrap();
+    let denied = TcpEchoServer::spawn(&lab.server, sa("::", 8082)).unwrap();
+    let open = TcpEchoServer::spawn(&lab.server, sa("::", 8080)).unwrap();
+    // Dual-stack, like the TCP listeners.
+    let sink = UdpSink::spawn(&lab.server, sa("::", 9001)).unwrap();
+    let a1 = lab.agent(1);
+    let what = format!("hook {hook}, xdp_mode {xdp_mode}");
+
+    assert_eq!(
+        connect_error(a1, sa(SERVER_V4, 8080), Duration::from_secs(5)),
+        None,
+        "{what}: allowed tcp/8080 connects"
+    );
+    for server in [SERVER_V4, SERVER_V6] {
+        assert_eq!(
+            connect_error(a1, sa(server, 8081), Duration::from_secs(5)),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{what}: rejected tcp/8081 on {server} is refused at once"
+        );
+    }
+    // Linux reports ICMP "administratively prohibited" as EHOSTUNREACH on IPv4 and its
+    // ICMPv6 counterpart as EACCES (icmp_err_convert, icmpv6_err_convert).
+    assert_eq!(
+        udp_error_after_send(a1, sa(SERVER_V4, 9001)),
+        Some(libc::EHOSTUNREACH),
+        "{what}: rejected udp/9001"
+    );
+    assert_eq!(
+        udp_error_after_send(a1, sa(SERVER_V6, 9001)),
+        Some(libc::EACCES),
+        "{what}: rejected udp/9001 over IPv6"
+    );
+    assert_eq!(
+        connect_error(a1, sa(SERVER_V4, 8082), Duration::from_secs(1)),
+        Some(std::io::ErrorKind::TimedOut),
+        "{what}: denied tcp/8082 times out"
+    );
+
+    assert_eq!(rejected.accepted(), 0, "{what}");
+    assert_eq!(denied.accepted(), 0, "{what}");
+    assert!(open.accepted() >= 1, "{what}");
+    assert_eq!(sink.stop().0, 0, "{what}");
+    let maps = lab.maps();
+    assert!(
+        maps.counter(1, Reason::EgressDenied).unwrap().packets >= 5,
+        "{what}"
+    );
+}
+
+/// At tc, the default on sandbox veths: the reply is redirected out of the veth it came in on.
+#[test]
+fn rejects_fail_calls_at_once_at_tc() {
+    if !require_root("rejects_fail_calls_at_once_at_tc") {
+        return;
+    }
+    rejects_fail_calls_at_once("auto", "native");
+}
+
+/// At XDP, generic mode: the reply leaves with XDP_TX. Not native mode on these veths: a
+/// veth queues an XDP_TX frame for its peer and wakes the peer's NAPI only when the peer
+/// has an XDP program of its own (`veth_xdp_flush`), so the agent's side would see the
+/// reply only with its next received packet; on a NIC, XDP_TX sends at once.
+#[test]
+fn rejects_fail_calls_at_once_at_xdp() {
+    if !require_root("rejects_fail_calls_at_once_at_xdp") {
+        return;
+    }
+    rejects_fail_calls_at_once("xdp", "generic");
+}

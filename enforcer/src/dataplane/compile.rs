@@ -10,11 +10,11 @@ use std::{
 };
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW,
-    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_GUARDED, AGENT_MONITOR, AGENT_NAMES,
-    AGENT_RESTRICTED, AgentPolicy, COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
-    PROTO_ANY, PortRule, RULE_ALWAYS, RULE_GROUP_MASK, RuleSet, SNI_EXACT, SNI_WILDCARD,
-    TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
+    ACTION_ALLOW, ACTION_DENY, ACTION_REJECT, AGENT_ACTIVE, AGENT_COARSE_CLOCK,
+    AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_GUARDED, AGENT_MONITOR,
+    AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, COARSE_CLOCK_MIN_NS, MAX_DST_PROBES,
+    MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RULE_ALWAYS, RULE_GROUP_MASK, RuleSet, SNI_EXACT,
+    SNI_WILDCARD, TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
     guard::{GUARD_BREAKER, GUARD_BREAKER_REJECT, GUARD_QUOTA, GuardPolicy, SharedPolicy},
 };
 
@@ -642,8 +642,7 @@ impl Compiled {
 /// Whether some destination may be denied. An agent whose default is allow and that has no
 /// deny rule allows everything, so the kernel can skip the destination lookup.
 fn restricted(agent: &Agent) -> bool {
-    agent.egress_default == EgressDefault::Deny
-        || agent.egress.iter().any(|r| r.action == Action::Deny)
+    agent.egress_default == EgressDefault::Deny || agent.egress.iter().any(|r| r.action.drops())
 }
 
 /// One agent's destination rules as the XDP program holds them, for user space to judge an
@@ -765,12 +764,10 @@ impl DestinationRules {
                         None => r.any_port(),
                     }
             })
-            .map(|r| {
-                if r.action == ACTION_ALLOW {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                }
+            .map(|r| match r.action {
+                ACTION_ALLOW => Action::Allow,
+                ACTION_REJECT => Action::Reject,
+                _ => Action::Deny,
             })
     }
 
@@ -789,7 +786,7 @@ impl DestinationRules {
         }
         match self.rule(dst, proto, port) {
             Some(Action::Allow) => Judgement::RuleAllows,
-            Some(Action::Deny) => Judgement::RuleDenies,
+            Some(Action::Deny | Action::Reject) => Judgement::RuleDenies,
             None if learned && self.names => Judgement::NameAdmits,
             None if self.default_allow => Judgement::DefaultAllows,
             None => Judgement::DefaultDenies,
@@ -1157,6 +1154,7 @@ fn destinations<const N: usize>(
     for (index, rule) in agent.egress.iter().enumerate() {
         let (action, rank) = match rule.action {
             Action::Deny => (ACTION_DENY, 0),
+            Action::Reject => (ACTION_REJECT, 0),
             Action::Allow => (ACTION_ALLOW, 1),
         };
         let port_rule = PortRule {

@@ -693,13 +693,14 @@ impl KernelMaps {
 
 impl KernelMaps {
     /// Clears what the kernel keeps for agent `id` outside the policy slots: its rate
-    /// buckets (full again), its counters and audit budget (zero), the addresses learned
+    /// buckets (full again), its counters, audit and reject reply budgets (zero), the addresses learned
     /// for it. For an id handed to a new agent, which must not inherit any of it; called
     /// before the apply that introduces the agent.
     pub fn reset_agent(&mut self, id: u32) -> Result<(), MapsError> {
         self.reset_bucket(id)?;
         self.reset_audit_limiter(id)?;
         self.reset_guards(id)?;
+        self.reset_reject_limiter(id)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Batch {
             map: maps::COUNTERS,
             source,

@@ -779,7 +779,8 @@ impl Dataplane {
             .map_max_entries(maps::AUDIT, limits.audit_ring_bytes)
             .map_max_entries(maps::AUDIT_LIMITS, stride)
             .map_max_entries(maps::GUARD_POLICY, 2 * stride)
-            .map_max_entries(maps::GUARDS, stride);
+            .map_max_entries(maps::GUARDS, stride)
+            .map_max_entries(maps::REJECT_LIMITS, stride);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
@@ -1680,6 +1681,7 @@ pub struct KernelMaps {
     dst_hash_v6: HashMap<MapData, DstV6Key, RuleSet>,
     audit_config: Array<MapData, AuditConfig>,
     audit_limits: Array<MapData, u64>,
+    reject_limits: Array<MapData, u64>,
     tls_ports: Array<MapData, TlsPorts>,
     resolvers: HashMap<MapData, ResolverKey, u32>,
     names_v4: HashMap<MapData, NameV4Key, NameEntry>,
@@ -1788,6 +1790,7 @@ impl KernelMaps {
             dst_hash_v6: typed(source, maps::DST_HASH_V6)?,
             audit_config: typed(source, maps::AUDIT_CONFIG)?,
             audit_limits: typed(source, maps::AUDIT_LIMITS)?,
+            reject_limits: typed(source, maps::REJECT_LIMITS)?,
             tls_ports: typed(source, maps::TLS_PORTS)?,
             resolvers: typed(source, maps::RESOLVERS)?,
             names_v4: typed(source, maps::NAMES_V4)?,
@@ -1963,6 +1966,13 @@ impl KernelMaps {
         self.guard_config
             .set(0, config, 0)
             .map_err(err("writing", maps::GUARD_CONFIG))
+    }
+
+    /// Resets an agent's reject reply limiter to a full burst.
+    pub fn reset_reject_limiter(&mut self, agent: u32) -> Result<(), MapsError> {
+        self.reject_limits
+            .set(agent, 0, 0)
+            .map_err(err("writing", maps::REJECT_LIMITS))
     }
 
     /// Unknown-agent counters and every active agent's, keyed by agent id.

@@ -28,6 +28,32 @@ pub fn run_xdp(
     ingress_ifindex: Option<u32>,
     repeat: u32,
 ) -> Result<TestRunResult, ProgramError> {
+    run_xdp_into(program, packet, ingress_ifindex, repeat, None)
+}
+
+/// Most bytes a program's output frame is read back as: a page, what an XDP frame can be.
+const FRAME_OUT: usize = 4096;
+
+/// Runs `program` on `packet` once, as [`run_xdp`] does, and returns its action with the
+/// frame as the program left it (what `XDP_TX` would send).
+pub fn run_xdp_frame(
+    program: &Xdp,
+    packet: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0; FRAME_OUT];
+    let r = run_xdp_into(program, packet, ingress_ifindex, 1, Some(&mut out))?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
+fn run_xdp_into(
+    program: &Xdp,
+    packet: &[u8],
+    ingress_ifindex: Option<u32>,
+    repeat: u32,
+    data_out: Option<&mut [u8]>,
+) -> Result<TestRunResult, ProgramError> {
     let md = XdpMd {
         data_end: packet.len() as u32,
         ingress_ifindex: ingress_ifindex.unwrap_or(0),
@@ -39,6 +65,7 @@ pub fn run_xdp(
     program.test_run(TestRunOptions {
         data_in: Some(packet),
         ctx_in: ingress_ifindex.map(|_| ctx),
+        data_out,
         repeat: repeat.max(1),
         ..TestRunOptions::default()
     })
@@ -76,6 +103,29 @@ pub fn run_tc(
     meta: SkbMeta,
     repeat: u32,
 ) -> Result<TestRunResult, ProgramError> {
+    run_tc_into(program, packet, meta, repeat, None)
+}
+
+/// Runs the tc `program` on `packet` once, as [`run_tc`] does, and returns its action with
+/// the packet as the program left it (what a redirect would send).
+pub fn run_tc_frame(
+    program: &SchedClassifier,
+    packet: &[u8],
+    meta: SkbMeta,
+) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0; FRAME_OUT];
+    let r = run_tc_into(program, packet, meta, 1, Some(&mut out))?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
+fn run_tc_into(
+    program: &SchedClassifier,
+    packet: &[u8],
+    meta: SkbMeta,
+    repeat: u32,
+    data_out: Option<&mut [u8]>,
+) -> Result<TestRunResult, ProgramError> {
     let mut skb = SkBuffIn([0; 48]);
     if let Some(ifindex) = meta.ifindex {
         skb.0[SKB_INGRESS_IFINDEX] = ifindex;
@@ -89,6 +139,7 @@ pub fn run_tc(
     program.test_run(TestRunOptions {
         data_in: Some(packet),
         ctx_in: Some(ctx),
+        data_out,
         repeat: repeat.max(1),
         ..TestRunOptions::default()
     })
