@@ -47,7 +47,7 @@
 //! [[profiles]]
 //! name = "coder"            # unique among profiles and agents, [A-Za-z0-9_.-]{1,64}
 //! interfaces = ["agt-coder-*", "fc-tap?"]   # patterns of 1 to 15 bytes: '*' any run, '?' one byte (optional)
-//! mode = "monitor"          # mode, egress_default, rate, egress and inspect as for agents
+//! mode = "monitor"          # mode, egress_default, rate, egress, inspect and guards as for agents
 //! egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
 //! ```
 //!
@@ -3240,7 +3240,7 @@ name = "by-hand"
     const PROFILE_EXAMPLE: &str = r#"[[profiles]]
 name = "coder"            # unique among profiles and agents, [A-Za-z0-9_.-]{1,64}
 interfaces = ["agt-coder-*", "fc-tap?"]   # patterns of 1 to 15 bytes: '*' any run, '?' one byte (optional)
-mode = "monitor"          # mode, egress_default, rate, egress and inspect as for agents
+mode = "monitor"          # mode, egress_default, rate, egress, inspect and guards as for agents
 egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
 "#;
 
