@@ -68,7 +68,7 @@ fn agent_text(id: u32, version: u64) -> String {
         2 => t += &format!("breaker = {{ drops = {} }}\n", 5 + version % 2),
         _ => {}
     }
-    if version % 3 == 0 && id.is_multiple_of(5) {
+    if version.is_multiple_of(3) && id.is_multiple_of(5) {
         t += "quota = { bytes_per_hour = 1_000_000 }\n";
     }
     if version % 4 == 3 {
@@ -84,9 +84,9 @@ fn agent_text(id: u32, version: u64) -> String {
     );
     // Guarded through a rule only: a shared group (which exists whenever an agent does) or
     // an always-allowed rule.
-    if id % 6 == 0 {
+    if id.is_multiple_of(6) {
         t += "shared = \"g0\"\n";
-    } else if id % 6 == 3 && version % 2 == 0 {
+    } else if id % 6 == 3 && version.is_multiple_of(2) {
         t += "always = true\n";
     }
     if id.is_multiple_of(3) {
