@@ -2779,6 +2779,9 @@ fn guard_table() {
         );
         let state = dp.maps().guard_state(6).unwrap();
         assert_eq!(state.trips, 1, "the breaker opened once: {state:?}");
+    });
+}
+
 const REJECT_POLICY: &str = r#"
 [defaults]
 unknown = "pass"
