@@ -9,8 +9,8 @@ use anyhow::bail;
 use serde_json::Value;
 
 pub use self::args::{
-    AgentCommand, AuditCommand, BreakerCommand, Cli, Command, ControlPlaneCommand, InspectCommand, ModeArg,
-    PolicyCommand,
+    AgentCommand, AuditCommand, BreakerCommand, Cli, Command, ControlPlaneCommand, InspectCommand,
+    ModeArg, PolicyCommand,
 };
 use self::output::print_json;
 use crate::{

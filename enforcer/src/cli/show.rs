@@ -214,7 +214,9 @@ fn interfaces_text(a: &serde_json::Value) -> String {
 /// The `agents` table: one line per agent, totals scaled and right-aligned.
 fn agents_table(v: &serde_json::Value) -> String {
     let mut rows = table::new(
-        &["ID", "NAME", "MODE", "BREAKER", "MATCH", "PASSED", "DROPPED"],
+        &[
+            "ID", "NAME", "MODE", "BREAKER", "MATCH", "PASSED", "DROPPED",
+        ],
         &[0, 5, 6],
     );
     for a in v.as_array().into_iter().flatten() {
@@ -342,7 +344,11 @@ fn guards_text(g: &serde_json::Value) -> String {
             if i == 0 { "quotas" } else { "" },
             number(&q["used"], scale),
             number(&q["limit"], scale),
-            if q["exhausted"] == true { " (exhausted)" } else { "" },
+            if q["exhausted"] == true {
+                " (exhausted)"
+            } else {
+                ""
+            },
             q["window_ends"].as_str().unwrap_or("?"),
             q["window_ends_in_secs"]
         );
@@ -735,14 +741,20 @@ mod tests {
             lines[1],
             "  quotas      bytes_per_hour 1.23 MB of 10.0 MB, window ends 2027-01-15T09:00:00.000000000Z (in 3477s)"
         );
-        assert!(lines[2].starts_with("              connections_per_day 100 of 100 (exhausted)"), "{text}");
+        assert!(
+            lines[2].starts_with("              connections_per_day 100 of 100 (exhausted)"),
+            "{text}"
+        );
         let half = json!({"trips": 1, "quotas": {}, "breaker": {"state": "half_open",
             "cooldown_level": 0, "half_open_since": "T", "action": "drop"}});
         assert_eq!(
             guards_text(&half),
             "  breaker     half-open since T, cooldown level 0, 1 trips, drops while open\n"
         );
-        assert_eq!(guards_text(&json!({"breaker": null, "trips": 0, "quotas": {}})), "");
+        assert_eq!(
+            guards_text(&json!({"breaker": null, "trips": 0, "quotas": {}})),
+            ""
+        );
         assert_eq!(guards_text(&serde_json::Value::Null), "");
     }
 

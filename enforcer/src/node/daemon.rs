@@ -790,7 +790,11 @@ impl Daemon {
 
     /// The minute's guard work: the wall clock's offset, and the quota use saved.
     fn guard_tick(&mut self) {
-        if let Err(e) = self.dataplane.maps().set_guard_config(guards::guard_config()) {
+        if let Err(e) = self
+            .dataplane
+            .maps()
+            .set_guard_config(guards::guard_config())
+        {
             tracing::error!(error = %error_chain(&e), "writing the wall clock's offset for quota windows");
         }
         self.save_quotas();
@@ -1034,7 +1038,13 @@ impl Daemon {
                     .current
                     .as_ref()
                     .ok_or("no policy of this daemon is enforcing yet")?;
-                let last = current.policy.agents().iter().map(|a| a.id).max().unwrap_or(0);
+                let last = current
+                    .policy
+                    .agents()
+                    .iter()
+                    .map(|a| a.id)
+                    .max()
+                    .unwrap_or(0);
                 let breakers = guards::breakers_upto(self.dataplane.maps(), last)
                     .map_err(|e| error_chain(&e))?;
                 Ok(Value::Array(
@@ -1697,10 +1707,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let mut connection = daemon.control_plane.clone();
     // Every minute: the wall clock's offset again (a clock step moves the quota windows
     // within a minute) and the quota use saved for the next boot.
-    let mut minute = tokio::time::interval_at(
-        tokio::time::Instant::now() + GUARD_PERIOD,
-        GUARD_PERIOD,
-    );
+    let mut minute =
+        tokio::time::interval_at(tokio::time::Instant::now() + GUARD_PERIOD, GUARD_PERIOD);
     minute.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -24,8 +24,8 @@ use enforcer_common::{
     guard::{
         BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN, EVENT_BREAKER_CLOSED,
         EVENT_BREAKER_HALF_OPEN, EVENT_BREAKER_OPENED, EVENT_QUOTA_EXHAUSTED, GUARD_BREAKER,
-        GUARD_BREAKER_REJECT, GuardConfig, GuardPolicy, GuardState, QUOTA_NAMES,
-        QUOTA_WINDOW_SECS, QUOTAS, breaker_parts, quota_parts, quota_window,
+        GUARD_BREAKER_REJECT, GuardConfig, GuardPolicy, GuardState, QUOTA_NAMES, QUOTA_WINDOW_SECS,
+        QUOTAS, breaker_parts, quota_parts, quota_window,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -394,7 +394,9 @@ pub fn restore_quotas(
 
 #[cfg(test)]
 mod tests {
-    use enforcer_common::guard::{QUOTA_BYTES_DAY, QUOTA_BYTES_HOUR, QUOTA_EXHAUSTED, breaker_word};
+    use enforcer_common::guard::{
+        QUOTA_BYTES_DAY, QUOTA_BYTES_HOUR, QUOTA_EXHAUSTED, breaker_word,
+    };
 
     use super::*;
 
@@ -459,9 +461,8 @@ mod tests {
         assert_eq!((q.used, q.exhausted), (5000, false));
         assert_eq!(q.window_end, 1_800_003_600);
         // The word of the previous hour: nothing used in this one.
-        let old = ((hour - 1) << enforcer_common::guard::QUOTA_WINDOW_SHIFT)
-            | QUOTA_EXHAUSTED
-            | 10_000;
+        let old =
+            ((hour - 1) << enforcer_common::guard::QUOTA_WINDOW_SHIFT) | QUOTA_EXHAUSTED | 10_000;
         let q = quota_use(QUOTA_BYTES_HOUR, 10_000, old, now);
         assert_eq!((q.used, q.exhausted), (0, false));
         // Days end at UTC midnight.

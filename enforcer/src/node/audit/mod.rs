@@ -1800,7 +1800,10 @@ async fn write_batch(
                     Some(_) => {}
                     None => {
                         summary.malformed += 1;
-                        tracing::warn!(kind = event.kind, "skipping an audit record of an unknown kind");
+                        tracing::warn!(
+                            kind = event.kind,
+                            "skipping an audit record of an unknown kind"
+                        );
                     }
                 }
                 continue;
