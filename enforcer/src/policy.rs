@@ -55,6 +55,45 @@
 //! by hand its own prefixes. An interface a static agent names stays that agent's even when
 //! a pattern matches it.
 //!
+//! Guards against a runaway agent: a new-connection rate, quotas over hours and days, a
+//! circuit breaker that stops an agent whose packets keep being dropped, and limits shared by
+//! every agent that reaches one destination group. Agents and profiles take the same tables
+//! (a profile's instances inherit them):
+//!
+//! ```toml
+//! [[shared]]
+//! name = "llm-api"          # unique, [A-Za-z0-9_.-]{1,64}; at most 1023 groups
+//! rate = { packets_per_sec = 5000, bytes_per_sec = 50_000_000 }  # as an agent's rate
+//! connections = { per_sec = 100, burst = 200 }                   # new TCP connections; at least one of rate and connections
+//!
+//! [[agents]]
+//! id = 2
+//! name = "runner"
+//! interfaces = ["veth-runner"]
+//! connections = { per_sec = 10, burst = 20 }   # new TCP connections (SYN without ACK); burst defaults to max(per_sec/10, 1)
+//! quota = { bytes_per_hour = 1_000_000_000, connections_per_day = 10_000 }  # also bytes_per_day, connections_per_hour; each optional, hours on the wall clock, days in UTC
+//! breaker = { drops = 50, within_secs = 10, cooldown_secs = 30, action = "reject" }
+//! # The 51st drop within 10 s opens the breaker: all the agent's traffic is refused for the
+//! # cooldown ("drop", the default, or "reject"), then new connections pass at probe_per_sec
+//! # (default 1, probe_burst 1) until calm_secs (default cooldown_secs) pass without a drop;
+//! # a drop while half-open reopens it with twice the cooldown, up to max_cooldown_secs
+//! # (default max(600, cooldown_secs)). Every duration is 1 to 86400 seconds.
+//!
+//! [[agents.egress]]
+//! action = "allow"
+//! to = ["api.example.com"]
+//! proto = "tcp"
+//! ports = 443
+//! shared = "llm-api"        # charge the group's shared limit (allow rules only)
+//!
+//! [[agents.egress]]
+//! action = "allow"
+//! to = ["10.0.0.53"]
+//! proto = "udp"
+//! ports = 53
+//! always = true             # passes an open breaker (the resolver, a control channel; allow rules only)
+//! ```
+//!
 //! Parsing happens in two passes. Serde reads the document into raw types that keep every
 //! field's byte span ([`toml::Spanned`]) and reject unknown fields, so a typo is an error
 //! rather than a silently ignored rule. Then a validation pass checks everything serde cannot
@@ -72,7 +111,10 @@ use std::{
     str::FromStr,
 };
 
-use enforcer_common::MAX_AGENT_ID;
+use enforcer_common::{
+    MAX_AGENT_ID,
+    guard::{MAX_SHARED_GROUPS, QUOTA_MAX},
+};
 use serde::{Deserialize, Deserializer, de};
 use toml::{
     Spanned,
@@ -195,9 +237,24 @@ pub struct Policy {
     own: usize,
     profiles: Vec<Profile>,
     detectors: Vec<Detector>,
+    shared: Vec<SharedGroup>,
 }
 
 impl Policy {
+    /// The destination groups with a shared limit, in document order: group id `1 + index`.
+    pub fn shared(&self) -> &[SharedGroup] {
+        &self.shared
+    }
+
+    /// The id of the shared group called `name` (`1 + its index`; 0 is no group).
+    pub fn shared_group(&self, name: &str) -> Option<u16> {
+        self.shared
+            .iter()
+            .position(|g| g.name == name)
+            // Fewer than MAX_SHARED_GROUPS groups, so the id fits.
+            .map(|i| i as u16 + 1)
+    }
+
     /// What happens to traffic from no known agent.
     pub fn unknown(&self) -> UnknownTraffic {
         self.unknown
@@ -332,6 +389,8 @@ pub struct Agent {
     pub egress: Vec<EgressRule>,
     /// Whether the agent's TLS goes through the inspecting proxy.
     pub inspect: bool,
+    /// Connection rate, quotas and circuit breaker.
+    pub guards: Guards,
 }
 
 /// A template for agents that come and go (`[[profiles]]`): every sandbox interface
@@ -354,6 +413,8 @@ pub struct Profile {
     pub egress: Vec<EgressRule>,
     /// Whether the instances' TLS goes through the inspecting proxy.
     pub inspect: bool,
+    /// Connection rate, quotas and circuit breaker of each instance.
+    pub guards: Guards,
 }
 
 impl Profile {
@@ -377,6 +438,7 @@ impl Profile {
             rate: self.rate,
             egress: self.egress.clone(),
             inspect: self.inspect,
+            guards: self.guards,
         }
     }
 }
@@ -583,6 +645,106 @@ pub struct EgressRule {
     pub proto: Proto,
     /// Destination ports the rule matches; [`PortRange::ALL`] when the document omits them.
     pub ports: PortRange,
+    /// The [`SharedGroup`] whose limit the rule's packets charge (allow rules only).
+    pub shared: Option<String>,
+    /// The rule's packets pass an open circuit breaker (the resolver, a control channel).
+    pub always: bool,
+}
+
+/// An agent's guards against running away (`connections`, `quota`, `breaker`), the same for
+/// agents and profiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Guards {
+    /// New TCP connections (SYN without ACK) per second and burst.
+    pub connections: Option<Limit>,
+    /// Quotas per hour and per day.
+    pub quota: Quota,
+    /// The circuit breaker.
+    pub breaker: Option<Breaker>,
+}
+
+impl Guards {
+    /// Whether no guard is set.
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_none() && self.quota.is_empty() && self.breaker.is_none()
+    }
+}
+
+/// Quotas over wall-clock hours and UTC days; each `None` (no quota) or `1..=QUOTA_MAX`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Quota {
+    /// Bytes per hour.
+    pub bytes_per_hour: Option<u64>,
+    /// Bytes per UTC day.
+    pub bytes_per_day: Option<u64>,
+    /// New connections per hour.
+    pub connections_per_hour: Option<u64>,
+    /// New connections per UTC day.
+    pub connections_per_day: Option<u64>,
+}
+
+impl Quota {
+    /// Whether no quota is set.
+    pub fn is_empty(&self) -> bool {
+        self.by_kind().iter().all(Option::is_none)
+    }
+
+    /// The quotas by `enforcer_common::guard::QUOTA_*` index (the order of `QUOTA_NAMES`).
+    pub fn by_kind(&self) -> [Option<u64>; enforcer_common::guard::QUOTAS] {
+        [
+            self.bytes_per_hour,
+            self.bytes_per_day,
+            self.connections_per_hour,
+            self.connections_per_day,
+        ]
+    }
+}
+
+/// Most drops a breaker may count within its window.
+pub const MAX_BREAKER_DROPS: u64 = 1_000_000;
+
+/// Longest breaker duration (window, cooldowns, calm), in seconds: a day.
+pub const MAX_BREAKER_SECS: u64 = 86_400;
+
+/// The circuit breaker: `drops` drops within `within_secs` open it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Breaker {
+    /// Drops (or would-drops) tolerated within the window; the next one opens the breaker.
+    pub drops: u64,
+    /// The window, in seconds.
+    pub within_secs: u64,
+    /// How long the first opening lasts, in seconds.
+    pub cooldown_secs: u64,
+    /// The longest cooldown, in seconds: each reopening from half-open doubles it up to this.
+    pub max_cooldown_secs: u64,
+    /// New connections per second and burst while half-open.
+    pub probe: Limit,
+    /// Half-open closes after this many seconds without a drop.
+    pub calm_secs: u64,
+    /// What an open breaker does to a packet.
+    pub action: BreakerAction,
+}
+
+/// What an open breaker does to the packets it refuses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BreakerAction {
+    /// Drop them.
+    #[default]
+    Drop,
+    /// Answer them: TCP RST, ICMP administratively prohibited.
+    Reject,
+}
+
+/// A destination group with a limit shared by every agent whose rule names it (`[[shared]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SharedGroup {
+    /// Unique name, which rules use.
+    pub name: String,
+    /// Packets and bytes per second of the group, bursts resolved.
+    pub rate: Rate,
+    /// New TCP connections per second of the group.
+    pub connections: Option<Limit>,
 }
 
 /// One entry of a rule's `to` list.
@@ -1150,6 +1312,7 @@ pub fn parse(origin: &str, text: &str) -> Result<Policy, PolicyError> {
     let mut checker = Checker {
         lines,
         issues: Vec::new(),
+        groups: Vec::new(),
     };
     let policy = checker.policy(raw);
     if checker.issues.is_empty() {
@@ -1311,6 +1474,46 @@ struct RawPolicy {
     profiles: Vec<Spanned<RawProfile>>,
     #[serde(default)]
     detectors: Vec<Spanned<RawDetector>>,
+    #[serde(default)]
+    shared: Vec<Spanned<RawShared>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShared {
+    name: Spanned<String>,
+    rate: Option<RawRate>,
+    connections: Option<RawConnections>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    per_sec: Spanned<i64>,
+    burst: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    bytes_per_hour: Option<Spanned<i64>>,
+    bytes_per_day: Option<Spanned<i64>>,
+    connections_per_hour: Option<Spanned<i64>>,
+    connections_per_day: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    drops: Spanned<i64>,
+    within_secs: Option<Spanned<i64>>,
+    cooldown_secs: Option<Spanned<i64>>,
+    max_cooldown_secs: Option<Spanned<i64>>,
+    probe_per_sec: Option<Spanned<i64>>,
+    probe_burst: Option<Spanned<i64>>,
+    calm_secs: Option<Spanned<i64>>,
+    #[serde(default)]
+    action: BreakerAction,
 }
 
 #[derive(Deserialize)]
@@ -1329,6 +1532,9 @@ struct RawProfile {
     egress: Vec<Spanned<RawRule>>,
     #[serde(default)]
     inspect: bool,
+    connections: Option<RawConnections>,
+    quota: Option<RawQuota>,
+    breaker: Option<RawBreaker>,
     // Fields of an agent that a profile cannot have: read (whatever their type) so that the
     // checker can say why, rather than serde's bare "unknown field".
     #[serde(default)]
@@ -1374,6 +1580,9 @@ struct RawAgent {
     egress: Vec<Spanned<RawRule>>,
     #[serde(default)]
     inspect: bool,
+    connections: Option<RawConnections>,
+    quota: Option<RawQuota>,
+    breaker: Option<RawBreaker>,
 }
 
 #[derive(Deserialize)]
@@ -1393,6 +1602,8 @@ struct RawRule {
     #[serde(default)]
     proto: Proto,
     ports: Option<Spanned<RawPorts>>,
+    shared: Option<Spanned<String>>,
+    always: Option<Spanned<bool>>,
 }
 
 /// `ports` as written: an integer or a string, checked later.
@@ -1431,6 +1642,8 @@ impl<'de> Deserialize<'de> for RawPorts {
 struct Checker<'a> {
     lines: Lines<'a>,
     issues: Vec<Issue>,
+    /// The names of the `[[shared]]` groups, in document order, which rules may name.
+    groups: Vec<String>,
 }
 
 /// Who claimed something first, for messages about duplicates.
@@ -1461,6 +1674,8 @@ impl Checker<'_> {
         let mut interfaces: HashMap<&str, Claim<'_>> = HashMap::new();
         let mut sources: HashMap<IpNet, Claim<'_>> = HashMap::new();
         let mut agents = Vec::with_capacity(raw.agents.len());
+        // Groups first: the agents' and profiles' rules name them.
+        let shared = self.shared(&raw.shared);
 
         for (i, raw_agent) in raw.agents.iter().enumerate() {
             let a = raw_agent.get_ref();
@@ -1567,6 +1782,10 @@ impl Checker<'_> {
                 .enumerate()
                 .filter_map(|(j, rule)| self.rule(rule, &at(&format!("egress[{j}]"))))
                 .collect();
+            let guards = self.guards(
+                (&a.connections, &a.quota, &a.breaker),
+                &format!("agents[{i}]"),
+            );
 
             agents.push(Agent {
                 id: id.unwrap_or(0),
@@ -1578,6 +1797,7 @@ impl Checker<'_> {
                 rate,
                 egress,
                 inspect: a.inspect,
+                guards,
             });
         }
 
@@ -1591,7 +1811,202 @@ impl Checker<'_> {
             agents,
             profiles,
             detectors,
+            shared,
         }
+    }
+
+    /// The `[[shared]]` groups; records their names for the rules.
+    fn shared(&mut self, raw: &[Spanned<RawShared>]) -> Vec<SharedGroup> {
+        let mut groups = Vec::with_capacity(raw.len());
+        let max = MAX_SHARED_GROUPS as usize - 1;
+        for (i, spanned) in raw.iter().enumerate() {
+            let g = spanned.get_ref();
+            let at = |field: &str| format!("shared[{i}].{field}");
+            if i == max {
+                let msg = format!("at most {max} shared groups are supported");
+                self.issue(spanned.span(), format!("shared[{i}]"), msg);
+            }
+            let name = g.name.get_ref();
+            self.agent_name(&g.name, at("name"));
+            if let Some(first) = self.groups.iter().position(|n| n == name) {
+                let msg = format!("name \"{name}\" is already used by shared[{first}]");
+                self.issue(g.name.span(), at("name"), msg);
+            }
+            // Every entry keeps its place, so group ids follow document order.
+            self.groups.push(name.clone());
+            let rate = match &g.rate {
+                Some(r) => self.rate(r, &at("rate")),
+                None => Rate::default(),
+            };
+            let connections = g
+                .connections
+                .as_ref()
+                .and_then(|c| self.connections(c, &at("connections")));
+            let no_rate = g
+                .rate
+                .as_ref()
+                .is_none_or(|r| r.packets_per_sec.is_none() && r.bytes_per_sec.is_none());
+            if no_rate && g.connections.is_none() {
+                let msg = format!(
+                    "shared group \"{name}\" has no limit; give it a rate, connections or both"
+                );
+                self.issue(spanned.span(), format!("shared[{i}]"), msg);
+            }
+            groups.push(SharedGroup {
+                name: name.clone(),
+                rate,
+                connections,
+            });
+        }
+        groups
+    }
+
+    /// A `connections` table: `per_sec` and `burst` (default max(per_sec/10, 1)).
+    fn connections(&mut self, c: &RawConnections, at: &str) -> Option<Limit> {
+        self.limit(
+            (&Some(c.per_sec.clone()), "per_sec"),
+            (&c.burst, "burst"),
+            at,
+            MAX_PACKETS_PER_SEC,
+            |rate| (rate / 10).max(1),
+            |burst| {
+                (burst < 1)
+                    .then(|| format!("expected a burst of at least 1 connection, got {burst}"))
+            },
+        )
+    }
+
+    /// The guards of an agent or profile at `at` (`agents[3]`).
+    fn guards(
+        &mut self,
+        (connections, quota, breaker): (
+            &Option<RawConnections>,
+            &Option<RawQuota>,
+            &Option<RawBreaker>,
+        ),
+        at: &str,
+    ) -> Guards {
+        let connections = connections
+            .as_ref()
+            .and_then(|c| self.connections(c, &format!("{at}.connections")));
+        let quota = quota
+            .as_ref()
+            .map(|q| self.quota(q, &format!("{at}.quota")))
+            .unwrap_or_default();
+        let breaker = breaker
+            .as_ref()
+            .and_then(|b| self.breaker(b, &format!("{at}.breaker")));
+        Guards {
+            connections,
+            quota,
+            breaker,
+        }
+    }
+
+    /// An integer field in `range`, or `default` when omitted; `None` after an issue.
+    fn number(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        field: String,
+        range: std::ops::RangeInclusive<u64>,
+        default: u64,
+    ) -> Option<u64> {
+        let Some(value) = value else {
+            return Some(default);
+        };
+        match u64::try_from(*value.get_ref()) {
+            Ok(v) if range.contains(&v) => Some(v),
+            _ => {
+                let msg = format!(
+                    "expected {} to {}, got {}",
+                    range.start(),
+                    range.end(),
+                    value.get_ref()
+                );
+                self.issue(value.span(), field, msg);
+                None
+            }
+        }
+    }
+
+    fn quota(&mut self, q: &RawQuota, at: &str) -> Quota {
+        let mut one = |value: &Option<Spanned<i64>>, name: &str| {
+            let v = value.as_ref()?;
+            match u64::try_from(*v.get_ref()) {
+                Ok(n) if (1..=QUOTA_MAX).contains(&n) => Some(n),
+                _ => {
+                    let msg = format!(
+                        "expected 1 to {QUOTA_MAX} (omit the field for no quota), got {}",
+                        v.get_ref()
+                    );
+                    self.issue(v.span(), format!("{at}.{name}"), msg);
+                    None
+                }
+            }
+        };
+        Quota {
+            bytes_per_hour: one(&q.bytes_per_hour, "bytes_per_hour"),
+            bytes_per_day: one(&q.bytes_per_day, "bytes_per_day"),
+            connections_per_hour: one(&q.connections_per_hour, "connections_per_hour"),
+            connections_per_day: one(&q.connections_per_day, "connections_per_day"),
+        }
+    }
+
+    fn breaker(&mut self, b: &RawBreaker, at: &str) -> Option<Breaker> {
+        let before = self.issues.len();
+        let field = |name: &str| format!("{at}.{name}");
+        let secs = 1..=MAX_BREAKER_SECS;
+        let drops = self.number(
+            &Some(b.drops.clone()),
+            field("drops"),
+            1..=MAX_BREAKER_DROPS,
+            0,
+        );
+        let within = self.number(&b.within_secs, field("within_secs"), secs.clone(), 10);
+        let cooldown = self.number(&b.cooldown_secs, field("cooldown_secs"), secs.clone(), 30);
+        let max_cooldown = self.number(
+            &b.max_cooldown_secs,
+            field("max_cooldown_secs"),
+            secs.clone(),
+            cooldown.unwrap_or(0).max(600),
+        );
+        let probe_per_sec = self.number(
+            &b.probe_per_sec,
+            field("probe_per_sec"),
+            1..=MAX_PACKETS_PER_SEC,
+            1,
+        );
+        let probe_burst = self.number(&b.probe_burst, field("probe_burst"), 1..=u64::MAX, 1);
+        let calm = self.number(
+            &b.calm_secs,
+            field("calm_secs"),
+            secs,
+            cooldown.unwrap_or(1),
+        );
+        if let (Some(cooldown), Some(max), Some(v)) = (cooldown, max_cooldown, &b.max_cooldown_secs)
+            && max < cooldown
+        {
+            let msg = format!(
+                "expected at least cooldown_secs ({cooldown}), got {max}: the cooldown only \
+                 grows up to it"
+            );
+            self.issue(v.span(), field("max_cooldown_secs"), msg);
+        }
+        if self.issues.len() != before {
+            return None;
+        }
+        Some(Breaker {
+            drops: drops?,
+            within_secs: within?,
+            cooldown_secs: cooldown?,
+            max_cooldown_secs: max_cooldown?,
+            probe: Limit {
+                per_sec: probe_per_sec?,
+                burst: probe_burst?,
+            },
+            calm_secs: calm?,
+            action: b.action,
+        })
     }
 
     /// The `[[profiles]]`; `agents` holds the agents' names, which profiles may not take.
@@ -1687,6 +2102,10 @@ impl Checker<'_> {
                 .enumerate()
                 .filter_map(|(j, rule)| self.rule(rule, &at(&format!("egress[{j}]"))))
                 .collect();
+            let guards = self.guards(
+                (&p.connections, &p.quota, &p.breaker),
+                &format!("profiles[{i}]"),
+            );
 
             if self.issues.len() == before {
                 profiles.push(Profile {
@@ -1697,6 +2116,7 @@ impl Checker<'_> {
                     rate,
                     egress,
                     inspect: p.inspect,
+                    guards,
                 });
             }
         }
@@ -1920,11 +2340,46 @@ impl Checker<'_> {
             },
         };
 
+        let shared = match &r.shared {
+            Some(name) if r.action == Action::Deny => {
+                let msg = "a deny rule's packets never reach a shared limit; name the group on \
+                           an allow rule"
+                    .to_owned();
+                self.issue(name.span(), format!("{at}.shared"), msg);
+                None
+            }
+            Some(name) if !self.groups.contains(name.get_ref()) => {
+                let known = if self.groups.is_empty() {
+                    "there are no [[shared]] groups".to_owned()
+                } else {
+                    format!("known groups: {}", self.groups.join(", "))
+                };
+                let msg = format!("unknown shared group \"{}\"; {known}", name.get_ref());
+                self.issue(name.span(), format!("{at}.shared"), msg);
+                None
+            }
+            Some(name) => Some(name.get_ref().clone()),
+            None => None,
+        };
+        let always = match &r.always {
+            Some(always) if *always.get_ref() && r.action == Action::Deny => {
+                let msg = "always lets allowed packets through an open breaker; a deny rule \
+                           allows none"
+                    .to_owned();
+                self.issue(always.span(), format!("{at}.always"), msg);
+                false
+            }
+            Some(always) => *always.get_ref(),
+            None => false,
+        };
+
         (self.issues.len() == before).then_some(EgressRule {
             action: r.action,
             to,
             proto: r.proto,
             ports,
+            shared,
+            always,
         })
     }
 }
@@ -2134,8 +2589,11 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
                 ],
                 proto: Proto::Tcp,
                 ports: PortRange { lo: 443, hi: 443 },
+                shared: None,
+                always: false,
             }],
             inspect: false,
+            guards: Guards::default(),
         };
         assert_eq!(p.agents(), &[expected]);
     }
@@ -2384,12 +2842,12 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         assert_eq!(
             issue(&text),
             "p.toml:8:1: agents[0].egress[0].port: unknown field `port`, expected one of \
-             `action`, `to`, `proto`, `ports`"
+             `action`, `to`, `proto`, `ports`, `shared`, `always`"
         );
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
             "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
-             `agents`, `profiles`, `detectors`"
+             `agents`, `profiles`, `detectors`, `shared`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -2816,6 +3274,7 @@ egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
                 rate: coder.rate,
                 egress: coder.egress.clone(),
                 inspect: coder.inspect,
+                guards: coder.guards,
             }
         );
         let all = p.with_agents([a.clone()]);
@@ -2902,8 +3361,8 @@ egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
         assert_eq!(
             issue(&profile("name = \"p\"\ninterface = [\"x\"]\n")),
             "p.toml:7:1: profiles[0].interface: unknown field `interface`, expected one of \
-             `name`, `interfaces`, `mode`, `egress_default`, `rate`, `egress`, `inspect`, `id`, \
-             `prefixes`"
+             `name`, `interfaces`, `mode`, `egress_default`, `rate`, `egress`, `inspect`, \
+             `connections`, `quota`, `breaker`, `id`, `prefixes`"
         );
         assert_eq!(
             issue(&profile("interfaces = [\"x\"]\n")),
@@ -2913,6 +3372,385 @@ egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
             issue(&profile("name = \"bad name\"\n")),
             "p.toml:6:8: profiles[0].name: expected 1 to 64 characters from A-Z a-z 0-9 _ . -, \
              got \"bad name\""
+        );
+    }
+
+    /// The guards example of the module documentation, verbatim.
+    const GUARDS_EXAMPLE: &str = r#"[[shared]]
+name = "llm-api"          # unique, [A-Za-z0-9_.-]{1,64}; at most 1023 groups
+rate = { packets_per_sec = 5000, bytes_per_sec = 50_000_000 }  # as an agent's rate
+connections = { per_sec = 100, burst = 200 }                   # new TCP connections; at least one of rate and connections
+
+[[agents]]
+id = 2
+name = "runner"
+interfaces = ["veth-runner"]
+connections = { per_sec = 10, burst = 20 }   # new TCP connections (SYN without ACK); burst defaults to max(per_sec/10, 1)
+quota = { bytes_per_hour = 1_000_000_000, connections_per_day = 10_000 }  # also bytes_per_day, connections_per_hour; each optional, hours on the wall clock, days in UTC
+breaker = { drops = 50, within_secs = 10, cooldown_secs = 30, action = "reject" }
+# The 51st drop within 10 s opens the breaker: all the agent's traffic is refused for the
+# cooldown ("drop", the default, or "reject"), then new connections pass at probe_per_sec
+# (default 1, probe_burst 1) until calm_secs (default cooldown_secs) pass without a drop;
+# a drop while half-open reopens it with twice the cooldown, up to max_cooldown_secs
+# (default max(600, cooldown_secs)). Every duration is 1 to 86400 seconds.
+
+[[agents.egress]]
+action = "allow"
+to = ["api.example.com"]
+proto = "tcp"
+ports = 443
+shared = "llm-api"        # charge the group's shared limit (allow rules only)
+
+[[agents.egress]]
+action = "allow"
+to = ["10.0.0.53"]
+proto = "udp"
+ports = 53
+always = true             # passes an open breaker (the resolver, a control channel; allow rules only)
+"#;
+
+    #[test]
+    fn documented_guards_example_parses() {
+        let p = parse("policy.toml", GUARDS_EXAMPLE).unwrap();
+        assert_eq!(
+            p.shared(),
+            &[SharedGroup {
+                name: "llm-api".into(),
+                rate: Rate {
+                    packets: Some(Limit {
+                        per_sec: 5000,
+                        burst: 500
+                    }),
+                    bytes: Some(Limit {
+                        per_sec: 50_000_000,
+                        burst: 5_000_000
+                    }),
+                },
+                connections: Some(Limit {
+                    per_sec: 100,
+                    burst: 200
+                }),
+            }]
+        );
+        assert_eq!(p.shared_group("llm-api"), Some(1));
+        assert_eq!(p.shared_group("other"), None);
+        let a = &p.agents()[0];
+        assert_eq!(
+            a.guards,
+            Guards {
+                connections: Some(Limit {
+                    per_sec: 10,
+                    burst: 20
+                }),
+                quota: Quota {
+                    bytes_per_hour: Some(1_000_000_000),
+                    bytes_per_day: None,
+                    connections_per_hour: None,
+                    connections_per_day: Some(10_000),
+                },
+                breaker: Some(Breaker {
+                    drops: 50,
+                    within_secs: 10,
+                    cooldown_secs: 30,
+                    max_cooldown_secs: 600,
+                    probe: Limit {
+                        per_sec: 1,
+                        burst: 1
+                    },
+                    calm_secs: 30,
+                    action: BreakerAction::Reject,
+                }),
+            }
+        );
+        assert_eq!(
+            a.guards.quota.by_kind(),
+            [Some(1_000_000_000), None, None, Some(10_000)]
+        );
+        assert_eq!(
+            (a.egress[0].shared.as_deref(), a.egress[0].always),
+            (Some("llm-api"), false)
+        );
+        assert_eq!(
+            (a.egress[1].shared.as_deref(), a.egress[1].always),
+            (None, true)
+        );
+    }
+
+    #[test]
+    fn every_guard_field_parses() {
+        let text = "[[shared]]\nname = \"g1\"\nconnections = { per_sec = 7 }\n\
+                    [[shared]]\nname = \"g2\"\nrate = { packets_per_sec = 10, packets_burst = 3, bytes_per_sec = 2000, bytes_burst = 4000 }\n"
+            .to_owned()
+            + &agent(
+                "connections = { per_sec = 1000 }\n\
+                 quota = { bytes_per_hour = 1, bytes_per_day = 8_796_093_022_207, connections_per_hour = 3, connections_per_day = 4 }\n\
+                 breaker = { drops = 1_000_000, within_secs = 86400, cooldown_secs = 5, max_cooldown_secs = 5, probe_per_sec = 20, probe_burst = 4, calm_secs = 1, action = \"drop\" }\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nshared = \"g2\"\nalways = true\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nalways = false\n",
+            );
+        let p = parse("p.toml", &text).unwrap();
+        assert_eq!(
+            p.shared()[0],
+            SharedGroup {
+                name: "g1".into(),
+                rate: Rate::default(),
+                connections: Some(Limit {
+                    per_sec: 7,
+                    burst: 1
+                }),
+            }
+        );
+        assert_eq!(
+            p.shared()[1].rate,
+            Rate {
+                packets: Some(Limit {
+                    per_sec: 10,
+                    burst: 3
+                }),
+                bytes: Some(Limit {
+                    per_sec: 2000,
+                    burst: 4000
+                }),
+            }
+        );
+        assert_eq!(p.shared()[1].connections, None);
+        assert_eq!(p.shared_group("g2"), Some(2));
+        let g = p.agents()[0].guards;
+        assert_eq!(
+            g.connections,
+            Some(Limit {
+                per_sec: 1000,
+                burst: 100
+            })
+        );
+        assert_eq!(
+            g.quota.by_kind(),
+            [Some(1), Some(QUOTA_MAX), Some(3), Some(4)]
+        );
+        assert_eq!(
+            g.breaker,
+            Some(Breaker {
+                drops: 1_000_000,
+                within_secs: 86_400,
+                cooldown_secs: 5,
+                max_cooldown_secs: 5,
+                probe: Limit {
+                    per_sec: 20,
+                    burst: 4
+                },
+                calm_secs: 1,
+                action: BreakerAction::Drop,
+            })
+        );
+        let e = &p.agents()[0].egress;
+        assert_eq!((e[0].shared.as_deref(), e[0].always), (Some("g2"), true));
+        assert_eq!((e[1].shared.as_deref(), e[1].always), (None, false));
+    }
+
+    #[test]
+    fn guard_defaults() {
+        let p = parse("p.toml", &agent("")).unwrap();
+        assert_eq!(p.agents()[0].guards, Guards::default());
+        assert!(p.agents()[0].guards.is_empty());
+        assert!(p.shared().is_empty());
+
+        let guards = |extra: &str| parse("p.toml", &agent(extra)).unwrap().agents()[0].guards;
+        // Connection burst: a tenth of the rate, at least 1.
+        assert_eq!(
+            guards("connections = { per_sec = 9 }\n").connections,
+            Some(Limit {
+                per_sec: 9,
+                burst: 1
+            })
+        );
+        assert_eq!(
+            guards("connections = { per_sec = 250 }\n")
+                .connections
+                .unwrap()
+                .burst,
+            25
+        );
+        // A breaker with only drops.
+        let b = guards("breaker = { drops = 5 }\n").breaker.unwrap();
+        assert_eq!(
+            b,
+            Breaker {
+                drops: 5,
+                within_secs: 10,
+                cooldown_secs: 30,
+                max_cooldown_secs: 600,
+                probe: Limit {
+                    per_sec: 1,
+                    burst: 1
+                },
+                calm_secs: 30,
+                action: BreakerAction::Drop,
+            }
+        );
+        // calm follows the cooldown; the longest cooldown is at least the first.
+        let b = guards("breaker = { drops = 5, cooldown_secs = 900 }\n")
+            .breaker
+            .unwrap();
+        assert_eq!((b.max_cooldown_secs, b.calm_secs), (900, 900));
+        let b = guards("breaker = { drops = 5, cooldown_secs = 60, calm_secs = 2 }\n")
+            .breaker
+            .unwrap();
+        assert_eq!((b.max_cooldown_secs, b.calm_secs), (600, 2));
+        // An empty quota table is no quota; a guard alone makes the guards non-empty.
+        let g = guards("quota = {}\n");
+        assert!(g.quota.is_empty() && g.is_empty());
+        assert!(!guards("quota = { connections_per_hour = 5 }\n").is_empty());
+        assert!(!guards("breaker = { drops = 1 }\n").is_empty());
+    }
+
+    #[test]
+    fn profile_instances_inherit_guards() {
+        let text = "[[shared]]\nname = \"g\"\nconnections = { per_sec = 5 }\n\
+                    [[profiles]]\nname = \"p\"\ninterfaces = [\"agt-*\"]\n\
+                    connections = { per_sec = 2, burst = 3 }\n\
+                    quota = { bytes_per_day = 100 }\n\
+                    breaker = { drops = 4, action = \"reject\" }\n\
+                    egress = [ { action = \"allow\", to = [\"@any\"], shared = \"g\", always = true } ]\n";
+        let p = parse("p.toml", text).unwrap();
+        let profile = p.profile("p").unwrap();
+        assert_eq!(
+            profile.guards.connections,
+            Some(Limit {
+                per_sec: 2,
+                burst: 3
+            })
+        );
+        assert_eq!(profile.guards.quota.bytes_per_day, Some(100));
+        assert_eq!(
+            profile.guards.breaker.unwrap().action,
+            BreakerAction::Reject
+        );
+        let instance = profile.instance(9, "agt-1", &[]);
+        assert_eq!(instance.guards, profile.guards);
+        assert_eq!(instance.egress[0].shared.as_deref(), Some("g"));
+        assert!(instance.egress[0].always);
+    }
+
+    #[test]
+    fn bad_guards_are_located() {
+        let text = agent(
+            "connections = { per_sec = 0, burst = 0 }\n\
+             quota = { bytes_per_hour = 0, bytes_per_day = 8_796_093_022_208, connections_per_hour = -1 }\n\
+             breaker = { drops = 0, within_secs = 86401, cooldown_secs = 0, probe_per_sec = 0, probe_burst = 0, calm_secs = 100000 }\n",
+        );
+        assert_eq!(
+            issues(&text),
+            vec![
+                "p.toml:5:38: agents[0].connections.burst: expected a burst of at least 1 \
+                 connection, got 0",
+                "p.toml:5:27: agents[0].connections.per_sec: expected 1 to 1000000000 (omit \
+                 the field for no limit), got 0",
+                "p.toml:6:28: agents[0].quota.bytes_per_hour: expected 1 to 8796093022207 \
+                 (omit the field for no quota), got 0",
+                "p.toml:6:47: agents[0].quota.bytes_per_day: expected 1 to 8796093022207 (omit \
+                 the field for no quota), got 8796093022208",
+                "p.toml:6:89: agents[0].quota.connections_per_hour: expected 1 to \
+                 8796093022207 (omit the field for no quota), got -1",
+                "p.toml:7:21: agents[0].breaker.drops: expected 1 to 1000000, got 0",
+                "p.toml:7:38: agents[0].breaker.within_secs: expected 1 to 86400, got 86401",
+                "p.toml:7:61: agents[0].breaker.cooldown_secs: expected 1 to 86400, got 0",
+                "p.toml:7:80: agents[0].breaker.probe_per_sec: expected 1 to 1000000000, got 0",
+                "p.toml:7:97: agents[0].breaker.probe_burst: expected 1 to \
+                 18446744073709551615, got 0",
+                "p.toml:7:112: agents[0].breaker.calm_secs: expected 1 to 86400, got 100000",
+            ]
+        );
+        assert_eq!(
+            issue(&agent(
+                "breaker = { drops = 5, cooldown_secs = 60, max_cooldown_secs = 59 }\n"
+            )),
+            "p.toml:5:64: agents[0].breaker.max_cooldown_secs: expected at least cooldown_secs \
+             (60), got 59: the cooldown only grows up to it"
+        );
+        assert_eq!(
+            issue(&agent("breaker = { drops = 5, action = \"open\" }\n")),
+            "p.toml:5:33: agents[0].breaker.action: unknown variant `open`, expected `drop` or \
+             `reject`"
+        );
+        assert_eq!(
+            issue(&agent("breaker = { within_secs = 5 }\n")),
+            "p.toml:5:11: agents[0].breaker: missing field `drops`"
+        );
+        assert_eq!(
+            issue(&agent("connections = { burst = 5 }\n")),
+            "p.toml:5:15: agents[0].connections: missing field `per_sec`"
+        );
+        assert_eq!(
+            issue(&agent("quota = { bytes_per_week = 5 }\n")),
+            "p.toml:5:11: agents[0].quota.bytes_per_week: unknown field `bytes_per_week`, \
+             expected one of `bytes_per_hour`, `bytes_per_day`, `connections_per_hour`, \
+             `connections_per_day`"
+        );
+        // Profiles are checked the same way, under their own path.
+        assert_eq!(
+            issue(&profile("name = \"p\"\nbreaker = { drops = 0 }\n")),
+            "p.toml:7:21: profiles[0].breaker.drops: expected 1 to 1000000, got 0"
+        );
+    }
+
+    #[test]
+    fn bad_shared_groups_and_rule_guards_are_located() {
+        let text = "[[shared]]\nname = \"g\"\nrate = { packets_per_sec = 5 }\n\
+                    [[shared]]\nname = \"g\"\nconnections = { per_sec = 1 }\n\
+                    [[shared]]\nname = \"bad name\"\nrate = { packets_burst = 5 }\n\
+                    [[shared]]\nname = \"empty\"\n"
+            .to_owned()
+            + &agent(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nshared = \"nope\"\n\
+                 [[agents.egress]]\naction = \"deny\"\nto = [\"@any\"]\nshared = \"g\"\nalways = true\n",
+            );
+        assert_eq!(
+            issues(&text),
+            vec![
+                "p.toml:5:8: shared[1].name: name \"g\" is already used by shared[0]",
+                "p.toml:8:8: shared[2].name: expected 1 to 64 characters from A-Z a-z 0-9 _ . \
+                 -, got \"bad name\"",
+                "p.toml:9:26: shared[2].rate.packets_burst: packets_burst has no effect without \
+                 packets_per_sec; set packets_per_sec or remove packets_burst",
+                "p.toml:7:1: shared[2]: shared group \"bad name\" has no limit; give it a rate, \
+                 connections or both",
+                "p.toml:10:1: shared[3]: shared group \"empty\" has no limit; give it a rate, \
+                 connections or both",
+                "p.toml:19:10: agents[0].egress[0].shared: unknown shared group \"nope\"; known \
+                 groups: g, g, bad name, empty",
+                "p.toml:23:10: agents[0].egress[1].shared: a deny rule's packets never reach a \
+                 shared limit; name the group on an allow rule",
+                "p.toml:24:10: agents[0].egress[1].always: always lets allowed packets through \
+                 an open breaker; a deny rule allows none",
+            ]
+        );
+        assert_eq!(
+            issue(&agent(
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"@any\"]\nshared = \"g\"\n"
+            )),
+            "p.toml:8:10: agents[0].egress[0].shared: unknown shared group \"g\"; there are no \
+             [[shared]] groups"
+        );
+        assert_eq!(
+            issue("[[shared]]\nname = \"g\"\nconnections = { per_sec = 1 }\nlimit = 5\n"),
+            "p.toml:4:1: shared[0].limit: unknown field `limit`, expected one of `name`, \
+             `rate`, `connections`"
+        );
+        // Group ids are 10 bits: at most 1023 groups.
+        let groups = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("[[shared]]\nname = \"g{i}\"\nconnections = {{ per_sec = 1 }}\n"))
+                .collect()
+        };
+        assert_eq!(
+            issue(&groups(1024)),
+            "p.toml:3070:1: shared[1023]: at most 1023 shared groups are supported"
+        );
+        assert_eq!(
+            parse("p.toml", &groups(1023))
+                .unwrap()
+                .shared_group("g1022"),
+            Some(1023)
         );
     }
 }
