@@ -11,14 +11,16 @@ use std::{
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, AGENT_ACTIVE, AGENT_COARSE_CLOCK, AGENT_DEFAULT_ALLOW,
-    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy,
-    COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, PROTO_ANY, PortRule, RuleSet,
-    SNI_EXACT, SNI_WILDCARD, TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
+    AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AGENT_GUARDED, AGENT_MONITOR, AGENT_NAMES,
+    AGENT_RESTRICTED, AgentPolicy, COARSE_CLOCK_MIN_NS, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
+    PROTO_ANY, PortRule, RULE_ALWAYS, RULE_GROUP_MASK, RuleSet, SNI_EXACT, SNI_WILDCARD,
+    TIME_SHIFT, TlsPorts, UNITS_PER_SEC,
+    guard::{GUARD_BREAKER, GUARD_BREAKER_REJECT, GUARD_QUOTA, GuardPolicy, SharedPolicy},
 };
 
 use crate::policy::{
-    Action, Agent, Destination, EgressDefault, IpNet, Mode, NamePattern, Policy, PortRange, Proto,
-    UnknownTraffic,
+    Action, Agent, BreakerAction, Destination, EgressDefault, EgressRule, IpNet, Limit, Mode,
+    NamePattern, Policy, PortRange, Proto, Rate, SharedGroup, UnknownTraffic,
 };
 
 /// Server-name entries per slot, over all agents: half the `SNI` map, which holds both
@@ -94,6 +96,11 @@ pub struct Compiled {
     /// `(agent id, SNI_EXACT or SNI_WILDCARD, name, rules)`: the server names each agent may
     /// use (a wildcard as its suffix with the leading dot), sorted.
     pub server_names: Vec<(u32, u32, String, RuleSet)>,
+    /// `(agent id, guards)`, sorted by id: exactly the agents with `AGENT_GUARDED` (the
+    /// program reads `GUARD_POLICY` for no other).
+    pub guards: Vec<(u32, GuardPolicy)>,
+    /// `(group id, shared limit)` of every `[[shared]]` group, sorted by group.
+    pub shared: Vec<(u16, SharedPolicy)>,
 }
 
 /// Why a policy does not fit the maps or the host.
@@ -172,6 +179,32 @@ pub enum CompileError {
         /// Its value.
         value: u64,
     },
+    /// A guard's rate or burst cannot be expressed in the limiter's 64-bit time units.
+    #[error(
+        "agent \"{agent}\": {field} = {value} cannot be expressed in the rate limiter's \
+         64-bit time units (the burst would span more than 36 years)"
+    )]
+    GuardOutOfRange {
+        /// The agent's name.
+        agent: String,
+        /// The field, like `connections.burst`.
+        field: String,
+        /// Its value.
+        value: u64,
+    },
+    /// A shared group's rate or burst cannot be expressed in the limiter's time units.
+    #[error(
+        "shared group \"{group}\": {field} = {value} cannot be expressed in the rate \
+         limiter's 64-bit time units (the burst would span more than 36 years)"
+    )]
+    SharedOutOfRange {
+        /// The group's name.
+        group: String,
+        /// The field, like `rate.packets_burst`.
+        field: String,
+        /// Its value.
+        value: u64,
+    },
     /// The policy needs more entries of some map than it holds.
     #[error("policy needs {needed} {limit}, but the maps hold {max} ({})", limit.setting())]
     LimitExceeded {
@@ -191,8 +224,9 @@ pub enum CompileError {
 
 impl CompileError {
     /// The field of `policy` (the policy that failed to compile) the error is about, as
-    /// the validator names fields: `agents[2].id`, `agents[0].egress[1].to[0]`. `None`
-    /// only if the error names no agent of `policy`.
+    /// the validator names fields: `agents[2].id`, `agents[0].egress[1].to[0]`,
+    /// `shared[0].rate.packets_burst`. `None` only if the error names no agent or shared
+    /// group of `policy`.
     pub fn field(&self, policy: &Policy) -> Option<String> {
         let index = |name: &str| policy.agents().iter().position(|a| a.name == name);
         let agent_field =
@@ -232,6 +266,11 @@ impl CompileError {
                 agent_field(agent, &format!("rate.{field}"))
             }
             CompileError::LimitExceeded { agent, field, .. } => agent_field(agent, field),
+            CompileError::GuardOutOfRange { agent, field, .. } => agent_field(agent, field),
+            CompileError::SharedOutOfRange { group, field, .. } => {
+                let i = policy.shared().iter().position(|g| g.name == *group)?;
+                Some(format!("shared[{i}].{field}"))
+            }
         }
     }
 }
@@ -376,6 +415,12 @@ pub fn compile_agents<'a>(
     for (slot, port) in out.tls_ports.ports.iter_mut().zip(policy.tls_ports()) {
         *slot = *port;
     }
+    // Group ids are 1 + the index in document order (0 is no group), so already sorted.
+    for (i, group) in policy.shared().iter().enumerate() {
+        // The validator allows fewer than MAX_SHARED_GROUPS groups, so the id fits.
+        out.shared.push((i as u16 + 1, shared_policy(group)?));
+    }
+    let group_of = |name: &str| policy.shared_group(name).unwrap_or(0);
     // ifindex -> (agent, interface name), to name both sides if two names share an index.
     let mut iface_owner: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
     // Entries of each kind (in `LimitKind::ALL` order) each agent adds, in document order:
@@ -391,7 +436,12 @@ pub fn compile_agents<'a>(
                 max_agents: limits.max_agents,
             });
         }
-        out.agents.push((agent.id, agent_policy(agent)?));
+        let mut agent_entry = agent_policy(agent)?;
+        if let Some(guards) = guard_policy(agent)? {
+            agent_entry.flags |= AGENT_GUARDED;
+            out.guards.push((agent.id, guards));
+        }
+        out.agents.push((agent.id, agent_entry));
 
         for name in &agent.interfaces {
             // A sandbox's interface may come later than its policy: not an error.
@@ -428,8 +478,11 @@ pub fn compile_agents<'a>(
         // The kernel never looks up destinations for an unrestricted agent, so its entries
         // would only take map space.
         if restricted(agent) {
-            destinations(agent, IPPROTO_ICMP, prefix_v4, &mut out.destinations_v4)?;
-            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut out.destinations_v6)?;
+            let guard = |rule: &EgressRule| rule_guard(rule, &group_of);
+            let v4 = &mut out.destinations_v4;
+            destinations(agent, IPPROTO_ICMP, prefix_v4, &guard, v4)?;
+            let v6 = &mut out.destinations_v6;
+            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &guard, v6)?;
             server_names(agent, &mut out.server_names)?;
         }
         let after = out.entries();
@@ -440,6 +493,7 @@ pub fn compile_agents<'a>(
 
     destination_lookup(&mut out);
     out.agents.sort_by_key(|&(id, _)| id);
+    out.guards.sort_by_key(|&(id, _)| id);
     out.interfaces.sort();
     out.pending.sort();
     out.pending.dedup();
@@ -502,6 +556,7 @@ impl Compiled {
         let keep = |id: &u32| !ids.contains(id);
         let mut next = self;
         next.agents.retain(|(id, _)| keep(id));
+        next.guards.retain(|(id, _)| keep(id));
         next.interfaces.retain(|(_, id)| keep(id));
         next.source_hosts_v4.retain(|(_, id)| keep(id));
         next.source_hosts_v6.retain(|(_, id)| keep(id));
@@ -526,6 +581,11 @@ impl Compiled {
         // two runs and merges them.
         next.agents.extend(fragment.agents);
         next.agents.sort_by_key(|&(id, _)| id);
+        next.guards.extend(fragment.guards);
+        next.guards.sort_by_key(|&(id, _)| id);
+        // The shared groups are the policy's, not an agent's: a fragment compiled under
+        // the same policy has the same ones, and an empty fragment (an agent that went)
+        // none, so `next` keeps its own.
         next.interfaces.extend(fragment.interfaces);
         next.interfaces.sort();
         next.pending.extend(fragment.pending);
@@ -670,8 +730,9 @@ impl DestinationRules {
         if out.restricted {
             let mut v4 = Vec::new();
             let mut v6 = Vec::new();
-            destinations(agent, IPPROTO_ICMP, prefix_v4, &mut v4)?;
-            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &mut v6)?;
+            // Judging an address needs the rules' actions only, not their guard bits.
+            destinations(agent, IPPROTO_ICMP, prefix_v4, &|_| 0, &mut v4)?;
+            destinations(agent, IPPROTO_ICMPV6, prefix_v6, &|_| 0, &mut v6)?;
             out.v4 = v4.into_iter().map(|(_, p, r)| (p, r)).collect();
             out.v6 = v6.into_iter().map(|(_, p, r)| (p, r)).collect();
         }
@@ -802,31 +863,8 @@ fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
         }
     }
 
-    let (packet_cost, packet_tolerance) = match agent.rate.packets {
-        None => (0, 0),
-        Some(limit) => {
-            // A cost of 0 would read as "no limit" in the kernel, so it is out of range too.
-            let cost = UNITS_PER_SEC
-                .checked_div(limit.per_sec)
-                .filter(|&cost| cost > 0)
-                .ok_or_else(|| out_of_range("packets_per_sec", limit.per_sec))?;
-            let tolerance = u64::try_from(u128::from(limit.burst) * u128::from(cost))
-                .map_err(|_| out_of_range("packets_burst", limit.burst))?;
-            (cost, tolerance)
-        }
-    };
-
-    let (byte_rate, byte_tolerance) = match agent.rate.bytes {
-        None => (0, 0),
-        Some(limit) => {
-            let tolerance = (u128::from(limit.burst) * u128::from(UNITS_PER_SEC))
-                .checked_div(u128::from(limit.per_sec))
-                .ok_or_else(|| out_of_range("bytes_per_sec", limit.per_sec))?;
-            let tolerance =
-                u64::try_from(tolerance).map_err(|_| out_of_range("bytes_burst", limit.burst))?;
-            (limit.per_sec, tolerance)
-        }
-    };
+    let [packet_cost, packet_tolerance, byte_rate, byte_tolerance] =
+        rate_gcra(&agent.rate).map_err(|(field, value)| out_of_range(field, value))?;
 
     // The coarse clock lags by up to a tick: safe when every burst spans several ticks.
     let spans_ticks = |tolerance: u64| tolerance >> TIME_SHIFT >= COARSE_CLOCK_MIN_NS;
@@ -846,6 +884,153 @@ fn agent_policy(agent: &Agent) -> Result<AgentPolicy, CompileError> {
         // Filled in by `destination_lookup` once the destinations are known.
         ..AgentPolicy::default()
     })
+}
+
+/// Which half of a [`Limit`] cannot be expressed in the limiter's time units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unrepresentable {
+    /// The rate (its cost would be 0, which the kernel reads as no limit).
+    Rate,
+    /// The burst (its tolerance would pass 64 bits).
+    Burst,
+}
+
+/// GCRA parameters of a limit counted in events (packets, connections, probes): the cost of
+/// one event, `UNITS_PER_SEC / per_sec`, and the burst in time units, `burst * cost`.
+fn event_gcra(limit: Limit) -> Result<(u64, u64), Unrepresentable> {
+    // A cost of 0 would read as "no limit" in the kernel, so it is out of range too.
+    let cost = UNITS_PER_SEC
+        .checked_div(limit.per_sec)
+        .filter(|&cost| cost > 0)
+        .ok_or(Unrepresentable::Rate)?;
+    let tolerance = u64::try_from(u128::from(limit.burst) * u128::from(cost))
+        .map_err(|_| Unrepresentable::Burst)?;
+    Ok((cost, tolerance))
+}
+
+/// GCRA parameters of a bytes limit: the rate itself (the kernel divides by it per packet)
+/// and the burst in time units, `burst * UNITS_PER_SEC / per_sec`.
+fn byte_gcra(limit: Limit) -> Result<(u64, u64), Unrepresentable> {
+    let tolerance = (u128::from(limit.burst) * u128::from(UNITS_PER_SEC))
+        .checked_div(u128::from(limit.per_sec))
+        .ok_or(Unrepresentable::Rate)?;
+    let tolerance = u64::try_from(tolerance).map_err(|_| Unrepresentable::Burst)?;
+    Ok((limit.per_sec, tolerance))
+}
+
+/// `[packet_cost, packet_tolerance, byte_rate, byte_tolerance]` of a `rate` table (zeros for
+/// a limit not set), as `AgentPolicy` and `SharedPolicy` hold them; the error names the
+/// field of the table that cannot be expressed, and its value.
+fn rate_gcra(rate: &Rate) -> Result<[u64; 4], (&'static str, u64)> {
+    let (packet_cost, packet_tolerance) = match rate.packets {
+        None => (0, 0),
+        Some(limit) => event_gcra(limit).map_err(|e| match e {
+            Unrepresentable::Rate => ("packets_per_sec", limit.per_sec),
+            Unrepresentable::Burst => ("packets_burst", limit.burst),
+        })?,
+    };
+    let (byte_rate, byte_tolerance) = match rate.bytes {
+        None => (0, 0),
+        Some(limit) => byte_gcra(limit).map_err(|e| match e {
+            Unrepresentable::Rate => ("bytes_per_sec", limit.per_sec),
+            Unrepresentable::Burst => ("bytes_burst", limit.burst),
+        })?,
+    };
+    Ok([packet_cost, packet_tolerance, byte_rate, byte_tolerance])
+}
+
+/// Whether the program must run the guards for `agent`: it has a connection rate, a quota or
+/// a breaker, or a rule of it names a shared group or passes an open breaker.
+fn guarded(agent: &Agent) -> bool {
+    !agent.guards.is_empty() || agent.egress.iter().any(|r| r.shared.is_some() || r.always)
+}
+
+/// The `GUARD_POLICY` entry of `agent`, `None` when it has no guards (see [`guarded`]); an
+/// agent guarded only through its rules gets an entry of zeros, which the program reads as
+/// no connection rate, no quota and no breaker.
+fn guard_policy(agent: &Agent) -> Result<Option<GuardPolicy>, CompileError> {
+    if !guarded(agent) {
+        return Ok(None);
+    }
+    let out_of_range = |field: &str, value| CompileError::GuardOutOfRange {
+        agent: agent.name.clone(),
+        field: field.to_owned(),
+        value,
+    };
+    let mut out = GuardPolicy::default();
+    let guards = &agent.guards;
+    if let Some(limit) = guards.connections {
+        (out.conn_cost, out.conn_tolerance) = event_gcra(limit).map_err(|e| match e {
+            Unrepresentable::Rate => out_of_range("connections.per_sec", limit.per_sec),
+            Unrepresentable::Burst => out_of_range("connections.burst", limit.burst),
+        })?;
+    }
+    for (slot, quota) in out.quota.iter_mut().zip(guards.quota.by_kind()) {
+        *slot = quota.unwrap_or(0);
+    }
+    if !guards.quota.is_empty() {
+        out.flags |= GUARD_QUOTA;
+    }
+    if let Some(b) = guards.breaker {
+        out.flags |= GUARD_BREAKER;
+        if b.action == BreakerAction::Reject {
+            out.flags |= GUARD_BREAKER_REJECT;
+        }
+        // The validator bounds every duration by a day and drops by a million, so none of
+        // these products come near 64 bits, and the strike cost is at least 16,000.
+        let window = b.within_secs * UNITS_PER_SEC;
+        out.strike_cost = window / b.drops;
+        // `drops` strikes at once take the limiter to exactly its tolerance and the next one
+        // is refused: the breaker opens at drop `drops + 1` within the window. `drops *
+        // cost` rather than the window itself, which integer division can leave a cost
+        // above, admitting one strike more.
+        out.strike_tolerance = out.strike_cost * b.drops;
+        out.cooldown = b.cooldown_secs * UNITS_PER_SEC;
+        out.max_cooldown = b.max_cooldown_secs * UNITS_PER_SEC;
+        out.calm = b.calm_secs * UNITS_PER_SEC;
+        (out.probe_cost, out.probe_tolerance) = event_gcra(b.probe).map_err(|e| match e {
+            Unrepresentable::Rate => out_of_range("breaker.probe_per_sec", b.probe.per_sec),
+            Unrepresentable::Burst => out_of_range("breaker.probe_burst", b.probe.burst),
+        })?;
+    }
+    Ok(Some(out))
+}
+
+/// The `SHARED_POLICY` entry of a group.
+fn shared_policy(group: &SharedGroup) -> Result<SharedPolicy, CompileError> {
+    let out_of_range = |field: String, value| CompileError::SharedOutOfRange {
+        group: group.name.clone(),
+        field,
+        value,
+    };
+    let [packet_cost, packet_tolerance, byte_rate, byte_tolerance] = rate_gcra(&group.rate)
+        .map_err(|(field, value)| out_of_range(format!("rate.{field}"), value))?;
+    let (conn_cost, conn_tolerance) = match group.connections {
+        None => (0, 0),
+        Some(limit) => event_gcra(limit).map_err(|e| match e {
+            Unrepresentable::Rate => out_of_range("connections.per_sec".into(), limit.per_sec),
+            Unrepresentable::Burst => out_of_range("connections.burst".into(), limit.burst),
+        })?,
+    };
+    Ok(SharedPolicy {
+        packet_cost,
+        packet_tolerance,
+        byte_rate,
+        byte_tolerance,
+        conn_cost,
+        conn_tolerance,
+    })
+}
+
+/// A rule's `PortRule::guard` bits: its shared group's id (`group_of` resolves the name; the
+/// validator made sure it exists) and whether it passes an open breaker.
+fn rule_guard(rule: &EgressRule, group_of: &dyn Fn(&str) -> u16) -> u16 {
+    let group = rule.shared.as_deref().map_or(0, group_of) & RULE_GROUP_MASK;
+    if rule.always {
+        group | RULE_ALWAYS
+    } else {
+        group
+    }
 }
 
 fn prefix_v4(net: &IpNet) -> Option<Prefix<4>> {
@@ -956,11 +1141,13 @@ fn shadows(earlier: &PortRule, later: &PortRule) -> bool {
 }
 
 /// The destination entries of one agent in one address family. `prefix` picks and converts
-/// the family's prefixes; `icmp` is the family's ICMP protocol number.
+/// the family's prefixes; `icmp` is the family's ICMP protocol number; `guard` gives a
+/// rule's `PortRule::guard` bits.
 fn destinations<const N: usize>(
     agent: &Agent,
     icmp: u8,
     prefix: fn(&IpNet) -> Option<Prefix<N>>,
+    guard: &dyn Fn(&EgressRule) -> u16,
     out: &mut Vec<(u32, Prefix<N>, RuleSet)>,
 ) -> Result<(), CompileError> {
     // Each prefix named (kept as written too, for messages) with its rules, keyed for
@@ -980,7 +1167,7 @@ fn destinations<const N: usize>(
                 Proto::Icmp => icmp,
             },
             action,
-            guard: 0,
+            guard: guard(rule),
             port_lo: rule.ports.lo,
             port_hi: rule.ports.hi,
         };
@@ -1106,20 +1293,37 @@ mod tests {
     #[test]
     fn replacing_one_agent_equals_compiling_the_whole_policy_again() {
         let body = |id: u32| {
+            // Odd agents have guards of their own, agents 2 and 6 only a rule's.
+            let guards = match id % 4 {
+                1 => "connections = { per_sec = 10 }\nbreaker = { drops = 5 }\n",
+                3 => "quota = { bytes_per_day = 1_000_000 }\n",
+                _ => "",
+            };
+            let rule_guard = match id % 4 {
+                2 => "shared = \"api\"\n",
+                3 => "always = true\n",
+                _ => "",
+            };
             agent(
                 id,
                 &format!(
                     "prefixes = [\"10.0.0.{id}\", \"fd00::{id}\", \"10.{id}.0.0/16\"]\n\
-                     egress_default = \"deny\"\n\
-                     [[agents.egress]]\naction = \"allow\"\nto = [\"192.0.2.0/24\", \"2001:db8::/32\", \"api{id}.example.com\"]\nproto = \"tcp\"\nports = 443\n"
+                     egress_default = \"deny\"\n{guards}\
+                     [[agents.egress]]\naction = \"allow\"\nto = [\"192.0.2.0/24\", \"2001:db8::/32\", \"api{id}.example.com\"]\nproto = \"tcp\"\nports = 443\n{rule_guard}"
                 ),
             )
         };
-        let text = |ids: &[u32]| ids.iter().map(|&id| body(id)).collect::<String>();
+        let text = |ids: &[u32]| {
+            "[[shared]]\nname = \"api\"\nconnections = { per_sec = 50 }\n".to_owned()
+                + &ids.iter().map(|&id| body(id)).collect::<String>()
+        };
         let policy = parse("p.toml", &text(&[1, 2, 3, 4, 5, 6])).unwrap();
         // Only interfaces 2 and 6 exist, so the others are pending.
         let exists = |name: &str| ifindex(name).filter(|n| *n == 2 || *n == 6);
         let all = compile(&policy, &Limits::default(), &exists).unwrap();
+        let ids = |c: &Compiled| c.guards.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!(ids(&all), [1, 2, 3, 5, 6], "agent 4 has no guards");
+        assert_eq!(all.shared.len(), 1);
         // Agent 3 goes.
         let without = all
             .clone()
@@ -1154,6 +1358,30 @@ mod tests {
             without,
             compile(&expected, &Limits::default(), &exists).unwrap()
         );
+        assert_eq!(ids(&without), [1, 2, 3, 5]);
+        // Agent 1 changes: it loses its guards.
+        let changed = policy.agents()[0].clone();
+        let changed = crate::policy::Agent {
+            guards: crate::policy::Guards::default(),
+            ..changed
+        };
+        let fragment = compile_agents(&policy, [&changed], &Limits::default(), &exists).unwrap();
+        let after = without
+            .clone()
+            .replace_agents(
+                &BTreeSet::from([1]),
+                &[],
+                fragment,
+                &Limits::default(),
+                "a1",
+            )
+            .unwrap();
+        assert_eq!(ids(&after), [2, 3, 5]);
+        assert_eq!(after.agents[0].1.flags & AGENT_GUARDED, 0);
+        let mut whole = expected.own_agents().to_vec();
+        whole[0] = changed;
+        let recompiled = compile_agents(&expected, &whole, &Limits::default(), &exists).unwrap();
+        assert_eq!(after, recompiled);
         // One more agent than the maps hold is refused, and nothing changes.
         let tight = Limits {
             max_source_prefixes: 5,
@@ -1230,6 +1458,8 @@ ports = "443"
                     ports: [443, 0, 0, 0],
                 },
                 server_names: vec![],
+                guards: vec![],
+                shared: vec![],
             }
         );
     }
@@ -1906,5 +2136,215 @@ ports = 8443
             0,
             "90 ms of bytes"
         );
+    }
+
+    /// A GCRA limiter as the program runs it (`limits.rs`): whether an event at `now` passes.
+    fn gcra(tat: &mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
+        let new = (*tat).max(now) + cost;
+        if new - now > tolerance && !(*tat <= now && cost > tolerance) {
+            return false;
+        }
+        *tat = new;
+        true
+    }
+
+    #[test]
+    fn guard_math() {
+        assert_eq!(TIME_SHIFT, 4, "the expectations below assume 1/16 ns units");
+        let c = ok(&agent(
+            1,
+            "connections = { per_sec = 10, burst = 20 }\n\
+             quota = { bytes_per_hour = 1_000_000, connections_per_day = 7 }\n\
+             breaker = { drops = 50, within_secs = 10, cooldown_secs = 30, action = \"reject\" }\n",
+        ));
+        assert_eq!(c.agents[0].1.flags & AGENT_GUARDED, AGENT_GUARDED);
+        assert_eq!(
+            c.guards,
+            vec![(
+                1,
+                GuardPolicy {
+                    flags: GUARD_BREAKER | GUARD_BREAKER_REJECT | GUARD_QUOTA,
+                    _pad: 0,
+                    conn_cost: UNITS_PER_SEC / 10,
+                    conn_tolerance: 20 * (UNITS_PER_SEC / 10),
+                    // 10 s over 50 drops: 0.2 s a strike, the whole window of tolerance.
+                    strike_cost: 3_200_000_000,
+                    strike_tolerance: 160_000_000_000,
+                    cooldown: 30 * UNITS_PER_SEC,
+                    max_cooldown: 600 * UNITS_PER_SEC,
+                    probe_cost: UNITS_PER_SEC,
+                    probe_tolerance: UNITS_PER_SEC,
+                    calm: 30 * UNITS_PER_SEC,
+                    quota: [1_000_000, 0, 0, 7],
+                }
+            )]
+        );
+        // Connection burst default: a tenth of the rate.
+        let g = ok(&agent(1, "connections = { per_sec = 1000 }\n")).guards[0].1;
+        assert_eq!(
+            (g.conn_cost, g.conn_tolerance),
+            (16_000_000, 100 * 16_000_000)
+        );
+        assert_eq!(g.flags, 0, "no breaker, no quota");
+        let g = ok(&agent(
+            1,
+            "breaker = { drops = 1, within_secs = 1, cooldown_secs = 5, max_cooldown_secs = 40, \
+             probe_per_sec = 4, probe_burst = 2, calm_secs = 3 }\n",
+        ))
+        .guards[0]
+            .1;
+        assert_eq!(g.flags, GUARD_BREAKER);
+        assert_eq!(
+            (g.strike_cost, g.strike_tolerance),
+            (UNITS_PER_SEC, UNITS_PER_SEC)
+        );
+        assert_eq!(
+            (g.cooldown, g.max_cooldown, g.calm),
+            (5 * UNITS_PER_SEC, 40 * UNITS_PER_SEC, 3 * UNITS_PER_SEC)
+        );
+        assert_eq!(
+            (g.probe_cost, g.probe_tolerance),
+            (UNITS_PER_SEC / 4, UNITS_PER_SEC / 2)
+        );
+    }
+
+    #[test]
+    fn the_breaker_opens_at_the_drop_after_drops() {
+        // Windows that divide evenly and ones that do not, drops up to the maximum: `drops`
+        // strikes at one instant pass the strike limiter, the next one opens the breaker.
+        for (drops, within) in [
+            (1, 1),
+            (3, 1),
+            (7, 10),
+            (50, 10),
+            (999_999, 1),
+            (1_000_000, 1),
+            (123_457, 86_400),
+        ] {
+            let g = ok(&agent(
+                1,
+                &format!("breaker = {{ drops = {drops}, within_secs = {within} }}\n"),
+            ))
+            .guards[0]
+                .1;
+            let now = 1 << 40;
+            let mut tat = 0;
+            for k in 0..drops {
+                assert!(
+                    gcra(&mut tat, now, g.strike_cost, g.strike_tolerance),
+                    "{drops} in {within} s: strike {k} refused"
+                );
+            }
+            assert!(
+                !gcra(&mut tat, now, g.strike_cost, g.strike_tolerance),
+                "{drops} in {within} s: strike {drops} passed"
+            );
+            // Spread evenly over the window, the strikes never open it.
+            let mut tat = 0;
+            for k in 0..drops.min(1000) {
+                let at = now + k * g.strike_cost;
+                assert!(gcra(&mut tat, at, g.strike_cost, g.strike_tolerance));
+            }
+        }
+    }
+
+    #[test]
+    fn rules_carry_their_group_and_always_bits() {
+        let text = "[[shared]]\nname = \"one\"\nconnections = { per_sec = 5 }\n\
+                    [[shared]]\nname = \"two\"\n\
+                    rate = { packets_per_sec = 1000, bytes_per_sec = 1_000_000 }\n"
+            .to_owned()
+            + &agent(
+                1,
+                "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.53\"]\nproto = \"udp\"\nports = 53\nalways = true\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\nproto = \"tcp\"\nports = 443\nshared = \"two\"\nalways = true\n\
+                 [[agents.egress]]\naction = \"allow\"\nto = [\"10.1.0.0/16\"]\nproto = \"tcp\"\nports = 80\nshared = \"one\"\n\
+                 [[agents.egress]]\naction = \"deny\"\nto = [\"10.1.2.0/24\"]\n",
+            );
+        let c = ok(&text);
+        assert_eq!(
+            c.shared,
+            vec![
+                (
+                    1,
+                    SharedPolicy {
+                        conn_cost: UNITS_PER_SEC / 5,
+                        conn_tolerance: UNITS_PER_SEC / 5,
+                        ..SharedPolicy::default()
+                    }
+                ),
+                (
+                    2,
+                    SharedPolicy {
+                        packet_cost: 16_000_000,
+                        packet_tolerance: 100 * 16_000_000,
+                        byte_rate: 1_000_000,
+                        byte_tolerance: UNITS_PER_SEC / 10,
+                        conn_cost: 0,
+                        conn_tolerance: 0,
+                    }
+                ),
+            ]
+        );
+        // Guarded only through its rules: an entry of zeros.
+        assert_eq!(c.agents[0].1.flags & AGENT_GUARDED, AGENT_GUARDED);
+        assert_eq!(c.guards, vec![(1, GuardPolicy::default())]);
+        let guarded = |ports, guard| PortRule {
+            guard,
+            ..allow(IPPROTO_TCP, ports)
+        };
+        let https = guarded((443, 443), 2 | RULE_ALWAYS);
+        let http = guarded((80, 80), 1);
+        let dns = PortRule {
+            guard: RULE_ALWAYS,
+            ..allow(IPPROTO_UDP, (53, 53))
+        };
+        assert_eq!(
+            c.destinations_v4,
+            vec![
+                (1, v4("10.0.0.53/32"), set(&[dns])),
+                (1, v4("10.1.0.0/16"), set(&[https, http])),
+                // The deny of every port decides everything: the covering rules are dead.
+                (1, v4("10.1.2.0/24"), set(&[deny(PROTO_ANY, ALL)])),
+            ]
+        );
+        // No guards anywhere: no entry, no flag, no bits.
+        let plain = ok(&agent(
+            1,
+            "[[agents.egress]]\naction = \"allow\"\nto = [\"10.0.0.0/8\"]\n",
+        ));
+        assert!(plain.guards.is_empty() && plain.shared.is_empty());
+        assert_eq!(plain.agents[0].1.flags & AGENT_GUARDED, 0);
+        assert_eq!(plain.destinations_v4[0].2.rules[0].guard, 0);
+    }
+
+    #[test]
+    fn guards_out_of_range_name_their_field() {
+        let text = agent(1, "connections = { per_sec = 1, burst = 9_000_000_000 }\n");
+        let policy = parse("p.toml", &text).unwrap();
+        let err = compile(&policy, &Limits::default(), &ifindex).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent \"a1\": connections.burst = 9000000000 cannot be expressed in the rate \
+             limiter's 64-bit time units (the burst would span more than 36 years)"
+        );
+        assert_eq!(err.field(&policy).unwrap(), "agents[0].connections.burst");
+        let text = agent(1, "breaker = { drops = 1, probe_burst = 9_000_000_000 }\n");
+        let policy = parse("p.toml", &text).unwrap();
+        let err = compile(&policy, &Limits::default(), &ifindex).unwrap_err();
+        assert_eq!(err.field(&policy).unwrap(), "agents[0].breaker.probe_burst");
+        let text = "[[shared]]\nname = \"g\"\n\
+                    rate = { packets_per_sec = 1, packets_burst = 9_000_000_000 }\n";
+        let policy = parse("p.toml", text).unwrap();
+        let err = compile(&policy, &Limits::default(), &ifindex).unwrap_err();
+        assert_eq!(
+            err,
+            CompileError::SharedOutOfRange {
+                group: "g".into(),
+                field: "rate.packets_burst".into(),
+                value: 9_000_000_000,
+            }
+        );
+        assert_eq!(err.field(&policy).unwrap(), "shared[0].rate.packets_burst");
     }
 }
