@@ -61,6 +61,16 @@ fn agent_text(id: u32, version: u64) -> String {
             1,
         );
     }
+    // Guards of their own on some agents, changing with the version: GUARD_POLICY entries
+    // come, go and change.
+    match id % 4 {
+        1 => t += &format!("connections = {{ per_sec = {} }}\n", 10 + version),
+        2 => t += &format!("breaker = {{ drops = {} }}\n", 5 + version % 2),
+        _ => {}
+    }
+    if version % 3 == 0 && id.is_multiple_of(5) {
+        t += "quota = { bytes_per_hour = 1_000_000 }\n";
+    }
     if version % 4 == 3 {
         // Unrestricted: no destination entries at all.
         t += "egress_default = \"allow\"\n";
@@ -72,6 +82,13 @@ fn agent_text(id: u32, version: u64) -> String {
         id % 250,
         443 + version % 3
     );
+    // Guarded through a rule only: a shared group (which exists whenever an agent does) or
+    // an always-allowed rule.
+    if id % 6 == 0 {
+        t += "shared = \"g0\"\n";
+    } else if id % 6 == 3 && version % 2 == 0 {
+        t += "always = true\n";
+    }
     if id.is_multiple_of(3) {
         // Nine prefix lengths: this agent's IPv4 destinations live in the LPM trie.
         let to: Vec<String> = (0..9)
@@ -96,6 +113,17 @@ fn compiled(agents: &BTreeMap<u32, u64>, limits: &Limits) -> Compiled {
         text += "agents = []\n";
     }
     text += "[defaults]\nunknown = \"drop\"\n";
+    // One to three shared groups whose limits follow the policy, none without agents:
+    // SHARED_POLICY entries come, go and change.
+    if !agents.is_empty() {
+        let groups = 1 + agents.values().sum::<u64>() % 3;
+        for k in 0..groups {
+            text += &format!(
+                "[[shared]]\nname = \"g{k}\"\nconnections = {{ per_sec = {} }}\n",
+                10 + agents.len() as u64 + k
+            );
+        }
+    }
     for (&id, &version) in agents {
         text += &agent_text(id, version);
     }
@@ -160,6 +188,8 @@ fn incremental_applies_leave_both_slots_as_whole_writes_would() {
             let theirs = reference.maps().current_state().unwrap().active_slot;
             let mut got = dp.maps().slot_entries(active).unwrap();
             let mut want = reference.maps().slot_entries(theirs).unwrap();
+            // The test covers the guards only if the policies have them.
+            assert!(!want.guards.is_empty() && !want.shared.is_empty() || agents.is_empty());
             // Overflow placement depends on seeds and history; the mappings must not.
             (got.map_entries, want.map_entries) = (0, 0);
             assert_eq!(

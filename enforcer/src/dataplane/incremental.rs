@@ -18,8 +18,9 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use enforcer_common::{
     AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key, DstV6Key, HostV4Key, HostV6Key,
     IfaceKey, LpmV4, LpmV6, OWNER_BITS, RuleSet, SniKey, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4,
-    TABLE_SRC_V6, TableBucket, TableConfig, dst_key_v4, dst_key_v6, maps, owner, owner_word,
-    src_key_v4, src_key_v6, table_bucket,
+    TABLE_SRC_V6, TableBucket, TableConfig, dst_key_v4, dst_key_v6,
+    guard::{GuardPolicy, MAX_SHARED_GROUPS, SharedPolicy},
+    maps, owner, owner_word, src_key_v4, src_key_v6, table_bucket,
 };
 
 use super::{KernelMaps, MapsError, err, slot_config};
@@ -502,6 +503,55 @@ impl KernelMaps {
                 .map_err(err("writing", maps::AGENTS))?;
         }
 
+        // Guards at the agents' indices: an agent that lost its guards is zeroed.
+        let mut zero = Vec::new();
+        let mut write = Vec::new();
+        diff_sorted(
+            &from.guards,
+            &to.guards,
+            |(id, _)| *id,
+            |a, b| a.1 == b.1,
+            |(id, _)| zero.push(*id),
+            |(id, g)| write.push((*id, *g)),
+        );
+        for id in zero {
+            if !write.iter().any(|(w, _)| *w == id) {
+                self.guard_policy
+                    .set(base + id, GuardPolicy::default(), 0)
+                    .map_err(err("clearing", maps::GUARD_POLICY))?;
+            }
+        }
+        for (id, guards) in write {
+            self.guard_policy
+                .set(base + id, guards, 0)
+                .map_err(err("writing", maps::GUARD_POLICY))?;
+        }
+
+        // Shared groups, at `group << 1 | slot`.
+        let mut zero = Vec::new();
+        let mut write = Vec::new();
+        diff_sorted(
+            &from.shared,
+            &to.shared,
+            |(group, _)| *group,
+            |a, b| a.1 == b.1,
+            |(group, _)| zero.push(*group),
+            |(group, p)| write.push((*group, *p)),
+        );
+        let shared_key = |group: u16| u32::from(group) << 1 | slot;
+        for group in zero {
+            if !write.iter().any(|(w, _)| *w == group) {
+                self.shared_policy
+                    .set(shared_key(group), SharedPolicy::default(), 0)
+                    .map_err(err("clearing", maps::SHARED_POLICY))?;
+            }
+        }
+        for (group, policy) in write {
+            self.shared_policy
+                .set(shared_key(group), policy, 0)
+                .map_err(err("writing", maps::SHARED_POLICY))?;
+        }
+
         // Interfaces.
         let (mut out, mut put) = (Vec::new(), Vec::new());
         diff_sorted(
@@ -761,6 +811,10 @@ pub struct SlotEntries {
     pub destination_prefixes: Vec<(u32, Vec<u8>, RuleSet)>,
     /// `SNI`: (agent id, kind, name bytes, rules).
     pub server_names: Vec<(u32, u32, Vec<u8>, RuleSet)>,
+    /// Non-empty `GUARD_POLICY` entries: (agent id, guards).
+    pub guards: Vec<(u32, GuardPolicy)>,
+    /// Non-empty `SHARED_POLICY` entries: (group id, shared limit).
+    pub shared: Vec<(u16, SharedPolicy)>,
     /// Entries of the hash and LPM maps in this slot, each counted once (tables excluded).
     pub map_entries: usize,
 }
@@ -805,6 +859,23 @@ impl KernelMaps {
                 .map_err(err("reading", maps::AGENTS))?;
             if policy != AgentPolicy::default() {
                 e.agents.push((id, policy));
+            }
+            let guards = self
+                .guard_policy
+                .get(&(slot * self.stride + id), 0)
+                .map_err(err("reading", maps::GUARD_POLICY))?;
+            if guards != GuardPolicy::default() {
+                e.guards.push((id, guards));
+            }
+        }
+        for group in 0..MAX_SHARED_GROUPS {
+            let policy = self
+                .shared_policy
+                .get(&(group << 1 | slot), 0)
+                .map_err(err("reading", maps::SHARED_POLICY))?;
+            if policy != SharedPolicy::default() {
+                // Below MAX_SHARED_GROUPS, so it fits.
+                e.shared.push((group as u16, policy));
             }
         }
         for item in self.ifaces.iter() {

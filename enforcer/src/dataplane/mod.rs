@@ -59,7 +59,7 @@ use enforcer_common::{
     State, TABLE_DST_V4, TABLE_DST_V6, TABLE_SRC_V4, TABLE_SRC_V6, TIME_SHIFT, TableBucket,
     TableBucket1, TableBucket2, TableBucket3, TableConfig, TlsPorts, UNKNOWN_AGENT, dst_key_v4,
     dst_key_v6,
-    guard::{GuardConfig, GuardPolicy, GuardState, SharedBucket, SharedPolicy},
+    guard::{GuardConfig, GuardPolicy, GuardState, MAX_SHARED_GROUPS, SharedBucket, SharedPolicy},
     maps, owner, owner_word, programs, src_key_v4, src_key_v6,
 };
 use thiserror::Error;
@@ -2010,6 +2010,40 @@ impl PolicyMaps for KernelMaps {
             .collect();
         let cleared = vec![AgentPolicy::default(); used.len()];
         update_batch(&mut self.agents, &used, &cleared, maps::AGENTS)?;
+        // Guards at the same indices, read the same way.
+        let all: Vec<GuardPolicy> = lookup_batch(
+            self.guard_policy.map(),
+            base + self.stride,
+            1,
+            maps::GUARD_POLICY,
+        )?;
+        let used: Vec<u32> = (base..)
+            .zip(all.get(base as usize..).unwrap_or_default())
+            .filter(|(_, policy)| **policy != GuardPolicy::default())
+            .map(|(key, _)| key)
+            .collect();
+        let cleared = vec![GuardPolicy::default(); used.len()];
+        update_batch(&mut self.guard_policy, &used, &cleared, maps::GUARD_POLICY)?;
+        // Shared groups interleave the slots (`group << 1 | slot`): the whole map is 2,048
+        // entries, one batch.
+        let all: Vec<SharedPolicy> = lookup_batch(
+            self.shared_policy.map(),
+            2 * MAX_SHARED_GROUPS,
+            1,
+            maps::SHARED_POLICY,
+        )?;
+        let used: Vec<u32> = (0..)
+            .zip(&all)
+            .filter(|(key, policy)| key & 1 == slot && **policy != SharedPolicy::default())
+            .map(|(key, _)| key)
+            .collect();
+        let cleared = vec![SharedPolicy::default(); used.len()];
+        update_batch(
+            &mut self.shared_policy,
+            &used,
+            &cleared,
+            maps::SHARED_POLICY,
+        )?;
         let slot_owner = slot.to_be_bytes();
         remove_where!(self.ifaces, maps::IFACES, |k: &IfaceKey| k.slot == slot);
         remove_where!(self.src_host_v4, maps::SRC_HOST_V4, |k: &HostV4Key| k.slot
@@ -2067,6 +2101,15 @@ impl PolicyMaps for KernelMaps {
         let (ids, policies): (Vec<u32>, Vec<AgentPolicy>) =
             c.agents.iter().map(|(id, p)| (base + id, *p)).unzip();
         update_batch(&mut self.agents, &ids, &policies, maps::AGENTS)?;
+        let (ids, guards): (Vec<u32>, Vec<GuardPolicy>) =
+            c.guards.iter().map(|(id, g)| (base + id, *g)).unzip();
+        update_batch(&mut self.guard_policy, &ids, &guards, maps::GUARD_POLICY)?;
+        let (ids, shared): (Vec<u32>, Vec<SharedPolicy>) = c
+            .shared
+            .iter()
+            .map(|(group, p)| (u32::from(*group) << 1 | slot, *p))
+            .unzip();
+        update_batch(&mut self.shared_policy, &ids, &shared, maps::SHARED_POLICY)?;
         for &(ifindex, agent) in &c.interfaces {
             self.ifaces
                 .insert(IfaceKey { slot, ifindex }, agent, 0)
