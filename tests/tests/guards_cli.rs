@@ -211,3 +211,133 @@ fn quota_use_survives_pins_removed() {
     assert_eq!(lab.maps().guard_state(1).unwrap().quota, [0; 4]);
     lab.stop_daemon(libc::SIGTERM);
 }
+
+/// End to end, with the policy's guards (the compile step fills `GUARD_POLICY`): drops open
+/// the breaker, the transition is an audit record of its own and a metric, the agent's
+/// allowed traffic is refused as `breaker_open` until `breaker reset`, and the quotas show
+/// their limits and use.
+#[test]
+fn drops_open_the_breaker_and_the_trail_says_so() {
+    if !require_root("drops_open_the_breaker_and_the_trail_says_so") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    lab.write_policy(&POLICY.replace(
+        "rate = { packets_per_sec = 100000 }\n",
+        "rate = { packets_per_sec = 100000 }\n\
+         breaker = { drops = 3, within_secs = 10, cooldown_secs = 600 }\n\
+         quota = { bytes_per_hour = 1_000_000, connections_per_day = 100 }\n",
+    ));
+    lab.start_daemon();
+    let agent = lab.cli_json(&["agent", "coder"]);
+    check_schema("agent", &agent);
+    assert_eq!(agent["guards"]["breaker"]["state"], "closed", "{agent}");
+    assert_eq!(agent["guards"]["breaker"]["action"], "drop", "{agent}");
+    assert_eq!(lab.cli_json(&["agents"])[0]["breaker"], "closed");
+
+    // Three datagrams pass and count against the byte quota; the fourth drop of ten opens.
+    let (_ok, _denied) = lab.udp_9000_traffic(3, 10);
+    let agent = lab.cli_json(&["agent", "coder"]);
+    check_schema("agent", &agent);
+    let g = &agent["guards"];
+    assert_eq!(g["breaker"]["state"], "open", "{agent}");
+    assert_eq!(g["breaker"]["cooldown_level"], 0, "{agent}");
+    assert_eq!(g["trips"], 1, "{agent}");
+    let bytes = &g["quotas"]["bytes_per_hour"];
+    assert_eq!(bytes["limit"], 1_000_000, "{agent}");
+    let used = bytes["used"].as_u64().unwrap();
+    assert!(used > 0 && used < 1000, "{agent}");
+    assert_eq!(g["quotas"]["connections_per_day"]["used"], 0, "{agent}");
+    assert!(g["quotas"].get("bytes_per_day").is_none(), "{agent}");
+
+    // Allowed traffic is refused while open.
+    enforcer::lab::udp_send(
+        lab.agent(1),
+        integration_tests::sa(integration_tests::SERVER_V4, 9000),
+        None,
+        b"x",
+        2,
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    let agent = lab.cli_json(&["agent", "coder"]);
+    assert_eq!(agent["counters"]["breaker_open"]["packets"], 2, "{agent}");
+
+    // The transition in the audit log, once, with the cooldown's end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let opened = loop {
+        let tail = lab.run_cli(&["--json", "audit", "tail", "-n", "50"]);
+        let found: Vec<Value> = tail
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["event"] == "breaker_opened")
+            .collect();
+        if !found.is_empty() {
+            assert_eq!(found.len(), 1, "{}", tail.stdout);
+            break found[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no breaker_opened record: {}",
+            tail.stdout
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    check_schema("audit-record", &opened);
+    assert_eq!(opened["agent_name"], "coder", "{opened}");
+    assert_eq!(opened["reason"], "egress_denied", "{opened}");
+    assert_eq!(opened["cooldown_level"], 0, "{opened}");
+    assert!(opened["open_until"].is_string(), "{opened}");
+    let table = lab.run_cli(&["audit", "tail", "-n", "50"]);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.contains("breaker_opened") && l.contains("open until")),
+        "{}",
+        table.stdout
+    );
+
+    let metrics = lab.scrape_metrics();
+    for (series, value) in [
+        (
+            "enforcer_guard_transitions_total{event=\"breaker_opened\"}",
+            1.0,
+        ),
+        ("enforcer_breakers{state=\"open\"}", 1.0),
+        ("enforcer_breaker_trips_total", 1.0),
+        (
+            "enforcer_agents_packets_total{reason=\"breaker_open\",verdict=\"drop\"}",
+            2.0,
+        ),
+    ] {
+        assert_eq!(metrics.get(series), Some(&value), "{series}: {metrics:?}");
+    }
+
+    // Reset: allowed traffic passes again; quota use and trips stay.
+    let (code, reset) = lab.run_cli_json(&["breaker", "reset", "coder"]);
+    assert_eq!(code, 0, "{reset}");
+    assert_eq!(reset["was"], "open");
+    assert_eq!(reset["trips"], 1);
+    enforcer::lab::udp_send(
+        lab.agent(1),
+        integration_tests::sa(integration_tests::SERVER_V4, 9000),
+        None,
+        b"x",
+        2,
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    let agent = lab.cli_json(&["agent", "coder"]);
+    assert_eq!(agent["guards"]["breaker"]["state"], "closed", "{agent}");
+    assert_eq!(agent["counters"]["allowed"]["packets"], 5, "{agent}");
+    assert!(
+        agent["guards"]["quotas"]["bytes_per_hour"]["used"]
+            .as_u64()
+            .unwrap()
+            > used,
+        "{agent}"
+    );
+    lab.stop_daemon(libc::SIGTERM);
+}
