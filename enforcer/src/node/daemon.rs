@@ -6,6 +6,11 @@
 //! ([`Daemon::apply_text`]): the file on SIGHUP, `policy apply` and `mode` from the API.
 //! Parse, validate and compile happen before any map is touched, so a rejected policy
 //! leaves the running one intact.
+//!
+//! Guards ([`guards`]): right after loading, and every minute, the daemon writes the wall
+//! clock's offset the quota windows are numbered by, and saves every agent's quota use to
+//! `state_dir/quotas.json`; a `GUARDS` map no pin kept gets that use back before anything is
+//! attached.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

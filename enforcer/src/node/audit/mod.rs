@@ -29,6 +29,10 @@
 //! of that generation's policy text, null when the reader does not know it (events left in
 //! the pinned ring from before the daemon started).
 //!
+//! A guard's transition (a breaker opened, half-open or closed, a quota used up) is a
+//! [`GuardRecord`] instead: `event` names it, `reason` is the reason of the packet that
+//! caused it, and it has no tuple. Transitions are never folded into summaries.
+//!
 //! # Hash chain
 //! `prev` is the hex SHA-256 of the previous line's exact bytes, without its newline; the
 //! first line of a file has 64 zeros. The verifier hashes the raw bytes it read and never
