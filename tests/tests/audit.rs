@@ -565,6 +565,7 @@ fn reader_task_writes_a_verifiable_chained_log() {
                 context_rx,
                 user_rx,
                 reopen_rx,
+                audit::GuardAudit::default(),
                 async move {
                     let _ = stop_rx.await;
                 },

@@ -17,6 +17,7 @@ const SCHEMAS: &[&str] = &[
     "agents",
     "audit-record",
     "audit-verify",
+    "breaker-reset",
     "certs",
     "doctor",
     "error",
@@ -135,6 +136,7 @@ fn every_command_prints_json_that_matches_its_schema() {
     );
     assert!(std::path::Path::new(made["clients"]["node-1"]["cert"].as_str().unwrap()).exists());
     check(&lab, &["mode", "coder", "monitor"], 0, "mode");
+    check(&lab, &["breaker", "reset", "coder"], 0, "breaker-reset");
     check(&lab, &["policy", "diff", candidate], 0, "policy-diff");
     check(&lab, &["policy", "apply", candidate], 0, "policy-apply");
 

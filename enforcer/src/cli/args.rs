@@ -31,6 +31,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `enforcer breaker reset`.
+#[derive(Subcommand)]
+pub enum BreakerCommand {
+    /// Close an agent's circuit breaker now: its traffic is judged as usual again (quotas
+    /// and the trip count stay). Audited with who asked.
+    Reset {
+        /// Agent id, name or interface.
+        agent: String,
+    },
+}
+
 /// `enforcer agent add|remove|wait`: agents of sandboxes, for runtimes and orchestrators.
 #[derive(Subcommand)]
 pub enum AgentCommand {
@@ -118,6 +129,11 @@ pub enum Command {
         /// Drop the runtime override: the agent runs in the mode its policy names.
         #[arg(long, conflicts_with = "mode")]
         clear: bool,
+    },
+    /// Circuit breakers of runaway agents.
+    Breaker {
+        #[command(subcommand)]
+        command: BreakerCommand,
     },
     /// The audit trail of denials.
     Audit {

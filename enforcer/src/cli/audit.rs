@@ -167,6 +167,21 @@ pub(super) fn tail_row(line: &str) -> String {
             ),
         );
     }
+    if let Some(event) = text(&r["event"]) {
+        // A guard's transition: the event in the reason's place, what caused it and what
+        // it carries after.
+        let mut details = vec![format!("(reason {})", dash(text(&r["reason"])))];
+        if let Some(level) = r["cooldown_level"].as_u64() {
+            details.push(format!("cooldown level {level}"));
+        }
+        if let Some(until) = text(&r["open_until"]) {
+            details.push(format!("open until {until}"));
+        }
+        if let Some(quota) = text(&r["quota"]) {
+            details.push(format!("quota {quota}"));
+        }
+        return tail_cells(&time, &agent, "-", &event, "-", "", &details.join(", "));
+    }
     let mut details = Vec::new();
     if r.get("ktime_ns").is_none() {
         // Decided in user space (the resolver, the proxy, the API) or about the log itself.
@@ -318,6 +333,36 @@ mod tests {
 
     fn words(s: &str) -> Vec<&str> {
         s.split_whitespace().collect()
+    }
+
+    #[test]
+    fn guard_transitions_read_as_rows() {
+        let opened = r#"{"seq":9,"time":"2026-12-07T04:50:01.000000000Z","ktime_ns":5,"event":"breaker_opened","agent":1,"agent_name":"coder","reason":"egress_denied","cooldown_level":1,"open_until":"2026-12-07T04:51:01.000000000Z","policy_generation":1,"policy_digest":"ab","prev":"cd"}"#;
+        assert_eq!(
+            words(&tail_row(opened)),
+            [
+                "2026-12-07",
+                "04:50:01.000",
+                "coder",
+                "-",
+                "breaker_opened",
+                "-",
+                "(reason",
+                "egress_denied),",
+                "cooldown",
+                "level",
+                "1,",
+                "open",
+                "until",
+                "2026-12-07T04:51:01.000000000Z"
+            ]
+        );
+        let quota = r#"{"seq":9,"time":"2026-12-07T04:50:01.000000000Z","ktime_ns":5,"event":"quota_exhausted","agent":1,"agent_name":null,"reason":"quota_exhausted","quota":"bytes_per_day","policy_generation":1,"policy_digest":null,"prev":"cd"}"#;
+        assert!(
+            tail_row(quota).ends_with("(reason quota_exhausted), quota bytes_per_day"),
+            "{}",
+            tail_row(quota)
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use anyhow::bail;
 use serde_json::Value;
 
 pub use self::args::{
-    AgentCommand, AuditCommand, Cli, Command, ControlPlaneCommand, InspectCommand, ModeArg,
-    PolicyCommand,
+    AgentCommand, AuditCommand, BreakerCommand, Cli, Command, ControlPlaneCommand, InspectCommand,
+    ModeArg, PolicyCommand,
 };
 use self::output::print_json;
 use crate::{
@@ -209,6 +209,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Policy { command } => policy::command(cli, command),
         Command::Mode { agent, mode, .. } => show::mode(cli, agent, *mode),
+        Command::Breaker {
+            command: BreakerCommand::Reset { agent },
+        } => show::breaker_reset(cli, agent),
         Command::Audit {
             command:
                 AuditCommand::Tail {

@@ -214,8 +214,10 @@ fn interfaces_text(a: &serde_json::Value) -> String {
 /// The `agents` table: one line per agent, totals scaled and right-aligned.
 fn agents_table(v: &serde_json::Value) -> String {
     let mut rows = table::new(
-        &["ID", "NAME", "MODE", "MATCH", "PASSED", "DROPPED"],
-        &[0, 4, 5],
+        &[
+            "ID", "NAME", "MODE", "BREAKER", "MATCH", "PASSED", "DROPPED",
+        ],
+        &[0, 5, 6],
     );
     for a in v.as_array().into_iter().flatten() {
         let mut matched = interfaces_text(a);
@@ -230,6 +232,9 @@ fn agents_table(v: &serde_json::Value) -> String {
             a["id"].to_string(),
             a["name"].as_str().unwrap_or("").to_string(),
             mode_text(a),
+            a["breaker"]
+                .as_str()
+                .map_or_else(|| "-".to_string(), |b| b.replace('_', "-")),
             matched,
             number(&a["passed_packets"], output::count),
             number(&a["dropped_packets"], output::count),
@@ -284,6 +289,7 @@ fn agent_text(v: &serde_json::Value) -> String {
             text += &format!("    {line}\n");
         }
     }
+    text += &guards_text(&v["guards"]);
     text += "  counters\n";
     let mut rows = table::new(&["REASON", "VERDICT", "PACKETS", "BYTES"], &[2, 3]);
     for (reason, c) in v["counters"].as_object().into_iter().flatten() {
@@ -296,6 +302,56 @@ fn agent_text(v: &serde_json::Value) -> String {
     }
     for line in table::render(&rows).lines() {
         text += &format!("    {line}\n");
+    }
+    text
+}
+
+/// The `breaker` and `quotas` lines of `agent`: the breaker's state (closed, open until
+/// when and for how long still, half-open since when), cooldown level and trips; per quota
+/// its use of the limit in the current window and when that ends. Nothing without guards.
+fn guards_text(g: &serde_json::Value) -> String {
+    let mut text = String::new();
+    let b = &g["breaker"];
+    if b.is_object() {
+        let state = match b["state"].as_str().unwrap_or("") {
+            "open" => format!(
+                "open until {} ({}s left)",
+                b["open_until"].as_str().unwrap_or("?"),
+                number(&b["remaining_secs"], |s| format!("{s:.0}"))
+            ),
+            "half_open" => format!(
+                "half-open since {}",
+                b["half_open_since"].as_str().unwrap_or("?")
+            ),
+            other => other.to_string(),
+        };
+        text += &format!(
+            "  breaker     {state}, cooldown level {}, {} trips, {}s while open\n",
+            b["cooldown_level"],
+            g["trips"],
+            b["action"].as_str().unwrap_or("drop")
+        );
+    }
+    let quotas = g["quotas"].as_object().filter(|q| !q.is_empty());
+    for (i, (kind, q)) in quotas.into_iter().flatten().enumerate() {
+        let scale: fn(f64) -> String = if kind.starts_with("bytes") {
+            output::bytes
+        } else {
+            output::count
+        };
+        text += &format!(
+            "  {:<12}{kind} {} of {}{}, window ends {} (in {}s)\n",
+            if i == 0 { "quotas" } else { "" },
+            number(&q["used"], scale),
+            number(&q["limit"], scale),
+            if q["exhausted"] == true {
+                " (exhausted)"
+            } else {
+                ""
+            },
+            q["window_ends"].as_str().unwrap_or("?"),
+            q["window_ends_in_secs"]
+        );
     }
     text
 }
@@ -477,6 +533,25 @@ pub(super) fn mode(cli: &Cli, agent: &str, mode: Option<ModeArg>) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// `enforcer breaker reset AGENT`.
+pub(super) fn breaker_reset(cli: &Cli, agent: &str) -> anyhow::Result<ExitCode> {
+    let v = cli.call(Request::BreakerReset {
+        agent: agent.to_owned(),
+    })?;
+    if cli.json {
+        print_json(&v);
+    } else {
+        outln!(
+            "agent {} {:?}: breaker closed (was {}; {} trips so far)",
+            v["agent"],
+            v["name"].as_str().unwrap_or(""),
+            v["was"].as_str().unwrap_or("?").replace('_', "-"),
+            v["trips"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `agent add`, `agent remove`, `agent wait`.
 pub(super) fn agent_command(cli: &Cli, command: &AgentCommand) -> anyhow::Result<ExitCode> {
     let (v, what) = match command {
@@ -633,7 +708,7 @@ mod tests {
              "dropped_packets": 40},
             {"id": 12, "name": "b", "mode": "monitor", "override": "monitor",
              "interfaces": [], "prefixes": ["10.0.0.0/24"], "passed_packets": 5,
-             "dropped_packets": 0},
+             "dropped_packets": 0, "breaker": "half_open"},
         ]);
         let text = agents_table(&v);
         let lines: Vec<&str> = text.lines().collect();
@@ -642,6 +717,45 @@ mod tests {
         assert!(lines[2].ends_with("    5        0"), "{text}");
         assert!(lines[2].contains("monitor (override)"), "{text}");
         assert!(!lines[1].contains("override"), "{text}");
+        assert_eq!(lines[1].split_whitespace().nth(3), Some("-"), "{text}");
+        assert!(lines[2].contains("half-open"), "{text}");
+    }
+
+    #[test]
+    fn guards_read_as_state_and_use() {
+        let g = json!({"trips": 3, "breaker": {"state": "open", "cooldown_level": 1,
+            "open_until": "2027-01-15T08:01:40.000000000Z", "remaining_secs": 59.6,
+            "half_open_since": null, "action": "reject"},
+            "quotas": {"bytes_per_hour": {"limit": 10_000_000, "used": 1_234_000,
+                "exhausted": false, "window_ends": "2027-01-15T09:00:00.000000000Z",
+                "window_ends_in_secs": 3477},
+              "connections_per_day": {"limit": 100, "used": 100, "exhausted": true,
+                "window_ends": "2027-01-16T00:00:00.000000000Z", "window_ends_in_secs": 57477}}});
+        let text = guards_text(&g);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "  breaker     open until 2027-01-15T08:01:40.000000000Z (60s left), cooldown level 1, 3 trips, rejects while open"
+        );
+        assert_eq!(
+            lines[1],
+            "  quotas      bytes_per_hour 1.23 MB of 10.0 MB, window ends 2027-01-15T09:00:00.000000000Z (in 3477s)"
+        );
+        assert!(
+            lines[2].starts_with("              connections_per_day 100 of 100 (exhausted)"),
+            "{text}"
+        );
+        let half = json!({"trips": 1, "quotas": {}, "breaker": {"state": "half_open",
+            "cooldown_level": 0, "half_open_since": "T", "action": "drop"}});
+        assert_eq!(
+            guards_text(&half),
+            "  breaker     half-open since T, cooldown level 0, 1 trips, drops while open\n"
+        );
+        assert_eq!(
+            guards_text(&json!({"breaker": null, "trips": 0, "quotas": {}})),
+            ""
+        );
+        assert_eq!(guards_text(&serde_json::Value::Null), "");
     }
 
     #[test]

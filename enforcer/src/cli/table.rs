@@ -90,6 +90,7 @@ mod tests {
                 name: "a-name-longer-than-twenty-characters".into(),
                 passed_packets: 5,
                 dropped_packets: 3,
+                breaker: None,
                 reasons: BTreeMap::from([
                     (
                         "allowed".to_string(),
@@ -112,6 +113,7 @@ mod tests {
                 name: "b".into(),
                 passed_packets: 123_456,
                 dropped_packets: 0,
+                breaker: None,
                 reasons: BTreeMap::new(),
             },
         ];

@@ -27,6 +27,8 @@ struct Rates {
     dropped_pps: f64,
     passed_bits: f64,
     dropped_bits: f64,
+    /// The circuit breaker's state, for agents with one.
+    breaker: Option<String>,
 }
 
 /// Packets and bytes an agent passed and dropped in all.
@@ -93,6 +95,7 @@ pub(super) fn top(
                     dropped_pps: rate(t1.dropped_packets, t0.dropped_packets),
                     passed_bits: rate(t1.passed_bytes, t0.passed_bytes) * 8.0,
                     dropped_bits: rate(t1.dropped_bytes, t0.dropped_bytes) * 8.0,
+                    breaker: a.breaker.clone(),
                 }
             })
             .collect();
@@ -147,20 +150,26 @@ fn sort_rows(rows: &mut [Rates], sort: TopSort) {
 }
 
 /// One sample as a JSON line: its time, the seconds it covers, and per agent the rates
-/// under names that carry their units, packets to two decimals and bits whole.
+/// under names that carry their units, packets to two decimals and bits whole, and the
+/// breaker's state for agents with one.
 fn sample_json(time: &str, secs: f64, rows: &[Rates]) -> String {
     let cents = |x: f64| (x * 100.0).round() / 100.0;
     let agents: Vec<Value> = rows
         .iter()
         .map(|r| {
-            json!({
+            let mut v = json!({
                 "id": r.id,
                 "name": r.name,
                 "passed_packets_per_sec": cents(r.passed_pps),
                 "dropped_packets_per_sec": cents(r.dropped_pps),
                 "passed_bits_per_sec": r.passed_bits.round() as u64,
                 "dropped_bits_per_sec": r.dropped_bits.round() as u64,
-            })
+            });
+            // Only agents with a breaker have the key.
+            if let Some(b) = &r.breaker {
+                v["breaker"] = json!(b);
+            }
+            v
         })
         .collect();
     json!({"time": time, "interval_secs": cents(secs), "agents": agents}).to_string()
@@ -190,38 +199,48 @@ fn width(terminal: bool) -> Option<usize> {
 const MIN_NAME: usize = 4;
 
 /// The table's lines, NAME shortened (with `…`) so that every line fits `width`. Numbers
-/// are right-aligned under their headers.
+/// are right-aligned under their headers. A BRK column (the circuit breaker: `ok`, `OPEN`,
+/// `half`, `-` without one) follows NAME when any agent has a breaker, so tables of
+/// policies without guards keep their columns.
 fn render(rows: &[Rates], width: Option<usize>) -> Vec<String> {
-    const HEADER: [&str; 6] = [
-        "ID",
-        "NAME",
-        "PASS pkt/s",
-        "DROP pkt/s",
-        "PASS bit/s",
-        "DROP bit/s",
-    ];
-    let cells: Vec<[String; 6]> = rows
+    let breakers = rows.iter().any(|r| r.breaker.is_some());
+    let mut header = vec!["ID", "NAME"];
+    if breakers {
+        header.push("BRK");
+    }
+    header.extend(["PASS pkt/s", "DROP pkt/s", "PASS bit/s", "DROP bit/s"]);
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
-                r.id.to_string(),
-                r.name.clone(),
+            let mut row = vec![r.id.to_string(), r.name.clone()];
+            if breakers {
+                row.push(breaker_cell(r.breaker.as_deref()).to_string());
+            }
+            row.extend([
                 output::count(r.passed_pps),
                 output::count(r.dropped_pps),
                 output::bits_per_sec(r.passed_bits),
                 output::bits_per_sec(r.dropped_bits),
-            ]
+            ]);
+            row
         })
         .collect();
     let chars = |s: &str| s.chars().count();
-    let mut widths = HEADER.map(chars);
+    let mut widths: Vec<usize> = header.iter().map(|h| chars(h)).collect();
     for row in &cells {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(chars(cell));
         }
     }
-    // Two spaces after ID and NAME, one between the right-aligned numbers.
-    let gaps = [0, 2, 2, 1, 1, 1];
+    // Two spaces after ID and NAME, one between the right-aligned numbers and after BRK
+    // (whose cells are left-aligned and shorter than its width, "half" aside).
+    let mut gaps = vec![0, 2];
+    if breakers {
+        gaps.extend([2, 1]);
+    } else {
+        gaps.push(2);
+    }
+    gaps.extend([1, 1, 1]);
     if let Some(limit) = width {
         let total: usize = widths.iter().sum::<usize>() + gaps.iter().sum::<usize>();
         if total > limit {
@@ -230,7 +249,7 @@ fn render(rows: &[Rates], width: Option<usize>) -> Vec<String> {
                 .max(MIN_NAME.min(widths[1]));
         }
     }
-    let line = |row: [&str; 6]| {
+    let line = |row: &[&str]| {
         let mut s = String::new();
         for (i, cell) in row.iter().enumerate() {
             s.push_str(&" ".repeat(gaps[i]));
@@ -238,16 +257,31 @@ fn render(rows: &[Rates], width: Option<usize>) -> Vec<String> {
             if i == 1 {
                 let shown = shorten(cell, w);
                 s.push_str(&format!("{shown:<w$}"));
+            } else if i == 2 && breakers {
+                s.push_str(&format!("{cell:<w$}"));
             } else {
                 s.push_str(&format!("{cell:>w$}"));
             }
         }
         s
     };
-    std::iter::once(line(HEADER))
-        .chain(cells.iter().map(|c| line(c.each_ref().map(String::as_str))))
+    std::iter::once(line(&header))
+        .chain(cells.iter().map(|c| {
+            let row: Vec<&str> = c.iter().map(String::as_str).collect();
+            line(&row)
+        }))
         .map(|l| l.trim_end().to_string())
         .collect()
+}
+
+/// A breaker state in four characters at most, the open one loud.
+fn breaker_cell(state: Option<&str>) -> &'static str {
+    match state {
+        None => "-",
+        Some("open") => "OPEN",
+        Some("half_open") => "half",
+        Some(_) => "ok",
+    }
 }
 
 /// `s` in at most `w` characters: cut, with `…` as the last, when longer.
@@ -281,6 +315,7 @@ mod tests {
             dropped_pps,
             passed_bits: passed_pps * 8000.0,
             dropped_bits: dropped_pps * 800.0,
+            breaker: None,
         }
     }
 
@@ -315,6 +350,31 @@ mod tests {
         let end = narrow[0].find("DROP pkt/s").unwrap() + "DROP pkt/s".len();
         assert_eq!(&narrow[2][end - 4..end], "100K", "{narrow:?}");
         assert_eq!(fit("abcdef", Some(4)), "abcd");
+    }
+
+    #[test]
+    fn breakers_get_a_column_only_when_an_agent_has_one() {
+        let mut rows = [
+            rates(1, "a-rather-long-agent-name", 1_234_567.0, 12.0),
+            rates(12, "b", 0.0, 99_999.0),
+            rates(13, "c", 0.0, 0.0),
+        ];
+        rows[1].breaker = Some("open".into());
+        rows[2].breaker = Some("closed".into());
+        let narrow = render(&rows, Some(60));
+        for l in &narrow {
+            assert!(l.chars().count() <= 60, "{l:?} in {narrow:?}");
+        }
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(words(&narrow[0])[..3], ["ID", "NAME", "BRK"], "{narrow:?}");
+        assert_eq!(words(&narrow[1])[2], "-", "{narrow:?}");
+        assert_eq!(words(&narrow[2])[..3], ["12", "b", "OPEN"], "{narrow:?}");
+        assert_eq!(words(&narrow[3])[2], "ok", "{narrow:?}");
+        // The numbers still end under their headers.
+        let end = narrow[0].find("DROP pkt/s").unwrap() + "DROP pkt/s".len();
+        assert_eq!(&narrow[2][end - 4..end], "100K", "{narrow:?}");
+        let line = sample_json("t", 1.0, &rows[1..2]);
+        assert!(line.contains("\"breaker\":\"open\""), "{line}");
     }
 
     #[test]

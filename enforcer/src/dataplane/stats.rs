@@ -21,6 +21,10 @@ pub struct AgentStats {
     pub passed_packets: u64,
     /// Packets dropped.
     pub dropped_packets: u64,
+    /// The agent's circuit breaker now (`closed`, `open`, `half_open`); absent for agents
+    /// without one, and when read from the pins without a daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<String>,
 }
 
 /// Packets and bytes for one reason.
@@ -60,6 +64,7 @@ fn summarize(id: u32, names: &BTreeMap<u32, String>, counters: &[Counter]) -> Ag
         reasons: BTreeMap::new(),
         passed_packets: 0,
         dropped_packets: 0,
+        breaker: None,
     };
     for reason in Reason::ALL {
         let c = counters[reason as usize];

@@ -108,6 +108,12 @@ pub enum Request {
         /// Name, interface or id.
         agent: String,
     },
+    /// Close an agent's circuit breaker now (by name, interface or id): its strike and
+    /// probe limiters start full; quotas and the trip count stay. Audited with who asked.
+    BreakerReset {
+        /// Name, interface or id.
+        agent: String,
+    },
     /// The last lines of the audit log.
     AuditTail {
         /// How many lines.

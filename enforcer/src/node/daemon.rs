@@ -6,6 +6,11 @@
 //! ([`Daemon::apply_text`]): the file on SIGHUP, `policy apply` and `mode` from the API.
 //! Parse, validate and compile happen before any map is touched, so a rejected policy
 //! leaves the running one intact.
+//!
+//! Guards ([`guards`]): right after loading, and every minute, the daemon writes the wall
+//! clock's offset the quota windows are numbered by, and saves every agent's quota use to
+//! `state_dir/quotas.json`; a `GUARDS` map no pin kept gets that use back before anything is
+//! attached.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -41,6 +46,7 @@ use crate::{
             UserSource, Writer,
         },
         config::Config,
+        guards,
         instances::Instances,
         metrics::{self, DaemonInfo},
         netlink::{self, LinkEvent, if_index},
@@ -787,6 +793,47 @@ impl Daemon {
             .ok_or_else(|| format!("no agent {key:?} in the enforcing policy"))
     }
 
+    /// The minute's guard work: the wall clock's offset, and the quota use saved.
+    fn guard_tick(&mut self) {
+        if let Err(e) = self
+            .dataplane
+            .maps()
+            .set_guard_config(guards::guard_config())
+        {
+            tracing::error!(error = %error_chain(&e), "writing the wall clock's offset for quota windows");
+        }
+        self.save_quotas();
+    }
+
+    /// Saves every active agent's quota words, with its id and name, for the next boot.
+    fn save_quotas(&mut self) {
+        let path = self.config.state_dir.join(guards::QUOTA_FILE);
+        let names = self.status.agents.clone();
+        if let Err(e) = guards::save_quotas(self.dataplane.maps(), &names, &path) {
+            tracing::error!(path = %path.display(), error = %error_chain(&e), "saving the quota use");
+        }
+    }
+
+    /// `breaker reset`: the agent's breaker closed, its strike and probe limiters full;
+    /// quotas and the trip count stay.
+    fn reset_breaker(&mut self, agent: &str) -> Result<Value, String> {
+        let (id, name) = self.find_agent(agent).map(|a| (a.id, a.name.clone()))?;
+        let maps = self.dataplane.maps();
+        let before = maps.guard_state(id).map_err(|e| error_chain(&e))?;
+        let policy = maps.guard_policy(id).map_err(|e| error_chain(&e))?;
+        let was = guards::Breaker::effective(before.breaker, guards::now_units(), policy.calm);
+        maps.set_guard_state(id, guards::reset_breaker(before))
+            .map_err(|e| error_chain(&e))?;
+        tracing::info!(agent = id, name, was = was.name(), "breaker reset");
+        Ok(json!({
+            "agent": id,
+            "name": name,
+            "was": was.name(),
+            "state": "closed",
+            "trips": before.trips,
+        }))
+    }
+
     /// The agent's interfaces that do not exist yet: enforced once they appear.
     fn pending_of(&self, agent: &policy::Agent) -> Vec<String> {
         agent
@@ -905,6 +952,11 @@ impl Daemon {
                 self.find_agent(agent).ok().map(|a| a.id),
                 format!("agent {agent}"),
             )),
+            Request::BreakerReset { agent } => Some((
+                "breaker_reset",
+                self.find_agent(agent).ok().map(|a| a.id),
+                format!("breaker of agent {agent} closed"),
+            )),
             _ => None,
         };
         let answer = match &request {
@@ -991,6 +1043,15 @@ impl Daemon {
                     .current
                     .as_ref()
                     .ok_or("no policy of this daemon is enforcing yet")?;
+                let last = current
+                    .policy
+                    .agents()
+                    .iter()
+                    .map(|a| a.id)
+                    .max()
+                    .unwrap_or(0);
+                let breakers = guards::breakers_upto(self.dataplane.maps(), last)
+                    .map_err(|e| error_chain(&e))?;
                 Ok(Value::Array(
                     current
                         .policy
@@ -1017,6 +1078,7 @@ impl Daemon {
                                 "egress_rules": a.egress.len(),
                                 "passed_packets": passed,
                                 "dropped_packets": dropped,
+                                "breaker": breakers.get(a.id as usize).copied().flatten().map(|b| b.name()),
                             })
                         })
                         .collect(),
@@ -1029,6 +1091,16 @@ impl Daemon {
                     .maps()
                     .agent_counters(a.id)
                     .map_err(|e| error_chain(&e))?;
+                let maps = self.dataplane.maps();
+                let guard_state = maps.guard_state(a.id).map_err(|e| error_chain(&e))?;
+                let guard_policy = maps.guard_policy(a.id).map_err(|e| error_chain(&e))?;
+                let guards = guards::guards_json(
+                    &guard_policy,
+                    &guard_state,
+                    guards::now_units(),
+                    &audit::WallClock::sample(),
+                    guards::unix_secs(),
+                );
                 let reasons: BTreeMap<&str, Value> = Reason::ALL
                     .iter()
                     .filter(|r| counters[**r as usize].packets > 0)
@@ -1061,12 +1133,22 @@ impl Daemon {
                         "ports": (r.proto != policy::Proto::Icmp).then(|| r.ports.to_string()),
                     })).collect::<Vec<_>>(),
                     "counters": reasons,
+                    "guards": guards,
                 }))
             }
             Request::Stats => {
                 let maps = self.dataplane.maps();
-                let agents =
+                let mut agents =
                     stats::collect(maps, &self.status.agents).map_err(|e| error_chain(&e))?;
+                let last = agents.iter().map(|a| a.id).max().unwrap_or(0);
+                let breakers = guards::breakers_upto(maps, last).map_err(|e| error_chain(&e))?;
+                for a in &mut agents {
+                    a.breaker = breakers
+                        .get(a.id as usize)
+                        .copied()
+                        .flatten()
+                        .map(|b| b.name().to_string());
+                }
                 Ok(json!({"generation": self.status.generation, "agents": agents}))
             }
             Request::PolicyShow => {
@@ -1148,6 +1230,7 @@ impl Daemon {
             Request::AgentRemove { agent } => self.remove_instance(&agent),
             Request::AgentAdd { .. } => Err("agent add is answered by handle".into()),
             Request::ModeClear { agent } => self.set_override(&agent, None),
+            Request::BreakerReset { agent } => self.reset_breaker(&agent),
             Request::AuditTail { lines } => {
                 let lines =
                     audit::tail(&self.config.audit_log, lines).map_err(|e| error_chain(&e))?;
@@ -1484,8 +1567,22 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         tracing::error!(error = %error_chain(&e), "reading the agent instance table; starting with none (added instances must be added again)");
         Instances::new(config.limits.max_agents)
     });
+    // A GUARDS map that no pin kept (a reboot, `stop --detach`) starts empty: the quota use
+    // saved before it goes back in, below, before anything is attached.
+    let guards_fresh = !config
+        .bpffs
+        .join("maps")
+        .join(enforcer_common::maps::GUARDS)
+        .exists();
     let mut dataplane = Dataplane::load(&config.bpffs, &config.limits)?;
+    // Quota windows are wall-clock hours and days: the offset before the first packet.
+    dataplane.maps().set_guard_config(guards::guard_config())?;
+    if guards_fresh {
+        restore_quotas(&config, &instances, first.as_ref(), dataplane.maps());
+    }
     let (info, info_rx) = watch::channel(DaemonInfo::default());
+    let guard_transitions = guards::GuardTransitions::default();
+    info.send_modify(|i| i.guard_transitions = guard_transitions.clone());
     // The audit trail: the kernel's budget, then the reader of the ring into the log.
     dataplane
         .maps()
@@ -1505,6 +1602,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         audit_rx,
         user_audit_rx,
         audit_reopen_rx,
+        audit::GuardAudit {
+            transitions: guard_transitions,
+            maps: KernelMaps::from_pins(&config.bpffs).ok(),
+        },
         async move {
             let _ = audit_stopped.await;
         },
@@ -1609,8 +1710,14 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         "enforcing; SIGHUP reloads the policy, SIGTERM exits and leaves the pinned program enforcing"
     );
     let mut connection = daemon.control_plane.clone();
+    // Every minute: the wall clock's offset again (a clock step moves the quota windows
+    // within a minute) and the quota use saved for the next boot.
+    let mut minute =
+        tokio::time::interval_at(tokio::time::Instant::now() + GUARD_PERIOD, GUARD_PERIOD);
+    minute.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = minute.tick() => daemon.guard_tick(),
             // Connection changes reach /metrics (and `status` reads the watch directly).
             Some(Ok(())) = async {
                 match connection.as_mut() {
@@ -1646,6 +1753,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     warn_notify(notify::stopping());
+    daemon.save_quotas();
     if let Some((stop, task)) = dns {
         let _ = stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
@@ -1671,6 +1779,40 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     daemon.status.pid = 0;
     daemon.status.pid_start = None;
     daemon.status.write(&daemon.config.runtime_dir)
+}
+
+/// How often the daemon rewrites the wall clock's offset and saves the quota use.
+const GUARD_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Puts the quota use saved in `state_dir` back into a freshly created `GUARDS` map, for the
+/// agents whose id has the same name in the policy about to be applied (static agents and
+/// the instances kept from the last run). Breaker state is not saved (see [`guards`]).
+fn restore_quotas(
+    config: &Config,
+    instances: &Instances,
+    first: Option<&(String, String)>,
+    maps: &mut KernelMaps,
+) {
+    let path = config.state_dir.join(guards::QUOTA_FILE);
+    let saved = match guards::load_quotas(&path) {
+        Ok(saved) if saved.is_empty() => return,
+        Ok(saved) => saved,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "reading the saved quota use; quotas start from zero");
+            return;
+        }
+    };
+    let mut names: BTreeMap<u32, String> = first
+        .and_then(|(origin, text)| policy::parse(origin, text).ok())
+        .map(|p| agent_names(&p))
+        .unwrap_or_default();
+    names.extend(instances.iter().map(|i| (i.id, i.name())));
+    match guards::restore_quotas(maps, &saved, &names) {
+        Ok(n) => tracing::info!(agents = n, saved = saved.len(), "quota use restored"),
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "restoring the saved quota use; quotas start from zero")
+        }
+    }
 }
 
 /// Returns the heap an apply freed to the kernel. Parsing a policy builds a spanned TOML tree

@@ -52,6 +52,8 @@ pub struct DaemonInfo {
     pub inspect: Option<std::sync::Arc<crate::inspect::Stats>>,
     /// How writing the audit log goes.
     pub audit: Option<crate::node::audit::SharedHealth>,
+    /// Guard transitions the audit reader saw.
+    pub guard_transitions: crate::node::guards::GuardTransitions,
 }
 
 /// A verdict reason and what it did to the packet.
@@ -108,6 +110,11 @@ impl From<Reason> for Verdict {
 struct AgentLabel {
     agent: String,
     agent_id: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -433,6 +440,44 @@ pub fn render(maps: &KernelMaps, info: &DaemonInfo) -> Result<String, crate::dat
         c.inc_by(n);
         registry.register(name, help, c);
     }
+
+    // Guards: transitions as the audit reader saw them, breakers by state and the trips of
+    // every agent the policy names, from one batch read of GUARDS.
+    let transitions = Family::<EventLabel, Counter>::default();
+    registry.register(
+        "guard_transitions",
+        "Guard transitions reported by the data plane, by event (breaker_opened, breaker_half_open, breaker_closed, quota_exhausted)",
+        transitions.clone(),
+    );
+    for (event, n) in info.guard_transitions.snapshot() {
+        transitions
+            .get_or_create(&EventLabel {
+                event: event.into(),
+            })
+            .inc_by(n);
+    }
+    let last = info.agents.last_key_value().map_or(0, |(&id, _)| id);
+    let (open, half_open, trips) = crate::node::guards::breaker_totals(maps, last)?;
+    let breakers = Family::<StateLabel, Gauge>::default();
+    registry.register(
+        "breakers",
+        "Agents whose circuit breaker is open or half-open now",
+        breakers.clone(),
+    );
+    for (state, n) in [("open", open), ("half_open", half_open)] {
+        breakers
+            .get_or_create(&StateLabel {
+                state: state.into(),
+            })
+            .set(n as i64);
+    }
+    let tripped = Counter::<u64>::default();
+    tripped.inc_by(trips);
+    registry.register(
+        "breaker_trips",
+        "Times the circuit breakers of the policy's agents opened, summed",
+        tripped,
+    );
 
     if let Some(health) = &info.audit {
         register_audit_writer(&mut registry, &health.get());

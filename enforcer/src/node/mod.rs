@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod guards;
 pub mod instances;
 pub mod metrics;
 pub mod netlink;

@@ -29,6 +29,10 @@
 //! of that generation's policy text, null when the reader does not know it (events left in
 //! the pinned ring from before the daemon started).
 //!
+//! A guard's transition (a breaker opened, half-open or closed, a quota used up) is a
+//! [`GuardRecord`] instead: `event` names it, `reason` is the reason of the packet that
+//! caused it, and it has no tuple. Transitions are never folded into summaries.
+//!
 //! # Hash chain
 //! `prev` is the hex SHA-256 of the previous line's exact bytes, without its newline; the
 //! first line of a file has 64 zeros. The verifier hashes the raw bytes it read and never
@@ -481,6 +485,99 @@ impl Record {
             policy_generation: event.generation,
             policy_digest: context.map(|c| c.digest.clone()),
         }
+    }
+}
+
+/// The body of a guard transition's log line (an [`AuditEvent`] with a `kind`): a breaker
+/// opened, half-open or closed, or a quota used up. Beside the fields of a packet's
+/// [`Record`] that a transition has, `event` names it, and what it carries follows:
+/// the cooldown level and (while it is still open when the reader sees it) the end of the
+/// cooldown for `breaker_opened`, the quota's name for `quota_exhausted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardRecord {
+    /// RFC 3339 UTC wall-clock time of the transition.
+    pub time: String,
+    /// The kernel's CLOCK_MONOTONIC reading, nanoseconds.
+    pub ktime_ns: u64,
+    /// `breaker_opened`, `breaker_half_open`, `breaker_closed`, `quota_exhausted`.
+    pub event: String,
+    /// Agent id.
+    pub agent: u32,
+    /// Agent name under the event's policy, if known.
+    pub agent_name: Option<String>,
+    /// The reason of the packet that caused it ([`Reason::name`]).
+    pub reason: String,
+    /// Breaker events: the cooldown level (reopenings in a row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_level: Option<u8>,
+    /// `breaker_opened`: when the cooldown ends (RFC 3339), if the breaker was still open
+    /// when the reader looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_until: Option<String>,
+    /// `quota_exhausted`: the quota (`bytes_per_hour`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    /// Policy generation the program saw.
+    pub policy_generation: u64,
+    /// Hex SHA-256 of that generation's policy text, if known.
+    pub policy_digest: Option<String>,
+}
+
+impl GuardRecord {
+    /// The record of transition `event` (`event.kind != 0`), named from `context` when it
+    /// is the context of the event's generation; `open_until` is the breaker's cooldown end
+    /// in CLOCK_MONOTONIC nanoseconds, if known. `None` for a packet or an unknown kind.
+    pub fn new(
+        event: &AuditEvent,
+        context: Option<&AuditContext>,
+        clock: &WallClock,
+        open_until: Option<u64>,
+    ) -> Option<Self> {
+        use enforcer_common::guard::{EVENT_BREAKER_OPENED, EVENT_QUOTA_EXHAUSTED, QUOTA_NAMES};
+        let name = crate::node::guards::event_name(event.kind)?;
+        let context = context.filter(|c| c.generation == event.generation);
+        let quota = event.kind == EVENT_QUOTA_EXHAUSTED;
+        Some(GuardRecord {
+            time: rfc3339(clock.unix_ns(event.time_ns)),
+            ktime_ns: event.time_ns,
+            event: name.into(),
+            agent: event.agent,
+            agent_name: context.and_then(|c| c.agents.get(&event.agent).cloned()),
+            reason: Reason::from_u32(event.reason)
+                .map_or_else(|| format!("reason-{}", event.reason), |r| r.name().into()),
+            cooldown_level: (!quota).then_some(event.detail),
+            open_until: open_until
+                .filter(|_| event.kind == EVENT_BREAKER_OPENED)
+                .map(|ns| rfc3339(clock.unix_ns(ns))),
+            quota: quota.then(|| {
+                QUOTA_NAMES
+                    .get(usize::from(event.detail))
+                    .map_or_else(|| format!("quota-{}", event.detail), |n| (*n).to_string())
+            }),
+            policy_generation: event.generation,
+            policy_digest: context.map(|c| c.digest.clone()),
+        })
+    }
+}
+
+/// What the reader needs for guard transitions: the counter behind
+/// `enforcer_guard_transitions_total`, and the maps, to read when an opened breaker's
+/// cooldown ends (the ring record carries only its level).
+#[derive(Default)]
+pub struct GuardAudit {
+    /// Transitions seen, by event.
+    pub transitions: crate::node::guards::GuardTransitions,
+    /// The pinned maps, if they could be opened.
+    pub maps: Option<KernelMaps>,
+}
+
+impl GuardAudit {
+    /// The end of agent `agent`'s cooldown in CLOCK_MONOTONIC ns, if its breaker is open.
+    fn open_until(&self, agent: u32) -> Option<u64> {
+        use enforcer_common::guard::{BREAKER_OPEN, breaker_parts};
+        let state = self.maps.as_ref()?.guard_state(agent).ok()?;
+        let (kind, _, time) = breaker_parts(state.breaker);
+        (kind == BREAKER_OPEN).then_some(time >> enforcer_common::TIME_SHIFT)
     }
 }
 
@@ -1518,6 +1615,7 @@ pub async fn run(
     mut context: watch::Receiver<AuditContext>,
     mut user: mpsc::Receiver<UserEvent>,
     mut reopen: mpsc::Receiver<()>,
+    guards: GuardAudit,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, AuditError> {
     // SAFETY: the ring owns its map's descriptor (MapData holds an OwnedFd), which stays
@@ -1587,7 +1685,7 @@ pub async fn run(
                 // later event would wait too.)
                 guard.clear_ready();
                 let batch = drain(guard.get_inner_mut(), &mut summary);
-                write_batch(&batch, &mut writer, &mut context, &mut contexts, &mut context_open, &mut summary).await;
+                write_batch(&batch, &mut writer, &mut context, &mut contexts, &mut context_open, &guards, &mut summary).await;
             }
         }
     }
@@ -1603,6 +1701,7 @@ pub async fn run(
         &mut context,
         &mut contexts,
         &mut context_open,
+        &guards,
         &mut summary,
     )
     .await;
@@ -1664,6 +1763,7 @@ async fn write_batch(
     context: &mut watch::Receiver<AuditContext>,
     contexts: &mut Contexts,
     context_open: &mut bool,
+    guards: &GuardAudit,
     summary: &mut RunSummary,
 ) {
     if batch.is_empty() {
@@ -1694,6 +1794,24 @@ async fn write_batch(
             tokio::task::yield_now().await;
         }
         for event in chunk {
+            if event.kind != enforcer_common::guard::EVENT_PACKET {
+                // Transitions are rare (one per breaker change or quota window) and are
+                // what an operator looks for: never folded into a summary.
+                guards.transitions.count(event.kind);
+                let until = guards.open_until(event.agent);
+                match GuardRecord::new(event, contexts.get(event.generation), &clock, until) {
+                    Some(record) if writer.append(&record) => summary.records += 1,
+                    Some(_) => {}
+                    None => {
+                        summary.malformed += 1;
+                        tracing::warn!(
+                            kind = event.kind,
+                            "skipping an audit record of an unknown kind"
+                        );
+                    }
+                }
+                continue;
+            }
             let record = Record::new(event, contexts.get(event.generation), &clock);
             if !writer.admit(&record) {
                 summary.summarized += 1;
@@ -1893,6 +2011,50 @@ mod tests {
             (None, None, None, None)
         );
         assert_eq!(r.policy_digest, Some(ctx.digest.clone()));
+    }
+
+    #[test]
+    fn guard_transitions_become_records_of_their_own() {
+        use enforcer_common::guard::{EVENT_BREAKER_OPENED, EVENT_QUOTA_EXHAUSTED};
+        let clock = WallClock::with_offset(1_800_000_000_000_000_000);
+        let ctx = context();
+        let opened = AuditEvent {
+            time_ns: 2_000_000_000,
+            generation: 3,
+            agent: 1,
+            reason: Reason::EgressDenied as u32,
+            kind: EVENT_BREAKER_OPENED,
+            detail: 2,
+            ..AuditEvent::default()
+        };
+        let r = GuardRecord::new(&opened, Some(&ctx), &clock, Some(62_000_000_000)).unwrap();
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "{{\"time\":\"2027-01-15T08:00:02.000000000Z\",\"ktime_ns\":2000000000,\
+                 \"event\":\"breaker_opened\",\"agent\":1,\"agent_name\":\"coder\",\
+                 \"reason\":\"egress_denied\",\"cooldown_level\":2,\
+                 \"open_until\":\"2027-01-15T08:01:02.000000000Z\",\"policy_generation\":3,\
+                 \"policy_digest\":\"{}\"}}",
+                sha256_hex(b"[defaults]\n")
+            )
+        );
+        let quota = AuditEvent {
+            reason: Reason::QuotaExhausted as u32,
+            kind: EVENT_QUOTA_EXHAUSTED,
+            detail: 3,
+            ..opened
+        };
+        let r = GuardRecord::new(&quota, Some(&ctx), &clock, Some(1)).unwrap();
+        assert_eq!(r.event, "quota_exhausted");
+        assert_eq!(r.reason, "quota_exhausted");
+        assert_eq!(r.quota.as_deref(), Some("connections_per_day"));
+        assert_eq!((r.cooldown_level, r.open_until), (None, None));
+        // A packet is no transition; an unknown kind is none either.
+        assert!(GuardRecord::new(&event(0), Some(&ctx), &clock, None).is_none());
+        let unknown = AuditEvent { kind: 99, ..opened };
+        assert!(GuardRecord::new(&unknown, Some(&ctx), &clock, None).is_none());
     }
 
     #[test]
