@@ -202,30 +202,34 @@ pub(crate) fn rule_verdict(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -
 /// [`rule_verdict`] with the reject bit of the deciding rule.
 #[inline(always)]
 pub(crate) fn rule_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Verdict> {
-    Some(match first_match(rules, proto, l4)? {
-        Match::Rule(r) if r.action == ACTION_ALLOW => Verdict::of(Reason::Allowed),
-        Match::Rule(r) => Verdict {
-            reason: Reason::EgressDenied,
-            reject: r.action == ACTION_REJECT,
-        },
-        Match::Decided(reason) => Verdict::of(reason),
+    match_rules(rules, proto, l4, Verdict::of, |r| {
+        if r.action == ACTION_ALLOW {
+            Verdict::of(Reason::Allowed)
+        } else {
+            Verdict {
+                reason: Reason::EgressDenied,
+                reject: r.action == ACTION_REJECT,
+            }
+        }
     })
 }
 
-/// What [`first_match`] found.
-pub(crate) enum Match {
-    /// The first rule whose protocol and ports match.
-    Rule(&'static PortRule),
-    /// No rule can be matched safely: the transport is undecidable or link control, or a
-    /// non-first fragment meets a rule that depends on the port.
-    Decided(Reason),
-}
-
-/// The first of `rules` whose protocol and ports match, `None` if none does.
+/// Walks `rules` to the first whose protocol and ports match and answers `on_rule` of it;
+/// `decided` of a reason when no rule can be matched safely (the transport is undecidable
+/// or link control, or a non-first fragment meets a rule that depends on the port); `None`
+/// if no rule matches. Generic over the answer, so each caller's closures are inlined into
+/// the walk: mapping an intermediate enum afterwards added branches that took
+/// `enforce_names` past Linux's limit of 8,192 pending jumps.
 #[inline(always)]
-pub(crate) fn first_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Match> {
+pub(crate) fn match_rules<T>(
+    rules: Option<&'static RuleSet>,
+    proto: u8,
+    l4: L4,
+    decided: impl Fn(Reason) -> T,
+    on_rule: impl Fn(&'static PortRule) -> T,
+) -> Option<T> {
     if l4 == L4::Undecidable {
-        return Some(Match::Decided(Reason::Malformed));
+        return Some(decided(Reason::Malformed));
     }
     if let Some(rules) = rules {
         let n = rules.len as usize;
@@ -252,13 +256,13 @@ pub(crate) fn first_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) ->
                 // fragment does not carry: no verdict is safe but a drop.
                 L4Kind::Fragment => {
                     if !r.any_port() {
-                        return Some(Match::Decided(Reason::Fragment));
+                        return Some(decided(Reason::Fragment));
                     }
                 }
-                L4Kind::Undecidable => return Some(Match::Decided(Reason::Malformed)),
-                L4Kind::LinkControl => return Some(Match::Decided(Reason::LinkControl)),
+                L4Kind::Undecidable => return Some(decided(Reason::Malformed)),
+                L4Kind::LinkControl => return Some(decided(Reason::LinkControl)),
             }
-            return Some(Match::Rule(r));
+            return Some(on_rule(r));
         }
     }
     None

@@ -23,7 +23,7 @@ use enforcer_common::{
 use crate::{
     audit::NoTuple,
     context::{Packet, Wire},
-    egress::{Match, first_match},
+    egress::match_rules,
     identify::Family,
     limits::*,
     maps::*,
@@ -56,10 +56,7 @@ impl<A: Family> GuardFacts for Flow<A> {
     #[inline(always)]
     fn rule_guard(&self, slot: u32, agent: u32, policy: &AgentPolicy) -> u16 {
         let rules = self.dst.rules(slot, agent, policy, TABLES.get(slot));
-        match first_match(rules, self.proto, self.l4) {
-            Some(Match::Rule(r)) => r.guard,
-            _ => 0,
-        }
+        match_rules(rules, self.proto, self.l4, |_| 0, |r| r.guard).unwrap_or(0)
     }
 }
 
