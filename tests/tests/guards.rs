@@ -172,6 +172,7 @@ fn a_looping_client_trips_the_breaker_is_refused_probes_and_is_let_back_when_cal
     let attempts = looper.stop();
     let (_, level, until, trips) = breaker(&maps, 1);
     assert_eq!((level, trips), (0, 1), "opened once, at the first cooldown");
+    let first_until = until;
     let strikes = maps.counter(1, Reason::ConnRateLimited).unwrap().packets;
     // Five drops are the budget; the sixth opens it (one more if the loop outlasted the
     // twelve seconds a strike takes to drain).
