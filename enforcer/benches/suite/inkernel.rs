@@ -26,8 +26,16 @@ use super::{
     xdpfilter::{self, FLAG_DST, FLAG_SRC, XdpFilter},
 };
 
-/// The enforcer's measured verdicts, in report order.
-pub const CASES: [&str; 4] = ["allowed", "over_limit", "denied", "unknown_agent"];
+/// The enforcer's measured verdicts, in report order. `guarded` is an allowed new
+/// connection of an agent with every guard (breaker, connection rate, four quotas): the
+/// guard stage's tail call, second parse, rule lookup and compare-and-swaps.
+pub const CASES: [&str; 5] = [
+    "allowed",
+    "over_limit",
+    "denied",
+    "unknown_agent",
+    "guarded",
+];
 
 /// One map size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,10 +72,11 @@ pub fn sizes(quick: bool) -> Vec<(u32, u32)> {
     }
 }
 
-/// Limits for the in-kernel maps: room for 100,000 agents and 100,000 prefixes per family.
+/// Limits for the in-kernel maps: room for 100,000 agents and 100,000 prefixes per family,
+/// and the guarded agent after them.
 pub fn limits() -> Limits {
     Limits {
-        max_agents: 100_000,
+        max_agents: 100_001,
         max_interfaces: 16,
         max_source_prefixes: 131_072,
         max_destination_prefixes: 262_144,
@@ -97,6 +106,31 @@ fn over_limit_bucket() -> Bucket {
     }
 }
 
+/// The guarded agent: every guard set, none near its limit, so every packet takes the
+/// whole guard path and passes (an allowed new connection: the connection rate and both
+/// connection quotas are charged too).
+fn guarded_agent_text(id: u32, to4: Ipv4Addr, to6: Ipv6Addr) -> String {
+    format!(
+        "[[agents]]\nid = {id}\nname = \"guarded\"\nprefixes = [\"{}\", \"{}\"]\n\
+         egress_default = \"deny\"\n\
+         connections = {{ per_sec = 1_000_000_000, burst = 1_000_000_000 }}\n\
+         quota = {{ bytes_per_hour = 8_000_000_000_000, bytes_per_day = 8_000_000_000_000, \
+         connections_per_hour = 8_000_000_000_000, connections_per_day = 8_000_000_000_000 }}\n\
+         breaker = {{ drops = 1_000_000, within_secs = 1 }}\n\
+         [[agents.egress]]\naction = \"allow\"\nproto = \"tcp\"\nports = \"443\"\n\
+         to = [\"{to4}/24\", \"{to6}/48\"]\n",
+        agent_v4(id),
+        agent_v6(id),
+    )
+}
+
+/// `frame` with the TCP header at `l4` turned into a SYN (a new connection). The test run
+/// does not check checksums.
+fn syn(mut frame: Vec<u8>, l4: usize) -> Vec<u8> {
+    frame[l4 + 13] = 0x02;
+    frame
+}
+
 /// Runs the sweep. `repeat` is BPF_PROG_TEST_RUN's repeat count, `runs` the interleaved
 /// rounds whose median is reported.
 pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> Vec<Row> {
@@ -124,6 +158,9 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
                 v6: true,
             },
         );
+        let guarded = agents + 1;
+        let text =
+            text + &guarded_agent_text(guarded, prefix_v4(prefixes / 2), prefix_v6(prefixes / 2));
         let open = policy::parse("bench.toml", &text).expect("parsing the bench policy");
         let compiled = compile::compile(&open, &limits, &|_| None).expect("compiling");
         dp.apply(&compiled).expect("applying");
@@ -141,11 +178,13 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
             tcp_v4(agent_v4(1), allowed4),
             tcp_v4(agent_v4(1), denied4),
             tcp_v4(Ipv4Addr::new(192, 0, 2, 1), allowed4),
+            syn(tcp_v4(agent_v4(guarded), allowed4), 14 + 20),
         ];
         let v6 = [
             tcp_v6(agent_v6(1), allowed6),
             tcp_v6(agent_v6(1), denied6),
             tcp_v6("2001:db8::1".parse().expect("literal"), allowed6),
+            syn(tcp_v6(agent_v6(guarded), allowed6), 14 + 40),
         ];
 
         // xdp-filter with the same number of address rules per family.
@@ -175,7 +214,7 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
 
         // Interleaved rounds: every case once per round, so drift hits all alike.
         let mut s_floor = Vec::new();
-        let mut s_enf = vec![vec![Vec::new(); 4]; 2];
+        let mut s_enf = vec![vec![Vec::new(); CASES.len()]; 2];
         let mut s_xdpf = vec![vec![Vec::new(); 2]; 2];
         let ns = |prog: &aya::programs::Xdp, pkt: &[u8]| {
             run_xdp(prog, pkt, None, repeat)
@@ -198,6 +237,7 @@ pub fn run(quick: bool, repeat: u32, runs: usize, only: Option<(u32, u32)>) -> V
                 s_enf[fam][0].push(ns(enforce, &pkts[0]));
                 s_enf[fam][2].push(ns(enforce, &pkts[1]));
                 s_enf[fam][3].push(ns(enforce, &pkts[2]));
+                s_enf[fam][4].push(ns(enforce, &pkts[3]));
             }
             if let Some(f) = &xdpf {
                 for (fam, pkts) in [&xv4, &xv6].into_iter().enumerate() {

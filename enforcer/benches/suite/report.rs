@@ -270,6 +270,22 @@ pub fn targets(r: &Report) -> Vec<Target> {
                 worst <= 4.0,
                 String::new(),
             );
+            // Issue 17: the guards at most double the floor.
+            if let Some(g) = v.get(4) {
+                let ratio = g.median / row.floor_ns.median;
+                push(
+                    format!(
+                        "in-kernel, 100k x 100k, {fam}: an allowed new connection of an agent with every guard"
+                    ),
+                    "<= 2x the XDP_PASS floor",
+                    ratio,
+                    ratio <= 2.0,
+                    format!(
+                        "unguarded allowed: {:.2}x",
+                        v[0].median / row.floor_ns.median
+                    ),
+                );
+            }
             if let Some((_, x)) = row.xdp_filter_ns.iter().find(|(f, _)| f == fam) {
                 let ratio = v[0].median / x[0].median;
                 push(
@@ -535,8 +551,8 @@ pub fn markdown(r: &Report, stem: &str) -> String {
              holding agents + prefixes address rules per family; \"src pass\" is a packet whose source is \
              listed (two lookups, passed), \"drop\" one that matches nothing (two lookups, dropped).\n\n\
              ![ns per packet](./{stem}-inkernel.svg)\n\n\
-             | agents | prefixes | family | floor | allowed | over limit | denied | unknown agent | xdp-filter src pass | xdp-filter drop | apply ms |\n\
-             |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | agents | prefixes | family | floor | allowed | over limit | denied | unknown agent | guarded | xdp-filter src pass | xdp-filter drop | apply ms |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             r.settings.inkernel_repeat, r.settings.inkernel_runs
         );
         for row in &r.inkernel {
