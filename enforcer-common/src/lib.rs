@@ -1151,13 +1151,20 @@ pub mod programs {
     /// Index of [`ENFORCE_GUARD`] in the `STAGES` program array (and of its tc twin in
     /// `STAGES_TC`).
     pub const STAGE_GUARD: u32 = 3;
+    /// The reply to a packet a `reject` rule or breaker refused, tail-called by the stage
+    /// that closed it (after counting and auditing it).
+    pub const ENFORCE_REJECT: &str = "enforce_reject";
+    /// Index of [`ENFORCE_REJECT`] in the `STAGES` program array (and of its tc twin in
+    /// `STAGES_TC`).
+    pub const STAGE_REJECT: u32 = 4;
     /// Entries of each stage array: the highest index plus one.
-    pub const STAGE_SLOTS: u32 = 4;
+    pub const STAGE_SLOTS: u32 = 5;
     /// Every tail-called stage, by its index in `STAGES`.
-    pub const STAGES: [(u32, &str); 3] = [
+    pub const STAGES: [(u32, &str); 4] = [
         (STAGE_NAMES, ENFORCE_NAMES),
         (STAGE_FINISH, ENFORCE_FINISH),
         (STAGE_GUARD, ENFORCE_GUARD),
+        (STAGE_REJECT, ENFORCE_REJECT),
     ];
     /// The enforcer as a tc (`sched_cls`, direct action) program, for the host side of
     /// sandbox veths: the same stages over socket buffers. This entry makes the headers
@@ -1173,13 +1180,16 @@ pub mod programs {
     pub const ENFORCE_FINISH_TC: &str = "enforce_finish_tc";
     /// [`ENFORCE_GUARD`] at tc.
     pub const ENFORCE_GUARD_TC: &str = "enforce_guard_tc";
+    /// [`ENFORCE_REJECT`] at tc.
+    pub const ENFORCE_REJECT_TC: &str = "enforce_reject_tc";
     /// Every tail-called stage of [`ENFORCE_TC`], by its index in `STAGES_TC` (the same
     /// indices as [`STAGES`], and the decision after them).
-    pub const STAGES_TC: [(u32, &str); 4] = [
+    pub const STAGES_TC: [(u32, &str); 5] = [
         (STAGE_NAMES, ENFORCE_NAMES_TC),
         (STAGE_FINISH, ENFORCE_FINISH_TC),
         (STAGE_DECIDE, ENFORCE_DECIDE_TC),
         (STAGE_GUARD, ENFORCE_GUARD_TC),
+        (STAGE_REJECT, ENFORCE_REJECT_TC),
     ];
     /// A trivial XDP_PASS program: the floor benchmarks compare against.
     pub const PASS_FLOOR: &str = "pass_floor";

@@ -39,7 +39,7 @@ use aya_ebpf::{
 use enforcer_common::{
     AGENT_GUARDED, AGENT_MONITOR, AGENT_NAMES, AGENT_RESTRICTED, AgentPolicy, IfaceKey,
     MAX_VLAN_TAGS, Reason, SLOT_HAS_IFACES, SLOT_UNKNOWN_DROP, SlotConfig, UNKNOWN_AGENT,
-    programs::{STAGE_DECIDE, STAGE_GUARD, STAGE_NAMES},
+    programs::{STAGE_DECIDE, STAGE_GUARD, STAGE_NAMES, STAGE_REJECT},
 };
 
 use crate::{
@@ -256,6 +256,31 @@ fn guard_close<C: Packet, F: AuditTuple + GuardFacts + ReplyTarget>(
         bytes: h.len,
     };
     close(ctx, agent, reason, out & OUT_REJECT != 0, wire, flow)
+}
+
+/// The reply to a packet a `reject` rule or breaker refused ([`reject_or_drop`]), already
+/// counted and audited, tail-called with the agent in `Handoff::owner` and the packed
+/// reply target in `Handoff::layout`. A stage of its own: the reply's global function,
+/// called inline on every drop path of the entry program, took `enforce` past the
+/// verifier's 1,000,000 instructions on Linux 6.1, which stops pruning after a BPF-to-BPF
+/// call (see [`names_stage`]). Drops when the hand-off is missing.
+#[xdp]
+pub fn enforce_reject(ctx: XdpContext) -> u32 {
+    reject_stage(&ctx)
+}
+
+/// [`enforce_reject`] at tc.
+#[classifier]
+pub fn enforce_reject_tc(ctx: TcContext) -> i32 {
+    reject_stage(&ctx) as i32
+}
+
+#[inline(always)]
+fn reject_stage<C: Packet>(ctx: &C) -> u32 {
+    match HANDOFF.get(0) {
+        Some(h) => reject_or_drop(ctx, h.owner as u32, ReplyTo::from_bits(h.layout)),
+        None => C::DROP,
+    }
 }
 
 /// The floor benchmarks compare against: returns XDP_PASS and touches nothing.
@@ -535,8 +560,20 @@ fn close<C: Packet, F: AuditTuple + ReplyTarget>(
         }
         // Only a real drop is answered: a monitor-mode agent's would-drop passes, and a
         // reply would break what passes.
+        // The reply is a stage of its own (see [`enforce_reject`]).
         if reject && reason.is_drop() {
-            return Ok(reject_or_drop(ctx, agent, flow.reply_to()));
+            let to = flow.reply_to();
+            if let Some(h) = HANDOFF.get_ptr_mut(0) {
+                // SAFETY: this CPU's hand-off, owned by this packet until its last stage
+                // (see `Handoff`); a tail call does not return on success.
+                unsafe {
+                    (*h).owner = u64::from(agent);
+                    (*h).layout = to.bits();
+                    C::stages().tail_call(ctx, STAGE_REJECT);
+                }
+            }
+            // Only a broken load leaves the stage out: the packet is dropped as decided.
+            return Ok(C::DROP);
         }
     }
     Ok(if reason.is_drop() { C::DROP } else { C::PASS })

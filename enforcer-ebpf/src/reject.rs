@@ -28,6 +28,18 @@ impl ReplyTo {
     /// A packet that gets no reply.
     pub(crate) const NONE: ReplyTo = ReplyTo(0);
 
+    /// The packed word, to cross a tail call in the hand-off.
+    #[inline(always)]
+    pub(crate) fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// A target from [`ReplyTo::bits`].
+    #[inline(always)]
+    pub(crate) fn from_bits(bits: u64) -> ReplyTo {
+        ReplyTo(bits)
+    }
+
     /// The packet `flow` (of `family`, 4 or 6) was parsed from; [`ReplyTo::NONE`] for a
     /// non-first fragment or a transport the parser could not read.
     #[inline(always)]
@@ -399,12 +411,20 @@ fn quote_sum<C: Packet>(
     seed: u32,
 ) -> Option<u32> {
     s.quote = [0; QUOTE_MAX];
-    // The explicit bound for the verifier: the helper's length must be a bounded scalar.
-    let n = q & 0x7f;
-    if n == 0 || n > QUOTE_MAX {
-        return None;
+    // Read in 4-byte pieces, each of a constant length: a variable length must be a scalar
+    // the verifier knows is at least 1, and Linux 6.1's verifier lost that bound however
+    // it was tested (LLVM folds `n == 0 || n > MAX` into one unsigned compare of `n - 1`).
+    // `q` is a multiple of 4 (see [`quote_len`]).
+    for i in 0..QUOTE_MAX / 4 {
+        let at = i * 4;
+        if at >= q {
+            break;
+        }
+        if !load(ctx, l3 + at, &mut s.quote[at..at + 4]) {
+            return None;
+        }
     }
-    load(ctx, l3, &mut s.quote[..n]).then(|| sum(&s.quote, seed))
+    Some(sum(&s.quote, seed))
 }
 
 /// Grows the packet by the error's `n` bytes of headers (in `s.out`), moves the link layer

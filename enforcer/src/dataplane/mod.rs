@@ -614,22 +614,24 @@ fn rejected(name: &'static str, source: ProgramError) -> DataplaneError {
 }
 
 /// Every program of the object, as [`Dataplane::load`] loads them.
-const XDP_PROGRAMS: [&str; 6] = [
+const XDP_PROGRAMS: [&str; 7] = [
     programs::ENFORCE,
     programs::ENFORCE_NAMES,
     programs::ENFORCE_FINISH,
     programs::ENFORCE_GUARD,
+    programs::ENFORCE_REJECT,
     programs::PASS_FLOOR,
     programs::CLOCK_PROBE,
 ];
 
 /// The tc (`sched_cls`) programs of the object: the same pipeline for socket buffers.
-const TC_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 6] = [
     programs::ENFORCE_TC,
     programs::ENFORCE_DECIDE_TC,
     programs::ENFORCE_NAMES_TC,
     programs::ENFORCE_FINISH_TC,
     programs::ENFORCE_GUARD_TC,
+    programs::ENFORCE_REJECT_TC,
 ];
 
 /// The verifier's budget of processed instructions for one program load
