@@ -3,10 +3,10 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_REJECT, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6,
-    AgentPolicy, DstV4Key, DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX,
-    OWNER_BITS, PROTO_ANY, PortRule, Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig,
-    dst_key_v4, dst_key_v6, owner, owner_word,
+    ACTION_ALLOW, AGENT_DEFAULT_ALLOW, AGENT_DST_LPM_V4, AGENT_DST_LPM_V6, AgentPolicy, DstV4Key,
+    DstV6Key, LpmV4, LpmV6, MAX_DST_PROBES, MAX_RULES_PER_PREFIX, OWNER_BITS, PROTO_ANY, PortRule,
+    Reason, RuleSet, TABLE_DST_V4, TABLE_DST_V6, TableConfig, dst_key_v4, dst_key_v6, owner,
+    owner_word,
 };
 
 use crate::{identify::*, maps::*, parse::*};
@@ -161,23 +161,20 @@ pub(crate) fn dst_v6(
     None
 }
 
-/// What the egress rules decided: the reason, and whether a drop is to be answered (a
-/// `reject` rule). Two fields the caller keeps in registers, so an allowed packet pays
-/// nothing for the second.
+/// What the egress rules decided. Whether a drop is answered (a `reject` rule) is not
+/// carried here: the reply stage looks the rule up again (see `enforce_reject`), since a
+/// reject bit carried through the entry program split the verifier's states past its limit
+/// on Linux 6.1.
 #[derive(Clone, Copy)]
 pub(crate) struct Verdict {
     pub(crate) reason: Reason,
-    pub(crate) reject: bool,
 }
 
 impl Verdict {
-    /// A verdict that answers nobody.
+    /// The verdict of `reason`.
     #[inline(always)]
     pub(crate) const fn of(reason: Reason) -> Verdict {
-        Verdict {
-            reason,
-            reject: false,
-        }
+        Verdict { reason }
     }
 }
 
@@ -203,14 +200,11 @@ pub(crate) fn rule_verdict(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -
 #[inline(always)]
 pub(crate) fn rule_match(rules: Option<&'static RuleSet>, proto: u8, l4: L4) -> Option<Verdict> {
     match_rules(rules, proto, l4, Verdict::of, |r| {
-        if r.action == ACTION_ALLOW {
-            Verdict::of(Reason::Allowed)
+        Verdict::of(if r.action == ACTION_ALLOW {
+            Reason::Allowed
         } else {
-            Verdict {
-                reason: Reason::EgressDenied,
-                reject: r.action == ACTION_REJECT,
-            }
-        }
+            Reason::EgressDenied
+        })
     })
 }
 

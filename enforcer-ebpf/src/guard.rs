@@ -81,9 +81,6 @@ pub(crate) const FACT_SYN: u64 = 1 << 9;
 pub(crate) const FACT_MONITOR: u64 = 1 << 10;
 /// The matching rule is always allowed: an open breaker lets it through (the resolver).
 pub(crate) const FACT_EXEMPT: u64 = 1 << 11;
-/// `Handoff::verdict` of a packet handed to the guard stage: the reason in the low 8 bits,
-/// and this bit when the deciding rule says reject.
-pub(crate) const VERDICT_REJECT: u32 = 1 << 8;
 /// [`guard_decide`]'s answer: the reason in the low 8 bits, and this bit when the drop is
 /// to be answered with a reject.
 pub(crate) const OUT_REJECT: u32 = 1 << 8;

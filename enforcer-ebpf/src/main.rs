@@ -237,7 +237,7 @@ fn guard_close<C: Packet, F: AuditTuple + GuardFacts + ReplyTarget>(
     let verdict = Reason::from_u32(h.verdict & 0xff).ok_or(())?;
     let facts = facts(
         verdict,
-        h.verdict & VERDICT_REJECT != 0,
+        false,
         flow.opens_connection(ctx),
         policy.flags & AGENT_MONITOR != 0,
         flow.rule_guard(slot, agent, policy),
@@ -255,7 +255,17 @@ fn guard_close<C: Packet, F: AuditTuple + GuardFacts + ReplyTarget>(
         packets: h.segs,
         bytes: h.len,
     };
-    close(ctx, agent, reason, out & OUT_REJECT != 0, wire, flow)
+    // A breaker's reject is decided; a rule's is looked up again by the reply stage, so
+    // neither this stage nor the entry program carries the rule's reject bit (each split
+    // the verifier's states past its limit on Linux 6.1).
+    let reject = if out & OUT_REJECT != 0 {
+        REJECT_FORCED
+    } else if reason == Reason::EgressDenied {
+        REJECT_IF_RULE
+    } else {
+        0
+    };
+    close(ctx, agent, reason, reject, wire, flow)
 }
 
 /// The reply to a packet a `reject` rule or breaker refused ([`reject_or_drop`]), already
@@ -275,11 +285,57 @@ pub fn enforce_reject_tc(ctx: TcContext) -> i32 {
     reject_stage(&ctx) as i32
 }
 
+/// `Handoff::verdict` for [`enforce_reject`]: reply (a breaker's reject).
+const REJECT_FORCED: u32 = 1;
+/// Reply if the agent's rule that matches the packet says `reject`.
+const REJECT_IF_RULE: u32 = 2;
+
 #[inline(always)]
 fn reject_stage<C: Packet>(ctx: &C) -> u32 {
-    match HANDOFF.get(0) {
-        Some(h) => reject_or_drop(ctx, h.owner as u32, ReplyTo::from_bits(h.layout)),
-        None => C::DROP,
+    let Some(h) = HANDOFF.get(0) else {
+        return C::DROP;
+    };
+    let Some((ethertype, off)) = link_layer(ctx) else {
+        return C::DROP;
+    };
+    match ethertype {
+        ETH_P_IP => match parse_v4(ctx, off) {
+            Some(flow) => reject_flow(ctx, h, &flow),
+            None => C::DROP,
+        },
+        ETH_P_IPV6 => match parse_v6(ctx, off) {
+            Some(flow) => reject_flow(ctx, h, &flow),
+            None => C::DROP,
+        },
+        _ => C::DROP,
+    }
+}
+
+/// The reply to `flow`, if the breaker asked for it or the agent's matching rule says
+/// `reject`; else the drop.
+#[inline(always)]
+fn reject_flow<C: Packet, A: Family>(ctx: &C, h: &Handoff, flow: &Flow<A>) -> u32
+where
+    Flow<A>: ReplyTarget,
+{
+    let slot = ((h.owner >> 32) as u32) & 1;
+    let agent = h.owner as u32;
+    let rejects = h.verdict == REJECT_FORCED
+        || agent_policy(slot, h.stride, agent).is_some_and(|policy| {
+            let rules = flow.dst.rules(slot, agent, policy, TABLES.get(slot));
+            match_rules(
+                rules,
+                flow.proto,
+                flow.l4,
+                |_| false,
+                |r| r.action == enforcer_common::ACTION_REJECT,
+            )
+            .unwrap_or(false)
+        });
+    if rejects {
+        reject_or_drop(ctx, agent, flow.reply_to())
+    } else {
+        C::DROP
     }
 }
 
@@ -523,7 +579,7 @@ fn finish<C: Packet, F: AuditTuple + ReplyTarget>(
             (*h).stride = stride;
             (*h).len = wire.bytes;
             (*h).segs = wire.packets;
-            (*h).verdict = verdict.reason as u32 | if verdict.reject { VERDICT_REJECT } else { 0 };
+            (*h).verdict = verdict.reason as u32;
             C::stages().tail_call(ctx, STAGE_GUARD);
         }
         // Only a broken load leaves the stage out: fail open, as for a mis-sized map.
@@ -536,7 +592,7 @@ fn finish<C: Packet, F: AuditTuple + ReplyTarget>(
     if reason.is_drop() && policy.flags & AGENT_MONITOR != 0 {
         reason = reason.monitored();
     }
-    close(ctx, agent, reason, verdict.reject, wire, flow)
+    close(ctx, agent, reason, 0, wire, flow)
 }
 
 /// Counts the packet under its final reason, reports drops and would-drops to the audit
@@ -547,7 +603,7 @@ fn close<C: Packet, F: AuditTuple + ReplyTarget>(
     ctx: &C,
     agent: u32,
     reason: Reason,
-    reject: bool,
+    reject: u32,
     wire: Wire,
     flow: &F,
 ) -> Result<u32, ()> {
@@ -561,14 +617,13 @@ fn close<C: Packet, F: AuditTuple + ReplyTarget>(
         // Only a real drop is answered: a monitor-mode agent's would-drop passes, and a
         // reply would break what passes.
         // The reply is a stage of its own (see [`enforce_reject`]).
-        if reject && reason.is_drop() {
-            let to = flow.reply_to();
+        if reject != 0 && reason.is_drop() {
             if let Some(h) = HANDOFF.get_ptr_mut(0) {
                 // SAFETY: this CPU's hand-off, owned by this packet until its last stage
-                // (see `Handoff`); a tail call does not return on success.
+                // (see `Handoff`), which already holds its owner and stride (only the
+                // guard stage asks for replies); a tail call does not return on success.
                 unsafe {
-                    (*h).owner = u64::from(agent);
-                    (*h).layout = to.bits();
+                    (*h).verdict = reject;
                     C::stages().tail_call(ctx, STAGE_REJECT);
                 }
             }

@@ -28,18 +28,6 @@ impl ReplyTo {
     /// A packet that gets no reply.
     pub(crate) const NONE: ReplyTo = ReplyTo(0);
 
-    /// The packed word, to cross a tail call in the hand-off.
-    #[inline(always)]
-    pub(crate) fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// A target from [`ReplyTo::bits`].
-    #[inline(always)]
-    pub(crate) fn from_bits(bits: u64) -> ReplyTo {
-        ReplyTo(bits)
-    }
-
     /// The packet `flow` (of `family`, 4 or 6) was parsed from; [`ReplyTo::NONE`] for a
     /// non-first fragment or a transport the parser could not read.
     #[inline(always)]

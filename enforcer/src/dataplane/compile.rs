@@ -938,8 +938,16 @@ fn rate_gcra(rate: &Rate) -> Result<[u64; 4], (&'static str, u64)> {
 
 /// Whether the program must run the guards for `agent`: it has a connection rate, a quota or
 /// a breaker, or a rule of it names a shared group or passes an open breaker.
+/// Whether the agent's packets go through the guard stage: it has guards, or a rule with a
+/// shared group, `always`, or `reject` (the reply is decided in the guard stage, so the
+/// entry program carries no reject bit: on Linux 6.1 that bit split its states past the
+/// verifier's limit).
 fn guarded(agent: &Agent) -> bool {
-    !agent.guards.is_empty() || agent.egress.iter().any(|r| r.shared.is_some() || r.always)
+    !agent.guards.is_empty()
+        || agent
+            .egress
+            .iter()
+            .any(|r| r.shared.is_some() || r.always || r.action == Action::Reject)
 }
 
 /// The `GUARD_POLICY` entry of `agent`, `None` when it has no guards (see [`guarded`]); an
