@@ -44,6 +44,14 @@ prefixes = ["10.77.1.2"]
 egress_default = "allow"
 "#;
 
+/// What the daemon reports after applying generation `generation` (no audit log here).
+fn applied(generation: u64) -> sync::Applied {
+    sync::Applied {
+        generation,
+        audit: None,
+    }
+}
+
 async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, future)
         .await
@@ -101,8 +109,10 @@ impl Env {
 
     fn server_config(&self) -> ControlPlaneConfig {
         ControlPlaneConfig {
-            dir: self.policies(),
-            signing_key: self.signing_key.clone(),
+            dir: Some(self.policies()),
+            signing_key: Some(self.signing_key.clone()),
+            etcd: None,
+            name: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls_cert: Some(self.certs.server.cert.clone()),
             tls_key: Some(self.certs.server.key.clone()),
@@ -115,6 +125,7 @@ impl Env {
     fn client_config(&self, addr: SocketAddr, node_id: &str) -> SyncConfig {
         SyncConfig {
             url: format!("https://{addr}"),
+            urls: Vec::new(),
             ca: Some(self.certs.ca.cert.clone()),
             client_cert: None,
             client_key: None,
@@ -268,7 +279,7 @@ async fn bundle_reaches_node_verified_and_is_acked() {
     assert_eq!(update.bundle.source(), "default.toml");
     let policy = update.bundle.parse_policy().unwrap();
     assert_eq!(policy.agents()[0].name, "coder");
-    update.reply.send(Ok(1)).unwrap();
+    update.reply.send(Ok(applied(1))).unwrap();
 
     let endpoint = env.endpoint(server.addr);
     let node = wait_node(&endpoint, "node-1", "the ack", |n| {
@@ -304,21 +315,21 @@ async fn changing_the_file_pushes_a_new_version() {
 
     let first = client.next_update().await;
     let v1 = first.bundle.version();
-    first.reply.send(Ok(1)).unwrap();
+    first.reply.send(Ok(applied(1))).unwrap();
 
     env.write_policy("default.toml", POLICY_B);
     let second = client.next_update().await;
     let v2 = second.bundle.version();
     assert!(v2 > v1, "{v2} after {v1}");
     assert_eq!(second.bundle.policy(), POLICY_B.as_bytes());
-    second.reply.send(Ok(2)).unwrap();
+    second.reply.send(Ok(applied(2))).unwrap();
 
     // A node file takes precedence over the default.
     env.write_policy("nodes/node-1.toml", POLICY_A);
     let third = client.next_update().await;
     assert!(third.bundle.version() > v2);
     assert_eq!(third.bundle.source(), "nodes/node-1.toml");
-    third.reply.send(Ok(3)).unwrap();
+    third.reply.send(Ok(applied(3))).unwrap();
 
     // An invalid edit is not published: nothing reaches the node, the last version stays.
     env.write_policy("nodes/node-1.toml", "[[agents]]\nid = 0\n");
@@ -359,7 +370,7 @@ async fn daemon_rejection_is_nacked_with_its_reason() {
     env.write_policy("default.toml", POLICY_B);
     let next = client.next_update().await;
     assert!(next.bundle.version() > version);
-    next.reply.send(Ok(1)).unwrap();
+    next.reply.send(Ok(applied(1))).unwrap();
     wait_node(&endpoint, "node-1", "the ack", |n| {
         n.version_acked == next.bundle.version()
     })
@@ -433,7 +444,7 @@ async fn mtls_server_rejects_clients_without_a_certificate() {
     let mut client = RunningClient::start(cfg, 0);
     let update = client.next_update().await;
     let version = update.bundle.version();
-    update.reply.send(Ok(1)).unwrap();
+    update.reply.send(Ok(applied(1))).unwrap();
 
     // The CLI needs a client certificate too.
     let mut endpoint = env.endpoint(server.addr);
@@ -460,8 +471,14 @@ async fn crafted_bundles_are_nacked_and_never_delivered() {
     let key = SigningKey::load(&env.signing_key).unwrap();
     let stranger = SigningKey::generate().unwrap();
     let sign = |key: &SigningKey, version| {
-        key.sign(version, 1_700_000_000_000, "default.toml", POLICY_A.into())
-            .unwrap()
+        key.sign(
+            version,
+            1_700_000_000_000,
+            "default.toml",
+            &bundle::Target::All,
+            POLICY_A.into(),
+        )
+        .unwrap()
     };
     let mut unsigned = sign(&key, 200);
     unsigned.signature.clear();
@@ -544,7 +561,7 @@ async fn crafted_bundles_are_nacked_and_never_delivered() {
     // Only the good bundle reaches the daemon side.
     let update = client.next_update().await;
     assert_eq!(update.bundle.version(), 300);
-    update.reply.send(Ok(1)).unwrap();
+    update.reply.send(Ok(applied(1))).unwrap();
     match next().await {
         Kind::Ack(ack) => assert_eq!(ack.version, 300),
         other => panic!("expected the ack of 300, got {other:?}"),
@@ -568,7 +585,7 @@ async fn client_reconnects_to_a_restarted_server_with_its_held_version() {
     let mut client = RunningClient::start(env.client_config(addr, "node-1"), 0);
     let first = client.next_update().await;
     let v1 = first.bundle.version();
-    first.reply.send(Ok(1)).unwrap();
+    first.reply.send(Ok(applied(1))).unwrap();
     wait_node(&env.endpoint(addr), "node-1", "the ack", |n| {
         n.version_acked == v1
     })
@@ -590,7 +607,7 @@ async fn client_reconnects_to_a_restarted_server_with_its_held_version() {
     let again = client.next_update().await;
     assert!(again.bundle.version() > v1);
     assert_eq!(again.bundle.policy(), POLICY_A.as_bytes());
-    again.reply.send(Ok(2)).unwrap();
+    again.reply.send(Ok(applied(2))).unwrap();
     wait_node(&env.endpoint(addr), "node-1", "the second ack", |n| {
         n.version_acked == again.bundle.version()
     })
@@ -615,7 +632,10 @@ async fn a_stream_must_start_with_hello() {
     let mut client = PolicySyncClient::new(channel);
     let (tx, rx) = mpsc::channel(1);
     tx.send(NodeMessage {
-        kind: Some(Kind::Ack(Ack { version: 1 })),
+        kind: Some(Kind::Ack(Ack {
+            version: 1,
+            ..Ack::default()
+        })),
     })
     .await
     .unwrap();
@@ -648,13 +668,20 @@ async fn stored_bundle_gives_the_held_version_after_a_restart() {
     let state_dir = env.dir.path().join("state");
     std::fs::create_dir_all(&state_dir).unwrap();
     let store = bundle::BundleStore::new(&state_dir);
-    let verifier = bundle::Verifier::new(&[env.public_key.as_str()]).unwrap();
+    let verifier = bundle::Verifier::new(
+        &[env.public_key.as_str()],
+        bundle::NodeIdentity {
+            node_id: "node-1".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
 
     let mut client = RunningClient::start(env.client_config(server.addr, "node-1"), 0);
     let update = client.next_update().await;
     store.save(&update.bundle).unwrap();
     let v1 = update.bundle.version();
-    update.reply.send(Ok(1)).unwrap();
+    update.reply.send(Ok(applied(1))).unwrap();
     client.stop().await;
 
     let stored = store.load(&verifier).unwrap().unwrap();
@@ -671,7 +698,7 @@ async fn stored_bundle_gives_the_held_version_after_a_restart() {
     let update = client.next_update().await;
     assert_eq!(update.bundle.policy(), POLICY_B.as_bytes());
     let v2 = update.bundle.version();
-    update.reply.send(Ok(2)).unwrap();
+    update.reply.send(Ok(applied(2))).unwrap();
     let node = wait_node(&env.endpoint(server.addr), "node-1", "the ack", |n| {
         n.version_acked == v2
     })

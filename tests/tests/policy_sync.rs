@@ -343,6 +343,7 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
             version,
             1_700_000_000_000,
             "crafted.toml",
+            &bundle::Target::All,
             policy.as_bytes().to_vec(),
         )
         .unwrap()
@@ -401,6 +402,7 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
                 version,
                 1_700_000_000_000,
                 "crafted.toml",
+                &bundle::Target::All,
                 policy.as_bytes().to_vec(),
             )
             .unwrap()

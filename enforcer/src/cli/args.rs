@@ -200,8 +200,40 @@ pub enum ControlPlaneCommand {
         file: PathBuf,
     },
     /// Every node the control plane has seen, with the versions sent and acknowledged
-    /// (connects with the `[control_plane]` settings of `--config`).
+    /// (connects with the `[control_plane]` settings of `--config`, trying each of `urls`
+    /// in turn). A replica answers for the whole fleet.
     Nodes,
+    /// Validate a policy, sign it for its target and write it to the fleet's etcd with the
+    /// next fleet-wide version (a compare-and-swap): every replica relays it to the nodes
+    /// it targets. Without --node or --selector, it is for every node.
+    Publish {
+        /// The policy file (TOML); rejected whole, with file:line:column, if invalid.
+        file: PathBuf,
+        /// The Ed25519 signing key (`signing.key` from `enforcer keygen`).
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// etcd client URLs (repeat, or comma-separated).
+        #[arg(long = "etcd", required = true, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd.
+        #[arg(long, default_value = crate::controlplane::etcd::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// PEM CA of etcd's certificate (https endpoints).
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// PEM client certificate for etcd (with --etcd-key).
+        #[arg(long)]
+        etcd_cert: Option<PathBuf>,
+        /// PEM key of --etcd-cert.
+        #[arg(long)]
+        etcd_key: Option<PathBuf>,
+        /// Only for this node.
+        #[arg(long, conflicts_with = "selector")]
+        node: Option<String>,
+        /// Only for nodes with these labels: key=value[,key=value...].
+        #[arg(long)]
+        selector: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -6,7 +6,7 @@ use std::{path::Path, process::ExitCode};
 use anyhow::Context as _;
 use serde_json::json;
 
-use super::{Cli, bad, load_config, print_json, table};
+use super::{Cli, bad, bad_policy, load_config, print_json, table};
 use crate::{out, outln};
 
 /// `enforcer inspect ca`.
@@ -105,6 +105,72 @@ pub(super) fn serve(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `enforcer control-plane publish` was given.
+pub(super) struct Publish<'a> {
+    /// The policy file.
+    pub file: &'a Path,
+    /// The signing key file.
+    pub signing_key: &'a Path,
+    /// Where etcd is.
+    pub etcd: crate::controlplane::etcd::EtcdConfig,
+    /// `--node`.
+    pub node: Option<&'a str>,
+    /// `--selector`.
+    pub selector: Option<&'a str>,
+}
+
+/// `enforcer control-plane publish`.
+pub(super) fn publish(cli: &Cli, args: Publish<'_>) -> anyhow::Result<ExitCode> {
+    use crate::controlplane::{bundle, etcd};
+    let target = match (args.node, args.selector) {
+        (Some(id), None) => {
+            bundle::Target::parse(&format!("node:{id}")).map_err(|e| bad(format!("--node: {e}")))?
+        }
+        (None, Some(pairs)) => {
+            bundle::Target::selector(pairs).map_err(|e| bad(format!("--selector: {e}")))?
+        }
+        (None, None) => bundle::Target::All,
+        (Some(_), Some(_)) => return Err(bad("--node and --selector: give one".into())),
+    };
+    args.etcd.validate().map_err(|e| bad(e.to_string()))?;
+    let text = std::fs::read_to_string(args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    // Rejected whole before anything is signed: the nodes keep the last good bundle.
+    crate::policy::parse(&args.file.display().to_string(), &text).map_err(|e| bad_policy(&e))?;
+    let key = bundle::SigningKey::load(args.signing_key)
+        .map_err(|e| bad(crate::error::error_chain(&e)))?;
+    let source = args
+        .file
+        .file_name()
+        .map_or_else(|| "policy".into(), |n| n.to_string_lossy().into_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bundle = runtime.block_on(async {
+        let store = etcd::Store::connect(&args.etcd).await?;
+        store
+            .publish(&key, &source, &target, text.into_bytes())
+            .await
+    })?;
+    if cli.json {
+        print_json(&json!({
+            "version": bundle.version,
+            "target": bundle.target,
+            "source": bundle.source,
+            "key_id": bundle.key_id,
+            "issued_at_unix_ms": bundle.issued_at_unix_ms,
+        }));
+    } else {
+        outln!(
+            "published version {} for {} (key id {})",
+            bundle.version,
+            bundle.target,
+            bundle.key_id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `enforcer control-plane nodes`.
 pub(super) fn nodes(cli: &Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(&cli.config)?;
@@ -117,20 +183,42 @@ pub(super) fn nodes(cli: &Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let nodes = runtime.block_on(crate::controlplane::nodes(&cp.endpoint()))?;
+    // Any replica answers for the fleet: the first that does.
+    let nodes = runtime.block_on(async {
+        let mut last = None;
+        for endpoint in cp.endpoints() {
+            match crate::controlplane::nodes(&endpoint).await {
+                Ok(nodes) => return Ok(nodes),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("validated: at least one url"))
+    })?;
     if cli.json {
         print_json(&serde_json::to_value(&nodes)?);
     } else {
         let mut rows = table::new(
-            &["NODE", "CONNECTED", "SENT", "ACKED", "LAST NACK"],
-            &[2, 3],
+            &[
+                "NODE",
+                "CONNECTED",
+                "REPLICA",
+                "TARGET",
+                "SENT",
+                "ACKED",
+                "AUDIT",
+                "LAST NACK",
+            ],
+            &[4, 5, 6],
         );
         for n in nodes {
             rows.add_row(vec![
                 n.node_id,
                 n.connected.to_string(),
+                n.replica.unwrap_or_default(),
+                n.target.unwrap_or_default(),
                 n.version_sent.to_string(),
                 n.version_acked.to_string(),
+                n.audit_records.to_string(),
                 n.last_nack_reason.unwrap_or_default(),
             ]);
         }

@@ -67,7 +67,7 @@ fn bad(message: String) -> anyhow::Error {
 }
 
 /// A policy that cannot be used: its message, and its issues by place for `--json`.
-fn bad_policy(e: &crate::policy::PolicyError) -> anyhow::Error {
+pub(super) fn bad_policy(e: &crate::policy::PolicyError) -> anyhow::Error {
     BadInputError {
         message: error_chain(e),
         issues: e.issues(),
@@ -251,6 +251,35 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::ControlPlane {
             command: ControlPlaneCommand::Nodes,
         } => fleet::nodes(cli),
+        Command::ControlPlane {
+            command:
+                ControlPlaneCommand::Publish {
+                    file,
+                    signing_key,
+                    etcd,
+                    etcd_prefix,
+                    etcd_ca,
+                    etcd_cert,
+                    etcd_key,
+                    node,
+                    selector,
+                },
+        } => fleet::publish(
+            cli,
+            fleet::Publish {
+                file,
+                signing_key,
+                etcd: crate::controlplane::etcd::EtcdConfig {
+                    endpoints: etcd.clone(),
+                    prefix: etcd_prefix.clone(),
+                    ca: etcd_ca.clone(),
+                    cert: etcd_cert.clone(),
+                    key: etcd_key.clone(),
+                },
+                node: node.as_deref(),
+                selector: selector.as_deref(),
+            },
+        ),
         Command::Demo { seconds } => {
             demo::run(Duration::from_secs(*seconds))?;
             Ok(ExitCode::SUCCESS)

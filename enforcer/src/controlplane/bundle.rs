@@ -8,16 +8,23 @@
 //! canonical: field order and unknown fields may vary between encoders):
 //!
 //! ```text
-//! b"enforcer-bundle-v1\0"          domain separation: no other signed message starts so
+//! b"enforcer-bundle-v2\0"          domain separation: no other signed message starts so
 //! version            u64 big-endian
 //! issued_at_unix_ms  i64 big-endian
 //! len(source)        u32 big-endian, then the source bytes (UTF-8)
+//! len(target)        u32 big-endian, then the target's text form ([`Target`], UTF-8)
 //! len(policy)        u32 big-endian, then the policy bytes (the TOML file, verbatim)
 //! ```
 //!
 //! The length prefixes make the encoding injective, so no two different bundles share a
 //! signed message. `key_id` is not signed: it only picks the key, and a wrong one fails
 //! verification anyway.
+//!
+//! The target is signed so that a bundle cannot be replayed to a node it was not meant
+//! for: node A's newer bundle handed to node B fails B's check even though its signature
+//! and version are good. Version 1 of the form had no target; a node refuses v1 bundles
+//! (their signature does not verify under v2), so after an upgrade a node enforces its
+//! stored v1 bundle's floor and waits for the next publish (see [`BundleStore::load`]).
 //!
 //! # Keys
 //!
@@ -67,7 +74,7 @@ use crate::{
 
 /// Prefix of every signed message, so a bundle signature can never be mistaken for a
 /// signature over anything else made with the same key.
-pub const DOMAIN: &[u8] = b"enforcer-bundle-v1\0";
+pub const DOMAIN: &[u8] = b"enforcer-bundle-v2\0";
 
 /// File name of the private signing key [`keygen`] writes.
 pub const PRIVATE_KEY_FILE: &str = "signing.key";
@@ -130,6 +137,29 @@ pub enum BundleError {
         /// Its length.
         len: usize,
     },
+    /// The bundle is signed for other nodes: another node's, or a selector this node's
+    /// labels do not match.
+    #[error("wrong target: version {version} is for {target}, not node {node:?} (labels {labels})")]
+    WrongTarget {
+        /// The bundle's version.
+        version: u64,
+        /// The bundle's target, text form.
+        target: String,
+        /// This node's id.
+        node: String,
+        /// This node's labels, `k=v,...`.
+        labels: String,
+    },
+    /// The target field is not a valid [`Target`].
+    #[error("bad target {target:?} on version {version}: {message}")]
+    BadTarget {
+        /// The bundle's version.
+        version: u64,
+        /// The field as received.
+        target: String,
+        /// What was expected.
+        message: String,
+    },
     /// The signed policy is not a valid policy document.
     #[error("malformed policy: {message}")]
     MalformedPolicy {
@@ -140,7 +170,8 @@ pub enum BundleError {
 
 impl BundleError {
     /// A short stable name for the rejection (`unsigned`, `unknown_key`, `bad_signature`,
-    /// `rollback`, `too_large`, `malformed_policy`), for metrics and tests.
+    /// `rollback`, `too_large`, `wrong_target`, `bad_target`, `malformed_policy`), for
+    /// metrics and tests.
     pub fn kind(&self) -> &'static str {
         match self {
             BundleError::Unsigned { .. } => "unsigned",
@@ -148,6 +179,8 @@ impl BundleError {
             BundleError::BadSignature { .. } => "bad_signature",
             BundleError::Rollback { .. } => "rollback",
             BundleError::TooLarge { .. } => "too_large",
+            BundleError::WrongTarget { .. } => "wrong_target",
+            BundleError::BadTarget { .. } => "bad_target",
             BundleError::MalformedPolicy { .. } => "malformed_policy",
         }
     }
@@ -268,6 +301,7 @@ pub fn canonical_bytes(
     version: u64,
     issued_at_unix_ms: i64,
     source: &str,
+    target: &str,
     policy: &[u8],
 ) -> Result<Vec<u8>, BundleError> {
     let prefix = |field, len: usize| {
@@ -275,12 +309,16 @@ pub fn canonical_bytes(
             .map(u32::to_be_bytes)
             .map_err(|_| BundleError::TooLarge { field, len })
     };
-    let mut out = Vec::with_capacity(DOMAIN.len() + 8 + 8 + 4 + source.len() + 4 + policy.len());
+    let mut out = Vec::with_capacity(
+        DOMAIN.len() + 8 + 8 + 4 + source.len() + 4 + target.len() + 4 + policy.len(),
+    );
     out.extend_from_slice(DOMAIN);
     out.extend_from_slice(&version.to_be_bytes());
     out.extend_from_slice(&issued_at_unix_ms.to_be_bytes());
     out.extend_from_slice(&prefix("source", source.len())?);
     out.extend_from_slice(source.as_bytes());
+    out.extend_from_slice(&prefix("target", target.len())?);
+    out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(&prefix("policy", policy.len())?);
     out.extend_from_slice(policy);
     Ok(out)
@@ -412,15 +450,17 @@ impl SigningKey {
         &self.public
     }
 
-    /// Signs a policy into a bundle.
+    /// Signs a policy into a bundle for the nodes `target` names.
     pub fn sign(
         &self,
         version: u64,
         issued_at_unix_ms: i64,
         source: &str,
+        target: &Target,
         policy: Vec<u8>,
     ) -> Result<Bundle, BundleError> {
-        let message = canonical_bytes(version, issued_at_unix_ms, source, &policy)?;
+        let target = target.to_string();
+        let message = canonical_bytes(version, issued_at_unix_ms, source, &target, &policy)?;
         Ok(Bundle {
             version,
             policy,
@@ -428,6 +468,7 @@ impl SigningKey {
             signature: self.pair.sign(&message).as_ref().to_vec(),
             issued_at_unix_ms,
             source: source.to_owned(),
+            target,
         })
     }
 }
@@ -494,32 +535,160 @@ fn write_new(path: &Path, mode: u32, text: &str) -> Result<(), KeyError> {
         })
 }
 
-/// Checks bundles against the trusted public keys. More than one key is trusted during a
-/// rotation.
+/// Which nodes a bundle is for; signed with it ([`canonical_bytes`]).
+///
+/// Text form (the `target` field of a bundle, and `--node`/`--selector` on the command
+/// line): `all`, `node:<id>`, or `selector:<key>=<value>[,<key>=<value>...]` with the keys
+/// sorted, so one set of labels has one text form and one signature.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// Every node.
+    All,
+    /// The node with this id.
+    Node(String),
+    /// Every node whose labels include all of these.
+    Selector(BTreeMap<String, String>),
+}
+
+/// Whether `text` may be a node id, a label key or a label value: what a DNS-style name and
+/// a Kubernetes-style label use, so the text form needs no escaping.
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
+}
+
+impl Target {
+    /// Parses the text form; the error says what was expected.
+    pub fn parse(text: &str) -> Result<Target, String> {
+        if text == "all" {
+            return Ok(Target::All);
+        }
+        if let Some(id) = text.strip_prefix("node:") {
+            if !is_name(id) {
+                return Err(format!(
+                    "node id {id:?}: expected letters, digits, '.', '-', '_' or '/'"
+                ));
+            }
+            return Ok(Target::Node(id.to_owned()));
+        }
+        if let Some(pairs) = text.strip_prefix("selector:") {
+            return Target::selector(pairs);
+        }
+        Err("expected all, node:<id> or selector:<key>=<value>[,...]".into())
+    }
+
+    /// Parses `key=value[,key=value...]` into a selector (keys in any order).
+    pub fn selector(pairs: &str) -> Result<Target, String> {
+        let mut labels = BTreeMap::new();
+        for pair in pairs.split(',') {
+            let Some((key, value)) = pair.split_once('=') else {
+                return Err(format!("{pair:?}: expected key=value"));
+            };
+            if !is_name(key) || !is_name(value) {
+                return Err(format!(
+                    "{pair:?}: keys and values are letters, digits, '.', '-', '_' or '/'"
+                ));
+            }
+            if labels.insert(key.to_owned(), value.to_owned()).is_some() {
+                return Err(format!("{key:?} given twice"));
+            }
+        }
+        Ok(Target::Selector(labels))
+    }
+
+    /// Whether a node with this id and these labels is targeted.
+    pub fn matches(&self, node_id: &str, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Target::All => true,
+            Target::Node(id) => id == node_id,
+            Target::Selector(wanted) => wanted.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+
+    /// How specific the target is, for choosing among several that match one node: a
+    /// node's own bundle beats any selector, a selector with more labels beats one with
+    /// fewer, and `all` comes last.
+    pub fn specificity(&self) -> usize {
+        match self {
+            Target::All => 0,
+            Target::Selector(labels) => labels.len(),
+            Target::Node(_) => usize::MAX,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::All => f.write_str("all"),
+            Target::Node(id) => write!(f, "node:{id}"),
+            Target::Selector(labels) => {
+                f.write_str("selector:")?;
+                f.write_str(&labels_text(labels))
+            }
+        }
+    }
+}
+
+/// Labels as `k=v,k2=v2` (sorted by key).
+pub fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Who the verifying node is: what a bundle's [`Target`] is matched against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The node's id (`node_id` in its configuration; the name in its client certificate).
+    pub node_id: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Checks bundles against the trusted public keys and this node's identity. More than one
+/// key is trusted during a rotation.
 #[derive(Clone, Debug)]
 pub struct Verifier {
     keys: BTreeMap<String, PublicKey>,
+    node: NodeIdentity,
 }
 
 impl Verifier {
-    /// Builds a verifier from base64 public keys, as the `trusted_keys` configuration field
-    /// holds them; errors name the entry (`trusted_keys[1]`).
-    pub fn new<S: AsRef<str>>(trusted_keys: &[S]) -> Result<Verifier, KeyError> {
+    /// Builds a verifier for `node` from base64 public keys, as the `trusted_keys`
+    /// configuration field holds them; errors name the entry (`trusted_keys[1]`).
+    pub fn new<S: AsRef<str>>(
+        trusted_keys: &[S],
+        node: NodeIdentity,
+    ) -> Result<Verifier, KeyError> {
         let keys = trusted_keys
             .iter()
             .enumerate()
             .map(|(i, text)| PublicKey::from_base64(text.as_ref(), &format!("trusted_keys[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        Verifier::from_keys(keys)
+        Verifier::from_keys(keys, node)
     }
 
-    /// Builds a verifier from parsed keys.
-    pub fn from_keys(keys: impl IntoIterator<Item = PublicKey>) -> Result<Verifier, KeyError> {
+    /// Builds a verifier for `node` from parsed keys.
+    pub fn from_keys(
+        keys: impl IntoIterator<Item = PublicKey>,
+        node: NodeIdentity,
+    ) -> Result<Verifier, KeyError> {
         let keys: BTreeMap<_, _> = keys.into_iter().map(|k| (k.key_id.clone(), k)).collect();
         if keys.is_empty() {
             return Err(KeyError::NoTrustedKeys);
         }
-        Ok(Verifier { keys })
+        Ok(Verifier { keys, node })
+    }
+
+    /// The node this verifier checks targets for.
+    pub fn node(&self) -> &NodeIdentity {
+        &self.node
     }
 
     /// Ids of the trusted keys, sorted.
@@ -527,9 +696,9 @@ impl Verifier {
         self.keys.keys().map(String::as_str)
     }
 
-    /// Checks that `bundle` is signed by a trusted key and newer than `held_version` (the
-    /// version the node enforces; 0 for none). Authenticity is checked before the version,
-    /// so a rollback error always names a genuine, merely old, bundle.
+    /// Checks that `bundle` is signed by a trusted key, meant for this node and newer than
+    /// `held_version` (the version the node enforces; 0 for none). Authenticity is checked
+    /// before the target and the version, so those errors always name a genuine bundle.
     pub fn verify(
         &self,
         bundle: &Bundle,
@@ -551,6 +720,7 @@ impl Verifier {
             version,
             bundle.issued_at_unix_ms,
             &bundle.source,
+            &bundle.target,
             &bundle.policy,
         )?;
         UnparsedPublicKey::new(&ED25519, &key.raw)
@@ -559,6 +729,19 @@ impl Verifier {
                 version,
                 key_id: bundle.key_id.clone(),
             })?;
+        let target = Target::parse(&bundle.target).map_err(|message| BundleError::BadTarget {
+            version,
+            target: bundle.target.clone(),
+            message,
+        })?;
+        if !target.matches(&self.node.node_id, &self.node.labels) {
+            return Err(BundleError::WrongTarget {
+                version,
+                target: bundle.target.clone(),
+                node: self.node.node_id.clone(),
+                labels: labels_text(&self.node.labels),
+            });
+        }
         if version <= held_version {
             return Err(BundleError::Rollback {
                 version,
@@ -767,23 +950,48 @@ mod tests {
     const POLICY: &str = "[[agents]]\nid = 1\nname = \"a\"\nprefixes = [\"10.0.0.1\"]\n";
 
     fn signed(key: &SigningKey, version: u64) -> Bundle {
-        key.sign(version, 1_700_000_000_000, "default.toml", POLICY.into())
-            .unwrap()
+        key.sign(
+            version,
+            1_700_000_000_000,
+            "default.toml",
+            &Target::All,
+            POLICY.into(),
+        )
+        .unwrap()
+    }
+
+    fn node(id: &str, labels: &[(&str, &str)]) -> NodeIdentity {
+        NodeIdentity {
+            node_id: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn verifier_for<S: AsRef<str>>(keys: &[S]) -> Result<Verifier, KeyError> {
+        Verifier::new(keys, node("n1", &[("zone", "eu-1")]))
     }
 
     #[test]
     fn canonical_form_is_stable() {
-        let bytes = canonical_bytes(0x0102_0304_0506_0708, -2, "ab", b"xyz").unwrap();
-        let mut golden = b"enforcer-bundle-v1\0".to_vec();
+        let bytes = canonical_bytes(0x0102_0304_0506_0708, -2, "ab", "all", b"xyz").unwrap();
+        let mut golden = b"enforcer-bundle-v2\0".to_vec();
         golden.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         golden.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]);
         golden.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
+        golden.extend_from_slice(&[0, 0, 0, 3, b'a', b'l', b'l']);
         golden.extend_from_slice(&[0, 0, 0, 3, b'x', b'y', b'z']);
         assert_eq!(bytes, golden);
-        // Moving a byte between source and policy changes the message.
+        // Moving a byte between fields changes the message.
         assert_ne!(
-            canonical_bytes(1, 0, "ab", b"c").unwrap(),
-            canonical_bytes(1, 0, "a", b"bc").unwrap()
+            canonical_bytes(1, 0, "ab", "all", b"c").unwrap(),
+            canonical_bytes(1, 0, "a", "all", b"bc").unwrap()
+        );
+        assert_ne!(
+            canonical_bytes(1, 0, "a", "node:b", b"c").unwrap(),
+            canonical_bytes(1, 0, "a", "node:", b"bc").unwrap()
         );
     }
 
@@ -796,7 +1004,7 @@ mod tests {
     #[test]
     fn sign_verify_roundtrip() {
         let key = SigningKey::generate().unwrap();
-        let verifier = Verifier::new(&[key.public_key().to_base64()]).unwrap();
+        let verifier = verifier_for(&[key.public_key().to_base64()]).unwrap();
         let verified = verifier.verify(&signed(&key, 7), 6).unwrap();
         assert_eq!(verified.version(), 7);
         assert_eq!(verified.policy(), POLICY.as_bytes());
@@ -810,7 +1018,7 @@ mod tests {
     fn each_rejection_has_its_reason() {
         let key = SigningKey::generate().unwrap();
         let other = SigningKey::generate().unwrap();
-        let verifier = Verifier::new(&[key.public_key().to_base64()]).unwrap();
+        let verifier = verifier_for(&[key.public_key().to_base64()]).unwrap();
 
         let mut unsigned = signed(&key, 7);
         unsigned.signature.clear();
@@ -833,11 +1041,12 @@ mod tests {
         );
 
         // Altering any signed field breaks the signature.
-        let alterations: [fn(&mut Bundle); 4] = [
+        let alterations: [fn(&mut Bundle); 5] = [
             |b| b.policy.push(b'\n'),
             |b| b.version += 1,
             |b| b.issued_at_unix_ms += 1,
             |b| b.source.push('x'),
+            |b| b.target = "node:n1".into(),
         ];
         for alter in alterations {
             let mut bundle = signed(&key, 7);
@@ -868,6 +1077,7 @@ mod tests {
                 8,
                 0,
                 "nodes/n1.toml",
+                &Target::Node("n1".into()),
                 b"[[agents]]\nid = 0\nname = \"a\"\nrate = { packets_per_sec = 0 }\n".to_vec(),
             )
             .unwrap();
@@ -884,7 +1094,9 @@ mod tests {
         );
         assert!(!msg.contains('\n') && msg.contains("; "), "{msg}");
 
-        let not_utf8 = key.sign(9, 0, "default.toml", vec![0xff]).unwrap();
+        let not_utf8 = key
+            .sign(9, 0, "default.toml", &Target::All, vec![0xff])
+            .unwrap();
         let e = verifier
             .verify(&not_utf8, 0)
             .unwrap()
@@ -898,12 +1110,89 @@ mod tests {
     }
 
     #[test]
+    fn a_bundle_for_other_nodes_is_refused() {
+        let key = SigningKey::generate().unwrap();
+        let verifier = verifier_for(&[key.public_key().to_base64()]).unwrap();
+        let for_target = |target: &str| {
+            let target = Target::parse(target).unwrap();
+            key.sign(5, 0, "publish", &target, POLICY.into()).unwrap()
+        };
+        for ok in ["all", "node:n1", "selector:zone=eu-1"] {
+            verifier.verify(&for_target(ok), 0).unwrap();
+        }
+        for wrong in [
+            "node:n2",
+            "selector:zone=eu-2",
+            "selector:tier=gpu,zone=eu-1",
+        ] {
+            let e = verifier.verify(&for_target(wrong), 0).unwrap_err();
+            assert_eq!(e.kind(), "wrong_target", "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "wrong target: version 5 is for {wrong}, not node \"n1\" (labels zone=eu-1)"
+                )
+            );
+        }
+        // The target is checked before the version: a replay of another node's old bundle
+        // names the target.
+        assert_eq!(
+            verifier
+                .verify(&for_target("node:n2"), 9)
+                .unwrap_err()
+                .kind(),
+            "wrong_target"
+        );
+        // A signed but unparseable target.
+        let mut odd = for_target("all");
+        odd.target = "everyone".into();
+        let message = canonical_bytes(5, 0, "publish", "everyone", POLICY.as_bytes()).unwrap();
+        odd.signature = key.pair.sign(&message).as_ref().to_vec();
+        assert_eq!(verifier.verify(&odd, 0).unwrap_err().kind(), "bad_target");
+    }
+
+    #[test]
+    fn target_text_forms() {
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        // Keys sorted: one set of labels, one text form.
+        let t = Target::parse("selector:zone=eu-1,tier=gpu").unwrap();
+        assert_eq!(t.to_string(), "selector:tier=gpu,zone=eu-1");
+        assert!(t.matches(
+            "x",
+            &labels(&[("tier", "gpu"), ("zone", "eu-1"), ("a", "b")])
+        ));
+        assert!(!t.matches("x", &labels(&[("zone", "eu-1")])));
+        assert_eq!(
+            Target::parse("node:edge-1").unwrap().to_string(),
+            "node:edge-1"
+        );
+        assert!(Target::All.specificity() < t.specificity());
+        assert!(t.specificity() < Target::Node("n".into()).specificity());
+        for bad in [
+            "",
+            "node:",
+            "node:a b",
+            "selector:",
+            "selector:a",
+            "selector:a=1,a=2",
+            "x",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn two_trusted_keys_for_rotation() {
         let old = SigningKey::generate().unwrap();
         let new = SigningKey::generate().unwrap();
         let retired = SigningKey::generate().unwrap();
         let verifier =
-            Verifier::new(&[old.public_key().to_base64(), new.public_key().to_base64()]).unwrap();
+            verifier_for(&[old.public_key().to_base64(), new.public_key().to_base64()]).unwrap();
         assert_eq!(verifier.key_ids().count(), 2);
         assert_eq!(verifier.verify(&signed(&old, 1), 0).unwrap().version(), 1);
         assert_eq!(verifier.verify(&signed(&new, 2), 1).unwrap().version(), 2);
@@ -916,15 +1205,15 @@ mod tests {
     #[test]
     fn trusted_key_errors_name_the_entry() {
         let good = SigningKey::generate().unwrap().public_key().to_base64();
-        let e = Verifier::new(&[good.as_str(), "not base64!"]).unwrap_err();
+        let e = verifier_for(&[good.as_str(), "not base64!"]).unwrap_err();
         assert_eq!(e.to_string(), "trusted_keys[1]: expected base64 key text");
-        let e = Verifier::new(&["AAAA"]).unwrap_err();
+        let e = verifier_for(&["AAAA"]).unwrap_err();
         assert_eq!(
             e.to_string(),
             "trusted_keys[0]: expected a 32-byte Ed25519 public key, got 3 bytes"
         );
         assert!(matches!(
-            Verifier::new::<&str>(&[]),
+            verifier_for::<&str>(&[]),
             Err(KeyError::NoTrustedKeys)
         ));
     }
@@ -945,7 +1234,7 @@ mod tests {
         assert_eq!(key.public_key(), &public);
         assert_eq!(public.key_id(), paths.key_id);
         let text = fs::read_to_string(&paths.public_key).unwrap();
-        let verifier = Verifier::new(&[text]).unwrap();
+        let verifier = verifier_for(&[text]).unwrap();
         verifier.verify(&signed(&key, 1), 0).unwrap();
 
         let e = keygen(dir.path()).unwrap_err();
@@ -981,7 +1270,7 @@ mod tests {
     fn store_roundtrip_and_tamper_detection() {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate().unwrap();
-        let verifier = Verifier::new(&[key.public_key().to_base64()]).unwrap();
+        let verifier = verifier_for(&[key.public_key().to_base64()]).unwrap();
         let store = BundleStore::new(dir.path());
         assert_eq!(store.load(&verifier).unwrap(), None);
 
@@ -1014,7 +1303,7 @@ mod tests {
         // Keys rotated away from the stored bundle's signer.
         store.save(&second).unwrap();
         let other = SigningKey::generate().unwrap();
-        let rotated = Verifier::new(&[other.public_key().to_base64()]).unwrap();
+        let rotated = verifier_for(&[other.public_key().to_base64()]).unwrap();
         let e = store.load(&rotated).unwrap_err();
         assert!(
             matches!(&e, StoreError::Rejected { source, .. } if source.kind() == "unknown_key"),

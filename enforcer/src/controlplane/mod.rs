@@ -31,9 +31,29 @@
 //! holds and was not sent on this stream yet, and records every ACK and NACK. A NACKed
 //! version is not re-sent on the same stream; a reconnecting node gets it again. `Nodes`
 //! lists every node seen since the server started.
+//!
+//! # A fleet: replicas on etcd
+//!
+//! With an `[etcd]` table instead of `dir` and `signing_key`, the process is a *replica*
+//! ([`etcd`]): it holds no state of its own and cannot sign. Bundles are published into etcd
+//! by `enforcer control-plane publish` (which holds the key) for a [`Target`]: one node,
+//! the nodes matching a label selector, or all. A replica watches etcd and gives each node
+//! connected to it the most specific bundle that targets it (its own, then the selector with
+//! the most labels, then `all`; the newest among equals). Nodes report to any replica; what
+//! they hold, their last ACK or NACK and their audit chain head go to etcd, so
+//! `control-plane nodes` shows the whole fleet from any replica. A replica never re-signs:
+//! a node holding a newer version than its bundle waits for the next publish.
+//!
+//! # Node identity
+//!
+//! With `client_ca` set, every node presents a client certificate and its `Hello` must name
+//! a node the certificate is valid for (its DNS subject alternative names); any other
+//! `Hello` is refused with `PERMISSION_DENIED`, so a node gets only bundles meant for it. A
+//! replica requires `client_ca`.
 
 pub mod bundle;
 pub mod certs;
+pub mod etcd;
 pub mod proto;
 pub mod sync;
 
@@ -47,6 +67,7 @@ use std::{
 };
 
 use ring::digest;
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{
@@ -61,7 +82,8 @@ use tonic::{
 
 use crate::{
     controlplane::{
-        bundle::{KeyError, SigningKey},
+        bundle::{KeyError, SigningKey, Target},
+        etcd::{BundleChange, EtcdConfig, EtcdError, Store},
         proto::{
             Bundle, NodeMessage, NodesRequest, NodesResponse,
             node_message::Kind,
@@ -111,13 +133,35 @@ const NODES_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// The signing key and the TLS key are `signing_key` and `tls_key`: two fields both called
 /// `key` could not live in one table.
+///
+/// A replica of a fleet has `[etcd]` instead of `dir` and `signing_key` (see [`etcd`]), and
+/// must have `client_ca`:
+///
+/// ```toml
+/// listen = "0.0.0.0:7443"
+/// tls_cert = "/etc/enforcer-cp/server.pem"
+/// tls_key = "/etc/enforcer-cp/server.key"
+/// client_ca = "/etc/enforcer-cp/ca.pem"
+/// # name = "cp-1"                        # shown as the replica a node is on (default: host:port)
+/// [etcd]
+/// endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
+/// ```
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// The policy directory.
-    pub dir: PathBuf,
-    /// The Ed25519 signing key (`signing.key` from [`crate::controlplane::bundle::keygen`]).
-    pub signing_key: PathBuf,
+    /// The policy directory (single-process control plane).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The Ed25519 signing key (`signing.key` from [`crate::controlplane::bundle::keygen`]),
+    /// with `dir`.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// The fleet's etcd: this process is a replica (no `dir`, no `signing_key`).
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
+    /// This replica's name in `control-plane nodes` (default: the host name and port).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Address to listen on (only read by [`serve`]; [`serve_on`] takes a listener).
     pub listen: SocketAddr,
     /// PEM server certificate chain.
@@ -144,14 +188,20 @@ fn default_poll_interval_ms() -> u64 {
 impl ControlPlaneConfig {
     /// Makes relative paths relative to `base` (the configuration file's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [&mut self.dir, &mut self.signing_key] {
-            *path = base.join(&*path);
-        }
-        for path in [&mut self.tls_cert, &mut self.tls_key, &mut self.client_ca]
-            .into_iter()
-            .flatten()
+        for path in [
+            &mut self.dir,
+            &mut self.signing_key,
+            &mut self.tls_cert,
+            &mut self.tls_key,
+            &mut self.client_ca,
+        ]
+        .into_iter()
+        .flatten()
         {
             *path = base.join(&*path);
+        }
+        if let Some(etcd) = &mut self.etcd {
+            etcd.resolve_paths(base);
         }
     }
 
@@ -180,6 +230,35 @@ impl ControlPlaneConfig {
         }
         if self.client_ca.is_some() && self.insecure {
             return invalid("client_ca", "client certificates need TLS");
+        }
+        match (&self.dir, &self.signing_key, &self.etcd) {
+            (Some(_), Some(_), None) => {}
+            (None, None, Some(etcd)) => {
+                etcd.validate().map_err(|e| ControlPlaneError::Config {
+                    field: "etcd",
+                    message: e.to_string(),
+                })?;
+                if self.client_ca.is_none() {
+                    return invalid(
+                        "client_ca",
+                        "a replica serves nodes by their client certificate: client_ca is required with [etcd]",
+                    );
+                }
+            }
+            (Some(_), None, None) => return invalid("signing_key", "dir needs signing_key"),
+            (None, Some(_), None) => return invalid("dir", "signing_key needs dir"),
+            (_, _, Some(_)) => {
+                return invalid(
+                    "etcd",
+                    "a replica relays what is published into etcd: remove dir and signing_key",
+                );
+            }
+            (None, None, None) => {
+                return invalid(
+                    "dir",
+                    "expected dir and signing_key (one control plane) or [etcd] (a replica)",
+                );
+            }
         }
         if self.poll_interval_ms < 10 {
             return invalid("poll_interval_ms", "expected at least 10");
@@ -270,6 +349,13 @@ pub enum ControlPlaneError {
         #[from]
         source: SyncError,
     },
+    /// etcd could not be reached or refused a request.
+    #[error(transparent)]
+    Etcd {
+        /// Why.
+        #[from]
+        source: EtcdError,
+    },
     /// The control plane answered a query with an error.
     #[error("querying {url}")]
     Query {
@@ -307,6 +393,19 @@ pub struct NodeStatus {
     pub last_seen_unix_ms: i64,
     /// Remote address of its latest stream.
     pub peer: Option<String>,
+    /// Target of the bundle it is assigned (`node:<id>`, `selector:...`, `all`).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Head of its audit hash chain (hex) reported with its latest ACK: an anchor kept off
+    /// the node (`enforcer audit verify --anchor`).
+    #[serde(default)]
+    pub audit_head: Option<String>,
+    /// Records in that chain then.
+    #[serde(default)]
+    pub audit_records: u64,
+    /// The replica holding its stream now (fleets only).
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 impl From<proto::NodeStatus> for NodeStatus {
@@ -324,6 +423,10 @@ impl From<proto::NodeStatus> for NodeStatus {
             last_nack_reason: some(p.last_nack_reason),
             last_seen_unix_ms: p.last_seen_unix_ms,
             peer: some(p.peer),
+            target: some(p.target),
+            audit_head: some(p.audit_head),
+            audit_records: p.audit_records,
+            replica: some(p.replica),
         }
     }
 }
@@ -342,6 +445,10 @@ impl From<NodeStatus> for proto::NodeStatus {
             version_nacked: n.version_nacked,
             source: n.source.unwrap_or_default(),
             peer: n.peer.unwrap_or_default(),
+            target: n.target.unwrap_or_default(),
+            audit_head: n.audit_head.unwrap_or_default(),
+            audit_records: n.audit_records,
+            replica: n.replica.unwrap_or_default(),
         }
     }
 }
@@ -388,44 +495,83 @@ pub async fn serve(
 
 /// Runs the control plane on an already bound listener (tests bind port 0 and read the
 /// address back) until `shutdown` completes. Configuration problems (files, keys, the
-/// policy directory) are reported before anything is served. On shutdown every open stream
-/// is ended with `UNAVAILABLE`, so nodes reconnect elsewhere at once, and the call returns
-/// when the connections have closed.
+/// policy directory, etcd unreachable) are reported before anything is served. On shutdown
+/// every open stream is ended with `UNAVAILABLE`, so nodes reconnect elsewhere at once, and
+/// the call returns when the connections have closed.
 pub async fn serve_on(
     cfg: ControlPlaneConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControlPlaneError> {
     cfg.validate()?;
-    let key = SigningKey::load(&cfg.signing_key)
-        .map_err(|source| ControlPlaneError::SigningKey { source })?;
     let tls = cfg.server_tls()?;
-    // Fail at start on a missing directory; later scan errors are logged and retried.
-    let first = scan(cfg.dir.clone()).await?;
-
+    let local = listener.local_addr().ok();
     let (stop_tx, stop) = watch::channel(false);
     let (changed, _) = watch::channel(0u64);
+    let replica = cfg.name.clone().unwrap_or_else(|| {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        match local {
+            Some(addr) => format!("{host}:{}", addr.port()),
+            None => host,
+        }
+    });
+    let (origin, first) = match (&cfg.dir, &cfg.signing_key, &cfg.etcd) {
+        (Some(dir), Some(key), _) => {
+            let key =
+                SigningKey::load(key).map_err(|source| ControlPlaneError::SigningKey { source })?;
+            // Fail at start on a missing directory; later scan errors are logged and retried.
+            let first = scan(dir.clone()).await?;
+            (
+                Origin::Dir {
+                    dir: dir.clone(),
+                    key,
+                },
+                Ok(first),
+            )
+        }
+        (_, _, Some(etcd)) => {
+            let store = Store::connect(etcd).await?;
+            let (fleet, queues) = Fleet::start(store, replica.clone()).await?;
+            (Origin::Etcd(Box::new(fleet)), Err(queues))
+        }
+        _ => unreachable!("validate requires dir and signing_key, or etcd"),
+    };
     let shared = Arc::new(Shared {
-        dir: cfg.dir.clone(),
-        key,
+        origin,
+        require_identity: cfg.client_ca.is_some(),
         state: Mutex::new(State::default()),
         changed,
         stop,
     });
-    shared.apply_scan(first);
-    let local = listener.local_addr().ok();
-    tracing::info!(
-        listen = ?local,
-        dir = %cfg.dir.display(),
-        key_id = %shared.key.public_key().key_id(),
-        tls = tls.is_some(),
-        mtls = cfg.client_ca.is_some(),
-        "control plane serving"
-    );
-    let poller = tokio::spawn(poll(
-        Arc::clone(&shared),
-        Duration::from_millis(cfg.poll_interval_ms),
-    ));
+    let watcher = match (&shared.origin, first) {
+        (Origin::Dir { dir, .. }, Ok(first)) => {
+            shared.apply_scan(first);
+            tracing::info!(
+                listen = ?local,
+                dir = %dir.display(),
+                tls = tls.is_some(),
+                mtls = cfg.client_ca.is_some(),
+                "control plane serving"
+            );
+            tokio::spawn(poll(
+                Arc::clone(&shared),
+                Duration::from_millis(cfg.poll_interval_ms),
+            ))
+        }
+        (Origin::Etcd(fleet), Err((dirty, presence))) => {
+            tracing::info!(listen = ?local, replica, etcd = %fleet.store.endpoints(), tls = tls.is_some(), "control-plane replica serving");
+            tokio::spawn(write_nodes(Arc::clone(&shared), dirty));
+            tokio::spawn(presence_task(
+                fleet.store.clone(),
+                presence,
+                shared.stop.clone(),
+            ));
+            tokio::spawn(follow(Arc::clone(&shared)))
+        }
+        _ => unreachable!("a directory is scanned, a replica has its queues"),
+    };
 
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -453,12 +599,79 @@ pub async fn serve_on(
         )
         .await;
     stop_tx.send_replace(true);
-    let _ = poller.await;
+    let _ = watcher.await;
     served.map_err(|source| ControlPlaneError::Serve { source })
+}
+
+/// Where bundles come from.
+enum Origin {
+    /// A policy directory, signed here.
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// The key.
+        key: SigningKey,
+    },
+    /// etcd, signed by publishers (boxed: the store's client is large and there is one).
+    Etcd(Box<Fleet>),
+}
+
+/// A replica's links to etcd: the store, and the tasks writing node state and presence.
+struct Fleet {
+    store: Store,
+    /// Node ids whose state changed, for the writer task.
+    dirty: mpsc::UnboundedSender<String>,
+    /// Presence changes, for the lease task.
+    presence: mpsc::UnboundedSender<Presence>,
+    /// `<replica>#` prefix of presence values.
+    replica: String,
+}
+
+/// A presence change: a stream took or left a node.
+enum Presence {
+    /// `holder` now has the node's stream.
+    Connected { node_id: String, holder: String },
+    /// `holder` no longer has it.
+    Gone { node_id: String, holder: String },
+}
+
+/// TTL of a replica's presence lease: how long a dead replica's nodes still show connected.
+const PRESENCE_TTL_SECS: i64 = 10;
+
+/// What a replica's background tasks take: node ids whose state changed, and presence
+/// changes.
+type FleetQueues = (
+    mpsc::UnboundedReceiver<String>,
+    mpsc::UnboundedReceiver<Presence>,
+);
+
+impl Fleet {
+    /// Checks that etcd answers (a replica that cannot read the bundles must not start as if
+    /// there were none) and makes the queues of the node-state writer and the presence lease.
+    async fn start(
+        store: Store,
+        replica: String,
+    ) -> Result<(Fleet, FleetQueues), ControlPlaneError> {
+        store.bundles().await?;
+        let (dirty, dirty_rx) = mpsc::unbounded_channel();
+        let (presence, presence_rx) = mpsc::unbounded_channel();
+        Ok((
+            Fleet {
+                store,
+                dirty,
+                presence,
+                replica,
+            },
+            (dirty_rx, presence_rx),
+        ))
+    }
 }
 
 /// Polls the policy directory until shutdown.
 async fn poll(shared: Arc<Shared>, interval: Duration) {
+    let Origin::Dir { dir, .. } = &shared.origin else {
+        return;
+    };
     let mut stop = shared.stop.clone();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -467,7 +680,7 @@ async fn poll(shared: Arc<Shared>, interval: Duration) {
             _ = ticker.tick() => {}
             () = stopped(&mut stop) => return,
         }
-        match scan(shared.dir.clone()).await {
+        match scan(dir.clone()).await {
             Ok(files) => shared.apply_scan(files),
             Err(e) => tracing::warn!(
                 error = %crate::error::error_chain(&e),
@@ -531,10 +744,160 @@ fn scan_blocking(dir: &Path) -> Result<Scan, ControlPlaneError> {
     Ok(files)
 }
 
+/// Follows etcd's bundles until shutdown: reads them all, then watches from there; when
+/// the watch breaks (etcd lost its leader, the member went away), reads and watches again.
+async fn follow(shared: Arc<Shared>) {
+    let Origin::Etcd(fleet) = &shared.origin else {
+        return;
+    };
+    let mut stop = shared.stop.clone();
+    let mut retry = Duration::from_millis(100);
+    loop {
+        let start = async {
+            let (bundles, revision) = fleet.store.bundles().await?;
+            let changes = fleet.store.watch_bundles(revision + 1).await?;
+            Ok::<_, EtcdError>((bundles, changes))
+        };
+        let started = tokio::select! {
+            started = start => started,
+            () = stopped(&mut stop) => return,
+        };
+        match started {
+            Ok((bundles, mut changes)) => {
+                retry = Duration::from_millis(100);
+                shared.replace_bundles(bundles);
+                loop {
+                    let change = tokio::select! {
+                        change = changes.recv() => change,
+                        () = stopped(&mut stop) => return,
+                    };
+                    match change {
+                        Some(change) => shared.apply_change(change),
+                        None => break,
+                    }
+                }
+                tracing::warn!("lost the etcd watch; reading the bundles again");
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), retry_ms = retry.as_millis() as u64, "etcd unreachable; nodes keep what they have");
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    () = stopped(&mut stop) => return,
+                }
+                retry = (retry * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Writes the state of nodes that changed to etcd, coalescing bursts: the latest state of
+/// each node is written once per round. A failed write is retried with the next round.
+async fn write_nodes(shared: Arc<Shared>, mut dirty: mpsc::UnboundedReceiver<String>) {
+    let Origin::Etcd(fleet) = &shared.origin else {
+        return;
+    };
+    let mut pending = BTreeSet::new();
+    loop {
+        if pending.is_empty() {
+            match dirty.recv().await {
+                Some(id) => {
+                    pending.insert(id);
+                }
+                None => return,
+            }
+        }
+        while let Ok(id) = dirty.try_recv() {
+            pending.insert(id);
+        }
+        let round: Vec<NodeStatus> = {
+            let state = shared.state.lock().unwrap();
+            pending
+                .iter()
+                .filter_map(|id| state.nodes.get(id).cloned())
+                .collect()
+        };
+        let mut failed = false;
+        for node in round {
+            match fleet.store.put_node(&node).await {
+                Ok(()) => {
+                    pending.remove(&node.node_id);
+                }
+                Err(e) => {
+                    tracing::warn!(node_id = node.node_id, error = %crate::error::error_chain(&e), "writing a node's state to etcd; retrying");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Keeps this replica's presence lease and the `connected/<id>` keys on it. When the lease
+/// is lost (etcd unreachable longer than its TTL), a new one is granted and every node this
+/// replica still holds is put on it again.
+async fn presence_task(
+    store: Store,
+    mut changes: mpsc::UnboundedReceiver<Presence>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut held: BTreeMap<String, String> = BTreeMap::new();
+    'lease: loop {
+        let lease = match store.grant(PRESENCE_TTL_SECS).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "granting the presence lease; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'lease,
+                    () = stopped(&mut stop) => return,
+                }
+            }
+        };
+        for (node_id, holder) in &held {
+            if let Err(e) = store.set_connected(node_id, holder, lease).await {
+                tracing::warn!(error = %crate::error::error_chain(&e), "recording presence");
+                continue 'lease;
+            }
+        }
+        let keep = store.keep_alive(lease, Duration::from_secs(PRESENCE_TTL_SECS as u64 / 3));
+        tokio::pin!(keep);
+        loop {
+            tokio::select! {
+                error = &mut keep => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "the presence lease was lost; granting a new one");
+                    continue 'lease;
+                }
+                change = changes.recv() => {
+                    let result = match change {
+                        None => return,
+                        Some(Presence::Connected { node_id, holder }) => {
+                            let r = store.set_connected(&node_id, &holder, lease).await;
+                            held.insert(node_id, holder);
+                            r
+                        }
+                        Some(Presence::Gone { node_id, holder }) => {
+                            if held.get(&node_id) == Some(&holder) {
+                                held.remove(&node_id);
+                            }
+                            store.clear_connected(&node_id, &holder).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(error = %crate::error::error_chain(&e), "recording presence");
+                    }
+                }
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+}
+
 /// What the service tasks share.
 struct Shared {
-    dir: PathBuf,
-    key: SigningKey,
+    origin: Origin,
+    /// Whether nodes present client certificates whose names their `Hello` must match.
+    require_identity: bool,
     state: Mutex<State>,
     /// Bumped whenever a bundle is published; every stream re-evaluates its node.
     changed: watch::Sender<u64>,
@@ -560,24 +923,92 @@ struct State {
 }
 
 struct Published {
+    /// Hash of the file the bundle was signed from (directory mode).
     hash: Vec<u8>,
+    /// Whom it is for.
+    target: Target,
     bundle: Bundle,
 }
 
-fn now_unix_ms() -> i64 {
+/// A stored bundle as the replica serves it.
+fn published(stored: etcd::Stored) -> Published {
+    Published {
+        hash: Vec::new(),
+        target: stored.target,
+        bundle: stored.bundle,
+    }
+}
+
+/// The target of a policy file of the directory: `nodes/<id>.toml` is that node's,
+/// `default.toml` everyone's.
+fn dir_target(source: &str) -> Target {
+    match source
+        .strip_prefix("nodes/")
+        .and_then(|name| name.strip_suffix(".toml"))
+    {
+        Some(id) => Target::Node(id.to_owned()),
+        None => Target::All,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Shared {
+    /// Takes every bundle etcd holds now (after a watch broke, some changes may be missed).
+    fn replace_bundles(&self, bundles: Vec<etcd::Stored>) {
+        let mut state = self.state.lock().unwrap();
+        state.published = bundles
+            .into_iter()
+            .map(|stored| (stored.target.to_string(), published(stored)))
+            .collect();
+        state.present = state.published.keys().cloned().collect();
+        drop(state);
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Takes one change from the etcd watch.
+    fn apply_change(&self, change: BundleChange) {
+        let mut state = self.state.lock().unwrap();
+        match change {
+            BundleChange::Put(stored) => {
+                tracing::info!(target = %stored.target, version = stored.bundle.version, "bundle published");
+                let key = stored.target.to_string();
+                state.present.insert(key.clone());
+                state.published.insert(key, published(stored));
+            }
+            BundleChange::Deleted(target) => {
+                tracing::info!(%target, "bundle removed; its nodes keep what they enforce");
+                let key = target.to_string();
+                state.present.remove(&key);
+                state.published.remove(&key);
+            }
+        }
+        drop(state);
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Queues a node's state for etcd (replicas only).
+    fn persist(&self, node_id: &str) {
+        if let Origin::Etcd(fleet) = &self.origin {
+            let _ = fleet.dirty.send(node_id.to_owned());
+        }
+    }
+
     /// Publishes what changed in a scan.
     fn apply_scan(&self, files: Scan) {
+        let Origin::Dir { dir, key } = &self.origin else {
+            return;
+        };
         let mut state = self.state.lock().unwrap();
         let mut changed = false;
         state.present = files.keys().cloned().collect();
         for (source, content) in files {
-            let path = self.dir.join(&source);
+            let path = dir.join(&source);
             let content = match content {
                 Ok(content) => content,
                 Err(e) => {
@@ -604,11 +1035,19 @@ impl Shared {
                 continue;
             }
             let version = state.next_version(0);
-            match self.key.sign(version, now_unix_ms(), &source, content) {
+            let target = dir_target(&source);
+            match key.sign(version, now_unix_ms(), &source, &target, content) {
                 Ok(bundle) => {
                     tracing::info!(file = %path.display(), version, "policy published");
                     state.rejected.remove(&source);
-                    state.published.insert(source, Published { hash, bundle });
+                    state.published.insert(
+                        source,
+                        Published {
+                            hash,
+                            target,
+                            bundle,
+                        },
+                    );
                     changed = true;
                 }
                 Err(error) => {
@@ -624,7 +1063,7 @@ impl Shared {
             .cloned()
             .collect();
         for source in gone {
-            tracing::info!(file = %self.dir.join(&source).display(), "policy file removed; no longer published");
+            tracing::info!(file = %dir.join(&source).display(), "policy file removed; no longer published");
             state.published.remove(&source);
             changed = true;
         }
@@ -644,12 +1083,22 @@ impl Shared {
     /// so a bundle of that very version is due too, re-signed above it.
     fn due(&self, node_id: &str, held: u64, sent: u64, floor_only: bool) -> Option<Bundle> {
         let mut state = self.state.lock().unwrap();
-        let source = state.source_for(node_id);
+        let source = match &self.origin {
+            Origin::Dir { .. } => state.source_for(node_id),
+            Origin::Etcd(_) => state.target_for(node_id),
+        };
+        let target = source
+            .as_ref()
+            .and_then(|s| state.published.get(s))
+            .map(|p| p.target.to_string());
         if let Some(node) = state.nodes.get_mut(node_id) {
-            node.source.clone_from(&source);
+            node.target = target;
         }
         let source = source?;
         let current = state.published.get(&source)?.bundle.clone();
+        if let Some(node) = state.nodes.get_mut(node_id) {
+            node.source = Some(current.source.clone());
+        }
         let version = current.version;
         // Equality, not order, for `sent`: after a switch of source the node may be due a
         // bundle older than the last one sent (which it may have rejected).
@@ -659,6 +1108,16 @@ impl Shared {
         if version > held {
             return Some(current);
         }
+        let Origin::Dir { key, .. } = &self.origin else {
+            // A replica cannot sign: the node waits for the next publish.
+            tracing::warn!(
+                node_id,
+                held,
+                version,
+                "node holds a newer version than its bundle; it gets the next one published"
+            );
+            return None;
+        };
         // The node holds a newer version than this bundle (it had another source, or this
         // server restarted behind the clock): re-sign above it, or it would reject this
         // bundle as a rollback. Every node on this source gets the new version.
@@ -672,7 +1131,8 @@ impl Shared {
             return None;
         }
         let next = state.next_version(held);
-        let resigned = self.key.sign(next, now_unix_ms(), &source, current.policy);
+        let target = dir_target(&source);
+        let resigned = key.sign(next, now_unix_ms(), &source, &target, current.policy);
         match resigned {
             Ok(bundle) => {
                 tracing::info!(node_id, held, version = next, %source, "re-signed above the node's version");
@@ -708,6 +1168,18 @@ impl State {
         version
     }
 
+    /// The key of the most specific published bundle that targets the node (its own, then
+    /// the selector with the most labels, then `all`; the newest among equals).
+    fn target_for(&self, node_id: &str) -> Option<String> {
+        let empty = BTreeMap::new();
+        let labels = self.nodes.get(node_id).map_or(&empty, |n| &n.labels);
+        self.published
+            .iter()
+            .filter(|(_, p)| p.target.matches(node_id, labels))
+            .max_by_key(|(_, p)| (p.target.specificity(), p.bundle.version))
+            .map(|(key, _)| key.clone())
+    }
+
     fn source_for(&self, node_id: &str) -> Option<String> {
         let own = format!("nodes/{node_id}.toml");
         if self.present.contains(&own) {
@@ -734,6 +1206,12 @@ impl PolicySync for Service {
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let peer = request.remote_addr();
+        let certificate = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned());
+        if self.shared.require_identity && certificate.is_none() {
+            return Err(Status::unauthenticated("a client certificate is required"));
+        }
         let inbound = request.into_inner();
         let (outbound, rx) = mpsc::channel(4);
         tokio::spawn(stream_task(
@@ -741,14 +1219,25 @@ impl PolicySync for Service {
             inbound,
             outbound,
             peer,
+            certificate,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn nodes(&self, _: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
-        let state = self.shared.state.lock().unwrap();
+        let nodes = match &self.shared.origin {
+            Origin::Etcd(fleet) => fleet
+                .store
+                .nodes()
+                .await
+                .map_err(|e| Status::unavailable(crate::error::error_chain(&e)))?,
+            Origin::Dir { .. } => {
+                let state = self.shared.state.lock().unwrap();
+                state.nodes.values().cloned().collect()
+            }
+        };
         Ok(Response::new(NodesResponse {
-            nodes: state.nodes.values().cloned().map(Into::into).collect(),
+            nodes: nodes.into_iter().map(Into::into).collect(),
         }))
     }
 }
@@ -760,6 +1249,7 @@ async fn stream_task(
     mut inbound: Streaming<NodeMessage>,
     outbound: mpsc::Sender<Result<Bundle, Status>>,
     peer: Option<SocketAddr>,
+    certificate: Option<CertificateDer<'static>>,
 ) {
     let mut stop = shared.stop.clone();
     let first = tokio::select! {
@@ -787,6 +1277,27 @@ async fn stream_task(
         }
     };
     let node_id = hello.node_id.clone();
+    if shared.require_identity
+        && let Err(refusal) = certificate_names(certificate.as_ref(), &node_id)
+    {
+        tracing::warn!(node_id, ?peer, %refusal, "refusing a node whose certificate is not its own");
+        let _ = outbound.send(Err(Status::permission_denied(refusal))).await;
+        return;
+    }
+    // A replica starts from what etcd holds about the node (it may come from another
+    // replica), so its record keeps the last ACK, NACK and audit anchor.
+    if let Origin::Etcd(fleet) = &shared.origin {
+        match fleet.store.node(&node_id).await {
+            Ok(Some(known)) => {
+                let mut state = shared.state.lock().unwrap();
+                state.nodes.entry(node_id.clone()).or_insert(known);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(node_id, error = %crate::error::error_chain(&e), "reading the node's state from etcd; starting afresh")
+            }
+        }
+    }
     let stream_id = {
         let mut state = shared.state.lock().unwrap();
         state.next_stream += 1;
@@ -801,6 +1312,18 @@ async fn stream_task(
         node.peer = peer.map(|p| p.to_string());
         id
     };
+    let holder = match &shared.origin {
+        Origin::Etcd(fleet) => {
+            let holder = format!("{}#{stream_id}", fleet.replica);
+            let _ = fleet.presence.send(Presence::Connected {
+                node_id: node_id.clone(),
+                holder: holder.clone(),
+            });
+            Some(holder)
+        }
+        Origin::Dir { .. } => None,
+    };
+    shared.persist(&node_id);
     tracing::info!(node_id, held = hello.version, ?peer, "node connected");
 
     let mut held = hello.version;
@@ -816,6 +1339,7 @@ async fn stream_task(
                     sent = bundle.version;
                     tracing::info!(node_id, version = sent, source = %bundle.source, "sending bundle");
                     shared.record_sent(&node_id, sent);
+                    shared.persist(&node_id);
                     if outbound.send(Ok(bundle)).await.is_err() {
                         break "the response stream closed";
                     }
@@ -836,8 +1360,12 @@ async fn stream_task(
                 node.last_seen_unix_ms = now_unix_ms();
                 match kind {
                     Kind::Ack(ack) => {
-                        tracing::info!(node_id, version = ack.version, "node applied bundle");
+                        tracing::info!(node_id, version = ack.version, audit_records = ack.audit_records, "node applied bundle");
                         node.version_acked = ack.version;
+                        if !ack.audit_head.is_empty() {
+                            node.audit_head = Some(ack.audit_head);
+                            node.audit_records = ack.audit_records;
+                        }
                         held = held.max(ack.version);
                         floor_only = false;
                     }
@@ -850,6 +1378,8 @@ async fn stream_task(
                         tracing::warn!(node_id, "ignoring a second Hello on one stream");
                     }
                 }
+                drop(state);
+                shared.persist(&node_id);
             }
             () = stopped(&mut stop) => {
                 let _ = outbound
@@ -868,7 +1398,35 @@ async fn stream_task(
             node.last_seen_unix_ms = now_unix_ms();
         }
     }
+    drop(state);
+    if let (Origin::Etcd(fleet), Some(holder)) = (&shared.origin, holder) {
+        let _ = fleet.presence.send(Presence::Gone {
+            node_id: node_id.clone(),
+            holder,
+        });
+        shared.persist(&node_id);
+    }
     tracing::info!(node_id, reason = ended, "node disconnected");
+}
+
+/// Checks that a verified client certificate is valid for the name `node_id` (one of its
+/// DNS subject alternative names), with webpki's own name matching.
+fn certificate_names(
+    certificate: Option<&CertificateDer<'static>>,
+    node_id: &str,
+) -> Result<(), String> {
+    let certificate = certificate.ok_or("no client certificate")?;
+    let parsed = webpki::EndEntityCert::try_from(certificate)
+        .map_err(|e| format!("unreadable client certificate ({e})"))?;
+    let name = ServerName::try_from(node_id)
+        .map_err(|_| format!("node_id {node_id:?} cannot be a certificate name"))?;
+    parsed.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        let names: Vec<&str> = parsed.valid_dns_names().collect();
+        format!(
+            "node_id {node_id:?} is not the client certificate's (it names {})",
+            names.join(", ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -879,8 +1437,11 @@ mod tests {
         let (changed, _) = watch::channel(0);
         let (_, stop) = watch::channel(false);
         Shared {
-            dir: dir.to_owned(),
-            key: SigningKey::generate().unwrap(),
+            origin: Origin::Dir {
+                dir: dir.to_owned(),
+                key: SigningKey::generate().unwrap(),
+            },
+            require_identity: false,
             state: Mutex::new(State::default()),
             changed,
             stop,

@@ -77,7 +77,7 @@ use tonic::{
 };
 
 use crate::controlplane::{
-    bundle::{KeyError, VerifiedBundle, Verifier},
+    bundle::{KeyError, NodeIdentity, VerifiedBundle, Verifier},
     proto::{
         Ack, Bundle, Hello, Nack, NodeMessage, node_message::Kind,
         policy_sync_client::PolicySyncClient,
@@ -105,6 +105,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// ```toml
 /// [control_plane]
 /// url = "https://cp.example:7443"         # or http://... with insecure = true
+/// # urls = ["https://cp-1.example:7443", "https://cp-2.example:7443"]  # replicas, instead of url
 /// ca = "/etc/enforcer/cp-ca.pem"          # the control plane's CA, pinned (https only)
 /// client_cert = "/etc/enforcer/node.pem"  # optional, with client_key: mTLS
 /// client_key = "/etc/enforcer/node.key"
@@ -121,8 +122,14 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
-    /// `https://host:port` of the control plane (`http://` only with `insecure`).
+    /// `https://host:port` of the control plane (`http://` only with `insecure`). Give
+    /// either `url` or `urls`.
+    #[serde(default)]
     pub url: String,
+    /// Control-plane replicas, tried in turn: when one refuses or its stream ends the next
+    /// is tried at once, and the backoff grows only after a whole round failed.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// PEM file with the CA that signed the control plane's certificate; the only CA
     /// trusted for it (the system roots are not). Required for `https://`.
     #[serde(default)]
@@ -136,9 +143,11 @@ pub struct SyncConfig {
     /// Name the server certificate must carry, when it differs from the URL's host.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// This node's id; the control plane serves it `nodes/<node_id>.toml` if present.
+    /// This node's id; the control plane serves it `nodes/<node_id>.toml` if present. With
+    /// mTLS it must be the name in the client certificate: the control plane refuses a
+    /// `Hello` that claims another. Bundles must target it ([`crate::controlplane::bundle::Target`]).
     pub node_id: String,
-    /// Labels reported in `Hello`.
+    /// Labels reported in `Hello`, and matched against selector bundles' targets.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Base64 Ed25519 public keys (`signing.pub`) whose bundles are accepted.
@@ -175,15 +184,40 @@ impl SyncConfig {
         }
     }
 
-    /// How to reach the control plane.
+    /// The replicas' URLs, `url` or `urls`.
+    pub fn all_urls(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+
+    /// How to reach the control plane (the first replica).
     pub fn endpoint(&self) -> ClientEndpoint {
-        ClientEndpoint {
-            url: self.url.clone(),
-            ca: self.ca.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-            server_name: self.server_name.clone(),
-            insecure: self.insecure,
+        self.endpoints().swap_remove(0)
+    }
+
+    /// How to reach each replica, in order.
+    pub fn endpoints(&self) -> Vec<ClientEndpoint> {
+        self.all_urls()
+            .into_iter()
+            .map(|url| ClientEndpoint {
+                url,
+                ca: self.ca.clone(),
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+                server_name: self.server_name.clone(),
+                insecure: self.insecure,
+            })
+            .collect()
+    }
+
+    /// This node as bundle targets see it.
+    pub fn identity(&self) -> NodeIdentity {
+        NodeIdentity {
+            node_id: self.node_id.clone(),
+            labels: self.labels.clone(),
         }
     }
 
@@ -191,7 +225,19 @@ impl SyncConfig {
     /// node id, the backoff bounds) and returns the verifier built from `trusted_keys`.
     /// Files are read later, by [`ClientEndpoint::prepare`].
     pub fn validate(&self) -> Result<Verifier, SyncError> {
-        self.endpoint().validate()?;
+        match (self.url.is_empty(), self.urls.is_empty()) {
+            (true, true) => return Err(config_error("url", "expected url or urls")),
+            (false, false) => {
+                return Err(config_error(
+                    "urls",
+                    "give url (one control plane) or urls (replicas), not both",
+                ));
+            }
+            _ => {}
+        }
+        for endpoint in self.endpoints() {
+            endpoint.validate()?;
+        }
         if self.node_id.trim().is_empty() {
             return Err(config_error("node_id", "expected a non-empty node id"));
         }
@@ -204,7 +250,8 @@ impl SyncConfig {
                 ),
             ));
         }
-        Verifier::new(&self.trusted_keys).map_err(|source| SyncError::TrustedKeys { source })
+        Verifier::new(&self.trusted_keys, self.identity())
+            .map_err(|source| SyncError::TrustedKeys { source })
     }
 
     /// The reconnect schedule these settings describe.
@@ -488,15 +535,25 @@ impl fmt::Display for ConnectionState {
     }
 }
 
-/// A verified bundle for the daemon to apply. Reply exactly once: `Ok(generation)` after
+/// A verified bundle for the daemon to apply. Reply exactly once: `Ok(Applied)` after
 /// applying (and saving) it, or `Err(reason)` (one lowercase line, sent as the NACK reason)
 /// if it was rejected; dropping `reply` NACKs it too.
 #[derive(Debug)]
 pub struct PolicyUpdate {
-    /// The bundle, signature and version already checked.
+    /// The bundle, signature, target and version already checked.
     pub bundle: VerifiedBundle,
     /// Where the outcome goes.
-    pub reply: oneshot::Sender<Result<u64, String>>,
+    pub reply: oneshot::Sender<Result<Applied, String>>,
+}
+
+/// What the daemon reports after applying a bundle; goes into the ACK.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The policy generation now enforcing.
+    pub generation: u64,
+    /// The audit chain's head then: hex SHA-256 of the last record, and its `seq` (the
+    /// number of records). `None` when the node keeps no audit log.
+    pub audit: Option<(String, u64)>,
 }
 
 /// Exponential backoff with jitter: after failure `n` (from 1) the wait is drawn uniformly
@@ -561,7 +618,11 @@ pub async fn run(
     state: watch::Sender<ConnectionState>,
 ) -> Result<(), SyncError> {
     let verifier = cfg.validate()?;
-    let endpoint = cfg.endpoint().prepare()?;
+    let endpoints = cfg
+        .endpoints()
+        .iter()
+        .map(|e| e.prepare().map(|prepared| (e.url.clone(), prepared)))
+        .collect::<Result<Vec<_>, _>>()?;
     let backoff = cfg.backoff();
     let mut client = Client {
         cfg,
@@ -571,12 +632,18 @@ pub async fn run(
         updates,
         state,
     };
+    // Failures since the last stream that was up; the next replica is tried after each, and
+    // the wait grows with the number of whole rounds that failed.
     let mut failures = 0u32;
+    let mut next = 0usize;
+    let rounds = |failures: u32| failures.div_ceil(endpoints.len() as u32);
     loop {
         client.state.send_replace(ConnectionState::Connecting {
             attempt: failures + 1,
         });
-        let end = client.session(&endpoint).await;
+        let (url, endpoint) = &endpoints[next % endpoints.len()];
+        next = next.wrapping_add(1);
+        let end = client.session(url, endpoint).await;
         let (error, was_connected) = match end {
             SessionEnd::DaemonGone => {
                 tracing::info!("the daemon stopped taking policy updates; sync client exiting");
@@ -588,7 +655,13 @@ pub async fn run(
             } => (error, was_connected),
         };
         failures = if was_connected { 1 } else { failures + 1 };
-        let retry_in = backoff.delay(failures);
+        // Within a round the next replica is tried after the shortest wait; a failed round
+        // backs off as one failure did with one control plane.
+        let retry_in = if !was_connected && !(failures as usize).is_multiple_of(endpoints.len()) {
+            backoff.delay(1)
+        } else {
+            backoff.delay(rounds(failures))
+        };
         tracing::warn!(
             error = %error_text(&error),
             attempt = failures,
@@ -645,8 +718,8 @@ struct Client {
 
 impl Client {
     /// One connection: connect, say hello, then answer bundles until something fails.
-    async fn session(&mut self, endpoint: &Endpoint) -> SessionEnd {
-        let url = self.cfg.url.clone();
+    async fn session(&mut self, url: &str, endpoint: &Endpoint) -> SessionEnd {
+        let url = url.to_owned();
         let failed = |error| SessionEnd::Failed {
             error,
             was_connected: false,
@@ -725,11 +798,16 @@ impl Client {
             return None;
         }
         match outcome.await {
-            Ok(Ok(generation)) => {
-                tracing::info!(version, generation, "bundle applied");
+            Ok(Ok(applied)) => {
+                tracing::info!(version, generation = applied.generation, "bundle applied");
                 self.held = version;
                 self.floor_only = false;
-                Some(message(Kind::Ack(Ack { version })))
+                let (audit_head, audit_records) = applied.audit.unwrap_or_default();
+                Some(message(Kind::Ack(Ack {
+                    version,
+                    audit_head,
+                    audit_records,
+                })))
             }
             Ok(Err(reason)) => {
                 tracing::warn!(version, %reason, "the daemon rejected the bundle");

@@ -691,6 +691,12 @@ impl Daemon {
                 floor_only: false,
             };
         }
+        // The ACK carries the audit chain's head, kept off the node by the control plane.
+        let audit = self.audit_health.get();
+        let result = result.map(|generation| sync::Applied {
+            generation,
+            audit: Some((audit.head, audit.seq)),
+        });
         let _ = update.reply.send(result);
     }
 
