@@ -25,6 +25,9 @@ use enforcer::{
     node::daemon::Status,
 };
 
+pub mod etcd;
+pub mod partition;
+
 /// Runs `f` on a thread inside a fresh network namespace that holds an interface `sbx0`
 /// standing in for an agent sandbox's veth (a veth pair: this kernel has no dummy driver,
 /// and only the index matters). BPF_PROG_TEST_RUN resolves `ingress_ifindex` in the

@@ -19,7 +19,13 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// a system service that would start on install) and dig. And what `cargo xtask vmtest
 /// --systemd` needs: mmdebstrap for the guest's Debian image, e2fsprogs for `mkfs.ext4 -d`
 /// (image and payload disks without loop mounts) and qemu-img (qemu-utils) for the
-/// overlays each run boots.
+/// overlays each run boots. For the fleet control plane, whose store is etcd: etcd-server
+/// (the etcd 3.4 binary the tests start clusters from), etcd-client (etcdctl, which the
+/// tests use to check and explain what the store holds) and protobuf-compiler (the
+/// `etcd-client` crate's build script runs protoc). On a machine running systemd,
+/// installing etcd-server also enables and starts a system `etcd.service` on
+/// 127.0.0.1:2379/2380; it is left alone: the tests' clusters take free ports of their own
+/// and never talk to it.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -42,6 +48,9 @@ const APT_PACKAGES: &[&str] = &[
     "mmdebstrap",
     "e2fsprogs",
     "qemu-utils",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
