@@ -21,8 +21,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// (image and payload disks without loop mounts) and qemu-img (qemu-utils) for the
 /// overlays each run boots. For the fleet control plane, whose store is etcd: etcd-server
 /// (the etcd 3.4 binary the tests start clusters from), etcd-client (etcdctl, which the
-/// tests use to check and explain what the store holds) and protobuf-compiler (the
-/// `etcd-client` crate's build script runs protoc). On a machine running systemd,
+/// tests use to check and explain what the store holds), protobuf-compiler and
+/// libprotobuf-dev (the `etcd-client` crate's build script runs protoc on etcd's protos,
+/// which import the well-known types libprotobuf-dev ships). On a machine running systemd,
 /// installing etcd-server also enables and starts a system `etcd.service` on
 /// 127.0.0.1:2379/2380; it is left alone: the tests' clusters take free ports of their own
 /// and never talk to it.
@@ -51,6 +52,7 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
