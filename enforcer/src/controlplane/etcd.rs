@@ -197,6 +197,23 @@ pub enum EtcdError {
     Contended,
 }
 
+/// How often a request that met an unavailable member is repeated (with 50, 100, ... ms
+/// between): enough to get past two dead members of a five-member cluster several times.
+const RETRIES: u32 = 8;
+
+/// Whether the request failed because of the member it reached, not the request: another
+/// member may well answer.
+fn unavailable(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
 /// A connection to the fleet's etcd.
 #[derive(Clone)]
 pub struct Store {
@@ -280,6 +297,32 @@ impl Store {
         }
     }
 
+    /// Runs `request` on the client, again when it failed only because the member it reached
+    /// is down or has no leader: the client spreads requests over every endpoint, including
+    /// a member that died, so one request in a few may meet it. Every request here is safe to
+    /// repeat (reads, whole-value writes, and compare-and-swaps that fail when repeated).
+    async fn retried<T, Fut>(
+        &self,
+        what: &str,
+        mut request: impl FnMut(Client) -> Fut,
+    ) -> Result<T, EtcdError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            match request(self.client.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(e) if attempt < RETRIES && unavailable(&e) => {
+                    attempt += 1;
+                    tracing::debug!(what, attempt, error = %e, "etcd member unavailable; again");
+                    tokio::time::sleep(Duration::from_millis(50) * attempt).await;
+                }
+                Err(e) => return Err(self.failed(what)(e)),
+            }
+        }
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
     }
@@ -322,12 +365,13 @@ impl Store {
     ) -> Result<Bundle, EtcdError> {
         let version_key = self.key("version");
         let bundle_key = self.bundle_key(target);
-        let mut client = self.client.clone();
         for _ in 0..PUBLISH_ATTEMPTS {
-            let current = client
-                .get(version_key.as_str(), None)
-                .await
-                .map_err(self.failed("reading the fleet version"))?;
+            let current = self
+                .retried("reading the fleet version", |mut c| {
+                    let key = version_key.clone();
+                    async move { c.get(key, None).await }
+                })
+                .await?;
             let (last, revision) = match current.kvs().first() {
                 Some(kv) => {
                     let last = kv
@@ -358,10 +402,12 @@ impl Store {
                     TxnOp::put(version_key.as_str(), version.to_string(), None),
                     TxnOp::put(bundle_key.as_str(), bundle.encode_to_vec(), None),
                 ]);
-            let done = client
-                .txn(txn)
-                .await
-                .map_err(self.failed("writing the bundle"))?;
+            let done = self
+                .retried("writing the bundle", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if done.succeeded() {
                 return Ok(bundle);
             }
@@ -374,11 +420,11 @@ impl Store {
     pub async fn bundles(&self) -> Result<(Vec<Stored>, i64), EtcdError> {
         let prefix = self.key("bundles/");
         let response = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.failed("reading the bundles"))?;
+            .retried("reading the bundles", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let revision = response.header().map_or(0, |h| h.revision());
         let mut stored = Vec::new();
         for kv in response.kvs() {
@@ -413,18 +459,21 @@ impl Store {
     ) -> Result<tokio::sync::mpsc::Receiver<BundleChange>, EtcdError> {
         let prefix = self.key("bundles/");
         let mut stream = self
-            .client
-            .clone()
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision),
-                ),
-            )
-            .await
-            .map_err(self.failed("watching the bundles"))?;
+            .retried("watching the bundles", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.watch(
+                        prefix,
+                        Some(
+                            WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(revision),
+                        ),
+                    )
+                    .await
+                }
+            })
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let store = self.clone();
         tokio::spawn(async move {
@@ -478,11 +527,11 @@ impl Store {
     pub async fn node(&self, node_id: &str) -> Result<Option<NodeStatus>, EtcdError> {
         let key = self.key(&format!("nodes/{node_id}"));
         let response = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(self.failed("reading a node's state"))?;
+            .retried("reading a node's state", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         response
             .kvs()
             .first()
@@ -503,23 +552,25 @@ impl Store {
         stored.connected = false;
         stored.replica = None;
         let value = serde_json::to_vec(&stored).expect("a node state serializes");
-        self.client
-            .clone()
-            .put(key, value, None)
-            .await
-            .map_err(self.failed("writing a node's state"))?;
+        self.retried("writing a node's state", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Every node etcd knows, sorted by id, with `connected` and `replica` from the
     /// presence keys.
     pub async fn nodes(&self) -> Result<Vec<NodeStatus>, EtcdError> {
-        let mut client = self.client.clone();
         let prefix = self.key("nodes/");
-        let response = client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.failed("reading the nodes"))?;
+        let read = |what: &'static str, prefix: String| {
+            self.retried(what, move |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+        };
+        let response = read("reading the nodes", prefix).await?;
         let mut nodes = BTreeMap::new();
         for kv in response.kvs() {
             match serde_json::from_slice::<NodeStatus>(kv.value()) {
@@ -532,10 +583,7 @@ impl Store {
             }
         }
         let prefix = self.key("connected/");
-        let response = client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.failed("reading the node presence"))?;
+        let response = read("reading the node presence", prefix.clone()).await?;
         for kv in response.kvs() {
             let key = String::from_utf8_lossy(kv.key());
             let Some(id) = key.strip_prefix(&prefix) else {
@@ -553,11 +601,10 @@ impl Store {
     /// Grants a lease of `ttl` seconds for presence keys; keep it with [`Store::keep_alive`].
     pub async fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
         let response = self
-            .client
-            .clone()
-            .lease_grant(ttl, None)
-            .await
-            .map_err(self.failed("granting a lease"))?;
+            .retried("granting a lease", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?;
         Ok(response.id())
     }
 
@@ -594,11 +641,14 @@ impl Store {
         lease: i64,
     ) -> Result<(), EtcdError> {
         let key = self.key(&format!("connected/{node_id}"));
-        self.client
-            .clone()
-            .put(key, holder, Some(PutOptions::new().with_lease(lease)))
-            .await
-            .map_err(self.failed("recording a node's presence"))?;
+        self.retried("recording a node's presence", |mut c| {
+            let (key, holder) = (key.clone(), holder.to_owned());
+            async move {
+                c.put(key, holder, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         Ok(())
     }
 
@@ -609,11 +659,11 @@ impl Store {
         let txn = Txn::new()
             .when([Compare::value(key.as_str(), CompareOp::Equal, holder)])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(self.failed("clearing a node's presence"))?;
+        self.retried("clearing a node's presence", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
         Ok(())
     }
 }
