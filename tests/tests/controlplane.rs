@@ -466,6 +466,61 @@ async fn mtls_server_rejects_clients_without_a_certificate() {
 }
 
 #[tokio::test]
+async fn a_node_gets_nothing_under_another_name_or_with_a_foreign_certificate() {
+    let env = Env::new();
+    env.write_policy("default.toml", POLICY_A);
+    env.write_policy("nodes/node-2.toml", POLICY_B);
+    let mut server_cfg = env.server_config();
+    server_cfg.client_ca = Some(env.certs.ca.cert.clone());
+    let server = RunningServer::start(server_cfg).await;
+    let with_cert = |node_id: &str, pair: &certs::CertKeyPaths| {
+        let mut cfg = env.client_config(server.addr, node_id);
+        cfg.client_cert = Some(pair.cert.clone());
+        cfg.client_key = Some(pair.key.clone());
+        cfg
+    };
+
+    // node-1's certificate claiming to be node-2 (to get node-2's policy): refused after
+    // the handshake, with the reason, and never served.
+    let mut impostor = RunningClient::start(with_cert("node-2", &env.certs.clients["node-1"]), 0);
+    let error = impostor.wait_backoff().await;
+    assert!(error.contains("PermissionDenied"), "{error}");
+    assert!(
+        error.contains("node_id \"node-2\" is not the client certificate's (it names node-1)"),
+        "{error}"
+    );
+    assert!(impostor.updates.try_recv().is_err());
+
+    // A certificate from another CA, even with the right name: no handshake.
+    let foreign = certs::generate(
+        &env.dir.path().join("foreign"),
+        &["localhost"],
+        &["node-1"],
+    )
+    .unwrap();
+    let mut stranger = RunningClient::start(with_cert("node-1", &foreign.clients["node-1"]), 0);
+    let error = stranger.wait_backoff().await;
+    assert!(error.contains("https://"), "{error}");
+    assert!(stranger.updates.try_recv().is_err());
+
+    // The rightful node-1 is served, and the fleet view knows no node-2.
+    let mut client = RunningClient::start(with_cert("node-1", &env.certs.clients["node-1"]), 0);
+    let update = client.next_update().await;
+    assert_eq!(update.bundle.policy(), POLICY_A.as_bytes());
+    update.reply.send(Ok(applied(1))).unwrap();
+    let mut endpoint = env.endpoint(server.addr);
+    endpoint.client_cert = Some(env.certs.clients["node-1"].cert.clone());
+    endpoint.client_key = Some(env.certs.clients["node-1"].key.clone());
+    let nodes = controlplane::nodes(&endpoint).await.unwrap();
+    assert!(nodes.iter().all(|n| n.node_id == "node-1"), "{nodes:?}");
+
+    impostor.stop().await;
+    stranger.stop().await;
+    client.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn crafted_bundles_are_nacked_and_never_delivered() {
     let env = Env::new();
     let key = SigningKey::load(&env.signing_key).unwrap();
