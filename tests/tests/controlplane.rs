@@ -492,12 +492,8 @@ async fn a_node_gets_nothing_under_another_name_or_with_a_foreign_certificate() 
     assert!(impostor.updates.try_recv().is_err());
 
     // A certificate from another CA, even with the right name: no handshake.
-    let foreign = certs::generate(
-        &env.dir.path().join("foreign"),
-        &["localhost"],
-        &["node-1"],
-    )
-    .unwrap();
+    let foreign =
+        certs::generate(&env.dir.path().join("foreign"), &["localhost"], &["node-1"]).unwrap();
     let mut stranger = RunningClient::start(with_cert("node-1", &foreign.clients["node-1"]), 0);
     let error = stranger.wait_backoff().await;
     assert!(error.contains("https://"), "{error}");

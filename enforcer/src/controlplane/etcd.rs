@@ -197,6 +197,9 @@ pub enum EtcdError {
     Contended,
 }
 
+/// Operations per transaction: etcd's default limit (`--max-txn-ops`) is 128.
+pub const MAX_TXN_OPS: usize = 100;
+
 /// How often a request that met an unavailable member is repeated (with 50, 100, ... ms
 /// between): enough to get past two dead members of a five-member cluster several times.
 const RETRIES: u32 = 8;
@@ -544,19 +547,29 @@ impl Store {
             .transpose()
     }
 
-    /// Writes a node's state (everything but `connected` and `replica`, which are
-    /// [`Store::set_connected`]'s).
-    pub async fn put_node(&self, status: &NodeStatus) -> Result<(), EtcdError> {
-        let key = self.key(&format!("nodes/{}", status.node_id));
-        let mut stored = status.clone();
-        stored.connected = false;
-        stored.replica = None;
-        let value = serde_json::to_vec(&stored).expect("a node state serializes");
-        self.retried("writing a node's state", |mut c| {
-            let (key, value) = (key.clone(), value.clone());
-            async move { c.put(key, value, None).await }
-        })
-        .await?;
+    /// Writes nodes' states (everything but `connected` and `replica`, which are
+    /// [`Store::set_connected`]'s), one transaction per [`MAX_TXN_OPS`] of them: a
+    /// replica whose thousand nodes ACK at once writes them in ten round trips, not a
+    /// thousand.
+    pub async fn put_nodes(&self, nodes: &[NodeStatus]) -> Result<(), EtcdError> {
+        for chunk in nodes.chunks(MAX_TXN_OPS) {
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|status| {
+                    let mut stored = status.clone();
+                    stored.connected = false;
+                    stored.replica = None;
+                    let value = serde_json::to_vec(&stored).expect("a node state serializes");
+                    TxnOp::put(self.key(&format!("nodes/{}", status.node_id)), value, None)
+                })
+                .collect();
+            let txn = Txn::new().and_then(puts);
+            self.retried("writing nodes' states", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        }
         Ok(())
     }
 

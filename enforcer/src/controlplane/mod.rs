@@ -816,20 +816,16 @@ async fn write_nodes(shared: Arc<Shared>, mut dirty: mpsc::UnboundedReceiver<Str
                 .filter_map(|id| state.nodes.get(id).cloned())
                 .collect()
         };
-        let mut failed = false;
-        for node in round {
-            match fleet.store.put_node(&node).await {
-                Ok(()) => {
+        match fleet.store.put_nodes(&round).await {
+            Ok(()) => {
+                for node in &round {
                     pending.remove(&node.node_id);
                 }
-                Err(e) => {
-                    tracing::warn!(node_id = node.node_id, error = %crate::error::error_chain(&e), "writing a node's state to etcd; retrying");
-                    failed = true;
-                }
             }
-        }
-        if failed {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            Err(e) => {
+                tracing::warn!(nodes = round.len(), error = %crate::error::error_chain(&e), "writing nodes' states to etcd; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 }
