@@ -1,10 +1,10 @@
 //! The enforcer side by side with what users would pick instead: in-kernel cost, the packet
-//! path on a veth, rate accuracy, policy scale, daemon overhead and TCP bulk from an agent
-//! namespace, in one run, written to
+//! path on a veth, rate accuracy, policy scale, daemon overhead, TCP bulk from an agent
+//! namespace and a control-plane fleet of 1,000 nodes, in one run, written to
 //! `bench/results/<date>-<host>[-quick].{json,md}` with SVG plots. Needs root. `--quick` is
-//! the short variant CI runs; `--sections inkernel,live,accuracy,scale,tcp` runs a subset
-//! (nothing is written then unless every section ran, so a partial run never replaces a
-//! summary). See `bench/README.md`.
+//! the short variant CI runs; `--sections inkernel,live,accuracy,scale,tcp,fleet` runs a
+//! subset (nothing is written then unless every section ran, so a partial run never replaces
+//! a summary). See `bench/README.md`.
 
 mod suite;
 
@@ -16,6 +16,7 @@ use std::{
 use suite::{
     accuracy,
     common::{self, Machine},
+    fleet,
     generator::Kind,
     inkernel, live,
     report::{self, Report, Settings},
@@ -26,7 +27,7 @@ fn arg_value(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
 
-const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale,tcp";
+const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale,tcp,fleet";
 
 /// The load offered in the packet path's CPU-per-packet measurement (frames/s): below what
 /// the slowest configuration's receive path handles on one CPU of these machines, and what
@@ -189,6 +190,15 @@ fn main() {
             Duration::from_millis(if quick { 1_000 } else { 3_000 }),
         ));
     }
+    let mut fleet_result = None;
+    if want("fleet") {
+        common::check_interrupted();
+        let rounds = if quick { 3 } else { 10 };
+        println!(
+            "\n7. control-plane fleet: 1000 nodes, two replicas on etcd vs one control plane, {rounds} publishes each"
+        );
+        fleet_result = fleet::run(1_000, rounds);
+    }
     machine.finish();
     let mut r = Report {
         benchmark: "compare".to_owned(),
@@ -202,6 +212,7 @@ fn main() {
         generators,
         scale: scale_result,
         tcp: tcp_result,
+        fleet: fleet_result,
         targets: Vec::new(),
         runtime_s: started.elapsed().as_secs_f64(),
     };

@@ -19,6 +19,8 @@
 //! mounted on `/sys/fs/bpf` outside is *not* visible to processes started by
 //! [`Netns::spawn`]; pin under a [`BpffsMount`] (below `/run`) when both sides must see the pins.
 
+pub mod etcd;
+
 use std::{
     ffi::{CString, OsStr},
     fs::File,

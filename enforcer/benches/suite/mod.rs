@@ -3,6 +3,7 @@
 pub mod accuracy;
 pub mod bed;
 pub mod common;
+pub mod fleet;
 pub mod generator;
 pub mod inkernel;
 pub mod live;

@@ -9,6 +9,7 @@ use super::{
     accuracy::AccuracyResult,
     bed::CpuMode,
     common::{Machine, Stat},
+    fleet::{self, FleetResult},
     generator::Kind,
     inkernel::{CASES, Row},
     live::{self, LiveResult},
@@ -79,6 +80,9 @@ pub struct Report {
     /// Section 6 (results written before it existed have none).
     #[serde(default)]
     pub tcp: Option<TcpSection>,
+    /// Section 7 (results written before it existed have none).
+    #[serde(default)]
+    pub fleet: Option<FleetResult>,
     /// The issue's targets, evaluated.
     pub targets: Vec<Target>,
     /// Wall time of the whole run (s).
@@ -335,6 +339,22 @@ pub fn targets(r: &Report) -> Vec<Target> {
     }
     if let Some(section) = &r.tcp {
         tcp_targets(section, &mut push);
+    }
+    if let Some(f) = &r.fleet {
+        // Issue 18: a publish reaches 1,000 nodes on two replicas with p99 under 2 s.
+        push(
+            format!(
+                "fleet: {} nodes on two replicas, p99 s from publish to ACK",
+                f.nodes
+            ),
+            &format!("< {} s", fleet::TARGET_P99_S),
+            f.fleet.p99_ms / 1e3,
+            f.fleet.p99_ms / 1e3 < fleet::TARGET_P99_S,
+            format!(
+                "{:.2}x one control plane's p99 in the same run",
+                f.fleet.p99_ms / f.single.p99_ms
+            ),
+        );
     }
     if !r.accuracy.is_empty() {
         let lo = r
@@ -853,6 +873,90 @@ pub fn markdown(r: &Report, stem: &str) -> String {
                 l.counted_ratio.max,
                 l.goodput_wire_ratio.median,
                 l.goodput_wire_ratio.max
+            );
+        }
+    }
+    if let Some(f) = &r.fleet {
+        md.push_str(&fleet_markdown(f));
+    }
+    md
+}
+
+/// Section 7's text and tables.
+fn fleet_markdown(f: &FleetResult) -> String {
+    let mut md = format!(
+        "\n## 7. Control-plane fleet\n\n{} simulated nodes (the real node client, each with its own client \
+         certificate, mTLS; all in one process on one tokio runtime) answer every bundle with an ACK at once. \
+         Fleet: two replicas (`enforcer control-plane serve` processes) on {} etcd member, node i connected to \
+         replica i mod 2 first; each publish is `etcd::Store::publish` of a {}-byte policy for all nodes. \
+         Baseline, the same run: the same clients against one single-process control plane, published by \
+         replacing its `default.toml` (directory scanned every {} ms). Per publish, each node's time runs from \
+         the publish to its ACK; \"all ACKed\" is when the record (etcd for the fleet, the control plane's \
+         `Nodes` for the baseline, polled every 20 ms once every node answered) shows every node ACKed. \
+         One warm-up publish, then {} measured ones; percentiles over every node of every measured publish. \
+         Every process shares the machine's CPUs with the 1,000 clients.\n\n\
+         | setup | connect all s | ACK p50 ms | p99 ms | max ms | all ACKed ms median | max |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+        f.nodes, f.etcd_members, f.policy_bytes, f.dir_poll_ms, f.rounds
+    );
+    for m in [&f.fleet, &f.single] {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            m.mode,
+            m.connect_s,
+            m.p50_ms,
+            m.p99_ms,
+            m.max_ms,
+            m.all_acked_ms.median,
+            m.all_acked_ms.max
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| fleet / single | {} | {} | {} | {} | {} | |",
+        ratio_text(f.fleet.connect_s / f.single.connect_s),
+        ratio_text(f.fleet.p50_ms / f.single.p50_ms),
+        ratio_text(f.fleet.p99_ms / f.single.p99_ms),
+        ratio_text(f.fleet.max_ms / f.single.max_ms),
+        ratio_text(f.fleet.all_acked_ms.median / f.single.all_acked_ms.median),
+    );
+    md.push_str(
+        "\nPer publish (ms):\n\n| setup | publish | version | p50 | p99 | max | all ACKed |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for m in [&f.fleet, &f.single] {
+        for (i, r) in m.rounds.iter().enumerate() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                m.mode,
+                i + 1,
+                r.version,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.all_acked_ms
+            );
+        }
+    }
+    md.push_str(
+        "\nProcesses: user + system CPU while the nodes connected, and over the measured publishes (their 300 ms \
+         pauses included); resident and peak resident memory afterwards.\n\n\
+         | setup | process | nodes | connect CPU ms | CPU ms per publish | RSS MiB | peak MiB |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for m in [&f.fleet, &f.single] {
+        for p in &m.processes {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+                m.mode,
+                p.name,
+                p.nodes,
+                p.connect_cpu_ms,
+                p.cpu_ms_per_publish,
+                p.rss_kib as f64 / 1024.0,
+                p.hwm_kib as f64 / 1024.0
             );
         }
     }
