@@ -208,6 +208,18 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A policy for agent 1 of a [`Lab`] (interface `gwa1`) that denies everything: under it,
+/// whatever passes came from somewhere else (a control plane).
+pub const DENY_ALL_AGENT1: &str =
+    "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
+
+/// [`DENY_ALL_AGENT1`] allowing UDP to the server's `ports` (`"9000"`, `"9000-9001"`).
+pub fn allow_udp_ports(ports: &str) -> String {
+    format!(
+        "{DENY_ALL_AGENT1}[[agents.egress]]\naction = \"allow\"\nto = [\"{SERVER_V4}\"]\nproto = \"udp\"\nports = \"{ports}\"\n"
+    )
+}
+
 /// Agents, a gateway running the enforcer, and a server, in fresh namespaces.
 pub struct Lab {
     /// The gateway: where the XDP program is attached and the daemon runs.
@@ -367,6 +379,41 @@ impl Lab {
         let path = self.dir.join(name);
         fs::write(&path, text).unwrap();
         path
+    }
+
+    /// `enforcer status --json` of this lab's daemon.
+    pub fn status_json(&self) -> serde_json::Value {
+        let config = self.config_path();
+        let out = self.cli(&["--json", "--config", config.to_str().unwrap(), "status"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Sends `n` datagrams from agent 1 to each port of the server and returns how many
+    /// arrived per port.
+    pub fn probe_udp(&self, ports: &[u16], n: u64) -> Vec<u64> {
+        let sinks: Vec<lab::UdpSink> = ports
+            .iter()
+            .map(|p| lab::UdpSink::spawn(&self.server, sa("0.0.0.0", *p)).unwrap())
+            .collect();
+        for p in ports {
+            let sent = lab::udp_send(
+                self.agent(1),
+                sa(SERVER_V4, *p),
+                None,
+                b"x",
+                n,
+                Duration::from_millis(1),
+            )
+            .unwrap();
+            assert_eq!(sent, n);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        sinks.into_iter().map(|s| s.stop().0).collect()
     }
 
     /// Starts `enforcer run` in the gateway and waits until it reports its first policy.

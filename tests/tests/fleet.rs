@@ -17,66 +17,23 @@ use std::{
 
 use enforcer::{
     controlplane::{bundle, certs},
-    lab::{self, ChildGuard, Netns, UdpSink, in_netns, require_root, udp_send},
+    lab::{self, ChildGuard, Netns, in_netns, require_root},
 };
 use integration_tests::{
-    Lab, SERVER_V4, enforcer_bin,
+    DENY_ALL_AGENT1, Lab, allow_udp_ports, enforcer_bin,
     etcd::{EtcdCluster, etcd_available},
-    sa,
 };
 use serde_json::Value;
 
-const DENY_ALL: &str =
-    "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
-
 /// Turns a hang into a failure; far above what any step needs.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn allow_ports(ports: &str) -> String {
-    format!(
-        "{DENY_ALL}[[agents.egress]]\naction = \"allow\"\nto = [\"10.200.100.2\"]\nproto = \"udp\"\nports = \"{ports}\"\n"
-    )
-}
-
-/// Sends `n` datagrams from agent 1 to each port and returns how many arrived per port.
-fn probe(lab: &Lab, ports: &[u16], n: u64) -> Vec<u64> {
-    let sinks: Vec<UdpSink> = ports
-        .iter()
-        .map(|p| UdpSink::spawn(&lab.server, sa("0.0.0.0", *p)).unwrap())
-        .collect();
-    for p in ports {
-        let sent = udp_send(
-            lab.agent(1),
-            sa(SERVER_V4, *p),
-            None,
-            b"x",
-            n,
-            Duration::from_millis(1),
-        )
-        .unwrap();
-        assert_eq!(sent, n);
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    sinks.into_iter().map(|s| s.stop().0).collect()
-}
-
-fn status(lab: &Lab) -> Value {
-    let config = lab.config_path();
-    let out = lab.cli(&["--json", "--config", config.to_str().unwrap(), "status"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Waits until the node enforces bundle `version`.
 fn wait_version(lab: &Lab, node: &str, version: u64) -> Value {
     let suffix = format!("@v{version}");
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let s = status(lab);
+        let s = lab.status_json();
         if s["policy_origin"]
             .as_str()
             .is_some_and(|o| o.ends_with(&suffix))
@@ -336,7 +293,7 @@ fn fleet_scenario(cp: &Netns) {
         let mut lab = Lab::new(1);
         link(cp, &lab, i);
         // The local file denies everything: whatever passes came from the fleet.
-        lab.write_policy(DENY_ALL);
+        lab.write_policy(DENY_ALL_AGENT1);
         let mut config = std::fs::read_to_string(lab.config_path()).unwrap();
         config.push_str(&fleet.node_table(i, orders[i - 1], zones[i - 1]));
         std::fs::write(lab.config_path(), config).unwrap();
@@ -346,10 +303,15 @@ fn fleet_scenario(cp: &Netns) {
 
     // 1. Published for all: every node ACKs and enforces it; the fleet view, from any
     //    replica, has each node on its preferred replica with an audit anchor.
-    let v1 = fleet.publish(&allow_ports("9000"), &[]);
+    let v1 = fleet.publish(&allow_udp_ports("9000"), &[]);
     for (i, lab) in labs.iter().enumerate() {
         wait_version(lab, &format!("node-{}", i + 1), v1);
-        assert_eq!(probe(lab, &[9000, 9001], 10), vec![10, 0], "node-{}", i + 1);
+        assert_eq!(
+            lab.probe_udp(&[9000, 9001], 10),
+            vec![10, 0],
+            "node-{}",
+            i + 1
+        );
     }
     let nodes = wait_fleet(&labs[0], "every node to ACK v1", |nodes| {
         nodes.len() == 3
@@ -365,10 +327,10 @@ fn fleet_scenario(cp: &Netns) {
     }
 
     // 2. A selector: only node-3 (zone us-1) takes it; the others keep v1.
-    let v2 = fleet.publish(&allow_ports("9000-9001"), &["--selector", "zone=us-1"]);
+    let v2 = fleet.publish(&allow_udp_ports("9000-9001"), &["--selector", "zone=us-1"]);
     wait_version(&labs[2], "node-3", v2);
-    assert_eq!(probe(&labs[2], &[9000, 9001], 10), vec![10, 10]);
-    assert_eq!(probe(&labs[0], &[9000, 9001], 10), vec![10, 0]);
+    assert_eq!(labs[2].probe_udp(&[9000, 9001], 10), vec![10, 10]);
+    assert_eq!(labs[0].probe_udp(&[9000, 9001], 10), vec![10, 0]);
     let nodes = wait_fleet(&labs[1], "node-3 to ACK the selector's bundle", |nodes| {
         node(nodes, "node-3")["version_acked"] == v2
     });
@@ -378,10 +340,10 @@ fn fleet_scenario(cp: &Netns) {
     // 3. Replica A killed: nodes 1 and 2 fail over to B and keep receiving. Node-3 keeps
     //    its selector's bundle: more specific than a new bundle for all.
     fleet.kill_replica(0);
-    let v3 = fleet.publish(&allow_ports("9002"), &[]);
+    let v3 = fleet.publish(&allow_udp_ports("9002"), &[]);
     for i in [0, 1] {
         wait_version(&labs[i], &format!("node-{}", i + 1), v3);
-        assert_eq!(probe(&labs[i], &[9000, 9002], 10), vec![0, 10]);
+        assert_eq!(labs[i].probe_udp(&[9000, 9002], 10), vec![0, 10]);
     }
     let nodes = wait_fleet(&labs[0], "nodes 1 and 2 on replica B", |nodes| {
         ["node-1", "node-2"].iter().all(|id| {
@@ -389,25 +351,25 @@ fn fleet_scenario(cp: &Netns) {
         })
     });
     assert_eq!(node(&nodes, "node-3")["version_acked"], v2);
-    assert_eq!(probe(&labs[2], &[9000, 9001], 10), vec![10, 10]);
+    assert_eq!(labs[2].probe_udp(&[9000, 9001], 10), vec![10, 10]);
 
     // 4. The etcd leader killed: publishing still succeeds, and replica B still relays.
     let leader = fleet.etcd.leader();
     fleet.etcd.kill(leader);
-    let v4 = fleet.publish(&allow_ports("9003"), &[]);
+    let v4 = fleet.publish(&allow_udp_ports("9003"), &[]);
     assert!(v4 > v3);
     for i in [0, 1] {
         wait_version(&labs[i], &format!("node-{}", i + 1), v4);
     }
-    assert_eq!(probe(&labs[1], &[9002, 9003], 10), vec![0, 10]);
+    assert_eq!(labs[1].probe_udp(&[9002, 9003], 10), vec![0, 10]);
 
     // 5. Node 1 partitioned: it keeps its last good policy while the others move on, and
     //    catches up once it is back.
     labs[0].gw.ip(&["link", "set", "ctl", "down"]).unwrap();
-    let v5 = fleet.publish(&allow_ports("9004"), &[]);
+    let v5 = fleet.publish(&allow_udp_ports("9004"), &[]);
     wait_version(&labs[1], "node-2", v5);
-    assert_eq!(probe(&labs[0], &[9003, 9004], 10), vec![10, 0]);
-    let held = status(&labs[0]);
+    assert_eq!(labs[0].probe_udp(&[9003, 9004], 10), vec![10, 0]);
+    let held = labs[0].status_json();
     assert!(
         held["policy_origin"]
             .as_str()
@@ -417,11 +379,11 @@ fn fleet_scenario(cp: &Netns) {
     );
     labs[0].gw.ip(&["link", "set", "ctl", "up"]).unwrap();
     wait_version(&labs[0], "node-1", v5);
-    assert_eq!(probe(&labs[0], &[9003, 9004], 10), vec![0, 10]);
+    assert_eq!(labs[0].probe_udp(&[9003, 9004], 10), vec![0, 10]);
 
     // 6. A compromised store hands node-1 node-2's bundle: node-1 refuses it (the target is
     //    signed), says why, and keeps enforcing v5.
-    let v6 = fleet.publish(&allow_ports("9005"), &["--node", "node-2"]);
+    let v6 = fleet.publish(&allow_udp_ports("9005"), &["--node", "node-2"]);
     wait_version(&labs[1], "node-2", v6);
     let live = (0..3).find(|m| *m != leader).unwrap();
     let theirs = fleet.etcd_get(live, "/enforcer/bundles/node/node-2");
@@ -439,11 +401,11 @@ fn fleet_scenario(cp: &Netns) {
         )),
         "{reason}"
     );
-    assert_eq!(probe(&labs[0], &[9004, 9005], 10), vec![10, 0]);
+    assert_eq!(labs[0].probe_udp(&[9004, 9005], 10), vec![10, 0]);
     // The publisher repairs it with a bundle of node-1's own.
-    let v7 = fleet.publish(&allow_ports("9006"), &["--node", "node-1"]);
+    let v7 = fleet.publish(&allow_udp_ports("9006"), &["--node", "node-1"]);
     wait_version(&labs[0], "node-1", v7);
-    assert_eq!(probe(&labs[0], &[9004, 9006], 10), vec![0, 10]);
+    assert_eq!(labs[0].probe_udp(&[9004, 9006], 10), vec![0, 10]);
 
     // 7. A bad policy is refused whole by the publisher, with its place; nothing changes.
     let bad = fleet.dir.join("bad.toml");

@@ -15,21 +15,12 @@ use enforcer::{
         certs,
         proto::{node_message::Kind, policy_sync_server::PolicySyncServer},
     },
-    lab::{ChildGuard, UdpSink, require_root, spawn_in_netns, udp_send},
+    lab::{ChildGuard, require_root, spawn_in_netns},
 };
-use integration_tests::{CraftedControlPlane, Lab, SERVER_V4, enforcer_bin, sa};
+use integration_tests::{CraftedControlPlane, DENY_ALL_AGENT1, Lab, allow_udp_ports, enforcer_bin};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
-
-const DENY_ALL: &str =
-    "[[agents]]\nid = 1\nname = \"coder\"\ninterfaces = [\"gwa1\"]\negress_default = \"deny\"\n";
-
-fn allow_ports(ports: &str) -> String {
-    format!(
-        "{DENY_ALL}[[agents.egress]]\naction = \"allow\"\nto = [\"10.200.100.2\"]\nproto = \"udp\"\nports = \"{ports}\"\n"
-    )
-}
 
 fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
@@ -37,51 +28,16 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn status(lab: &Lab) -> Value {
-    let config = lab.config_path();
-    let out = lab.cli(&["--json", "--config", config.to_str().unwrap(), "status"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn wait_status(lab: &Lab, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = status(lab);
+        let s = lab.status_json();
         if pred(&s) {
             return s;
         }
         assert!(Instant::now() < deadline, "waiting for {what}: {s}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Sends `n` datagrams to each port and returns how many arrived per port.
-fn probe(lab: &Lab, ports: &[u16], n: u64) -> Vec<u64> {
-    let sinks: Vec<UdpSink> = ports
-        .iter()
-        .map(|p| UdpSink::spawn(&lab.server, sa("0.0.0.0", *p)).unwrap())
-        .collect();
-    for p in ports {
-        assert_eq!(
-            udp_send(
-                lab.agent(1),
-                sa(SERVER_V4, *p),
-                None,
-                b"x",
-                n,
-                Duration::from_millis(1)
-            )
-            .unwrap(),
-            n
-        );
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    sinks.into_iter().map(|s| s.stop().0).collect()
 }
 
 struct ControlPlane {
@@ -235,9 +191,9 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
     }
     let mut lab = Lab::new(1);
     // The local file denies everything: whatever passes came from the control plane.
-    lab.write_policy(DENY_ALL);
+    lab.write_policy(DENY_ALL_AGENT1);
     let cp = control_plane(&lab);
-    write_atomic(&cp.policies.join("default.toml"), &allow_ports("9000"));
+    write_atomic(&cp.policies.join("default.toml"), &allow_udp_ports("9000"));
     let mut server = start_control_plane(&lab, &cp);
     add_control_plane_to_config(
         &lab,
@@ -254,13 +210,16 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
             .is_some_and(|o| o.starts_with("default.toml@v"))
     });
     assert_eq!(first["control_plane"]["connected"], true, "{first}");
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 0]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![10, 0]);
 
     // A change in the directory reaches the maps; the time from the write to enforcement
     // is reported (a measurement, not a threshold).
     let generation = first["generation"].as_u64().unwrap();
     let written = Instant::now();
-    write_atomic(&cp.policies.join("default.toml"), &allow_ports("9000-9001"));
+    write_atomic(
+        &cp.policies.join("default.toml"),
+        &allow_udp_ports("9000-9001"),
+    );
     let second = wait_status(&lab, "the second bundle", |s| {
         s["generation"].as_u64() > Some(generation)
     });
@@ -268,7 +227,7 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
         "policy file write to enforcement: {:.1} ms",
         written.elapsed().as_secs_f64() * 1e3
     );
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![10, 10]);
     let version: u64 = second["policy_origin"]
         .as_str()
         .unwrap()
@@ -313,19 +272,19 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
     wait_status(&lab, "the disconnection", |s| {
         s["control_plane"]["connected"] == false
     });
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![10, 10]);
 
     // Daemon restarted with the control plane down: the persisted bundle enforces at once
     // (the local file would deny 9000 and 9001).
     lab.stop_daemon(libc::SIGTERM);
     lab.start_daemon();
-    let restarted = status(&lab);
+    let restarted = lab.status_json();
     assert_eq!(
         restarted["policy_origin"], second["policy_origin"],
         "{restarted}"
     );
     assert_eq!(restarted["control_plane"]["connected"], false);
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 10]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![10, 10]);
 }
 
 #[test]
@@ -334,7 +293,7 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
         return;
     }
     let mut lab = Lab::new(1);
-    lab.write_policy(DENY_ALL);
+    lab.write_policy(DENY_ALL_AGENT1);
     let keys = bundle::keygen(&lab.dir.join("keys")).unwrap();
     let key = SigningKey::load(&keys.private_key).unwrap();
     let stranger = SigningKey::generate().unwrap();
@@ -348,12 +307,12 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
         )
         .unwrap()
     };
-    let good = sign(&key, 10, &allow_ports("9000"));
-    let mut bad_signature = sign(&key, 11, &allow_ports("9000"));
-    bad_signature.policy = allow_ports("9000-9001").into_bytes();
-    let unknown_key = sign(&stranger, 12, &allow_ports("9000-9001"));
-    let old = sign(&key, 5, &allow_ports("9000-9001"));
-    let mut unsigned = sign(&key, 13, &allow_ports("9000-9001"));
+    let good = sign(&key, 10, &allow_udp_ports("9000"));
+    let mut bad_signature = sign(&key, 11, &allow_udp_ports("9000"));
+    bad_signature.policy = allow_udp_ports("9000-9001").into_bytes();
+    let unknown_key = sign(&stranger, 12, &allow_udp_ports("9000-9001"));
+    let old = sign(&key, 5, &allow_udp_ports("9000-9001"));
+    let mut unsigned = sign(&key, 13, &allow_udp_ports("9000-9001"));
     unsigned.signature.clear();
     let malformed = sign(
         &key,
@@ -379,9 +338,9 @@ fn bad_bundles_are_nacked_and_the_last_good_policy_enforces() {
     );
 
     // The last good bundle (10: UDP 9000 only) still enforces on real traffic.
-    let s = status(&lab);
+    let s = lab.status_json();
     assert_eq!(s["policy_origin"], "crafted.toml@v10", "{s}");
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![10, 0]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![10, 0]);
     drop(lab);
     drop(crafted);
 }
@@ -392,7 +351,7 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
         return;
     }
     let mut lab = Lab::new(1);
-    lab.write_policy(DENY_ALL);
+    lab.write_policy(DENY_ALL_AGENT1);
     let old_keys = bundle::keygen(&lab.dir.join("old-keys")).unwrap();
     let new_keys = bundle::keygen(&lab.dir.join("new-keys")).unwrap();
     let sign = |keys: &bundle::KeyPaths, version: u64, policy: &str| {
@@ -410,7 +369,7 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
     let config = std::fs::read_to_string(lab.config_path()).unwrap();
 
     // Version 10 under the old key: applied and stored.
-    let mut crafted = Crafted::serve(&lab, vec![sign(&old_keys, 10, &allow_ports("9000"))]);
+    let mut crafted = Crafted::serve(&lab, vec![sign(&old_keys, 10, &allow_udp_ports("9000"))]);
     std::fs::write(
         lab.config_path(),
         config.clone() + &crafted_config(&old_keys.public_key),
@@ -426,8 +385,8 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
     let mut crafted = Crafted::serve(
         &lab,
         vec![
-            sign(&new_keys, 5, &allow_ports("9000-9001")),
-            sign(&new_keys, 11, &allow_ports("9001")),
+            sign(&new_keys, 5, &allow_udp_ports("9000-9001")),
+            sign(&new_keys, 11, &allow_udp_ports("9001")),
         ],
     );
     std::fs::write(
@@ -440,7 +399,7 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
     assert_eq!(text[0], "hello 10 floor_only", "{text:#?}");
     assert!(text[1].starts_with("nack 5: rollback"), "{text:#?}");
     assert_eq!(text[2], "ack 11", "{text:#?}");
-    let s = status(&lab);
+    let s = lab.status_json();
     let cp = &s["control_plane"];
     assert!(
         cp["stored_bundle_error"]
@@ -451,7 +410,7 @@ fn a_stored_bundle_that_no_longer_verifies_keeps_the_rollback_floor() {
     assert_eq!(cp["rollback_floor"], 11, "{s}");
     assert_eq!(cp["enforcing_local_file"], false, "{s}");
     assert_eq!(s["policy_origin"], "crafted.toml@v11", "{s}");
-    assert_eq!(probe(&lab, &[9000, 9001], 10), vec![0, 10]);
+    assert_eq!(lab.probe_udp(&[9000, 9001], 10), vec![0, 10]);
     drop(lab);
     drop(crafted);
 }
