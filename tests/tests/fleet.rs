@@ -16,12 +16,12 @@ use std::{
 };
 
 use enforcer::{
-    controlplane::{bundle, certs},
+    controlplane::{bundle, certs, sync},
     lab::{self, ChildGuard, Netns, in_netns, require_root},
 };
 use integration_tests::{
     DENY_ALL_AGENT1, Lab, allow_udp_ports, enforcer_bin,
-    etcd::{EtcdCluster, etcd_available},
+    etcd::{EtcdCluster, EtcdTls, etcd_available},
 };
 use serde_json::Value;
 
@@ -458,4 +458,150 @@ fn fleet_scenario(cp: &Netns) {
     );
     drop(labs);
     drop(fleet);
+}
+
+/// etcd as an SRE runs it: https with client certificates. The publisher and a replica
+/// reach it with their own certificates (the `--etcd-*` flags and `[etcd]`'s `ca`, `cert`
+/// and `key`), and a node receives what was published; without a client certificate the
+/// publisher is refused and says where. Loopback only; no root needed.
+#[test]
+fn publisher_and_replica_reach_etcd_over_tls_with_client_certificates() {
+    if !etcd_available("publisher_and_replica_reach_etcd_over_tls_with_client_certificates") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs::generate(
+        &dir.path().join("tls"),
+        &["127.0.0.1"],
+        &["etcdctl", "publisher", "replica", "node-1"],
+    )
+    .unwrap();
+    let keys = bundle::keygen(&dir.path().join("keys")).unwrap();
+    let etcd = EtcdCluster::start_tls(
+        1,
+        EtcdTls {
+            ca: tls.ca.cert.clone(),
+            cert: tls.server.cert.clone(),
+            key: tls.server.key.clone(),
+            client_cert: tls.clients["etcdctl"].cert.clone(),
+            client_key: tls.clients["etcdctl"].key.clone(),
+        },
+    );
+    let endpoint = etcd.endpoint(0);
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, allow_udp_ports("9000")).unwrap();
+    let publish = |client: Option<&str>| {
+        let mut command = Command::new(enforcer_bin());
+        command
+            .args(["--json", "control-plane", "publish"])
+            .arg(&policy)
+            .arg("--signing-key")
+            .arg(&keys.private_key)
+            .args(["--etcd", &endpoint, "--etcd-ca"])
+            .arg(&tls.ca.cert);
+        if let Some(name) = client {
+            command
+                .arg("--etcd-cert")
+                .arg(&tls.clients[name].cert)
+                .arg("--etcd-key")
+                .arg(&tls.clients[name].key);
+        }
+        command.env("ENFORCER_LOG", "warn").output().unwrap()
+    };
+
+    // No client certificate: etcd refuses, nothing is published, the error names etcd.
+    let refused = publish(None);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let error = String::from_utf8_lossy(&refused.stdout);
+    assert!(error.contains(&format!("etcd ({endpoint})")), "{error}");
+    assert_eq!(etcd.get(0, "/enforcer/version"), None);
+
+    let published = publish(Some("publisher"));
+    assert!(published.status.success(), "{published:?}");
+    let version = serde_json::from_slice::<Value>(&published.stdout).unwrap()["version"]
+        .as_u64()
+        .unwrap();
+
+    // A replica on the same etcd, with its own certificate.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = dir.path().join("replica.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"replica-tls\"\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            tls.server.cert.display(),
+            tls.server.key.display(),
+            tls.ca.cert.display(),
+            tls.ca.cert.display(),
+            tls.clients["replica"].cert.display(),
+            tls.clients["replica"].key.display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("replica.log")).unwrap();
+    let mut replica = ChildGuard::new(
+        Command::new(enforcer_bin())
+            .args(["control-plane", "serve"])
+            .arg(&config)
+            .env("ENFORCER_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(exit)) = replica.wait_timeout(Duration::from_millis(20)) {
+            panic!(
+                "the replica exited: {exit}\n{}",
+                std::fs::read_to_string(dir.path().join("replica.log")).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "the replica never listened");
+    }
+
+    // A node (the real client, in process) receives the published bundle through it.
+    let node = sync::SyncConfig {
+        url: format!("https://127.0.0.1:{port}"),
+        urls: Vec::new(),
+        ca: Some(tls.ca.cert.clone()),
+        client_cert: Some(tls.clients["node-1"].cert.clone()),
+        client_key: Some(tls.clients["node-1"].key.clone()),
+        server_name: None,
+        node_id: "node-1".into(),
+        labels: Default::default(),
+        trusted_keys: vec![std::fs::read_to_string(&keys.public_key).unwrap()],
+        backoff_min_ms: 50,
+        backoff_max_ms: 500,
+        insecure: false,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let received = runtime.block_on(async {
+        let (updates_tx, mut updates) = tokio::sync::mpsc::channel(1);
+        let (state_tx, _state) = tokio::sync::watch::channel(sync::ConnectionState::default());
+        let client = tokio::spawn(sync::run(node, sync::Held::default(), updates_tx, state_tx));
+        let update = tokio::time::timeout(DEADLINE, updates.recv())
+            .await
+            .expect("a bundle within the deadline")
+            .expect("the client runs");
+        let received = (
+            update.bundle.version(),
+            update.bundle.as_proto().target.clone(),
+        );
+        let _ = update.reply.send(Ok(sync::Applied::default()));
+        client.abort();
+        received
+    });
+    drop(runtime);
+    assert_eq!(received, (version, "all".to_string()));
+    // A replica stops promptly on SIGTERM.
+    replica.signal(libc::SIGTERM).unwrap();
+    let exit = replica.wait_timeout(DEADLINE).unwrap();
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}");
 }

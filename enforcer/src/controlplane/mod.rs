@@ -589,19 +589,33 @@ pub async fn serve_on(
             stop_tx.send_replace(true);
         }
     };
-    let served = builder
-        .serve_with_incoming_shutdown(
-            PolicySyncServer::new(Service {
-                shared: Arc::clone(&shared),
-            }),
-            TcpListenerStream::new(listener),
-            signal,
-        )
-        .await;
+    let served = builder.serve_with_incoming_shutdown(
+        PolicySyncServer::new(Service {
+            shared: Arc::clone(&shared),
+        }),
+        TcpListenerStream::new(listener),
+        signal,
+    );
+    // After the streams were ended, connections get SHUTDOWN_GRACE to close: a node that
+    // does not answer (hung, partitioned) must not hold the stop up for its keep-alive.
+    let mut stopping = shared.stop.clone();
+    let served = tokio::select! {
+        served = served => served,
+        () = async {
+            stopped(&mut stopping).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("connections still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    };
     stop_tx.send_replace(true);
     let _ = watcher.await;
     served.map_err(|source| ControlPlaneError::Serve { source })
 }
+
+/// How long connections may take to close once the control plane is stopping.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Where bundles come from.
 enum Origin {

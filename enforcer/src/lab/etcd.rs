@@ -69,6 +69,8 @@ pub fn etcd_available(test: &str) -> bool {
 struct Member {
     name: String,
     client_url: String,
+    /// Plain-HTTP URL serving `/health`: the client URL, or with TLS the metrics URL.
+    health_url: String,
     log: PathBuf,
     args: Vec<String>,
     process: Option<ChildGuard>,
@@ -132,13 +134,37 @@ impl Member {
 /// data removed on drop.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    tls: Option<EtcdTls>,
     // Removed by `Drop::drop` after it killed every member: no etcd is left writing into a
     // removed directory. A plain directory rather than `tempfile::TempDir`: tempfile is
     // only a dev-dependency of this crate, and the drop order is explicit this way.
     dir: PathBuf,
 }
 
+/// Client TLS of a cluster from [`EtcdCluster::start_tls`]: members serve https with
+/// `cert`/`key` and accept only clients with a certificate from `ca`; `client_cert` and
+/// `client_key` are what the harness's own etcdctl presents.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// CA of the server certificate and of every client certificate.
+    pub ca: PathBuf,
+    /// The members' server certificate (its names must include 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// A client certificate for etcdctl.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
 impl EtcdCluster {
+    /// Like [`EtcdCluster::start`] on 127.0.0.1, with client TLS and client-certificate
+    /// authentication (peers talk plain HTTP on loopback).
+    pub fn start_tls(members: usize, tls: EtcdTls) -> Self {
+        Self::start_with(&vec![Ipv4Addr::LOCALHOST; members], Some(tls))
+    }
+
     /// Starts a cluster of `members` members (1 or 3 are the useful sizes) on 127.0.0.1
     /// and waits until every member reports healthy. Panics, quoting the members' logs, if
     /// etcd is missing or the cluster is not healthy within 30 s; check
@@ -151,12 +177,16 @@ impl EtcdCluster {
     /// aliases (127.0.0.x) put members on different addresses, so that the integration
     /// tests' `LoopbackPartition` can cut one off.
     pub fn start_on(hosts: &[Ipv4Addr]) -> Self {
+        Self::start_with(hosts, None)
+    }
+
+    fn start_with(hosts: &[Ipv4Addr], tls: Option<EtcdTls>) -> Self {
         assert!(
             !hosts.is_empty(),
             "an etcd cluster needs at least one member"
         );
         for attempt in 1..=START_ATTEMPTS {
-            let mut cluster = Self::spawn(hosts);
+            let mut cluster = Self::spawn(hosts, tls.clone());
             match cluster.wait_healthy() {
                 Ok(()) => {
                     cluster.learn_ids();
@@ -172,7 +202,7 @@ impl EtcdCluster {
         unreachable!("the last attempt returns or panics")
     }
 
-    fn spawn(hosts: &[Ipv4Addr]) -> Self {
+    fn spawn(hosts: &[Ipv4Addr], tls: Option<EtcdTls>) -> Self {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(unique_name("etcd"));
         fs::create_dir_all(&dir).unwrap_or_else(|e| {
@@ -187,6 +217,9 @@ impl EtcdCluster {
             CLUSTERS.fetch_add(1, Ordering::Relaxed)
         );
         let ports = free_ports(hosts);
+        // With TLS, `/health` is read in plain HTTP from the metrics listener.
+        let metrics = free_ports(hosts);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let peer_url = |i: usize| format!("http://{}:{}", hosts[i], ports[i].1);
         let initial_cluster = (0..hosts.len())
             .map(|i| format!("m{i}={}", peer_url(i)))
@@ -195,9 +228,9 @@ impl EtcdCluster {
         let members = (0..hosts.len())
             .map(|i| {
                 let name = format!("m{i}");
-                let client_url = format!("http://{}:{}", hosts[i], ports[i].0);
+                let client_url = format!("{scheme}://{}:{}", hosts[i], ports[i].0);
                 let data_dir = dir.join(&name);
-                let args = vec![
+                let mut args = vec![
                     format!("--name={name}"),
                     format!("--data-dir={}", data_dir.display()),
                     format!("--listen-client-urls={client_url}"),
@@ -217,17 +250,32 @@ impl EtcdCluster {
                     "--log-level=warn".to_owned(),
                     "--log-outputs=stderr".to_owned(),
                 ];
+                let health_url = match &tls {
+                    None => client_url.clone(),
+                    Some(tls) => {
+                        let url = format!("http://{}:{}", hosts[i], metrics[i].0);
+                        args.extend([
+                            format!("--listen-metrics-urls={url}"),
+                            format!("--cert-file={}", tls.cert.display()),
+                            format!("--key-file={}", tls.key.display()),
+                            format!("--trusted-ca-file={}", tls.ca.display()),
+                            "--client-cert-auth".to_owned(),
+                        ]);
+                        url
+                    }
+                };
                 Member {
                     log: dir.join(format!("{name}.log")),
                     name,
                     client_url,
+                    health_url,
                     args,
                     process: None,
                     id: 0,
                 }
             })
             .collect();
-        let mut cluster = Self { members, dir };
+        let mut cluster = Self { members, tls, dir };
         for member in &mut cluster.members {
             member.spawn();
         }
@@ -248,7 +296,7 @@ impl EtcdCluster {
                     ));
                 }
             }
-            pending.retain(|&i| !healthy(&self.members[i].client_url));
+            pending.retain(|&i| !healthy(&self.members[i].health_url));
             if Instant::now() >= deadline {
                 let names: Vec<&str> = pending
                     .iter()
@@ -328,7 +376,7 @@ impl EtcdCluster {
         );
         self.members[member].spawn();
         let deadline = Instant::now() + DEADLINE;
-        while !healthy(&self.members[member].client_url) {
+        while !healthy(&self.members[member].health_url) {
             assert!(
                 self.members[member].is_running(),
                 "m{member} exited on restart\n{}",
@@ -436,6 +484,13 @@ impl EtcdCluster {
             if key.to_string_lossy().starts_with("ETCDCTL") {
                 command.env_remove(key);
             }
+        }
+        if let Some(tls) = &self.tls {
+            command.args([
+                format!("--cacert={}", tls.ca.display()),
+                format!("--cert={}", tls.client_cert.display()),
+                format!("--key={}", tls.client_key.display()),
+            ]);
         }
         command
             .arg(format!("--endpoints={endpoints}"))
