@@ -1298,9 +1298,11 @@ async fn stream_task(
     // replica), so its record keeps the last ACK, NACK and audit anchor.
     if let Origin::Etcd(fleet) = &shared.origin {
         match fleet.store.node(&node_id).await {
+            // etcd's record wins over this replica's memory: the node may have been on
+            // another replica since it was last here.
             Ok(Some(known)) => {
                 let mut state = shared.state.lock().unwrap();
-                state.nodes.entry(node_id.clone()).or_insert(known);
+                state.nodes.insert(node_id.clone(), known);
             }
             Ok(None) => {}
             Err(e) => {
