@@ -393,6 +393,44 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Polls [`Lab::status_json`] until `pred` holds and returns that status; panics after
+    /// `deadline`, naming `what` and quoting the last status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + deadline;
+        loop {
+            let s = self.status_json();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waiting for {what}: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `enforcer control-plane nodes --json` with this lab's configuration (its
+    /// `[control_plane]` table says where to ask).
+    pub fn control_plane_nodes(&self) -> serde_json::Value {
+        let config = self.config_path();
+        let out = self.cli(&[
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            "control-plane",
+            "nodes",
+        ]);
+        assert!(
+            out.status.success(),
+            "control-plane nodes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Sends `n` datagrams from agent 1 to each port of the server and returns how many
     /// arrived per port.
     pub fn probe_udp(&self, ports: &[u16], n: u64) -> Vec<u64> {

@@ -31,39 +31,20 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Waits until the node enforces bundle `version`.
 fn wait_version(lab: &Lab, node: &str, version: u64) -> Value {
     let suffix = format!("@v{version}");
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let s = lab.status_json();
-        if s["policy_origin"]
-            .as_str()
-            .is_some_and(|o| o.ends_with(&suffix))
-        {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{node} never enforced version {version}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lab.wait_status(
+        &format!("{node} to enforce version {version}"),
+        DEADLINE,
+        |s| {
+            s["policy_origin"]
+                .as_str()
+                .is_some_and(|o| o.ends_with(&suffix))
+        },
+    )
 }
 
 /// `control-plane nodes --json` as node `lab` sees the fleet (through its replicas).
 fn fleet_nodes(lab: &Lab) -> Vec<Value> {
-    let config = lab.config_path();
-    let out = lab.cli(&[
-        "--json",
-        "--config",
-        config.to_str().unwrap(),
-        "control-plane",
-        "nodes",
-    ]);
-    assert!(
-        out.status.success(),
-        "control-plane nodes: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = lab.control_plane_nodes();
     integration_tests::check_schema("nodes", &nodes);
     nodes.as_array().unwrap().clone()
 }

@@ -29,15 +29,7 @@ fn write_atomic(path: &Path, text: &str) {
 }
 
 fn wait_status(lab: &Lab, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = lab.status_json();
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "waiting for {what}: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lab.wait_status(what, Duration::from_secs(30), pred)
 }
 
 struct ControlPlane {
@@ -238,22 +230,9 @@ fn pushed_policy_enforces_and_survives_control_plane_loss() {
         .unwrap();
 
     // The control plane sees the node holding that version.
-    let config = lab.config_path();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = lab.cli(&[
-            "--json",
-            "--config",
-            config.to_str().unwrap(),
-            "control-plane",
-            "nodes",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let nodes = lab.control_plane_nodes();
         if nodes[0]["version_acked"].as_u64() == Some(version) {
             assert_eq!(nodes[0]["node_id"], "edge-1");
             assert_eq!(nodes[0]["connected"], true);
