@@ -15,8 +15,10 @@
 //! ([`relay`]), with the same detectors and the same outcomes. Current kernels cannot:
 //! Linux made TLS and sockmap mutually exclusive (see `enforcer::inspect::ktls`).
 
+pub mod body;
 pub mod ca;
 pub mod detect;
+pub mod http;
 pub mod ktls;
 pub mod proxy;
 pub mod redirect;

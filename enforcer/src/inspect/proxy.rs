@@ -46,7 +46,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -58,7 +60,7 @@ use rustls::{
 };
 use thiserror::Error;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -66,8 +68,10 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::{
     CapHit, InspectConfig, InspectPath, Outcome, Slots, Stats,
+    body::Found,
     ca::{CaError, NodeCa},
     detect::{DetectError, Detectors},
+    http::{self, Event, Protocol},
     redirect,
     relay::{self, Direction},
 };
@@ -184,7 +188,6 @@ struct Shared {
     upstream: TlsConnector,
     audit: UserAudit,
     stats: Arc<Stats>,
-    path: InspectPath,
     /// What the daemon publishes after every apply.
     policy: watch::Receiver<Option<Arc<Policy>>>,
     /// The newest policy seen and its compiled detectors (see [`Shared::current`]).
@@ -330,7 +333,6 @@ impl Proxy {
                 upstream: TlsConnector::from(Arc::new(client)),
                 audit,
                 stats,
-                path,
                 policy: policy.clone(),
                 current: Mutex::new(current),
                 slots: Arc::new(Slots::new(config.max_connections_per_agent, total)),
@@ -548,7 +550,7 @@ impl Shared {
         self.stats.connection(who.agent.id, Outcome::EgressDenied);
     }
 
-    async fn connect_mode(&self, mut tcp: TcpStream, peer: SocketAddr) {
+    async fn connect_mode(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
         let local = match tcp.local_addr() {
             Ok(a) => a,
             Err(_) => return,
@@ -687,7 +689,7 @@ impl Shared {
         self.intercept(who, start, name, addrs).await;
     }
 
-    async fn transparent_mode(&self, tcp: TcpStream, peer: SocketAddr) {
+    async fn transparent_mode(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let (Ok(local), Ok(original)) = (tcp.local_addr(), original_dst(&tcp)) else {
             self.stats.connection(0, Outcome::AgentFailed);
             return;
@@ -761,7 +763,7 @@ impl Shared {
 
     /// Both handshakes, then the relay.
     async fn intercept(
-        &self,
+        self: &Arc<Self>,
         who: Admitted,
         start: StartHandshake<TcpStream>,
         name: String,
@@ -826,89 +828,88 @@ impl Shared {
             }
         };
 
-        let (detectors, policy_detectors) = {
+        let (detectors, written) = {
             let current = self.current();
             let detectors = match who.agent.mode {
                 Mode::Enforce => current.enforce.clone(),
                 Mode::Monitor => current.monitor.clone(),
             };
-            let written = current
-                .policy
-                .as_ref()
-                .map(|p| p.detectors().to_vec())
-                .unwrap_or_default();
-            (detectors, written)
+            (detectors, current.enforce.clone())
         };
-        let mut audited = HashSet::new();
-        let on_flag = |detector: usize, direction: Direction| {
-            let written = &policy_detectors[detector];
-            // A monitor-mode agent's would-be block is a block in the records.
-            let (reason, action) = match written.action {
-                DetectorAction::Block => ("detector_block", "block"),
-                DetectorAction::Flag => ("detector_flag", "flag"),
-            };
-            self.stats.hit(who.agent.id, &written.name, action);
-            tracing::info!(
-                agent = who.agent.name,
-                detector = written.name,
-                direction = direction.name(),
-                name,
-                "proxy: detector hit, passed"
-            );
-            // One record per detector and connection: a marker repeated in a stream is
-            // counted, not logged each time.
-            if audited.insert(detector) {
-                self.record(UserEvent {
-                    source: UserSource::Proxy,
-                    agent: who.agent.id,
-                    reason,
-                    verdict: "pass",
-                    src: Some(who.peer),
-                    dst: Some(dst.clone()),
-                    name: Some(name.clone()),
-                    detail: Some(written.name.clone()),
-                    actor: None,
-                });
-            }
+        let protocol = Protocol::from_alpn(agent_tls.get_ref().1.alpn_protocol());
+        let session = Arc::new(Session {
+            shared: self.clone(),
+            agent: who.agent.id,
+            agent_name: who.agent.name.clone(),
+            peer: who.peer,
+            name: name.clone(),
+            dst,
+            up: detectors.clone(),
+            down: detectors.clone(),
+            written,
+            audited: Mutex::new(HashSet::new()),
+        });
+        let events: Arc<dyn Fn(Event) + Send + Sync> = {
+            let session = session.clone();
+            Arc::new(move |event| session.event(event))
         };
-        let report = match &self.path {
-            // The kTLS seam: `InspectPath::Ktls(k) => k.splice(agent_tls, upstream)`.
-            InspectPath::Userspace { .. } => {
-                relay::userspace_relay(agent_tls, upstream, detectors.clone(), on_flag).await
-            }
+        let (agent, upstream, protocol) = match protocol {
+            Some(protocol) => (
+                Prefixed::new(agent_tls, Vec::new()),
+                Prefixed::new(upstream, Vec::new()),
+                Some(protocol),
+            ),
+            None => sniff(agent_tls, upstream).await,
         };
-        self.stats.relayed(report.up_bytes, report.down_bytes);
-        match report.hit {
-            Some(hit) => {
-                let detector = detectors.name(hit.detector).to_string();
-                tracing::info!(
-                    agent = who.agent.name,
-                    detector,
-                    direction = hit.direction.name(),
-                    name,
-                    "proxy: detector hit, connection closed"
-                );
-                self.stats.hit(who.agent.id, &detector, "block");
-                self.stats.connection(who.agent.id, Outcome::Blocked);
-                self.record(UserEvent {
-                    source: UserSource::Proxy,
-                    agent: who.agent.id,
-                    reason: "detector_block",
-                    verdict: "drop",
-                    src: Some(who.peer),
-                    dst: Some(dst),
-                    name: Some(name),
-                    detail: Some(detector),
-                    actor: None,
-                });
+        let blocked = match protocol {
+            Some(protocol) => {
+                let exchange =
+                    http::Exchange::new(name, session.up.clone(), session.down.clone(), events);
+                let report = http::serve(agent, upstream, protocol, exchange).await;
+                self.stats.relayed(report.up_bytes, report.down_bytes);
+                if let Some(e) = &report.error {
+                    tracing::debug!(agent = who.agent.name, error = %e, "proxy: HTTP ended with an error");
+                }
+                report.blocked > 0
             }
             None => {
+                let report = relay::userspace_relay(
+                    agent,
+                    upstream,
+                    session.up.clone(),
+                    |detector, direction| {
+                        events(Event::Hit {
+                            found: Found {
+                                detector,
+                                direction,
+                            },
+                            blocked: false,
+                        })
+                    },
+                )
+                .await;
+                self.stats.relayed(report.up_bytes, report.down_bytes);
                 if let Some(e) = &report.error {
                     tracing::debug!(agent = who.agent.name, error = %e, "proxy: relay ended with an error");
                 }
-                self.stats.connection(who.agent.id, Outcome::Relayed);
+                if let Some(hit) = report.hit {
+                    events(Event::Hit {
+                        found: Found {
+                            detector: hit.detector,
+                            direction: hit.direction,
+                        },
+                        blocked: true,
+                    });
+                }
+                report.hit.is_some()
             }
-        }
+        };
+        let outcome = if blocked {
+            Outcome::Blocked
+        } else {
+            Outcome::Relayed
+        };
+        self.stats.connection(who.agent.id, outcome);
     }
 
     async fn connect_upstream(
@@ -936,6 +937,175 @@ impl Shared {
                 .map_err(|e| format!("TLS with {name} at {addr}: {e}"));
         }
         Err(last)
+    }
+}
+
+/// One intercepted connection, as its events are recorded.
+struct Session {
+    shared: Arc<Shared>,
+    agent: u32,
+    agent_name: String,
+    peer: SocketAddr,
+    name: String,
+    dst: String,
+    /// Detectors in force for each direction.
+    up: Arc<Detectors>,
+    down: Arc<Detectors>,
+    /// The same as the policy wrote them: a monitor-mode agent's would-be block is
+    /// recorded as a block.
+    written: Arc<Detectors>,
+    /// Flag detectors already audited on this connection: a marker repeated in a stream
+    /// is counted, not logged each time.
+    audited: Mutex<HashSet<(&'static str, usize)>>,
+}
+
+impl Session {
+    fn event(&self, event: Event) {
+        let (reason, verdict, detail) = match event {
+            Event::Hit { found, blocked } => {
+                let detectors = match found.direction {
+                    Direction::Up => &self.up,
+                    Direction::Down => &self.down,
+                };
+                let detector = detectors.name(found.detector).to_string();
+                let direction = found.direction.name();
+                if blocked {
+                    tracing::info!(
+                        agent = self.agent_name,
+                        detector,
+                        direction,
+                        name = self.name,
+                        "proxy: detector hit, stopped"
+                    );
+                    self.shared.stats.hit(self.agent, &detector, "block");
+                    ("detector_block", "drop", detector)
+                } else {
+                    let (reason, action) = match self.written.action(found.detector) {
+                        DetectorAction::Block => ("detector_block", "block"),
+                        DetectorAction::Flag => ("detector_flag", "flag"),
+                    };
+                    self.shared.stats.hit(self.agent, &detector, action);
+                    tracing::info!(
+                        agent = self.agent_name,
+                        detector,
+                        direction,
+                        name = self.name,
+                        "proxy: detector hit, passed"
+                    );
+                    let first = self
+                        .audited
+                        .lock()
+                        .expect("audited lock")
+                        .insert((direction, found.detector));
+                    if !first {
+                        return;
+                    }
+                    (reason, "pass", detector)
+                }
+            }
+            Event::Misdirected { host } => {
+                tracing::info!(
+                    agent = self.agent_name,
+                    host,
+                    name = self.name,
+                    "proxy: request for another host refused"
+                );
+                (
+                    "proxy_misdirected",
+                    "drop",
+                    format!("a request for {host} on a connection for {}", self.name),
+                )
+            }
+        };
+        self.shared.record(UserEvent {
+            source: UserSource::Proxy,
+            agent: self.agent,
+            reason,
+            verdict,
+            src: Some(self.peer),
+            dst: Some(self.dst.clone()),
+            name: Some(self.name.clone()),
+            detail: Some(detail),
+            actor: None,
+        });
+    }
+}
+
+/// Without an ALPN choice, the first bytes decide: an HTTP/1 request from the agent is
+/// served as HTTP (an agent cannot skip the HTTP checks by leaving ALPN out), anything
+/// else, or a server that speaks first, is relayed as a byte stream. What was read is
+/// put back in front of each stream.
+async fn sniff<A, U>(mut agent: A, mut upstream: U) -> (Prefixed<A>, Prefixed<U>, Option<Protocol>)
+where
+    A: AsyncRead + Unpin,
+    U: AsyncRead + Unpin,
+{
+    let mut from_agent = vec![0; 16 * 1024];
+    let mut from_upstream = vec![0; 16 * 1024];
+    // Both reads are cancel-safe: the one that loses the race has taken nothing.
+    let (agent_first, upstream_first) = tokio::select! {
+        read = agent.read(&mut from_agent) => (read.unwrap_or(0), 0),
+        read = upstream.read(&mut from_upstream) => (0, read.unwrap_or(0)),
+    };
+    from_agent.truncate(agent_first);
+    from_upstream.truncate(upstream_first);
+    let protocol = Protocol::sniff_http1(&from_agent).then_some(Protocol::Http1);
+    (
+        Prefixed::new(agent, from_agent),
+        Prefixed::new(upstream, from_upstream),
+        protocol,
+    )
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(inner: S, prefix: Vec<u8>) -> Self {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -54,7 +54,7 @@ pub struct RelayReport {
 /// How long a sender may stay quiet with a block marker's prefix at the end of what it
 /// sent before those bytes are released (see [`Scanner::release_held`]). Short: it only
 /// delays messages that happen to end like the start of a marker.
-const IDLE_RELEASE: Duration = Duration::from_millis(100);
+pub(crate) const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
 /// Size of each read: TLS records carry at most 16 KiB, so this takes several at once
 /// when they are buffered.
