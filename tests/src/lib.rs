@@ -26,6 +26,7 @@ use enforcer::{
 };
 
 pub mod etcd;
+pub mod https;
 pub mod partition;
 
 /// Runs `f` on a thread inside a fresh network namespace that holds an interface `sbx0`

@@ -19,7 +19,7 @@ use std::{
 };
 
 use enforcer::lab::{self, require_root};
-use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4};
+use integration_tests::{Lab, METADATA, PUBLIC, SERVER_V4, https};
 use rustls::{
     ServerConfig, ServerConnection, StreamOwned,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
@@ -308,6 +308,9 @@ struct Setup {
     lab: Lab,
     server: HttpsServer,
     node_ca: PathBuf,
+    /// The upstream servers' certificate and key (PEM files).
+    upstream_cert: PathBuf,
+    upstream_key: PathBuf,
 }
 
 fn setup() -> Setup {
@@ -353,6 +356,8 @@ fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
         lab,
         server,
         node_ca,
+        upstream_cert: upstream.server.cert.clone(),
+        upstream_key: upstream.server.key.clone(),
     }
 }
 
@@ -708,6 +713,163 @@ fn detectors_and_names() {
         stderr(&out),
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The port of the hyper server that speaks HTTP/2 as well as HTTP/1.1.
+const ALT_PORT: u16 = 8443;
+
+/// Messages are searched whole, whatever carries them: over HTTP/2 (curl, and a client
+/// that cuts the body into DATA frames inside the marker) and chunked HTTP/1.1 cut the
+/// same way, the marker never reaches the server while the same cut without a marker
+/// passes byte-exact; and a request naming another host than its connection's is
+/// refused with 421 in both versions.
+#[test]
+fn messages_are_searched_whole_over_http2_and_chunked_http1() {
+    if !require_root("messages_are_searched_whole_over_http2_and_chunked_http1") {
+        return;
+    }
+    let policy = policy().replace("ports = \"443\"", "ports = \"443-8443\"");
+    let s = setup_with(1, "", &policy);
+    let server_addr = SocketAddr::new(SERVER_V4.parse().unwrap(), ALT_PORT);
+    let server = https::HttpsServer::spawn(
+        https::bind_in(&s.lab.server, server_addr),
+        &s.upstream_cert,
+        &s.upstream_key,
+    );
+    let proxy: SocketAddr = format!("{GATEWAY}:{CONNECT_PORT}").parse().unwrap();
+    let url = |path: &str| format!("https://{ALLOWED}:{ALT_PORT}{path}");
+    let curl = |args: &[&str]| {
+        s.lab
+            .agent(1)
+            .command("curl")
+            .args(["-sS", "--fail", "--max-time", "60", "--cacert"])
+            .arg(&s.node_ca)
+            .arg("--proxy")
+            .arg(format!("http://{proxy}"))
+            .arg("--connect-to")
+            .arg(format!("{ALLOWED}:{ALT_PORT}:{SERVER_V4}:{ALT_PORT}"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let never_saw_marker = |server: &https::HttpsServer| {
+        for r in server.received() {
+            assert!(
+                !r.body
+                    .windows(SECRET_MARKER.len())
+                    .any(|w| w == SECRET_MARKER.as_bytes()),
+                "the server received the marker: {r:?}"
+            );
+        }
+    };
+    let mut records = 0;
+
+    // A clean upload over HTTP/2 arrives byte-exact, and the server spoke HTTP/2.
+    let upload = pattern(8 << 20);
+    let upload_path = s.lab.write_file("up2.bin", "");
+    fs::write(&upload_path, &upload).unwrap();
+    let out = curl(&[
+        "--http2",
+        "--data-binary",
+        &format!("@{}", upload_path.display()),
+        &url("/upload"),
+    ]);
+    assert!(out.status.success(), "h2 upload: {}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex(&upload)
+    );
+    let got = server.wait_received(1);
+    assert_eq!(got[0].version, "HTTP/2.0", "{:?}", got[0].headers);
+    assert_eq!(got[0].body_len, upload.len() as u64);
+
+    // A marker in an HTTP/2 body from curl: refused, and it never arrived.
+    let mut secret = vec![b'a'; 100_000];
+    secret.extend_from_slice(format!("{SECRET_MARKER}0123456789abcdef").as_bytes());
+    let secret_path = s.lab.write_file("secret2.txt", "");
+    fs::write(&secret_path, &secret).unwrap();
+    let out = curl(&[
+        "--http2",
+        "--data-binary",
+        &format!("@{}", secret_path.display()),
+        &url("/upload"),
+    ]);
+    assert!(!out.status.success(), "the h2 secret upload must fail");
+    never_saw_marker(&server);
+    records += 1;
+    let r = &s.proxy_records(records)[records - 1];
+    assert_eq!(
+        (&r["reason"], &r["verdict"], &r["detail"]),
+        (
+            &"detector_block".into(),
+            &"drop".into(),
+            &"secret-key".into()
+        ),
+        "{r}"
+    );
+
+    // Cut inside the marker, each piece its own DATA frame or chunk.
+    let (head, tail) = SECRET_MARKER.split_at(4);
+    let route = https::Route {
+        proxy,
+        server: server_addr,
+        name: ALLOWED,
+        ca: &s.node_ca,
+    };
+    for version in [https::Version::Http2, https::Version::Http1] {
+        let pieces = vec![
+            format!("token={head}").into_bytes(),
+            format!("{tail}0123456789abcdef&rest").into_bytes(),
+        ];
+        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", pieces);
+        assert!(
+            !matches!(sent, Ok((200, _))),
+            "{version:?}: a marker cut across frames passed: {sent:?}"
+        );
+        never_saw_marker(&server);
+        records += 1;
+        let r = &s.proxy_records(records)[records - 1];
+        assert_eq!(r["detail"], "secret-key", "{version:?}: {r}");
+        assert_eq!(r["reason"], "detector_block", "{version:?}: {r}");
+
+        // The same cut without the marker's end passes whole.
+        let clean = vec![format!("token={head}").into_bytes(), b"-not-it".to_vec()];
+        let expect = sha256_hex(&clean.concat());
+        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", clean);
+        let (status, body) = sent.unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        assert_eq!(status, 200, "{version:?}");
+        assert_eq!(String::from_utf8_lossy(&body).trim(), expect, "{version:?}");
+    }
+
+    // Another host on this connection: 421 in both versions, nothing reaches the server.
+    for version in ["--http2", "--http1.1"] {
+        let before = server.received().len();
+        let out = curl(&[
+            version,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Host: {DENIED}"),
+            &url("/download/10"),
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "421",
+            "{version}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            server.received().len(),
+            before,
+            "{version}: the server was reached"
+        );
+        records += 1;
+        let r = &s.proxy_records(records)[records - 1];
+        assert_eq!(r["reason"], "proxy_misdirected", "{version}: {r}");
+        assert_eq!(r["verdict"], "drop", "{version}: {r}");
+    }
 }
 
 /// The proxy dials only addresses the agent's egress rules allow: a CONNECT to the
