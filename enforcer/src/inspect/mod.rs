@@ -16,6 +16,7 @@
 //! Linux made TLS and sockmap mutually exclusive (see `enforcer::inspect::ktls`).
 
 pub mod ca;
+pub mod decode;
 pub mod detect;
 pub mod ktls;
 pub mod proxy;
