@@ -17,6 +17,7 @@
 
 pub mod body;
 pub mod ca;
+pub mod decode;
 pub mod detect;
 pub mod http;
 pub mod ktls;
