@@ -46,7 +46,8 @@ use tokio::{
 };
 
 use super::{
-    body::{BoxError, Found, InspectedBody, OnHit},
+    body::{BodyEvent, BoxError, Decoding, Found, InspectedBody, OnHit},
+    decode::Limits,
     detect::{Detectors, Scan},
     relay::{self, Direction},
 };
@@ -92,6 +93,16 @@ pub enum Event {
         /// The message was stopped.
         blocked: bool,
     },
+    /// A body could not be decoded to be searched: stopped going up (unless the agent is
+    /// in monitor mode), passed coming down.
+    Undecodable {
+        /// Which way it was going.
+        direction: Direction,
+        /// Why.
+        error: String,
+        /// The message was stopped.
+        blocked: bool,
+    },
     /// A request named another host than the connection's.
     Misdirected {
         /// The name it asked for.
@@ -109,6 +120,10 @@ pub struct Exchange {
     pub down: Arc<Detectors>,
     /// Told about every [`Event`].
     pub events: Arc<dyn Fn(Event) + Send + Sync>,
+    /// The agent is in monitor mode: what cannot be searched passes (and is reported).
+    pub monitor: bool,
+    /// Decoding limits per body.
+    pub limits: Limits,
     up_bytes: Arc<AtomicU64>,
     down_bytes: Arc<AtomicU64>,
     requests: AtomicU64,
@@ -118,11 +133,12 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// A connection admitted for `name`.
+    /// A connection admitted for `name`, of an agent in monitor mode if `monitor`.
     pub fn new(
         name: String,
         up: Arc<Detectors>,
         down: Arc<Detectors>,
+        monitor: bool,
         events: Arc<dyn Fn(Event) + Send + Sync>,
     ) -> Arc<Exchange> {
         Arc::new(Exchange {
@@ -130,6 +146,8 @@ impl Exchange {
             up,
             down,
             events,
+            monitor,
+            limits: Limits::default(),
             up_bytes: Arc::default(),
             down_bytes: Arc::default(),
             requests: AtomicU64::new(0),
@@ -141,12 +159,27 @@ impl Exchange {
     /// A hit callback for one message that also marks `stopped` on a block.
     fn on_hit(self: &Arc<Self>, stopped: Arc<AtomicBool>) -> OnHit {
         let exchange = self.clone();
-        Arc::new(move |found, blocked| {
+        Arc::new(move |event| {
+            let (event, blocked) = match event {
+                BodyEvent::Detector(found, blocked) => (Event::Hit { found, blocked }, blocked),
+                BodyEvent::Undecodable {
+                    direction,
+                    error,
+                    blocked,
+                } => (
+                    Event::Undecodable {
+                        direction,
+                        error,
+                        blocked,
+                    },
+                    blocked,
+                ),
+            };
             if blocked {
                 stopped.store(true, Ordering::Relaxed);
                 exchange.blocked.fetch_add(1, Ordering::Relaxed);
             }
-            (exchange.events)(Event::Hit { found, blocked });
+            (exchange.events)(event);
         })
     }
 }
@@ -288,11 +321,20 @@ async fn forward(
         .headers()
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut request));
+    let decoding = Decoding::for_header(
+        request
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+        exchange.limits,
+    );
     let (parts, body) = request.into_parts();
     let body = InspectedBody::new(
         body,
         exchange.up.clone(),
         Direction::Up,
+        decoding,
+        !exchange.monitor,
         on_hit.clone(),
         exchange.up_bytes.clone(),
     );
@@ -316,6 +358,13 @@ async fn forward(
         let tunnel = tokio::spawn(tunnel(agent_upgrade, upstream_upgrade, exchange.clone()));
         exchange.tunnels.lock().expect("tunnels lock").push(tunnel);
     }
+    let decoding = Decoding::for_header(
+        response
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+        exchange.limits,
+    );
     let (parts, body) = response.into_parts();
     let body = if exchange.down.is_empty() {
         let counter = exchange.down_bytes.clone();
@@ -332,6 +381,8 @@ async fn forward(
             body,
             exchange.down.clone(),
             Direction::Down,
+            decoding,
+            false,
             on_hit,
             exchange.down_bytes.clone(),
         )
@@ -402,15 +453,15 @@ fn search_head(
     match scanner.feed(detectors, &head) {
         Scan::Pass { flagged, .. } => {
             for detector in flagged {
-                on_hit(found(detector), false);
+                on_hit(BodyEvent::Detector(found(detector), false));
             }
             None
         }
         Scan::Block { detector, flagged } => {
             for detector in flagged {
-                on_hit(found(detector), false);
+                on_hit(BodyEvent::Detector(found(detector), false));
             }
-            on_hit(found(detector), true);
+            on_hit(BodyEvent::Detector(found(detector), true));
             Some(detector)
         }
     }
@@ -432,13 +483,13 @@ async fn tunnel(
         TokioIo::new(upstream),
         exchange.up.clone(),
         |detector, direction| {
-            on_hit(
+            on_hit(BodyEvent::Detector(
                 Found {
                     detector,
                     direction,
                 },
                 false,
-            )
+            ))
         },
     )
     .await;
@@ -449,13 +500,13 @@ async fn tunnel(
         .down_bytes
         .fetch_add(report.down_bytes, Ordering::Relaxed);
     if let Some(hit) = report.hit {
-        on_hit(
+        on_hit(BodyEvent::Detector(
             Found {
                 detector: hit.detector,
                 direction: hit.direction,
             },
             true,
-        );
+        ));
     }
 }
 

@@ -863,8 +863,13 @@ impl Shared {
         };
         let blocked = match protocol {
             Some(protocol) => {
-                let exchange =
-                    http::Exchange::new(name, session.up.clone(), session.down.clone(), events);
+                let exchange = http::Exchange::new(
+                    name,
+                    session.up.clone(),
+                    session.down.clone(),
+                    who.agent.mode == Mode::Monitor,
+                    events,
+                );
                 let report = http::serve(agent, upstream, protocol, exchange).await;
                 self.stats.relayed(report.up_bytes, report.down_bytes);
                 if let Some(e) = &report.error {
@@ -1002,6 +1007,23 @@ impl Session {
                     }
                     (reason, "pass", detector)
                 }
+            }
+            Event::Undecodable {
+                direction,
+                error,
+                blocked,
+            } => {
+                tracing::info!(
+                    agent = self.agent_name,
+                    direction = direction.name(),
+                    error,
+                    blocked,
+                    name = self.name,
+                    "proxy: a body could not be decoded to be searched"
+                );
+                let verdict = if blocked { "drop" } else { "pass" };
+                let detail = format!("{} body: {error}", direction.name());
+                ("dlp_undecodable", verdict, detail)
             }
             Event::Misdirected { host } => {
                 tracing::info!(
