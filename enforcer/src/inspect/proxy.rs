@@ -872,7 +872,7 @@ impl Shared {
             }
         };
         let report = match &self.path {
-            // The kTLS seam: `InspectPath::Ktls(k) => k.splice(agent_tls, upstream)`.
+            // The kTLS record layer (`inspect::ktls`) becomes a second arm when it is wired in.
             InspectPath::Userspace { .. } => {
                 relay::userspace_relay(agent_tls, upstream, detectors.clone(), on_flag).await
             }
