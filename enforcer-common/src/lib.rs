@@ -13,7 +13,6 @@
 use core::mem::size_of;
 
 pub mod guard;
-pub mod inspect;
 
 /// Number of policy slots (double buffering).
 pub const SLOTS: u32 = 2;

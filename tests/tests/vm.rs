@@ -399,12 +399,12 @@ fn set_ulp(socket: &TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Why the kTLS inspection path cannot run on these kernels, pinned down: kTLS keys are
-/// refused (EINVAL, both directions) exactly while the socket has a sockmap psock (the
-/// `sk_psock(sk)` check at the top of `do_tls_setsockopt_conf`), and accepted on the same
-/// socket, ULP already set, once it has left the map; and a socket with the TLS ULP, keys
-/// or not, cannot join a sockmap. No order gives a kTLS socket an `sk_msg` program. If a
-/// kernel ever changes this, this test fails and `enforcer::inspect::ktls` needs another look.
+/// Why the sockmap inspector was removed (ARCHITECTURE.md, "kTLS: the transport kept, the
+/// sockmap inspector removed"), pinned down: kTLS keys are refused (EINVAL, both
+/// directions) exactly while the socket has a sockmap psock (the `sk_psock(sk)` check at the
+/// top of `do_tls_setsockopt_conf`), and accepted on the same socket, ULP already set, once
+/// it has left the map; and a socket with the TLS ULP, keys or not, cannot join a sockmap. No order gives a kTLS socket an `sk_msg` program. If a
+/// kernel ever changes this, this test fails and the removal deserves another look.
 #[test]
 #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
 fn ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap() {
@@ -447,29 +447,4 @@ fn ktls_keys_are_refused_exactly_while_the_socket_is_in_a_sockmap() {
             "{release}: {refused}"
         );
     }
-}
-
-/// The inspecting proxy's choice in the guest, and its reason: user space, because the
-/// kernel refused kTLS keys on the probe socket in the sockmap. The reason is what the
-/// daemon logs once at start; the metric follows the choice.
-#[test]
-#[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
-fn the_inspecting_proxy_chooses_user_space_and_says_why() {
-    use enforcer::inspect::{InspectPath, Stats};
-    assert!(require_root(
-        "the_inspecting_proxy_chooses_user_space_and_says_why"
-    ));
-    let path = InspectPath::choose();
-    eprintln!("{}: inspect path {path:?}", kernel());
-    let InspectPath::Userspace { why } = &path;
-    assert!(
-        why.contains("cannot inspect kTLS sockets through a sockmap")
-            && why.contains("setting kTLS TX keys")
-            && why.contains("Invalid argument"),
-        "{}: {why}",
-        kernel()
-    );
-    let stats = Stats::default();
-    stats.set_path(&path);
-    assert_eq!(stats.path(), Some("userspace"));
 }

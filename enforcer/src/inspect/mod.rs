@@ -8,12 +8,12 @@
 //! inspected agents' connections to the policy's `tls_ports`, redirected by an nftables
 //! rule ([`redirect`]) to `transparent_port`.
 //!
-//! After both handshakes the bytes are moved by one of two paths, chosen once at start
-//! ([`InspectPath`]), logged once and exported as `enforcer_inspect_path{path}`: the
-//! kernel's (kTLS on both sockets, a sockmap BPF program running the same detectors and
-//! splicing the sockets, `enforcer::inspect::ktls`) when the kernel can run it, otherwise user space
-//! ([`relay`]), with the same detectors and the same outcomes. Current kernels cannot:
-//! Linux made TLS and sockmap mutually exclusive (see `enforcer::inspect::ktls`).
+//! After both handshakes the bytes are decrypted, searched and re-encrypted in user space
+//! ([`relay`]); the path is logged once at start and exported as
+//! `enforcer_inspect_path{path}` ([`InspectPath`]). [`ktls`] keeps the kTLS transport (a
+//! finished rustls session's keys handed to the kernel) for a later kTLS record layer; the
+//! sockmap inspector that ran the detectors in the kernel was removed, because Linux
+//! refuses kTLS keys on sockets in a sockmap.
 
 pub mod body;
 pub mod ca;
@@ -200,22 +200,15 @@ impl InspectPath {
         }
     }
 
-    /// Chooses the path for this run by asking the kernel for the whole kernel path:
-    /// [`Ktls::load`](crate::inspect::ktls::Ktls::load) checks for kTLS, loads the sockmap object and
-    /// gives kTLS keys to a loopback socket in its sockmap. Linux refuses that last step
-    /// wherever TLS and sockmap are mutually exclusive (Debian's 6.1 and 6.12 among them;
-    /// see `enforcer::inspect::ktls`), so there the answer is user space, and `why` carries the
-    /// kernel's words.
+    /// Chooses the path for this run. There is one: the kernel path (kTLS sockets in a
+    /// sockmap with an `sk_msg` program running the detectors) was removed, and the kTLS
+    /// record layer is not in use yet; `why` says so in the one log line at start.
     pub fn choose() -> InspectPath {
-        let why = match crate::inspect::ktls::Ktls::load(&[], |_| false) {
-            Err(e) => crate::error::error_chain(&e),
-            // No kernel that still combines them was available to test the hand-off of the
-            // proxy's connections on, so it is not wired in; the log says so.
-            Ok(_) => "the kernel combines kTLS and sockmap, but the proxy's kernel hand-off is \
-                      not wired in (no such kernel was available to test it on)"
+        InspectPath::Userspace {
+            why: "the kernel inspection path was removed: Linux refuses kTLS keys on sockets \
+                  in a sockmap; the kTLS record layer is not in use yet"
                 .to_string(),
-        };
-        InspectPath::Userspace { why }
+        }
     }
 }
 
@@ -366,7 +359,7 @@ pub fn register_metrics(
     }
     registry.register(
         "inspect_path",
-        "1 for the path the inspecting proxy moves bytes on: ktls (in the kernel) or userspace",
+        "1 for the path the inspecting proxy moves bytes on: userspace (the only one so far)",
         path,
     );
     let hits = Family::<HitLabels, Counter>::default();
@@ -419,6 +412,22 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// The proxy's choice loads nothing and asks no kernel: user space, with the reason the
+    /// daemon logs once at start; the metric follows the choice.
+    #[test]
+    fn the_path_is_user_space_and_says_why() {
+        let path = InspectPath::choose();
+        let InspectPath::Userspace { why } = &path;
+        assert!(
+            why.contains("Linux refuses kTLS keys on sockets in a sockmap")
+                && why.contains("kTLS record layer is not in use yet"),
+            "{why}"
+        );
+        let stats = Stats::default();
+        stats.set_path(&path);
+        assert_eq!(stats.path(), Some("userspace"));
+    }
 
     #[test]
     fn one_agent_at_its_cap_is_refused_while_another_connects() {
