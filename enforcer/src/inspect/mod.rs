@@ -19,6 +19,7 @@ pub mod ca;
 pub mod decode;
 pub mod detect;
 pub mod ktls;
+pub mod mcp;
 pub mod proxy;
 pub mod redirect;
 pub mod relay;
