@@ -238,6 +238,7 @@ pub struct Policy {
     profiles: Vec<Profile>,
     detectors: Vec<Detector>,
     shared: Vec<SharedGroup>,
+    mcp_servers: Vec<McpServer>,
 }
 
 impl Policy {
@@ -391,6 +392,8 @@ pub struct Agent {
     pub inspect: bool,
     /// Connection rate, quotas and circuit breaker.
     pub guards: Guards,
+    /// The MCP gate (`[agents.mcp]`); `None`: MCP passes ungated (still audited).
+    pub mcp: Option<AgentMcp>,
 }
 
 /// A template for agents that come and go (`[[profiles]]`): every sandbox interface
@@ -415,6 +418,8 @@ pub struct Profile {
     pub inspect: bool,
     /// Connection rate, quotas and circuit breaker of each instance.
     pub guards: Guards,
+    /// The MCP gate of each instance (`[profiles.mcp]`).
+    pub mcp: Option<AgentMcp>,
 }
 
 impl Profile {
@@ -439,6 +444,7 @@ impl Profile {
             egress: self.egress.clone(),
             inspect: self.inspect,
             guards: self.guards,
+            mcp: self.mcp.clone(),
         }
     }
 }
@@ -1487,6 +1493,8 @@ struct RawPolicy {
     detectors: Vec<Spanned<RawDetector>>,
     #[serde(default)]
     shared: Vec<Spanned<RawShared>>,
+    #[serde(default)]
+    mcp_servers: Vec<Spanned<RawMcpServer>>,
 }
 
 #[derive(Deserialize)]
@@ -1546,6 +1554,7 @@ struct RawProfile {
     connections: Option<RawConnections>,
     quota: Option<RawQuota>,
     breaker: Option<RawBreaker>,
+    mcp: Option<RawAgentMcp>,
     // Fields of an agent that a profile cannot have: read (whatever their type) so that the
     // checker can say why, rather than serde's bare "unknown field".
     #[serde(default)]
@@ -1594,6 +1603,7 @@ struct RawAgent {
     connections: Option<RawConnections>,
     quota: Option<RawQuota>,
     breaker: Option<RawBreaker>,
+    mcp: Option<RawAgentMcp>,
 }
 
 #[derive(Deserialize)]
@@ -1687,6 +1697,8 @@ impl Checker<'_> {
         let mut agents = Vec::with_capacity(raw.agents.len());
         // Groups first: the agents' and profiles' rules name them.
         let shared = self.shared(&raw.shared);
+        // MCP servers too: the agents' and profiles' `mcp.servers` name them.
+        let mcp_servers = self.mcp_servers(&raw.mcp_servers);
 
         for (i, raw_agent) in raw.agents.iter().enumerate() {
             let a = raw_agent.get_ref();
@@ -1797,6 +1809,7 @@ impl Checker<'_> {
                 (&a.connections, &a.quota, &a.breaker),
                 &format!("agents[{i}]"),
             );
+            let mcp = self.agent_mcp(a.mcp.as_ref(), &mcp_servers, &at("mcp"));
 
             agents.push(Agent {
                 id: id.unwrap_or(0),
@@ -1809,11 +1822,12 @@ impl Checker<'_> {
                 egress,
                 inspect: a.inspect,
                 guards,
+                mcp,
             });
         }
 
         let tls_ports = self.tls_ports(raw.defaults.tls_ports.as_ref());
-        let profiles = self.profiles(&raw.profiles, &names);
+        let profiles = self.profiles(&raw.profiles, &names, &mcp_servers);
         let detectors = self.detectors(&raw.detectors);
         Policy {
             unknown: raw.defaults.unknown,
@@ -1823,6 +1837,7 @@ impl Checker<'_> {
             profiles,
             detectors,
             shared,
+            mcp_servers,
         }
     }
 
@@ -2025,6 +2040,7 @@ impl Checker<'_> {
         &mut self,
         raw: &[Spanned<RawProfile>],
         agents: &HashMap<&str, Claim<'_>>,
+        mcp_servers: &[McpServer],
     ) -> Vec<Profile> {
         let mut names: HashMap<&str, usize> = HashMap::new();
         // Pattern -> the profile that lists it first: the same pattern in a later profile
@@ -2117,6 +2133,7 @@ impl Checker<'_> {
                 (&p.connections, &p.quota, &p.breaker),
                 &format!("profiles[{i}]"),
             );
+            let mcp = self.agent_mcp(p.mcp.as_ref(), mcp_servers, &at("mcp"));
 
             if self.issues.len() == before {
                 profiles.push(Profile {
@@ -2128,6 +2145,7 @@ impl Checker<'_> {
                     egress,
                     inspect: p.inspect,
                     guards,
+                    mcp,
                 });
             }
         }
@@ -2496,6 +2514,385 @@ fn ports(raw: &RawPorts) -> Result<PortRange, String> {
     }
 }
 
+// --- MCP: the registry of servers (`[[mcp_servers]]`) and each agent's gate
+// (`[agents.mcp]`). Kept apart from the rest so the inspecting proxy's parts of the policy
+// change independently.
+
+/// Longest `mcp_servers.path`, in bytes.
+pub const MAX_MCP_PATH_LEN: usize = 1024;
+
+/// Longest MCP tool name, in bytes (the MCP specification's limit).
+pub const MAX_MCP_TOOL_LEN: usize = 128;
+
+/// Most `calls_per_minute` and `burst` of an MCP server grant.
+pub const MAX_MCP_CALLS_PER_MINUTE: u64 = 1_000_000;
+
+/// Longest `quota_seconds` of an MCP server grant: a year.
+pub const MAX_MCP_QUOTA_SECONDS: u64 = 365 * 24 * 3600;
+
+/// An MCP server the policy knows (`[[mcp_servers]]`): requests to `host` whose path
+/// matches `path` are this server's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McpServer {
+    /// Unique name, which agents' grants refer to, and audit records and metrics carry.
+    pub name: String,
+    /// The host name (normalized: lower case, no trailing dot), compared with the TLS
+    /// server name.
+    pub host: String,
+    /// Which request paths are the server's.
+    pub path: McpPath,
+}
+
+/// The paths of an [`McpServer`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum McpPath {
+    /// This path only (`"/mcp"`).
+    Exact(String),
+    /// This path and every path below it: `"/mcp/*"` is `Prefix("/mcp")`, matching `/mcp`,
+    /// `/mcp/` and `/mcp/a/b`, not `/mcpx`; `"/*"` is `Prefix("")`, every path.
+    Prefix(String),
+}
+
+impl McpPath {
+    /// Whether `path` (without its query) is one of these.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            McpPath::Exact(p) => p == path,
+            McpPath::Prefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+impl fmt::Display for McpPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            McpPath::Exact(p) => f.write_str(p),
+            McpPath::Prefix(p) => write!(f, "{p}/*"),
+        }
+    }
+}
+
+/// What the gate does with MCP traffic to a server the agent is not granted
+/// (`[agents.mcp] shadow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum McpShadow {
+    /// Refuse it with a JSON-RPC error.
+    #[default]
+    Block,
+    /// Let it through; count and audit it.
+    Flag,
+}
+
+/// An agent's MCP gate (`[agents.mcp]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentMcp {
+    /// What happens to MCP traffic to servers not in `servers`.
+    pub shadow: McpShadow,
+    /// The servers the agent may use, in document order; each server at most once.
+    pub servers: Vec<McpGrant>,
+}
+
+impl AgentMcp {
+    /// The grant for the server called `server`.
+    pub fn grant(&self, server: &str) -> Option<&McpGrant> {
+        self.servers.iter().find(|g| g.server == server)
+    }
+}
+
+/// One server an agent may use (`[[agents.mcp.servers]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McpGrant {
+    /// The [`McpServer`]'s name.
+    pub server: String,
+    /// The tools `tools/call` may name; `None`: every tool.
+    pub tools: Option<Vec<String>>,
+    /// The `tools/call` rate: `calls_per_minute` with `burst`.
+    pub rate: Option<McpRate>,
+    /// The `tools/call` quota: `quota` calls per `quota_seconds`.
+    pub quota: Option<McpQuota>,
+}
+
+impl McpGrant {
+    /// Whether `tools/call` may name `tool`.
+    pub fn allows_tool(&self, tool: &str) -> bool {
+        self.tools
+            .as_ref()
+            .is_none_or(|tools| tools.iter().any(|t| t == tool))
+    }
+}
+
+/// A token-bucket rate of `tools/call`s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct McpRate {
+    /// Calls per minute, refilled evenly.
+    pub per_minute: u64,
+    /// Calls that may come at once.
+    pub burst: u64,
+}
+
+/// A quota of `tools/call`s: `calls` per `seconds`, refilled evenly (a token bucket of
+/// `calls` tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct McpQuota {
+    /// Calls per period.
+    pub calls: u64,
+    /// The period, in seconds.
+    pub seconds: u64,
+}
+
+impl Policy {
+    /// The MCP servers, in document order; names are unique.
+    pub fn mcp_servers(&self) -> &[McpServer] {
+        &self.mcp_servers
+    }
+}
+
+impl Agent {
+    /// The agent's MCP gate; `None`: MCP passes ungated (still audited).
+    pub fn mcp(&self) -> Option<&AgentMcp> {
+        self.mcp.as_ref()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcpServer {
+    name: Spanned<String>,
+    host: Spanned<String>,
+    path: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentMcp {
+    #[serde(default)]
+    shadow: McpShadow,
+    #[serde(default)]
+    servers: Vec<Spanned<RawMcpGrant>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcpGrant {
+    server: Spanned<String>,
+    tools: Option<Vec<Spanned<String>>>,
+    calls_per_minute: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
+    quota: Option<Spanned<i64>>,
+    quota_seconds: Option<Spanned<i64>>,
+}
+
+/// `path` of an `[[mcp_servers]]` entry, checked: an absolute path without query,
+/// fragment, percent-encoding or dot segments (the gate compares paths as bytes, so a
+/// pattern must be in the one form requests are compared in), `*` only as a final `/*`.
+fn mcp_path(text: &str) -> Result<McpPath, String> {
+    let (base, prefix) = match text.strip_suffix("/*") {
+        Some(base) => (base, true),
+        None => (text, false),
+    };
+    let bad = |why: &str| {
+        Err(format!(
+            "expected a path like \"/mcp\" or a prefix like \"/mcp/*\" ({why}), got \"{text}\""
+        ))
+    };
+    if !text.starts_with('/') {
+        return bad("it starts with '/'");
+    }
+    if text.len() > MAX_MCP_PATH_LEN {
+        return bad(&format!("at most {MAX_MCP_PATH_LEN} bytes"));
+    }
+    if let Some(c) = base
+        .chars()
+        .find(|&c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '%' | '*'))
+    {
+        return bad(&format!("no {c:?}; '*' only as a final \"/*\""));
+    }
+    if base.split('/').any(|seg| seg == "." || seg == "..") {
+        return bad("no \".\" or \"..\" segments");
+    }
+    Ok(if prefix {
+        McpPath::Prefix(base.to_owned())
+    } else {
+        McpPath::Exact(base.to_owned())
+    })
+}
+
+impl Checker<'_> {
+    /// The `[[mcp_servers]]` registry.
+    fn mcp_servers(&mut self, raw: &[Spanned<RawMcpServer>]) -> Vec<McpServer> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut places: HashMap<(String, String), usize> = HashMap::new();
+        let mut servers = Vec::with_capacity(raw.len());
+        for (i, spanned) in raw.iter().enumerate() {
+            let m = spanned.get_ref();
+            let at = |field: &str| format!("mcp_servers[{i}].{field}");
+            let before = self.issues.len();
+            self.agent_name(&m.name, at("name"));
+            if let Some(first) = names.get(m.name.get_ref().as_str()) {
+                let msg = format!(
+                    "name \"{}\" is already used by mcp_servers[{first}]",
+                    m.name.get_ref()
+                );
+                self.issue(m.name.span(), at("name"), msg);
+            } else {
+                names.insert(m.name.get_ref(), i);
+            }
+            let host = match normalize_name(m.host.get_ref()) {
+                Ok(host) => host,
+                Err(e) => {
+                    self.issue(m.host.span(), at("host"), e.to_string());
+                    String::new()
+                }
+            };
+            let path = match mcp_path(m.path.get_ref()) {
+                Ok(path) => Some(path),
+                Err(msg) => {
+                    self.issue(m.path.span(), at("path"), msg);
+                    None
+                }
+            };
+            if self.issues.len() != before {
+                continue;
+            }
+            let Some(path) = path else { continue };
+            let place = (host.clone(), path.to_string());
+            if let Some(first) = places.get(&place) {
+                let msg = format!(
+                    "host \"{host}\" and path \"{path}\" are already mcp_servers[{first}]'s"
+                );
+                self.issue(m.path.span(), at("path"), msg);
+                continue;
+            }
+            places.insert(place, i);
+            servers.push(McpServer {
+                name: m.name.get_ref().clone(),
+                host,
+                path,
+            });
+        }
+        servers
+    }
+
+    /// An agent's or a profile's `mcp` table, at `at` (`agents[0].mcp`).
+    fn agent_mcp(
+        &mut self,
+        raw: Option<&RawAgentMcp>,
+        servers: &[McpServer],
+        at: &str,
+    ) -> Option<AgentMcp> {
+        let raw = raw?;
+        let mut grants: Vec<McpGrant> = Vec::with_capacity(raw.servers.len());
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (j, spanned) in raw.servers.iter().enumerate() {
+            let g = spanned.get_ref();
+            let at = |field: &str| format!("{at}.servers[{j}].{field}");
+            let before = self.issues.len();
+            let name = g.server.get_ref().as_str();
+            if !servers.iter().any(|s| s.name == name) {
+                let known = servers
+                    .iter()
+                    .map(|s| format!("\"{}\"", s.name))
+                    .collect::<Vec<_>>();
+                let msg = if known.is_empty() {
+                    format!("no mcp_servers entry is called \"{name}\"; there are none")
+                } else {
+                    format!(
+                        "no mcp_servers entry is called \"{name}\"; expected one of {}",
+                        known.join(", ")
+                    )
+                };
+                self.issue(g.server.span(), at("server"), msg);
+            } else if let Some(first) = seen.get(name) {
+                let msg = format!("server \"{name}\" is already granted by servers[{first}]");
+                self.issue(g.server.span(), at("server"), msg);
+            } else {
+                seen.insert(name, j);
+            }
+            let tools = g.tools.as_ref().map(|tools| {
+                let mut out: Vec<String> = Vec::with_capacity(tools.len());
+                for (k, tool) in tools.iter().enumerate() {
+                    let t = tool.get_ref();
+                    let field = at(&format!("tools[{k}]"));
+                    if t.is_empty() || t.len() > MAX_MCP_TOOL_LEN || t.chars().any(char::is_control)
+                    {
+                        let msg = format!(
+                            "expected a tool name of 1 to {MAX_MCP_TOOL_LEN} bytes without \
+                             control characters, got {t:?}"
+                        );
+                        self.issue(tool.span(), field, msg);
+                    } else if out.contains(t) {
+                        let msg = format!("tool \"{t}\" is listed twice");
+                        self.issue(tool.span(), field, msg);
+                    } else {
+                        out.push(t.clone());
+                    }
+                }
+                out
+            });
+            let rate = self
+                .mcp_pair(
+                    (&g.calls_per_minute, "calls_per_minute"),
+                    (&g.burst, "burst"),
+                    (MAX_MCP_CALLS_PER_MINUTE, MAX_MCP_CALLS_PER_MINUTE),
+                    &at,
+                )
+                .map(|(per_minute, burst)| McpRate { per_minute, burst });
+            let quota = self
+                .mcp_pair(
+                    (&g.quota, "quota"),
+                    (&g.quota_seconds, "quota_seconds"),
+                    (u64::from(u32::MAX), MAX_MCP_QUOTA_SECONDS),
+                    &at,
+                )
+                .map(|(calls, seconds)| McpQuota { calls, seconds });
+            if self.issues.len() == before {
+                grants.push(McpGrant {
+                    server: name.to_owned(),
+                    tools,
+                    rate,
+                    quota,
+                });
+            }
+        }
+        Some(AgentMcp {
+            shadow: raw.shadow,
+            servers: grants,
+        })
+    }
+
+    /// Two integer fields that come together (`calls_per_minute` and `burst`), each in
+    /// `1..=max`: both or neither.
+    fn mcp_pair(
+        &mut self,
+        (a, a_name): (&Option<Spanned<i64>>, &str),
+        (b, b_name): (&Option<Spanned<i64>>, &str),
+        (a_max, b_max): (u64, u64),
+        at: &dyn Fn(&str) -> String,
+    ) -> Option<(u64, u64)> {
+        match (a, b) {
+            (None, None) => None,
+            (Some(v), None) | (None, Some(v)) => {
+                let (given, missing) = if a.is_some() {
+                    (a_name, b_name)
+                } else {
+                    (b_name, a_name)
+                };
+                let msg = format!("{given} needs {missing} too (both or neither)");
+                self.issue(v.span(), at(given), msg);
+                None
+            }
+            (Some(_), Some(_)) => {
+                let x = self.number(a, at(a_name), 1..=a_max, 0);
+                let y = self.number(b, at(b_name), 1..=b_max, 0);
+                Some((x?, y?))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2605,6 +3002,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             }],
             inspect: false,
             guards: Guards::default(),
+            mcp: None,
         };
         assert_eq!(p.agents(), &[expected]);
     }
@@ -2858,7 +3256,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
             "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
-             `agents`, `profiles`, `detectors`, `shared`"
+             `agents`, `profiles`, `detectors`, `shared`, `mcp_servers`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -3316,6 +3714,7 @@ egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
                 egress: coder.egress.clone(),
                 inspect: coder.inspect,
                 guards: coder.guards,
+                mcp: None,
             }
         );
         let all = p.with_agents([a.clone()]);
@@ -3403,7 +3802,7 @@ egress = [ { action = "allow", to = ["@private"], proto = "udp", ports = 53 } ]
             issue(&profile("name = \"p\"\ninterface = [\"x\"]\n")),
             "p.toml:7:1: profiles[0].interface: unknown field `interface`, expected one of \
              `name`, `interfaces`, `mode`, `egress_default`, `rate`, `egress`, `inspect`, \
-             `connections`, `quota`, `breaker`, `id`, `prefixes`"
+             `connections`, `quota`, `breaker`, `mcp`, `id`, `prefixes`"
         );
         assert_eq!(
             issue(&profile("interfaces = [\"x\"]\n")),
@@ -3792,6 +4191,212 @@ always = true             # passes an open breaker (the resolver, a control chan
                 .unwrap()
                 .shared_group("g1022"),
             Some(1023)
+        );
+    }
+
+    const MCP: &str = r#"[[mcp_servers]]
+name = "github"
+host = "API.GitHub.com."
+path = "/mcp"
+
+[[mcp_servers]]
+name = "docs"
+host = "docs.example.com"
+path = "/mcp/*"
+
+[[agents]]
+id = 1
+name = "a"
+interfaces = ["veth-a"]
+
+[agents.mcp]
+shadow = "flag"
+
+[[agents.mcp.servers]]
+server = "github"
+tools = ["search_issues", "get_file"]
+calls_per_minute = 30
+burst = 5
+quota = 1000
+quota_seconds = 86400
+
+[[agents.mcp.servers]]
+server = "docs"
+
+[[agents]]
+id = 2
+name = "b"
+interfaces = ["veth-b"]
+
+[[profiles]]
+name = "coder"
+interfaces = ["agt-coder-*"]
+
+[profiles.mcp]
+servers = [{ server = "docs", tools = [] }]
+"#;
+
+    #[test]
+    fn mcp_registry_and_grants() {
+        let p = parse("p.toml", MCP).unwrap();
+        assert_eq!(
+            p.mcp_servers(),
+            &[
+                McpServer {
+                    name: "github".into(),
+                    host: "api.github.com".into(),
+                    path: McpPath::Exact("/mcp".into()),
+                },
+                McpServer {
+                    name: "docs".into(),
+                    host: "docs.example.com".into(),
+                    path: McpPath::Prefix("/mcp".into()),
+                },
+            ]
+        );
+        let a = p.agents()[0].mcp().unwrap();
+        assert_eq!(
+            a,
+            &AgentMcp {
+                shadow: McpShadow::Flag,
+                servers: vec![
+                    McpGrant {
+                        server: "github".into(),
+                        tools: Some(vec!["search_issues".into(), "get_file".into()]),
+                        rate: Some(McpRate {
+                            per_minute: 30,
+                            burst: 5
+                        }),
+                        quota: Some(McpQuota {
+                            calls: 1000,
+                            seconds: 86400
+                        }),
+                    },
+                    McpGrant {
+                        server: "docs".into(),
+                        tools: None,
+                        rate: None,
+                        quota: None,
+                    },
+                ],
+            }
+        );
+        assert!(a.grant("github").unwrap().allows_tool("get_file"));
+        assert!(!a.grant("github").unwrap().allows_tool("delete_repo"));
+        assert!(a.grant("docs").unwrap().allows_tool("anything"));
+        assert_eq!(p.agents()[1].mcp(), None, "no [agents.mcp]: not gated");
+        // A profile's gate goes to its instances; shadow defaults to block.
+        let i = p.profile("coder").unwrap().instance(9, "agt-coder-1", &[]);
+        let m = i.mcp().unwrap();
+        assert_eq!(m.shadow, McpShadow::Block);
+        assert_eq!(m.servers[0].tools, Some(vec![]));
+        assert!(!m.servers[0].allows_tool("x"));
+    }
+
+    #[test]
+    fn mcp_paths() {
+        let exact = McpPath::Exact("/mcp".into());
+        assert!(exact.matches("/mcp"));
+        assert!(!exact.matches("/mcp/"));
+        assert!(!exact.matches("/MCP"));
+        let prefix = McpPath::Prefix("/mcp".into());
+        for yes in ["/mcp", "/mcp/", "/mcp/a/b"] {
+            assert!(prefix.matches(yes), "{yes}");
+        }
+        for no in ["/mcpx", "/", "/other/mcp"] {
+            assert!(!prefix.matches(no), "{no}");
+        }
+        assert!(McpPath::Prefix(String::new()).matches("/anything"));
+        assert_eq!(mcp_path("/*").unwrap(), McpPath::Prefix(String::new()));
+        assert_eq!(prefix.to_string(), "/mcp/*");
+    }
+
+    #[test]
+    fn bad_mcp_servers() {
+        let text = "[[mcp_servers]]\nname = \"m\"\nhost = \"a..b\"\npath = \"mcp\"\n\n\
+                    [[mcp_servers]]\nname = \"m\"\nhost = \"h\"\npath = \"/a/*/b\"\n\n\
+                    [[mcp_servers]]\nname = \"ok\"\nhost = \"h\"\npath = \"/x/../y\"\n\n\
+                    [[mcp_servers]]\nname = \"p1\"\nhost = \"h\"\npath = \"/mcp?x=1\"\n\n\
+                    [[mcp_servers]]\nname = \"p2\"\nhost = \"h\"\npath = \"/mcp\"\n\n\
+                    [[mcp_servers]]\nname = \"p3\"\nhost = \"H.\"\npath = \"/mcp\"\n\n\
+                    [[mcp_servers]]\nname = \"bad name\"\nhost = \"h\"\npath = \"/%6dcp\"\n";
+        assert_eq!(
+            issues(text),
+            [
+                "p.toml:3:8: mcp_servers[0].host: label 1 of \"a..b\" has 0 characters; labels \
+                 have 1 to 63",
+                "p.toml:4:8: mcp_servers[0].path: expected a path like \"/mcp\" or a prefix like \
+                 \"/mcp/*\" (it starts with '/'), got \"mcp\"",
+                "p.toml:7:8: mcp_servers[1].name: name \"m\" is already used by mcp_servers[0]",
+                "p.toml:9:8: mcp_servers[1].path: expected a path like \"/mcp\" or a prefix like \
+                 \"/mcp/*\" (no '*'; '*' only as a final \"/*\"), got \"/a/*/b\"",
+                "p.toml:14:8: mcp_servers[2].path: expected a path like \"/mcp\" or a prefix \
+                 like \"/mcp/*\" (no \".\" or \"..\" segments), got \"/x/../y\"",
+                "p.toml:19:8: mcp_servers[3].path: expected a path like \"/mcp\" or a prefix \
+                 like \"/mcp/*\" (no '?'; '*' only as a final \"/*\"), got \"/mcp?x=1\"",
+                "p.toml:29:8: mcp_servers[5].path: host \"h\" and path \"/mcp\" are already \
+                 mcp_servers[4]'s",
+                "p.toml:32:8: mcp_servers[6].name: expected 1 to 64 characters from A-Z a-z 0-9 \
+                 _ . -, got \"bad name\"",
+                "p.toml:34:8: mcp_servers[6].path: expected a path like \"/mcp\" or a prefix \
+                 like \"/mcp/*\" (no '%'; '*' only as a final \"/*\"), got \"/%6dcp\"",
+            ]
+        );
+        assert_eq!(
+            issue("[[mcp_servers]]\nname = \"m\"\nhost = \"h\"\n"),
+            "p.toml:1:1: mcp_servers[0]: missing field `path`"
+        );
+    }
+
+    #[test]
+    fn bad_mcp_grants() {
+        let text = format!(
+            "[[mcp_servers]]\nname = \"gh\"\nhost = \"h\"\npath = \"/mcp\"\n\n{}",
+            agent(
+                "[agents.mcp]\n\
+                 [[agents.mcp.servers]]\nserver = \"nope\"\n\
+                 [[agents.mcp.servers]]\nserver = \"gh\"\ntools = [\"a\", \"\", \"a\"]\n\
+                 calls_per_minute = 10\n\
+                 [[agents.mcp.servers]]\nserver = \"gh\"\nquota_seconds = 60\n\
+                 [[agents.mcp.servers]]\nserver = \"gh\"\ncalls_per_minute = 0\nburst = 5\n\
+                 quota = 10\nquota_seconds = 0\n"
+            )
+        );
+        assert_eq!(
+            issues(&text),
+            [
+                "p.toml:12:10: agents[0].mcp.servers[0].server: no mcp_servers entry is called \
+                 \"nope\"; expected one of \"gh\"",
+                "p.toml:15:15: agents[0].mcp.servers[1].tools[1]: expected a tool name of 1 to \
+                 128 bytes without control characters, got \"\"",
+                "p.toml:15:19: agents[0].mcp.servers[1].tools[2]: tool \"a\" is listed twice",
+                "p.toml:16:20: agents[0].mcp.servers[1].calls_per_minute: calls_per_minute \
+                 needs burst too (both or neither)",
+                "p.toml:18:10: agents[0].mcp.servers[2].server: server \"gh\" is already granted \
+                 by servers[1]",
+                "p.toml:19:17: agents[0].mcp.servers[2].quota_seconds: quota_seconds needs quota \
+                 too (both or neither)",
+                "p.toml:21:10: agents[0].mcp.servers[3].server: server \"gh\" is already granted \
+                 by servers[1]",
+                "p.toml:22:20: agents[0].mcp.servers[3].calls_per_minute: expected 1 to 1000000, \
+                 got 0",
+                "p.toml:25:17: agents[0].mcp.servers[3].quota_seconds: expected 1 to 31536000, \
+                 got 0",
+            ]
+        );
+        assert_eq!(
+            issue(&agent("[agents.mcp]\nshadow = \"allow\"\n")),
+            "p.toml:6:10: agents[0].mcp.shadow: unknown variant `allow`, expected `block` or \
+             `flag`"
+        );
+        assert_eq!(
+            issue(&agent("[[agents.mcp.servers]]\nserver = \"x\"\n")),
+            "p.toml:6:10: agents[0].mcp.servers[0].server: no mcp_servers entry is called \
+             \"x\"; there are none"
+        );
+        assert_eq!(
+            issue(&agent("[agents.mcp]\ntool = [\"x\"]\n")),
+            "p.toml:6:1: agents[0].mcp.tool: unknown field `tool`, expected `shadow` or `servers`"
         );
     }
 }

@@ -21,6 +21,7 @@ pub mod decode;
 pub mod detect;
 pub mod http;
 pub mod ktls;
+pub mod mcp;
 pub mod proxy;
 pub mod redirect;
 pub mod relay;
