@@ -443,6 +443,7 @@ impl<S: NameSink> Resolver<S> {
                             self.config.max_learned_per_agent
                         )),
                         actor: None,
+                        mcp: None,
                     },
                 );
                 // REFUSED, not SERVFAIL (which admit errors get): this is the resolver's
@@ -492,6 +493,7 @@ impl<S: NameSink> Resolver<S> {
                         query.qtype
                     )),
                     actor: None,
+                    mcp: None,
                 },
             );
             return if monitor {

@@ -511,6 +511,7 @@ impl Shared {
             name,
             detail: Some(why),
             actor: None,
+            mcp: None,
         });
         self.stats.connection(who.agent.id, Outcome::NameDenied);
     }
@@ -528,6 +529,7 @@ impl Shared {
             name: None,
             detail: Some(hit.to_string()),
             actor: None,
+            mcp: None,
         });
         self.stats.connection(who.agent.id, Outcome::CapRefused);
     }
@@ -546,6 +548,7 @@ impl Shared {
             name,
             detail: Some(why),
             actor: None,
+            mcp: None,
         });
         self.stats.connection(who.agent.id, Outcome::EgressDenied);
     }
@@ -1049,6 +1052,7 @@ impl Session {
             name: Some(self.name.clone()),
             detail: Some(detail),
             actor: None,
+            mcp: None,
         });
     }
 }

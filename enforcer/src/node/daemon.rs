@@ -998,6 +998,7 @@ impl Daemon {
                     Err(e) => format!("{what}: {e}"),
                 }),
                 actor: Some(peer),
+                mcp: None,
             });
         }
         match answer {

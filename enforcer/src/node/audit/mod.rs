@@ -618,6 +618,24 @@ pub struct UserEvent {
     pub detail: Option<String>,
     /// Who asked, for a change made through the local API.
     pub actor: Option<crate::node::api::Peer>,
+    /// The MCP request, for the proxy's MCP records.
+    pub mcp: Option<McpDetail>,
+}
+
+/// What an MCP record is about: the server, the JSON-RPC method and the tool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpDetail {
+    /// The `[[mcp_servers]]` entry the request went to; absent for a server not in the
+    /// registry (shadow MCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// The request's path (without the query).
+    pub path: String,
+    /// The JSON-RPC method, e.g. `tools/call`.
+    pub method: String,
+    /// The tool of a `tools/call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 /// The body of a [`UserEvent`]'s log line (the writer adds `seq` and `prev`).
@@ -647,6 +665,10 @@ pub struct UserRecord {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<crate::node::api::Peer>,
+    /// The MCP request, for the proxy's MCP records; absent otherwise (so records written
+    /// before it existed hash the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpDetail>,
     /// Newest policy generation the writer knows.
     pub policy_generation: u64,
     /// Hex SHA-256 of that policy's text.
@@ -667,6 +689,7 @@ impl UserRecord {
             name: event.name,
             detail: event.detail,
             actor: event.actor,
+            mcp: event.mcp,
             policy_generation: context.map_or(0, |c| c.generation),
             policy_digest: context.map(|c| c.digest.clone()),
         }
