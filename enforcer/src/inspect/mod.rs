@@ -1,6 +1,7 @@
 //! The inspecting egress proxy: agents whose policy says `inspect = true` have their TLS
 //! terminated here with a certificate from the node's CA ([`ca`]), the plaintext searched
-//! by the policy's detectors ([`detect`]) in both directions, and a verified TLS
+//! by the policy's detectors and the shipped catalogue of secret formats ([`dlp`],
+//! [`catalogue`]) in each direction, and a verified TLS
 //! connection of the proxy's own carrying it upstream ([`proxy`]).
 //!
 //! Two ways in, configured in the daemon's `[inspect]` section ([`InspectConfig`]):
@@ -16,7 +17,8 @@
 //! Linux made TLS and sockmap mutually exclusive (see `enforcer::inspect::ktls`).
 
 pub mod ca;
-pub mod detect;
+pub mod catalogue;
+pub mod dlp;
 pub mod ktls;
 pub mod proxy;
 pub mod redirect;

@@ -67,7 +67,7 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 use super::{
     CapHit, InspectConfig, InspectPath, Outcome, Slots, Stats,
     ca::{CaError, NodeCa},
-    detect::{DetectError, Detectors},
+    dlp::{DetectError, DetectorSet},
     redirect,
     relay::{self, Direction},
 };
@@ -193,33 +193,21 @@ struct Shared {
     slots: Arc<Slots>,
 }
 
-/// The enforcing policy and its detectors.
+/// The enforcing policy and its detectors (the policy's and the catalogue's).
 struct Current {
     policy: Option<Arc<Policy>>,
     /// The detectors as written.
-    enforce: Arc<Detectors>,
+    enforce: DetectorSet,
     /// The same with `block` turned into `flag`, for agents in monitor mode: a would-be
     /// block is audited and counted, and the bytes pass.
-    monitor: Arc<Detectors>,
+    monitor: DetectorSet,
 }
 
 impl Current {
     fn new(policy: Option<Arc<Policy>>) -> Result<Current, DetectError> {
-        let detectors = policy
-            .as_ref()
-            .map(|p| p.detectors().to_vec())
-            .unwrap_or_default();
-        let monitor: Vec<_> = detectors
-            .iter()
-            .cloned()
-            .map(|mut d| {
-                d.action = DetectorAction::Flag;
-                d
-            })
-            .collect();
         Ok(Current {
-            enforce: Arc::new(Detectors::new(&detectors)?),
-            monitor: Arc::new(Detectors::new(&monitor)?),
+            enforce: DetectorSet::compile(policy.as_deref(), false)?,
+            monitor: DetectorSet::compile(policy.as_deref(), true)?,
             policy,
         })
     }
@@ -826,38 +814,36 @@ impl Shared {
             }
         };
 
-        let (detectors, policy_detectors) = {
+        let detectors = {
             let current = self.current();
-            let detectors = match who.agent.mode {
+            match who.agent.mode {
                 Mode::Enforce => current.enforce.clone(),
                 Mode::Monitor => current.monitor.clone(),
-            };
-            let written = current
-                .policy
-                .as_ref()
-                .map(|p| p.detectors().to_vec())
-                .unwrap_or_default();
-            (detectors, written)
+            }
         };
         let mut audited = HashSet::new();
         let on_flag = |detector: usize, direction: Direction| {
-            let written = &policy_detectors[detector];
+            let set = match direction {
+                Direction::Up => &detectors.up,
+                Direction::Down => &detectors.down,
+            };
+            let detector_name = set.name(detector);
             // A monitor-mode agent's would-be block is a block in the records.
-            let (reason, action) = match written.action {
+            let (reason, action) = match set.written_action(detector) {
                 DetectorAction::Block => ("detector_block", "block"),
                 DetectorAction::Flag => ("detector_flag", "flag"),
             };
-            self.stats.hit(who.agent.id, &written.name, action);
+            self.stats.hit(who.agent.id, detector_name, action);
             tracing::info!(
                 agent = who.agent.name,
-                detector = written.name,
+                detector = detector_name,
                 direction = direction.name(),
                 name,
                 "proxy: detector hit, passed"
             );
             // One record per detector and connection: a marker repeated in a stream is
-            // counted, not logged each time.
-            if audited.insert(detector) {
+            // counted, not logged each time. Keyed by name: the directions number apart.
+            if audited.insert(detector_name.to_string()) {
                 self.record(UserEvent {
                     source: UserSource::Proxy,
                     agent: who.agent.id,
@@ -866,7 +852,7 @@ impl Shared {
                     src: Some(who.peer),
                     dst: Some(dst.clone()),
                     name: Some(name.clone()),
-                    detail: Some(written.name.clone()),
+                    detail: Some(detector_name.to_string()),
                     actor: None,
                 });
             }
@@ -874,13 +860,24 @@ impl Shared {
         let report = match &self.path {
             // The kTLS seam: `InspectPath::Ktls(k) => k.splice(agent_tls, upstream)`.
             InspectPath::Userspace { .. } => {
-                relay::userspace_relay(agent_tls, upstream, detectors.clone(), on_flag).await
+                relay::userspace_relay(
+                    agent_tls,
+                    upstream,
+                    detectors.up.clone(),
+                    detectors.down.clone(),
+                    on_flag,
+                )
+                .await
             }
         };
         self.stats.relayed(report.up_bytes, report.down_bytes);
         match report.hit {
             Some(hit) => {
-                let detector = detectors.name(hit.detector).to_string();
+                let set = match hit.direction {
+                    Direction::Up => &detectors.up,
+                    Direction::Down => &detectors.down,
+                };
+                let detector = set.name(hit.detector).to_string();
                 tracing::info!(
                     agent = who.agent.name,
                     detector,
