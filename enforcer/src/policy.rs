@@ -3334,7 +3334,10 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             }
         );
         // Off unless the policy says otherwise.
-        assert_eq!(parse("p.toml", "agents = []\n").unwrap().dlp(), &Dlp::default());
+        assert_eq!(
+            parse("p.toml", "agents = []\n").unwrap().dlp(),
+            &Dlp::default()
+        );
         assert_eq!(
             regex_shape(r"(?i)bearer[ \t]{1,8}[a-z]{20,400}")
                 .unwrap()
