@@ -906,4 +906,45 @@ mod tests {
         }
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     }
+
+    /// Throughput with the whole catalogue, on text made of the regexes' own characters
+    /// (many anchors' neighbours, the slow case) and on binary: `cargo test --release -p
+    /// enforcer --lib -- --ignored --nocapture scan_throughput`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn scan_throughput() {
+        let all: Vec<Detector> = CATALOGUE
+            .iter()
+            .map(|e| regex(e.name, e.regex, DetectorAction::Block))
+            .collect();
+        let d = Detectors::new(&all).unwrap();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-. ";
+        let text: Vec<u8> = (0..32 << 20)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        let binary: Vec<u8> = (0..32 << 20).map(|_| next() as u8).collect();
+        for (what, data) in [("text", &text), ("binary", &binary)] {
+            let mut s = d.scanner();
+            let started = std::time::Instant::now();
+            let mut out = 0;
+            for chunk in data.chunks(16 * 1024) {
+                match s.feed(&d, chunk) {
+                    Scan::Pass { release, .. } => out += release.len(),
+                    Scan::Block { .. } => panic!("{what}: a block in random data"),
+                }
+            }
+            let took = started.elapsed();
+            eprintln!(
+                "{what}: {:.0} MB/s ({out} bytes)",
+                data.len() as f64 / took.as_secs_f64() / 1e6
+            );
+        }
+    }
 }
