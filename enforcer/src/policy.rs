@@ -2364,7 +2364,9 @@ impl Checker<'_> {
                     Some(DetectorPattern::Literal(literal.get_ref().clone()))
                 }
                 (None, Some(regex)) => {
-                    if let Err(msg) = regex_shape(regex.get_ref()) {
+                    let checked = regex_shape(regex.get_ref())
+                        .and_then(|_| crate::inspect::dlp::check_regex(regex.get_ref()));
+                    if let Err(msg) = checked {
                         self.issue(regex.span(), at("regex"), msg);
                     }
                     Some(DetectorPattern::Regex(regex.get_ref().clone()))
@@ -3375,6 +3377,11 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             issue(&detector("regex = 'x[a-z]{1,9000}'")),
             "p.toml:3:9: detectors[0].regex: a regex detector's matches may be at most 8192 \
              bytes long, this one's up to 9001"
+        );
+        assert_eq!(
+            issue(&detector("regex = 'x[ab]{0,20}a[ab]{20}'")),
+            "p.toml:3:9: detectors[0].regex: the regex needs more than 8 MiB as a DFA: fewer \
+             or smaller counted repetitions after an ambiguous part"
         );
         assert_eq!(
             issue(&detector("regex = 'AKIA[0-9'")),

@@ -78,6 +78,22 @@ pub enum DetectError {
     },
 }
 
+/// Checks that a regex detector compiles within the DFA size limit, for the policy check:
+/// a policy the proxy cannot compile is refused where it is written, not at apply time.
+/// The error is the message for the policy's `regex` field.
+pub fn check_regex(regex: &str) -> Result<(), String> {
+    match Verifier::shared("", regex) {
+        Ok(_) => Ok(()),
+        Err(DetectError::Regex { message, .. }) => Err(message),
+        Err(DetectError::Dfa { source, .. }) if source.is_size_limit_exceeded() => Err(format!(
+            "the regex needs more than {} MiB as a DFA: fewer or smaller counted \
+             repetitions after an ambiguous part",
+            DFA_SIZE_LIMIT >> 20
+        )),
+        Err(e) => Err(crate::error::error_chain(&e)),
+    }
+}
+
 /// A regex detector's verifier.
 #[derive(Debug)]
 struct Verifier {
