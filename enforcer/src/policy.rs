@@ -21,14 +21,22 @@
 //! ports = "443"             # "443", "8000-8100", an integer, or omitted = all ports; an error with proto icmp
 //! ```
 //!
-//! The inspecting proxy ([`crate::inspect`]) adds detectors, literal markers searched in
-//! the plaintext of inspected agents' TLS connections, and a per-agent switch:
+//! The inspecting proxy ([`crate::inspect`]) adds detectors, literal markers or regular
+//! expressions searched in the plaintext of inspected agents' TLS connections, a catalogue
+//! of well-known secret formats ([`crate::inspect::catalogue`]) and a per-agent switch:
 //!
 //! ```toml
 //! [[detectors]]
 //! name = "openai-key"       # unique, [A-Za-z0-9_.-]{1,64}; names it in audit records and metrics
-//! literal = "sk-live-"      # 1 to 64 bytes, matched exactly (case-sensitive)
+//! literal = "sk-live-"      # 1 to 64 bytes, matched exactly (case-sensitive); or instead:
+//! # regex = '\bAKIA[0-9A-Z]{16}\b'  # bytes, not Unicode ((?i) is ASCII-only); needs a literal
+//! #                         # start and a bounded length (at most 8192 bytes): `{20,400}`, not `+`
 //! action = "block"          # "block": close the connection before the marker passes; "flag": audit, let it pass
+//! direction = "both"        # "up" (agent to server), "down" (server to agent) or "both" (default)
+//!
+//! [dlp]
+//! catalogue = "block"       # the shipped secret formats: "off" (default), "flag" or "block"
+//! catalogue_except = ["bearer"]  # catalogue entries to leave out (names must exist)
 //!
 //! [[agents]]
 //! inspect = true            # route this agent's TLS through the inspecting proxy (default false)
@@ -237,6 +245,7 @@ pub struct Policy {
     own: usize,
     profiles: Vec<Profile>,
     detectors: Vec<Detector>,
+    dlp: Dlp,
     shared: Vec<SharedGroup>,
     mcp_servers: Vec<McpServer>,
 }
@@ -329,6 +338,11 @@ impl Policy {
     /// The inspecting proxy's detectors, in document order; names are unique.
     pub fn detectors(&self) -> &[Detector] {
         &self.detectors
+    }
+
+    /// The `[dlp]` section: which catalogue entries the inspecting proxy adds.
+    pub fn dlp(&self) -> &Dlp {
+        &self.dlp
     }
 
     /// TCP ports whose connections to name-admitted addresses must open with a TLS
@@ -487,17 +501,159 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 pub const MAX_DETECTORS: usize = 64;
 
 /// Longest detector literal, in bytes: the scanner re-reads this much of each read's end.
+/// Also the longest literal start taken from a regex (longer ones are cut, which only makes
+/// the start less exact).
 pub const MAX_LITERAL_LEN: usize = 64;
 
-/// A literal marker the inspecting proxy looks for (`[[detectors]]`).
+/// Longest match a regex detector may have, in bytes: a partial match is held back from the
+/// other side while it may still complete, so this bounds what one connection holds.
+pub const MAX_REGEX_LEN: usize = 8192;
+
+/// Most literal starts a regex detector may have (each is an entry of the anchor search).
+pub const MAX_REGEX_STARTS: usize = 256;
+
+/// A marker the inspecting proxy looks for (`[[detectors]]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Detector {
     /// Unique name, for audit records and metrics.
     pub name: String,
-    /// The bytes to find (the TOML string's UTF-8 encoding), 1 to [`MAX_LITERAL_LEN`].
-    pub literal: String,
+    /// What to look for.
+    pub pattern: DetectorPattern,
     /// What a hit does.
     pub action: DetectorAction,
+    /// Which way of the connection it is searched in.
+    pub direction: DetectorDirection,
+}
+
+/// A detector's marker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DetectorPattern {
+    /// The bytes to find (the TOML string's UTF-8 encoding), 1 to [`MAX_LITERAL_LEN`].
+    Literal(String),
+    /// A regular expression over bytes, checked by [`regex_shape`].
+    Regex(String),
+}
+
+/// Which way of a connection a detector is searched in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorDirection {
+    /// From the agent to the server.
+    Up,
+    /// From the server to the agent.
+    Down,
+    /// Both ways (what every detector did before directions existed).
+    #[default]
+    Both,
+}
+
+impl DetectorDirection {
+    /// Whether bytes going up (`true`) or down (`false`) are searched.
+    pub const fn covers(self, up: bool) -> bool {
+        match self {
+            DetectorDirection::Up => up,
+            DetectorDirection::Down => !up,
+            DetectorDirection::Both => true,
+        }
+    }
+}
+
+/// The `[dlp]` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dlp {
+    /// What the catalogue's entries do.
+    pub catalogue: CatalogueMode,
+    /// Catalogue entries left out, by name (each exists in the catalogue).
+    pub catalogue_except: Vec<String>,
+}
+
+/// What the shipped catalogue of secret formats does (`[dlp] catalogue`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogueMode {
+    /// Not searched. The default, so that an upgrade never starts blocking by itself.
+    #[default]
+    Off,
+    /// Every entry flags.
+    Flag,
+    /// Every entry blocks, except those whose own default is to flag (`bearer`: agents
+    /// legitimately send bearer tokens to their own APIs).
+    Block,
+}
+
+/// What a regex detector compiles to: the literals every match starts with, and the
+/// longest match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegexShape {
+    /// Every match starts with one of these (each 1 to [`MAX_LITERAL_LEN`] bytes).
+    pub starts: Vec<Vec<u8>>,
+    /// The longest match, in bytes (at most [`MAX_REGEX_LEN`]).
+    pub max_len: usize,
+}
+
+/// The syntax a regex detector is parsed with: bytes, not Unicode (so `(?i)` is ASCII-only
+/// and needs no Unicode tables, `.` is any byte but `\n`, and `\b` is an ASCII word
+/// boundary, which the streaming DFA supports).
+pub fn regex_syntax_config() -> regex_syntax::ParserBuilder {
+    let mut builder = regex_syntax::ParserBuilder::new();
+    builder.unicode(false).utf8(false);
+    builder
+}
+
+/// Checks that `pattern` can be searched in a stream: it parses, every match starts with
+/// one of a few literals (the anchor search finds where a match may begin), and matches
+/// are bounded (so a partial match is held back for a bounded number of bytes). The error
+/// is the message for the policy's `regex` field.
+pub fn regex_shape(pattern: &str) -> Result<RegexShape, String> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+
+    let hir = regex_syntax_config()
+        .build()
+        .parse(pattern)
+        .map_err(|e| match e {
+            regex_syntax::Error::Parse(e) => {
+                format!(
+                    "at byte {} of the regex: {}",
+                    e.span().start.offset,
+                    e.kind()
+                )
+            }
+            regex_syntax::Error::Translate(e) => {
+                format!(
+                    "at byte {} of the regex: {}",
+                    e.span().start.offset,
+                    e.kind()
+                )
+            }
+            e => e.to_string(),
+        })?;
+    let unbounded = || {
+        "a regex detector needs a literal start such as `AKIA` and a bounded length: \
+         write `{20,400}`, not `+`"
+            .to_string()
+    };
+    let seq = Extractor::new()
+        .kind(ExtractKind::Prefix)
+        .limit_literal_len(MAX_LITERAL_LEN)
+        .extract(&hir);
+    let starts: Vec<Vec<u8>> = match seq.literals() {
+        Some(lits) if !lits.is_empty() && lits.len() <= MAX_REGEX_STARTS => {
+            lits.iter().map(|l| l.as_bytes().to_vec()).collect()
+        }
+        Some([]) => return Err("the regex can never match".into()),
+        _ => return Err(unbounded()),
+    };
+    if starts.iter().any(Vec::is_empty) {
+        return Err(unbounded());
+    }
+    match hir.properties().maximum_len() {
+        Some(n) if n <= MAX_REGEX_LEN => Ok(RegexShape { starts, max_len: n }),
+        Some(n) => Err(format!(
+            "a regex detector's matches may be at most {MAX_REGEX_LEN} bytes long, this one's \
+             up to {n}"
+        )),
+        None => Err(unbounded()),
+    }
 }
 
 /// What a detector hit does to the connection.
@@ -1492,9 +1648,20 @@ struct RawPolicy {
     #[serde(default)]
     detectors: Vec<Spanned<RawDetector>>,
     #[serde(default)]
+    dlp: RawDlp,
+    #[serde(default)]
     shared: Vec<Spanned<RawShared>>,
     #[serde(default)]
     mcp_servers: Vec<Spanned<RawMcpServer>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDlp {
+    #[serde(default)]
+    catalogue: CatalogueMode,
+    #[serde(default)]
+    catalogue_except: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1567,8 +1734,11 @@ struct RawProfile {
 #[serde(deny_unknown_fields)]
 struct RawDetector {
     name: Spanned<String>,
-    literal: Spanned<String>,
+    literal: Option<Spanned<String>>,
+    regex: Option<Spanned<String>>,
     action: DetectorAction,
+    #[serde(default)]
+    direction: DetectorDirection,
 }
 
 #[derive(Default, Deserialize)]
@@ -1829,6 +1999,7 @@ impl Checker<'_> {
         let tls_ports = self.tls_ports(raw.defaults.tls_ports.as_ref());
         let profiles = self.profiles(&raw.profiles, &names, &mcp_servers);
         let detectors = self.detectors(&raw.detectors);
+        let dlp = self.dlp(&raw.dlp);
         Policy {
             unknown: raw.defaults.unknown,
             tls_ports,
@@ -1836,8 +2007,36 @@ impl Checker<'_> {
             agents,
             profiles,
             detectors,
+            dlp,
             shared,
             mcp_servers,
+        }
+    }
+
+    fn dlp(&mut self, raw: &RawDlp) -> Dlp {
+        let mut except = Vec::with_capacity(raw.catalogue_except.len());
+        for (i, name) in raw.catalogue_except.iter().enumerate() {
+            let known = crate::inspect::catalogue::CATALOGUE
+                .iter()
+                .any(|e| e.name == name.get_ref());
+            if known {
+                except.push(name.get_ref().clone());
+            } else {
+                let names: Vec<_> = crate::inspect::catalogue::CATALOGUE
+                    .iter()
+                    .map(|e| e.name)
+                    .collect();
+                let msg = format!(
+                    "no catalogue entry is called \"{}\"; the entries are {}",
+                    name.get_ref(),
+                    names.join(", ")
+                );
+                self.issue(name.span(), format!("dlp.catalogue_except[{i}]"), msg);
+            }
+        }
+        Dlp {
+            catalogue: raw.catalogue,
+            catalogue_except: except,
         }
     }
 
@@ -2173,16 +2372,42 @@ impl Checker<'_> {
             } else {
                 names.insert(d.name.get_ref(), i);
             }
-            let len = d.literal.get_ref().len();
-            if !(1..=MAX_LITERAL_LEN).contains(&len) {
-                let msg = format!("expected 1 to {MAX_LITERAL_LEN} bytes, got {len}");
-                self.issue(d.literal.span(), at("literal"), msg);
-            }
-            if self.issues.len() == before {
+            let pattern = match (&d.literal, &d.regex) {
+                (Some(literal), None) => {
+                    let len = literal.get_ref().len();
+                    if !(1..=MAX_LITERAL_LEN).contains(&len) {
+                        let msg = format!("expected 1 to {MAX_LITERAL_LEN} bytes, got {len}");
+                        self.issue(literal.span(), at("literal"), msg);
+                    }
+                    Some(DetectorPattern::Literal(literal.get_ref().clone()))
+                }
+                (None, Some(regex)) => {
+                    let checked = regex_shape(regex.get_ref())
+                        .and_then(|_| crate::inspect::dlp::check_regex(regex.get_ref()));
+                    if let Err(msg) = checked {
+                        self.issue(regex.span(), at("regex"), msg);
+                    }
+                    Some(DetectorPattern::Regex(regex.get_ref().clone()))
+                }
+                (Some(_), Some(regex)) => {
+                    let msg = "a detector has either `literal` or `regex`, not both".into();
+                    self.issue(regex.span(), at("regex"), msg);
+                    None
+                }
+                (None, None) => {
+                    let msg = "a detector needs `literal` or `regex`".into();
+                    self.issue(spanned.span(), format!("detectors[{i}]"), msg);
+                    None
+                }
+            };
+            if let Some(pattern) = pattern
+                && self.issues.len() == before
+            {
                 detectors.push(Detector {
                     name: d.name.get_ref().clone(),
-                    literal: d.literal.get_ref().clone(),
+                    pattern,
                     action: d.action,
+                    direction: d.direction,
                 });
             }
         }
@@ -3256,7 +3481,7 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
         assert_eq!(
             issue("[default]\nunknown = \"drop\"\n"),
             "p.toml:1:2: default: unknown field `default`, expected one of `defaults`, \
-             `agents`, `profiles`, `detectors`, `shared`, `mcp_servers`"
+             `agents`, `profiles`, `detectors`, `dlp`, `shared`, `mcp_servers`"
         );
         assert_eq!(
             issue(&agent("rate = { packets_per_second = 5 }\n")),
@@ -3450,13 +3675,15 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             &[
                 Detector {
                     name: "key".into(),
-                    literal: "sk-live-".into(),
+                    pattern: DetectorPattern::Literal("sk-live-".into()),
                     action: DetectorAction::Block,
+                    direction: DetectorDirection::Both,
                 },
                 Detector {
                     name: "mcp".into(),
-                    literal: r#""method":"tools/call""#.into(),
+                    pattern: DetectorPattern::Literal(r#""method":"tools/call""#.into()),
                     action: DetectorAction::Flag,
+                    direction: DetectorDirection::Both,
                 },
             ]
         );
@@ -3481,6 +3708,112 @@ ports = "443"             # "443", "8000-8100", an integer, or omitted = all por
             issue("[[detectors]]\nname = \"k\"\nliteral = \"x\"\naction = \"drop\"\n"),
             "p.toml:4:10: detectors[0].action: unknown variant `drop`, expected `block` or \
              `flag`"
+        );
+    }
+
+    #[test]
+    fn regex_detectors_directions_and_dlp() {
+        let text = "[[detectors]]\nname = \"aws\"\nregex = '\\bAKIA[0-9A-Z]{16}\\b'\n\
+                    action = \"block\"\ndirection = \"up\"\n\n\
+                    [dlp]\ncatalogue = \"block\"\ncatalogue_except = [\"bearer\"]\n";
+        let p = parse("p.toml", text).unwrap();
+        assert_eq!(
+            p.detectors(),
+            &[Detector {
+                name: "aws".into(),
+                pattern: DetectorPattern::Regex(r"\bAKIA[0-9A-Z]{16}\b".into()),
+                action: DetectorAction::Block,
+                direction: DetectorDirection::Up,
+            }]
+        );
+        assert_eq!(
+            p.dlp(),
+            &Dlp {
+                catalogue: CatalogueMode::Block,
+                catalogue_except: vec!["bearer".into()],
+            }
+        );
+        // Off unless the policy says otherwise.
+        assert_eq!(
+            parse("p.toml", "agents = []\n").unwrap().dlp(),
+            &Dlp::default()
+        );
+        assert_eq!(
+            regex_shape(r"(?i)bearer[ \t]{1,8}[a-z]{20,400}")
+                .unwrap()
+                .max_len,
+            6 + 8 + 400
+        );
+        assert_eq!(
+            regex_shape(r"-----BEGIN ((RSA|EC) )?PRIVATE KEY-----")
+                .unwrap()
+                .starts
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn bad_regex_detectors_and_dlp() {
+        let detector =
+            |pattern: &str| format!("[[detectors]]\nname = \"k\"\n{pattern}\naction = \"block\"\n");
+        let unbounded = "a regex detector needs a literal start such as `AKIA` and a bounded \
+                         length: write `{20,400}`, not `+`";
+        assert_eq!(
+            issue(&detector("regex = 'AKIA[0-9A-Z]+'")),
+            format!("p.toml:3:9: detectors[0].regex: {unbounded}")
+        );
+        assert_eq!(
+            issue(&detector("regex = '[0-9A-Z]{16}'")),
+            format!("p.toml:3:9: detectors[0].regex: {unbounded}")
+        );
+        assert_eq!(
+            issue(&detector("regex = 'a?b?'")),
+            format!("p.toml:3:9: detectors[0].regex: {unbounded}")
+        );
+        assert_eq!(
+            issue(&detector("regex = 'x[a-z]{1,9000}'")),
+            "p.toml:3:9: detectors[0].regex: a regex detector's matches may be at most 8192 \
+             bytes long, this one's up to 9001"
+        );
+        assert_eq!(
+            issue(&detector("regex = 'x[ab]{0,20}a[ab]{20}'")),
+            "p.toml:3:9: detectors[0].regex: the regex needs more than 8 MiB as a DFA: fewer \
+             or smaller counted repetitions after an ambiguous part"
+        );
+        assert_eq!(
+            issue(&detector("regex = 'AKIA[0-9'")),
+            "p.toml:3:9: detectors[0].regex: at byte 4 of the regex: unclosed character class"
+        );
+        assert_eq!(
+            issue(&detector("literal = \"x\"\nregex = 'x'")),
+            "p.toml:4:9: detectors[0].regex: a detector has either `literal` or `regex`, not both"
+        );
+        assert_eq!(
+            issue(&detector("")),
+            "p.toml:1:1: detectors[0]: a detector needs `literal` or `regex`"
+        );
+        assert_eq!(
+            issue(&format!(
+                "{}direction = \"sideways\"\n",
+                detector("literal = \"x\"")
+            )),
+            "p.toml:5:13: detectors[0].direction: unknown variant `sideways`, expected one of \
+             `up`, `down`, `both`"
+        );
+        assert_eq!(
+            issue("[dlp]\ncatalogue = \"on\"\n"),
+            "p.toml:2:13: dlp.catalogue: unknown variant `on`, expected one of `off`, `flag`, \
+             `block`"
+        );
+        let err =
+            issue("[dlp]\ncatalogue = \"flag\"\ncatalogue_except = [\"bearer\", \"berer\"]\n");
+        assert!(
+            err.starts_with(
+                "p.toml:3:31: dlp.catalogue_except[1]: no catalogue entry is called \"berer\"; \
+                 the entries are aws-access-key-id, "
+            ),
+            "{err}"
         );
     }
 

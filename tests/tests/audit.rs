@@ -599,6 +599,7 @@ fn reader_task_writes_a_verifiable_chained_log() {
                 name: Some("evil.example".into()),
                 detail: None,
                 actor: None,
+                mcp: None,
             });
             wait_lines(&path, 5).await;
             // Events still in the ring at shutdown are drained before the task returns.

@@ -872,6 +872,110 @@ fn messages_are_searched_whole_over_http2_and_chunked_http1() {
     }
 }
 
+/// With `[dlp] catalogue = "block"`, every shipped secret format that blocks by default
+/// is stopped in an upload before any byte of it reaches the server, through both ways
+/// in; the audit record names the catalogue entry and the audit log never holds the
+/// secret. `bearer` flags: its upload passes and is on record.
+#[test]
+fn catalogue_secrets_are_blocked_and_never_audited() {
+    if !require_root("catalogue_secrets_are_blocked_and_never_audited") {
+        return;
+    }
+    use enforcer::{inspect::catalogue::CATALOGUE, policy::DetectorAction};
+
+    let s = setup_with(
+        1,
+        "",
+        &format!("{}\n[dlp]\ncatalogue = \"block\"\n", policy()),
+    );
+    let url = format!("https://{ALLOWED}/upload");
+    let body_file = s.lab.write_file("body.txt", "");
+    let mut expected_records = 0;
+    for (i, entry) in CATALOGUE
+        .iter()
+        .filter(|e| e.default_action == DetectorAction::Block)
+        .enumerate()
+    {
+        let via = if i % 2 == 0 {
+            Via::Transparent
+        } else {
+            Via::Connect
+        };
+        let example = entry.true_examples[0];
+        // Where the match starts in the example: at its first anchor.
+        let lead = enforcer::policy::regex_shape(entry.regex)
+            .unwrap()
+            .starts
+            .iter()
+            .filter_map(|a| example.as_bytes().windows(a.len()).position(|w| w == a))
+            .min()
+            .unwrap();
+        let secret = &example.as_bytes()[lead..];
+        let body = format!("BODY-START {example} BODY-END\n");
+        fs::write(&body_file, &body).unwrap();
+        let before = s.server.seen().len();
+        let out = s.curl(
+            via,
+            ALLOWED,
+            &["--data-binary", &format!("@{}", body_file.display()), &url],
+        );
+        assert!(
+            !out.status.success(),
+            "{}: the upload must fail ({via:?})",
+            entry.name
+        );
+        let seen = s.server.wait_seen(before + 1);
+        let last = &seen[before];
+        assert!(!last.complete, "{}: {last:?}", entry.name);
+        // What reached the server of the body ends before the secret's first byte.
+        let received = last
+            .raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| &last.raw[i + 4..])
+            .unwrap_or_default();
+        let allowed = &body.as_bytes()[.."BODY-START ".len() + lead];
+        assert!(
+            allowed.starts_with(received),
+            "{}: the server received {:?}",
+            entry.name,
+            String::from_utf8_lossy(received)
+        );
+        expected_records += 1;
+        let records = s.proxy_records(expected_records);
+        let r = &records[expected_records - 1];
+        assert_eq!(r["reason"], "detector_block", "{}: {r}", entry.name);
+        assert_eq!(r["verdict"], "drop", "{r}");
+        assert_eq!(r["detail"], entry.name, "{r}");
+        let log = fs::read(s.lab.dir.join("audit.jsonl")).unwrap();
+        assert!(
+            !log.windows(secret.len()).any(|w| w == secret),
+            "{}: the audit log holds the secret",
+            entry.name
+        );
+    }
+
+    // bearer flags by default: the upload passes unchanged and is on record.
+    let bearer = CATALOGUE.iter().find(|e| e.name == "bearer").unwrap();
+    let body = format!("BODY-START {} BODY-END\n", bearer.true_examples[0]);
+    fs::write(&body_file, &body).unwrap();
+    let out = s.curl(
+        Via::Transparent,
+        ALLOWED,
+        &["--data-binary", &format!("@{}", body_file.display()), &url],
+    );
+    assert!(out.status.success(), "bearer: {}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex(body.as_bytes())
+    );
+    let records = s.proxy_records(expected_records + 1);
+    let r = &records[expected_records];
+    assert_eq!(r["reason"], "detector_flag", "{r}");
+    assert_eq!(r["verdict"], "pass", "{r}");
+    assert_eq!(r["detail"], "bearer", "{r}");
+}
+
 /// The proxy dials only addresses the agent's egress rules allow: a CONNECT to the
 /// metadata address (denied by a rule) is a 403, and one to an address no rule allows and
 /// the allowed name does not resolve to is closed after the SNI. Both with the allowed

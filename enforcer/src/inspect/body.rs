@@ -34,7 +34,7 @@ use tokio::time::Sleep;
 
 use super::{
     decode::{Decoder, Limits, codings},
-    detect::{Detectors, Scan, Scanner},
+    dlp::{Detectors, Scan, Scanner},
     relay::{Direction, IDLE_RELEASE},
 };
 
@@ -234,10 +234,9 @@ impl<B> InspectedBody<B> {
             let scan = self.scanner.feed(&self.detectors, &out);
             self.take(scan)?;
         }
-        let held = self.scanner.release_held();
-        if matches!(self.decoding, Decoding::Identity) {
-            self.push(Bytes::from(held));
-        }
+        // End-of-input matches (a trailing `\b`), then everything held.
+        let scan = self.scanner.finish(&self.detectors);
+        self.take(scan)?;
         self.settle(true);
         Ok(())
     }
@@ -390,14 +389,15 @@ mod tests {
     use http_body_util::{BodyExt as _, StreamBody};
 
     use super::*;
-    use crate::policy::{Detector, DetectorAction};
+    use crate::policy::{Detector, DetectorAction, DetectorDirection, DetectorPattern};
 
     fn detectors() -> Arc<Detectors> {
         Arc::new(
             Detectors::new(&[Detector {
                 name: "key".into(),
-                literal: "sk-live-".into(),
+                pattern: DetectorPattern::Literal("sk-live-".into()),
                 action: DetectorAction::Block,
+                direction: DetectorDirection::Both,
             }])
             .unwrap(),
         )

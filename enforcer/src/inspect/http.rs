@@ -48,7 +48,7 @@ use tokio::{
 use super::{
     body::{BodyEvent, BoxError, Decoding, Found, InspectedBody, OnHit},
     decode::Limits,
-    detect::{Detectors, Scan},
+    dlp::{Detectors, Scan},
     relay::{self, Direction},
 };
 
@@ -450,7 +450,26 @@ fn search_head(
         detector,
         direction: Direction::Up,
     };
-    match scanner.feed(detectors, &head) {
+    let scan = match scanner.feed(detectors, &head) {
+        Scan::Pass { mut flagged, .. } => match scanner.finish(detectors) {
+            Scan::Pass { flagged: more, .. } => {
+                flagged.extend(more);
+                Scan::Pass {
+                    release: Vec::new(),
+                    flagged,
+                }
+            }
+            Scan::Block {
+                detector,
+                flagged: more,
+            } => {
+                flagged.extend(more);
+                Scan::Block { detector, flagged }
+            }
+        },
+        block => block,
+    };
+    match scan {
         Scan::Pass { flagged, .. } => {
             for detector in flagged {
                 on_hit(BodyEvent::Detector(found(detector), false));
@@ -482,6 +501,7 @@ async fn tunnel(
         TokioIo::new(agent),
         TokioIo::new(upstream),
         exchange.up.clone(),
+        exchange.down.clone(),
         |detector, direction| {
             on_hit(BodyEvent::Detector(
                 Found {

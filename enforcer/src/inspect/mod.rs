@@ -1,7 +1,8 @@
 //! The inspecting egress proxy: agents whose policy says `inspect = true` have their TLS
 //! terminated here with a certificate from the node's CA ([`ca`]), the plaintext searched
-//! by the policy's detectors ([`detect`]) in both directions, and a verified TLS
-//! connection of the proxy's own carrying it upstream ([`proxy`]).
+//! by the policy's detectors and the shipped catalogue of secret formats ([`dlp`],
+//! [`catalogue`]) in each direction, and a verified TLS connection of the proxy's own
+//! carrying it upstream ([`proxy`]).
 //!
 //! Two ways in, configured in the daemon's `[inspect]` section ([`InspectConfig`]):
 //! explicit `CONNECT host:port` on `listen`, and transparent interception of the
@@ -17,8 +18,9 @@
 
 pub mod body;
 pub mod ca;
+pub mod catalogue;
 pub mod decode;
-pub mod detect;
+pub mod dlp;
 pub mod http;
 pub mod ktls;
 pub mod mcp;

@@ -70,7 +70,7 @@ use super::{
     CapHit, InspectConfig, InspectPath, Outcome, Slots, Stats,
     body::Found,
     ca::{CaError, NodeCa},
-    detect::{DetectError, Detectors},
+    dlp::{DetectError, DetectorSet, Detectors},
     http::{self, Event, Protocol},
     redirect,
     relay::{self, Direction},
@@ -196,33 +196,21 @@ struct Shared {
     slots: Arc<Slots>,
 }
 
-/// The enforcing policy and its detectors.
+/// The enforcing policy and its detectors (the policy's and the catalogue's).
 struct Current {
     policy: Option<Arc<Policy>>,
     /// The detectors as written.
-    enforce: Arc<Detectors>,
+    enforce: DetectorSet,
     /// The same with `block` turned into `flag`, for agents in monitor mode: a would-be
     /// block is audited and counted, and the bytes pass.
-    monitor: Arc<Detectors>,
+    monitor: DetectorSet,
 }
 
 impl Current {
     fn new(policy: Option<Arc<Policy>>) -> Result<Current, DetectError> {
-        let detectors = policy
-            .as_ref()
-            .map(|p| p.detectors().to_vec())
-            .unwrap_or_default();
-        let monitor: Vec<_> = detectors
-            .iter()
-            .cloned()
-            .map(|mut d| {
-                d.action = DetectorAction::Flag;
-                d
-            })
-            .collect();
         Ok(Current {
-            enforce: Arc::new(Detectors::new(&detectors)?),
-            monitor: Arc::new(Detectors::new(&monitor)?),
+            enforce: DetectorSet::compile(policy.as_deref(), false)?,
+            monitor: DetectorSet::compile(policy.as_deref(), true)?,
             policy,
         })
     }
@@ -831,13 +819,12 @@ impl Shared {
             }
         };
 
-        let (detectors, written) = {
+        let detectors = {
             let current = self.current();
-            let detectors = match who.agent.mode {
+            match who.agent.mode {
                 Mode::Enforce => current.enforce.clone(),
                 Mode::Monitor => current.monitor.clone(),
-            };
-            (detectors, current.enforce.clone())
+            }
         };
         let protocol = Protocol::from_alpn(agent_tls.get_ref().1.alpn_protocol());
         let session = Arc::new(Session {
@@ -847,9 +834,8 @@ impl Shared {
             peer: who.peer,
             name: name.clone(),
             dst,
-            up: detectors.clone(),
-            down: detectors.clone(),
-            written,
+            up: detectors.up.clone(),
+            down: detectors.down.clone(),
             audited: Mutex::new(HashSet::new()),
         });
         let events: Arc<dyn Fn(Event) + Send + Sync> = {
@@ -885,6 +871,7 @@ impl Shared {
                     agent,
                     upstream,
                     session.up.clone(),
+                    session.down.clone(),
                     |detector, direction| {
                         events(Event::Hit {
                             found: Found {
@@ -959,9 +946,6 @@ struct Session {
     /// Detectors in force for each direction.
     up: Arc<Detectors>,
     down: Arc<Detectors>,
-    /// The same as the policy wrote them: a monitor-mode agent's would-be block is
-    /// recorded as a block.
-    written: Arc<Detectors>,
     /// Flag detectors already audited on this connection: a marker repeated in a stream
     /// is counted, not logged each time.
     audited: Mutex<HashSet<(&'static str, usize)>>,
@@ -988,7 +972,8 @@ impl Session {
                     self.shared.stats.hit(self.agent, &detector, "block");
                     ("detector_block", "drop", detector)
                 } else {
-                    let (reason, action) = match self.written.action(found.detector) {
+                    // A monitor-mode agent's would-be block is a block in the records.
+                    let (reason, action) = match detectors.written_action(found.detector) {
                         DetectorAction::Block => ("detector_block", "block"),
                         DetectorAction::Flag => ("detector_flag", "flag"),
                     };

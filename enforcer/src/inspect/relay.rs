@@ -8,7 +8,7 @@ use std::{pin::pin, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::detect::{Detectors, Scan, Scanner};
+use super::dlp::{Detectors, Scan, Scanner};
 
 /// Which way bytes were going.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +32,7 @@ impl Direction {
 /// A block detector's hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hit {
-    /// Index of the detector in the policy's list.
+    /// Index of the detector in its direction's [`Detectors`].
     pub detector: usize,
     /// Where it was going.
     pub direction: Direction,
@@ -61,11 +61,14 @@ pub(crate) const IDLE_RELEASE: Duration = Duration::from_millis(100);
 const READ_SIZE: usize = 64 * 1024;
 
 /// Relays between `agent` and `upstream` until both directions end, or a `block` detector
-/// hits (then both are closed). `on_flag` is called for every flag hit as it happens.
+/// hits (then both are closed): `up` is searched in what the agent sends, `down` in what
+/// the server sends. `on_flag` is called for every flag hit as it happens, with the index
+/// into that direction's detectors.
 pub async fn userspace_relay<A, U>(
     agent: A,
     upstream: U,
-    detectors: Arc<Detectors>,
+    up: Arc<Detectors>,
+    down: Arc<Detectors>,
     mut on_flag: impl FnMut(usize, Direction),
 ) -> RelayReport
 where
@@ -78,14 +81,14 @@ where
     let mut up = pin!(pump(
         agent_read,
         upstream_write,
-        &detectors,
+        &up,
         Direction::Up,
         flags_tx.clone()
     ));
     let mut down = pin!(pump(
         upstream_read,
         agent_write,
-        &detectors,
+        &down,
         Direction::Down,
         flags_tx
     ));
@@ -184,7 +187,22 @@ where
             Err(e) => break PumpEnd::Failed(e),
         };
         if n == 0 {
-            let held = scanner.release_held();
+            // The end resolves what only the end can (a secret whose trailing `\b` is the
+            // end of the stream), then releases the rest.
+            let held = match scanner.finish(detectors) {
+                Scan::Pass { release, flagged } => {
+                    for detector in flagged {
+                        let _ = flags.send((detector, direction));
+                    }
+                    release
+                }
+                Scan::Block { detector, flagged } => {
+                    for detector in flagged {
+                        let _ = flags.send((detector, direction));
+                    }
+                    break PumpEnd::Blocked(detector);
+                }
+            };
             let result = async {
                 to.write_all(&held).await?;
                 to.shutdown().await
@@ -222,19 +240,21 @@ mod tests {
     use tokio::io::duplex;
 
     use super::*;
-    use crate::policy::{Detector, DetectorAction};
+    use crate::policy::{Detector, DetectorAction, DetectorDirection, DetectorPattern};
 
     fn detectors() -> Arc<Detectors> {
         Arc::new(
             Detectors::new(&[
                 Detector {
                     name: "key".into(),
-                    literal: "sk-live-".into(),
+                    pattern: DetectorPattern::Literal("sk-live-".into()),
+                    direction: DetectorDirection::Both,
                     action: DetectorAction::Block,
                 },
                 Detector {
                     name: "mcp".into(),
-                    literal: "tools/call".into(),
+                    pattern: DetectorPattern::Literal("tools/call".into()),
+                    direction: DetectorDirection::Both,
                     action: DetectorAction::Flag,
                 },
             ])
@@ -248,8 +268,10 @@ mod tests {
         let (upstream, mut server_peer) = duplex(1024);
         let relay = tokio::spawn(async move {
             let mut flags = Vec::new();
-            let report =
-                userspace_relay(agent, upstream, detectors(), |d, dir| flags.push((d, dir))).await;
+            let report = userspace_relay(agent, upstream, detectors(), detectors(), |d, dir| {
+                flags.push((d, dir))
+            })
+            .await;
             (report, flags)
         });
         let up: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -279,7 +301,13 @@ mod tests {
     async fn block_closes_both_before_the_marker_passes() {
         let (agent, mut agent_peer) = duplex(1 << 20);
         let (upstream, mut server_peer) = duplex(1 << 20);
-        let relay = tokio::spawn(userspace_relay(agent, upstream, detectors(), |_, _| {}));
+        let relay = tokio::spawn(userspace_relay(
+            agent,
+            upstream,
+            detectors(),
+            detectors(),
+            |_, _| {},
+        ));
         agent_peer.write_all(b"hello ").await.unwrap();
         agent_peer.write_all(b"token=sk-li").await.unwrap();
         agent_peer.write_all(b"ve-123 and more").await.unwrap();
