@@ -49,8 +49,10 @@ use super::{
     body::{BodyEvent, BoxError, Decoding, Found, InspectedBody, OnHit},
     decode::Limits,
     dlp::{Detectors, Scan},
+    mcp::{self, Gate},
     relay::{self, Direction},
 };
+use crate::node::audit::McpDetail;
 
 /// A message body as the proxy passes it on.
 type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -103,6 +105,19 @@ pub enum Event {
         /// The message was stopped.
         blocked: bool,
     },
+    /// An MCP request judged by the gate ([`super::mcp`]): refused (`blocked`), flagged, or
+    /// a `tools/call` passed (`reason` `mcp_call`).
+    Mcp {
+        /// `mcp_shadow`, `mcp_tool_denied`, `mcp_rate_limited`, `mcp_quota`,
+        /// `mcp_malformed` or `mcp_call`.
+        reason: &'static str,
+        /// The request was not forwarded.
+        blocked: bool,
+        /// What it was about.
+        detail: McpDetail,
+        /// Why, in words (for refusals and flags).
+        message: Option<String>,
+    },
     /// A request named another host than the connection's.
     Misdirected {
         /// The name it asked for.
@@ -124,6 +139,8 @@ pub struct Exchange {
     pub monitor: bool,
     /// Decoding limits per body.
     pub limits: Limits,
+    /// The MCP gate and the agent's id, for an agent with `[agents.mcp]`.
+    pub mcp: Option<(Arc<Gate>, u32)>,
     up_bytes: Arc<AtomicU64>,
     down_bytes: Arc<AtomicU64>,
     requests: AtomicU64,
@@ -133,12 +150,14 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// A connection admitted for `name`, of an agent in monitor mode if `monitor`.
+    /// A connection admitted for `name`, of an agent in monitor mode if `monitor`, whose
+    /// MCP requests are judged by `mcp` (the gate and the agent's id) if it has one.
     pub fn new(
         name: String,
         up: Arc<Detectors>,
         down: Arc<Detectors>,
         monitor: bool,
+        mcp: Option<(Arc<Gate>, u32)>,
         events: Arc<dyn Fn(Event) + Send + Sync>,
     ) -> Arc<Exchange> {
         Arc::new(Exchange {
@@ -148,6 +167,7 @@ impl Exchange {
             events,
             monitor,
             limits: Limits::default(),
+            mcp,
             up_bytes: Arc::default(),
             down_bytes: Arc::default(),
             requests: AtomicU64::new(0),
@@ -317,6 +337,9 @@ async fn forward(
     if let Some(detector) = search_head(&request, &exchange.up, &on_hit) {
         return Ok(blocked_reply(&exchange.up, detector));
     }
+    if exchange.mcp.is_some() && may_be_rpc(&request) {
+        return Ok(forward_rpc(request, upstream, exchange, on_hit, stopped).await);
+    }
     let agent_upgrade = request
         .headers()
         .contains_key(header::UPGRADE)
@@ -358,6 +381,12 @@ async fn forward(
         let tunnel = tokio::spawn(tunnel(agent_upgrade, upstream_upgrade, exchange.clone()));
         exchange.tunnels.lock().expect("tunnels lock").push(tunnel);
     }
+    Ok(respond(response, &exchange))
+}
+
+/// The server's response, passed back: its body searched by the downstream detectors
+/// when there are any, counted either way.
+fn respond(response: Response<Incoming>, exchange: &Arc<Exchange>) -> Response<ProxyBody> {
     let decoding = Decoding::for_header(
         response
             .headers()
@@ -383,12 +412,243 @@ async fn forward(
             Direction::Down,
             decoding,
             false,
-            on_hit,
+            exchange.on_hit(Arc::new(AtomicBool::new(false))),
             exchange.down_bytes.clone(),
         )
         .boxed()
     };
-    Ok(Response::from_parts(parts, body))
+    Response::from_parts(parts, body)
+}
+
+/// Largest request body the MCP gate reads whole; a larger JSON body of a gated agent
+/// is refused (413) rather than passed unjudged.
+pub const MAX_RPC_BODY: usize = 8 << 20;
+
+/// Whether a request may carry JSON-RPC: a POST with a JSON content type or any of the
+/// MCP transport's headers (the SDKs send both).
+fn may_be_rpc(request: &Request<Incoming>) -> bool {
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .to_ascii_lowercase()
+                .contains("json")
+        });
+    let mcp_headers = request
+        .headers()
+        .keys()
+        .any(|k| mcp::is_mcp_header(k.as_str()));
+    request.method() == http::Method::POST && (json || mcp_headers)
+}
+
+/// A request that may carry JSON-RPC, from an agent with an MCP gate: the body is read
+/// whole (searched by the detectors on the way, as any body), parsed, and each call
+/// judged; a refused call is answered with a JSON-RPC error and nothing is forwarded.
+async fn forward_rpc(
+    request: Request<Incoming>,
+    upstream: Upstream,
+    exchange: Arc<Exchange>,
+    on_hit: OnHit,
+    stopped: Arc<AtomicBool>,
+) -> Response<ProxyBody> {
+    let Some((gate, agent)) = exchange.mcp.clone() else {
+        return reply(StatusCode::INTERNAL_SERVER_ERROR, "no MCP gate");
+    };
+    let header_text = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (mcp_method, mcp_name) = (header_text("mcp-method"), header_text("mcp-name"));
+    let has_mcp_headers = request
+        .headers()
+        .keys()
+        .any(|k| mcp::is_mcp_header(k.as_str()));
+    let encoding = request.headers().get(header::CONTENT_ENCODING).cloned();
+    let decoding = || {
+        Decoding::for_header(
+            encoding.as_ref().map(HeaderValue::as_bytes),
+            exchange.limits,
+        )
+    };
+    let path = request.uri().path().to_string();
+    let (parts, body) = request.into_parts();
+    let body = InspectedBody::new(
+        body,
+        exchange.up.clone(),
+        Direction::Up,
+        decoding(),
+        !exchange.monitor,
+        on_hit,
+        Arc::default(),
+    );
+    let encoded = match http_body_util::Limited::new(body, MAX_RPC_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) if stopped.load(Ordering::Relaxed) => return stopped_reply(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let message =
+                format!("a JSON body over {MAX_RPC_BODY} bytes cannot be judged by the MCP gate");
+            return reply(StatusCode::PAYLOAD_TOO_LARGE, &message);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "proxy: reading a JSON body");
+            return reply(StatusCode::BAD_REQUEST, "the request body ended early");
+        }
+    };
+    // Decoded again for the parse: the search above saw it decoded too, but passes the
+    // encoded bytes on.
+    let plain = match decoding() {
+        Decoding::Decoder(mut decoder) => {
+            let mut out = Vec::new();
+            match decoder
+                .push(&encoded, &mut out)
+                .and_then(|()| decoder.finish(&mut out))
+            {
+                Ok(()) => Bytes::from(out),
+                // Only reachable in monitor mode (the search stopped it otherwise).
+                Err(_) => Bytes::new(),
+            }
+        }
+        _ => encoded.clone(),
+    };
+    let detail = |call: &mcp::Call, server: Option<String>| McpDetail {
+        server,
+        path: path.clone(),
+        method: call.method.clone(),
+        tool: call.tool.clone(),
+    };
+    let calls = match mcp::parse(&plain) {
+        mcp::Parsed::NotJson => Vec::new(),
+        mcp::Parsed::Malformed(why) => {
+            (exchange.events)(Event::Mcp {
+                reason: "mcp_malformed",
+                blocked: !exchange.monitor,
+                detail: McpDetail {
+                    server: None,
+                    path: path.clone(),
+                    method: String::new(),
+                    tool: None,
+                },
+                message: Some(why.clone()),
+            });
+            if !exchange.monitor {
+                let message = format!("refused by the enforcer: malformed JSON-RPC ({why})");
+                return rpc_reply(mcp::error_reply(None, mcp::CODE_BLOCKED, &message));
+            }
+            Vec::new()
+        }
+        mcp::Parsed::Rpc(calls) => calls,
+    };
+    let now = tokio::time::Instant::now();
+    // Per call: (id, code, message), code 0 for a call that may pass.
+    let mut answers = Vec::new();
+    let mut refused = false;
+    for call in &calls {
+        if !(has_mcp_headers || mcp::is_mcp_method(&call.method)) {
+            // JSON-RPC that is not MCP (another protocol): not the gate's business.
+            answers.push((call.id.clone(), 0, String::new()));
+            continue;
+        }
+        let mismatch = mcp::header_mismatch(call, mcp_method.as_deref(), mcp_name.as_deref());
+        let verdict = match mismatch {
+            Some(why) => mcp::Verdict::Refuse {
+                server: None,
+                code: mcp::CODE_BLOCKED,
+                reason: "mcp_malformed",
+                message: why,
+            },
+            None => gate.judge(agent, &exchange.name, &path, call, now),
+        };
+        let (reason, blocked, server, message, code) = match verdict {
+            mcp::Verdict::Pass { server } if call.method == "tools/call" => {
+                ("mcp_call", false, server, None, 0)
+            }
+            mcp::Verdict::Pass { .. } => {
+                answers.push((call.id.clone(), 0, String::new()));
+                continue;
+            }
+            mcp::Verdict::Flag {
+                server,
+                reason,
+                message,
+            } => (reason, false, server, Some(message), 0),
+            mcp::Verdict::Refuse {
+                server,
+                code,
+                reason,
+                message,
+            } => (reason, !exchange.monitor, server, Some(message), code),
+        };
+        (exchange.events)(Event::Mcp {
+            reason,
+            blocked,
+            detail: detail(call, server),
+            message: message.clone(),
+        });
+        refused |= blocked;
+        let code = if blocked { code } else { 0 };
+        answers.push((
+            call.id.clone(),
+            code,
+            format!("refused by the enforcer: {}", message.unwrap_or_default()),
+        ));
+    }
+    if refused {
+        // One refused call stops its whole body: a batch is one message to the server.
+        let batch = plain.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+        let errors: Vec<_> = answers
+            .into_iter()
+            .map(|(id, code, message)| match code {
+                0 => (
+                    id,
+                    mcp::CODE_BLOCKED,
+                    "not forwarded: another request in this batch was refused".to_string(),
+                ),
+                _ => (id, code, message),
+            })
+            .collect();
+        let body = if batch {
+            mcp::batch_reply(&errors)
+        } else {
+            errors
+                .first()
+                .filter(|(id, _, _)| id.is_some())
+                .map(|(id, code, message)| mcp::error_reply(id.as_ref(), *code, message))
+        };
+        return match body {
+            Some(body) => rpc_reply(body),
+            // Notifications only: JSON-RPC has no answer for them.
+            None => reply(StatusCode::FORBIDDEN, "refused by the enforcer's MCP gate"),
+        };
+    }
+    exchange
+        .up_bytes
+        .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+    let request = Request::from_parts(parts, Full::new(encoded).map_err(BoxError::from).boxed());
+    match upstream.send(request).await {
+        Ok(response) => respond(response, &exchange),
+        Err(e) => {
+            tracing::debug!(error = %e, "proxy: upstream request failed");
+            reply(StatusCode::BAD_GATEWAY, "the server did not answer")
+        }
+    }
+}
+
+/// A JSON-RPC answer from the proxy itself: HTTP 200 with the error object(s), which
+/// the MCP client hands to its caller as an error it can read.
+fn rpc_reply(body: Vec<u8>) -> Response<ProxyBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(BoxError::from).boxed());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// The name a request asks for, when it is not the connection's: from an absolute URI

@@ -72,6 +72,7 @@ use super::{
     ca::{CaError, NodeCa},
     dlp::{DetectError, DetectorSet, Detectors},
     http::{self, Event, Protocol},
+    mcp::Gate,
     redirect,
     relay::{self, Direction},
 };
@@ -204,14 +205,27 @@ struct Current {
     /// The same with `block` turned into `flag`, for agents in monitor mode: a would-be
     /// block is audited and counted, and the bytes pass.
     monitor: DetectorSet,
+    /// The MCP gate of the policy; its buckets carry over to the next policy.
+    gate: Option<Arc<Gate>>,
 }
 
 impl Current {
-    fn new(policy: Option<Arc<Policy>>) -> Result<Current, DetectError> {
+    /// `policy` compiled; `gate` is the previous policy's gate, updated in place so that
+    /// a new policy does not refill every MCP bucket.
+    fn new(policy: Option<Arc<Policy>>, gate: Option<Arc<Gate>>) -> Result<Current, DetectError> {
+        let gate = match (policy.as_deref(), gate) {
+            (Some(p), Some(gate)) => {
+                gate.update(p);
+                Some(gate)
+            }
+            (Some(p), None) => Some(Arc::new(Gate::new(p))),
+            (None, _) => None,
+        };
         Ok(Current {
             enforce: DetectorSet::compile(policy.as_deref(), false)?,
             monitor: DetectorSet::compile(policy.as_deref(), true)?,
             policy,
+            gate,
         })
     }
 }
@@ -302,7 +316,7 @@ impl Proxy {
             ),
         }
         stats.set_path(&path);
-        let current = Current::new(policy.borrow().clone())?;
+        let current = Current::new(policy.borrow().clone(), None)?;
         let total = super::connection_cap(
             config.max_connections,
             super::descriptor_limit().unwrap_or(u64::MAX),
@@ -458,7 +472,7 @@ impl Shared {
             _ => false,
         };
         if !same {
-            match Current::new(latest) {
+            match Current::new(latest, current.gate.clone()) {
                 Ok(newer) => *current = newer,
                 // Not reachable within the policy's limits on detectors; say so loudly.
                 Err(e) => tracing::error!(
@@ -819,12 +833,19 @@ impl Shared {
             }
         };
 
-        let detectors = {
+        let (detectors, gate) = {
             let current = self.current();
-            match who.agent.mode {
+            let detectors = match who.agent.mode {
                 Mode::Enforce => current.enforce.clone(),
                 Mode::Monitor => current.monitor.clone(),
-            }
+            };
+            // Only agents with `[agents.mcp]` have their MCP judged.
+            let gate = current
+                .gate
+                .clone()
+                .filter(|_| who.agent.mcp().is_some())
+                .map(|gate| (gate, who.agent.id));
+            (detectors, gate)
         };
         let protocol = Protocol::from_alpn(agent_tls.get_ref().1.alpn_protocol());
         let session = Arc::new(Session {
@@ -857,6 +878,7 @@ impl Shared {
                     session.up.clone(),
                     session.down.clone(),
                     who.agent.mode == Mode::Monitor,
+                    gate,
                     events,
                 );
                 let report = http::serve(agent, upstream, protocol, exchange).await;
@@ -1012,6 +1034,28 @@ impl Session {
                 let verdict = if blocked { "drop" } else { "pass" };
                 let detail = format!("{} body: {error}", direction.name());
                 ("dlp_undecodable", verdict, detail)
+            }
+            Event::Mcp {
+                reason,
+                blocked,
+                detail,
+                message,
+            } => {
+                tracing::info!(agent = self.agent_name, reason, blocked, server = ?detail.server, method = detail.method, tool = ?detail.tool, "proxy: MCP request");
+                let verdict = if blocked { "drop" } else { "pass" };
+                self.shared.record(UserEvent {
+                    source: UserSource::Proxy,
+                    agent: self.agent,
+                    reason,
+                    verdict,
+                    src: Some(self.peer),
+                    dst: Some(self.dst.clone()),
+                    name: Some(self.name.clone()),
+                    detail: message,
+                    actor: None,
+                    mcp: Some(detail),
+                });
+                return;
             }
             Event::Misdirected { host } => {
                 tracing::info!(
