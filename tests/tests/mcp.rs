@@ -184,6 +184,8 @@ struct ClientRun {
 }
 
 /// Runs the SDK client in agent 1 against `path`, making `calls` (`tool:arg`).
+/// It trusts the node CA only, and the server's certificate comes from the upstream CA:
+/// a session that works at all went through the proxy.
 fn client(s: &Setup, path: &str, calls: &[&str]) -> ClientRun {
     let out: Output = s
         .lab
