@@ -28,6 +28,7 @@ use enforcer::{
 pub mod etcd;
 pub mod https;
 pub mod partition;
+pub mod proxy_lab;
 
 /// Runs `f` on a thread inside a fresh network namespace that holds an interface `sbx0`
 /// standing in for an agent sandbox's veth (a veth pair: this kernel has no dummy driver,

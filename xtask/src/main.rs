@@ -97,9 +97,9 @@ enum Task {
 fn main() -> Result<ExitCode> {
     let root = workspace_root();
     match Task::parse() {
-        Task::Setup => setup::run()?,
+        Task::Setup => setup::run(&root)?,
         Task::Test { args } => {
-            setup::run()?;
+            setup::run(&root)?;
             // The traffic tests run the real `enforcer` binary, which `cargo test` does not
             // build for another package's tests.
             let built = cargo(&root)
@@ -194,7 +194,7 @@ fn main() -> Result<ExitCode> {
             binary,
             args,
         } => {
-            setup::run()?;
+            setup::run(&root)?;
             let lines = if kernels.is_empty() {
                 vm::Line::ALL.to_vec()
             } else {
@@ -235,7 +235,7 @@ fn main() -> Result<ExitCode> {
             }
         }
         Task::Demo { args } => {
-            setup::run()?;
+            setup::run(&root)?;
             setup::run_step(cargo(&root).args(["build", "--release", "-p", "enforcer"]))?;
             let binary = target_dir(&root).join("release/enforcer");
             // exec: the demo owns the terminal, and Ctrl-C reaches it directly.
@@ -243,7 +243,7 @@ fn main() -> Result<ExitCode> {
             return Err(err).with_context(|| format!("running {} demo", binary.display()));
         }
         Task::Bench { quick, args } => {
-            setup::run()?;
+            setup::run(&root)?;
             // One target measures everything and writes one combined result. For focused
             // work on the program: `-- --sections inkernel --only AGENTS:PREFIXES --rounds N`.
             let mut bench = cargo(&root);
@@ -285,7 +285,7 @@ fn main() -> Result<ExitCode> {
             install::activate(&dest)?;
         }
         Task::Package { out } => {
-            setup::run()?;
+            setup::run(&root)?;
             setup::run_step(cargo(&root).args(["build", "--release", "-p", "enforcer"]))?;
             let deb = package::build(&package::Package {
                 binary: target_dir(&root).join("release/enforcer"),

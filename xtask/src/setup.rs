@@ -1,7 +1,10 @@
 //! `cargo xtask setup`: brings a Debian 12 machine with rustup to where the project builds
 //! and its tests run. Every step checks first and says whether it acted or skipped.
 
-use std::process::{Command, Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 
@@ -26,7 +29,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// which import the well-known types libprotobuf-dev ships). On a machine running systemd,
 /// installing etcd-server also enables and starts a system `etcd.service` on
 /// 127.0.0.1:2379/2380; it is left alone: the tests' clusters take free ports of their own
-/// and never talk to it.
+/// and never talk to it. python3-venv makes the venv of the MCP tests' real Python SDK
+/// client and server (see [`mcp_venv`]).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -53,13 +57,21 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
+/// The MCP SDK the MCP tests run as client and server (tests/mcp/). Pinned: the tests
+/// assert on what this SDK sends and answers (the 2026-07-28 protocol revision with its
+/// `Mcp-Method`/`Mcp-Name` headers, the error codes it maps to `McpError`, its host check),
+/// and a new release may change any of them; move the pin on purpose, with the tests.
+const MCP_SDK: &str = "mcp==2.3.0";
+/// Where the MCP tests look for the venv, relative to the workspace root.
+pub const MCP_VENV: &str = "target/mcp-venv";
 
-/// Runs every setup step in order.
-pub fn run() -> Result<()> {
+/// Runs every setup step in order; `root` is the workspace root.
+pub fn run(root: &Path) -> Result<()> {
     if is_root()? {
         println!("ok: running as root");
     } else {
@@ -71,6 +83,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     vmtest()?;
     bpffs()?;
+    mcp_venv(root)?;
     Ok(())
 }
 
@@ -218,6 +231,57 @@ fn vmtest() -> Result<()> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(["install", "--locked", &format!("vmtest@{wanted}")]);
     run_step(&mut cmd).context("installing vmtest")
+}
+
+/// The Python venv with the MCP SDK ([`MCP_SDK`]) at [`MCP_VENV`] under `root`, for the MCP
+/// tests' client and server. Skipped when its python already imports `mcp`.
+fn mcp_venv(root: &Path) -> Result<()> {
+    let venv = root.join(MCP_VENV);
+    let python = venv.join("bin/python");
+    let imports = || {
+        Command::new(&python)
+            .args(["-c", "import mcp"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if imports() {
+        println!("ok: MCP SDK venv present at {}", venv.display());
+        return Ok(());
+    }
+    run_step(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .with_context(|| format!("creating the venv {}", venv.display()))?;
+    // Quiet unless it fails, then all of pip's output: a resolver or network error is
+    // only explained there.
+    let line = format!("{} -m pip install {MCP_SDK}", python.display());
+    println!("run: {line}");
+    let output = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            MCP_SDK,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting `{line}`"))?;
+    ensure!(
+        output.status.success(),
+        "`{line}` failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        imports(),
+        "{MCP_SDK} installed into {} but its python cannot import mcp",
+        venv.display()
+    );
+    println!("ok: MCP SDK venv created at {}", venv.display());
+    Ok(())
 }
 
 fn bpffs() -> Result<()> {

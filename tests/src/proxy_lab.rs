@@ -1,0 +1,402 @@
+//! The inspecting proxy's lab: the daemon with `[inspect]` on, an HTTPS server in the server
+//! namespace that records exactly what it received and sent, the node CA the agent trusts,
+//! and ways for the agent to reach the server through the proxy (shared by
+//! tests/inspect.rs and tests/mcp.rs).
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Output,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::lab;
+use rustls::{
+    ServerConfig, ServerConnection, StreamOwned,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+};
+use serde_json::Value;
+
+use crate::{Lab, SERVER_V4};
+
+/// The name the agent may reach (served by the test server).
+pub const ALLOWED: &str = "api.example.test";
+/// A name the upstream certificate covers but the inspect tests' policy does not allow.
+pub const DENIED: &str = "other.example.test";
+/// The gateway address of agent 1: its proxy address.
+pub const GATEWAY: &str = "10.200.1.1";
+/// The proxy's CONNECT port (`[inspect] listen`).
+pub const CONNECT_PORT: u16 = 3128;
+/// The port nftables redirects the agents' TLS to (`[inspect] transparent_port`).
+pub const TRANSPARENT_PORT: u16 = 3129;
+/// What the server keeps of each request's raw plaintext, to search for markers.
+pub const RAW_KEEP: usize = 1 << 20;
+
+/// What the server saw on one connection.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// The request line (`POST /upload HTTP/1.1`).
+    pub request_line: String,
+    /// The first [`RAW_KEEP`] plaintext bytes received (head and body).
+    pub raw: Vec<u8>,
+    /// Body bytes received and their SHA-256 (uploads).
+    pub body_len: u64,
+    /// SHA-256 of the body received, hex.
+    pub body_sha: String,
+    /// Body bytes sent and their SHA-256 (downloads).
+    pub sent_len: u64,
+    /// SHA-256 of the body sent, hex.
+    pub sent_sha: String,
+    /// Whether the exchange finished.
+    pub complete: bool,
+}
+
+/// A small HTTPS server: `POST /upload` answers the SHA-256 of the body, `GET
+/// /download/<n>` sends `n` deterministic bytes. Every connection is recorded.
+pub struct HttpsServer {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl HttpsServer {
+    /// Serves on port 443 of the server address, in the lab's server namespace.
+    pub fn spawn(lab: &Lab, cert: &Path, key: &Path) -> HttpsServer {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = Arc::new(
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        // The socket is created in the server namespace and stays there; the threads
+        // serving it can run anywhere.
+        let listener = lab::in_netns(&lab.server, || {
+            TcpListener::bind(SocketAddr::new(SERVER_V4.parse().unwrap(), 443)).unwrap()
+        });
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, seen2) = (stop.clone(), seen.clone());
+        let accept = thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((tcp, _)) => {
+                        tcp.set_nonblocking(false).unwrap();
+                        let (config, seen) = (config.clone(), seen2.clone());
+                        thread::spawn(move || serve_one(config, tcp, &seen));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        HttpsServer {
+            stop,
+            seen,
+            accept: Some(accept),
+        }
+    }
+
+    /// The connections recorded so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits for the record of connection `index` to be complete or failed: the server
+    /// finishes writing its record after the client may already have exited.
+    pub fn wait_seen(&self, count: usize) -> Vec<Seen> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen = self.seen();
+            if seen.len() >= count {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server recorded {} connections, expected {count}",
+                seen.len()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The deterministic download content: a xorshift stream (incompressible, so no layer
+/// could shortcut it).
+pub fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// SHA-256 of `bytes`, hex, as the audit records write it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    enforcer::node::audit::sha256_hex(bytes)
+}
+
+/// Serves one request and records it (also when the connection breaks in the middle).
+fn serve_one(config: Arc<ServerConfig>, tcp: TcpStream, seen: &Mutex<Vec<Seen>>) {
+    let mut record = Seen::default();
+    let _ = exchange(config, tcp, &mut record);
+    seen.lock().unwrap().push(record);
+}
+
+fn keep(record: &mut Seen, bytes: &[u8]) {
+    let room = RAW_KEEP.saturating_sub(record.raw.len());
+    record
+        .raw
+        .extend_from_slice(&bytes[..bytes.len().min(room)]);
+}
+
+fn exchange(config: Arc<ServerConfig>, tcp: TcpStream, record: &mut Seen) -> io::Result<()> {
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut tls = StreamOwned::new(
+        ServerConnection::new(config).map_err(io::Error::other)?,
+        tcp,
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    let body_start = loop {
+        let n = tls.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        keep(record, &buf[..n]);
+        head.extend_from_slice(&buf[..n]);
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let text = String::from_utf8_lossy(&head[..body_start]).to_string();
+    record.request_line = text.lines().next().unwrap_or_default().to_string();
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut parts = record.request_line.split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method == "POST" && path == "/upload" {
+        let length: u64 = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other("no content-length"))?;
+        if header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            tls.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let first = &head[body_start..];
+        hash.update(first);
+        record.body_len = first.len() as u64;
+        while record.body_len < length {
+            let n = tls.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            keep(record, &buf[..n]);
+            hash.update(&buf[..n]);
+            record.body_len += n as u64;
+        }
+        record.body_sha = hex(hash.finish().as_ref());
+        let body = format!("{}\n", record.body_sha);
+        write!(
+            tls,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+    } else if method == "GET"
+        && let Some(n) = path.strip_prefix("/download/")
+    {
+        let n: usize = n.parse().map_err(io::Error::other)?;
+        let body = pattern(n);
+        write!(
+            tls,
+            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        )?;
+        for chunk in body.chunks(256 * 1024) {
+            tls.write_all(chunk)?;
+        }
+        record.sent_len = n as u64;
+        record.sent_sha = sha256_hex(&body);
+    } else {
+        tls.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    }
+    tls.conn.send_close_notify();
+    tls.flush()?;
+    record.complete = true;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The lab with the daemon running the proxy, the server, and the node CA's file.
+pub struct Setup {
+    /// The lab; the daemon runs in its gateway namespace.
+    pub lab: Lab,
+    /// The upstream server on port 443.
+    pub server: HttpsServer,
+    /// The node CA certificate the agent trusts (PEM file).
+    pub node_ca: PathBuf,
+    /// The upstream servers' certificate and key (PEM files).
+    pub upstream_cert: PathBuf,
+    /// The upstream servers' key (PEM file).
+    pub upstream_key: PathBuf,
+}
+
+/// The lab with `agents` agents, `extra` lines in `[inspect]` and `policy`.
+pub fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
+    let mut lab = Lab::new(agents);
+    let upstream =
+        enforcer::controlplane::certs::generate(&lab.dir.join("upstream"), &[ALLOWED, DENIED], &[])
+            .unwrap();
+    let mut config = fs::OpenOptions::new()
+        .append(true)
+        .open(lab.config_path())
+        .unwrap();
+    write!(
+        config,
+        "\n[inspect]\nlisten = \"0.0.0.0:{CONNECT_PORT}\"\ntransparent_port = {TRANSPARENT_PORT}\nupstream_roots = \"{}\"\n{extra}",
+        upstream.ca.cert.display()
+    )
+    .unwrap();
+    drop(config);
+    lab.write_policy(policy);
+    let server = HttpsServer::spawn(&lab, &upstream.server.cert, &upstream.server.key);
+    lab.start_daemon();
+    // What an operator does to provision a sandbox's trust.
+    let out = lab.cli(&[
+        "--config",
+        lab.config_path().to_str().unwrap(),
+        "inspect",
+        "ca",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = String::from_utf8(out.stdout).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let node_ca = lab.write_file("node-ca.pem", &pem);
+    Setup {
+        lab,
+        server,
+        node_ca,
+        upstream_cert: upstream.server.cert.clone(),
+        upstream_key: upstream.server.key.clone(),
+    }
+}
+
+/// How curl reaches the server.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    /// `--proxy` to the gateway; the CONNECT carries the server's address, the SNI the name.
+    Connect,
+    /// Straight to the server's address; the gateway redirects it to the proxy.
+    Transparent,
+}
+
+impl Setup {
+    /// Runs curl in agent 1 to `name` (port 443) with `args`: HTTPS trusting the node CA,
+    /// `--fail`, reaching the server `via` the proxy's CONNECT or transparent way in.
+    pub fn curl(&self, via: Via, name: &str, args: &[&str]) -> Output {
+        let mut cmd = self.lab.agent(1).command("curl");
+        cmd.args(["-sS", "--fail", "--max-time", "120", "--cacert"])
+            .arg(&self.node_ca)
+            // No 1 s wait for a 100 Continue on big uploads.
+            .args(["-H", "Expect:"]);
+        match via {
+            Via::Connect => cmd
+                .arg("--proxy")
+                .arg(format!("http://{GATEWAY}:{CONNECT_PORT}"))
+                .arg("--connect-to")
+                .arg(format!("{name}:443:{SERVER_V4}:443")),
+            Via::Transparent => cmd.arg("--resolve").arg(format!("{name}:443:{SERVER_V4}")),
+        };
+        cmd.args(args).output().unwrap()
+    }
+
+    /// The daemon's metrics page.
+    pub fn metrics(&self) -> String {
+        let out = self
+            .lab
+            .gw
+            .command("curl")
+            .args(["-sS", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Audit records from the proxy, waiting until there are at least `n`.
+    pub fn proxy_records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let records: Vec<Value> = fs::read_to_string(self.lab.dir.join("audit.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|r| r["source"] == "proxy")
+                .collect();
+            if records.len() >= n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} proxy audit records, expected {n}",
+                records.len()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The value of the metric line that starts with `prefix` (labels included).
+pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
