@@ -260,6 +260,8 @@ pub struct Stats {
     hits: Mutex<BTreeMap<(u32, String, &'static str), u64>>,
     /// Connections by (agent id, outcome).
     connections: Mutex<BTreeMap<(u32, Outcome), u64>>,
+    /// MCP requests the gate recorded, by (agent id, reason, verdict).
+    mcp: Mutex<BTreeMap<(u32, &'static str, &'static str), u64>>,
     /// Plaintext bytes relayed from agents.
     pub up_bytes: AtomicU64,
     /// Plaintext bytes relayed to agents.
@@ -295,6 +297,23 @@ impl Stats {
             .expect("stats lock")
             .entry((agent, outcome))
             .or_default() += 1;
+    }
+
+    /// Counts an MCP request the gate recorded (`reason`: `mcp_call`, `mcp_shadow`, ...;
+    /// `verdict`: `pass` or `drop`).
+    pub fn mcp(&self, agent: u32, reason: &'static str, verdict: &'static str) {
+        *self
+            .mcp
+            .lock()
+            .expect("stats lock")
+            .entry((agent, reason, verdict))
+            .or_default() += 1;
+    }
+
+    /// MCP requests so far: ((agent, reason, verdict), count).
+    pub fn mcp_requests(&self) -> Vec<((u32, &'static str, &'static str), u64)> {
+        let mcp = self.mcp.lock().expect("stats lock");
+        mcp.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// Hits so far: ((agent, detector, action), count).
@@ -334,6 +353,14 @@ struct ConnectionLabels {
     agent: String,
     agent_id: u32,
     result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct McpLabels {
+    agent: String,
+    agent_id: u32,
+    reason: String,
+    verdict: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -394,6 +421,23 @@ pub fn register_metrics(
         "inspect_connections",
         "Connections the inspecting proxy finished, by agent and result",
         connections,
+    );
+    let mcp = Family::<McpLabels, Counter>::default();
+    for ((agent, reason, verdict), n) in stats.mcp_requests() {
+        mcp.get_or_create(&McpLabels {
+            agent: agent_name(agent),
+            agent_id: agent,
+            reason: reason.into(),
+            verdict: verdict.into(),
+        })
+        .inc_by(n);
+    }
+    registry.register(
+        "inspect_mcp_requests",
+        "MCP requests the proxy's gate recorded, by agent, reason (mcp_call: a tools/call \
+         passed; mcp_shadow, mcp_tool_denied, mcp_rate_limited, mcp_quota, mcp_malformed) \
+         and verdict (drop: refused; pass: passed or flagged)",
+        mcp,
     );
     let bytes = Family::<DirectionLabel, Counter>::default();
     for (direction, counter) in [("up", &stats.up_bytes), ("down", &stats.down_bytes)] {

@@ -1043,6 +1043,7 @@ impl Session {
             } => {
                 tracing::info!(agent = self.agent_name, reason, blocked, server = ?detail.server, method = detail.method, tool = ?detail.tool, "proxy: MCP request");
                 let verdict = if blocked { "drop" } else { "pass" };
+                self.shared.stats.mcp(self.agent, reason, verdict);
                 self.shared.record(UserEvent {
                     source: UserSource::Proxy,
                     agent: self.agent,
