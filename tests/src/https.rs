@@ -129,19 +129,7 @@ impl HttpsServer {
 
     /// Waits (up to 20 s) until `count` requests are recorded.
     pub fn wait_received(&self, count: usize) -> Vec<Received> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let received = self.received();
-            if received.len() >= count {
-                return received;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server recorded {} requests, expected {count}",
-                received.len()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_count("requests", count, || self.received())
     }
 }
 
@@ -153,6 +141,24 @@ impl Drop for HttpsServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Waits (up to 20 s) until `get` returns at least `count` records of `what`: a server
+/// finishes its record after the client may already have exited.
+pub fn wait_count<T>(what: &str, count: usize, get: impl Fn() -> Vec<T>) -> Vec<T> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = get();
+        if got.len() >= count {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server recorded {} {what}, expected {count}",
+            got.len()
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

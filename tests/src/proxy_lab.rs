@@ -24,6 +24,7 @@ use rustls::{
 };
 use serde_json::Value;
 
+pub use crate::https::{hex, pattern};
 use crate::{Lab, SERVER_V4};
 
 /// The name the agent may reach (served by the test server).
@@ -121,19 +122,7 @@ impl HttpsServer {
     /// Waits for the record of connection `index` to be complete or failed: the server
     /// finishes writing its record after the client may already have exited.
     pub fn wait_seen(&self, count: usize) -> Vec<Seen> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let seen = self.seen();
-            if seen.len() >= count {
-                return seen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server recorded {} connections, expected {count}",
-                seen.len()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        crate::https::wait_count("connections", count, || self.seen())
     }
 }
 
@@ -144,21 +133,6 @@ impl Drop for HttpsServer {
             let _ = t.join();
         }
     }
-}
-
-/// The deterministic download content: a xorshift stream (incompressible, so no layer
-/// could shortcut it).
-pub fn pattern(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
 }
 
 /// SHA-256 of `bytes`, hex, as the audit records write it.
@@ -259,10 +233,6 @@ fn exchange(config: Arc<ServerConfig>, tcp: TcpStream, record: &mut Seen) -> io:
     tls.flush()?;
     record.complete = true;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The lab with the daemon running the proxy, the server, and the node CA's file.

@@ -975,6 +975,7 @@ struct Session {
 
 impl Session {
     fn event(&self, event: Event) {
+        let mut mcp = None;
         let (reason, verdict, detail) = match event {
             Event::Hit { found, blocked } => {
                 let detectors = match found.direction {
@@ -1044,19 +1045,8 @@ impl Session {
                 tracing::info!(agent = self.agent_name, reason, blocked, server = ?detail.server, method = detail.method, tool = ?detail.tool, "proxy: MCP request");
                 let verdict = if blocked { "drop" } else { "pass" };
                 self.shared.stats.mcp(self.agent, reason, verdict);
-                self.shared.record(UserEvent {
-                    source: UserSource::Proxy,
-                    agent: self.agent,
-                    reason,
-                    verdict,
-                    src: Some(self.peer),
-                    dst: Some(self.dst.clone()),
-                    name: Some(self.name.clone()),
-                    detail: message,
-                    actor: None,
-                    mcp: Some(detail),
-                });
-                return;
+                mcp = Some(detail);
+                (reason, verdict, message.unwrap_or_default())
             }
             Event::Misdirected { host } => {
                 tracing::info!(
@@ -1080,9 +1070,9 @@ impl Session {
             src: Some(self.peer),
             dst: Some(self.dst.clone()),
             name: Some(self.name.clone()),
-            detail: Some(detail),
+            detail: (!detail.is_empty()).then_some(detail),
             actor: None,
-            mcp: None,
+            mcp,
         });
     }
 }
