@@ -11,6 +11,7 @@
 
 use std::{
     fs,
+    io::Write,
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Output, Stdio},
@@ -20,13 +21,16 @@ use std::{
 
 use enforcer::lab::{self, ChildGuard, Netns, require_root};
 use integration_tests::{
-    SERVER_V4,
+    SERVER_V4, https,
     proxy_lab::{ALLOWED, CONNECT_PORT, GATEWAY, Setup, setup_with},
 };
 use serde_json::Value;
 
 /// The port the SDK server listens on (the lab's own HTTPS server has 443).
 const MCP_PORT: u16 = 8443;
+/// A hyper server that also speaks HTTP/2: uvicorn speaks HTTP/1.1 only, and the proxy
+/// offers the agent the protocol the upstream chose.
+const H2_PORT: u16 = 8442;
 /// The registry's path for the approved server.
 const APPROVED_PATH: &str = "/mcp";
 /// A path on the same host that the registry does not know: a shadow server.
@@ -36,6 +40,7 @@ const SHADOW_PATH: &str = "/rogue";
 const NOT_APPROVED: i64 = -32090;
 const TOOL_DENIED: i64 = -32091;
 const RATE_LIMITED: i64 = -32092;
+const MALFORMED: i64 = -32093;
 
 /// One registered server, `echo` the only tool agent 1 may call, three calls in a burst
 /// and three a minute; `shadow` is `"block"` or `"flag"`.
@@ -43,7 +48,7 @@ fn policy(shadow: &str) -> String {
     format!(
         r#"
 [defaults]
-tls_ports = [443, {MCP_PORT}]
+tls_ports = [443, {H2_PORT}, {MCP_PORT}]
 
 [[mcp_servers]]
 name = "tools"
@@ -347,4 +352,207 @@ fn a_flagged_shadow_server_is_reached_and_audited() {
             .any(|r| r["mcp"]["method"] == "tools/call" && r["mcp"]["tool"] == "delete_repo"),
         "the flagged call itself is audited: {shadow:#?}"
     );
+}
+
+/// What `rpc_curl` got back: the status, the HTTP version and the body.
+#[derive(Debug)]
+struct CurlReply {
+    status: u16,
+    version: String,
+    body: String,
+}
+
+impl CurlReply {
+    /// The body as JSON; the assertion names the reply when it is not.
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{self:#?}: {e}"))
+    }
+}
+
+/// POSTs `body` (a file, so gzip'd bytes go as they are) with a JSON content type from
+/// agent 1 to `port` and `path` of the server through the proxy, with curl's extra `args`.
+fn rpc_curl(s: &Setup, port: u16, path: &str, body: &[u8], args: &[&str]) -> CurlReply {
+    let file = tempfile::NamedTempFile::new_in(&s.lab.dir).unwrap();
+    fs::write(file.path(), body).unwrap();
+    let out = s
+        .lab
+        .agent(1)
+        .command("curl")
+        .args(["-sS", "--max-time", "60", "--cacert"])
+        .arg(&s.node_ca)
+        .args(["-H", "Content-Type: application/json", "-H", "Expect:"])
+        .args(args)
+        .arg("--data-binary")
+        .arg(format!("@{}", file.path().display()))
+        // The status and version on a last line of their own, after the body.
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .arg(format!("https://{ALLOWED}:{port}{path}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, last) = stdout.rsplit_once('\n').unwrap();
+    let (status, version) = last.split_once(' ').unwrap();
+    CurlReply {
+        status: status.parse().unwrap(),
+        version: version.to_string(),
+        body: body.to_string(),
+    }
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The gate judges the JSON-RPC message, not its bytes: a `tools/call` to a shadow server
+/// is refused however it is written (whitespace, key order, `\/` and `\u` escapes, lines),
+/// compressed or batched, over HTTP/1.1 or HTTP/2, and none of it reaches the server. A
+/// message with two `method` keys, which two parsers could read two ways, is refused as
+/// malformed. A JSON body that is no JSON-RPC passes, so the refusals above are not a gate
+/// that refuses every JSON body.
+#[test]
+fn the_mcp_method_is_caught_whatever_its_spelling() {
+    if !require_root("the_mcp_method_is_caught_whatever_its_spelling") {
+        return;
+    }
+    let (s, server, _etc) = mcp_setup("block");
+    let h2 = https::HttpsServer::spawn(
+        https::bind_in(
+            &s.lab.server,
+            SocketAddr::new(SERVER_V4.parse().unwrap(), H2_PORT),
+        ),
+        &s.upstream_cert,
+        &s.upstream_key,
+    );
+    let params = r#"{"name":"delete_repo","arguments":{"name":"x"}}"#;
+    let call = |id: u32, method: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{params}}}"#)
+    };
+    let pretty = format!(
+        "{{\n  \"jsonrpc\": \"2.0\",\n  \"id\": 5,\n  \"method\":\n    \"tools/call\",\n  \"params\": {params}\n}}\n"
+    );
+    // (description, body, curl's extra arguments, the request's id); HTTP/2 goes to the
+    // hyper server, the rest to the SDK's.
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>, u32)> = vec![
+        ("plain", call(1, "tools/call").into(), vec![], 1),
+        (
+            "spaces and another key order",
+            format!(
+                r#"{{"method" : "tools/call", "jsonrpc" : "2.0", "id" : 2, "params": {params}}}"#
+            )
+            .into(),
+            vec![],
+            2,
+        ),
+        (
+            "an escaped slash",
+            call(3, r"tools\/call").into(),
+            vec![],
+            3,
+        ),
+        (
+            "a \\u escape",
+            call(4, r"\u0074ools/call").into(),
+            vec![],
+            4,
+        ),
+        ("pretty-printed", pretty.into(), vec![], 5),
+        (
+            "gzip'd",
+            gzip(call(6, "tools/call").as_bytes()),
+            vec!["-H", "Content-Encoding: gzip"],
+            6,
+        ),
+        ("HTTP/2", call(7, "tools/call").into(), vec!["--http2"], 7),
+        (
+            "HTTP/1.1",
+            call(8, "tools/call").into(),
+            vec!["--http1.1"],
+            8,
+        ),
+    ];
+    for (what, body, args, id) in &cases {
+        let port = if *what == "HTTP/2" { H2_PORT } else { MCP_PORT };
+        let reply = rpc_curl(&s, port, SHADOW_PATH, body, args);
+        assert_eq!(reply.status, 200, "{what}: {reply:#?}");
+        let json = reply.json();
+        assert_eq!(json["id"], *id, "{what}: {reply:#?}");
+        assert_eq!(json["error"]["code"], NOT_APPROVED, "{what}: {reply:#?}");
+        match *what {
+            "HTTP/2" => assert_eq!(reply.version, "2", "{reply:#?}"),
+            "HTTP/1.1" => assert_eq!(reply.version, "1.1", "{reply:#?}"),
+            _ => {}
+        }
+    }
+    let batch = format!("[{}]", call(10, "tools/call"));
+    let reply = rpc_curl(&s, MCP_PORT, SHADOW_PATH, batch.as_bytes(), &[]);
+    assert_eq!(reply.status, 200, "batch: {reply:#?}");
+    let json = reply.json();
+    let errors = json
+        .as_array()
+        .unwrap_or_else(|| panic!("batch: {reply:#?}"));
+    assert_eq!(errors.len(), 1, "batch: {reply:#?}");
+    assert_eq!(errors[0]["id"], 10, "batch: {reply:#?}");
+    assert_eq!(
+        errors[0]["error"]["code"], NOT_APPROVED,
+        "batch: {reply:#?}"
+    );
+
+    let duplicate = br#"{"jsonrpc":"2.0","id":9,"method":"ping","method":"tools/call"}"#;
+    let reply = rpc_curl(&s, MCP_PORT, SHADOW_PATH, duplicate, &[]);
+    assert_eq!(reply.status, 200, "duplicate method: {reply:#?}");
+    assert_eq!(
+        reply.json()["error"]["code"],
+        MALFORMED,
+        "duplicate method: {reply:#?}"
+    );
+
+    // The control: forwarded, so whatever the SDK server makes of it, no gate's error.
+    let reply = rpc_curl(&s, MCP_PORT, SHADOW_PATH, br#"{"query":"x"}"#, &[]);
+    let code = serde_json::from_str::<Value>(&reply.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_i64());
+    assert!(
+        code != Some(NOT_APPROVED) && code != Some(MALFORMED),
+        "a JSON body that is no JSON-RPC passes: {reply:#?}"
+    );
+    assert!(
+        !reply.body.contains("refused by the enforcer"),
+        "a JSON body that is no JSON-RPC passes: {reply:#?}"
+    );
+
+    assert!(
+        server.calls().is_empty(),
+        "nothing was executed: {:?}",
+        server.calls()
+    );
+    assert!(
+        h2.received().is_empty(),
+        "nothing reached the HTTP/2 server"
+    );
+    let refused = cases.len() + 1;
+    let shadow = records(&s, "mcp_shadow", refused);
+    assert_eq!(
+        shadow.len(),
+        refused,
+        "one record per refused request: {shadow:#?}"
+    );
+    for r in &shadow {
+        assert_eq!(r["verdict"], "drop", "{r}");
+        assert_eq!(r["name"], ALLOWED, "{r}");
+        assert!(r["mcp"]["server"].is_null(), "{r}");
+        assert_eq!(r["mcp"]["method"], "tools/call", "{r}");
+        assert_eq!(r["mcp"]["tool"], "delete_repo", "{r}");
+        assert_eq!(r["mcp"]["path"], SHADOW_PATH, "{r}");
+    }
+    let malformed = records(&s, "mcp_malformed", 1);
+    assert_eq!(malformed.len(), 1, "{malformed:#?}");
+    assert_eq!(malformed[0]["verdict"], "drop", "{}", malformed[0]);
+    assert_eq!(malformed[0]["mcp"]["path"], SHADOW_PATH, "{}", malformed[0]);
 }
