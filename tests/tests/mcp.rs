@@ -22,7 +22,7 @@ use std::{
 use enforcer::lab::{self, ChildGuard, Netns, require_root};
 use integration_tests::{
     SERVER_V4, https,
-    proxy_lab::{ALLOWED, CONNECT_PORT, GATEWAY, Setup, setup_with},
+    proxy_lab::{ALLOWED, CONNECT_PORT, GATEWAY, Setup, metric, setup_with},
 };
 use serde_json::Value;
 
@@ -324,6 +324,21 @@ fn the_gate_holds_for_the_sdk_client() {
     assert!(r["mcp"]["server"].is_null(), "no registry entry: {r}");
     assert_eq!(r["mcp"]["method"], "initialize", "{r}");
     assert_eq!(r["mcp"]["path"], SHADOW_PATH, "{r}");
+
+    // The same counts for the scrape: three calls passed, one of each refusal.
+    let metrics = s.metrics();
+    let count = |reason: &str, verdict: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "enforcer_inspect_mcp_requests_total{{agent=\"coder\",agent_id=\"1\",reason=\"{reason}\",verdict=\"{verdict}\"}}"
+            ),
+        )
+    };
+    assert_eq!(count("mcp_call", "pass"), Some(3.0), "{metrics}");
+    assert_eq!(count("mcp_tool_denied", "drop"), Some(1.0), "{metrics}");
+    assert_eq!(count("mcp_rate_limited", "drop"), Some(1.0), "{metrics}");
+    assert_eq!(count("mcp_shadow", "drop"), Some(1.0), "{metrics}");
 }
 
 /// Under `shadow = "flag"` a server the registry lacks is reached, and audited as a pass.
