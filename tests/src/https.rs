@@ -191,7 +191,7 @@ pub enum Version {
 }
 
 /// POSTs a body cut into `pieces` (each sent as its own chunk or DATA frame, with a pause
-/// between them) from namespace `netns` along `route` (CONNECT names the address, TLS
+/// between them), with `headers` besides Host, from namespace `netns` along `route` (CONNECT names the address, TLS
 /// and the request the name, as `curl --connect-to` does). Returns the response status, or the error that ended
 /// the exchange (a reset stream or a closed connection).
 pub fn send_frames(
@@ -199,8 +199,13 @@ pub fn send_frames(
     route: &Route<'_>,
     version: Version,
     path: &str,
+    headers: &[(&str, &str)],
     pieces: Vec<Vec<u8>>,
 ) -> Result<(u16, Vec<u8>), String> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let (proxy, server, name, ca) = (route.proxy, route.server, route.name, route.ca);
     let tcp = enforcer::lab::in_netns(netns, move || std::net::TcpStream::connect(proxy))
         .map_err(|e| format!("connecting to the proxy: {e}"))?;
@@ -260,10 +265,11 @@ pub fn send_frames(
             Version::Http1 => path.clone(),
             Version::Http2 => format!("https://{name}:{port}{path}"),
         };
-        let request = Request::post(uri)
-            .header(hyper::header::HOST, format!("{name}:{port}"))
-            .body(body)
-            .unwrap();
+        let mut request = Request::post(uri).header(hyper::header::HOST, format!("{name}:{port}"));
+        for (k, v) in &headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        let request = request.body(body).unwrap();
         let feeder = tokio::spawn(async move {
             for piece in pieces {
                 if tx.send(piece).await.is_err() {

@@ -459,7 +459,7 @@ fn messages_are_searched_whole_over_http2_and_chunked_http1() {
             format!("token={head}").into_bytes(),
             format!("{tail}0123456789abcdef&rest").into_bytes(),
         ];
-        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", pieces);
+        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", &[], pieces);
         assert!(
             !matches!(sent, Ok((200, _))),
             "{version:?}: a marker cut across frames passed: {sent:?}"
@@ -473,7 +473,7 @@ fn messages_are_searched_whole_over_http2_and_chunked_http1() {
         // The same cut without the marker's end passes whole.
         let clean = vec![format!("token={head}").into_bytes(), b"-not-it".to_vec()];
         let expect = sha256_hex(&clean.concat());
-        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", clean);
+        let sent = https::send_frames(s.lab.agent(1), &route, version, "/upload", &[], clean);
         let (status, body) = sent.unwrap_or_else(|e| panic!("{version:?}: {e}"));
         assert_eq!(status, 200, "{version:?}");
         assert_eq!(String::from_utf8_lossy(&body).trim(), expect, "{version:?}");
@@ -612,6 +612,84 @@ fn catalogue_secrets_are_blocked_and_never_audited() {
     assert_eq!(r["reason"], "detector_flag", "{r}");
     assert_eq!(r["verdict"], "pass", "{r}");
     assert_eq!(r["detail"], "bearer", "{r}");
+}
+
+/// Every blocking catalogue secret is stopped in both HTTP versions when its body is cut
+/// inside the secret into two DATA frames or chunks, and when the body is gzip'd and sent
+/// in 7-byte pieces: the server never receives the secret, decoded or not, and each stop
+/// is audited with the entry's name.
+#[test]
+fn catalogue_secrets_are_blocked_cut_across_frames_and_gzipped() {
+    if !require_root("catalogue_secrets_are_blocked_cut_across_frames_and_gzipped") {
+        return;
+    }
+    use std::io::Write as _;
+
+    use enforcer::{inspect::catalogue::CATALOGUE, policy::DetectorAction};
+
+    let policy = format!(
+        "{}\n[dlp]\ncatalogue = \"block\"\n",
+        policy().replace("ports = \"443\"", "ports = \"443-8443\"")
+    );
+    let s = setup_with(1, "", &policy);
+    let server_addr = SocketAddr::new(SERVER_V4.parse().unwrap(), ALT_PORT);
+    let server = https::HttpsServer::spawn(
+        https::bind_in(&s.lab.server, server_addr),
+        &s.upstream_cert,
+        &s.upstream_key,
+    );
+    let route = https::Route {
+        proxy: format!("{GATEWAY}:{CONNECT_PORT}").parse().unwrap(),
+        server: server_addr,
+        name: ALLOWED,
+        ca: &s.node_ca,
+    };
+    let gunzip = |bytes: &[u8]| {
+        let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+        let _ = decoder.write_all(bytes);
+        let _ = decoder.flush();
+        decoder.get_ref().clone()
+    };
+    let mut records = 0;
+    for entry in CATALOGUE
+        .iter()
+        .filter(|e| e.default_action == DetectorAction::Block)
+    {
+        let example = entry.true_examples[0].as_bytes();
+        let body = [b"BODY-START ".as_slice(), example, b" BODY-END\n"].concat();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&body).unwrap();
+        let gz = gz.finish().unwrap();
+        let cut = "BODY-START ".len() + example.len() / 2;
+        for version in [https::Version::Http1, https::Version::Http2] {
+            let cases: [(&str, &[(&str, &str)], Vec<Vec<u8>>); 2] = [
+                ("cut", &[], vec![body[..cut].to_vec(), body[cut..].to_vec()]),
+                (
+                    "gzip",
+                    &[("content-encoding", "gzip")],
+                    gz.chunks(7).map(<[u8]>::to_vec).collect(),
+                ),
+            ];
+            for (case, headers, pieces) in cases {
+                let what = format!("{} {version:?} {case}", entry.name);
+                let sent =
+                    https::send_frames(s.lab.agent(1), &route, version, "/upload", headers, pieces);
+                assert!(!matches!(sent, Ok((200, _))), "{what}: passed: {sent:?}");
+                records += 1;
+                let r = &s.proxy_records(records)[records - 1];
+                assert_eq!(r["reason"], "detector_block", "{what}: {r}");
+                assert_eq!(r["detail"], entry.name, "{what}: {r}");
+                for got in server.received() {
+                    for bytes in [got.body.clone(), gunzip(&got.body)] {
+                        assert!(
+                            !bytes.windows(example.len()).any(|w| w == example),
+                            "{what}: the server received the secret"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The proxy dials only addresses the agent's egress rules allow: a CONNECT to the
