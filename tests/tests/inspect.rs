@@ -614,6 +614,9 @@ fn catalogue_secrets_are_blocked_and_never_audited() {
     assert_eq!(r["detail"], "bearer", "{r}");
 }
 
+/// One way to send a body: its name, extra headers and pieces.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Vec<Vec<u8>>);
+
 /// Every blocking catalogue secret is stopped in both HTTP versions when its body is cut
 /// inside the secret into two DATA frames or chunks, and when the body is gzip'd and sent
 /// in 7-byte pieces: the server never receives the secret, decoded or not, and each stop
@@ -662,7 +665,7 @@ fn catalogue_secrets_are_blocked_cut_across_frames_and_gzipped() {
         let gz = gz.finish().unwrap();
         let cut = "BODY-START ".len() + example.len() / 2;
         for version in [https::Version::Http1, https::Version::Http2] {
-            let cases: [(&str, &[(&str, &str)], Vec<Vec<u8>>); 2] = [
+            let cases: [Case; 2] = [
                 ("cut", &[], vec![body[..cut].to_vec(), body[cut..].to_vec()]),
                 (
                     "gzip",
