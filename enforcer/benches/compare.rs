@@ -1,8 +1,8 @@
 //! The enforcer side by side with what users would pick instead: in-kernel cost, the packet
 //! path on a veth, rate accuracy, policy scale, daemon overhead, TCP bulk from an agent
-//! namespace and a control-plane fleet of 1,000 nodes, in one run, written to
+//! namespace, a control-plane fleet of 1,000 nodes and the inspecting proxy's cost, in one run, written to
 //! `bench/results/<date>-<host>[-quick].{json,md}` with SVG plots. Needs root. `--quick` is
-//! the short variant CI runs; `--sections inkernel,live,accuracy,scale,tcp,fleet` runs a
+//! the short variant CI runs; `--sections inkernel,live,accuracy,scale,tcp,fleet,inspect` runs a
 //! subset (nothing is written then unless every section ran, so a partial run never replaces
 //! a summary). See `bench/README.md`.
 
@@ -18,7 +18,7 @@ use suite::{
     common::{self, Machine},
     fleet,
     generator::Kind,
-    inkernel, live,
+    inkernel, inspect, live,
     report::{self, Report, Settings},
     scale, tcp,
 };
@@ -27,7 +27,7 @@ fn arg_value(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
 
-const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale,tcp,fleet";
+const ALL_SECTIONS: &str = "inkernel,live,accuracy,scale,tcp,fleet,inspect";
 
 /// The load offered in the packet path's CPU-per-packet measurement (frames/s): below what
 /// the slowest configuration's receive path handles on one CPU of these machines, and what
@@ -199,6 +199,15 @@ fn main() {
         );
         fleet_result = fleet::run(1_000, rounds);
     }
+    let mut inspect_result = None;
+    if want("inspect") {
+        common::check_interrupted();
+        let (corpus, upload) = if quick { (8, 32) } else { (32, 256) };
+        println!(
+            "\n8. inspecting proxy: detector catalogue per MiB ({corpus} MiB corpora), inspected HTTP path vs plain relay ({upload} MiB uploads)"
+        );
+        inspect_result = Some(inspect::run(corpus, upload, 3));
+    }
     machine.finish();
     let mut r = Report {
         benchmark: "compare".to_owned(),
@@ -213,6 +222,7 @@ fn main() {
         scale: scale_result,
         tcp: tcp_result,
         fleet: fleet_result,
+        inspect: inspect_result,
         targets: Vec::new(),
         runtime_s: started.elapsed().as_secs_f64(),
     };

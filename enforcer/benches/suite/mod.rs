@@ -6,6 +6,7 @@ pub mod common;
 pub mod fleet;
 pub mod generator;
 pub mod inkernel;
+pub mod inspect;
 pub mod live;
 pub mod report;
 pub mod scale;
