@@ -303,6 +303,23 @@ pub enum Via {
 }
 
 impl Setup {
+    /// curl in agent 1 through the CONNECT proxy to `name:port`, which CONNECT sends to
+    /// the address `to` (`--connect-to`), with `args` (the URL among them).
+    pub fn curl_connect(&self, name: &str, port: u16, to: &str, args: &[&str]) -> Output {
+        self.lab
+            .agent(1)
+            .command("curl")
+            .args(["-sS", "--fail", "--max-time", "60", "--cacert"])
+            .arg(&self.node_ca)
+            .arg("--proxy")
+            .arg(format!("http://{GATEWAY}:{CONNECT_PORT}"))
+            .arg("--connect-to")
+            .arg(format!("{name}:{port}:{to}:{port}"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// Runs curl in agent 1 to `name` (port 443) with `args`: HTTPS trusting the node CA,
     /// `--fail`, reaching the server `via` the proxy's CONNECT or transparent way in.
     pub fn curl(&self, via: Via, name: &str, args: &[&str]) -> Output {

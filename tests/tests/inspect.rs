@@ -376,20 +376,7 @@ fn messages_are_searched_whole_over_http2_and_chunked_http1() {
     );
     let proxy: SocketAddr = format!("{GATEWAY}:{CONNECT_PORT}").parse().unwrap();
     let url = |path: &str| format!("https://{ALLOWED}:{ALT_PORT}{path}");
-    let curl = |args: &[&str]| {
-        s.lab
-            .agent(1)
-            .command("curl")
-            .args(["-sS", "--fail", "--max-time", "60", "--cacert"])
-            .arg(&s.node_ca)
-            .arg("--proxy")
-            .arg(format!("http://{proxy}"))
-            .arg("--connect-to")
-            .arg(format!("{ALLOWED}:{ALT_PORT}:{SERVER_V4}:{ALT_PORT}"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let curl = |args: &[&str]| s.curl_connect(ALLOWED, ALT_PORT, SERVER_V4, args);
     let never_saw_marker = |server: &https::HttpsServer| {
         for r in server.received() {
             assert!(
@@ -716,18 +703,12 @@ fn connect_to_addresses_the_policy_denies_is_refused_despite_an_allowed_name() {
         })
         .collect();
     let connect = |to: &str| {
-        s.lab
-            .agent(1)
-            .command("curl")
-            .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
-            .arg(&s.node_ca)
-            .arg("--proxy")
-            .arg(format!("http://{GATEWAY}:{CONNECT_PORT}"))
-            .arg("--connect-to")
-            .arg(format!("{ALLOWED}:443:{to}:443"))
-            .arg(format!("https://{ALLOWED}/download/10"))
-            .output()
-            .unwrap()
+        s.curl_connect(
+            ALLOWED,
+            443,
+            to,
+            &[&format!("https://{ALLOWED}/download/10")],
+        )
     };
     // The same request to the allowed address works: the refusals below are the address.
     let out = connect(SERVER_V4);
