@@ -326,7 +326,7 @@ pub const CATALOGUE: &[Entry] = &[
 mod tests {
     use super::*;
     use crate::{
-        inspect::dlp::{Detectors, Scan},
+        inspect::dlp::Detectors,
         policy::{Detector, DetectorDirection, DetectorPattern, regex_shape},
     };
 
@@ -342,24 +342,8 @@ mod tests {
 
     /// Feeds `chunks` then finishes: what was forwarded, how many flags, and the block.
     fn run(d: &Detectors, chunks: &[&[u8]]) -> (Vec<u8>, usize, Option<usize>) {
-        let mut s = d.scanner();
-        let (mut out, mut flags) = (Vec::new(), 0);
-        for chunk in chunks.iter().map(Some).chain([None]) {
-            let scan = match chunk {
-                Some(chunk) => s.feed(d, chunk),
-                None => s.finish(d),
-            };
-            match scan {
-                Scan::Pass { release, flagged } => {
-                    out.extend(release);
-                    flags += flagged.len();
-                }
-                Scan::Block { detector, flagged } => {
-                    return (out, flags + flagged.len(), Some(detector));
-                }
-            }
-        }
-        (out, flags, None)
+        let (out, flags, block) = crate::inspect::dlp::tests::run_to_end(d, chunks);
+        (out, flags.len(), block)
     }
 
     /// The ways a text is cut into reads: whole, byte by byte, and in two at every offset.

@@ -583,7 +583,7 @@ impl Scanner {
     }
 }
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn detectors() -> Detectors {
@@ -721,8 +721,11 @@ mod tests {
         Detectors::new(&[regex("aws", r"\bAKIA[0-9A-Z]{16}\b", DetectorAction::Block)]).unwrap()
     }
 
-    /// Feeds `chunks` then finishes.
-    fn run_to_end(d: &Detectors, chunks: &[&[u8]]) -> (Vec<u8>, Vec<usize>, Option<usize>) {
+    /// Feeds `chunks` then finishes: what was forwarded, the flags, and the block.
+    pub(crate) fn run_to_end(
+        d: &Detectors,
+        chunks: &[&[u8]],
+    ) -> (Vec<u8>, Vec<usize>, Option<usize>) {
         let mut s = d.scanner();
         let (mut out, mut flags) = (Vec::new(), Vec::new());
         for chunk in chunks.iter().map(Some).chain([None]) {
