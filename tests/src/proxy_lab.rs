@@ -379,6 +379,16 @@ impl Setup {
     }
 }
 
+/// The record layer the proxy gives connections on this kernel with `record_layer =
+/// "auto"`, as the `path` of `enforcer_inspect_path` and the `(layer, reason)` of
+/// `enforcer_inspect_record_layer_total`: kernel TLS exactly where the probe finds it.
+pub fn auto_layer() -> (&'static str, &'static str) {
+    match enforcer::inspect::ktls::KernelTls::probe() {
+        Ok(_) => ("ktls", "kernel"),
+        Err(_) => ("rustls", "no_ktls"),
+    }
+}
+
 /// The value of the metric line that starts with `prefix` (labels included).
 pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
     metrics

@@ -1,5 +1,6 @@
-//! The inspecting proxy on the user-space path (this host's kernel has no kTLS): a real
-//! curl in an agent namespace talks HTTPS through the daemon's proxy, explicitly
+//! The inspecting proxy with `record_layer = "auto"`: rustls on this host, whose kernel
+//! has no kTLS, and kernel TLS where the kernel has it (`proxy_lab::auto_layer`; the VM
+//! runs the same checks under kernel TLS in `ktls.rs`). A real curl in an agent namespace talks HTTPS through the daemon's proxy, explicitly
 //! (`--proxy`, CONNECT) and transparently (plain `https://`, redirected by nftables), to
 //! a rustls server in the server namespace that reports exactly what it received and
 //! sent. The agent trusts the node CA the way a sandbox would (`--cacert`).
@@ -17,8 +18,8 @@ use enforcer::lab::{self, require_root};
 use integration_tests::{
     METADATA, PUBLIC, SERVER_V4, https,
     proxy_lab::{
-        ALLOWED, CONNECT_PORT, DENIED, GATEWAY, Setup, TRANSPARENT_PORT, Via, metric, pattern,
-        setup_with, sha256_hex,
+        ALLOWED, CONNECT_PORT, DENIED, GATEWAY, Setup, TRANSPARENT_PORT, Via, auto_layer, metric,
+        pattern, setup_with, sha256_hex,
     },
 };
 
@@ -145,10 +146,33 @@ fn clean_large_transfers_are_byte_exact() {
         fs::remove_file(&down_path).unwrap();
     }
     let metrics = s.metrics();
+    let (path, reason) = auto_layer();
     assert_eq!(
-        metric(&metrics, "enforcer_inspect_path{path=\"userspace\"}"),
+        metric(
+            &metrics,
+            &format!("enforcer_inspect_path{{path=\"{path}\"}}")
+        ),
         Some(1.0),
         "{metrics}"
+    );
+    // Every connection took the record layer the kernel gives.
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("enforcer_inspect_record_layer_total{{layer=\"{path}\",reason=\"{reason}\"}}")
+        ),
+        Some(4.0),
+        "{metrics}"
+    );
+    // `enforcer status` says the same.
+    let out = s
+        .lab
+        .cli(&["--config", s.lab.config_path().to_str().unwrap(), "status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("inspect     record layer {path}: "))
+            && status.contains(&format!("connections: 4 {path} ({reason})")),
+        "{status}"
     );
     assert_eq!(
         metric(
@@ -307,7 +331,10 @@ fn detectors_and_names() {
         "{metrics}"
     );
     assert_eq!(
-        m("enforcer_inspect_path{path=\"userspace\"}"),
+        m(&format!(
+            "enforcer_inspect_path{{path=\"{}\"}}",
+            auto_layer().0
+        )),
         Some(1.0),
         "{metrics}"
     );

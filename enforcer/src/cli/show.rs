@@ -87,6 +87,31 @@ pub(super) fn status(cli: &Cli) -> anyhow::Result<ExitCode> {
         for found in audit["recovered"].as_array().into_iter().flatten() {
             outln!("audit start {}", found.as_str().unwrap_or_default());
         }
+        let inspect = &v["inspect"];
+        if let Some(layer) = inspect["record_layer"].as_str() {
+            let taken: Vec<String> = inspect["connections_by_layer"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "{} {} ({})",
+                        c["connections"],
+                        c["layer"].as_str().unwrap_or("?"),
+                        c["reason"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            outln!(
+                "inspect     record layer {layer}: {}; connections: {}",
+                inspect["record_layer_detail"].as_str().unwrap_or("-"),
+                if taken.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    taken.join(", ")
+                }
+            );
+        }
         if let Some(o) = v["overrides"].as_object().filter(|o| !o.is_empty()) {
             outln!(
                 "overrides   {}",

@@ -1,8 +1,16 @@
-//! The kTLS transport: hand a finished rustls session's keys to the kernel. After both
+//! The kTLS record layer: hand a finished rustls session's keys to the kernel. After both
 //! handshakes of a proxied connection, rustls gives up what it still has to send, the
 //! plaintext it already decrypted and its traffic secrets (`Side::take`); the socket
 //! gets the `tls` ULP and those secrets as `TLS_TX`/`TLS_RX` crypto info
 //! (`Side::enable_ktls`), and from then on the kernel encrypts and decrypts its records.
+//! The proxy reads and writes the plaintext through [`KtlsStream`]s ([`hand_off`]), so
+//! the detectors and the HTTP layer see the same bytes as over rustls.
+//!
+//! - **Which connections.** [`KernelTls::probe`] asks the kernel once, at start, which
+//!   (TLS version, cipher) pairs it takes as keys in both directions; [`KernelTls::admit`]
+//!   checks a connection's pair on both sides and sets the ULP (which changes nothing
+//!   until keys are set) before rustls gives up its secrets, so a connection the kernel
+//!   cannot take stays on rustls whole ([`Fallback`]).
 //!
 //! - **Handshake boundary.** Kernel TLS must start at a record boundary, and rustls keeps a
 //!   partial record it read past the handshake in a buffer it cannot hand over.
@@ -16,41 +24,31 @@
 //!   the plaintext moves page to page inside the kernel. The bytes pass uninspected, so the
 //!   relay is reachable only through `splice_uninspected`, behind the
 //!   `ktls-transport-test` feature that only the tests enable.
-//! - **Control records stay in user space.** splice refuses non-data records (`EINVAL`,
-//!   the record stays queued); they are read with `recvmsg` and `TLS_GET_RECORD_TYPE`:
-//!   session tickets are dropped, `close_notify` is forwarded as an alert record. A TLS 1.3
-//!   KeyUpdate ends the relay with an error: Linux 6.1 kTLS cannot rekey RX (6.13 can).
+//! - **Control records stay in user space.** `recvmsg` with `TLS_GET_RECORD_TYPE` names
+//!   each record's type (splice refuses non-data records with `EINVAL`, leaving them
+//!   queued): session tickets are dropped, `close_notify` ends the read side (and is sent
+//!   as an alert record on shutdown). A TLS 1.3 KeyUpdate ends the connection with an
+//!   error: Linux 6.1 kTLS cannot rekey RX (6.13 can).
 //!
 //! The sockmap inspector that ran the detectors on kTLS plaintext as an `sk_msg` program
 //! was removed: Linux refuses kTLS keys on any socket in a sockmap ("tls: reject the
 //! combination of TLS and sockmap", backported to Debian's 6.1 and 6.12), and upstream
-//! removed the code that ran `sk_msg` programs on TLS plaintext. What is kept is the
-//! transport, for a kTLS record layer in which user space reads and writes the plaintext
-//! of kTLS sockets (see ARCHITECTURE.md).
+//! removed the code that ran `sk_msg` programs on TLS plaintext (see ARCHITECTURE.md).
 //!
 //! Minimum kernel: 4.17 (`tls_sw_splice_read`), TLS 1.3 RX offload 5.2.
 
-// The only caller until the kTLS record layer is wired into the proxy is
-// `splice_uninspected`, which the daemon must never have.
-#![cfg_attr(
-    not(feature = "ktls-transport-test"),
-    expect(
-        dead_code,
-        reason = "the transport's one caller, splice_uninspected, is behind ktls-transport-test \
-                  until the kTLS record layer uses it"
-    )
-)]
-
 use std::{
+    collections::BTreeSet,
     ffi::c_void,
     io::{self, Read as _},
     mem::size_of,
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd, RawFd},
 };
 
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use tokio::{io::Interest, net::TcpStream};
 
+#[cfg(feature = "ktls-transport-test")]
 /// Bytes moved per splice call: one full TLS record.
 const SPLICE_CHUNK: usize = 16 * 1024;
 
@@ -207,6 +205,377 @@ fn set_ulp(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// The AEAD of a TLS session, as kernel TLS names its crypto info.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cipher {
+    /// AES-128-GCM (`TLS_CIPHER_AES_GCM_128`, Linux 4.13).
+    Aes128Gcm,
+    /// AES-256-GCM (`TLS_CIPHER_AES_GCM_256`, Linux 5.1).
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (`TLS_CIPHER_CHACHA20_POLY1305`, Linux 5.11).
+    Chacha20Poly1305,
+}
+
+impl Cipher {
+    const ALL: [Cipher; 3] = [
+        Cipher::Aes128Gcm,
+        Cipher::Aes256Gcm,
+        Cipher::Chacha20Poly1305,
+    ];
+
+    /// The AEAD of a rustls cipher suite (TLS 1.2 and 1.3 suites name it alike).
+    pub fn of(suite: rustls::SupportedCipherSuite) -> Option<Cipher> {
+        let name = suite.suite().as_str()?;
+        if name.contains("AES_128_GCM") {
+            Some(Cipher::Aes128Gcm)
+        } else if name.contains("AES_256_GCM") {
+            Some(Cipher::Aes256Gcm)
+        } else if name.contains("CHACHA20_POLY1305") {
+            Some(Cipher::Chacha20Poly1305)
+        } else {
+            None
+        }
+    }
+
+    /// The name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+            Cipher::Chacha20Poly1305 => "ChaCha20-Poly1305",
+        }
+    }
+}
+
+/// Why a connection stays on rustls, as `reason` of
+/// `enforcer_inspect_record_layer_total{layer="rustls"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fallback {
+    /// `[inspect] record_layer = "rustls"`.
+    Configured,
+    /// The kernel has no kTLS (no `CONFIG_TLS`, or the module is not loaded).
+    NoKernelTls,
+    /// A side negotiated a TLS version or cipher the kernel takes no keys for.
+    Cipher,
+    /// The kernel refused the `tls` ULP on a side's socket (the peer had already closed
+    /// it, for one).
+    Ulp,
+}
+
+impl Fallback {
+    /// The `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fallback::Configured => "configured",
+            Fallback::NoKernelTls => "no_ktls",
+            Fallback::Cipher => "cipher",
+            Fallback::Ulp => "ulp",
+        }
+    }
+}
+
+/// The (TLS version, cipher) pairs this kernel takes as kTLS keys, in both directions:
+/// what [`KernelTls::probe`] found by setting keys on loopback sockets, the only exact
+/// test (kernels differ by version, configuration and backports).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelTls {
+    pairs: BTreeSet<(u16, Cipher)>,
+}
+
+impl KernelTls {
+    /// Sets the ULP and zero keys, TX and RX, for each version and cipher on fresh
+    /// loopback sockets. `NoKtls` if the kernel has no kTLS or takes none of them.
+    pub fn probe() -> Result<KernelTls, KtlsError> {
+        probe_ktls()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(io_err("binding a loopback socket to probe kTLS ciphers"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io_err("probing kTLS ciphers"))?;
+        let mut pairs = BTreeSet::new();
+        for version in [ProtocolVersion::TLSv1_2, ProtocolVersion::TLSv1_3] {
+            for cipher in Cipher::ALL {
+                let client = std::net::TcpStream::connect(addr)
+                    .map_err(io_err("connecting on loopback to probe kTLS ciphers"))?;
+                let _server = listener
+                    .accept()
+                    .map_err(io_err("accepting the kTLS cipher probe"))?;
+                let fd = client.as_raw_fd();
+                let info = CryptoInfo::zero(version, cipher);
+                let takes = set_ulp(fd).is_ok()
+                    && [libc::TLS_TX, libc::TLS_RX]
+                        .into_iter()
+                        .all(|option| set_crypto_info(fd, option, &info).is_ok());
+                if takes {
+                    pairs.insert((u16::from(version), cipher));
+                }
+            }
+        }
+        if pairs.is_empty() {
+            return Err(KtlsError::NoKtls {
+                detail: "the kernel takes no TLS 1.2 or 1.3 keys for AES-GCM or \
+                         ChaCha20-Poly1305"
+                    .into(),
+            });
+        }
+        Ok(KernelTls { pairs })
+    }
+
+    /// What the kernel takes, for the log line at start: `TLS1.3 AES-128-GCM, ...`.
+    pub fn describe(&self) -> String {
+        self.pairs
+            .iter()
+            .map(|(version, cipher)| {
+                let version = if *version == u16::from(ProtocolVersion::TLSv1_3) {
+                    "TLS1.3"
+                } else {
+                    "TLS1.2"
+                };
+                format!("{version} {}", cipher.name())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether both sessions of a proxied connection can move to the kernel, and if so
+    /// sets the `tls` ULP on both sockets (without keys the socket behaves as before, so
+    /// a refusal here leaves the connection whole on rustls).
+    pub fn admit(
+        &self,
+        agent: &tokio_rustls::server::TlsStream<HandshakeCork>,
+        upstream: &tokio_rustls::client::TlsStream<HandshakeCork>,
+    ) -> Result<(), Fallback> {
+        let takes = |state: &rustls::CommonState| {
+            let (Some(version), Some(suite)) =
+                (state.protocol_version(), state.negotiated_cipher_suite())
+            else {
+                return false;
+            };
+            Cipher::of(suite).is_some_and(|c| self.pairs.contains(&(u16::from(version), c)))
+        };
+        let (agent_io, agent_state) = agent.get_ref();
+        let (upstream_io, upstream_state) = upstream.get_ref();
+        if !takes(agent_state) || !takes(upstream_state) {
+            return Err(Fallback::Cipher);
+        }
+        for io in [agent_io, upstream_io] {
+            set_ulp(io.tcp.as_raw_fd()).map_err(|_| Fallback::Ulp)?;
+        }
+        Ok(())
+    }
+}
+
+/// Hands both sessions of a proxied connection to the kernel, after [`KernelTls::admit`]:
+/// flush what rustls still has to send, take the plaintext it already decrypted and its
+/// secrets, set the keys. From here the connection's plaintext is read and written through
+/// the two [`KtlsStream`]s. A failure leaves no usable connection (rustls gave up its
+/// secrets), so both sockets are reset.
+pub async fn hand_off(
+    agent: tokio_rustls::server::TlsStream<HandshakeCork>,
+    upstream: tokio_rustls::client::TlsStream<HandshakeCork>,
+) -> Result<(KtlsStream, KtlsStream), KtlsError> {
+    let (agent_io, agent_conn) = agent.into_inner();
+    let (upstream_io, upstream_conn) = upstream.into_inner();
+    let agent = Side::take(agent_io.into_tcp()?, agent_conn.into(), "agent").await?;
+    let upstream = Side::take(upstream_io.into_tcp()?, upstream_conn.into(), "upstream").await?;
+    if let Err(e) = agent.enable_ktls().and_then(|()| upstream.enable_ktls()) {
+        agent.reset();
+        upstream.reset();
+        return Err(e);
+    }
+    Ok((KtlsStream::new(agent), KtlsStream::new(upstream)))
+}
+
+/// The plaintext of one kTLS socket: reads decrypt in the kernel (`recvmsg`, with the
+/// record type in a control message), writes encrypt in the kernel. Reads first hand out
+/// what rustls had decrypted before the hand-off. `close_notify` from the peer reads as
+/// the end of the stream; a FIN without it is an `UnexpectedEof` error, as rustls reports.
+/// Shutdown sends `close_notify`, then a FIN.
+#[derive(Debug)]
+pub struct KtlsStream {
+    tcp: TcpStream,
+    side: &'static str,
+    /// Plaintext to hand out before reading the socket again: what rustls had decrypted,
+    /// or the rest of a record read for a caller's small buffer.
+    pending: Vec<u8>,
+    at: usize,
+    /// `close_notify` arrived: reads end once `pending` is out.
+    read_closed: bool,
+    /// `close_notify` was sent.
+    write_closed: bool,
+}
+
+/// The largest TLS record plaintext, and some room: a read buffer of this size takes any
+/// record whole, so a control record is never cut.
+const RECORD_ROOM: usize = 16 * 1024 + 256;
+
+impl KtlsStream {
+    fn new(side: Side) -> KtlsStream {
+        KtlsStream {
+            tcp: side.tcp,
+            side: side.name,
+            pending: side.taken,
+            at: 0,
+            read_closed: side.closed,
+            write_closed: false,
+        }
+    }
+
+    /// `agent` or `upstream`.
+    pub fn side(&self) -> &'static str {
+        self.side
+    }
+}
+
+impl tokio::io::AsyncRead for KtlsStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.at < this.pending.len() {
+                let n = buf.remaining().min(this.pending.len() - this.at);
+                buf.put_slice(&this.pending[this.at..this.at + n]);
+                this.at += n;
+                if this.at == this.pending.len() {
+                    this.pending.clear();
+                    this.at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            std::task::ready!(this.tcp.poll_read_ready(cx))?;
+            // A buffer that takes any record whole is read into directly; a smaller one
+            // through `pending`, so a control record is never cut.
+            let direct = buf.remaining() >= RECORD_ROOM;
+            if !direct {
+                this.pending.resize(RECORD_ROOM, 0);
+            }
+            let fd = this.tcp.as_raw_fd();
+            let received = this.tcp.try_io(Interest::READABLE, || {
+                if direct {
+                    // SAFETY: recvmsg only writes into the unfilled part; we mark as
+                    // filled only what it wrote.
+                    let unfilled = unsafe { buf.unfilled_mut() };
+                    recv_record(fd, unfilled.as_mut_ptr().cast(), unfilled.len())
+                } else {
+                    recv_record(fd, this.pending.as_mut_ptr(), this.pending.len())
+                }
+            });
+            let (n, record_type) = match received {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !direct {
+                        this.pending.clear();
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if !direct {
+                        this.pending.clear();
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            };
+            let body: &[u8] = if direct {
+                // SAFETY: recvmsg wrote n bytes at the start of the unfilled part.
+                unsafe { std::slice::from_raw_parts(buf.unfilled_mut().as_ptr().cast(), n) }
+            } else {
+                &this.pending[..n]
+            };
+            match classify(this.side, record_type, body) {
+                Ok(Record::Data) if n == 0 => {
+                    this.pending.clear();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} closed the connection without close_notify", this.side),
+                    )));
+                }
+                Ok(Record::Data) => {
+                    if direct {
+                        // SAFETY: the kernel initialized these n bytes.
+                        unsafe { buf.assume_init(n) };
+                        buf.advance(n);
+                    } else {
+                        this.pending.truncate(n);
+                    }
+                    if direct {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Ok(Record::Ignore) => this.pending.clear(),
+                Ok(Record::CloseNotify) => {
+                    this.pending.clear();
+                    this.read_closed = true;
+                }
+                Err(e) => {
+                    this.pending.clear();
+                    return Poll::Ready(Err(io::Error::other(e)));
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for KtlsStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        // Each write is a record the kernel has already taken.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while !this.write_closed {
+            std::task::ready!(this.tcp.poll_write_ready(cx))?;
+            let fd = this.tcp.as_raw_fd();
+            match this
+                .tcp
+                .try_io(Interest::WRITABLE, || send_close_notify(fd))
+            {
+                Ok(()) => this.write_closed = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer is gone: the FIN (or the reset) ends the direction anyway.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                    this.write_closed = true;
+                }
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+        std::pin::Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
 /// The transport under a TLS stream the kTLS hand-off accepts: a plain tokio
 /// `TcpStream`, or one wrapped in [`HandshakeCork`].
 pub trait IntoTcp: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
@@ -227,6 +596,8 @@ impl IntoTcp for TcpStream {
 /// the acceptor and the connector of connections that may be spliced.
 pub struct HandshakeCork {
     tcp: TcpStream,
+    /// Reads stop at record boundaries; off once the connection stays on rustls.
+    corked: bool,
     /// Bytes left in the current record; 0 at a record boundary.
     left: usize,
     /// Header bytes read so far (a header may arrive in pieces).
@@ -239,10 +610,22 @@ impl HandshakeCork {
     pub fn new(tcp: TcpStream) -> Self {
         Self {
             tcp,
+            corked: true,
             left: 0,
             header: [0; 5],
             header_len: 0,
         }
+    }
+
+    /// Reads pass straight through from now on: for a connection that stays on rustls,
+    /// which then reads in large chunks again.
+    pub fn uncork(&mut self) {
+        self.corked = false;
+    }
+
+    /// The socket.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
     }
 }
 
@@ -266,6 +649,9 @@ impl tokio::io::AsyncRead for HandshakeCork {
     ) -> std::task::Poll<io::Result<()>> {
         use std::task::Poll;
         let this = self.get_mut();
+        if !this.corked && this.left == 0 && this.header_len == 0 {
+            return std::pin::Pin::new(&mut this.tcp).poll_read(cx, buf);
+        }
         if this.left == 0 {
             // At a boundary: read the header alone, then hand it out.
             while this.header_len < 5 {
@@ -383,20 +769,21 @@ impl Side {
 
     fn enable_ktls(&self) -> Result<(), KtlsError> {
         let fd = self.tcp.as_raw_fd();
-        set_ulp(fd).map_err(|e| KtlsError::NoKtls {
-            detail: format!("setting the \"tls\" ULP on the {} socket: {e}", self.name),
-        })?;
+        // [`KernelTls::admit`] may have set it already.
+        match set_ulp(fd) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                return Err(KtlsError::NoKtls {
+                    detail: format!("setting the \"tls\" ULP on the {} socket: {e}", self.name),
+                });
+            }
+            _ => {}
+        }
         for (option, (seq, secrets), what) in [
             (libc::TLS_TX, &self.tx, "setting kTLS TX keys"),
             (libc::TLS_RX, &self.rx, "setting kTLS RX keys"),
         ] {
             let info = CryptoInfo::new(self.version, *seq, secrets, self.name)?;
-            let (ptr, len) = info.as_raw();
-            // SAFETY: fd is our socket; ptr/len describe the crypto-info struct `info`.
-            let rc = unsafe { libc::setsockopt(fd, libc::SOL_TLS, option, ptr, len) };
-            if rc != 0 {
-                return Err(io_err(what)(io::Error::last_os_error()));
-            }
+            set_crypto_info(fd, option, &info).map_err(io_err(what))?;
         }
         Ok(())
     }
@@ -525,6 +912,60 @@ impl CryptoInfo {
     }
 }
 
+impl CryptoInfo {
+    /// Zero keys for `version` and `cipher`: what [`KernelTls::probe`] offers the kernel.
+    fn zero(version: ProtocolVersion, cipher: Cipher) -> CryptoInfo {
+        let version = if version == ProtocolVersion::TLSv1_3 {
+            libc::TLS_1_3_VERSION
+        } else {
+            libc::TLS_1_2_VERSION
+        };
+        match cipher {
+            Cipher::Aes128Gcm => Self::Aes128(libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+            Cipher::Aes256Gcm => Self::Aes256(libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+            Cipher::Chacha20Poly1305 => Self::Chacha(libc::tls12_crypto_info_chacha20_poly1305 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
+                },
+                iv: [0; 12],
+                key: [0; 32],
+                salt: [],
+                rec_seq: [0; 8],
+            }),
+        }
+    }
+}
+
+/// `setsockopt(SOL_TLS, TLS_TX or TLS_RX)` with `info`.
+fn set_crypto_info(fd: RawFd, option: libc::c_int, info: &CryptoInfo) -> io::Result<()> {
+    let (ptr, len) = info.as_raw();
+    // SAFETY: fd is a socket; ptr/len describe the crypto-info struct `info`.
+    if unsafe { libc::setsockopt(fd, libc::SOL_TLS, option, ptr, len) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn bad_key(side: &'static str) -> KtlsError {
     KtlsError::Protocol {
         side,
@@ -532,6 +973,7 @@ fn bad_key(side: &'static str) -> KtlsError {
     }
 }
 
+#[cfg(feature = "ktls-transport-test")]
 /// Writes user-space plaintext into a kTLS socket.
 async fn write_all(to: &Side, mut bytes: &[u8]) -> Result<(), KtlsError> {
     while !bytes.is_empty() {
@@ -548,12 +990,14 @@ async fn write_all(to: &Side, mut bytes: &[u8]) -> Result<(), KtlsError> {
     Ok(())
 }
 
+#[cfg(feature = "ktls-transport-test")]
 /// A pipe, both ends non-blocking.
 struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
 }
 
+#[cfg(feature = "ktls-transport-test")]
 impl Pipe {
     fn new() -> Result<Self, KtlsError> {
         let mut fds = [0; 2];
@@ -561,6 +1005,7 @@ impl Pipe {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io_err("creating a splice pipe")(io::Error::last_os_error()));
         }
+        use std::os::fd::{FromRawFd as _, OwnedFd};
         // SAFETY: pipe2 returned two fresh descriptors we now own.
         Ok(unsafe {
             Self {
@@ -571,6 +1016,7 @@ impl Pipe {
     }
 }
 
+#[cfg(feature = "ktls-transport-test")]
 fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
     let flags =
         libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
@@ -592,6 +1038,7 @@ fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
     }
 }
 
+#[cfg(feature = "ktls-transport-test")]
 /// Moves one direction in the kernel: RX socket → pipe → TX socket, one record at a time.
 async fn relay(from: &Side, to: &Side, already_closed: bool) -> Result<u64, KtlsError> {
     let pipe = Pipe::new()?;
@@ -611,8 +1058,8 @@ async fn relay(from: &Side, to: &Side, already_closed: bool) -> Result<u64, Ktls
                 Ok(n) => n,
                 // splice refuses non-data records, leaving them queued.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match read_control(from)? {
-                    Control::Ignore => continue,
-                    Control::CloseNotify => {
+                    Record::Data | Record::Ignore => continue,
+                    Record::CloseNotify => {
                         close_notify = true;
                         break;
                     }
@@ -637,29 +1084,42 @@ async fn relay(from: &Side, to: &Side, already_closed: bool) -> Result<u64, Ktls
         }
     }
     if close_notify {
-        send_close_notify(to)?;
+        match send_close_notify(to_fd) {
+            // The peer may be gone already; the FIN that follows still ends the direction.
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                return Err(io_err("sending close_notify through kTLS")(e));
+            }
+            _ => {}
+        }
     }
     // SAFETY: our socket; half-close so the peer sees the end of this direction only.
     unsafe { libc::shutdown(to_fd, libc::SHUT_WR) };
     Ok(moved)
 }
 
-enum Control {
+/// What a record read from a kTLS socket is to its reader.
+#[derive(Debug, PartialEq, Eq)]
+enum Record {
+    /// Application data (or, with no bytes, the end of the stream).
+    Data,
+    /// A record to drop: a session ticket (resumption is not offered through the proxy).
     Ignore,
+    /// The peer's `close_notify`.
     CloseNotify,
 }
 
 const RECORD_ALERT: u8 = 21;
 const RECORD_HANDSHAKE: u8 = 22;
+const RECORD_DATA: u8 = 23;
 
-/// Reads the non-data record at the head of a kTLS socket.
-fn read_control(side: &Side) -> Result<Control, KtlsError> {
-    let mut data = vec![0u8; SPLICE_CHUNK + 256];
+/// `recvmsg` on a kTLS socket into `len` bytes at `data`, without waiting: the bytes and the
+/// type of the record(s) read (the kernel never mixes types in one call).
+fn recv_record(fd: RawFd, data: *mut u8, len: usize) -> io::Result<(usize, Option<u8>)> {
     // Room for one cmsg carrying the record type (one byte, padded).
     let mut cbuf = [0u64; 8];
     let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
+        iov_base: data.cast(),
+        iov_len: len,
     };
     // SAFETY: all-zero msghdr is valid; fields set below point at live buffers.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -667,12 +1127,10 @@ fn read_control(side: &Side) -> Result<Control, KtlsError> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = size_of::<[u64; 8]>();
-    // SAFETY: msg describes valid buffers for the duration of the call.
-    let n = unsafe { libc::recvmsg(side.tcp.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
+    // SAFETY: msg describes buffers valid for the call (the caller's `data` of `len`).
+    let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_DONTWAIT) };
     if n < 0 {
-        return Err(io_err("reading a TLS control record")(
-            io::Error::last_os_error(),
-        ));
+        return Err(io::Error::last_os_error());
     }
     let mut record_type = None;
     // SAFETY: iterating the cmsgs the kernel wrote into cbuf, as CMSG_* define.
@@ -686,23 +1144,30 @@ fn read_control(side: &Side) -> Result<Control, KtlsError> {
             cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
         }
     }
-    let body = &data[..n as usize];
+    Ok((n as usize, record_type))
+}
+
+/// What a record of `record_type` holding `body` means; an alert other than
+/// `close_notify`, a KeyUpdate or an unknown type ends the connection.
+fn classify(side: &'static str, record_type: Option<u8>, body: &[u8]) -> Result<Record, KtlsError> {
     match record_type {
-        Some(RECORD_ALERT) if body.get(1) == Some(&0) => Ok(Control::CloseNotify),
+        // No type: nothing was read (the end of the stream).
+        None | Some(RECORD_DATA) => Ok(Record::Data),
+        Some(RECORD_ALERT) if body.get(1) == Some(&0) => Ok(Record::CloseNotify),
         Some(RECORD_ALERT) => Err(KtlsError::Protocol {
-            side: side.name,
+            side,
             message: format!("TLS alert {body:?}"),
         }),
         // NewSessionTicket (4): resumption is not offered through the proxy; dropping the
         // ticket is harmless.
-        Some(RECORD_HANDSHAKE) if body.first() == Some(&4) => Ok(Control::Ignore),
+        Some(RECORD_HANDSHAKE) if body.first() == Some(&4) => Ok(Record::Ignore),
         Some(RECORD_HANDSHAKE) if body.first() == Some(&24) => Err(KtlsError::Protocol {
-            side: side.name,
+            side,
             message: "TLS 1.3 KeyUpdate: kernel TLS cannot rekey (Linux 6.13+ can; not used)"
                 .into(),
         }),
         other => Err(KtlsError::Protocol {
-            side: side.name,
+            side,
             message: format!(
                 "unexpected TLS record type {other:?} ({} bytes)",
                 body.len()
@@ -711,8 +1176,17 @@ fn read_control(side: &Side) -> Result<Control, KtlsError> {
     }
 }
 
-/// Sends a close_notify alert record through kTLS (record type by cmsg).
-fn send_close_notify(to: &Side) -> Result<(), KtlsError> {
+/// Reads the non-data record at the head of a kTLS socket (splice refused it).
+#[cfg(feature = "ktls-transport-test")]
+fn read_control(side: &Side) -> Result<Record, KtlsError> {
+    let mut data = vec![0u8; RECORD_ROOM];
+    let (n, record_type) = recv_record(side.tcp.as_raw_fd(), data.as_mut_ptr(), data.len())
+        .map_err(io_err("reading a TLS control record"))?;
+    classify(side.name, record_type, &data[..n])
+}
+
+/// Sends a close_notify alert record through kTLS (record type by cmsg), without waiting.
+fn send_close_notify(fd: RawFd) -> io::Result<()> {
     let alert = [1u8, 0];
     let mut cbuf = [0u64; 4];
     let mut iov = libc::iovec {
@@ -735,15 +1209,11 @@ fn send_close_notify(to: &Side) -> Result<(), KtlsError> {
         *libc::CMSG_DATA(cmsg) = RECORD_ALERT;
     }
     // SAFETY: msg describes valid buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(to.tcp.as_raw_fd(), &raw const msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        // The peer may be gone already; the FIN that follows still ends the direction.
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EPIPE) && e.raw_os_error() != Some(libc::ECONNRESET) {
-            return Err(io_err("sending close_notify through kTLS")(e));
-        }
+    if unsafe { libc::sendmsg(fd, &raw const msg, libc::MSG_DONTWAIT) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

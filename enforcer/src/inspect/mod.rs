@@ -9,12 +9,14 @@
 //! inspected agents' connections to the policy's `tls_ports`, redirected by an nftables
 //! rule ([`redirect`]) to `transparent_port`.
 //!
-//! After both handshakes the bytes are decrypted, searched and re-encrypted in user space
-//! ([`relay`]); the path is logged once at start and exported as
-//! `enforcer_inspect_path{path}` ([`InspectPath`]). [`ktls`] keeps the kTLS transport (a
-//! finished rustls session's keys handed to the kernel) for a later kTLS record layer; the
-//! sockmap inspector that ran the detectors in the kernel was removed, because Linux
-//! refuses kTLS keys on sockets in a sockmap.
+//! After both handshakes the plaintext is searched in user space ([`http`], [`relay`]).
+//! The record layer under it is kernel TLS where the kernel has it ([`ktls`]: the
+//! sessions' keys handed to the kernel, plaintext read and written through the sockets)
+//! and rustls otherwise, chosen by `record_layer` ([`RecordLayer`]) at start
+//! ([`InspectPath`], logged once and exported as `enforcer_inspect_path{path}`) and per
+//! connection (`enforcer_inspect_record_layer_total{layer,reason}`). The sockmap
+//! inspector that ran the detectors in the kernel was removed, because Linux refuses kTLS
+//! keys on sockets in a sockmap.
 
 pub mod body;
 pub mod ca;
@@ -48,6 +50,7 @@ use std::{
 /// ca_dir = "/var/lib/enforcer"   # where the node CA lives (default: state_dir); keep it on persistent storage
 /// max_connections_per_agent = 256 # open proxied connections one agent may hold
 /// max_connections = 4096         # open proxied connections in all; lowered to fit the descriptor limit
+/// record_layer = "auto"          # auto | ktls | rustls: who encrypts and decrypts the records
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InspectConfig {
@@ -67,6 +70,24 @@ pub struct InspectConfig {
     /// Most open proxied connections in all, before [`connection_cap`] fits it to the
     /// descriptor limit.
     pub max_connections: usize,
+    /// Who encrypts and decrypts the TLS records once both handshakes are done.
+    pub record_layer: RecordLayer,
+}
+
+/// `[inspect].record_layer`: where the proxied connections' TLS records are encrypted and
+/// decrypted after the handshakes (rustls always does the handshakes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordLayer {
+    /// Kernel TLS where the kernel has it and takes the connection's cipher, rustls
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Kernel TLS: the daemon does not start on a kernel without it; a connection whose
+    /// cipher the kernel does not take still stays on rustls.
+    Ktls,
+    /// rustls in user space for every connection.
+    Rustls,
 }
 
 /// Default of `[inspect].max_connections_per_agent`.
@@ -185,12 +206,19 @@ pub const DEFAULT_TRANSPARENT_PORT: u16 = 3129;
 /// Default of `[inspect].upstream_roots`: the Debian/Ubuntu system bundle.
 pub const DEFAULT_UPSTREAM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// How bytes move between the two TLS connections once both handshakes are done.
+/// The record layer new connections start on, chosen once at start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InspectPath {
-    /// Decrypted, searched and re-encrypted by the proxy ([`relay::userspace_relay`]).
-    Userspace {
-        /// Why not the kernel path, for the one log line at start.
+    /// Kernel TLS ([`ktls`]), for the (version, cipher) pairs the kernel takes.
+    Ktls {
+        /// What the probe found the kernel takes.
+        kernel: ktls::KernelTls,
+    },
+    /// rustls in user space for every connection.
+    Rustls {
+        /// Why, as the `reason` of each connection.
+        reason: ktls::Fallback,
+        /// Why, for the one log line at start.
         why: String,
     },
 }
@@ -199,18 +227,64 @@ impl InspectPath {
     /// The `path` label of `enforcer_inspect_path`.
     pub fn name(&self) -> &'static str {
         match self {
-            InspectPath::Userspace { .. } => "userspace",
+            InspectPath::Ktls { .. } => "ktls",
+            InspectPath::Rustls { .. } => "rustls",
         }
     }
 
-    /// Chooses the path for this run. There is one: the kernel path (kTLS sockets in a
-    /// sockmap with an `sk_msg` program running the detectors) was removed, and the kTLS
-    /// record layer is not in use yet; `why` says so in the one log line at start.
-    pub fn choose() -> InspectPath {
-        InspectPath::Userspace {
-            why: "the kernel inspection path was removed: Linux refuses kTLS keys on sockets \
-                  in a sockmap; the kTLS record layer is not in use yet"
-                .to_string(),
+    /// Chooses the record layer for this run: `auto` probes the kernel and falls back to
+    /// rustls, saying why; `ktls` on a kernel without it is an error.
+    pub fn choose(layer: RecordLayer) -> Result<InspectPath, ktls::KtlsError> {
+        match layer {
+            RecordLayer::Rustls => Ok(InspectPath::Rustls {
+                reason: ktls::Fallback::Configured,
+                why: "record_layer = \"rustls\"".into(),
+            }),
+            RecordLayer::Auto => Ok(match ktls::KernelTls::probe() {
+                Ok(kernel) => InspectPath::Ktls { kernel },
+                Err(e) => InspectPath::Rustls {
+                    reason: ktls::Fallback::NoKernelTls,
+                    why: crate::error::error_chain(&e),
+                },
+            }),
+            RecordLayer::Ktls => {
+                ktls::KernelTls::probe().map(|kernel| InspectPath::Ktls { kernel })
+            }
+        }
+    }
+
+    /// Whether a connection moves to kernel TLS after its handshakes, or why it stays on
+    /// rustls ([`ktls::KernelTls::admit`] under kTLS).
+    pub fn admit(
+        &self,
+        agent: &tokio_rustls::server::TlsStream<ktls::HandshakeCork>,
+        upstream: &tokio_rustls::client::TlsStream<ktls::HandshakeCork>,
+    ) -> Result<(), ktls::Fallback> {
+        match self {
+            InspectPath::Ktls { kernel } => kernel.admit(agent, upstream),
+            InspectPath::Rustls { reason, .. } => Err(*reason),
+        }
+    }
+}
+
+/// The record layer one connection took, for `enforcer_inspect_record_layer_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    /// Handed to kernel TLS.
+    Ktls,
+    /// Admitted to kernel TLS, but the hand-off failed and the connection was lost.
+    KtlsFailed,
+    /// Stayed on rustls, and why.
+    Rustls(ktls::Fallback),
+}
+
+impl Layer {
+    /// The `layer` and `reason` labels.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Layer::Ktls => ("ktls", "kernel"),
+            Layer::KtlsFailed => ("ktls", "handoff_failed"),
+            Layer::Rustls(why) => ("rustls", why.name()),
         }
     }
 }
@@ -262,6 +336,10 @@ pub struct Stats {
     connections: Mutex<BTreeMap<(u32, Outcome), u64>>,
     /// MCP requests the gate recorded, by (agent id, reason, verdict).
     mcp: Mutex<BTreeMap<(u32, &'static str, &'static str), u64>>,
+    /// The path chosen at start, and why (the kernel's ciphers, or why not kTLS).
+    path_detail: Mutex<Option<String>>,
+    /// Connections by the record layer they took.
+    layers: Mutex<BTreeMap<Layer, u64>>,
     /// Plaintext bytes relayed from agents.
     pub up_bytes: AtomicU64,
     /// Plaintext bytes relayed to agents.
@@ -272,6 +350,43 @@ impl Stats {
     /// Records the path in use.
     pub fn set_path(&self, path: &InspectPath) {
         *self.path.lock().expect("stats lock") = Some(path.name());
+        *self.path_detail.lock().expect("stats lock") = Some(match path {
+            InspectPath::Ktls { kernel } => format!("kernel TLS takes {}", kernel.describe()),
+            InspectPath::Rustls { why, .. } => why.clone(),
+        });
+    }
+
+    /// Counts the record layer a connection took.
+    pub fn layer(&self, layer: Layer) {
+        *self
+            .layers
+            .lock()
+            .expect("stats lock")
+            .entry(layer)
+            .or_default() += 1;
+    }
+
+    /// Connections by record layer so far.
+    pub fn layers(&self) -> BTreeMap<Layer, u64> {
+        self.layers.lock().expect("stats lock").clone()
+    }
+
+    /// The proxy's part of `enforcer status`: the record layer chosen at start and why,
+    /// and the connections by the layer they took.
+    pub fn status(&self) -> serde_json::Value {
+        let connections: Vec<serde_json::Value> = self
+            .layers()
+            .into_iter()
+            .map(|(layer, n)| {
+                let (layer, reason) = layer.labels();
+                serde_json::json!({"layer": layer, "reason": reason, "connections": n})
+            })
+            .collect();
+        serde_json::json!({
+            "record_layer": self.path(),
+            "record_layer_detail": self.path_detail.lock().expect("stats lock").clone(),
+            "connections_by_layer": connections,
+        })
     }
 
     /// The path in use, once the proxy started.
@@ -364,6 +479,12 @@ struct McpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct LayerLabels {
+    layer: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct DirectionLabel {
     direction: String,
 }
@@ -389,8 +510,27 @@ pub fn register_metrics(
     }
     registry.register(
         "inspect_path",
-        "1 for the path the inspecting proxy moves bytes on: userspace (the only one so far)",
+        "1 for the record layer new proxied connections start on: ktls (kernel TLS, for the \
+         ciphers the kernel takes) or rustls (user space)",
         path,
+    );
+    let layers = Family::<LayerLabels, Counter>::default();
+    for (layer, n) in stats.layers() {
+        let (layer, reason) = layer.labels();
+        layers
+            .get_or_create(&LayerLabels {
+                layer: layer.into(),
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "inspect_record_layer",
+        "Proxied connections by the record layer they took after both handshakes: ktls \
+         (reason kernel, or handoff_failed when the hand-off lost the connection) or rustls \
+         (reason configured, no_ktls, cipher: a side's cipher the kernel does not take, ulp: \
+         the kernel refused the socket)",
+        layers,
     );
     let hits = Family::<HitLabels, Counter>::default();
     for ((agent, detector, action), n) in stats.hits() {
@@ -460,20 +600,54 @@ mod tests {
 
     use super::*;
 
-    /// The proxy's choice loads nothing and asks no kernel: user space, with the reason the
-    /// daemon logs once at start; the metric follows the choice.
+    /// `rustls` is chosen without asking the kernel; `auto` takes kTLS exactly when the
+    /// probe finds it and otherwise says why; `ktls` without it is an error. The metric
+    /// and the status follow the choice.
     #[test]
-    fn the_path_is_user_space_and_says_why() {
-        let path = InspectPath::choose();
-        let InspectPath::Userspace { why } = &path;
-        assert!(
-            why.contains("Linux refuses kTLS keys on sockets in a sockmap")
-                && why.contains("kTLS record layer is not in use yet"),
-            "{why}"
-        );
+    fn the_record_layer_follows_the_setting_and_the_kernel() {
+        let rustls = InspectPath::choose(RecordLayer::Rustls).unwrap();
+        assert!(matches!(
+            rustls,
+            InspectPath::Rustls {
+                reason: ktls::Fallback::Configured,
+                ..
+            }
+        ));
+        let probe = ktls::KernelTls::probe();
+        let auto = InspectPath::choose(RecordLayer::Auto).unwrap();
+        match (&probe, &auto) {
+            (Ok(kernel), InspectPath::Ktls { kernel: chosen }) => {
+                assert_eq!(kernel, chosen);
+                assert!(InspectPath::choose(RecordLayer::Ktls).is_ok());
+            }
+            (Err(e), InspectPath::Rustls { reason, why }) => {
+                assert_eq!(why, &crate::error::error_chain(e));
+                assert_eq!(*reason, ktls::Fallback::NoKernelTls);
+                let refused = InspectPath::choose(RecordLayer::Ktls).unwrap_err();
+                assert!(
+                    refused.to_string().contains("kernel has no kTLS"),
+                    "{refused}"
+                );
+            }
+            other => panic!("auto chose against the probe: {other:?}"),
+        }
         let stats = Stats::default();
-        stats.set_path(&path);
-        assert_eq!(stats.path(), Some("userspace"));
+        stats.set_path(&rustls);
+        stats.layer(Layer::Rustls(ktls::Fallback::Configured));
+        stats.layer(Layer::Rustls(ktls::Fallback::Configured));
+        stats.layer(Layer::Ktls);
+        assert_eq!(stats.path(), Some("rustls"));
+        assert_eq!(
+            stats.status(),
+            serde_json::json!({
+                "record_layer": "rustls",
+                "record_layer_detail": "record_layer = \"rustls\"",
+                "connections_by_layer": [
+                    {"layer": "ktls", "reason": "kernel", "connections": 1},
+                    {"layer": "rustls", "reason": "configured", "connections": 2},
+                ],
+            })
+        );
     }
 
     #[test]

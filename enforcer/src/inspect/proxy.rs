@@ -67,11 +67,12 @@ use tokio::{
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::{
-    CapHit, InspectConfig, InspectPath, Outcome, Slots, Stats,
+    CapHit, InspectConfig, InspectPath, Layer, Outcome, Slots, Stats,
     body::Found,
     ca::{CaError, NodeCa},
     dlp::{DetectError, DetectorSet, Detectors},
     http::{self, Event, Protocol},
+    ktls::{self, HandshakeCork},
     mcp::Gate,
     redirect,
     relay::{self, Direction},
@@ -123,6 +124,9 @@ pub enum InspectError {
     /// The proxy's runtime or thread could not be started.
     #[error("starting the proxy's runtime")]
     Runtime(#[source] std::io::Error),
+    /// `record_layer = "ktls"` on a kernel without kernel TLS.
+    #[error("inspect.record_layer = \"ktls\", but this kernel cannot take the connections")]
+    Ktls(#[source] ktls::KtlsError),
 }
 
 /// Most worker threads the proxy's runtime gets.
@@ -195,6 +199,8 @@ struct Shared {
     current: Mutex<Current>,
     /// Open connections against `max_connections_per_agent` and `max_connections`.
     slots: Arc<Slots>,
+    /// The record layer chosen at start.
+    path: InspectPath,
 }
 
 /// The enforcing policy and its detectors (the policy's and the catalogue's).
@@ -307,12 +313,18 @@ impl Proxy {
             None => None,
         };
 
-        let path = InspectPath::choose();
+        let path = InspectPath::choose(config.record_layer).map_err(InspectError::Ktls)?;
         match &path {
-            InspectPath::Userspace { why } => tracing::info!(
+            InspectPath::Ktls { kernel } => tracing::info!(
+                path = path.name(),
+                ciphers = %kernel.describe(),
+                "inspecting proxy: records are encrypted and decrypted by kernel TLS; the \
+                 plaintext is inspected in user space"
+            ),
+            InspectPath::Rustls { why, .. } => tracing::info!(
                 path = path.name(),
                 why = %why,
-                "inspecting proxy: plaintext is relayed and inspected in user space"
+                "inspecting proxy: records are encrypted and decrypted by rustls in user space"
             ),
         }
         stats.set_path(&path);
@@ -338,6 +350,7 @@ impl Proxy {
                 policy: policy.clone(),
                 current: Mutex::new(current),
                 slots: Arc::new(Slots::new(config.max_connections_per_agent, total)),
+                path,
             }),
             connect,
             transparent,
@@ -744,8 +757,11 @@ impl Shared {
         &self,
         who: &Admitted,
         tcp: TcpStream,
-    ) -> Option<(StartHandshake<TcpStream>, Option<String>)> {
-        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    ) -> Option<(StartHandshake<HandshakeCork>, Option<String>)> {
+        // The cork keeps rustls from reading past a record, so the session can move to
+        // kernel TLS after the handshake.
+        let acceptor =
+            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), HandshakeCork::new(tcp));
         let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
             Ok(Ok(start)) => start,
             _ => {
@@ -770,7 +786,7 @@ impl Shared {
     async fn intercept(
         self: &Arc<Self>,
         who: Admitted,
-        start: StartHandshake<TcpStream>,
+        start: StartHandshake<HandshakeCork>,
         name: String,
         addrs: Vec<SocketAddr>,
     ) {
@@ -800,6 +816,7 @@ impl Shared {
         let dst = upstream
             .get_ref()
             .0
+            .tcp()
             .peer_addr()
             .map_or_else(|_| name.clone(), |a| a.to_string());
         let leaf = match self.ca.leaf(&name) {
@@ -833,6 +850,50 @@ impl Shared {
             }
         };
 
+        let protocol = Protocol::from_alpn(agent_tls.get_ref().1.alpn_protocol());
+        match self.path.admit(&agent_tls, &upstream) {
+            Ok(()) => match ktls::hand_off(agent_tls, upstream).await {
+                Ok((agent, upstream)) => {
+                    self.stats.layer(Layer::Ktls);
+                    self.exchange(who, name, dst, agent, upstream, protocol)
+                        .await;
+                }
+                Err(e) => {
+                    self.stats.layer(Layer::KtlsFailed);
+                    tracing::warn!(
+                        agent = who.agent.name,
+                        name,
+                        error = %crate::error::error_chain(&e),
+                        "proxy: handing the connection to kernel TLS failed; it is lost"
+                    );
+                    self.stats.connection(who.agent.id, Outcome::AgentFailed);
+                }
+            },
+            Err(why) => {
+                self.stats.layer(Layer::Rustls(why));
+                let (mut agent_tls, mut upstream) = (agent_tls, upstream);
+                agent_tls.get_mut().0.uncork();
+                upstream.get_mut().0.uncork();
+                self.exchange(who, name, dst, agent_tls, upstream, protocol)
+                    .await;
+            }
+        }
+    }
+
+    /// After both handshakes: the HTTP layer or the byte-stream relay over the
+    /// connection's plaintext, on whichever record layer carries it.
+    async fn exchange<A, U>(
+        self: &Arc<Self>,
+        who: Admitted,
+        name: String,
+        dst: String,
+        agent: A,
+        upstream: U,
+        protocol: Option<Protocol>,
+    ) where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (detectors, gate) = {
             let current = self.current();
             let detectors = match who.agent.mode {
@@ -847,7 +908,6 @@ impl Shared {
                 .map(|gate| (gate, who.agent.id));
             (detectors, gate)
         };
-        let protocol = Protocol::from_alpn(agent_tls.get_ref().1.alpn_protocol());
         let session = Arc::new(Session {
             shared: self.clone(),
             agent: who.agent.id,
@@ -865,11 +925,11 @@ impl Shared {
         };
         let (agent, upstream, protocol) = match protocol {
             Some(protocol) => (
-                Prefixed::new(agent_tls, Vec::new()),
+                Prefixed::new(agent, Vec::new()),
                 Prefixed::new(upstream, Vec::new()),
                 Some(protocol),
             ),
-            None => sniff(agent_tls, upstream).await,
+            None => sniff(agent, upstream).await,
         };
         let blocked = match protocol {
             Some(protocol) => {
@@ -934,7 +994,7 @@ impl Shared {
         name: &str,
         addrs: &[SocketAddr],
         alpn: Vec<Vec<u8>>,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    ) -> Result<tokio_rustls::client::TlsStream<HandshakeCork>, String> {
         let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
         let mut last = format!("no address for {name}");
         for addr in addrs {
@@ -949,7 +1009,7 @@ impl Shared {
             return self
                 .upstream
                 .with_alpn(alpn)
-                .connect(server_name, tcp)
+                .connect(server_name, HandshakeCork::new(tcp))
                 .await
                 .map_err(|e| format!("TLS with {name} at {addr}: {e}"));
         }

@@ -49,6 +49,8 @@
 //! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
 //! max_connections_per_agent = 256        # open proxied connections per agent; more are closed
 //! max_connections = 4096                 # in all; lowered to fit RLIMIT_NOFILE with a reserve
+//! record_layer = "auto"                  # auto | ktls | rustls: kernel TLS moves the records
+//!                                        # where it can (auto), must (ktls), or never (rustls)
 //!
 //! [hooks]                                # per interface, overriding `hook`
 //! eth1 = "tc"
@@ -200,6 +202,8 @@ struct RawInspect {
     max_connections_per_agent: usize,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default)]
+    record_layer: crate::inspect::RecordLayer,
 }
 
 fn default_max_connections_per_agent() -> usize {
@@ -491,6 +495,7 @@ impl Config {
                     ca_dir: i.ca_dir.map_or_else(|| state_dir.clone(), |d| base.join(d)),
                     max_connections_per_agent: i.max_connections_per_agent,
                     max_connections: i.max_connections,
+                    record_layer: i.record_layer,
                 })
             }
             None => None,
@@ -803,7 +808,26 @@ mod tests {
                 ca_dir: PathBuf::from("/var/lib/enforcer"),
                 max_connections_per_agent: 256,
                 max_connections: 4096,
+                record_layer: crate::inspect::RecordLayer::Auto,
             })
+        );
+        let c = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[inspect]\nrecord_layer = \"rustls\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.inspect.unwrap().record_layer,
+            crate::inspect::RecordLayer::Rustls
+        );
+        let err = Config::parse(
+            Path::new("e.toml"),
+            "policy = \"p\"\n[inspect]\nrecord_layer = \"kernel\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "e.toml:3:16: unknown variant `kernel`, expected one of `auto`, `ktls`, `rustls`"
         );
         let err = Config::parse(
             Path::new("e.toml"),

@@ -1031,6 +1031,7 @@ impl Daemon {
                 "overrides": self.status.overrides,
                 "audit": self.audit_health,
                 "bpffs": self.config.bpffs,
+                "inspect": self.info.borrow().inspect.as_ref().map(|stats| stats.status()),
                 "control_plane": self.control_plane.as_ref().map(|state| json!({
                     "url": self.config.control_plane.as_ref().map(|c| c.url.clone()),
                     "state": state.borrow().to_string(),
