@@ -190,6 +190,56 @@ pub enum Version {
     Http2,
 }
 
+/// A TLS connection from namespace `netns` along `route`: `CONNECT` to the server's
+/// address through the proxy, then TLS as `route.name` trusting `route.ca`, offering
+/// `alpn`.
+pub async fn connect_tls(
+    netns: &Netns,
+    route: &Route<'_>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (proxy, server) = (route.proxy, route.server);
+    let tcp = enforcer::lab::in_netns(netns, move || std::net::TcpStream::connect(proxy))
+        .map_err(|e| format!("connecting to the proxy: {e}"))?;
+    let roots = {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(route.ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    tcp.set_nonblocking(true).unwrap();
+    let mut tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    tcp.write_all(format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tcp.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the proxy closed during CONNECT".to_string());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return Err(format!("CONNECT: {}", String::from_utf8_lossy(&head)));
+    }
+    let server_name = rustls::pki_types::ServerName::try_from(route.name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))
+}
+
 /// POSTs a body cut into `pieces` (each sent as its own chunk or DATA frame, with a pause
 /// between them), with `headers` besides Host, from namespace `netns` along `route` (CONNECT names the address, TLS
 /// and the request the name, as `curl --connect-to` does). Returns the response status, or the error that ended
@@ -206,55 +256,21 @@ pub fn send_frames(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let (proxy, server, name, ca) = (route.proxy, route.server, route.name, route.ca);
-    let tcp = enforcer::lab::in_netns(netns, move || std::net::TcpStream::connect(proxy))
-        .map_err(|e| format!("connecting to the proxy: {e}"))?;
-    let roots = {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        roots
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![match version {
+    let alpn = vec![match version {
         Version::Http1 => b"http/1.1".to_vec(),
         Version::Http2 => b"h2".to_vec(),
     }];
-    let (name, path, port) = (name.to_string(), path.to_string(), server.port());
+    let (name, path, port) = (
+        route.name.to_string(),
+        path.to_string(),
+        route.server.port(),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async move {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        tcp.set_nonblocking(true).unwrap();
-        let mut tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-        tcp.write_all(format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            if tcp.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
-                return Err("the proxy closed during CONNECT".to_string());
-            }
-            head.push(byte[0]);
-        }
-        if !head.starts_with(b"HTTP/1.1 200") {
-            return Err(format!("CONNECT: {}", String::from_utf8_lossy(&head)));
-        }
-        let server_name = rustls::pki_types::ServerName::try_from(name.clone()).unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
+        let tls = connect_tls(netns, route, alpn).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
         let body = http_body_util::StreamBody::new(
             tokio_stream::wrappers::ReceiverStream::new(rx).map(|piece| {

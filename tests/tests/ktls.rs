@@ -364,3 +364,225 @@ mod vm {
         assert!(report.user_space_bytes <= 2 * 16 * 1024, "{report:?}");
     }
 }
+
+/// The proxy's byte-stream relay (what is not HTTP) on kernel TLS, through the real
+/// daemon: the direction with detectors is read through `KtlsStream` and searched, the
+/// direction without any is spliced in the kernel.
+mod byte_stream {
+    use std::{
+        io::{Read as _, Write as _},
+        net::SocketAddr,
+        sync::{Arc, Mutex},
+        thread,
+    };
+
+    use integration_tests::{
+        SERVER_V4,
+        https::{Route, bind_in, connect_tls, pattern},
+        proxy_lab::{ALLOWED, CONNECT_PORT, GATEWAY, metric, setup_with, sha256_hex},
+    };
+    use rustls::{
+        ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Not HTTP: the proxy's sniff sends it to the byte-stream relay.
+    const PORT: u16 = 9443;
+    const UP: usize = 4 << 20;
+    const DOWN: usize = 16 << 20;
+    const MARKER: &[u8] = b"sk-live-";
+
+    fn policy() -> String {
+        let marker = String::from_utf8_lossy(MARKER);
+        format!(
+            r#"
+[[detectors]]
+name = "secret-key"
+literal = "{marker}"
+action = "block"
+direction = "up"
+
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+inspect = true
+[[agents.egress]]
+action = "allow"
+to = ["{ALLOWED}"]
+proto = "tcp"
+ports = "{PORT}"
+[[agents.egress]]
+action = "allow"
+to = ["{SERVER_V4}"]
+proto = "tcp"
+ports = "{PORT}"
+[[agents.egress]]
+action = "allow"
+to = ["{GATEWAY}"]
+proto = "tcp"
+ports = "{CONNECT_PORT}"
+"#
+        )
+    }
+
+    /// What the server received on one connection: its bytes (up to the first error).
+    type Got = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// A TLS server that reads `UP` bytes (or to the end), then sends `DOWN` bytes of
+    /// [`pattern`] and close_notify; one thread per connection.
+    fn serve(listener: std::net::TcpListener, config: Arc<ServerConfig>) -> Got {
+        let got: Got = Arc::default();
+        let record = got.clone();
+        thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let (config, record) = (config.clone(), record.clone());
+                thread::spawn(move || {
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut received = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while received.len() < UP {
+                        match tls.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => received.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let complete = received.len() == UP;
+                    record.lock().unwrap().push(received);
+                    if complete {
+                        let _ = tls.write_all(&pattern(DOWN));
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                    }
+                });
+            }
+        });
+        got
+    }
+
+    /// One connection from agent 1: send `up` through the proxy and read to the end.
+    fn exchange(s: &integration_tests::proxy_lab::Setup, up: Vec<u8>) -> Result<Vec<u8>, String> {
+        let route = Route {
+            proxy: SocketAddr::new(GATEWAY.parse().unwrap(), CONNECT_PORT),
+            server: SocketAddr::new(SERVER_V4.parse().unwrap(), PORT),
+            name: ALLOWED,
+            ca: &s.node_ca,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tls = connect_tls(s.lab.agent(1), &route, Vec::new()).await?;
+            let (mut reader, mut writer) = tokio::io::split(tls);
+            let reading = async {
+                let mut down = Vec::new();
+                reader
+                    .read_to_end(&mut down)
+                    .await
+                    .map(|_| down)
+                    .map_err(|e| format!("reading: {e}"))
+            };
+            let writing = async {
+                writer.write_all(&up).await.map_err(|e| e.to_string())?;
+                writer.flush().await.map_err(|e| e.to_string())
+            };
+            let (down, written) = tokio::join!(reading, writing);
+            written?;
+            let down = down?;
+            let _ = writer.shutdown().await;
+            Ok(down)
+        })
+    }
+
+    /// Up is searched (a marker in it is blocked before it reaches the server), down is
+    /// spliced in the kernel (`enforcer_inspect_spliced_bytes_total` counts exactly it),
+    /// and both arrive byte-exact.
+    #[test]
+    #[ignore = "needs kTLS: runs in the VM (cargo xtask vmtest)"]
+    fn a_direction_without_detectors_is_spliced_in_the_kernel() {
+        assert!(require_root(
+            "a_direction_without_detectors_is_spliced_in_the_kernel"
+        ));
+        let s = setup_with(1, "record_layer = \"ktls\"", &policy());
+        let certs = CertificateDer::pem_file_iter(&s.upstream_cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&s.upstream_key).unwrap();
+        let config = Arc::new(
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        let listener = bind_in(
+            &s.lab.server,
+            SocketAddr::new(SERVER_V4.parse().unwrap(), PORT),
+        );
+        let got = serve(listener, config);
+
+        // Binary, not an HTTP request line.
+        let mut clean = vec![0u8, 1, 2, 3];
+        clean.extend_from_slice(&pattern(UP - 4));
+        let down = exchange(&s, clean.clone()).unwrap();
+        assert_eq!(down.len(), DOWN);
+        assert_eq!(
+            sha256_hex(&down),
+            sha256_hex(&pattern(DOWN)),
+            "agent got other bytes"
+        );
+        let received = got.lock().unwrap()[0].clone();
+        assert_eq!(
+            sha256_hex(&received),
+            sha256_hex(&clean),
+            "server got other bytes"
+        );
+
+        let metrics = s.metrics();
+        let m = |name: &str| metric(&metrics, name);
+        assert_eq!(
+            m("enforcer_inspect_record_layer_total{layer=\"ktls\",reason=\"kernel\"}"),
+            Some(1.0),
+            "{metrics}"
+        );
+        // Down, and only down, went through the kernel.
+        assert_eq!(
+            m("enforcer_inspect_spliced_bytes_total"),
+            Some(DOWN as f64),
+            "{metrics}"
+        );
+        assert_eq!(
+            m("enforcer_inspect_bytes_total{direction=\"up\"}"),
+            Some(UP as f64),
+            "{metrics}"
+        );
+
+        // The marker in the middle of the agent's bytes: the connection is closed and the
+        // server never receives it.
+        let mut secret = clean.clone();
+        secret[UP / 2..UP / 2 + MARKER.len()].copy_from_slice(MARKER);
+        let result = exchange(&s, secret);
+        assert!(result.is_err(), "a blocked stream ended cleanly");
+        let records = s.proxy_records(1);
+        let blocked = records.last().unwrap();
+        assert_eq!(blocked["reason"], "detector_block", "{blocked}");
+        assert_eq!(blocked["verdict"], "drop", "{blocked}");
+        assert_eq!(blocked["detail"], "secret-key", "{blocked}");
+        let all = got.lock().unwrap();
+        assert_eq!(all.len(), 2, "the blocked connection reached the server");
+        assert!(
+            all[1].len() < UP / 2 + MARKER.len()
+                && !all[1].windows(MARKER.len()).any(|w| w == MARKER),
+            "the server got {} bytes, the marker among them",
+            all[1].len()
+        );
+    }
+}

@@ -48,7 +48,6 @@ use std::{
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use tokio::{io::Interest, net::TcpStream};
 
-#[cfg(feature = "ktls-transport-test")]
 /// Bytes moved per splice call: one full TLS record.
 const SPLICE_CHUNK: usize = 16 * 1024;
 
@@ -403,6 +402,8 @@ pub struct KtlsStream {
     read_closed: bool,
     /// `close_notify` was sent.
     write_closed: bool,
+    /// The read half of [`KtlsStream::split`]: writes and shutdown belong to the other.
+    read_half: bool,
 }
 
 /// The largest TLS record plaintext, and some room: a read buffer of this size takes any
@@ -418,12 +419,47 @@ impl KtlsStream {
             at: 0,
             read_closed: side.closed,
             write_closed: false,
+            read_half: false,
         }
     }
 
     /// `agent` or `upstream`.
     pub fn side(&self) -> &'static str {
         self.side
+    }
+
+    /// Puts bytes already read from this stream back in front of what reads return next.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            let mut pending = bytes.to_vec();
+            pending.extend_from_slice(&self.pending[self.at..]);
+            self.pending = pending;
+            self.at = 0;
+        }
+    }
+
+    /// Two handles on the one socket (a duplicated descriptor: kTLS state belongs to the
+    /// socket), so one direction can be spliced in the kernel while the other is read in
+    /// user space: the first reads (it holds what rustls had decrypted), the second
+    /// writes and reads nothing.
+    pub fn split(self) -> io::Result<(KtlsStream, KtlsStream)> {
+        let std = self.tcp.into_std()?;
+        let writer = TcpStream::from_std(std.try_clone()?)?;
+        let reader = KtlsStream {
+            tcp: TcpStream::from_std(std)?,
+            read_half: true,
+            ..self
+        };
+        let writer = KtlsStream {
+            tcp: writer,
+            side: reader.side,
+            pending: Vec::new(),
+            at: 0,
+            read_closed: true,
+            write_closed: false,
+            read_half: false,
+        };
+        Ok((reader, writer))
     }
 }
 
@@ -522,12 +558,19 @@ impl tokio::io::AsyncRead for KtlsStream {
     }
 }
 
+fn read_half_written() -> io::Error {
+    io::Error::other("writing to the read half of a split kTLS stream")
+}
+
 impl tokio::io::AsyncWrite for KtlsStream {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        if self.read_half {
+            return std::task::Poll::Ready(Err(read_half_written()));
+        }
         std::pin::Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
     }
 
@@ -536,6 +579,9 @@ impl tokio::io::AsyncWrite for KtlsStream {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
+        if self.read_half {
+            return std::task::Poll::Ready(Err(read_half_written()));
+        }
         std::pin::Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -556,6 +602,10 @@ impl tokio::io::AsyncWrite for KtlsStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.read_half {
+            // The write half ends the direction; this one must not half-close the socket.
+            return std::task::Poll::Ready(Ok(()));
+        }
         while !this.write_closed {
             std::task::ready!(this.tcp.poll_write_ready(cx))?;
             let fd = this.tcp.as_raw_fd();
@@ -990,14 +1040,12 @@ async fn write_all(to: &Side, mut bytes: &[u8]) -> Result<(), KtlsError> {
     Ok(())
 }
 
-#[cfg(feature = "ktls-transport-test")]
 /// A pipe, both ends non-blocking.
 struct Pipe {
     read: std::os::fd::OwnedFd,
     write: std::os::fd::OwnedFd,
 }
 
-#[cfg(feature = "ktls-transport-test")]
 impl Pipe {
     fn new() -> Result<Self, KtlsError> {
         let mut fds = [0; 2];
@@ -1016,7 +1064,6 @@ impl Pipe {
     }
 }
 
-#[cfg(feature = "ktls-transport-test")]
 fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
     let flags =
         libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
@@ -1039,50 +1086,15 @@ fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
 }
 
 #[cfg(feature = "ktls-transport-test")]
-/// Moves one direction in the kernel: RX socket → pipe → TX socket, one record at a time.
+/// One direction of `splice_uninspected`: the kernel splice, then `close_notify` if the
+/// sender sent one, and a half-close.
 async fn relay(from: &Side, to: &Side, already_closed: bool) -> Result<u64, KtlsError> {
-    let pipe = Pipe::new()?;
-    let mut moved = 0u64;
-    let (from_fd, to_fd) = (from.tcp.as_raw_fd(), to.tcp.as_raw_fd());
-    let mut close_notify = already_closed;
-    if !already_closed {
-        loop {
-            let got = from
-                .tcp
-                .async_io(Interest::READABLE, || {
-                    splice(from_fd, pipe.write.as_raw_fd(), SPLICE_CHUNK, false)
-                })
-                .await;
-            let mut left = match got {
-                Ok(0) => break,
-                Ok(n) => n,
-                // splice refuses non-data records, leaving them queued.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match read_control(from)? {
-                    Record::Data | Record::Ignore => continue,
-                    Record::CloseNotify => {
-                        close_notify = true;
-                        break;
-                    }
-                },
-                Err(e) => return Err(io_err("splicing from a kTLS socket")(e)),
-            };
-            while left > 0 {
-                let sent = to
-                    .tcp
-                    .async_io(Interest::WRITABLE, || {
-                        splice(pipe.read.as_raw_fd(), to_fd, left, false)
-                    })
-                    .await;
-                match sent {
-                    Ok(n) => {
-                        left -= n;
-                        moved += n as u64;
-                    }
-                    Err(e) => return Err(io_err("splicing into a kTLS socket")(e)),
-                }
-            }
-        }
-    }
+    let (moved, close_notify) = if already_closed {
+        (0, true)
+    } else {
+        splice_loop(&from.tcp, from.name, &to.tcp).await?
+    };
+    let to_fd = to.tcp.as_raw_fd();
     if close_notify {
         match send_close_notify(to_fd) {
             // The peer may be gone already; the FIN that follows still ends the direction.
@@ -1094,6 +1106,72 @@ async fn relay(from: &Side, to: &Side, already_closed: bool) -> Result<u64, Ktls
     }
     // SAFETY: our socket; half-close so the peer sees the end of this direction only.
     unsafe { libc::shutdown(to_fd, libc::SHUT_WR) };
+    Ok(moved)
+}
+
+/// Moves one direction in the kernel until the sender's end: RX socket → pipe → TX socket,
+/// a record at a time, the plaintext never entering user space. Returns the bytes moved and
+/// whether the end was a `close_notify` (rather than a FIN without one).
+async fn splice_loop(
+    from: &TcpStream,
+    from_side: &'static str,
+    to: &TcpStream,
+) -> Result<(u64, bool), KtlsError> {
+    let pipe = Pipe::new()?;
+    let mut moved = 0u64;
+    let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
+    loop {
+        let got = from
+            .async_io(Interest::READABLE, || {
+                splice(from_fd, pipe.write.as_raw_fd(), SPLICE_CHUNK, false)
+            })
+            .await;
+        let mut left = match got {
+            Ok(0) => return Ok((moved, false)),
+            Ok(n) => n,
+            // splice refuses non-data records, leaving them queued.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                match read_control(from, from_side)? {
+                    Record::Data | Record::Ignore => continue,
+                    Record::CloseNotify => return Ok((moved, true)),
+                }
+            }
+            Err(e) => return Err(io_err("splicing from a kTLS socket")(e)),
+        };
+        while left > 0 {
+            let sent = to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), to_fd, left, false)
+                })
+                .await;
+            match sent {
+                Ok(n) => {
+                    left -= n;
+                    moved += n as u64;
+                }
+                Err(e) => return Err(io_err("splicing into a kTLS socket")(e)),
+            }
+        }
+    }
+}
+
+/// One direction of a kernel TLS connection moved in the kernel, for a direction no
+/// detector needs to see: what `from` already holds (decrypted by rustls before the
+/// hand-off) is written first, then the kernel splices until `from` ends, then `to` is
+/// shut down (`close_notify`, FIN), as the user-space relay ends a direction.
+pub async fn splice_direction(from: &KtlsStream, to: &mut KtlsStream) -> Result<u64, KtlsError> {
+    use tokio::io::AsyncWriteExt as _;
+    let held = &from.pending[from.at..];
+    to.write_all(held)
+        .await
+        .map_err(io_err("writing buffered plaintext into kTLS"))?;
+    let mut moved = held.len() as u64;
+    if !from.read_closed {
+        moved += splice_loop(&from.tcp, from.side, &to.tcp).await?.0;
+    }
+    to.shutdown()
+        .await
+        .map_err(io_err("ending a spliced direction"))?;
     Ok(moved)
 }
 
@@ -1177,12 +1255,11 @@ fn classify(side: &'static str, record_type: Option<u8>, body: &[u8]) -> Result<
 }
 
 /// Reads the non-data record at the head of a kTLS socket (splice refused it).
-#[cfg(feature = "ktls-transport-test")]
-fn read_control(side: &Side) -> Result<Record, KtlsError> {
+fn read_control(tcp: &TcpStream, side: &'static str) -> Result<Record, KtlsError> {
     let mut data = vec![0u8; RECORD_ROOM];
-    let (n, record_type) = recv_record(side.tcp.as_raw_fd(), data.as_mut_ptr(), data.len())
+    let (n, record_type) = recv_record(tcp.as_raw_fd(), data.as_mut_ptr(), data.len())
         .map_err(io_err("reading a TLS control record"))?;
-    classify(side.name, record_type, &data[..n])
+    classify(side, record_type, &data[..n])
 }
 
 /// Sends a close_notify alert record through kTLS (record type by cmsg), without waiting.

@@ -344,6 +344,9 @@ pub struct Stats {
     pub up_bytes: AtomicU64,
     /// Plaintext bytes relayed to agents.
     pub down_bytes: AtomicU64,
+    /// Of those bytes, the ones spliced in the kernel (byte streams on kernel TLS, in a
+    /// direction without detectors).
+    pub spliced_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -591,6 +594,14 @@ pub fn register_metrics(
         "inspect_bytes",
         "Plaintext bytes relayed by the inspecting proxy (up: to servers, down: to agents)",
         bytes,
+    );
+    let spliced = Counter::<u64>::default();
+    spliced.inc_by(stats.spliced_bytes.load(Ordering::Relaxed));
+    registry.register(
+        "inspect_spliced_bytes",
+        "Of inspect_bytes, those spliced in the kernel: byte streams (not HTTP) on kernel \
+         TLS, in a direction no detector searches",
+        spliced,
     );
 }
 

@@ -75,7 +75,7 @@ use super::{
     ktls::{self, HandshakeCork},
     mcp::Gate,
     redirect,
-    relay::{self, Direction},
+    relay::{self, Direction, RelayStream},
 };
 use crate::{
     dataplane::compile::{DestinationRules, Judgement},
@@ -891,8 +891,8 @@ impl Shared {
         upstream: U,
         protocol: Option<Protocol>,
     ) where
-        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        A: RelayStream,
+        U: RelayStream,
     {
         let (detectors, gate) = {
             let current = self.current();
@@ -949,7 +949,7 @@ impl Shared {
                 report.blocked > 0
             }
             None => {
-                let report = relay::userspace_relay(
+                let report = relay::relay(
                     agent,
                     upstream,
                     session.up.clone(),
@@ -966,6 +966,9 @@ impl Shared {
                 )
                 .await;
                 self.stats.relayed(report.up_bytes, report.down_bytes);
+                self.stats
+                    .spliced_bytes
+                    .fetch_add(report.spliced_bytes, std::sync::atomic::Ordering::Relaxed);
                 if let Some(e) = &report.error {
                     tracing::debug!(agent = who.agent.name, error = %e, "proxy: relay ended with an error");
                 }
@@ -1194,6 +1197,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: RelayStream> RelayStream for Prefixed<S> {
+    fn into_ktls(self) -> Result<ktls::KtlsStream, Self> {
+        let Prefixed { prefix, at, inner } = self;
+        match inner.into_ktls() {
+            Ok(mut stream) => {
+                stream.unread(&prefix[at..]);
+                Ok(stream)
+            }
+            Err(inner) => Err(Prefixed { prefix, at, inner }),
+        }
     }
 }
 

@@ -1,14 +1,19 @@
-//! The user-space path: both TLS connections stay in rustls, and each direction is a
-//! loop of read, scan ([`Scanner`]), write. A block hit returns at once, which drops (and
-//! so closes) both connections without writing the read that completed the marker; the
-//! end of one direction is passed on as a TLS close_notify and a TCP half-close, and the
-//! other direction carries on until it ends too.
+//! The byte-stream relay, for what is not HTTP: each direction is a loop of read, scan
+//! ([`Scanner`]), write over the connection's plaintext (rustls or kernel TLS). A block
+//! hit returns at once, which drops (and so closes) both connections without writing the
+//! read that completed the marker; the end of one direction is passed on as a TLS
+//! close_notify and a TCP half-close, and the other direction carries on until it ends
+//! too. On kernel TLS a direction no detector needs to see is spliced in the kernel
+//! instead ([`relay`], [`ktls::splice_direction`]): its plaintext never enters user space.
 
-use std::{pin::pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::pin, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::dlp::{Detectors, Scan, Scanner};
+use super::{
+    dlp::{Detectors, Scan, Scanner},
+    ktls::{self, KtlsStream},
+};
 
 /// Which way bytes were going.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +54,117 @@ pub struct RelayReport {
     pub hit: Option<Hit>,
     /// The first I/O error, if one ended the relay.
     pub error: Option<std::io::Error>,
+    /// Of `up_bytes` and `down_bytes`, those spliced in the kernel.
+    pub spliced_bytes: u64,
+}
+
+/// A stream the byte-stream relay can move: one on kernel TLS can give up its
+/// [`KtlsStream`] for a splice.
+pub trait RelayStream: AsyncRead + AsyncWrite + Unpin + Send + 'static + Sized {
+    /// The kernel TLS stream under this one, with any bytes already read put back in
+    /// front, or `self` when there is none.
+    fn into_ktls(self) -> Result<KtlsStream, Self> {
+        Err(self)
+    }
+}
+
+impl RelayStream for KtlsStream {
+    fn into_ktls(self) -> Result<KtlsStream, Self> {
+        Ok(self)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RelayStream
+    for tokio_rustls::server::TlsStream<S>
+{
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RelayStream
+    for tokio_rustls::client::TlsStream<S>
+{
+}
+
+/// Relays between `agent` and `upstream` as [`userspace_relay`] does, except that on
+/// kernel TLS a direction without detectors is spliced in the kernel.
+pub async fn relay<A: RelayStream, U: RelayStream>(
+    agent: A,
+    upstream: U,
+    up: Arc<Detectors>,
+    down: Arc<Detectors>,
+    on_flag: impl FnMut(usize, Direction),
+) -> RelayReport {
+    if !up.is_empty() && !down.is_empty() {
+        return userspace_relay(agent, upstream, up, down, on_flag).await;
+    }
+    match (agent.into_ktls(), upstream.into_ktls()) {
+        (Ok(agent), Ok(upstream)) => ktls_relay(agent, upstream, up, down, on_flag).await,
+        (Ok(agent), Err(upstream)) => userspace_relay(agent, upstream, up, down, on_flag).await,
+        (Err(agent), Ok(upstream)) => userspace_relay(agent, upstream, up, down, on_flag).await,
+        (Err(agent), Err(upstream)) => userspace_relay(agent, upstream, up, down, on_flag).await,
+    }
+}
+
+/// Both sides on kernel TLS, at least one direction without detectors: that direction is
+/// spliced, the other pumped through the detectors.
+async fn ktls_relay(
+    agent: KtlsStream,
+    upstream: KtlsStream,
+    up: Arc<Detectors>,
+    down: Arc<Detectors>,
+    on_flag: impl FnMut(usize, Direction),
+) -> RelayReport {
+    let halves = agent
+        .split()
+        .and_then(|agent| Ok((agent, upstream.split()?)));
+    let ((agent_read, agent_write), (upstream_read, upstream_write)) = match halves {
+        Ok(halves) => halves,
+        Err(e) => {
+            return RelayReport {
+                up_bytes: 0,
+                down_bytes: 0,
+                hit: None,
+                error: Some(e),
+                spliced_bytes: 0,
+            };
+        }
+    };
+    let (flags_tx, flags_rx) = tokio::sync::mpsc::unbounded_channel();
+    let one_way = |from: KtlsStream,
+                   mut to: KtlsStream,
+                   detectors: Arc<Detectors>,
+                   direction,
+                   flags| async move {
+        if detectors.is_empty() {
+            let moved = ktls::splice_direction(&from, &mut to).await;
+            match moved {
+                Ok(bytes) => Pumped {
+                    bytes,
+                    how: PumpEnd::Eof,
+                    spliced: true,
+                },
+                Err(e) => Pumped {
+                    bytes: 0,
+                    how: PumpEnd::Failed(std::io::Error::other(e)),
+                    spliced: true,
+                },
+            }
+        } else {
+            pump(from, to, &detectors, direction, flags).await
+        }
+    };
+    drive(
+        one_way(
+            agent_read,
+            upstream_write,
+            up,
+            Direction::Up,
+            flags_tx.clone(),
+        ),
+        one_way(upstream_read, agent_write, down, Direction::Down, flags_tx),
+        flags_rx,
+        on_flag,
+    )
+    .await
 }
 
 /// How long a sender may stay quiet with a block marker's prefix at the end of what it
@@ -69,7 +185,7 @@ pub async fn userspace_relay<A, U>(
     upstream: U,
     up: Arc<Detectors>,
     down: Arc<Detectors>,
-    mut on_flag: impl FnMut(usize, Direction),
+    on_flag: impl FnMut(usize, Direction),
 ) -> RelayReport
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -77,26 +193,38 @@ where
 {
     let (agent_read, agent_write) = tokio::io::split(agent);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let (flags_tx, mut flags_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut up = pin!(pump(
-        agent_read,
-        upstream_write,
-        &up,
-        Direction::Up,
-        flags_tx.clone()
-    ));
-    let mut down = pin!(pump(
-        upstream_read,
-        agent_write,
-        &down,
-        Direction::Down,
-        flags_tx
-    ));
+    let (flags_tx, flags_rx) = tokio::sync::mpsc::unbounded_channel();
+    drive(
+        pump(
+            agent_read,
+            upstream_write,
+            &up,
+            Direction::Up,
+            flags_tx.clone(),
+        ),
+        pump(upstream_read, agent_write, &down, Direction::Down, flags_tx),
+        flags_rx,
+        on_flag,
+    )
+    .await
+}
+
+/// Runs both directions until both end or one is blocked or fails, reporting flag hits as
+/// they come.
+async fn drive(
+    up: impl Future<Output = Pumped>,
+    down: impl Future<Output = Pumped>,
+    mut flags_rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Direction)>,
+    mut on_flag: impl FnMut(usize, Direction),
+) -> RelayReport {
+    let mut up = pin!(up);
+    let mut down = pin!(down);
     let mut report = RelayReport {
         up_bytes: 0,
         down_bytes: 0,
         hit: None,
         error: None,
+        spliced_bytes: 0,
     };
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -111,6 +239,9 @@ where
         match direction {
             Direction::Up => report.up_bytes = end.bytes,
             Direction::Down => report.down_bytes = end.bytes,
+        }
+        if end.spliced {
+            report.spliced_bytes += end.bytes;
         }
         let stop = match end.how {
             PumpEnd::Eof => false,
@@ -146,6 +277,8 @@ enum PumpEnd {
 struct Pumped {
     bytes: u64,
     how: PumpEnd,
+    /// Moved by the kernel, not through the detectors.
+    spliced: bool,
 }
 
 /// One direction: read, scan, write, until the end of the stream or a block hit.
@@ -232,7 +365,11 @@ where
             }
         }
     };
-    Pumped { bytes, how }
+    Pumped {
+        bytes,
+        how,
+        spliced: false,
+    }
 }
 
 #[cfg(test)]
