@@ -70,19 +70,7 @@ pub struct HttpsServer {
 impl HttpsServer {
     /// Serves on port 443 of the server address, in the lab's server namespace.
     pub fn spawn(lab: &Lab, cert: &Path, key: &Path) -> HttpsServer {
-        let certs = CertificateDer::pem_file_iter(cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_file(key).unwrap();
-        let config = Arc::new(
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .unwrap(),
-        );
+        let config = server_config(cert, key);
         // The socket is created in the server namespace and stays there; the threads
         // serving it can run anywhere.
         let listener = lab::in_netns(&lab.server, || {
@@ -133,6 +121,23 @@ impl Drop for HttpsServer {
             let _ = t.join();
         }
     }
+}
+
+/// A rustls server config serving the PEM certificate chain `cert` with the PEM `key`.
+pub fn server_config(cert: &Path, key: &Path) -> Arc<ServerConfig> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    Arc::new(
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
 }
 
 /// SHA-256 of `bytes`, hex, as the audit records write it.

@@ -379,12 +379,11 @@ mod byte_stream {
     use integration_tests::{
         SERVER_V4,
         https::{Route, bind_in, connect_tls, pattern},
-        proxy_lab::{ALLOWED, CONNECT_PORT, GATEWAY, metric, setup_with, sha256_hex},
+        proxy_lab::{
+            ALLOWED, CONNECT_PORT, GATEWAY, metric, server_config, setup_with, sha256_hex,
+        },
     };
-    use rustls::{
-        ServerConfig,
-        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
-    };
+    use rustls::ServerConfig;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -510,19 +509,7 @@ ports = "{CONNECT_PORT}"
             "a_direction_without_detectors_is_spliced_in_the_kernel"
         ));
         let s = setup_with(1, "record_layer = \"ktls\"", &policy());
-        let certs = CertificateDer::pem_file_iter(&s.upstream_cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_file(&s.upstream_key).unwrap();
-        let config = Arc::new(
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .unwrap(),
-        );
+        let config = server_config(&s.upstream_cert, &s.upstream_key);
         let listener = bind_in(
             &s.lab.server,
             SocketAddr::new(SERVER_V4.parse().unwrap(), PORT),

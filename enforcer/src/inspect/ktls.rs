@@ -896,47 +896,11 @@ impl CryptoInfo {
                 });
             }
         };
-        let rec_seq = seq.to_be_bytes();
-        // For AES-GCM the 12-byte nonce base is a 4-byte salt and an 8-byte IV in kTLS's
-        // terms, in both TLS 1.2 (implicit salt) and 1.3; ChaCha20 takes all 12 as IV.
-        Ok(match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                let iv = iv.as_ref();
-                Self::Aes128(libc::tls12_crypto_info_aes_gcm_128 {
-                    info: libc::tls_crypto_info {
-                        version,
-                        cipher_type: libc::TLS_CIPHER_AES_GCM_128,
-                    },
-                    iv: iv[4..12].try_into().unwrap(),
-                    key: key.as_ref().try_into().map_err(|_| bad_key(side))?,
-                    salt: iv[..4].try_into().unwrap(),
-                    rec_seq,
-                })
-            }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                let iv = iv.as_ref();
-                Self::Aes256(libc::tls12_crypto_info_aes_gcm_256 {
-                    info: libc::tls_crypto_info {
-                        version,
-                        cipher_type: libc::TLS_CIPHER_AES_GCM_256,
-                    },
-                    iv: iv[4..12].try_into().unwrap(),
-                    key: key.as_ref().try_into().map_err(|_| bad_key(side))?,
-                    salt: iv[..4].try_into().unwrap(),
-                    rec_seq,
-                })
-            }
+        let (cipher, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                Self::Chacha(libc::tls12_crypto_info_chacha20_poly1305 {
-                    info: libc::tls_crypto_info {
-                        version,
-                        cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
-                    },
-                    iv: iv.as_ref().try_into().unwrap(),
-                    key: key.as_ref().try_into().map_err(|_| bad_key(side))?,
-                    salt: [],
-                    rec_seq,
-                })
+                (Cipher::Chacha20Poly1305, key, iv)
             }
             _ => {
                 return Err(KtlsError::Unsupported {
@@ -944,7 +908,69 @@ impl CryptoInfo {
                     what: "a cipher suite newer than this code".into(),
                 });
             }
+        };
+        Self::from_parts(version, seq, cipher, key.as_ref(), iv.as_ref())
+            .ok_or_else(|| bad_key(side))
+    }
+
+    /// The struct for `cipher` with `key` and the 12-byte nonce base `iv`; `None` when a
+    /// length is not the cipher's.
+    fn from_parts(
+        version: u16,
+        seq: u64,
+        cipher: Cipher,
+        key: &[u8],
+        iv: &[u8],
+    ) -> Option<CryptoInfo> {
+        let rec_seq = seq.to_be_bytes();
+        let iv: &[u8; 12] = iv.try_into().ok()?;
+        // For AES-GCM the 12-byte nonce base is a 4-byte salt and an 8-byte IV in kTLS's
+        // terms, in both TLS 1.2 (implicit salt) and 1.3; ChaCha20 takes all 12 as IV.
+        let (salt, explicit) = (iv[..4].try_into().ok()?, iv[4..].try_into().ok()?);
+        Some(match cipher {
+            Cipher::Aes128Gcm => Self::Aes128(libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv: explicit,
+                key: key.try_into().ok()?,
+                salt,
+                rec_seq,
+            }),
+            Cipher::Aes256Gcm => Self::Aes256(libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv: explicit,
+                key: key.try_into().ok()?,
+                salt,
+                rec_seq,
+            }),
+            Cipher::Chacha20Poly1305 => Self::Chacha(libc::tls12_crypto_info_chacha20_poly1305 {
+                info: libc::tls_crypto_info {
+                    version,
+                    cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
+                },
+                iv: *iv,
+                key: key.try_into().ok()?,
+                salt: [],
+                rec_seq,
+            }),
         })
+    }
+
+    /// Zero keys for `version` and `cipher`: what [`KernelTls::probe`] offers the kernel.
+    fn zero(version: ProtocolVersion, cipher: Cipher) -> CryptoInfo {
+        let version = if version == ProtocolVersion::TLSv1_3 {
+            libc::TLS_1_3_VERSION
+        } else {
+            libc::TLS_1_2_VERSION
+        };
+        let key_len = if cipher == Cipher::Aes128Gcm { 16 } else { 32 };
+        Self::from_parts(version, 0, cipher, &[0; 32][..key_len], &[0; 12])
+            .expect("zero keys have the cipher's lengths")
     }
 
     fn as_raw(&self) -> (*const c_void, libc::socklen_t) {
@@ -958,49 +984,6 @@ impl CryptoInfo {
             Self::Aes128(i) => raw(i),
             Self::Aes256(i) => raw(i),
             Self::Chacha(i) => raw(i),
-        }
-    }
-}
-
-impl CryptoInfo {
-    /// Zero keys for `version` and `cipher`: what [`KernelTls::probe`] offers the kernel.
-    fn zero(version: ProtocolVersion, cipher: Cipher) -> CryptoInfo {
-        let version = if version == ProtocolVersion::TLSv1_3 {
-            libc::TLS_1_3_VERSION
-        } else {
-            libc::TLS_1_2_VERSION
-        };
-        match cipher {
-            Cipher::Aes128Gcm => Self::Aes128(libc::tls12_crypto_info_aes_gcm_128 {
-                info: libc::tls_crypto_info {
-                    version,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
-                },
-                iv: [0; 8],
-                key: [0; 16],
-                salt: [0; 4],
-                rec_seq: [0; 8],
-            }),
-            Cipher::Aes256Gcm => Self::Aes256(libc::tls12_crypto_info_aes_gcm_256 {
-                info: libc::tls_crypto_info {
-                    version,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
-                },
-                iv: [0; 8],
-                key: [0; 32],
-                salt: [0; 4],
-                rec_seq: [0; 8],
-            }),
-            Cipher::Chacha20Poly1305 => Self::Chacha(libc::tls12_crypto_info_chacha20_poly1305 {
-                info: libc::tls_crypto_info {
-                    version,
-                    cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
-                },
-                iv: [0; 12],
-                key: [0; 32],
-                salt: [],
-                rec_seq: [0; 8],
-            }),
         }
     }
 }
@@ -1375,6 +1358,60 @@ mod tests {
                 .1 as usize,
             size_of::<libc::tls12_crypto_info_aes_gcm_256>()
         );
+    }
+
+    /// Every suite rustls can negotiate maps to a kernel cipher, and the probe's zero keys
+    /// have each cipher's struct.
+    #[test]
+    fn every_rustls_suite_has_a_kernel_cipher_and_probe_keys_fit() {
+        for suite in rustls::crypto::ring::ALL_CIPHER_SUITES {
+            let name = suite.suite().as_str().unwrap();
+            let cipher = Cipher::of(*suite).unwrap_or_else(|| panic!("{name}"));
+            assert!(
+                name.contains(&cipher.name().replace('-', "_").to_uppercase()),
+                "{name} is not {cipher:?}"
+            );
+        }
+        for version in [ProtocolVersion::TLSv1_2, ProtocolVersion::TLSv1_3] {
+            for (cipher, size) in [
+                (
+                    Cipher::Aes128Gcm,
+                    size_of::<libc::tls12_crypto_info_aes_gcm_128>(),
+                ),
+                (
+                    Cipher::Aes256Gcm,
+                    size_of::<libc::tls12_crypto_info_aes_gcm_256>(),
+                ),
+                (
+                    Cipher::Chacha20Poly1305,
+                    size_of::<libc::tls12_crypto_info_chacha20_poly1305>(),
+                ),
+            ] {
+                assert_eq!(CryptoInfo::zero(version, cipher).as_raw().1 as usize, size);
+            }
+        }
+    }
+
+    /// What a record read from a kTLS socket means to the reader.
+    #[test]
+    fn records_are_classified_by_type_and_first_bytes() {
+        assert_eq!(classify("agent", Some(23), b"data").unwrap(), Record::Data);
+        assert_eq!(classify("agent", None, b"").unwrap(), Record::Data);
+        // Alert level 1, description 0: close_notify.
+        assert_eq!(
+            classify("agent", Some(21), &[1, 0]).unwrap(),
+            Record::CloseNotify
+        );
+        // NewSessionTicket.
+        assert_eq!(
+            classify("agent", Some(22), &[4, 0, 0, 1, 0]).unwrap(),
+            Record::Ignore
+        );
+        let key_update = classify("upstream", Some(22), &[24, 0, 0, 1, 0]).unwrap_err();
+        assert!(key_update.to_string().contains("KeyUpdate"), "{key_update}");
+        let alert = classify("agent", Some(21), &[2, 40]).unwrap_err();
+        assert_eq!(alert.to_string(), "agent connection: TLS alert [2, 40]");
+        assert!(classify("agent", Some(20), &[1]).is_err());
     }
 
     #[test]
