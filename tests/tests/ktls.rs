@@ -516,6 +516,17 @@ ports = "{CONNECT_PORT}"
         );
         let got = serve(listener, config);
 
+        let sockets = |metrics: &str, direction: &str| {
+            metric(
+                metrics,
+                &format!(
+                    "enforcer_inspect_ktls_sockets_total{{direction=\"{direction}\",mode=\"sw\"}}"
+                ),
+            )
+            .unwrap_or_else(|| panic!("no kernel TLS socket count: {metrics}"))
+        };
+        let before = s.metrics();
+
         // Binary, not an HTTP request line.
         let mut clean = vec![0u8, 1, 2, 3];
         clean.extend_from_slice(&pattern(UP - 4));
@@ -540,6 +551,14 @@ ports = "{CONNECT_PORT}"
             Some(1.0),
             "{metrics}"
         );
+        // The kernel set up both sockets of the connection, both directions, in software.
+        for direction in ["tx", "rx"] {
+            assert_eq!(
+                sockets(&metrics, direction) - sockets(&before, direction),
+                2.0,
+                "{direction}: {metrics}"
+            );
+        }
         // Down, and only down, went through the kernel.
         assert_eq!(
             m("enforcer_inspect_spliced_bytes_total"),

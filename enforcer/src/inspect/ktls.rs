@@ -38,7 +38,7 @@
 //! Minimum kernel: 4.17 (`tls_sw_splice_read`), TLS 1.3 RX offload 5.2.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::c_void,
     io::{self, Read as _},
     mem::size_of,
@@ -362,6 +362,26 @@ impl KernelTls {
         }
         Ok(())
     }
+}
+
+/// The kernel's TLS counters of this network namespace (`/proc/net/tls_stat`, Linux
+/// 5.7+): sockets set up with software crypto (`TlsTxSw`, `TlsRxSw`) or a NIC's offload
+/// (`TlsTxDevice`, `TlsRxDevice`), open now (`TlsCurr*`), and records that failed to
+/// decrypt (`TlsDecryptError`). `None` where the file is missing (no kTLS, or older).
+pub fn kernel_counters() -> Option<BTreeMap<String, u64>> {
+    parse_counters(&std::fs::read_to_string("/proc/net/tls_stat").ok()?)
+}
+
+fn parse_counters(text: &str) -> Option<BTreeMap<String, u64>> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let mut fields = line.split_whitespace();
+            let name = fields.next()?.to_string();
+            let value = fields.next()?.parse().ok()?;
+            Some((name, value))
+        })
+        .collect()
 }
 
 /// Hands both sessions of a proxied connection to the kernel, after [`KernelTls::admit`]:
@@ -1390,6 +1410,16 @@ mod tests {
                 assert_eq!(CryptoInfo::zero(version, cipher).as_raw().1 as usize, size);
             }
         }
+    }
+
+    #[test]
+    fn kernel_counters_are_read_by_name() {
+        let text = "TlsCurrTxSw                     \t2\nTlsCurrRxSw                     \t2\nTlsTxDevice                     \t0\nTlsDecryptError                 \t1\n";
+        let counters = parse_counters(text).unwrap();
+        assert_eq!(counters["TlsCurrTxSw"], 2);
+        assert_eq!(counters["TlsDecryptError"], 1);
+        assert_eq!(counters.len(), 4);
+        assert_eq!(parse_counters("TlsTxSw x\n"), None);
     }
 
     /// What a record read from a kTLS socket means to the reader.

@@ -482,6 +482,12 @@ struct McpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct KernelTlsLabels {
+    direction: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct LayerLabels {
     layer: String,
     reason: String,
@@ -595,6 +601,52 @@ pub fn register_metrics(
         "Plaintext bytes relayed by the inspecting proxy (up: to servers, down: to agents)",
         bytes,
     );
+    if stats.path() == Some("ktls")
+        && let Some(counters) = ktls::kernel_counters()
+    {
+        let sockets = Family::<KernelTlsLabels, Counter>::default();
+        let open = Family::<KernelTlsLabels, Gauge>::default();
+        for (direction, mode, total, current) in [
+            ("tx", "sw", "TlsTxSw", "TlsCurrTxSw"),
+            ("rx", "sw", "TlsRxSw", "TlsCurrRxSw"),
+            ("tx", "device", "TlsTxDevice", "TlsCurrTxDevice"),
+            ("rx", "device", "TlsRxDevice", "TlsCurrRxDevice"),
+        ] {
+            let labels = KernelTlsLabels {
+                direction: direction.into(),
+                mode: mode.into(),
+            };
+            if let Some(n) = counters.get(total) {
+                sockets.get_or_create(&labels).inc_by(*n);
+            }
+            if let Some(n) = counters.get(current) {
+                open.get_or_create(&labels)
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+        }
+        registry.register(
+            "inspect_ktls_sockets",
+            "Sockets the kernel set up for kernel TLS in the daemon's namespace, by direction \
+             and mode (sw: the kernel's crypto; device: the NIC's TLS offload), from \
+             /proc/net/tls_stat",
+            sockets,
+        );
+        registry.register(
+            "inspect_ktls_open_sockets",
+            "Kernel TLS sockets open now in the daemon's namespace, by direction and mode",
+            open,
+        );
+        if let Some(n) = counters.get("TlsDecryptError") {
+            let errors = Counter::<u64>::default();
+            errors.inc_by(*n);
+            registry.register(
+                "inspect_ktls_decrypt_errors",
+                "TLS records kernel TLS failed to decrypt (a peer's bad record, or keys out \
+                 of step) in the daemon's namespace",
+                errors,
+            );
+        }
+    }
     let spliced = Counter::<u64>::default();
     spliced.inc_by(stats.spliced_bytes.load(Ordering::Relaxed));
     registry.register(
