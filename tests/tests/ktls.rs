@@ -517,7 +517,17 @@ catalogue = "block"
                 };
                 let (up, down) = (chunks(5, LEN).collect(), chunks(6, LEN).collect());
                 let start = std::time::Instant::now();
-                let (server, agent, report) = rt.block_on(run(proxy, up, down));
+                // A stuck path fails with its name instead of holding the VM until its
+                // timeout.
+                let (server, agent, report) = rt
+                    .block_on(async {
+                        tokio::time::timeout(
+                            std::time::Duration::from_secs(240),
+                            run(proxy, up, down),
+                        )
+                        .await
+                    })
+                    .unwrap_or_else(|_| panic!("{name}: stuck for 240 s"));
                 let secs = start.elapsed().as_secs_f64();
                 assert_exact(&server, &agent, (5, 6), LEN);
                 assert_eq!(
