@@ -1,7 +1,7 @@
 //! The inspecting proxy's lab: the daemon with `[inspect]` on, an HTTPS server in the server
 //! namespace that records exactly what it received and sent, the node CA the agent trusts,
-//! and ways for the agent to reach the server through the proxy (shared by
-//! tests/inspect.rs and tests/mcp.rs).
+//! ways for the agent to reach the server through the proxy, and the checks every record
+//! layer must pass (shared by tests/inspect.rs, tests/mcp.rs and tests/ktls.rs).
 
 use std::{
     fs,
@@ -39,6 +39,73 @@ pub const CONNECT_PORT: u16 = 3128;
 pub const TRANSPARENT_PORT: u16 = 3129;
 /// What the server keeps of each request's raw plaintext, to search for markers.
 pub const RAW_KEEP: usize = 1 << 20;
+/// The port of the hyper server ([`crate::https::HttpsServer`]) that speaks HTTP/2 as well
+/// as HTTP/1.1, beside the recording HTTP/1.1 server on 443.
+pub const ALT_PORT: u16 = 8443;
+
+/// The literal [`detector_policy`]'s block detector (`secret-key`) stops.
+pub const SECRET_MARKER: &str = "sk-live-";
+/// The literal [`detector_policy`]'s flag detector (`mcp-call`) audits.
+pub const MCP_MARKER: &str = r#""method":"tools/call""#;
+
+/// The inspect tests' policy: a block detector for [`SECRET_MARKER`], a flag detector for
+/// [`MCP_MARKER`], and agent 1 (`coder`, inspected) allowed to [`ALLOWED`] on 443, to the
+/// server's address (the transparent way in) and to the proxy (the CONNECT way in).
+pub fn detector_policy() -> String {
+    format!(
+        r#"
+[[detectors]]
+name = "secret-key"
+literal = "{SECRET_MARKER}"
+action = "block"
+
+[[detectors]]
+name = "mcp-call"
+literal = '{MCP_MARKER}'
+action = "flag"
+
+[[agents]]
+id = 1
+name = "coder"
+interfaces = ["gwa1"]
+inspect = true
+[[agents.egress]]
+action = "deny"
+to = ["@metadata"]
+[[agents.egress]]
+action = "allow"
+to = ["{ALLOWED}"]
+proto = "tcp"
+ports = "443"
+# The packets themselves: to the server's address (transparent mode) and to the
+# proxy on the gateway (CONNECT mode).
+[[agents.egress]]
+action = "allow"
+to = ["{SERVER_V4}"]
+proto = "tcp"
+ports = "443"
+[[agents.egress]]
+action = "allow"
+to = ["{GATEWAY}"]
+proto = "tcp"
+ports = "{CONNECT_PORT}"
+"#
+    )
+}
+
+/// A body with [`SECRET_MARKER`] well after its start, so some of the request does reach
+/// the server and the proof of a block is that the marker itself never did.
+pub fn secret_body() -> Vec<u8> {
+    let mut secret = vec![b'a'; 200_000];
+    secret.extend_from_slice(format!("&token={SECRET_MARKER}0123456789abcdef&").as_bytes());
+    secret.extend_from_slice(&[b'b'; 5000]);
+    secret
+}
+
+/// What a command wrote to stderr, for assertion messages.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 /// What the server saw on one connection.
 #[derive(Clone, Debug, Default)]
@@ -298,6 +365,17 @@ pub fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
     }
 }
 
+/// What [`Setup::clean_transfers`] moved through the proxy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Moved {
+    /// Connections made (one per transfer).
+    pub connections: usize,
+    /// Body bytes uploaded, all of them checked at the server.
+    pub up: u64,
+    /// Body bytes downloaded, all of them checked at the agent.
+    pub down: u64,
+}
+
 /// How curl reaches the server.
 #[derive(Clone, Copy, Debug)]
 pub enum Via {
@@ -328,6 +406,12 @@ impl Setup {
     /// Runs curl in agent 1 to `name` (port 443) with `args`: HTTPS trusting the node CA,
     /// `--fail`, reaching the server `via` the proxy's CONNECT or transparent way in.
     pub fn curl(&self, via: Via, name: &str, args: &[&str]) -> Output {
+        self.curl_to(via, name, 443, args)
+    }
+
+    /// [`Setup::curl`] to `name:port` (the server's address, that port); the transparent
+    /// way in needs `port` among the policy's `defaults.tls_ports`.
+    pub fn curl_to(&self, via: Via, name: &str, port: u16, args: &[&str]) -> Output {
         let mut cmd = self.lab.agent(1).command("curl");
         cmd.args(["-sS", "--fail", "--max-time", "120", "--cacert"])
             .arg(&self.node_ca)
@@ -338,10 +422,232 @@ impl Setup {
                 .arg("--proxy")
                 .arg(format!("http://{GATEWAY}:{CONNECT_PORT}"))
                 .arg("--connect-to")
-                .arg(format!("{name}:443:{SERVER_V4}:443")),
-            Via::Transparent => cmd.arg("--resolve").arg(format!("{name}:443:{SERVER_V4}")),
+                .arg(format!("{name}:{port}:{SERVER_V4}:{port}")),
+            Via::Transparent => cmd
+                .arg("--resolve")
+                .arg(format!("{name}:{port}:{SERVER_V4}")),
         };
         cmd.args(args).output().unwrap()
+    }
+
+    /// Clean HTTP/1.1 uploads of `size + 12345` bytes and downloads of `size` bytes through
+    /// the recording server on 443, both ways in, each checked byte-exact: the upload's
+    /// SHA-256 as the server computed it (curl shows it), the download's as curl wrote it
+    /// against what the server sent. Four connections.
+    pub fn clean_transfers(&self, size: usize) -> Moved {
+        let upload = pattern(size + 12345)
+            .iter()
+            .map(|b| b.wrapping_add(1))
+            .collect::<Vec<u8>>();
+        let upload_path = self.lab.write_file("up.bin", "");
+        fs::write(&upload_path, &upload).unwrap();
+        let upload_sha = sha256_hex(&upload);
+        let url = |path: &str| format!("https://{ALLOWED}{path}");
+        let mut moved = Moved::default();
+        for via in [Via::Connect, Via::Transparent] {
+            // Up: the server's hash of what it received, and curl shows it.
+            let out = self.curl(
+                via,
+                ALLOWED,
+                &[
+                    "--data-binary",
+                    &format!("@{}", upload_path.display()),
+                    &url("/upload"),
+                ],
+            );
+            assert!(out.status.success(), "{via:?} upload: {}", stderr(&out));
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                upload_sha,
+                "{via:?}"
+            );
+            moved.connections += 1;
+            let seen = self.server.wait_seen(moved.connections);
+            let last = &seen[moved.connections - 1];
+            assert!(last.complete, "{via:?}: {last:?}");
+            assert_eq!(
+                (last.body_len, &last.body_sha),
+                (upload.len() as u64, &upload_sha)
+            );
+            moved.up += upload.len() as u64;
+
+            // Down: what curl wrote is what the server sent.
+            let down_path = self.lab.dir.join(format!("down-{via:?}.bin"));
+            let out = self.curl(
+                via,
+                ALLOWED,
+                &[
+                    "-o",
+                    down_path.to_str().unwrap(),
+                    &url(&format!("/download/{size}")),
+                ],
+            );
+            assert!(out.status.success(), "{via:?} download: {}", stderr(&out));
+            moved.connections += 1;
+            let seen = self.server.wait_seen(moved.connections);
+            let last = &seen[moved.connections - 1];
+            assert!(
+                last.complete && last.sent_len == size as u64,
+                "{via:?}: {last:?}"
+            );
+            let got = fs::read(&down_path).unwrap();
+            assert_eq!(got.len(), size, "{via:?}");
+            assert_eq!(sha256_hex(&got), last.sent_sha, "{via:?}");
+            fs::remove_file(&down_path).unwrap();
+            moved.down += size as u64;
+        }
+        fs::remove_file(&upload_path).unwrap();
+        moved
+    }
+
+    /// [`Setup::clean_transfers`] over HTTP/2 (`--http2`) to `server`, the hyper server on
+    /// [`ALT_PORT`]: each upload arrives whole as an HTTP/2 request with the SHA-256 sent,
+    /// each download is [`pattern`]`(size)`. Both ways in; the transparent one needs
+    /// [`ALT_PORT`] among the policy's `defaults.tls_ports`. Four connections.
+    pub fn clean_transfers_h2(&self, server: &crate::https::HttpsServer, size: usize) -> Moved {
+        let upload = pattern(size + 4321)
+            .iter()
+            .map(|b| b.wrapping_add(2))
+            .collect::<Vec<u8>>();
+        let upload_path = self.lab.write_file("up-h2.bin", "");
+        fs::write(&upload_path, &upload).unwrap();
+        let upload_sha = sha256_hex(&upload);
+        let download_sha = sha256_hex(&pattern(size));
+        let url = |path: &str| format!("https://{ALLOWED}:{ALT_PORT}{path}");
+        let mut moved = Moved::default();
+        for via in [Via::Connect, Via::Transparent] {
+            let before = server.received().len();
+            let out = self.curl_to(
+                via,
+                ALLOWED,
+                ALT_PORT,
+                &[
+                    "--http2",
+                    "--data-binary",
+                    &format!("@{}", upload_path.display()),
+                    &url("/upload"),
+                ],
+            );
+            assert!(out.status.success(), "{via:?} h2 upload: {}", stderr(&out));
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                upload_sha,
+                "{via:?}"
+            );
+            let got = server.wait_received(before + 1);
+            let last = &got[before];
+            assert_eq!(last.version, "HTTP/2.0", "{via:?}: {:?}", last.headers);
+            assert!(last.complete, "{via:?}");
+            assert_eq!(
+                (last.body_len, &last.body_sha),
+                (upload.len() as u64, &upload_sha)
+            );
+            moved.connections += 1;
+            moved.up += upload.len() as u64;
+
+            let down_path = self.lab.dir.join(format!("down-h2-{via:?}.bin"));
+            let out = self.curl_to(
+                via,
+                ALLOWED,
+                ALT_PORT,
+                &[
+                    "--http2",
+                    "-o",
+                    down_path.to_str().unwrap(),
+                    &url(&format!("/download/{size}")),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{via:?} h2 download: {}",
+                stderr(&out)
+            );
+            let got = server.wait_received(before + 2);
+            assert_eq!(got[before + 1].version, "HTTP/2.0", "{via:?}");
+            let got = fs::read(&down_path).unwrap();
+            assert_eq!(got.len(), size, "{via:?}");
+            assert_eq!(sha256_hex(&got), download_sha, "{via:?}");
+            fs::remove_file(&down_path).unwrap();
+            moved.connections += 1;
+            moved.down += size as u64;
+        }
+        fs::remove_file(&upload_path).unwrap();
+        moved
+    }
+
+    /// Uploads the file `body` (holding [`SECRET_MARKER`] well after its start, as
+    /// [`secret_body`] writes it) `via` the proxy and checks the block: curl fails, the
+    /// server saw the request's head but not the whole request, and no request it received
+    /// holds the marker. Returns curl's output.
+    pub fn assert_secret_upload_blocked(&self, via: Via, body: &Path) -> Output {
+        let before = self.server.seen().len();
+        let out = self.curl(
+            via,
+            ALLOWED,
+            &[
+                "--data-binary",
+                &format!("@{}", body.display()),
+                &format!("https://{ALLOWED}/upload"),
+            ],
+        );
+        assert!(
+            !out.status.success(),
+            "{via:?}: the secret upload must fail"
+        );
+        // The server saw the connection (the head passed) but never the marker.
+        let seen = self.server.wait_seen(before + 1);
+        let last = &seen[before];
+        assert!(!last.complete, "{via:?}: {last:?}");
+        assert_eq!(last.request_line, "POST /upload HTTP/1.1", "{via:?}");
+        for record in &seen {
+            assert!(
+                !record
+                    .raw
+                    .windows(SECRET_MARKER.len())
+                    .any(|w| w == SECRET_MARKER.as_bytes()),
+                "{via:?}: the server received the marker"
+            );
+        }
+        out
+    }
+
+    /// Every one of `connections` proxied connections took the record layer `layer` for
+    /// `reason`, and the daemon says so everywhere: `enforcer_inspect_path` names `layer`
+    /// alone, `enforcer_inspect_record_layer_total` counts them under `(layer, reason)` and
+    /// nothing else, and `enforcer status` shows the same.
+    pub fn assert_record_layer(&self, layer: &str, reason: &str, connections: usize) {
+        let metrics = self.metrics();
+        let lines = |prefix: &str| -> Vec<&str> {
+            metrics.lines().filter(|l| l.starts_with(prefix)).collect()
+        };
+        assert_eq!(
+            lines("enforcer_inspect_path{"),
+            [format!("enforcer_inspect_path{{path=\"{layer}\"}} 1")],
+            "{metrics}"
+        );
+        assert_eq!(
+            lines("enforcer_inspect_record_layer_total{"),
+            [format!(
+                "enforcer_inspect_record_layer_total{{layer=\"{layer}\",reason=\"{reason}\"}} {connections}"
+            )],
+            "{metrics}"
+        );
+        let out = self.lab.cli(&[
+            "--config",
+            self.lab.config_path().to_str().unwrap(),
+            "status",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status = String::from_utf8_lossy(&out.stdout);
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("inspect     record layer "))
+            .unwrap_or_else(|| panic!("no record layer line: {status}"));
+        assert!(
+            line.starts_with(&format!("inspect     record layer {layer}: "))
+                && line.ends_with(&format!("; connections: {connections} {layer} ({reason})")),
+            "{status}"
+        );
     }
 
     /// The daemon's metrics page.

@@ -9,7 +9,6 @@ use std::{
     fs,
     io::{self, Read as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Output,
     thread,
     time::{Duration, Instant},
 };
@@ -18,176 +17,45 @@ use enforcer::lab::{self, require_root};
 use integration_tests::{
     METADATA, PUBLIC, SERVER_V4, https,
     proxy_lab::{
-        ALLOWED, CONNECT_PORT, DENIED, GATEWAY, Setup, TRANSPARENT_PORT, Via, auto_layer, metric,
-        pattern, setup_with, sha256_hex,
+        ALLOWED, ALT_PORT, CONNECT_PORT, DENIED, GATEWAY, MCP_MARKER, SECRET_MARKER, Setup,
+        TRANSPARENT_PORT, Via, auto_layer, detector_policy, metric, pattern, secret_body,
+        setup_with, sha256_hex, stderr,
     },
 };
 
 /// Size of the clean transfers in each direction.
 const BIG: usize = 64 << 20;
 
-const SECRET_MARKER: &str = "sk-live-";
-const MCP_MARKER: &str = r#""method":"tools/call""#;
-
-fn policy() -> String {
-    format!(
-        r#"
-[[detectors]]
-name = "secret-key"
-literal = "{SECRET_MARKER}"
-action = "block"
-
-[[detectors]]
-name = "mcp-call"
-literal = '{MCP_MARKER}'
-action = "flag"
-
-[[agents]]
-id = 1
-name = "coder"
-interfaces = ["gwa1"]
-inspect = true
-[[agents.egress]]
-action = "deny"
-to = ["@metadata"]
-[[agents.egress]]
-action = "allow"
-to = ["{ALLOWED}"]
-proto = "tcp"
-ports = "443"
-# The packets themselves: to the server's address (transparent mode) and to the
-# proxy on the gateway (CONNECT mode).
-[[agents.egress]]
-action = "allow"
-to = ["{SERVER_V4}"]
-proto = "tcp"
-ports = "443"
-[[agents.egress]]
-action = "allow"
-to = ["{GATEWAY}"]
-proto = "tcp"
-ports = "{CONNECT_PORT}"
-"#
-    )
-}
-
 fn setup() -> Setup {
-    setup_with(1, "", &policy())
+    setup_with(1, "", &detector_policy())
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Clean uploads and downloads of 64 MiB, both ways in, arrive byte-exact.
+/// Clean uploads and downloads of 64 MiB, both ways in, arrive byte-exact, on the record
+/// layer this kernel gives.
 #[test]
 fn clean_large_transfers_are_byte_exact() {
     if !require_root("clean_large_transfers_are_byte_exact") {
         return;
     }
     let s = setup();
-    let upload = pattern(BIG + 12345)
-        .iter()
-        .map(|b| b.wrapping_add(1))
-        .collect::<Vec<u8>>();
-    let upload_path = s.lab.write_file("up.bin", "");
-    fs::write(&upload_path, &upload).unwrap();
-    let upload_sha = sha256_hex(&upload);
-    let url = |path: &str| format!("https://{ALLOWED}{path}");
-    let mut connections = 0;
-    for via in [Via::Connect, Via::Transparent] {
-        // Up: the server's hash of what it received, and curl shows it.
-        let out = s.curl(
-            via,
-            ALLOWED,
-            &[
-                "--data-binary",
-                &format!("@{}", upload_path.display()),
-                &url("/upload"),
-            ],
-        );
-        assert!(out.status.success(), "{via:?} upload: {}", stderr(&out));
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            upload_sha,
-            "{via:?}"
-        );
-        connections += 1;
-        let seen = s.server.wait_seen(connections);
-        let last = &seen[connections - 1];
-        assert!(last.complete, "{via:?}: {last:?}");
-        assert_eq!(
-            (last.body_len, &last.body_sha),
-            (upload.len() as u64, &upload_sha)
-        );
-
-        // Down: what curl wrote is what the server sent.
-        let down_path = s.lab.dir.join(format!("down-{via:?}.bin"));
-        let out = s.curl(
-            via,
-            ALLOWED,
-            &[
-                "-o",
-                down_path.to_str().unwrap(),
-                &url(&format!("/download/{BIG}")),
-            ],
-        );
-        assert!(out.status.success(), "{via:?} download: {}", stderr(&out));
-        connections += 1;
-        let seen = s.server.wait_seen(connections);
-        let last = &seen[connections - 1];
-        assert!(
-            last.complete && last.sent_len == BIG as u64,
-            "{via:?}: {last:?}"
-        );
-        let got = fs::read(&down_path).unwrap();
-        assert_eq!(got.len(), BIG, "{via:?}");
-        assert_eq!(sha256_hex(&got), last.sent_sha, "{via:?}");
-        fs::remove_file(&down_path).unwrap();
-    }
+    let moved = s.clean_transfers(BIG);
+    let (layer, reason) = auto_layer();
+    s.assert_record_layer(layer, reason, moved.connections);
     let metrics = s.metrics();
-    let (path, reason) = auto_layer();
-    assert_eq!(
-        metric(
-            &metrics,
-            &format!("enforcer_inspect_path{{path=\"{path}\"}}")
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
-    // Every connection took the record layer the kernel gives.
-    assert_eq!(
-        metric(
-            &metrics,
-            &format!("enforcer_inspect_record_layer_total{{layer=\"{path}\",reason=\"{reason}\"}}")
-        ),
-        Some(4.0),
-        "{metrics}"
-    );
-    // `enforcer status` says the same.
-    let out = s
-        .lab
-        .cli(&["--config", s.lab.config_path().to_str().unwrap(), "status"]);
-    let status = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        status.contains(&format!("inspect     record layer {path}: "))
-            && status.contains(&format!("connections: 4 {path} ({reason})")),
-        "{status}"
-    );
     assert_eq!(
         metric(
             &metrics,
             "enforcer_inspect_connections_total{agent=\"coder\",agent_id=\"1\",result=\"relayed\"}"
         ),
-        Some(4.0),
+        Some(moved.connections as f64),
         "{metrics}"
     );
-    // Every plaintext byte went through the proxy: two uploads (with their request
-    // heads) up, two downloads (with response heads) down.
+    // Every plaintext byte went through the proxy: the uploads (with their request
+    // heads) up, the downloads (with response heads) down.
     let up = metric(&metrics, "enforcer_inspect_bytes_total{direction=\"up\"}").unwrap();
     let down = metric(&metrics, "enforcer_inspect_bytes_total{direction=\"down\"}").unwrap();
-    assert!(up >= 2.0 * upload.len() as f64, "{metrics}");
-    assert!(down >= 2.0 * BIG as f64, "{metrics}");
+    assert!(up >= moved.up as f64, "{metrics}");
+    assert!(down >= moved.down as f64, "{metrics}");
     assert!(
         s.proxy_records(0).is_empty(),
         "clean traffic is not audited"
@@ -203,44 +71,13 @@ fn detectors_and_names() {
     }
     let s = setup();
     let url = |path: &str| format!("https://{ALLOWED}{path}");
-    // The marker well after the start, so some of the request does reach the server and
-    // the proof is that the marker itself never did.
-    let mut secret = vec![b'a'; 200_000];
-    secret.extend_from_slice(format!("&token={SECRET_MARKER}0123456789abcdef&").as_bytes());
-    secret.extend_from_slice(&[b'b'; 5000]);
+    let secret = secret_body();
     let secret_path = s.lab.write_file("secret.txt", "");
     fs::write(&secret_path, &secret).unwrap();
     let mcp = format!(r#"{{"jsonrpc":"2.0","id":1,{MCP_MARKER},"params":{{"name":"x"}}}}"#);
     let mut expected_records = 0;
     for via in [Via::Connect, Via::Transparent] {
-        let before = s.server.seen().len();
-        let out = s.curl(
-            via,
-            ALLOWED,
-            &[
-                "--data-binary",
-                &format!("@{}", secret_path.display()),
-                &url("/upload"),
-            ],
-        );
-        assert!(
-            !out.status.success(),
-            "{via:?}: the secret upload must fail"
-        );
-        // The server saw the connection (the head passed) but never the marker.
-        let seen = s.server.wait_seen(before + 1);
-        let last = &seen[before];
-        assert!(!last.complete, "{via:?}: {last:?}");
-        assert_eq!(last.request_line, "POST /upload HTTP/1.1", "{via:?}");
-        for record in &seen {
-            assert!(
-                !record
-                    .raw
-                    .windows(SECRET_MARKER.len())
-                    .any(|w| w == SECRET_MARKER.as_bytes()),
-                "{via:?}: the server received the marker"
-            );
-        }
+        s.assert_secret_upload_blocked(via, &secret_path);
         expected_records += 1;
         let records = s.proxy_records(expected_records);
         let r = &records[expected_records - 1];
@@ -380,9 +217,6 @@ fn detectors_and_names() {
     );
 }
 
-/// The port of the hyper server that speaks HTTP/2 as well as HTTP/1.1.
-const ALT_PORT: u16 = 8443;
-
 /// Messages are searched whole, whatever carries them: over HTTP/2 (curl, and a client
 /// that cuts the body into DATA frames inside the marker) and chunked HTTP/1.1 cut the
 /// same way, the marker never reaches the server while the same cut without a marker
@@ -393,7 +227,7 @@ fn messages_are_searched_whole_over_http2_and_chunked_http1() {
     if !require_root("messages_are_searched_whole_over_http2_and_chunked_http1") {
         return;
     }
-    let policy = policy().replace("ports = \"443\"", "ports = \"443-8443\"");
+    let policy = detector_policy().replace("ports = \"443\"", "ports = \"443-8443\"");
     let s = setup_with(1, "", &policy);
     let server_addr = SocketAddr::new(SERVER_V4.parse().unwrap(), ALT_PORT);
     let server = https::HttpsServer::spawn(
@@ -538,7 +372,7 @@ fn catalogue_secrets_are_blocked_and_never_audited() {
     let s = setup_with(
         1,
         "",
-        &format!("{}\n[dlp]\ncatalogue = \"block\"\n", policy()),
+        &format!("{}\n[dlp]\ncatalogue = \"block\"\n", detector_policy()),
     );
     let url = format!("https://{ALLOWED}/upload");
     let body_file = s.lab.write_file("body.txt", "");
@@ -646,7 +480,7 @@ fn catalogue_secrets_are_blocked_cut_across_frames_and_gzipped() {
 
     let policy = format!(
         "{}\n[dlp]\ncatalogue = \"block\"\n",
-        policy().replace("ports = \"443\"", "ports = \"443-8443\"")
+        detector_policy().replace("ports = \"443\"", "ports = \"443-8443\"")
     );
     let s = setup_with(1, "", &policy);
     let server_addr = SocketAddr::new(SERVER_V4.parse().unwrap(), ALT_PORT);
@@ -808,7 +642,7 @@ to = ["10.200.2.1"]
 proto = "tcp"
 ports = "{CONNECT_PORT}"
 "#,
-        policy()
+        detector_policy()
     );
     let s = setup_with(2, "max_connections_per_agent = 2\n", &policy);
     let proxy = SocketAddr::new(GATEWAY.parse().unwrap(), CONNECT_PORT);
@@ -927,7 +761,7 @@ fn redirect_table_and_ca_lifecycle() {
     // reaches the server directly, whose certificate the node CA did not sign.
     let uninspected = s.lab.write_file(
         "uninspected.toml",
-        &policy().replace("inspect = true", "inspect = false"),
+        &detector_policy().replace("inspect = true", "inspect = false"),
     );
     let config = s.lab.config_path();
     let out = s.lab.cli(&[

@@ -43,8 +43,10 @@ use crate::{
 /// are checked on older kernels too. Add a file here when it gains VM-only tests; keep the
 /// list short, TCG is slow: `vm` (kTLS, BPF on the guest kernel) and `packets` (the packet
 /// table through BPF_PROG_TEST_RUN: the verifier of each kernel accepts the program and it
-/// decides the same) take about a minute per kernel.
-pub const VM_TESTS: &[&str] = &["vm", "packets"];
+/// decides the same) take about a minute per kernel; `ktls_proxy` (the proxy on kernel
+/// TLS through the daemon) about five. `ktls` (the transport alone and the record layers
+/// measured side by side, in process) runs on demand: `cargo xtask vmtest --test ktls`.
+pub const VM_TESTS: &[&str] = &["vm", "packets", "ktls_proxy"];
 
 /// The vmtest release `cargo xtask setup` installs (builds with rustc 1.95 and `--locked`).
 pub const VMTEST_VERSION: &str = "0.18.0";
