@@ -321,8 +321,15 @@ pub struct Setup {
     pub upstream_key: PathBuf,
 }
 
-/// The lab with `agents` agents, `extra` lines in `[inspect]` and `policy`.
+/// The lab with `agents` agents, `extra` lines in `[inspect]` and `policy`. Without a
+/// `record_layer` in `extra` the lab sets `auto`, so the probe and its fallback are what
+/// the tests exercise ([`auto_layer`]).
 pub fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
+    let auto = if extra.contains("record_layer") {
+        ""
+    } else {
+        "record_layer = \"auto\"\n"
+    };
     let mut lab = Lab::new(agents);
     let upstream =
         enforcer::controlplane::certs::generate(&lab.dir.join("upstream"), &[ALLOWED, DENIED], &[])
@@ -333,7 +340,7 @@ pub fn setup_with(agents: usize, extra: &str, policy: &str) -> Setup {
         .unwrap();
     write!(
         config,
-        "\n[inspect]\nlisten = \"0.0.0.0:{CONNECT_PORT}\"\ntransparent_port = {TRANSPARENT_PORT}\nupstream_roots = \"{}\"\n{extra}",
+        "\n[inspect]\nlisten = \"0.0.0.0:{CONNECT_PORT}\"\ntransparent_port = {TRANSPARENT_PORT}\nupstream_roots = \"{}\"\n{auto}{extra}",
         upstream.ca.cert.display()
     )
     .unwrap();

@@ -681,6 +681,10 @@ fn guest_script(
 set -eu
 # Modules load on demand (tls, veth, crypto) from the package, not from the host's /lib/modules.
 echo {modprobe} > /proc/sys/kernel/modprobe
+# The guest CPU (-cpu max) has AES-NI and PCLMULQDQ. A Debian system loads their crypto
+# drivers at boot (udev, by CPU modalias), which this init does not run: load them here, so
+# kernel TLS uses them as it would on a real machine.
+{modprobe} aesni_intel 2>/dev/null || true
 # vmtest's init leaves loopback down and bpffs unmounted.
 ip link set lo up
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf

@@ -855,6 +855,25 @@ impl Side {
             let info = CryptoInfo::new(self.version, *seq, secrets, self.name)?;
             set_crypto_info(fd, option, &info).map_err(io_err(what))?;
         }
+        if self.version == ProtocolVersion::TLSv1_3 {
+            // TLS 1.3 records may carry padding after the content type, so the kernel
+            // decrypts into a buffer of its own to find the type. Peers that never pad
+            // (rustls, OpenSSL, Go, BoringSSL by default) let it decrypt straight into the
+            // reader's buffer (Linux 6.0+); a padded record is still read right, after a
+            // retry the kernel counts (TlsRxNoPadViolation). Older kernels refuse the
+            // option and keep the copy.
+            let on: libc::c_int = 1;
+            // SAFETY: fd is our socket; the value is a valid int of that size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_TLS,
+                    libc::TLS_RX_EXPECT_NO_PAD,
+                    (&raw const on).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
         Ok(())
     }
 

@@ -49,8 +49,8 @@
 //! ca_dir = "/var/lib/enforcer"           # the node CA's files (default: state_dir)
 //! max_connections_per_agent = 256        # open proxied connections per agent; more are closed
 //! max_connections = 4096                 # in all; lowered to fit RLIMIT_NOFILE with a reserve
-//! record_layer = "auto"                  # auto | ktls | rustls: kernel TLS moves the records
-//!                                        # where it can (auto), must (ktls), or never (rustls)
+//! record_layer = "rustls"                # rustls | auto | ktls: kernel TLS moves the records
+//!                                        # never (rustls), where it can (auto), or must (ktls)
 //!
 //! [hooks]                                # per interface, overriding `hook`
 //! eth1 = "tc"
@@ -808,17 +808,17 @@ mod tests {
                 ca_dir: PathBuf::from("/var/lib/enforcer"),
                 max_connections_per_agent: 256,
                 max_connections: 4096,
-                record_layer: crate::inspect::RecordLayer::Auto,
+                record_layer: crate::inspect::RecordLayer::Rustls,
             })
         );
         let c = Config::parse(
             Path::new("e.toml"),
-            "policy = \"p\"\n[inspect]\nrecord_layer = \"rustls\"\n",
+            "policy = \"p\"\n[inspect]\nrecord_layer = \"auto\"\n",
         )
         .unwrap();
         assert_eq!(
             c.inspect.unwrap().record_layer,
-            crate::inspect::RecordLayer::Rustls
+            crate::inspect::RecordLayer::Auto
         );
         let err = Config::parse(
             Path::new("e.toml"),
